@@ -1,0 +1,3 @@
+from bitdeploy.cli import main
+
+main()

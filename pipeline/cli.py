@@ -1,0 +1,90 @@
+"""The `bitdeploy` command line. Commands live in small modules imported only when they run."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from bitdeploy import __version__
+from bitdeploy.errors import BitdeployError
+
+# command name -> "module:attribute"; each module imports its heavy dependencies inside the command body.
+COMMANDS: dict[str, str] = {
+    "models": "bitdeploy.cmd_models:models",
+    "export": "bitdeploy.cmd_export:export",
+    "train": "bitdeploy.cmd_train:train",
+    "build": "bitdeploy.cmd_build:build",
+    "predict": "bitdeploy.cmd_runtime:predict",
+    "inspect": "bitdeploy.cmd_runtime:inspect",
+    "pack": "bitdeploy.cmd_runtime:pack",
+    "serve": "bitdeploy.cmd_runtime:serve",
+    "bench": "bitdeploy.cmd_bench:bench",
+    "report": "bitdeploy.cmd_bench:report",
+}
+
+
+class LazyGroup(click.Group):
+    """click's documented lazy-loading group: a subcommand's module is imported only when it is used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        command: click.Command = getattr(importlib.import_module(module), attr)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="bitdeploy")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Fine-tune BiT image classifiers and deploy them to TensorRT, OpenVINO and ONNX Runtime.
+
+    \b
+    Quickstart (offline, on the built-in digits dataset):
+      bitdeploy build --model m-r50x1 --weights none --dataset digits --target onnx --out runs/digits
+      bitdeploy predict runs/digits image.png
+    """
+    ctx.obj = {"debug": debug}
+
+
+def main(argv: list[str] | None = None) -> Any:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        return cli.main(args=argv, prog_name="bitdeploy", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:  # usage errors: exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    except BitdeployError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except MemoryError:
+        if debug:
+            traceback.print_exc()
+        click.echo("error: out of memory; lower --batch-size or raise --batch-split", err=True)
+        sys.exit(1)
+    except Exception as exc:  # a bug, not a user error: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        click.echo(f"error: unexpected {type(exc).__name__}: {first} (rerun with --debug for the traceback and report it)", err=True)
+        sys.exit(1)

@@ -1,0 +1,121 @@
+"""Bundle v1: a directory holding the model file(s) and `manifest.json`, the single source of metadata.
+
+Readers refuse unknown format versions and verify every file's sha256. Writers build the bundle in a
+temporary sibling directory and rename it into place, so a crash never leaves a directory that loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bitdeploy.errors import BundleError
+
+MANIFEST = "manifest.json"
+FORMAT = "bitdeploy-bundle"
+FORMAT_VERSION = 1
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(bundle: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check the manifest of a bundle directory (no checksum verification)."""
+    root = Path(bundle)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"{root}: not a bundle directory; pass a directory written by `bitdeploy build` or a .bitpack file")
+    if not path.is_file():
+        raise BundleError(f"{root}: no {MANIFEST}; this is not a bitdeploy bundle (build one with `bitdeploy build`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable manifest ({exc}); rebuild the bundle") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a {FORMAT} manifest; rebuild the bundle")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{path}: unknown bundle format version {version!r} (this bitdeploy reads {FORMAT_VERSION}); upgrade bitdeploy or rebuild the bundle")
+    return manifest
+
+
+def verify_files(bundle: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
+    """Check every listed file's sha256; raise BundleError naming the first mismatch."""
+    root = Path(bundle)
+    files = manifest.get("files") or {}
+    if not files:
+        raise BundleError(f"{root}: manifest lists no files; rebuild the bundle")
+    for name, expected in files.items():
+        p = root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(f"{root}: manifest names an unsafe path {name!r}; rebuild the bundle")
+        if not p.is_file():
+            raise BundleError(f"{p}: missing from the bundle; rebuild it")
+        if sha256_file(p) != expected:
+            raise BundleError(f"{p}: checksum mismatch (the file was modified after the build); rebuild the bundle or pass --no-verify to skip the check")
+
+
+def load_manifest(bundle: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
+    manifest = read_manifest(bundle)
+    if verify:
+        verify_files(bundle, manifest)
+    if not manifest.get("valid", False):
+        reason = manifest.get("invalid_reason") or "it did not pass validation"
+        raise BundleError(f"{bundle}: bundle is marked invalid ({reason}); rebuild it")
+    return manifest
+
+
+@contextmanager
+def bundle_writer(out: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; on success it replaces `out` atomically.
+
+    The caller writes model files into it and finally calls `write_manifest(tmp, manifest)`.
+    On any exception the temporary directory is removed and `out` is left as it was.
+    """
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"{out}: exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise BundleError(f"{out}: directory exists and is not a bundle; choose an empty or new --out")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if not (tmp / MANIFEST).is_file():
+            raise BundleError(f"{out}: internal error, bundle written without a manifest")
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(bundle_dir: str | os.PathLike[str], manifest: dict[str, Any], files: list[str]) -> dict[str, Any]:
+    """Fill in format fields and checksums of `files` (relative names), then write manifest.json atomically."""
+    root = Path(bundle_dir)
+    manifest = dict(manifest)
+    manifest["format"] = FORMAT
+    manifest["format_version"] = FORMAT_VERSION
+    manifest["files"] = {name: sha256_file(root / name) for name in sorted(files)}
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, root / MANIFEST)
+    return manifest

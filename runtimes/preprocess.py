@@ -1,0 +1,125 @@
+"""Image decoding and preprocessing, exactly as the manifest says (and as training evaluates).
+
+BiT's evaluation transform is a plain resize to the crop size (no centre crop), RGB, x/127.5 - 1
+(mean = std = 0.5 after scaling to [0, 1]). Training uses `to_rgb` and `resize_to_array` from this
+module for its evaluation split, so the runtime and the reference cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from bitdeploy.errors import ImageError
+
+ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
+
+INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST}
+
+
+def describe(image: Any) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    if isinstance(image, (bytes, bytearray)):
+        return f"<{len(image)} bytes>"
+    return f"<{type(image).__name__}>"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB (16-bit and float modes are scaled, alpha is composited on black)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        maxval = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / maxval * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if arr.max() <= 1.0 else 1.0
+        return Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode(image: ImageInput) -> Image.Image:
+    """Decode a path, bytes, PIL image or uint8 HWC/HW array into an RGB PIL image, or raise ImageError naming it."""
+    name = describe(image)
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise ImageError(f"{name}: arrays must be uint8 HxW or HxWxC with C in 1, 3, 4 (got {image.dtype} {image.shape}); convert with .astype(np.uint8)")
+        arr = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+        return to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
+    try:
+        if isinstance(image, (bytes, bytearray)):
+            if not image:
+                raise ImageError(f"{name}: empty image data; pass the bytes of an image file")
+            src: Any = io.BytesIO(bytes(image))
+        else:
+            path = Path(image)
+            if path.is_dir():
+                raise ImageError(f"{path}: is a directory, not an image file; pass image files")
+            if not path.is_file():
+                raise ImageError(f"{path}: no such file; check the path")
+            if path.stat().st_size == 0:
+                raise ImageError(f"{path}: empty file (0 bytes); pass a valid image")
+            src = path
+        with Image.open(src) as img:
+            img = ImageOps.exif_transpose(img) or img
+            img.load()
+            return to_rgb(img)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(f"{name}: cannot decode image ({reason}); pass a valid JPEG/PNG/BMP/TIFF/WebP file") from None
+
+
+def resize_to_array(img: Image.Image, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
+    """Plain resize to (height, width) -> uint8 HWC array."""
+    h, w = size
+    if img.size != (w, h):
+        img = img.resize((w, h), INTERPOLATION[interpolation])
+    return np.asarray(img, dtype=np.uint8)
+
+
+def normalize(hwc_uint8: np.ndarray, mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) with (x/255 - mean)/std."""
+    x = hwc_uint8.astype(np.float32) * np.float32(1.0 / 255.0)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def preprocess(image: ImageInput, spec: dict[str, Any]) -> np.ndarray:
+    """One image -> float32 CHW tensor, following a manifest `input` spec."""
+    h, w = spec["resize"]
+    arr = resize_to_array(decode(image), (h, w), spec.get("interpolation", "bilinear"))
+    return normalize(arr, tuple(spec.get("mean", (0.5,) * 3)), tuple(spec.get("std", (0.5,) * 3)))
+
+
+def input_spec(resolution: int) -> dict[str, Any]:
+    """The manifest `input` spec bitdeploy writes for a model evaluated at `resolution` pixels."""
+    return {
+        "name": "input",
+        "shape": [-1, 3, resolution, resolution],
+        "layout": "NCHW",
+        "dtype": "float32",
+        "color": "RGB",
+        "resize": [resolution, resolution],
+        "interpolation": "bilinear",
+        "scale": 1.0 / 255.0,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+    }
