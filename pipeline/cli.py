@@ -60,7 +60,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def main(argv: list[str] | None = None) -> Any:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        return cli.main(args=argv, prog_name="bitdeploy", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name="bitdeploy", standalone_mode=False)
+        # Without standalone mode click returns ctx.exit(n)'s code instead of exiting with it.
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+        return rv
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)

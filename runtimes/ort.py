@@ -1,4 +1,7 @@
-"""ONNX Runtime backend (CPU by default; CUDA/TensorRT execution providers when asked for and present)."""
+"""ONNX Runtime backend (CPU by default; CUDA/TensorRT execution providers when asked for and present).
+
+`InferenceSession.run` is documented as thread-safe, so one session serves every thread.
+"""
 
 from __future__ import annotations
 
@@ -7,43 +10,63 @@ from typing import Any
 
 import numpy as np
 
-from bitdeploy.errors import BundleError
+from bitdeploy.errors import BundleError, require
 from bitdeploy.runtimes.base import Backend
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
+def parse_device(device: str) -> tuple[str, dict[str, Any]]:
+    """"cpu" | "cuda" | "cuda:1" | "tensorrt:0" -> (provider name, provider options)."""
+    kind, _, index = str(device).lower().partition(":")
+    provider = PROVIDERS.get(kind)
+    if provider is None:
+        raise BundleError(f"unknown ONNX Runtime device {device!r}; choose one of: cpu, cuda[:N], tensorrt[:N]")
+    if not index:
+        return provider, {}
+    if kind == "cpu" or not index.isdigit():
+        raise BundleError(f"bad ONNX Runtime device {device!r}; use cpu, cuda:N or tensorrt:N")
+    return provider, {"device_id": int(index)}
+
+
 class OrtBackend(Backend):
     name = "onnxruntime"
+    formats = (".onnx",)
 
     def __init__(self, model_path: Path, manifest: dict[str, Any], device: str | None = None, threads: int | None = None) -> None:
         super().__init__(model_path, manifest, device or "cpu", threads)
-        import onnxruntime as ort
+        ort = require("onnxruntime", "onnxruntime", "ONNX Runtime (onnxruntime)")
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # warnings about unused initializers etc. are noise for a user
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
-        provider = PROVIDERS.get(str(self.device).lower())
-        if provider is None:
-            raise BundleError(f"unknown ONNX Runtime device {self.device!r}; choose one of: {', '.join(PROVIDERS)}")
+        provider, provider_opts = parse_device(str(self.device))
         if provider not in ort.get_available_providers():
             raise BundleError(f"ONNX Runtime here has no {provider}; use --device cpu or install onnxruntime-gpu")
+        providers: list[Any] = [(provider, provider_opts)]
+        if provider != PROVIDERS["cpu"]:
+            providers.append(PROVIDERS["cpu"])  # nodes the GPU provider cannot run fall back to the CPU
         try:
-            self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=[provider])
+            self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise BundleError(f"{model_path}: ONNX Runtime cannot load the model ({str(exc).splitlines()[0]}); rebuild the bundle") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BundleError(f"{model_path}: ONNX Runtime cannot load the model ({first}); rebuild the bundle") from None
         self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        self.output_names = [self.session.get_outputs()[0].name]
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: batch})[0]
+        out: np.ndarray = self.session.run(self.output_names, {self.input_name: batch})[0]
+        return out
 
     def close(self) -> None:
         self.__dict__.pop("session", None)
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        info["providers"] = self.session.get_providers() if "session" in self.__dict__ else []
+        session = self.__dict__.get("session")
+        info["providers"] = session.get_providers() if session is not None else []
+        info["precision_used"] = (self.manifest.get("target") or {}).get("precision_used")
         return info

@@ -1,0 +1,239 @@
+"""`bitdeploy predict | inspect | pack | serve`: the torch-free runtime commands.
+
+Only click is imported at module level; numpy, Pillow and the backend SDK come in when a command runs.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+BUNDLE_ARG = click.argument("bundle", type=click.Path(path_type=Path), metavar="BUNDLE")
+
+
+def _engine_options(fn: Any) -> Any:
+    fn = click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files at load (debugging only: a modified model then loads).")(fn)
+    fn = click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine threads per inference (default: the engine's choice).")(fn)
+    fn = click.option("--device", default=None, help="Override the bundle's device, e.g. cpu, cuda:0 (ONNX Runtime) or CPU, GPU, AUTO (OpenVINO).")(fn)
+    fn = click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Override the runtime the bundle was built for (OpenVINO also reads ONNX bundles).")(fn)
+    return fn
+
+
+# -- predict ----------------------------------------------------------------------------------------------------
+@click.command("predict")
+@BUNDLE_ARG
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="IMAGE...")
+@click.option("--top-k", "-k", type=click.IntRange(min=1), default=5, show_default=True, help="How many labels to print per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list: one object per image with `image` and `predictions` (or `error`).")
+@_engine_options
+def predict(bundle: Path, images: tuple[Path, ...], top_k: int, as_json: bool, backend: str | None, device: str | None, threads: int | None, no_verify: bool) -> None:
+    """Classify IMAGE files with BUNDLE (a bundle directory or a .bitpack file).
+
+    Any image Pillow opens works (grayscale, RGBA, palette, CMYK, 16-bit are converted to RGB); it is
+    resized and normalised exactly as the bundle's manifest says. An image that cannot be read is reported
+    on stderr with its name and the others are still classified; the exit status is then 1.
+
+    \b
+    Example:
+      bitdeploy predict runs/digits img.png img.jpg --top-k 3 --json
+    """
+    import numpy as np
+
+    from bitdeploy.errors import ImageError
+    from bitdeploy.runtimes import load
+
+    entries: list[dict[str, Any]] = []
+    failed = 0
+    pre_s = infer_s = 0.0
+    with load(bundle, backend=backend, device=device, threads=threads, verify=not no_verify) as model:
+        for start in range(0, len(images), model.max_batch):
+            chunk: list[dict[str, Any]] = []
+            tensors = []
+            for image in images[start : start + model.max_batch]:
+                t0 = time.perf_counter()
+                entry: dict[str, Any] = {"image": str(image)}
+                try:
+                    tensors.append(model.preprocess(str(image)))
+                    chunk.append(entry)
+                except ImageError as exc:
+                    failed += 1
+                    click.echo(f"error: {exc}", err=True)
+                    entry["error"] = str(exc)
+                pre_s += time.perf_counter() - t0
+                entries.append(entry)
+            if not tensors:
+                continue
+            t0 = time.perf_counter()
+            logits = model.infer_padded(np.concatenate(tensors))
+            infer_s += time.perf_counter() - t0
+            for entry, preds in zip(chunk, model.postprocess(logits, top_k)):
+                entry["predictions"] = [{"label": label, "probability": round(p, 6)} for label, p in preds]
+                if not as_json:
+                    _print_predictions(entry)
+        done = len(images) - failed
+        if as_json:
+            click.echo(json.dumps(entries, indent=2))
+        elif done:
+            info = model.describe()
+            click.echo(f"{done} image(s) with {info.get('backend')} on {info.get('device')}: "
+                       f"preprocess {pre_s / len(images) * 1e3:.2f} ms/image, inference {infer_s / done * 1e3:.2f} ms/image "
+                       "(one cold run; `bitdeploy bench` measures latency)")
+    if failed:
+        sys.exit(1)  # not click's Exit: bitdeploy.cli.main runs click with standalone_mode=False, which swallows it
+
+
+def _print_predictions(entry: dict[str, Any]) -> None:
+    click.echo(entry["image"])
+    width = max(len(p["label"]) for p in entry["predictions"])
+    for rank, p in enumerate(entry["predictions"], 1):
+        click.echo(f"  {rank}. {p['label']:<{width}}  {p['probability']:.4f}")
+
+
+# -- inspect ------------------------------------------------------------------------------------------------------
+@click.command("inspect")
+@BUNDLE_ARG
+@click.option("--json", "as_json", is_flag=True, help='Print {"bundle", "pack", "checksums", "runs_here", "manifest"} as JSON.')
+@click.option("--no-verify", is_flag=True, help="Do not check the files' sha256 (just show the manifest).")
+def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
+    """Show BUNDLE's manifest (a directory or a .bitpack file) and verify its files' checksums.
+
+    Exits 1 with one line if a file is missing or was modified after the build, or the format version is
+    unknown. A bundle that failed its accuracy gate is shown with its reason (exit 0).
+    """
+    from bitdeploy.runtimes.base import REGISTRY, backend_available
+    from bitdeploy.runtimes.pack import open_bundle
+
+    opened = open_bundle(bundle, verify=not no_verify, require_valid=False)
+    try:
+        m = opened.manifest
+        backend = (m.get("target") or {}).get("backend")
+        runs_here = backend_available(backend) if backend in REGISTRY else False
+        checksums = "skipped" if no_verify else "ok"
+        if as_json:
+            click.echo(json.dumps({"bundle": str(bundle), "pack": opened.is_pack, "checksums": checksums, "runs_here": runs_here, "manifest": m}, indent=2))
+            return
+        for key, value in summary_rows(m, opened.root, opened.is_pack, checksums):
+            click.echo(f"{key:<12}{value}")
+        if backend in REGISTRY:
+            extra = REGISTRY[backend][1]
+            click.echo(f"{'runs here':<12}" + ("yes" if runs_here else f'no: install it with pip install "bitdeploy[{extra}]"'))
+    finally:
+        opened.cleanup()
+
+
+def summary_rows(m: dict[str, Any], root: Path, is_pack: bool, checksums: str) -> list[tuple[str, str]]:
+    """The human-readable manifest summary, as (field, text) rows."""
+    model, target = m.get("model") or {}, m.get("target") or {}
+    spec, labels = m.get("input") or {}, m.get("labels") or []
+    rows = [("format", f"{m.get('format')} v{m.get('format_version')}" + (" (single-file pack)" if is_pack else ""))]
+    status = "valid" if m.get("valid") else f"INVALID: {m.get('invalid_reason') or 'did not pass validation'}"
+    rows.append(("status", status))
+    params = f", {model['params'] / 1e6:.2f}M params" if isinstance(model.get("params"), (int, float)) else ""
+    rows.append(("model", f"{model.get('name')}, {model.get('num_classes')} classes{params}, {model.get('resolution')} px"))
+    weights = model.get("weights") or {}
+    if weights:
+        rows.append(("weights", f"{weights.get('kind')} {weights.get('source') or ''} {(weights.get('sha256') or '')[:16]}".rstrip()))
+    used = f" (runs {target['precision_used']})" if target.get("precision_used") else ""
+    extras = {k: v for k, v in target.items() if k not in ("backend", "precision", "device", "precision_used")}
+    rows.append(("target", f"{target.get('backend')} {target.get('precision')} on {target.get('device')}{used}" + (f" {json.dumps(extras)}" if extras else "")))
+    model_file = m.get("model_file")
+    size = sum((root / n).stat().st_size for n in (m.get("files") or {}) if (root / n).is_file())
+    rows.append(("model file", f"{model_file} ({size / 1e6:.2f} MB in {len(m.get('files') or {})} file(s))"))
+    mean, std = spec.get("mean"), spec.get("std")
+    rows.append(("input", f"{spec.get('name')} {spec.get('dtype')} {spec.get('shape')} {spec.get('layout')} {spec.get('color')}, "
+                          f"resize {spec.get('resize')} {spec.get('interpolation')}, mean {mean} std {std}"))
+    rows.append(("output", f"{(m.get('output') or {}).get('name')} ({(m.get('output') or {}).get('kind')})"))
+    shown = ", ".join(str(x) for x in labels[:10]) + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")
+    rows.append(("labels", shown or "(none)"))
+    acc = m.get("accuracy")
+    if acc:
+        def pct(x: Any) -> str:
+            return f"{x * 100:.2f}%" if isinstance(x, (int, float)) else "?"
+        gate = {True: "passed", False: "FAILED"}.get(acc.get("passed"), "n/a")
+        rows.append(("accuracy", f"top-1 {pct(acc.get('top1'))} vs reference {pct(acc.get('reference_top1'))}, agreement {pct(acc.get('agreement'))}, "
+                                 f"{acc.get('samples')} samples, max |dlogit| {acc.get('max_abs_logit_diff')}, gate {gate}"))
+    else:
+        rows.append(("accuracy", "not measured"))
+    exp = m.get("export") or {}
+    if exp:
+        rows.append(("export", ", ".join(f"{k} {v}" for k, v in exp.items())))
+    cal = m.get("calibration")
+    if cal:
+        rows.append(("calibration", ", ".join(f"{k} {v}" for k, v in cal.items() if k != "sha256")))
+    prov = m.get("provenance") or {}
+    versions = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items())
+    rows.append(("provenance", f"bitdeploy {prov.get('bitdeploy')}, created {prov.get('created')}" + (f"; {versions}" if versions else "")))
+    rows.append(("checksums", checksums if checksums != "ok" else f"ok ({len(m.get('files') or {})} file(s) verified)"))
+    return rows
+
+
+# -- pack -------------------------------------------------------------------------------------------------------------
+@click.command("pack")
+@BUNDLE_ARG
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--gzip/--no-gzip", "compress", default=None, help="Compress the pack (default: only when OUT ends in .gz or .tgz).")
+def pack(bundle: Path, out: Path, compress: bool | None) -> None:
+    """Write BUNDLE as the single file OUT (a tar; `predict`, `inspect`, `serve` and `load()` accept it).
+
+    The bundle is verified first; a modified or invalid bundle is refused. Loading a pack unpacks it into
+    a private temporary directory (removed on close), refusing unsafe members and checking every checksum.
+
+    \b
+    Example:
+      bitdeploy pack runs/digits digits.bitpack && bitdeploy predict digits.bitpack img.png
+    """
+    from bitdeploy.runtimes.bundle import sha256_file
+    from bitdeploy.runtimes.pack import pack as write_pack
+
+    path = write_pack(bundle, out, compress=compress)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, sha256 {sha256_file(path)[:16]})")
+
+
+# -- serve ------------------------------------------------------------------------------------------------------------
+@click.command("serve")
+@BUNDLE_ARG
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (no authentication: keep it on loopback or behind a proxy).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0 picks a free one and prints it).")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Inferences that run at once; further requests wait.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=16.0, show_default=True, help="Largest accepted request body; larger ones get 413.")
+@click.option("--access-log", is_flag=True, help="Log every request to stderr.")
+@_engine_options
+def serve(bundle: Path, host: str, port: int, workers: int, max_body_mb: float, access_log: bool, backend: str | None, device: str | None, threads: int | None, no_verify: bool) -> None:
+    """Serve BUNDLE over HTTP: POST /v1/predict (raw image bytes, ?top_k=K) and GET /healthz.
+
+    \b
+    Example:
+      bitdeploy serve runs/digits --port 8000 &
+      curl --data-binary @img.png 'http://127.0.0.1:8000/v1/predict?top_k=3'
+    """
+    from bitdeploy.runtimes import load
+    from bitdeploy.runtimes.serve import make_server
+
+    with load(bundle, backend=backend, device=device, threads=threads, verify=not no_verify) as model:
+        server = make_server(model, host, port, workers=workers, max_body=int(max_body_mb * (1 << 20)), access_log=access_log)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            click.echo(f"warning: listening on {host} without authentication; anyone who can reach it can use the model", err=True)
+
+        def stop(*_: object) -> None:  # shutdown() waits for serve_forever, so it must run on another thread
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, stop)
+        info = model.describe()
+        click.echo(f"serving {model.name} ({info.get('backend')} on {info.get('device')}, {workers} worker(s)) at {server.url}  "
+                   f"POST /v1/predict, GET /healthz; Ctrl-C stops")
+        sys.stdout.flush()
+        try:
+            server.serve_forever(poll_interval=0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+        click.echo(f"stopped after {server.requests_served} prediction(s)")

@@ -1,0 +1,98 @@
+"""OpenVINO backend: one compiled model, a pool of infer requests, precision pinned from the manifest.
+
+An infer request is not thread-safe, so each call borrows one from a pool and returns it; threads beyond the
+pool size wait. The pool holds the device's optimal number of requests (1 per stream).
+
+The CPU plugin runs an "FP32" IR in bf16 on CPUs with bf16 units unless INFERENCE_PRECISION_HINT is f32, so the
+hint is set from the precision the build validated (`target.precision_used`), never left to the device default.
+"""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitdeploy.errors import BundleError, require
+from bitdeploy.runtimes.base import Backend
+
+HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+_FLOAT_TYPES = {"f32": "f32", "fp32": "f32", "float32": "f32", "bf16": "bf16", "bfloat16": "bf16", "f16": "f16", "fp16": "f16", "float16": "f16"}
+
+
+def precision_hint(target: dict[str, Any]) -> str | None:
+    """The float precision to pin: the float part of precision_used ("int8+f32" -> "f32"), else f32 for fp32 bundles."""
+    used = str(target.get("precision_used") or "").lower().replace(" ", "")
+    for part in used.replace("/", "+").split("+"):
+        if part in _FLOAT_TYPES:
+            return _FLOAT_TYPES[part]
+    return "f32" if str(target.get("precision", "fp32")).lower() == "fp32" else None
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+    formats = (".xml", ".onnx")
+
+    def __init__(
+        self,
+        model_path: Path,
+        manifest: dict[str, Any],
+        device: str | None = None,
+        threads: int | None = None,
+        hint: str | None = None,
+        num_requests: int | None = None,
+    ) -> None:
+        target = manifest.get("target") or {}
+        super().__init__(model_path, manifest, (device or "CPU").upper(), threads)
+        ov = require("openvino", "openvino", "OpenVINO (openvino)")
+        self.hint = (hint or target.get("performance_hint") or "LATENCY").upper()
+        if self.hint not in HINTS:
+            raise BundleError(f"unknown OpenVINO performance hint {self.hint!r}; choose one of: {', '.join(HINTS)}")
+        core = ov.Core()
+        base = self.device.split(":")[0].split(".")[0]
+        if base not in ("AUTO", "MULTI", "HETERO", "BATCH") and self.device not in core.available_devices and base not in core.available_devices:
+            raise BundleError(f"OpenVINO device {self.device!r} is not available here (found: {', '.join(core.available_devices)}); pass --device CPU")
+        config: dict[str, Any] = {"PERFORMANCE_HINT": self.hint}
+        self.precision = precision_hint(target)
+        if self.precision:
+            config["INFERENCE_PRECISION_HINT"] = self.precision
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = core.compile_model(str(model_path), self.device, config)
+        except Exception as exc:  # openvino raises RuntimeError with multi-line C++ context
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BundleError(f"{model_path}: OpenVINO cannot compile the model on {self.device} ({first}); rebuild the bundle") from None
+        optimal = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.pool_size = max(1, num_requests or optimal)
+        self._pool: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(self.pool_size):
+            self._pool.put(self.compiled.create_infer_request())
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        request = self._pool.get()
+        try:
+            request.infer({0: batch}, share_inputs=True)
+            # The output tensor is the request's own buffer: copy before another thread reuses it.
+            out: np.ndarray = request.get_output_tensor(0).data.copy()
+        finally:
+            self._pool.put(request)
+        return out
+
+    def close(self) -> None:
+        self.__dict__.pop("_pool", None)
+        self.__dict__.pop("compiled", None)
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        compiled = self.__dict__.get("compiled")
+        if compiled is not None:
+            on_cpu = self.device.startswith("CPU")
+            used = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() if on_cpu else self.precision
+            info.update(precision_used=used, performance_hint=self.hint, infer_requests=self.pool_size)
+            info["execution_devices"] = list(compiled.get_property("EXECUTION_DEVICES"))
+            if on_cpu:
+                info["threads"] = int(compiled.get_property("INFERENCE_NUM_THREADS"))
+        return info

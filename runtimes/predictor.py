@@ -1,0 +1,264 @@
+"""The Predictor: a loaded bundle that turns images into labelled probabilities.
+
+`predict` = decode + preprocess (exactly as the manifest says) + `infer` + softmax + top-k. `infer` checks
+the batch against the manifest's input spec and the logits against its labels, then calls the backend. All
+methods are thread-safe: the backends are, and the predictor keeps no per-call state except a thread-local
+`last_timing`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from bitdeploy.errors import BitdeployError, BundleError, MissingDependencyError
+from bitdeploy.runtimes import preprocess as pre
+from bitdeploy.runtimes.base import REGISTRY, Backend, backend_available, backend_class
+from bitdeploy.runtimes.pack import OpenedBundle, open_bundle
+
+# Which model files each backend reads (OpenVINO reads ONNX directly too).
+BACKEND_FORMATS: dict[str, tuple[str, ...]] = {"onnxruntime": (".onnx",), "openvino": (".xml", ".onnx"), "tensorrt": (".plan", ".engine")}
+DEFAULT_MAX_BATCH = 32
+
+Prediction = list[tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock seconds spent in each stage of one `predict` call."""
+
+    images: int
+    preprocess_s: float  # decode + RGB + resize + normalise
+    infer_s: float
+    postprocess_s: float  # softmax + top-k
+
+    @property
+    def total_s(self) -> float:
+        return self.preprocess_s + self.infer_s + self.postprocess_s
+
+    def as_dict(self) -> dict[str, float]:
+        return {"images": self.images, "preprocess_ms": self.preprocess_s * 1e3, "infer_ms": self.infer_s * 1e3,
+                "postprocess_ms": self.postprocess_s * 1e3, "total_ms": self.total_s * 1e3}
+
+
+def _batch_images(images: Any) -> list[Any]:
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, np.ndarray) and images.ndim == 4:  # N x H x W x C uint8
+        return list(images)
+    return [images]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+class Predictor:
+    """A loaded bundle. Use `bitdeploy.runtimes.load(path)` to create one; close it (or use `with`) to free it."""
+
+    def __init__(self, opened: OpenedBundle, backend: Backend, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        self.bundle = opened
+        self.manifest = opened.manifest
+        self.backend: Backend | None = backend
+        self.input_spec, self._shape, self._dtype = _check_input_spec(opened)
+        self.max_batch = self._shape[0] or max(1, int(max_batch))
+        model = self.manifest.get("model") or {}
+        labels = self.manifest.get("labels")
+        n = len(labels) if labels else int(model.get("num_classes") or 0)
+        self.labels: list[str] = [str(x) for x in labels] if labels else [str(i) for i in range(n)]
+        self.name: str = str(model.get("name") or opened.source.name)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _release, backend, opened)
+
+    # -- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        backend: str | None = None,
+        device: str | None = None,
+        threads: int | None = None,
+        verify: bool = True,
+        **backend_options: Any,
+    ) -> Predictor:
+        opened = open_bundle(path, verify=verify)
+        engine: Backend | None = None
+        try:
+            _check_input_spec(opened)  # fail before the (slow) engine load
+            engine = _open_backend(opened, backend, device, threads, backend_options)
+            return cls(opened, engine)
+        except BaseException:
+            if engine is not None:
+                engine.close()
+            opened.cleanup()
+            raise
+
+    # -- the three stages -------------------------------------------------------------------------------
+    def preprocess(self, images: Any) -> np.ndarray:
+        """Images (one or a list) -> the NCHW batch the model takes, exactly as the manifest specifies."""
+        items = _batch_images(images)
+        if not items:
+            raise BitdeployError("no images given; pass at least one image")
+        batch = np.stack([pre.preprocess(item, self.input_spec) for item in items])
+        return batch if batch.dtype == self._dtype else batch.astype(self._dtype)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Preprocessed NCHW batch -> (N, classes) float32 logits. Checks shape and dtype against the manifest."""
+        backend = self.backend
+        if backend is None:
+            raise BitdeployError(f"{self.bundle.source}: predictor is closed; load the bundle again")
+        if not isinstance(batch, np.ndarray) or batch.dtype != self._dtype or batch.ndim != 4 or batch.shape[0] < 1 or any(
+            want is not None and got != want for got, want in zip(batch.shape, self._shape)
+        ):
+            got = f"{batch.dtype} {tuple(batch.shape)}" if isinstance(batch, np.ndarray) else type(batch).__name__
+            want = "x".join("N" if d is None else str(d) for d in self._shape)
+            raise BitdeployError(f"infer expects a {self._dtype} NCHW array of shape {want} (got {got}); use predict() for images or preprocess() first")
+        logits = backend.infer(np.ascontiguousarray(batch))
+        if logits.ndim != 2 or logits.shape[0] != batch.shape[0] or (self.labels and logits.shape[1] != len(self.labels)):
+            raise BundleError(f"{self.bundle.source}: the model returned shape {tuple(logits.shape)} but the manifest has {len(self.labels)} labels; rebuild the bundle")
+        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+
+    def infer_padded(self, batch: np.ndarray) -> np.ndarray:
+        """`infer` for up to `max_batch` rows; pads the batch for a fixed-batch engine and drops the padding after."""
+        n, fixed = batch.shape[0], self._shape[0]
+        if fixed is None or n == fixed:
+            return self.infer(batch)
+        if n > fixed:
+            raise BitdeployError(f"batch of {n} is larger than this engine's fixed batch {fixed}; split it")
+        pad = np.zeros((fixed - n, *batch.shape[1:]), batch.dtype)
+        return self.infer(np.concatenate([batch, pad]))[:n]
+
+    def postprocess(self, logits: np.ndarray, top_k: int = 5) -> list[Prediction]:
+        """Logits -> per row the top-k (label, probability) pairs, most probable first."""
+        k = min(_check_top_k(top_k), logits.shape[1])
+        probs = softmax(logits)
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[(self.labels[j], float(row[j])) for j in idx] for row, idx in zip(probs, top)]
+
+    def predict(self, images: Any, top_k: int = 5, return_timing: bool = False) -> Any:
+        """One image or a list of them -> a list (one entry per image) of top-k (label, probability) pairs.
+
+        Images may be paths, bytes, PIL images or uint8 HxW / HxWxC arrays. With `return_timing=True` the
+        result is `(predictions, Timing)`; the timing of this thread's last call is also in `last_timing`.
+        """
+        _check_top_k(top_k)
+        items = _batch_images(images)
+        results: list[Prediction] = []
+        t_pre = t_inf = t_post = 0.0
+        for start in range(0, len(items), self.max_batch):
+            chunk = items[start : start + self.max_batch]
+            t0 = time.perf_counter()
+            batch = self.preprocess(chunk)
+            t1 = time.perf_counter()
+            logits = self.infer_padded(batch)
+            t2 = time.perf_counter()
+            results.extend(self.postprocess(logits, top_k))
+            t3 = time.perf_counter()
+            t_pre, t_inf, t_post = t_pre + t1 - t0, t_inf + t2 - t1, t_post + t3 - t2
+        timing = Timing(len(items), t_pre, t_inf, t_post)
+        self._local.timing = timing
+        return (results, timing) if return_timing else results
+
+    @property
+    def last_timing(self) -> Timing | None:
+        """Timing of the calling thread's most recent `predict`."""
+        timing: Timing | None = getattr(self._local, "timing", None)
+        return timing
+
+    # -- description and lifetime -------------------------------------------------------------------------
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name if self.backend is not None else ""
+
+    def describe(self) -> dict[str, Any]:
+        """What runs: model, backend, device, precision, threads."""
+        info: dict[str, Any] = {"model": self.name, "bundle": str(self.bundle.source), "labels": len(self.labels)}
+        info["precision"] = (self.manifest.get("target") or {}).get("precision")
+        if self.backend is not None:
+            info.update(self.backend.describe())
+        return info
+
+    @property
+    def closed(self) -> bool:
+        return self.backend is None
+
+    def close(self) -> None:
+        """Free the session and remove a pack's temporary directory. Safe to call twice."""
+        with self._lock:
+            self.backend = None
+            self._finalizer()
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else self.backend_name
+        return f"Predictor({self.name!r}, {state}, {len(self.labels)} labels)"
+
+
+def _release(backend: Backend, opened: OpenedBundle) -> None:
+    try:
+        backend.close()
+    finally:
+        opened.cleanup()
+
+
+def _check_input_spec(opened: OpenedBundle) -> tuple[dict[str, Any], list[int | None], np.dtype[Any]]:
+    """The manifest's `input` spec, its NCHW shape (None = any size) and dtype, or a one-line BundleError."""
+    spec = opened.manifest.get("input")
+    shape = spec.get("shape") if isinstance(spec, dict) else None
+    resize = spec.get("resize") if isinstance(spec, dict) else None
+    if not isinstance(shape, list) or len(shape) != 4 or not isinstance(resize, list) or len(resize) != 2:
+        raise BundleError(f"{opened.source}: manifest has no usable input spec (NCHW shape and resize); rebuild the bundle")
+    try:
+        dtype = np.dtype(spec.get("dtype", "float32"))
+    except TypeError:
+        raise BundleError(f"{opened.source}: manifest input dtype {spec.get('dtype')!r} is unknown; rebuild the bundle") from None
+    return spec, [d if isinstance(d, int) and d > 0 else None for d in shape], dtype
+
+
+def _check_top_k(top_k: int) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise BitdeployError(f"top_k must be a positive integer (got {top_k!r})")
+    return int(top_k)
+
+
+def _open_backend(opened: OpenedBundle, name: str | None, device: str | None, threads: int | None, options: dict[str, Any]) -> Backend:
+    manifest = opened.manifest
+    target = manifest.get("target") or {}
+    built_for = target.get("backend")
+    name = name or built_for
+    if not name:
+        raise BundleError(f"{opened.source}: manifest names no target backend; pass --backend or rebuild the bundle")
+    if name not in REGISTRY:
+        raise BitdeployError(f"unknown backend {name!r}; choose one of: {', '.join(REGISTRY)}")
+    model_file = manifest.get("model_file")
+    if not isinstance(model_file, str) or not model_file or PurePosixPath(model_file).is_absolute() or ".." in PurePosixPath(model_file).parts:
+        raise BundleError(f"{opened.source}: manifest has no usable model_file ({model_file!r}); rebuild the bundle")
+    model_path = opened.root / model_file
+    if not model_path.is_file():
+        raise BundleError(f"{opened.source}: model file {model_file} is missing; rebuild the bundle")
+    if Path(model_file).suffix.lower() not in BACKEND_FORMATS.get(name, ()):
+        raise BundleError(f"{opened.source}: the {name} backend cannot read {model_file}; drop --backend or pass --backend {built_for}")
+    if not backend_available(name):
+        extra = REGISTRY[name][1]
+        raise MissingDependencyError(f"the {name} runtime needed by {opened.source}", extra)
+    if device is None and name == built_for:
+        device = target.get("device")
+    return backend_class(name)(model_path, manifest, device=device, threads=threads, **options)
