@@ -1,0 +1,291 @@
+"""`bitdeploy bench` as a library: measure bundles (and the PyTorch FP32 baseline) into a bench document.
+
+Per bundle: load time, the first call, single-stream latency, offline throughput per batch size, end-to-end
+latency on encoded images, accuracy on a dataset, peak RSS. One failing bundle does not stop the others: its
+entry says `failed: <reason>`.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bitdeploy.benchmarks import latency
+from bitdeploy.benchmarks.accuracy import EvalSet, load_eval_set, measure
+from bitdeploy.benchmarks.env import collect, device_label
+from bitdeploy.benchmarks.schema import new_document, new_entry
+from bitdeploy.errors import BitdeployError
+
+SCENARIOS = ("single-stream", "offline", "both")
+E2E_IMAGES = 32  # distinct encoded images cycled through the end-to-end loop
+
+
+@dataclass
+class BenchOptions:
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    scenario: str = "both"
+    iterations: int | None = None
+    duration: float | None = None
+    warmup: int = latency.DEFAULT_WARMUP
+    threads: int | None = None
+    device: str | None = None
+    backend: str | None = None
+    dataset: str | None = None
+    samples: int | None = None
+    reference: str | None = None
+    pytorch_baseline: str | None = None  # None: no baseline; "auto" | "none" | PATH: its weights
+    end_to_end: bool = True
+    keep_raw: bool = True
+    progress: bool = True
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self) -> dict[str, Any]:
+        iterations = self.iterations if (self.iterations or self.duration) else latency.DEFAULT_ITERATIONS
+        return {
+            "scenario": self.scenario,
+            "batch_sizes": list(self.batch_sizes),
+            "iterations": iterations,
+            "duration_s": self.duration,
+            "warmup": self.warmup,
+            "threads": self.threads,
+            "device": self.device,
+            "backend": self.backend,
+            "dataset": self.dataset,
+            "samples": self.samples,
+            "reference": self.reference,
+            "pytorch_baseline": self.pytorch_baseline,
+            "end_to_end": self.end_to_end,
+            "seed": self.seed,
+            "percentiles": "nearest-rank",
+            "timer": "time.perf_counter_ns around infer(); gc paused while timing",
+            **self.extra,
+        }
+
+
+def _reset_peak_rss() -> str:
+    """Reset the kernel's peak-RSS counter (Linux clear_refs 5) so each entry gets its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "VmHWM after clear_refs (per entry)"
+    except OSError:
+        return "ru_maxrss (process peak so far)"
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _bundle_size(path: Path, manifest: dict[str, Any]) -> tuple[float, dict[str, str]]:
+    files = manifest.get("files") or {}
+    if path.is_file():  # a single-file pack
+        return path.stat().st_size / 1e6, dict(files)
+    total = sum((path / name).stat().st_size for name in files if (path / name).is_file())
+    return total / 1e6, dict(files)
+
+
+def _open(bundle: str, opts: BenchOptions) -> tuple[Any, dict[str, Any], Any]:
+    """(predictor, manifest, backend) through the runtime's public loader."""
+    from bitdeploy import runtimes
+
+    pred = runtimes.load(bundle, backend=opts.backend, device=opts.device, threads=opts.threads)
+    manifest = getattr(pred, "manifest", None)
+    if manifest is None:
+        from bitdeploy.runtimes.bundle import read_manifest
+
+        manifest = read_manifest(bundle)
+    backend = getattr(pred, "backend", None) or pred
+    return pred, manifest, backend
+
+
+def _shape_chw(manifest: dict[str, Any]) -> tuple[int, int, int]:
+    shape = (manifest.get("input") or {}).get("shape") or [-1, 3, manifest["model"]["resolution"], manifest["model"]["resolution"]]
+    return int(shape[1]), int(shape[2]), int(shape[3])
+
+
+def _precision_used(target: dict[str, Any], desc: dict[str, Any]) -> str | None:
+    """What ran: the backend's own report of its float precision (e.g. OpenVINO's bf16 default), combined
+    with int8 for quantized bundles; the manifest's record where the backend does not say."""
+    ran = desc.get("precision_used")
+    if ran is None:
+        return target.get("precision_used")
+    if str(target.get("precision")) == "int8" and "int8" not in str(ran):
+        return f"int8+{ran}"
+    return str(ran)
+
+
+def _describe(obj: Any) -> dict[str, Any]:
+    try:
+        return dict(obj.describe())
+    except Exception:  # describe() is informative only; never fail a benchmark on it
+        return {}
+
+
+def measure_latency(target: Any, shape: tuple[int, int, int], opts: BenchOptions, images: list[bytes] | None, input_spec: dict[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if opts.scenario in ("single-stream", "both"):
+        out["single_stream"] = latency.single_stream(target, shape, opts.iterations, opts.duration, opts.warmup, opts.keep_raw, opts.progress, opts.seed)
+    if opts.scenario in ("offline", "both"):
+        out["offline"] = latency.offline(target, shape, opts.batch_sizes, opts.iterations, opts.duration, progress=opts.progress, seed=opts.seed)
+    if opts.end_to_end and images and input_spec is not None:
+        out["end_to_end"] = latency.end_to_end(target, images, input_spec, opts.iterations, opts.duration, keep_raw=False, progress=opts.progress)
+    return out
+
+
+class Bench:
+    """Holds what is shared between bundles: the environment, the eval set, encoded images, the reference."""
+
+    def __init__(self, opts: BenchOptions) -> None:
+        if opts.scenario not in SCENARIOS:
+            raise BitdeployError(f"unknown --scenario {opts.scenario!r}; choose one of: {', '.join(SCENARIOS)}")
+        if opts.reference and not opts.dataset:
+            raise BitdeployError("--reference needs --dataset (agreement is measured on its images); add --dataset SPEC")
+        self.opts = opts
+        self.env = collect(opts.threads)
+        self.eval_set: EvalSet | None = load_eval_set(opts.dataset, opts.seed) if opts.dataset else None
+        self.images, self.images_source = self._images()
+        self.reference: tuple[str, Any] | None = None
+        if opts.reference:
+            self._ref_pred, _, _ = _open(opts.reference, opts)
+            self.reference = (Path(opts.reference).name, self._ref_pred.infer)
+
+    def _images(self) -> tuple[list[bytes], str | None]:
+        if not self.opts.end_to_end:
+            return [], None
+        source = self.eval_set
+        if source is None:
+            try:
+                source = load_eval_set("digits", self.opts.seed)
+            except (ImportError, BitdeployError):
+                return [], None
+        images = source.encoded(E2E_IMAGES)
+        arr, _ = source.images[0]
+        return images, f"{source.source} {source.split} split, {len(images)} images, first {arr.shape[1]}x{arr.shape[0]} px, encoded"
+
+    def close(self) -> None:
+        if self.reference is not None:
+            getattr(self._ref_pred, "close", lambda: None)()
+
+    def bundle(self, bundle: str) -> dict[str, Any]:
+        opts, name = self.opts, Path(bundle).name or str(bundle)
+        rss_method = _reset_peak_rss()
+        pred = None
+        try:
+            t0 = time.perf_counter()
+            pred, manifest, backend = _open(bundle, opts)
+            load_s = time.perf_counter() - t0
+            shape = _shape_chw(manifest)
+            t1 = time.perf_counter()
+            pred.infer(latency.make_inputs((1, *shape), pool=1)[0])
+            first_ms = (time.perf_counter() - t1) * 1e3
+            desc = _describe(backend)
+            target = manifest.get("target") or {}
+            model = manifest.get("model") or {}
+            size_mb, files = _bundle_size(Path(bundle), manifest)
+            entry = new_entry(
+                name=name, kind="bundle", bundle=str(bundle), model=model.get("name"), resolution=model.get("resolution"),
+                num_classes=model.get("num_classes"), target=target.get("backend") or desc.get("backend"),
+                precision=target.get("precision"), precision_used=_precision_used(target, desc),
+                backend_device=str(desc.get("device") or target.get("device") or opts.device or "cpu"),
+                status="valid" if manifest.get("valid", True) else "failed gate", size_mb=size_mb, files_sha256=files,
+                load_s=load_s, first_infer_ms=first_ms, build_accuracy=manifest.get("accuracy"), describe=desc,
+            )  # fmt: skip
+            entry["device"] = device_label(self.env, entry["backend_device"])
+            entry.update(measure_latency(pred, shape, opts, self.images, manifest.get("input")))
+            if entry.get("end_to_end"):
+                entry["end_to_end"]["images_source"] = self.images_source
+            if self.eval_set is not None:
+                entry["accuracy"] = measure(pred.infer, manifest["input"], manifest.get("labels"), self.eval_set, self.reference, opts.samples, progress=opts.progress)
+        except BitdeployError as exc:
+            entry = new_entry(name=name, kind="bundle", bundle=str(bundle), status=f"failed: {exc}", error=str(exc))
+        finally:
+            if pred is not None:
+                getattr(pred, "close", lambda: None)()
+        entry.update(peak_rss_mb=_peak_rss_mb(), peak_rss_method=rss_method)
+        return entry
+
+    def pytorch(self, manifest_like: dict[str, Any]) -> dict[str, Any]:
+        """The PyTorch eager FP32 baseline for one (model, resolution, classes)."""
+        from bitdeploy.benchmarks.baseline import PytorchBaseline, baseline_weights
+
+        opts = self.opts
+        model = manifest_like["model"]
+        name = f"pytorch-fp32:{model['name']}@{model['resolution']}"
+        rss_method = _reset_peak_rss()
+        try:
+            weights = baseline_weights(opts.pytorch_baseline or "auto", manifest_like)
+            t0 = time.perf_counter()
+            base = PytorchBaseline(model["name"], model.get("num_classes"), weights, opts.threads, opts.seed)
+            load_s = time.perf_counter() - t0
+            shape = _shape_chw(manifest_like)
+            t1 = time.perf_counter()
+            base.infer(latency.make_inputs((1, *shape), pool=1)[0])
+            first_ms = (time.perf_counter() - t1) * 1e3
+            entry = new_entry(
+                name=name, kind="pytorch", model=model["name"], resolution=model["resolution"], num_classes=model.get("num_classes"),
+                target="pytorch", precision="fp32", precision_used="f32", backend_device="cpu", status="valid",
+                load_s=load_s, first_infer_ms=first_ms, describe=base.describe(),
+            )  # fmt: skip
+            entry["device"] = device_label(self.env, "cpu")
+            entry.update(measure_latency(base, shape, opts, self.images, manifest_like.get("input")))
+            if entry.get("end_to_end"):
+                entry["end_to_end"]["images_source"] = self.images_source
+            # Random or re-headed weights would give a meaningless top-1: only the bundle's own checkpoint or a given file.
+            if self.eval_set is not None and weights != "none" and (opts.pytorch_baseline != "auto" or base.weights_info.get("kind") == "checkpoint"):
+                entry["accuracy"] = measure(base.infer, manifest_like["input"], base.labels or manifest_like.get("labels"), self.eval_set, None, opts.samples, progress=opts.progress)
+            base.close()
+        except BitdeployError as exc:
+            entry = new_entry(name=name, kind="pytorch", model=model.get("name"), resolution=model.get("resolution"), target="pytorch", precision="fp32", status=f"failed: {exc}", error=str(exc))
+        entry.update(peak_rss_mb=_peak_rss_mb(), peak_rss_method=rss_method)
+        return entry
+
+
+def _baseline_keys(bundles: list[str]) -> list[dict[str, Any]]:
+    """One manifest per distinct (model, resolution, classes) among the readable bundles (directories or packs)."""
+    from bitdeploy.runtimes.pack import open_bundle
+
+    seen, out = set(), []
+    for b in bundles:
+        try:
+            opened = open_bundle(b, verify=False, require_valid=False)
+        except BitdeployError:
+            continue  # its own entry will say why
+        opened.cleanup()
+        model = opened.manifest.get("model") or {}
+        key = (model.get("name"), model.get("resolution"), model.get("num_classes"))
+        if None not in key[:2] and key not in seen:
+            seen.add(key)
+            out.append(opened.manifest)
+    return out
+
+
+def run(bundles: list[str], opts: BenchOptions) -> dict[str, Any]:
+    """Benchmark every bundle (and the baseline when asked) and return one bench document."""
+    bench = Bench(opts)
+    results: list[dict[str, Any]] = []
+    try:
+        if opts.pytorch_baseline is not None:
+            for m in _baseline_keys(bundles):
+                results.append(bench.pytorch(m))
+        for b in bundles:
+            results.append(bench.bundle(b))
+    finally:
+        bench.close()
+    settings = opts.settings()
+    settings["end_to_end_images"] = bench.images_source
+    return new_document(results, bench.env, settings)
+
+
+def failed(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for e in doc["results"] if str(e.get("status", "")).startswith("failed:")]
+

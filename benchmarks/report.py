@@ -1,0 +1,252 @@
+"""Reports from bench documents: `report.md` (one table) and a self-contained `report.html` (inline plots).
+
+Documents from several machines merge into one table; the device column tells them apart, and speed-ups
+and accuracy deltas are only computed between rows measured on the same machine.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bitdeploy.benchmarks.schema import MERGED, SCHEMA_VERSION, check_document, finite, load_documents, new_document
+
+COLUMNS = ("bundle", "target", "precision", "device", "status", "size MB", "top-1", "Δ top-1 (pp)", "p50 ms", "p90 ms", "p99 ms", "images/s", "speed-up vs PyTorch FP32")
+
+
+def as_documents(results: Any) -> list[dict[str, Any]]:
+    """Accept a bench document, a list of documents, a list of entries, or paths of JSON files."""
+    if isinstance(results, (str, os.PathLike)):
+        return load_documents([results])
+    if isinstance(results, dict):
+        return [check_document(results)]
+    items = list(results)
+    if items and all(isinstance(r, (str, os.PathLike)) for r in items):
+        return load_documents(items)
+    if items and all(isinstance(r, dict) and "schema" not in r for r in items):
+        return [check_document(new_document(items))]
+    return [check_document(r) for r in items]
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _host(doc: dict[str, Any]) -> str:
+    env = doc.get("environment") or {}
+    return str(env.get("hostname") or "?")
+
+
+def _top1(entry: dict[str, Any]) -> tuple[float | None, str | None, float | None]:
+    """(top-1, where it came from, the reference top-1 that came with it)."""
+    acc = entry.get("accuracy") or {}
+    if _num(acc.get("top1")) is not None:
+        ref = (acc.get("reference") or {}).get("top1")
+        return float(acc["top1"]), f"bench:{acc.get('dataset')}", _num(ref)
+    build = entry.get("build_accuracy") or {}
+    if _num(build.get("top1")) is not None:
+        return float(build["top1"]), "build", _num(build.get("reference_top1"))
+    return None, None, None
+
+
+def _p(entry: dict[str, Any], key: str) -> float | None:
+    return _num((entry.get("single_stream") or {}).get(key))
+
+
+def _throughput(entry: dict[str, Any]) -> tuple[float | None, int | None]:
+    off = entry.get("offline") or {}
+    if _num(off.get("best_images_per_s")) is not None:
+        return float(off["best_images_per_s"]), off.get("best_batch_size")
+    return _num((entry.get("single_stream") or {}).get("images_per_s")), 1 if entry.get("single_stream") else None
+
+
+def table_rows(docs: Sequence[dict[str, Any]], selected: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per entry with the derived columns (Δ top-1, speed-up), in document order."""
+    multi = len({_host(d) for d in docs}) > 1
+    rows = []
+    for doc in docs:
+        host = _host(doc)
+        for e in doc["results"]:
+            top1, source, ref = _top1(e)
+            ips, bs = _throughput(e)
+            rows.append({"entry": e, "host": host, "label": f"{e['name']} @ {host}" if multi else e["name"], "top1": top1, "top1_source": source, "ref_top1": ref, "p50": _p(e, "p50_ms"), "p90": _p(e, "p90_ms"), "p99": _p(e, "p99_ms"), "ips": ips, "ips_bs": bs})
+    sel = (selected or {}).get("name")
+    for r in rows:
+        e = r["entry"]
+        same = [o for o in rows if o["host"] == r["host"] and o["entry"].get("model") == e.get("model") and o["entry"].get("resolution") == e.get("resolution")]
+        torch_rows = [o for o in same if o["entry"].get("kind") == "pytorch" and o["p50"]]
+        r["speedup"] = torch_rows[0]["p50"] / r["p50"] if torch_rows and r["p50"] else None
+        if r["ref_top1"] is None and r["top1"] is not None:
+            # No explicit reference: the FP32 row on the same data (PyTorch first, then any FP32 bundle).
+            fp32 = [o for o in same if o["entry"].get("precision") == "fp32" and o["top1"] is not None and o["top1_source"] == r["top1_source"]]
+            fp32.sort(key=lambda o: o["entry"].get("kind") != "pytorch")
+            if fp32 and fp32[0] is not r:
+                r["ref_top1"] = fp32[0]["top1"]
+            elif fp32:
+                r["ref_top1"] = r["top1"]
+        r["delta_pp"] = (r["top1"] - r["ref_top1"]) * 100.0 if r["top1"] is not None and r["ref_top1"] is not None else None
+        r["selected"] = sel is not None and e["name"] == sel
+    return rows
+
+
+def _valid(status: Any) -> bool:
+    return str(status) == "valid"
+
+
+def select_fastest(results: Any, max_accuracy_drop: float = 1.0) -> dict[str, str] | None:
+    """The valid bundle with the lowest single-stream p50 whose top-1 drop (pp) is within `max_accuracy_drop`.
+
+    Rows without an accuracy figure are eligible only if nothing measured is (their gate is the build's).
+    Returns {"name", "reason"} or None when no bundle qualifies.
+    """
+    rows = [r for r in table_rows(as_documents(results)) if r["entry"].get("kind") == "bundle" and _valid(r["entry"].get("status")) and r["p50"]]
+    if not rows:
+        return None
+    gated = [r for r in rows if r["delta_pp"] is not None]
+    ok = [r for r in gated if r["delta_pp"] >= -max_accuracy_drop - 1e-9] if gated else rows
+    if not ok:
+        return None
+    ok.sort(key=lambda r: r["p50"])
+    best = ok[0]
+    acc = f"top-1 {best['top1'] * 100:.2f}% ({best['delta_pp']:+.2f} pp, gate -{max_accuracy_drop:g} pp)" if best["delta_pp"] is not None else "no accuracy measured here (passed its build gate)"
+    beaten = f"; next fastest within the gate: {ok[1]['label']} at {ok[1]['p50']:.2f} ms" if len(ok) > 1 else ""
+    faster = [r for r in rows if r["p50"] < best["p50"] and r not in ok]
+    excluded = "".join(f"; {r['label']} is faster ({r['p50']:.2f} ms) but fails the gate ({r['delta_pp']:+.2f} pp)" for r in faster)
+    reason = f"fastest valid bundle within the accuracy gate: p50 {best['p50']:.2f} ms at batch 1, {acc}{beaten}{excluded}"
+    return {"name": best["entry"]["name"], "reason": reason}
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def cells(r: dict[str, Any]) -> list[str]:
+    e = r["entry"]
+    prec = str(e.get("precision") or "-")
+    used = e.get("precision_used")
+    if used and str(used).lower() not in (prec.lower(), prec.lower().replace("fp", "f")):
+        prec = f"{prec} ({used})"
+    ips = "-" if r["ips"] is None else f"{r['ips']:.1f}" + (f" (bs {r['ips_bs']})" if r["ips_bs"] else "")
+    return [
+        r["label"] + (" (selected)" if r["selected"] else ""),
+        str(e.get("target") or "-"),
+        prec,
+        str(e.get("device") or "-"),
+        str(e.get("status") or "-"),
+        _f(_num(e.get("size_mb")), ".1f"),
+        "-" if r["top1"] is None else f"{r['top1'] * 100:.2f}%",
+        _f(r["delta_pp"], "+.2f"),
+        _f(r["p50"], ".2f"),
+        _f(r["p90"], ".2f"),
+        _f(r["p99"], ".2f"),
+        ips,
+        "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+    ]
+
+
+def _methodology(docs: Sequence[dict[str, Any]]) -> list[str]:
+    lines = []
+    for doc in docs:
+        s, env = doc.get("settings") or {}, doc.get("environment") or {}
+        cpu = env.get("cpu") or {}
+        ns = sorted({(e.get("single_stream") or {}).get("n") for e in doc["results"] if e.get("single_stream")} - {None})
+        machine = [
+            f"CPU {cpu.get('model')} [{' '.join(cpu.get('flags') or [])}]",
+            f"{cpu['usable_cores']} usable cores" if cpu.get("usable_cores") else None,
+            f"threads {s.get('threads') or 'backend default'}",
+            "GPU " + (", ".join(g.get("name", "?") for g in env.get("gpus") or []) or "none"),
+            env.get("os"),
+            f"python {env['python']}" if env.get("python") else None,
+            ", ".join(f"{k} {v}" for k, v in (env.get("libraries") or {}).items()) or None,
+        ]
+        method = [
+            f"single-stream: batch 1, {', '.join(map(str, ns)) or '-'} queries after {s.get('warmup', '-')} warm-up, nearest-rank percentiles",
+            f"offline batch sizes {s.get('batch_sizes', '-')}",
+            f"end-to-end images: {s.get('end_to_end_images') or '-'}",
+        ]
+        lines.append(f"{_host(doc)} ({doc.get('created')}): " + "; ".join(x for x in machine if x) + ". " + "; ".join(method) + ".")
+    return lines
+
+
+def markdown(docs: Sequence[dict[str, Any]], rows: list[dict[str, Any]], selected: dict[str, str] | None) -> str:
+    out = ["# bitdeploy benchmark report", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    out += ["| " + " | ".join(c.replace("|", "/") for c in cells(r)) + " |" for r in rows]
+    out.append("")
+    if selected:
+        out += [f"**Selected: {selected['name']}** - {selected.get('reason', '')}", ""]
+    out += [
+        "p50/p90/p99: single-stream latency (batch 1, next query when the previous returns), pure inference, ms. "
+        "images/s: offline throughput at the best batch size. Δ top-1: percentage points against the FP32 reference "
+        "on the same data. Speed-up: PyTorch eager FP32 p50 (weight standardisation computed every call) over the row's "
+        "p50, same machine.",
+        "",
+        "## Environment and method",
+        "",
+    ]
+    out += [f"- {line}" for line in _methodology(docs)]
+    return "\n".join(out) + "\n"
+
+
+def _defang(text: str) -> str:
+    """The report must hold no URL at all (it opens offline); text that quotes one (an error) is broken up."""
+    return html.escape(text).replace("://", ":/&#8203;/")
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:0.9em}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f0f0f0}td:nth-child(-n+5),th:nth-child(-n+5){text-align:left}
+tr.selected{background:#fff4c2;font-weight:bold}figure{display:inline-block;margin:1em}img{max-width:100%}
+.note{color:#555;font-size:0.9em;max-width:70em}"""
+
+
+def render_html(docs: Sequence[dict[str, Any]], rows: list[dict[str, Any]], selected: dict[str, str] | None, figures: list[tuple[str, str]], plot_note: str | None) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join(f"<tr class=\"{'selected' if r['selected'] else ''}\">" + "".join(f"<td>{_defang(c)}</td>" for c in cells(r)) + "</tr>" for r in rows)
+    parts = [
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>bitdeploy benchmark report</title>",
+        f"<style>{CSS}</style></head><body><h1>bitdeploy benchmark report</h1>",
+        f"<table id=\"results\"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
+    ]
+    if selected:
+        parts.append(f"<p id=\"selected\"><b>Selected: {_defang(selected['name'])}</b>: {_defang(selected.get('reason', ''))}</p>")
+    parts.append("<p class=\"note\">p50/p90/p99: single-stream latency, batch 1, pure inference (ms). images/s: offline throughput at the best batch size. Δ top-1 in percentage points against the FP32 reference on the same data. Speed-up: PyTorch eager FP32 p50 over the row's p50 on the same machine.</p>")
+    if plot_note:
+        parts.append(f"<p class=\"note\">{_defang(plot_note)}</p>")
+    for title, b64 in figures:
+        parts.append(f"<figure><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,{b64}\"><figcaption>{html.escape(title)}</figcaption></figure>")
+    parts.append("<h2>Environment and method</h2><ul>" + "".join(f"<li class=\"note\">{_defang(x)}</li>" for x in _methodology(docs)) + "</ul></body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(results: Any, out_dir: str | os.PathLike[str], selected: dict[str, str] | str | None = None) -> dict[str, Path]:
+    """Write report.md, report.html and results.json (the merged documents) into out_dir; return their paths.
+
+    `results`: a bench document, a list of documents or of entries, or JSON paths. `selected`: {"name", "reason"}
+    (or just a name) to mark a row; by default a `selected` stored in a document is used.
+    """
+    from bitdeploy.benchmarks.plots import render_all
+
+    docs = as_documents(results)
+    if isinstance(selected, str):
+        selected = {"name": selected, "reason": ""}
+    if selected is None:
+        selected = next((d["selected"] for d in docs if d.get("selected")), None)
+    rows = table_rows(docs, selected)
+    figures, note = render_all(rows)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out / "report.md", "html": out / "report.html", "json": out / "results.json"}
+    _atomic_write(paths["markdown"], markdown(docs, rows, selected))
+    _atomic_write(paths["html"], render_html(docs, rows, selected, figures, note))
+    merged = {"schema": MERGED, "schema_version": SCHEMA_VERSION, "selected": selected, "documents": list(docs)}
+    _atomic_write(paths["json"], json.dumps(finite(merged), indent=1, default=str) + "\n")
+    return paths
