@@ -1,0 +1,144 @@
+"""The accuracy gate: an artifact's logits against the FP32 PyTorch reference, on the validation split.
+
+With a dataset, the gate is task accuracy (REFERENCE C7: tensor tolerances are for debugging): top-1 of
+both, top-1 agreement, max/mean abs logit difference; the build fails when the top-1 drop exceeds
+`--max-accuracy-drop` percentage points. Without a dataset there is no accuracy to gate, so the artifact is
+compared with the reference on seeded random inputs in [-1, 1] against a logit tolerance per precision,
+and the manifest says so (`accuracy: null`, a `validation` object instead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+DEFAULT_MAX_DROP_PP = 1.0
+# Without labels: allowed max |logit difference| / max(1, max |reference logit|), per precision.
+RANDOM_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-1, "int8": 2.5e-1}  # fp16 covers bf16 compute (OpenVINO CPU)
+RANDOM_SAMPLES = 32
+RANDOM_SEED = 0
+MEMO_BYTES = 512 << 20  # preprocessed validation inputs up to this size are kept in memory between passes
+
+
+@dataclass
+class EvalData:
+    """Inputs for the gate, produced in chunks (labels None for random inputs).
+
+    make(lo, hi) -> (float32 NCHW inputs, int64 labels or None) for samples lo..hi-1.
+    """
+
+    samples: int
+    resolution: int
+    source: str
+    make: Callable[[int, int], tuple[np.ndarray, np.ndarray | None]]
+    labelled: bool = True
+    _memo: list[tuple[np.ndarray, np.ndarray | None]] | None = field(default=None, repr=False)
+
+    def batches(self, batch_size: int = 32) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        if self._memo is not None:
+            yield from self._memo
+            return
+        keep = self.samples * 3 * self.resolution**2 * 4 <= MEMO_BYTES
+        memo = []
+        for lo in range(0, self.samples, batch_size):
+            item = self.make(lo, min(lo + batch_size, self.samples))
+            if keep:
+                memo.append(item)
+            yield item
+        if keep:
+            self._memo = memo
+
+    def labels(self) -> np.ndarray | None:
+        if not self.labelled:
+            return None
+        return np.concatenate([y for _, y in self.batches() if y is not None]) if self.samples else np.zeros(0, np.int64)
+
+
+def from_image_set(val: Any, resolution: int, limit: int | None = None, seed: int = 0, source: str = "val") -> EvalData:
+    """The validation split (a seeded subset of `limit` images when given), preprocessed as at inference."""
+    from bitdeploy.training.data import eval_batch
+
+    n = len(val)
+    idx = np.arange(n) if limit is None or limit >= n else np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+    def make(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray | None]:
+        x, y = eval_batch(val, resolution, idx[lo:hi])
+        return x, y
+
+    return EvalData(len(idx), resolution, source, make)
+
+
+def random_inputs(resolution: int, samples: int = RANDOM_SAMPLES, seed: int = RANDOM_SEED) -> EvalData:
+    """Seeded uniform [-1, 1] inputs (the normalised input range), for builds without a dataset."""
+    data = np.random.default_rng(seed).uniform(-1.0, 1.0, (samples, 3, resolution, resolution)).astype(np.float32)
+    return EvalData(samples, resolution, f"{samples} x uniform[-1, 1], seed {seed}", lambda lo, hi: (data[lo:hi], None), labelled=False)
+
+
+def run_logits(infer: Callable[[np.ndarray], np.ndarray], data: EvalData, batch_size: int = 32) -> np.ndarray:
+    outs = [np.asarray(infer(x), dtype=np.float32) for x, _ in data.batches(batch_size)]
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def torch_logits(model: Any, data: EvalData, batch_size: int = 32) -> np.ndarray:
+    """The FP32 PyTorch reference (the model as trained: weight standardisation computed in the forward)."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return run_logits(lambda x: model(torch.from_numpy(np.ascontiguousarray(x))).float().numpy(), data, batch_size)
+
+
+def _diffs(logits: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+    if logits.shape != reference.shape:
+        raise ValueError(f"logits shape {logits.shape} differs from the reference {reference.shape}")
+    finite = bool(np.isfinite(logits).all())
+    diff = np.abs(logits.astype(np.float64) - reference.astype(np.float64))
+    return {
+        "samples": int(logits.shape[0]),
+        "agreement": float(np.mean(logits.argmax(1) == reference.argmax(1))) if len(logits) else None,
+        "max_abs_logit_diff": float(diff.max()) if finite and diff.size else None,
+        "mean_abs_logit_diff": float(diff.mean()) if finite and diff.size else None,
+        "finite": finite,
+    }
+
+
+def gate(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, max_drop_pp: float = DEFAULT_MAX_DROP_PP) -> dict[str, Any]:
+    """The manifest `accuracy` object: passed when top-1 drops by at most `max_drop_pp` points."""
+    d = _diffs(logits, reference)
+    top1 = float(np.mean(logits.argmax(1) == labels)) if d["finite"] else 0.0
+    ref_top1 = float(np.mean(reference.argmax(1) == labels))
+    drop = (ref_top1 - top1) * 100.0
+    return {
+        "top1": top1,
+        "reference_top1": ref_top1,
+        "agreement": d["agreement"],
+        "samples": d["samples"],
+        "max_abs_logit_diff": d["max_abs_logit_diff"],
+        "mean_abs_logit_diff": d["mean_abs_logit_diff"],
+        "top1_drop_pp": round(drop, 6),
+        "max_accuracy_drop_pp": float(max_drop_pp),
+        "passed": bool(d["finite"] and drop <= max_drop_pp + 1e-9),
+        "reference": "pytorch-fp32",
+    }
+
+
+def validate_unlabelled(logits: np.ndarray, reference: np.ndarray, precision: str, source: str) -> dict[str, Any]:
+    """The manifest `validation` object for builds without a dataset (no accuracy can be measured)."""
+    d = _diffs(logits, reference)
+    scale = max(1.0, float(np.abs(reference).max())) if reference.size else 1.0
+    tol = RANDOM_TOLERANCE.get(precision, RANDOM_TOLERANCE["int8"]) * scale
+    passed = bool(d["finite"] and d["max_abs_logit_diff"] is not None and d["max_abs_logit_diff"] <= tol)
+    return {
+        "inputs": source,
+        "reference": "pytorch-fp32",
+        "samples": d["samples"],
+        "agreement": d["agreement"],
+        "max_abs_logit_diff": d["max_abs_logit_diff"],
+        "mean_abs_logit_diff": d["mean_abs_logit_diff"],
+        "tolerance": tol,
+        "passed": passed,
+        "note": "no --dataset: compared with the FP32 PyTorch model on random inputs; accuracy not measured",
+    }

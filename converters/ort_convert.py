@@ -1,0 +1,113 @@
+"""The ONNX Runtime target: FP32 (the checked export as is), FP16 (norms in FP32), INT8 (static QDQ).
+
+INT8 is Conv-only QDQ with per-channel symmetric INT8 weights. Activations are uint8 (U8S8) on x86, where
+ONNX Runtime's QDQ kernels run U8S8 fastest and S8S8 leaves the convs that share an input in FP32 (measured:
+see README "ONNX Runtime INT8"), and int8 (S8S8) elsewhere and on CUDA. GroupNorm, the residual Add and the
+global pool stay FP32; see `bitdeploy.converters.ort_quant` for why.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+from bitdeploy.converters.base import Artifact
+from bitdeploy.converters.calibration import CalibrationData
+from bitdeploy.errors import ConversionError
+
+MODEL_FILE = "model.onnx"
+DEVICES = ("cpu", "cuda")
+
+
+def parse_device(device: str | None) -> str:
+    """"cpu" | "cuda" | "cuda:N" (case-insensitive) -> the normalised device string."""
+    d = (device or "cpu").lower()
+    base, _, index = d.partition(":")
+    if base not in DEVICES or (index and (base == "cpu" or not index.isdigit())):
+        raise ConversionError(f"--device {device!r} is not an ONNX Runtime device; choose one of: cpu, cuda, cuda:N")
+    return d
+
+
+def default_activation_type(device: str) -> str:
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    return "uint8" if _on_cpu(device) and x86 else "int8"
+
+
+def _on_cpu(device: str) -> bool:
+    return device.partition(":")[0] == "cpu"
+
+
+def _copy_model(src: Path, dst: Path) -> list[str]:
+    """Copy an ONNX file and its external-data sidecar (same base name) if it has one."""
+    shutil.copyfile(src, dst)
+    files = [dst.name]
+    sidecar = src.with_name(src.name + ".data")
+    if sidecar.is_file():
+        shutil.copyfile(sidecar, dst.with_name(dst.name + ".data"))
+        files.append(dst.name + ".data")
+    return files
+
+
+def cpu_computes_fp16(model_path: Path) -> bool:
+    """Whether ONNX Runtime's CPU provider runs the FP16 graph in FP16: it inserts Casts to FP32 where it
+    has no FP16 kernel (x86 has none for Conv), which shows as extra Cast nodes after optimisation."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    before = sum(1 for n in onnx.load(str(model_path), load_external_data=False).graph.node if n.op_type == "Cast")
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        opts.log_severity_level = 3
+        ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        after = sum(1 for n in onnx.load(opts.optimized_model_filepath, load_external_data=False).graph.node if n.op_type == "Cast")
+    return after <= before
+
+
+def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: dict[str, Any]) -> Artifact:
+    from bitdeploy.converters import ort_quant
+
+    device = parse_device(options.get("device"))
+    work_dir = Path(work_dir)
+    out = work_dir / MODEL_FILE
+    target: dict[str, Any] = {"precision": precision, "device": device}
+    notes: list[str] = []
+    if precision == "fp32":
+        files = _copy_model(Path(onnx_fp32), out)
+        target["precision_used"] = "fp32"
+    elif precision == "fp16":
+        info = ort_quant.convert_fp16(onnx_fp32, out)
+        files = [MODEL_FILE]
+        if _on_cpu(device) and not cpu_computes_fp16(out):
+            target["precision_used"] = "fp16 storage, fp32 compute"
+            notes.append("ONNX Runtime's CPU provider casts FP16 nodes to FP32 here: smaller file, no speed-up; FP16 pays off on CUDA")
+        else:
+            target["precision_used"] = "fp16 + fp32 normalisations"
+        target["fp16"] = info
+        notes.append(f"kept in FP32: {', '.join(info['kept_fp32_op_types']) or 'nothing'} ({info['kept_fp32_nodes']} nodes), graph I/O float32")
+    elif precision == "int8":
+        if calibration is None:
+            raise ConversionError("--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)")
+        activation_type = str(options.get("activation_type") or default_activation_type(device))
+        info = ort_quant.quantize_qdq(
+            onnx_fp32,
+            out,
+            calibration,
+            method=options.get("calib_method"),
+            activation_type=activation_type,
+            op_types=tuple(options.get("int8_op_types") or ort_quant.DEFAULT_OP_TYPES),
+            exclude_head=bool(options.get("int8_exclude_head", False)),
+            symmetric_activations=not _on_cpu(device),
+        )
+        files = [MODEL_FILE]
+        target["precision_used"] = f"int8 {'+'.join(info['op_types'])} ({'U8S8' if activation_type == 'uint8' else 'S8S8'}) + fp32"
+        target["quantization"] = info
+        notes.append(f"INT8 Q/DQ on {info['quantized_nodes']} {'/'.join(info['op_types'])} nodes; float: {', '.join(info['float_op_types'])}")
+    else:
+        raise ConversionError(f"ONNX Runtime precision must be fp32, fp16 or int8, got {precision!r}")
+    return Artifact(files=files, model_file=MODEL_FILE, backend="onnxruntime", target=target, notes=notes)

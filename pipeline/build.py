@@ -1,0 +1,343 @@
+"""`bitdeploy build`: weights [-> fine-tune] -> ONNX export -> per (target, precision): convert -> gate -> bundle.
+
+Steps that do not depend on the target (fine-tune, export, reference logits, calibration) run once per
+build and are cached by content (`bitdeploy.cache`). Each (target, precision) row then runs its converter
+(`bitdeploy.targets.TARGETS`), evaluates the artifact against the FP32 PyTorch reference, times it, and
+writes a bundle atomically. One row's failure never stops the others; the summary table shows them all.
+
+Output layout: one row -> `--out` is the bundle and the report goes to `<out>.report/`; several rows ->
+`<out>/<target>-<precision>/` bundles and `<out>/report/`. A bundle that fails the accuracy gate is still
+written, with `"valid": false` and the reason, so it can be inspected; runtimes refuse to load it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bitdeploy.build_output import RowResult
+from bitdeploy.errors import AccuracyGateError, BitdeployError, require
+from bitdeploy.targets import TARGETS, Target, check_available, plan_rows, unavailable_reason
+
+DEFAULT_RESOLUTION = 128  # the BiT-HyperRule's crop for small images, used when nothing says otherwise
+
+
+@dataclass
+class BuildOptions:
+    model: str
+    out: Path
+    weights: str = "auto"
+    target: str = "onnx"
+    precisions: list[str] | None = None  # None: fp32 (every precision with target "all")
+    resolution: int | None = None
+    dataset: str | None = None
+    val_split: float | None = None
+    shots: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    finetune: bool | None = None  # None: when --dataset is given and the weights are not a trained checkpoint
+    train_device: str = "auto"
+    calib_size: int = 300
+    calib_method: str | None = None
+    max_accuracy_drop: float = 1.0
+    accuracy_control: bool = False
+    device: str | None = None
+    threads: int | None = None
+    select: str | None = None
+    eval_limit: int | None = None
+    seed: int = 0
+    opset: int = 17
+    cache_dir: Path | None = None
+    cache: bool = True
+    report: bool = True
+    bench_iterations: int = 100
+    progress: bool = True
+    debug: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # converter-specific options passed through
+
+    def has_training_flags(self) -> bool:
+        return any(v is not None for v in (self.shots, self.steps, self.batch_size, self.lr))
+
+    def wants_finetune(self) -> bool:
+        if self.dataset is None:
+            return False
+        if self.finetune is not None:
+            return self.finetune
+        if self.has_training_flags():
+            return True
+        return not _is_checkpoint(self.weights)
+
+
+def _is_checkpoint(weights: str) -> bool:
+    if weights in ("auto", "none"):
+        return False
+    p = Path(weights).expanduser()
+    return (p.is_dir() and (p / "checkpoint.pt").is_file()) or p.suffix == ".pt"
+
+
+@dataclass
+class BuildResult:
+    rows: list[RowResult]
+    selected: dict[str, str] | None
+    report_dir: Path | None
+    cache_hits: list[str]
+    seconds: float
+
+
+def check_options(opts: BuildOptions) -> list[tuple[Target, str, str | None]]:
+    """Fast checks before anything heavy: returns the rows with a skip reason (None = build it)."""
+    rows = plan_rows(opts.target, opts.precisions)
+    checks = [
+        (opts.calib_size < 1, f"--calib-size must be >= 1 (got {opts.calib_size}); the default is 300"),
+        (opts.max_accuracy_drop < 0, f"--max-accuracy-drop must be >= 0 percentage points (got {opts.max_accuracy_drop})"),
+        (opts.eval_limit is not None and opts.eval_limit < 1, f"--eval-limit must be >= 1 (got {opts.eval_limit})"),
+        (opts.resolution is not None and opts.resolution < 16, f"--resolution must be >= 16 pixels (got {opts.resolution})"),
+        (opts.threads is not None and opts.threads < 1, f"--threads must be >= 1 (got {opts.threads})"),
+        (opts.select not in (None, "fastest"), f"--select must be 'fastest' (got {opts.select!r})"),
+        (opts.finetune and opts.dataset is None, "--finetune needs --dataset; pass the dataset to fine-tune on"),
+        (opts.has_training_flags() and opts.dataset is None, "--shots/--steps/--batch-size/--lr fine-tune the model and need --dataset"),
+    ]
+    for bad, message in checks:
+        if bad:
+            raise BitdeployError(message)
+    from bitdeploy.catalog import get_variant
+
+    get_variant(opts.model)
+    single = opts.target != "all"
+    if single:
+        for t, p in rows:
+            check_available(t, p)  # e.g. TensorRT without a GPU: exit 1 here, before any export
+        if any(p == "int8" for _, p in rows) and opts.dataset is None:
+            raise BitdeployError("--precision int8 needs --dataset to calibrate on (INT8 is never calibrated on random data); pass --dataset digits, an ImageFolder or a CIFAR folder")
+        t = rows[0][0]
+        if opts.calib_method and opts.calib_method not in t.calib_methods:
+            raise BitdeployError(f"--calib-method {opts.calib_method!r} is not available for {t.title}; choose one of: {', '.join(t.calib_methods)}")
+        if opts.accuracy_control and not (t.name == "openvino" and any(p == "int8" for _, p in rows)):
+            raise BitdeployError("--accuracy-control applies to --target openvino --precision int8 only")
+    if opts.accuracy_control and opts.dataset is None:
+        raise BitdeployError("--accuracy-control needs --dataset (its validation split measures the accuracy)")
+    if opts.select and single and len(rows) < 2:
+        raise BitdeployError("--select fastest picks among several bundles; use --target all or several --precision values")
+    if len(rows) > 1 and (Path(opts.out) / "manifest.json").is_file():
+        raise BitdeployError(f"{opts.out} is a bundle; a build of several bundles needs a new or empty --out directory")
+    out = []
+    for t, p in rows:
+        reason = unavailable_reason(t, p, short=True)
+        if reason is None and p == "int8" and opts.dataset is None:
+            reason = "int8 needs --dataset for calibration"
+        out.append((t, p, reason))
+    return out
+
+
+def converter_options(opts: BuildOptions, target: Target, resolution: int, validation_npz: Path | None) -> dict[str, Any]:
+    method = opts.calib_method if opts.calib_method in target.calib_methods else None
+    return {
+        "device": opts.device,
+        "threads": opts.threads,
+        "calib_method": method,
+        "accuracy_control": bool(opts.accuracy_control and target.name == "openvino"),
+        "max_accuracy_drop": opts.max_accuracy_drop,
+        "validation_npz": str(validation_npz) if validation_npz else None,
+        "resolution": resolution,
+        "seed": opts.seed,
+        "cache_dir": str(opts.cache_dir) if opts.cache_dir else None,
+        **opts.extra,
+    }
+
+
+def bundle_path(opts: BuildOptions, row_count: int, name: str) -> Path:
+    return Path(opts.out) if row_count == 1 else Path(opts.out) / name
+
+
+def report_dir(opts: BuildOptions, row_count: int) -> Path:
+    out = Path(opts.out)
+    return out.with_name(out.name + ".report") if row_count == 1 else out / "report"
+
+
+def run_build(opts: BuildOptions, log: Callable[[str], None] = print, show: Callable[[str], None] = print) -> BuildResult:
+    """Run a build; raise BitdeployError (one line) when the build as a whole failed.
+
+    `log` gets progress lines (stderr in the CLI); `show` gets the results: the table, the selection, the
+    report path (stdout)."""
+    started = time.perf_counter()
+    planned = check_options(opts)
+    require("torch", "train", "PyTorch (torch), needed to export the model")
+    from bitdeploy import build_output
+    from bitdeploy.build_row import build_row
+    from bitdeploy.cache import StageCache
+
+    cache = StageCache(opts.cache_dir, enabled=opts.cache, log=log)
+    ctx: dict[str, Any] = {}
+    tmpdirs: list[Path] = []
+    try:
+        rows, ctx = _prepare(opts, planned, cache, log, tmpdirs)
+        for (target, precision, skip), row in zip(planned, rows):
+            if skip is not None:
+                row.status = f"skipped: {skip}"
+                continue
+            build_row(row, target, precision, ctx, opts, cache, log)
+    finally:
+        cache.close()
+        for scratch in ctx.get("_scratch", []):
+            scratch.close()
+        for d in tmpdirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+    selected = None
+    if opts.select == "fastest":
+        pick = build_output.select_fastest(rows)
+        if pick is not None:
+            pick[0].selected = True
+            selected = {"name": pick[0].name, "reason": pick[1]}
+    show(build_output.table(rows))
+    if selected:
+        show(f"selected: {selected['name']} ({selected['reason']})")
+    rdir = None
+    if opts.report and any(r.p50_ms is not None for r in rows):
+        rdir = report_dir(opts, len(rows))
+        try:
+            settings = {
+                "threads": opts.threads, "max_accuracy_drop_pp": opts.max_accuracy_drop, "iterations": opts.bench_iterations,
+                "warmup": 10, "batch_sizes": [8], "dataset": opts.dataset, "scenario": "build quick timing (use `bitdeploy bench` for full runs)",
+            }  # fmt: skip
+            paths = build_output.write_report(rows, ctx["model_info"], ctx.get("baseline"), rdir, selected, settings)
+            show(f"report: {paths['html']}")
+        except Exception as exc:  # a report problem must not turn a good build into a failure
+            log(f"warning: the build report could not be written ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+            rdir = None
+    result = BuildResult(rows, selected, rdir, list(cache.hits), time.perf_counter() - started)
+    show(f"done in {result.seconds:.1f} s" + (f" (cache hits: {', '.join(cache.hits)})" if cache.hits else ""))
+    _raise_for_failures(opts, rows)
+    return result
+
+
+def _raise_for_failures(opts: BuildOptions, rows: list[RowResult]) -> None:
+    built = [r for r in rows if not r.status.startswith("skipped")]
+    bad = [r for r in built if not r.valid]
+    if opts.target == "all":
+        if opts.select and not any(r.selected for r in rows):
+            raise BitdeployError(f"no bundle passed the accuracy gate (--max-accuracy-drop {opts.max_accuracy_drop:g}), nothing to select; see the table above")
+        if not any(r.valid for r in rows):
+            raise BitdeployError("no target produced a valid bundle; see the table above")
+        return
+    if not bad:
+        return
+    first = bad[0]
+    if first.status == "failed gate":
+        acc = first.accuracy or {}
+        what = f"top-1 dropped {acc.get('top1_drop_pp', 0):.2f} pp (allowed {opts.max_accuracy_drop:g})" if acc else "outputs differ from the FP32 reference beyond tolerance"
+        ov_int8 = first.target == "openvino" and first.precision == "int8" and not opts.accuracy_control
+        fix = "; try --accuracy-control" if ov_int8 else "; raise --max-accuracy-drop or calibrate with more images (--calib-size)"
+        raise AccuracyGateError(f"{first.name} failed the accuracy gate: {what}; bundle {first.bundle} is marked invalid{fix}")
+    raise BitdeployError(f"{first.name}: {first.error or first.status}" + (f" ({len(bad) - 1} more failed, see the table)" if len(bad) > 1 else ""))
+
+
+def _prepare(opts: BuildOptions, planned: list[tuple[Target, str, str | None]], cache: Any, log: Callable[[str], None], tmpdirs: list[Path]) -> tuple[list[RowResult], dict[str, Any]]:
+    """Target-independent steps: dataset, weights/fine-tune, export, reference logits, calibration."""
+    from bitdeploy import build_stages
+    from bitdeploy.catalog import WS_EPS, count_params
+    from bitdeploy.converters import accuracy
+
+    rows = [RowResult(t.name, p, backend=t.backend) for t, p, _ in planned]
+    splits = None
+    if opts.dataset is not None:
+        from bitdeploy.training.data import load_dataset
+
+        splits = load_dataset(opts.dataset, val_split=opts.val_split, seed=opts.seed, shots=opts.shots)
+        log(f"dataset {opts.dataset}: {len(splits.train)} train / {len(splits.val)} val images, {len(splits.classes)} classes")
+    state = build_stages.resolve_model(opts, splits, cache, log)
+    loaded = state.loaded
+    resolution = int(opts.resolution or loaded.resolution or DEFAULT_RESOLUTION)
+    onnx_path, export_info = build_stages.export(state, resolution, opts.opset, cache)
+    log(f"ONNX export: {export_info.get('nodes')} nodes, max |diff| vs PyTorch {export_info.get('max_abs_diff', 0):.2e}")
+
+    if splits is not None:
+        data = accuracy.from_image_set(splits.val, resolution, opts.eval_limit, opts.seed, f"{opts.dataset}:val")
+    else:
+        data = accuracy.random_inputs(resolution)
+    reference = build_stages.reference(state, data, build_stages.data_identity(opts), cache)
+    calib = None
+    if splits is not None and any(p == "int8" and skip is None for _, p, skip in planned):
+        calib = build_stages.calibration(opts, splits, resolution, cache)
+    validation_npz = None
+    if opts.accuracy_control and splits is not None:
+        import numpy as np
+
+        import tempfile
+
+        tmpdir = Path(tempfile.mkdtemp(prefix="bitdeploy-validation-"))
+        tmpdirs.append(tmpdir)
+        validation_npz = tmpdir / "validation.npz"
+        xs = np.concatenate([x for x, _ in data.batches()])
+        np.savez(validation_npz, x=xs, y=data.labels())
+
+    model_info = {
+        "name": opts.model,
+        "num_classes": loaded.num_classes,
+        "params": count_params(loaded.variant, loaded.num_classes),
+        "resolution": resolution,
+        "weights": {k: loaded.weights_info.get(k) for k in ("kind", "source", "sha256")},
+        "ws_eps": WS_EPS,
+        "state_sha256": state.state_sha256,
+    }
+    if state.training:
+        model_info["weights"]["fine_tuned"] = state.training
+    building = sum(1 for _, _, s in planned if s is None)
+    baseline = _baseline_latency(loaded.model, resolution, opts) if building > 1 else None
+    ctx = {
+        "onnx": onnx_path,
+        "export": {k: export_info.get(k) for k in ("opset", "max_abs_diff", "nodes", "simplifier", "exporter", "weight_standardization", "sha256")},
+        "data": data,
+        "labels_array": data.labels(),
+        "reference": reference,
+        "calibration": calib,
+        "validation_npz": validation_npz,
+        "labels": state.labels,
+        "resolution": resolution,
+        "model_info": model_info,
+        "training": state.training,
+        "dataset": opts.dataset,
+        "baseline": baseline,
+        "row_count": len(rows),
+    }
+    return rows, ctx
+
+
+def _baseline_latency(model: Any, resolution: int, opts: BuildOptions) -> dict[str, Any] | None:
+    """PyTorch eager FP32 (weight standardisation computed every call), timed briefly for the report's
+    speed-up column of multi-bundle builds. Skipped when the report is off."""
+    if not opts.report:
+        return None
+    import numpy as np
+    import torch
+
+    from bitdeploy.benchmarks.latency import quick
+
+    class Eager:
+        def infer(self, batch: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return model(torch.from_numpy(batch)).numpy()
+
+    threads = torch.get_num_threads()
+    try:
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        t = quick(Eager(), (3, resolution, resolution), iterations=max(5, opts.bench_iterations // 10), warmup=2, throughput_batch=1, throughput_images=2)
+    finally:
+        torch.set_num_threads(threads)
+    return {"p50_ms": t["p50_ms"], "p90_ms": t["p90_ms"], "p99_ms": t["p99_ms"], "mean_ms": t["mean_ms"], "latency_n": t["n"], "images_per_s": t["images_per_s"], "throughput_batch": t["throughput_batch"]}
+
+
+def copy_artifact(src_dir: Path, dst_dir: Path, files: list[str]) -> None:
+    for name in files:
+        dst = dst_dir / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src_dir / name, dst)
+
+
+__all__ = ["TARGETS", "BuildOptions", "BuildResult", "run_build", "check_options"]

@@ -1,0 +1,156 @@
+"""What a build leaves behind: the bundle manifest, the summary table, and the report (via the bench report).
+
+Torch-free: it only formats results that `bitdeploy.build` measured.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from bitdeploy import __version__
+
+LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorrt", "numpy")
+
+
+@dataclass
+class RowResult:
+    """One (target, precision) of a build, as the table and report show it."""
+
+    target: str
+    precision: str
+    status: str = "pending"  # valid | failed gate | failed: <reason> | skipped: <reason>
+    backend: str | None = None
+    bundle: str | None = None
+    size_mb: float | None = None
+    top1: float | None = None
+    reference_top1: float | None = None
+    delta_pp: float | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    mean_ms: float | None = None
+    latency_n: int | None = None
+    images_per_s: float | None = None
+    throughput_batch: int | None = None
+    precision_used: str | None = None
+    device: str | None = None
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    accuracy: dict[str, Any] | None = None
+    selected: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.target}-{self.precision}"
+
+    @property
+    def valid(self) -> bool:
+        return self.status == "valid"
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["name"] = self.name
+        return d
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def provenance(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"bitdeploy": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "versions": library_versions(), **(extra or {})}
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(rows: list[RowResult]) -> str:
+    """The Ultralytics-style summary: one line per target x precision."""
+    header = ["target", "precision", "status", "size MB", "top-1", "Δ top-1 pp", "p50 ms (bs1)", "images/s"]
+    lines = [header]
+    for r in rows:
+        status = (r.status if len(r.status) <= 64 else r.status[:63] + "…") + ("  <- selected" if r.selected else "")
+        top1 = None if r.top1 is None else r.top1 * 100
+        ips = _fmt(r.images_per_s, ".1f") + (f" (bs{r.throughput_batch})" if r.images_per_s is not None and r.throughput_batch else "")
+        lines.append([r.target, r.precision, status, _fmt(r.size_mb, ".2f"), _fmt(top1, ".2f"), _fmt(r.delta_pp, "+.2f"), _fmt(r.p50_ms, ".2f"), ips])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    out = []
+    for j, line in enumerate(lines):
+        out.append("  ".join(str(c).ljust(w) if i in (0, 1, 2) else str(c).rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip())
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def select_fastest(rows: list[RowResult]) -> tuple[RowResult, str] | None:
+    """The valid row with the lowest batch-1 p50; every valid row already passed the accuracy gate."""
+    valid = sorted((r for r in rows if r.valid and r.p50_ms is not None), key=lambda r: r.p50_ms or 0.0)
+    if not valid:
+        return None
+    best = valid[0]
+    acc = f"top-1 {best.top1 * 100:.2f}% ({best.delta_pp:+.2f} pp vs FP32 PyTorch)" if best.top1 is not None and best.delta_pp is not None else "validated against FP32 PyTorch on random inputs"
+    nxt = f"; next: {valid[1].name} at {valid[1].p50_ms:.2f} ms" if len(valid) > 1 else ""
+    failed = [r.name for r in rows if r.status == "failed gate"]
+    excl = f"; excluded by the accuracy gate: {', '.join(failed)}" if failed else ""
+    return best, f"fastest valid bundle: p50 {best.p50_ms:.2f} ms at batch 1, {acc}{nxt}{excl}"
+
+
+def bench_entries(rows: list[RowResult], model: dict[str, Any], baseline: dict[str, Any] | None, env: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows as `bitdeploy bench` result entries, so the bench report renders them (same schema)."""
+    from bitdeploy.benchmarks.env import device_label
+    from bitdeploy.benchmarks.schema import new_entry
+
+    def timing(r: Any) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        if r.get("p50_ms") is None:
+            return None, None
+        ss = {"n": r.get("latency_n"), "p50_ms": r["p50_ms"], "p90_ms": r.get("p90_ms"), "p99_ms": r.get("p99_ms"), "mean_ms": r.get("mean_ms")}
+        ss["images_per_s"] = 1000.0 / r["mean_ms"] if r.get("mean_ms") else None
+        bs = r.get("throughput_batch")
+        off = {"results": [{"batch_size": bs, "images_per_s": r.get("images_per_s")}], "best_images_per_s": r.get("images_per_s"), "best_batch_size": bs} if r.get("images_per_s") else None
+        return ss, off
+
+    common = {"model": model["name"], "resolution": model["resolution"], "num_classes": model["num_classes"]}
+    entries = []
+    if baseline is not None:
+        ss, off = timing(baseline)
+        entries.append(new_entry(name=f"pytorch-fp32:{model['name']}@{model['resolution']}", kind="pytorch", target="pytorch", precision="fp32", precision_used="f32", backend_device="cpu", device=device_label(env, "cpu"), status="valid", single_stream=ss, offline=off, **common))
+    for r in rows:
+        ss, off = timing(r.as_dict())
+        entries.append(
+            new_entry(
+                name=r.name, kind="bundle", bundle=r.bundle, target=r.backend, precision=r.precision, precision_used=r.precision_used,
+                backend_device=r.device, device=device_label(env, r.device), status=r.status, size_mb=r.size_mb, single_stream=ss,
+                offline=off, build_accuracy=r.accuracy, error=r.error, **common,
+            )  # fmt: skip
+        )
+    return entries
+
+
+def write_report(rows: list[RowResult], model: dict[str, Any], baseline: dict[str, Any] | None, out_dir: Path, selected: dict[str, str] | None, settings: dict[str, Any]) -> dict[str, Path]:
+    """report.md / report.html / results.json through the bench report, plus build.json (this build's rows)."""
+    from bitdeploy.benchmarks.env import collect
+    from bitdeploy.benchmarks.report import write_report as bench_report
+    from bitdeploy.benchmarks.schema import new_document
+
+    env = collect(settings.get("threads"))
+    doc = new_document(bench_entries(rows, model, baseline, env), env, {"source": "bitdeploy build", **settings}, selected)
+    paths = bench_report(doc, out_dir, selected)
+    summary = {"model": model, "rows": [r.as_dict() for r in rows], "selected": selected, "settings": settings, "baseline": baseline}
+    tmp = out_dir / f".build.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / "build.json")
+    paths["build"] = out_dir / "build.json"
+    return paths

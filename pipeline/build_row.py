@@ -1,0 +1,158 @@
+"""One (target, precision) of a build: convert -> evaluate against the FP32 reference -> time -> bundle.
+
+Every failure is caught here and recorded in the row (`failed: <reason>`), so `--target all` goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bitdeploy.build_output import RowResult, provenance
+from bitdeploy.cache import StageCache, stage_key
+from bitdeploy.errors import BitdeployError
+from bitdeploy.targets import Target, load_converter
+
+EVAL_BATCH = 32
+UNCACHED_TARGETS = ("trt",)  # engines are tied to the GPU and TensorRT version; TensorRT keeps its own timing cache
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def convert(target: Target, precision: str, ctx: dict[str, Any], opts: Any, cache: StageCache) -> tuple[Path, Any]:
+    """Run (or reuse) the converter; returns (its work dir, Artifact)."""
+    from bitdeploy.build import converter_options
+    from bitdeploy.cache import file_sha256
+    from bitdeploy.converters.base import Artifact
+
+    options = converter_options(opts, target, ctx["resolution"], ctx["validation_npz"])
+    calib = ctx["calibration"] if precision == "int8" else None
+    inputs = {"onnx": file_sha256(ctx["onnx"]), "calibration": calib.sha256 if calib is not None else "none"}
+    keyed = {k: v for k, v in options.items() if k not in ("validation_npz", "cache_dir")}
+    if options.get("accuracy_control"):
+        inputs["validation"] = file_sha256(options["validation_npz"])
+    key = stage_key(f"convert-{target.name}-{precision}", inputs, {"converter": target.converter, **keyed})
+    fn = load_converter(target)
+
+    def step(work: Path) -> dict[str, Any]:
+        artifact = fn(Path(ctx["onnx"]), work, precision, calib, options)
+        return asdict(artifact)
+
+    if target.name in UNCACHED_TARGETS:
+        stage_cache = StageCache(enabled=False)
+        work, meta, _ = stage_cache.run("convert", key, step)
+        ctx.setdefault("_scratch", []).append(stage_cache)
+    else:
+        work, meta, _ = cache.run(f"convert-{target.name}-{precision}", key, step, what=f"{target.title} {precision} conversion")
+    return work, Artifact(**meta)
+
+
+def evaluate(artifact: Any, work: Path, manifest: dict[str, Any], ctx: dict[str, Any], opts: Any, precision: str) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
+    """(accuracy or validation object, latency figures or None, what ran) for the artifact."""
+    from bitdeploy.benchmarks.latency import quick
+    from bitdeploy.converters import accuracy
+    from bitdeploy.runtimes.base import backend_available, open_backend
+
+    backend_name, model_file, evaluated = artifact.backend, artifact.model_file, "artifact"
+    if not backend_available(backend_name) and artifact.eval_model_file:
+        backend_name, model_file, evaluated = "onnxruntime", artifact.eval_model_file, f"{artifact.eval_model_file} on ONNX Runtime CPU"
+    device = (artifact.target.get("device") or opts.device) if backend_name == artifact.backend else "cpu"
+    backend = open_backend(backend_name, work / model_file, manifest, device=device, threads=opts.threads)
+    try:
+        batch = EVAL_BATCH
+        logits = accuracy.run_logits(backend.infer, ctx["data"], batch)
+        if ctx["dataset"] is not None:
+            result = accuracy.gate(logits, ctx["reference"], ctx["labels_array"], opts.max_accuracy_drop)
+            result.update(dataset=ctx["dataset"], split="val")
+        else:
+            result = accuracy.validate_unlabelled(logits, ctx["reference"], precision, ctx["data"].source)
+        result["evaluated_with"] = evaluated if evaluated != "artifact" else f"{backend_name} ({backend.describe().get('device')})"
+        timing = None
+        if evaluated == "artifact":
+            res = ctx["resolution"]
+            timing = quick(backend, (3, res, res), iterations=opts.bench_iterations, throughput_batch=min(8, batch))
+        described = backend.describe()
+    finally:
+        backend.close()
+    return result, timing, described
+
+
+def base_manifest(artifact: Any, ctx: dict[str, Any], precision: str) -> dict[str, Any]:
+    from bitdeploy.runtimes.preprocess import input_spec
+
+    calib = ctx["calibration"] if precision == "int8" else None
+    method = (artifact.target.get("quantization") or {}).get("method") or (artifact.target.get("quantization") or {}).get("calib_method")
+    return {
+        "valid": False,
+        "invalid_reason": "not validated yet",
+        "model": ctx["model_info"],
+        "target": {"backend": artifact.backend, **artifact.target, "precision": precision},
+        "model_file": artifact.model_file,
+        "input": input_spec(ctx["resolution"]),
+        "output": {"name": "logits", "kind": "logits"},
+        "labels": ctx["labels"],
+        "export": ctx["export"],
+        "accuracy": None,
+        "validation": None,
+        "calibration": calib.manifest(method) if calib is not None else None,
+        "notes": artifact.notes,
+        "provenance": provenance(),
+    }
+
+
+def build_row(row: RowResult, target: Target, precision: str, ctx: dict[str, Any], opts: Any, cache: StageCache, log: Callable[[str], None]) -> None:
+    """Fill `row`; never raises for a per-target problem (the status says what happened)."""
+    from bitdeploy.build import bundle_path, copy_artifact
+    from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
+
+    log(f"[{row.name}] converting with {target.title}")
+    try:
+        work, artifact = convert(target, precision, ctx, opts, cache)
+        manifest = base_manifest(artifact, ctx, precision)
+        result, timing, described = evaluate(artifact, work, manifest, ctx, opts, precision)
+        if ctx["dataset"] is not None:
+            manifest["accuracy"] = result
+            row.top1, row.reference_top1 = result["top1"], result["reference_top1"]
+            row.delta_pp = (result["top1"] - result["reference_top1"]) * 100.0
+            what = f"top-1 {result['top1'] * 100:.2f}% vs FP32 {result['reference_top1'] * 100:.2f}% ({row.delta_pp:+.2f} pp, agreement {result['agreement'] * 100:.1f}%)"
+        else:
+            manifest["validation"] = result
+            what = f"no dataset: max |logit diff| {result['max_abs_logit_diff']} vs FP32 on random inputs (tolerance {result['tolerance']:.3g})"
+        row.accuracy = result
+        passed = bool(result["passed"])
+        manifest["valid"] = passed
+        manifest["invalid_reason"] = None if passed else _invalid_reason(result, opts)
+        if timing is not None:
+            row.p50_ms, row.p90_ms, row.p99_ms, row.mean_ms = timing["p50_ms"], timing["p90_ms"], timing["p99_ms"], timing["mean_ms"]
+            row.latency_n, row.images_per_s, row.throughput_batch = timing["n"], timing["images_per_s"], timing["throughput_batch"]
+            manifest["build_latency"] = {"batch1_p50_ms": row.p50_ms, "batch1_p90_ms": row.p90_ms, "queries": row.latency_n, "images_per_s": row.images_per_s, "throughput_batch": row.throughput_batch, "threads": opts.threads, "note": "quick build-time figure; use `bitdeploy bench` for publishable numbers"}
+        row.precision_used = artifact.target.get("precision_used")
+        row.device = str(described.get("device") or artifact.target.get("device") or "")
+        row.notes = list(artifact.notes)
+        path = bundle_path(opts, ctx["row_count"], row.name)
+        with bundle_writer(path) as tmp:
+            copy_artifact(work, tmp, artifact.files)
+            write_manifest(tmp, manifest, artifact.files)
+        row.bundle = str(path)
+        row.size_mb = sum((path / f).stat().st_size for f in artifact.files) / 1e6
+        row.status = "valid" if passed else "failed gate"
+        log(f"[{row.name}] {what}; {'valid' if passed else 'FAILED the gate'}; bundle {path}")
+    except BitdeployError as exc:
+        row.status, row.error = f"failed: {_first_line(exc)}", _first_line(exc)
+        log(f"[{row.name}] failed: {row.error}")
+    except Exception as exc:  # an SDK's own error type: still only this row fails
+        if opts.debug:
+            raise
+        row.status, row.error = f"failed: {type(exc).__name__}: {_first_line(exc)}", f"{type(exc).__name__}: {_first_line(exc)}"
+        log(f"[{row.name}] failed: {row.error}")
+
+
+def _invalid_reason(result: dict[str, Any], opts: Any) -> str:
+    if "top1_drop_pp" in result:
+        return f"accuracy gate: top-1 dropped {result['top1_drop_pp']:.2f} pp vs FP32 PyTorch (allowed {opts.max_accuracy_drop:g} pp)"
+    return f"validation: max |logit diff| {result.get('max_abs_logit_diff')} vs FP32 PyTorch exceeds {result.get('tolerance'):.3g}"

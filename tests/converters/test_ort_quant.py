@@ -1,0 +1,149 @@
+"""ONNX Runtime INT8 (QDQ) and FP16 transforms on a tiny BiT export: placement, dtypes, numerics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bitdeploy.converters.calibration import CalibrationData, digest
+from bitdeploy.errors import ConversionError
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+RES = 32
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from bitdeploy.catalog import get_variant
+    from bitdeploy.converters.onnx_export import export_onnx
+    from bitdeploy.training.bit import create_model
+
+    torch.manual_seed(0)
+    model = create_model(get_variant("tiny"), 10).eval()
+    with torch.no_grad():  # non-trivial GroupNorm affine so the Mul/Add survive simplification
+        for m in model.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    path = tmp_path_factory.mktemp("export") / "model.onnx"
+    export_onnx(model, RES, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib() -> CalibrationData:
+    x = np.random.default_rng(0).uniform(-1, 1, (16, 3, RES, RES)).astype(np.float32)
+    return CalibrationData(x, "random (test only)", 0, digest(x))
+
+
+def run(path: Path, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
+
+
+def inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def test_int8_quantizes_conv_only_with_per_channel_symmetric_weights(tmp_path: Path, export: Path, calib: CalibrationData) -> None:
+    from bitdeploy.converters.ort_quant import quantize_qdq
+
+    out = tmp_path / "int8.onnx"
+    info = quantize_qdq(export, out, calib, activation_type="uint8")
+    m = onnx.load(str(out))
+    onnx.checker.check_model(m)
+    producers = {o: n for n in m.graph.node for o in n.output}
+    values = inits(m)
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    assert info["quantized_nodes"] == len(convs) > 0
+    for conv in convs:
+        x_dq, w_dq = producers[conv.input[0]], producers[conv.input[1]]
+        assert x_dq.op_type == "DequantizeLinear" and w_dq.op_type == "DequantizeLinear"
+        w_q, w_scale, w_zp = values[w_dq.input[0]], values[w_dq.input[1]], values[w_dq.input[2]]
+        assert w_q.dtype == np.int8 and w_scale.shape == (w_q.shape[0],)  # per output channel
+        assert not w_zp.any()  # symmetric
+        assert values[x_dq.input[2]].dtype == np.uint8
+    # Normalisations and the residual stream stay float: no QuantizeLinear reads an Add or norm output.
+    quantized_tensors = {n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear"}
+    for n in m.graph.node:
+        if n.op_type in ("InstanceNormalization", "Add"):
+            assert not set(n.output) & quantized_tensors, n.name
+    assert "InstanceNormalization" in info["float_op_types"]
+    x = np.random.default_rng(1).uniform(-1, 1, (4, 3, RES, RES)).astype(np.float32)
+    ref, got = run(export, x), run(out, x)
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.98
+
+
+def test_tensorrt_flavour_is_s8s8_zero_point_zero_and_head_excluded(tmp_path: Path, export: Path, calib: CalibrationData) -> None:
+    from bitdeploy.converters.ort_quant import head_conv_names, quantize_qdq
+
+    out = tmp_path / "trt.onnx"
+    info = quantize_qdq(export, out, calib, for_tensorrt=True, exclude_head=True, quantize_bias=False, method="percentile")
+    m = onnx.load(str(out))
+    values = inits(m)
+    head = head_conv_names(onnx.load(str(export)))
+    assert len(head) == 1 and info["excluded_nodes"] == head
+    for n in m.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) == 3 and n.input[2] in values:
+            zp = values[n.input[2]]
+            assert zp.dtype == np.int8 and not zp.any()
+    producers = {o: n for n in m.graph.node for o in n.output}
+    quantized_tensors = {n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear"}
+    for n in m.graph.node:  # TensorRT: Q/DQ on conv inputs only, the GroupNorm reads a float conv output
+        if n.op_type == "Conv":
+            assert n.output[0] not in quantized_tensors, n.name
+    head_node = next(n for n in m.graph.node if n.name == head[0])
+    assert producers.get(head_node.input[1]) is None  # float weight initializer
+    assert info["method"] == "percentile" and info["bias"] == "float"
+
+
+def test_int8_refuses_missing_calibration_and_unknown_method(tmp_path: Path, export: Path, calib: CalibrationData) -> None:
+    from bitdeploy.converters.ort_quant import quantize_qdq
+
+    with pytest.raises(ConversionError, match="calibration"):
+        quantize_qdq(export, tmp_path / "a.onnx", None)  # type: ignore[arg-type]
+    with pytest.raises(ConversionError, match="--calib-method"):
+        quantize_qdq(export, tmp_path / "a.onnx", calib, method="histogram")
+    assert not (tmp_path / "a.onnx").exists()
+
+
+def test_fp16_keeps_norms_in_fp32_and_float32_io(tmp_path: Path, export: Path) -> None:
+    from bitdeploy.converters.ort_quant import convert_fp16
+
+    out = tmp_path / "fp16.onnx"
+    info = convert_fp16(export, out)
+    m = onnx.load(str(out))
+    onnx.checker.check_model(m)  # includes topological order
+    assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert m.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    conv_w = [i for i in m.graph.initializer if any(n.op_type == "Conv" and i.name == n.input[1] for n in m.graph.node)]
+    assert conv_w and all(i.data_type == onnx.TensorProto.FLOAT16 for i in conv_w)
+    producers = {o: n for n in m.graph.node for o in n.output}
+    norms = [n for n in m.graph.node if n.op_type == "InstanceNormalization"]
+    assert norms and info["kept_fp32_nodes"] == len(norms)
+    for n in norms:
+        src = producers[n.input[0]]
+        assert src.op_type == "Cast" and src.attribute[0].i == onnx.TensorProto.FLOAT
+    x = np.random.default_rng(1).uniform(-1, 1, (4, 3, RES, RES)).astype(np.float32)
+    ref, got = run(export, x), run(out, x)
+    assert got.dtype == np.float32
+    assert np.abs(ref - got).max() <= 2e-2 * max(1.0, np.abs(ref).max())
+
+
+def test_ort_converter_artifacts(tmp_path: Path, export: Path, calib: CalibrationData) -> None:
+    from bitdeploy.converters.ort_convert import convert
+
+    for precision in ("fp32", "fp16", "int8"):
+        work = tmp_path / precision
+        work.mkdir()
+        art = convert(export, work, precision, calib if precision == "int8" else None, {"device": "cpu"})
+        assert art.backend == "onnxruntime" and art.model_file == "model.onnx" and (work / "model.onnx").is_file()
+        assert art.target["precision"] == precision and art.target["precision_used"]
+    with pytest.raises(ConversionError, match="--dataset"):
+        convert(export, tmp_path, "int8", None, {})
+    with pytest.raises(ConversionError, match="--device"):
+        convert(export, tmp_path, "fp32", None, {"device": "NPU"})
