@@ -146,6 +146,7 @@ def converter_options(opts: BuildOptions, target: Target, resolution: int, valid
         "resolution": resolution,
         "seed": opts.seed,
         "cache_dir": str(opts.cache_dir) if opts.cache_dir else None,
+        "cache": opts.cache,
         **opts.extra,
     }
 

@@ -46,6 +46,8 @@ def _precisions(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--accuracy-control", is_flag=True, help="OpenVINO INT8: NNCF accuracy-controlled quantization within --max-accuracy-drop.")
 @click.option("--device", default=None, help="Deployment device: onnx cpu|cuda, openvino CPU|GPU|NPU|AUTO, trt cuda:N [default: each target's].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads for evaluation and timing [default: the runtime's].")
+@click.option("--batch", "trt_batch", default=None, metavar="MIN,OPT,MAX", help="TensorRT: dynamic-batch optimisation profile [default 1,1,32].")
+@click.option("--workspace", type=click.FloatRange(min=0.0625), default=None, metavar="GB", help="TensorRT: builder workspace limit in GiB [default 4].")
 @click.option("--select", type=click.Choice(["fastest"]), default=None, help="Pick the fastest bundle that passed the accuracy gate and mark it in the report.")
 @click.option("--eval-limit", type=click.IntRange(min=1), default=None, help="Evaluate the gate on a seeded subset of N validation images [default: all].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds fine-tuning, calibration draw and evaluation subset.")
@@ -55,7 +57,7 @@ def _precisions(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--no-report", is_flag=True, help="Do not time the bundles or write the report.")
 @click.option("--bench-iterations", type=click.IntRange(min=5), default=100, show_default=True, help="Batch-1 queries timed per bundle for the table (use `bitdeploy bench` for full runs).")
 @click.pass_context
-def build(ctx: click.Context, model_name: str, weights: str, target: str, precision: tuple[str, ...], resolution: int | None, out: Path | None, dataset: str | None, val_split: float | None, finetune: bool | None, shots: int | None, steps: int | None, batch_size: int | None, lr: float | None, train_device: str, calib_size: int, calib_method: str | None, max_accuracy_drop: float, accuracy_control: bool, device: str | None, threads: int | None, select: str | None, eval_limit: int | None, seed: int, opset: int, cache_dir: Path | None, no_cache: bool, no_report: bool, bench_iterations: int) -> None:
+def build(ctx: click.Context, model_name: str, weights: str, target: str, precision: tuple[str, ...], resolution: int | None, out: Path | None, dataset: str | None, val_split: float | None, finetune: bool | None, shots: int | None, steps: int | None, batch_size: int | None, lr: float | None, train_device: str, calib_size: int, calib_method: str | None, max_accuracy_drop: float, accuracy_control: bool, device: str | None, threads: int | None, select: str | None, eval_limit: int | None, seed: int, opset: int, cache_dir: Path | None, no_cache: bool, no_report: bool, bench_iterations: int, trt_batch: str | None, workspace: float | None) -> None:
     """Build deployment bundles: weights [-> fine-tune] -> ONNX -> convert -> accuracy gate -> bundle.
 
     Each bundle is checked against the FP32 PyTorch model: on --dataset's validation split (top-1 drop at most
@@ -83,5 +85,6 @@ def build(ctx: click.Context, model_name: str, weights: str, target: str, precis
         calib_size=calib_size, calib_method=calib_method, max_accuracy_drop=max_accuracy_drop, accuracy_control=accuracy_control,
         device=device, threads=threads, select=select, eval_limit=eval_limit, seed=seed, opset=opset, cache_dir=cache_dir,
         cache=not no_cache, report=not no_report, bench_iterations=bench_iterations, debug=debug,
+        extra={"batch": trt_batch, "workspace": workspace},
     )  # fmt: skip
     run_build(opts, log=lambda msg: click.echo(msg, err=True), show=click.echo)

@@ -1,0 +1,243 @@
+"""The TensorRT-ready ONNX: explicit INT8 (Q/DQ) or FP16 casts, written into the graph (REFERENCE B6, C4, C5).
+
+INT8 follows TensorRT's explicit-quantization rules: signed INT8, zero points of 0 (TensorRT rejects others),
+symmetric per-tensor activation scales, symmetric per-output-channel weight scales (axis 0), and Q/DQ only on
+the inputs of the body's convolutions. GroupNorm (Reshape -> InstanceNormalization -> Reshape -> Mul -> Add),
+the residual Adds and the classifier head stay in float: TensorRT has no INT8 normalisation (C3), and a
+quantized residual stream would add error at every unit. The calibration is the shared CalibrationData, run
+through ONNX Runtime's QDQ quantizer (`ort_quant.quantize_qdq`), so this file can be validated on the CPU.
+
+FP16 keeps InstanceNormalization and its variance in FP32 with casts around it and FP32 graph inputs/outputs
+(`ort_quant.convert_fp16`), which a strongly typed TensorRT network builds exactly as written.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitdeploy.errors import ConversionError
+
+ONNX_NAME = "model.trt.onnx"
+GN_CHAIN = ("Reshape", "InstanceNormalization", "Reshape", "Mul", "Add")
+
+
+@dataclass
+class QdqReport:
+    """Where the Q/DQ nodes are, and every rule they break (empty `violations` = TensorRT-ready)."""
+
+    quantized_convs: int = 0
+    float_convs: list[str] = field(default_factory=list)
+    weight_scales: int = 0
+    activation_scales: int = 0
+    norm_groups: int = 0
+    residual_adds: int = 0
+    violations: list[str] = field(default_factory=list)
+
+
+def _initializers(graph: Any) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def _axis(node: Any) -> int:
+    for attr in node.attribute:
+        if attr.name == "axis":
+            return int(attr.i)
+    return 1  # the ONNX default for QuantizeLinear/DequantizeLinear
+
+
+def norm_groups(graph: Any) -> list[list[Any]]:
+    """The GroupNorm decompositions: InstanceNormalization with its Reshape before and Reshape/Mul/Add after."""
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    groups = []
+    for node in graph.node:
+        if node.op_type != "InstanceNormalization":
+            continue
+        group = [node]
+        before = producers.get(node.input[0])
+        if before is not None and before.op_type == "Reshape":
+            group.insert(0, before)
+        current = node
+        for op in GN_CHAIN[2:]:
+            nxt = consumers.get(current.output[0], [])
+            if len(nxt) != 1 or nxt[0].op_type != op:
+                break
+            current = nxt[0]
+            group.append(current)
+        groups.append(group)
+    return groups
+
+
+def inspect_qdq(model: Any, head_in_float: bool = True) -> QdqReport:
+    """Check a QDQ ONNX against TensorRT's explicit-quantization rules and bitdeploy's placement.
+
+    Rules: every Q/DQ zero point is int8 0; activation scales are scalars (per-tensor, symmetric); weight DQs
+    feeding a Conv are per-channel on axis 0 with one scale per output channel; no node of a GroupNorm
+    decomposition reads a DQ output or feeds a Q; residual Adds neither read DQ outputs nor feed Qs; every body
+    Conv reads a DQ'd input and a DQ'd weight; the head Conv (the last one) does neither when `head_in_float`.
+    """
+    graph = model.graph
+    report = QdqReport()
+    inits = _initializers(graph)
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def from_dq(name: str) -> bool:
+        p = producers.get(name)
+        return p is not None and p.op_type == "DequantizeLinear"
+
+    def to_q(name: str) -> bool:
+        return any(c.op_type == "QuantizeLinear" for c in consumers.get(name, []))
+
+    weight_dqs: set[str] = set()
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    for i, conv in enumerate(convs):
+        is_head = i == len(convs) - 1
+        x_q, w_q = from_dq(conv.input[0]), from_dq(conv.input[1])
+        if w_q:
+            dq = producers[conv.input[1]]
+            weight_dqs.add(dq.name)
+            weight = inits.get(dq.input[0])
+            scale = inits.get(dq.input[1])
+            out_ch = weight.shape[0] if weight is not None else None
+            if scale is None or scale.ndim != 1 or out_ch is None or scale.size != out_ch or _axis(dq) != 0:
+                report.violations.append(f"{conv.name}: weight scale is not per output channel on axis 0")
+            else:
+                report.weight_scales += 1
+        if is_head and head_in_float:
+            if x_q or w_q:
+                report.violations.append(f"{conv.name}: the classifier head is quantized; it must stay in float")
+            report.float_convs.append(conv.name)
+            continue
+        if x_q and w_q:
+            report.quantized_convs += 1
+        else:
+            report.float_convs.append(conv.name)
+            report.violations.append(f"{conv.name}: body Conv is not quantized (input {x_q}, weight {w_q})")
+
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zp = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if zp is None:
+            report.violations.append(f"{node.name}: no zero point (it must be an explicit int8 0)")
+        elif zp.dtype != np.int8 or np.any(zp != 0):
+            report.violations.append(f"{node.name}: zero point must be int8 0, got {zp.dtype} {zp.ravel()[:4].tolist()}")
+        if node.op_type == "QuantizeLinear" or node.name not in weight_dqs:
+            scale = inits.get(node.input[1])
+            if scale is None or scale.size != 1:
+                report.violations.append(f"{node.name}: activation scale must be one per-tensor value")
+            elif node.op_type == "QuantizeLinear":
+                report.activation_scales += 1
+
+    groups = norm_groups(graph)
+    report.norm_groups = len(groups)
+    in_groups = {n.output[0] for g in groups for n in g}  # outputs are unique names (protobuf wrappers are not stable)
+    for group in groups:
+        for n in group:
+            if any(from_dq(i) for i in n.input if i):
+                report.violations.append(f"{n.name} ({n.op_type}, GroupNorm): reads a DequantizeLinear output")
+            if any(to_q(o) for o in n.output):
+                report.violations.append(f"{n.name} ({n.op_type}, GroupNorm): feeds a QuantizeLinear")
+    for node in graph.node:
+        if node.op_type != "Add" or node.output[0] in in_groups or any(i in inits for i in node.input):
+            continue
+        report.residual_adds += 1
+        if any(from_dq(i) for i in node.input) or any(to_q(o) for o in node.output):
+            report.violations.append(f"{node.name}: residual Add has Q/DQ on it; it must stay in float")
+    return report
+
+
+def build_qdq(onnx_fp32: Path, out: Path, calibration: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """Write the INT8 QDQ ONNX for TensorRT and check its placement; returns manifest facts."""
+    import onnx
+
+    from bitdeploy.converters import ort_quant
+
+    if calibration is None:
+        raise ConversionError("--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)")
+    info = ort_quant.quantize_qdq(
+        onnx_fp32,
+        out,
+        calibration,
+        method=options.get("calib_method"),
+        symmetric_activations=True,
+        per_channel=True,
+        exclude_head=True,
+        quantize_bias=False,  # TensorRT fuses a float bias into the INT8 conv; an INT32 bias DQ is not needed
+        for_tensorrt=True,
+    )
+    report = inspect_qdq(onnx.load(str(out), load_external_data=False))
+    if report.violations:
+        raise ConversionError(f"the INT8 ONNX breaks TensorRT's Q/DQ rules ({report.violations[0]}; {len(report.violations)} in all); report this as a bug")
+    facts = dict(info) if isinstance(info, dict) else {}
+    facts.update(
+        {
+            "format": "qdq",
+            "quantized_convs": report.quantized_convs,
+            "float_convs": report.float_convs,
+            "norm_groups_in_float": report.norm_groups,
+            "residual_adds_in_float": report.residual_adds,
+            "notes": [f"INT8 Q/DQ on {report.quantized_convs} convs; GroupNorm x{report.norm_groups}, residual Add x{report.residual_adds} and the head stay float"],
+        }
+    )
+    return facts
+
+
+def build_fp16(onnx_fp32: Path, out: Path) -> dict[str, Any]:
+    """FP16 casts with normalisations in FP32 and FP32 I/O (a strongly typed network builds it as written)."""
+    from bitdeploy.converters import ort_quant
+
+    info = ort_quant.convert_fp16(onnx_fp32, out, keep_io_types=True)
+    facts = dict(info) if isinstance(info, dict) else {}
+    facts.update({"format": "fp16-casts", "notes": ["FP16 casts in the graph; InstanceNormalization and its statistics in FP32"]})
+    return facts
+
+
+def _copy_external_data(onnx_path: Path, work_dir: Path) -> list[str]:
+    """Copy an export's external-data sidecars (models > 2 GB) beside the copy; their names stay as recorded."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    names = set()
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                names.add(entry.value)
+    for name in names:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ConversionError(f"{onnx_path.name}: external data location {name!r} leaves its directory; re-export with `bitdeploy export`")
+        shutil.copyfile(onnx_path.parent / name, work_dir / name)
+    return sorted(names)
+
+
+def prepare_onnx(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Any, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Write `model.trt.onnx` (the graph TensorRT builds; it also lets the bundle be rebuilt for another GPU)."""
+    out = Path(work_dir) / ONNX_NAME
+    if precision == "fp32":
+        shutil.copyfile(onnx_fp32, out)
+        return ONNX_NAME, {"format": "fp32", "notes": [], "extra_files": _copy_external_data(Path(onnx_fp32), Path(work_dir))}
+    if precision == "fp16":
+        return ONNX_NAME, build_fp16(onnx_fp32, out)
+    if precision == "int8":
+        return ONNX_NAME, build_qdq(onnx_fp32, out, calibration, options)
+    raise ConversionError(f"TensorRT precision must be fp32, fp16 or int8, got {precision!r}")
