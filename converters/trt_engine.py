@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from bitdeploy.errors import BitdeployError, ConversionError
 from bitdeploy.converters.base import Artifact
+from bitdeploy.fsutil import atomic_write
 
 PLAN = "model.plan"
 DEFAULT_PROFILE = (1, 1, 32)  # batch min, opt, max: tuned for batch-1 latency, accepts batches up to 32
@@ -114,18 +114,6 @@ def timing_cache_path(cache_dir: str | os.PathLike[str] | None, trt_version: str
     return Path(cache_dir) / "tensorrt" / f"timing-trt{trt_version}-{slug}-sm{cc.replace('.', '')}.cache"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _logger(trt: Any) -> Any:
     class Collecting(trt.ILogger):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
@@ -194,7 +182,7 @@ def build_engine(
         detail = logger.errors[-1] if logger.errors else "no error message from TensorRT"
         raise ConversionError(f"TensorRT failed to build the engine ({detail}); try a larger --workspace or --precision fp32")
     if cache_file is not None:
-        _atomic_write(cache_file, bytes(config.get_timing_cache().serialize()))
+        atomic_write(cache_file, bytes(config.get_timing_cache().serialize()))
     facts = {
         "strongly_typed": strong,
         "builder_flags": [] if strong else [f for f, on in (("FP16", precision == "fp16"), ("INT8", precision == "int8")) if on],
@@ -262,7 +250,7 @@ def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Any, o
 
         cache_file = timing_cache_path(options.get("cache_dir") or default_root(), trt_version, gpu_name, cc)
     plan, facts = build_engine(trt, work_dir / onnx_name, precision, profile, int(workspace_gb * (1 << 30)), cache_file)
-    _atomic_write(work_dir / PLAN, plan)
+    atomic_write(work_dir / PLAN, plan)
     summary = inspect_engine(trt, plan, facts["input"], (profile[1], *facts["sample_shape"]))
     check_realised(precision, summary)
 

@@ -6,7 +6,6 @@ temporary sibling directory and rename it into place, so a crash never leaves a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,19 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from bitdeploy.errors import BundleError
+from bitdeploy.fsutil import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "bitdeploy-bundle"
 FORMAT_VERSION = 1
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(bundle: str | os.PathLike[str]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from bitdeploy.catalog import WEIGHTS_BASE_URL, BitVariant
 from bitdeploy.errors import WeightsError
+from bitdeploy.fsutil import atomic_write, sha256_file
 
 CACHE_ENV = "BITDEPLOY_CACHE"
 URL_ENV = "BITDEPLOY_WEIGHTS_URL"
@@ -57,25 +58,6 @@ def is_cached(variant: BitVariant) -> bool:
     return cached_path(variant).is_file()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def verify_cached(path: Path) -> str:
     """Return the sha256 of a cached file, checking it against the one recorded at download time."""
     actual = sha256_file(path)
@@ -85,7 +67,7 @@ def verify_cached(path: Path) -> str:
     record = sidecar(path)
     if not record.is_file():
         # A file copied into the cache by hand (e.g. on an offline machine): adopt it, and guard it from now on.
-        _write_text_atomic(record, f"{actual}  {path.name}\n")
+        atomic_write(record, f"{actual}  {path.name}\n")
         return actual
     fields = record.read_text(encoding="utf-8", errors="replace").split()
     expected = fields[0] if fields else "<empty>"
@@ -152,7 +134,7 @@ def download(variant: BitVariant, timeout: float = TIMEOUT_S) -> tuple[Path, str
         if known is not None and known != digest:
             raise WeightsError(f"{url}: downloaded file does not match the published sha256 ({digest[:12]}... != {known[:12]}...); run again, or download it yourself and pass --weights PATH")
         # Record first, then publish the file: a crash in between leaves a record without a file, which re-downloads.
-        _write_text_atomic(sidecar(dest), f"{digest}  {dest.name}\n")
+        atomic_write(sidecar(dest), f"{digest}  {dest.name}\n")
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
