@@ -42,6 +42,7 @@ class BuildOptions:
     lr: float | None = None
     finetune: bool | None = None  # None: when --dataset is given and the weights are not a trained checkpoint
     train_device: str = "auto"
+    hflip: bool = True
     calib_size: int = 300
     calib_method: str | None = None
     max_accuracy_drop: float = 1.0

@@ -91,7 +91,7 @@ def resolve_model(opts: Any, splits: Any, cache: StageCache, log: Any) -> ModelS
 
         train_opts = {
             "model": opts.model, "shots": opts.shots, "steps": opts.steps, "batch_size": opts.batch_size, "lr": opts.lr,
-            "resolution": opts.resolution, "seed": opts.seed, "val_split": opts.val_split,
+            "resolution": opts.resolution, "seed": opts.seed, "val_split": opts.val_split, "hflip": opts.hflip,
         }  # fmt: skip
         key = stage_key("finetune", {"weights": weights_identity(opts.weights), "dataset": dataset_fingerprint(opts.dataset)}, train_opts)
 
@@ -100,7 +100,7 @@ def resolve_model(opts: Any, splits: Any, cache: StageCache, log: Any) -> ModelS
             config = TrainConfig(
                 model=opts.model, dataset=opts.dataset, out=out, weights=opts.weights, shots=opts.shots, steps=opts.steps,
                 batch_size=opts.batch_size, lr=opts.lr, resolution=opts.resolution, seed=opts.seed, val_split=opts.val_split,
-                device=opts.train_device, progress=opts.progress,
+                device=opts.train_device, progress=opts.progress, hflip=opts.hflip,
             )  # fmt: skip
             train(config)
             return _read_summary(out)

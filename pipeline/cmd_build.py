@@ -39,6 +39,7 @@ def _precisions(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Fine-tuning steps [default: the BiT-HyperRule's].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Fine-tuning batch [default 512].")
 @click.option("--lr", type=float, default=None, help="Fine-tuning peak learning rate [default 0.003 x batch/512].")
+@click.option("--hflip/--no-hflip", default=True, show_default=True, help="Fine-tuning: random horizontal flips [rule: on]; turn off for digits and text.")
 @click.option("--train-device", default="auto", show_default=True, help="Where fine-tuning runs: auto | cpu | cuda | xla.")
 @click.option("--calib-size", type=click.IntRange(min=1), default=300, show_default=True, help="INT8 calibration images, drawn (seeded) from the training split.")
 @click.option("--calib-method", default=None, help=f"INT8 range estimation; {CALIB_HELP}.")
@@ -57,7 +58,7 @@ def _precisions(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--no-report", is_flag=True, help="Do not time the bundles or write the report.")
 @click.option("--bench-iterations", type=click.IntRange(min=5), default=100, show_default=True, help="Batch-1 queries timed per bundle for the table (use `bitdeploy bench` for full runs).")
 @click.pass_context
-def build(ctx: click.Context, model_name: str, weights: str, target: str, precision: tuple[str, ...], resolution: int | None, out: Path | None, dataset: str | None, val_split: float | None, finetune: bool | None, shots: int | None, steps: int | None, batch_size: int | None, lr: float | None, train_device: str, calib_size: int, calib_method: str | None, max_accuracy_drop: float, accuracy_control: bool, device: str | None, threads: int | None, select: str | None, eval_limit: int | None, seed: int, opset: int, cache_dir: Path | None, no_cache: bool, no_report: bool, bench_iterations: int, trt_batch: str | None, workspace: float | None) -> None:
+def build(ctx: click.Context, model_name: str, weights: str, target: str, precision: tuple[str, ...], resolution: int | None, out: Path | None, dataset: str | None, val_split: float | None, finetune: bool | None, shots: int | None, steps: int | None, batch_size: int | None, lr: float | None, train_device: str, calib_size: int, calib_method: str | None, max_accuracy_drop: float, accuracy_control: bool, device: str | None, threads: int | None, select: str | None, eval_limit: int | None, seed: int, opset: int, cache_dir: Path | None, no_cache: bool, no_report: bool, bench_iterations: int, hflip: bool, trt_batch: str | None, workspace: float | None) -> None:
     """Build deployment bundles: weights [-> fine-tune] -> ONNX -> convert -> accuracy gate -> bundle.
 
     Each bundle is checked against the FP32 PyTorch model: on --dataset's validation split (top-1 drop at most
@@ -81,7 +82,7 @@ def build(ctx: click.Context, model_name: str, weights: str, target: str, precis
     debug = bool((ctx.find_root().obj or {}).get("debug"))
     opts = BuildOptions(
         model=model_name, out=out, weights=weights, target=target, precisions=precisions, resolution=resolution, dataset=dataset,
-        val_split=val_split, shots=shots, steps=steps, batch_size=batch_size, lr=lr, finetune=finetune, train_device=train_device,
+        val_split=val_split, shots=shots, steps=steps, batch_size=batch_size, lr=lr, finetune=finetune, train_device=train_device, hflip=hflip,
         calib_size=calib_size, calib_method=calib_method, max_accuracy_drop=max_accuracy_drop, accuracy_control=accuracy_control,
         device=device, threads=threads, select=select, eval_limit=eval_limit, seed=seed, opset=opset, cache_dir=cache_dir,
         cache=not no_cache, report=not no_report, bench_iterations=bench_iterations, debug=debug,

@@ -48,7 +48,8 @@ def test_duration_mode_stops_on_time() -> None:
     t0 = time.perf_counter()
     r = latency.single_stream(Sleeper(1.0), (3, 8, 8), duration=0.3, warmup=0, keep_raw=False)
     assert 0.25 < time.perf_counter() - t0 < 3.0
-    assert 20 < r["n"] < 300 and "latencies_ms" not in r and r["duration_s"] == 0.3
+    # How many 1 ms queries fit in 0.3 s depends on the machine's load; that the loop stops on time does not.
+    assert 1 <= r["n"] < 300 and "latencies_ms" not in r and r["duration_s"] == 0.3
     with pytest.raises(ValueError):
         latency.timed_loop(lambda i: None, iterations=0)
 
