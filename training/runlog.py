@@ -7,32 +7,21 @@ after its last checkpoint) are dropped, so the log reads as one uninterrupted ru
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import click
 
+from bitdeploy.fsutil import atomic_write
+
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_summary(out: Path, summary: dict[str, Any]) -> Path:
     path = out / SUMMARY
-    _atomic_write(path, json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write(path, json.dumps(summary, indent=2, default=str) + "\n")
     return path
 
 
@@ -50,7 +39,7 @@ class RunLog:
                         kept.append(line)
                 except (ValueError, AttributeError):
                     continue  # a line cut by the kill
-        _atomic_write(self.path, "".join(k + "\n" for k in kept))
+        atomic_write(self.path, "".join(k + "\n" for k in kept))
         if start_step == 0:
             (out / SUMMARY).unlink(missing_ok=True)
 
