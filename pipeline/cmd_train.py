@@ -44,7 +44,7 @@ def train(model_name: str, dataset: str, out: Path | None, weights: str, shots: 
     \b
     Examples:
       bitdeploy train --model m-r50x1 --dataset digits --plan
-      bitdeploy train --model m-r50x1 --weights none --dataset digits --resolution 32 --steps 600 --batch-size 64 --lr 0.1 --out runs/digits
+      bitdeploy train --model m-r50x1 --weights none --dataset digits --resolution 32 --steps 1000 --batch-size 64 --lr 0.01 --no-hflip --out runs/digits
       bitdeploy train --model m-r50x1 --dataset cifar-10-binary.tar.gz --shots 5 --out runs/c10-5shot
     """
     from bitdeploy.training.planner import TrainConfig, make_plan
