@@ -51,7 +51,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     \b
     Quickstart (offline, on the built-in digits dataset):
-      bitdeploy build --model m-r50x1 --weights none --dataset digits --resolution 32 \
+      bitdeploy build --model m-r50x1 --weights none --dataset digits --resolution 32
           --steps 1000 --batch-size 64 --lr 0.01 --no-hflip --target all --select fastest --out runs/digits
       bitdeploy predict runs/digits/onnx-int8 image.png
     """
