@@ -106,7 +106,7 @@ def resolve_model(opts: Any, splits: Any, cache: StageCache, log: Any) -> ModelS
             return _read_summary(out)
 
         run_dir, summary, _hit = cache.run("finetune", key, step, what=f"fine-tune of {opts.model} on {opts.dataset}", resumable=True)
-        training = {"dataset": opts.dataset, "cache_key": key, **{k: summary.get(k) for k in ("val_top1", "steps", "images_per_second", "seconds") if k in summary}}
+        training = {"dataset": opts.dataset, "cache_key": key, **{k: summary.get(k) for k in ("val_top1", "steps", "images_per_second", "train_seconds") if k in summary}}
         loaded = load_model(opts.model, weights=str(run_dir))
     else:
         torch.manual_seed(opts.seed)  # --weights none is then the same model every time

@@ -98,12 +98,13 @@ def _train(config: TrainConfig, out: Path, ctx: distributed.Context, started: fl
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.clean_stale(out)
-    resumed = checkpoint.load_for_resume(out, identity) if ctx.main else None
-    resumed = distributed.broadcast_object(ctx, resumed)
-    start = int(resumed["step"]) if resumed else 0
     total, batch, split = plan["steps"], plan["batch_size"], config.batch_split
+    resumed = checkpoint.load_for_resume(out, identity) if ctx.main else None
+    finished = bool(resumed and resumed["step"] >= total and (out / "summary.json").is_file())
+    resumed, finished = distributed.broadcast_object(ctx, (resumed, finished))  # rank 0 decides for all
+    start = int(resumed["step"]) if resumed else 0
     log = RunLog(out, ctx.main, start)
-    if start >= total and (out / "summary.json").is_file():
+    if finished:
         log.say(f"{out} already holds a finished run of {total} steps; see {out / 'summary.json'} (use a new --out to train again)")
         return out
 
