@@ -1,12 +1,30 @@
-"""The PyTorch eager FP32 baseline: the model as Google's and timm's code run it, weight standardisation
-computed on every call (StdConv2d, not folded). It is the denominator of the report's speed-up column.
+"""The PyTorch FP32 baselines: what a reader would run instead of a bundle, measured three ways, each labelled.
 
-torch is optional: this module imports it only when a baseline is built.
+    eager-ws         eager, Google's reference weight standardisation (var_mean over every conv weight on
+                     every call, as bit_pytorch and training.bit.StdConv2d run it)
+    eager-folded     eager, the standardisation folded into the weights once (training.bit's
+                     fold_weight_standardization, the fold the ONNX export uses)
+    compiled-folded  torch.compile (inductor) of the folded model
+
+The report's speed-up column divides by the fastest of them. Eager forms run in the calling process, which must
+time them before any engine session has run: ONNX Runtime's spinning intra-op threads slow PyTorch's OpenMP
+threads in the same process (REFERENCE E). torch.compile runs in a child process whose compile step is bounded
+by `compile_timeout` seconds, so a compiler that is missing, fails or hangs becomes a labelled `skipped:` row,
+never a crash. torch is optional: it is imported only when a baseline is built.
+
+    python -m bitdeploy.benchmarks.baseline SPEC.json     # the child: prints one JSON line
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,47 +32,82 @@ import numpy as np
 
 from bitdeploy.errors import require
 
+FORMS = ("eager-ws", "eager-folded", "compiled-folded")
+LABELS = {
+    "eager-ws": "PyTorch eager FP32, Google's reference weight standardisation every call",
+    "eager-folded": "PyTorch eager FP32, weight standardisation folded into the weights",
+    "compiled-folded": "torch.compile (inductor, CPU) of the folded model",
+}
+COMPILE_TIMEOUT_S = 300.0
+EXIT_COMPILE_TIMEOUT = 3
+
+
+def entry_name(form: str, model: str, resolution: int) -> str:
+    return f"pytorch-fp32-{form}:{model}@{resolution}"
+
+
+def prepare(model: Any, form: str) -> Any:
+    """The module that runs for `form`: the model itself, its folded copy, or torch.compile of the folded copy."""
+    torch = require("torch", "train", "PyTorch (torch), needed for the PyTorch baseline")
+    from bitdeploy.training.bit import fold_weight_standardization
+
+    if form not in FORMS:
+        raise ValueError(f"unknown baseline form {form!r}; one of {FORMS}")
+    if form == "eager-ws":
+        return model.eval()
+    folded = fold_weight_standardization(model).eval()
+    return torch.compile(folded) if form == "compiled-folded" else folded
+
 
 class PytorchBaseline:
-    """`infer(batch)` for a ResNetV2 in eval mode under `torch.inference_mode()`, on the CPU."""
+    """`infer(batch)` for one baseline form on the CPU (eager under inference_mode; compiled under no_grad,
+    which inductor's graphs are faster in)."""
 
     name = "pytorch"
 
-    def __init__(self, model_name: str, num_classes: int | None, weights: str = "none", threads: int | None = None, seed: int = 0) -> None:
+    def __init__(self, module: Any, form: str, weights_info: dict[str, Any] | None = None, labels: list[str] | None = None) -> None:
+        torch = require("torch", "train", "PyTorch (torch), needed for the PyTorch baseline")
+        self._torch = torch
+        self.module, self.form = module, form
+        self.weights_info = dict(weights_info or {})
+        self.labels = labels
+        self.threads = torch.get_num_threads()
+        self._grad_off = torch.no_grad if form == "compiled-folded" else torch.inference_mode
+
+    @classmethod
+    def load(cls, model_name: str, num_classes: int | None, weights: str = "none", threads: int | None = None, seed: int = 0, form: str = "eager-ws") -> PytorchBaseline:
         torch = require("torch", "train", "PyTorch (torch), needed for the PyTorch baseline")
         from bitdeploy.training.weights import load_model
 
-        self._torch = torch
         if threads:
             torch.set_num_threads(int(threads))
         torch.manual_seed(seed)
         loaded = load_model(model_name, weights=weights, num_classes=num_classes)
-        self.model = loaded.model.eval()
-        self.weights_info: dict[str, Any] = dict(loaded.weights_info)
-        self.labels = loaded.labels
-        self.threads = torch.get_num_threads()
+        return cls(prepare(loaded.model, form), form, loaded.weights_info, loaded.labels)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        with torch.inference_mode():
-            return self.model(torch.from_numpy(np.ascontiguousarray(batch))).numpy()
+        with self._grad_off():
+            out: np.ndarray = self.module(self._torch.from_numpy(np.ascontiguousarray(batch))).numpy()
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {
             "backend": "pytorch",
+            "torch": self._torch.__version__,
             "device": "cpu",
             "threads": self.threads,
             "precision_used": "f32",
-            "weight_standardization": "computed every call",
+            "form": self.form,
+            "label": LABELS[self.form],
             "weights": self.weights_info.get("kind"),
         }
 
     def close(self) -> None:
-        self.__dict__.pop("model", None)
+        self.__dict__.pop("module", None)
 
 
 def baseline_weights(choice: str, manifest: dict[str, Any]) -> str:
-    """Resolve --pytorch-baseline's value: "auto" uses the bundle's own weights when they are a local file
+    """Resolve --baseline-weights: "auto" uses the bundle's own weights when they are a local file
     (an .npz or a training checkpoint), else random weights ("none": latency only, accuracy is meaningless)."""
     if choice != "auto":
         return choice
@@ -63,3 +116,124 @@ def baseline_weights(choice: str, manifest: dict[str, Any]) -> str:
     if weights.get("kind") in ("npz", "checkpoint") and source and "://" not in str(source) and Path(os.fspath(source)).exists():
         return str(source)
     return "none"
+
+
+def time_target(target: Any, shape: Sequence[int], timing: dict[str, Any]) -> dict[str, Any]:
+    """Measure `target` as `timing` says: {"kind": "quick", "kwargs": {...}} (build's short figure) or
+    {"kind": "bench", "options": {...}} (bench's measurement, no end-to-end). The same code in both processes."""
+    if timing["kind"] == "quick":
+        from bitdeploy.benchmarks.latency import quick
+
+        return quick(target, shape, **timing.get("kwargs", {}))
+    from bitdeploy.benchmarks.bench import BenchOptions, measure_latency
+
+    opts = BenchOptions(**{**timing.get("options", {}), "end_to_end": False, "progress": False})
+    return measure_latency(target, tuple(shape), opts, None, None)
+
+
+def timed_batch_sizes(timing: dict[str, Any]) -> list[int]:
+    """The batch sizes `time_target(timing)` will run, batch 1 first."""
+    if timing["kind"] == "quick":
+        sizes = timing.get("kwargs", {}).get("throughput_batches", (8,))
+    else:
+        opts = timing.get("options", {})
+        sizes = opts.get("batch_sizes", (1, 8, 32)) if opts.get("scenario", "both") in ("offline", "both") else ()
+    return list(dict.fromkeys([1, *sizes]))
+
+
+def measure_forms(
+    model: Any,
+    shape: Sequence[int],
+    timing: dict[str, Any],
+    measure: Callable[[PytorchBaseline], dict[str, Any]] | None = None,
+    forms: Sequence[str] = FORMS,
+    compile_timeout: float = COMPILE_TIMEOUT_S,
+    weights_info: dict[str, Any] | None = None,
+    labels: list[str] | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> list[dict[str, Any]]:
+    """Time each form of `model` at batch shape (1, *shape); one result per form, in order:
+    {form, label, status ("valid" | "skipped: why"), prepare_s, compile_s, first_infer_ms, measured, describe}.
+
+    `measure(baseline)` times an eager form in this process (default: `time_target` with `timing`); the compiled
+    form is timed by `time_target(timing)` in a child. Call it before any engine session has run here."""
+    from bitdeploy.benchmarks.latency import make_inputs
+
+    x = make_inputs((1, *shape), pool=1)[0]
+    measure = measure or (lambda b: time_target(b, shape, timing))
+    out = []
+    for form in forms:
+        log(f"timing the PyTorch baseline {form} ({LABELS[form]})")
+        result: dict[str, Any] = {"form": form, "label": LABELS[form], "status": "valid", "compile_s": None, "measured": None}
+        if form == "compiled-folded":
+            result.update(_compiled_in_child(model, shape, timing, compile_timeout))
+            out.append(result)
+            continue
+        t0 = time.perf_counter()
+        base = PytorchBaseline(prepare(model, form), form, weights_info, labels)
+        result["prepare_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        base.infer(x)
+        result["first_infer_ms"] = (time.perf_counter() - t1) * 1e3
+        result["measured"] = measure(base)
+        result["describe"] = base.describe()
+        base.close()
+        out.append(result)
+    return out
+
+
+def _compiled_in_child(model: Any, shape: Sequence[int], timing: dict[str, Any], compile_timeout: float) -> dict[str, Any]:
+    """Fold here, pickle the folded module, compile + time it in a child; a failure is a `skipped:` status."""
+    torch = require("torch", "train", "PyTorch (torch), needed for the PyTorch baseline")
+    from bitdeploy.training.bit import fold_weight_standardization
+
+    with tempfile.TemporaryDirectory(prefix="bitdeploy-compile-") as tmp:
+        module_path, spec_path = Path(tmp) / "folded.pt", Path(tmp) / "spec.json"
+        torch.save(fold_weight_standardization(model).eval(), module_path)
+        spec = {"module": str(module_path), "shape": list(shape), "threads": torch.get_num_threads(), "timing": timing, "compile_timeout": compile_timeout}
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, "-m", "bitdeploy.benchmarks.baseline", str(spec_path)], capture_output=True, text=True)
+    if proc.returncode == EXIT_COMPILE_TIMEOUT:
+        return {"status": f"skipped: torch.compile did not finish within {compile_timeout:g} s (the compile-time bound)"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        try:
+            return dict(json.loads(lines[-1]))
+        except ValueError:
+            pass
+    err = [ln.strip() for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return {"status": f"skipped: torch.compile does not work on this CPU here ({(err[-1] if err else f'exit {proc.returncode}')[:200]})"}
+
+
+def _child(spec_path: str) -> int:
+    """Compile under a watchdog (os._exit on overrun: inductor cannot be interrupted), then time."""
+    import torch
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(int(spec["threads"]))
+    module = torch.load(spec["module"], weights_only=False)
+    shape = spec["shape"]
+    watchdog = threading.Timer(float(spec["compile_timeout"]), os._exit, [EXIT_COMPILE_TIMEOUT])
+    watchdog.daemon = True
+    t0 = time.perf_counter()
+    watchdog.start()
+    base = PytorchBaseline(torch.compile(module), "compiled-folded")
+    from bitdeploy.benchmarks.latency import make_inputs
+
+    x = make_inputs((1, *shape), pool=1)[0]
+    for bs in timed_batch_sizes(spec["timing"]):  # every shape timed later compiles now, under the bound
+        base.infer(np.zeros((bs, *shape), np.float32))
+    base.infer(x)
+    compile_s = time.perf_counter() - t0
+    watchdog.cancel()
+    t1 = time.perf_counter()
+    base.infer(x)
+    first_ms = (time.perf_counter() - t1) * 1e3
+    measured = time_target(base, shape, spec["timing"])
+    result = {"prepare_s": compile_s, "compile_s": compile_s, "first_infer_ms": first_ms, "measured": measured, "describe": {**base.describe(), "compile_s": compile_s}}
+    print(json.dumps(result, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child(sys.argv[1]))

@@ -1,13 +1,16 @@
-"""`bitdeploy bench` as a library: measure bundles (and the PyTorch FP32 baseline) into a bench document.
+"""`bitdeploy bench` as a library: measure bundles (and the PyTorch FP32 baselines) into a bench document.
 
 Per bundle: load time, the first call, single-stream latency, offline throughput per batch size, end-to-end
 latency on encoded images, accuracy on a dataset, peak RSS. One failing bundle does not stop the others: its
-entry says `failed: <reason>`.
+entry says `failed: <reason>`. The PyTorch baselines (`baseline.FORMS`: eager with Google's standardisation,
+eager folded, torch.compile of the folded model) are timed first, before any engine session exists in this
+process (ONNX Runtime's spinning threads would slow them); a form that cannot run here is a `skipped:` entry.
 """
 
 from __future__ import annotations
 
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any
 
 from bitdeploy.benchmarks import latency
 from bitdeploy.benchmarks.accuracy import EvalSet, load_eval_set, measure
+from bitdeploy.benchmarks.baseline import COMPILE_TIMEOUT_S
 from bitdeploy.benchmarks.env import collect, device_label
 from bitdeploy.benchmarks.schema import new_document, new_entry
 from bitdeploy.errors import BitdeployError
@@ -37,6 +41,7 @@ class BenchOptions:
     samples: int | None = None
     reference: str | None = None
     pytorch_baseline: str | None = None  # None: no baseline; "auto" | "none" | PATH: its weights
+    compile_timeout: float = COMPILE_TIMEOUT_S  # seconds allowed for torch.compile of the baseline; 0: skip that form
     end_to_end: bool = True
     keep_raw: bool = True
     progress: bool = True
@@ -58,6 +63,7 @@ class BenchOptions:
             "samples": self.samples,
             "reference": self.reference,
             "pytorch_baseline": self.pytorch_baseline,
+            "compile_timeout_s": self.compile_timeout if self.pytorch_baseline is not None else None,
             "end_to_end": self.end_to_end,
             "seed": self.seed,
             "percentiles": "nearest-rank",
@@ -154,10 +160,21 @@ class Bench:
         self.env = collect(opts.threads)
         self.eval_set: EvalSet | None = load_eval_set(opts.dataset, opts.seed) if opts.dataset else None
         self.images, self.images_source = self._images()
-        self.reference: tuple[str, Any] | None = None
-        if opts.reference:
-            self._ref_pred, _, _ = _open(opts.reference, opts)
-            self.reference = (Path(opts.reference).name, self._ref_pred.infer)
+        self._ref_pred: Any = None
+
+    def log(self, message: str) -> None:
+        """A progress line on stderr, for a terminal only (like the bars): logs and pipes get just the results."""
+        if self.opts.progress and sys.stderr.isatty():
+            print(f"bench: {message}", file=sys.stderr, flush=True)
+
+    @property
+    def reference(self) -> tuple[str, Any] | None:
+        """(name, infer) of --reference, opened on first use: after the PyTorch baselines were timed."""
+        if not self.opts.reference:
+            return None
+        if self._ref_pred is None:
+            self._ref_pred, _, _ = _open(self.opts.reference, self.opts)
+        return Path(self.opts.reference).name, self._ref_pred.infer
 
     def _images(self) -> tuple[list[bytes], str | None]:
         if not self.opts.end_to_end:
@@ -173,7 +190,7 @@ class Bench:
         return images, f"{source.source} {source.split} split, {len(images)} images, first {arr.shape[1]}x{arr.shape[0]} px, encoded"
 
     def close(self) -> None:
-        if self.reference is not None:
+        if self._ref_pred is not None:
             getattr(self._ref_pred, "close", lambda: None)()
 
     def bundle(self, bundle: str) -> dict[str, Any]:
@@ -214,40 +231,48 @@ class Bench:
         entry.update(peak_rss_mb=_peak_rss_mb(), peak_rss_method=rss_method)
         return entry
 
-    def pytorch(self, manifest_like: dict[str, Any]) -> dict[str, Any]:
-        """The PyTorch eager FP32 baseline for one (model, resolution, classes)."""
-        from bitdeploy.benchmarks.baseline import PytorchBaseline, baseline_weights
+    def pytorch(self, manifest_like: dict[str, Any]) -> list[dict[str, Any]]:
+        """The PyTorch FP32 baselines (every form of `baseline.FORMS`) for one (model, resolution, classes)."""
+        from bitdeploy.benchmarks.baseline import FORMS, PytorchBaseline, baseline_weights, entry_name, measure_forms
 
         opts = self.opts
         model = manifest_like["model"]
-        name = f"pytorch-fp32:{model['name']}@{model['resolution']}"
+        common = {"kind": "pytorch", "model": model.get("name"), "resolution": model.get("resolution"), "num_classes": model.get("num_classes"), "target": "pytorch", "precision": "fp32"}
+        forms = FORMS if opts.compile_timeout > 0 else FORMS[:2]
         rss_method = _reset_peak_rss()
         try:
             weights = baseline_weights(opts.pytorch_baseline or "auto", manifest_like)
-            t0 = time.perf_counter()
-            base = PytorchBaseline(model["name"], model.get("num_classes"), weights, opts.threads, opts.seed)
-            load_s = time.perf_counter() - t0
-            shape = _shape_chw(manifest_like)
-            t1 = time.perf_counter()
-            base.infer(latency.make_inputs((1, *shape), pool=1)[0])
-            first_ms = (time.perf_counter() - t1) * 1e3
+            loaded = PytorchBaseline.load(model["name"], model.get("num_classes"), weights, opts.threads, opts.seed)
+        except BitdeployError as exc:
+            return [new_entry(name=entry_name(f, model.get("name"), model.get("resolution")), status=f"failed: {exc}", error=str(exc), **common) for f in forms]
+        shape = _shape_chw(manifest_like)
+        # Random or re-headed weights would give a meaningless top-1: only the bundle's own checkpoint or a given file.
+        with_accuracy = self.eval_set is not None and weights != "none" and (opts.pytorch_baseline != "auto" or loaded.weights_info.get("kind") == "checkpoint")
+
+        def time_eager(base: PytorchBaseline) -> dict[str, Any]:
+            out = measure_latency(base, shape, opts, self.images, manifest_like.get("input"))
+            if with_accuracy and base.form == "eager-ws" and self.eval_set is not None:
+                out["accuracy"] = measure(base.infer, manifest_like["input"], base.labels or manifest_like.get("labels"), self.eval_set, None, opts.samples, progress=opts.progress)
+            return out
+
+        timing = {"kind": "bench", "options": {k: getattr(opts, k) for k in ("batch_sizes", "scenario", "iterations", "duration", "warmup", "keep_raw", "seed")}}
+        results = measure_forms(loaded.module, shape, timing, time_eager, forms, opts.compile_timeout, loaded.weights_info, loaded.labels, self.log)
+        loaded.close()
+        entries = []
+        for r in results:
+            measured = dict(r.get("measured") or {})
             entry = new_entry(
-                name=name, kind="pytorch", model=model["name"], resolution=model["resolution"], num_classes=model.get("num_classes"),
-                target="pytorch", precision="fp32", precision_used="f32", backend_device="cpu", status="valid",
-                load_s=load_s, first_infer_ms=first_ms, describe=base.describe(),
+                name=entry_name(r["form"], model["name"], model["resolution"]), precision_used="f32", backend_device="cpu", status=r["status"],
+                load_s=r.get("prepare_s"), first_infer_ms=r.get("first_infer_ms"), describe=r.get("describe") or {"form": r["form"], "label": r["label"]},
+                accuracy=measured.pop("accuracy", None), **common,
             )  # fmt: skip
             entry["device"] = device_label(self.env, "cpu")
-            entry.update(measure_latency(base, shape, opts, self.images, manifest_like.get("input")))
+            entry.update(measured)
             if entry.get("end_to_end"):
                 entry["end_to_end"]["images_source"] = self.images_source
-            # Random or re-headed weights would give a meaningless top-1: only the bundle's own checkpoint or a given file.
-            if self.eval_set is not None and weights != "none" and (opts.pytorch_baseline != "auto" or base.weights_info.get("kind") == "checkpoint"):
-                entry["accuracy"] = measure(base.infer, manifest_like["input"], base.labels or manifest_like.get("labels"), self.eval_set, None, opts.samples, progress=opts.progress)
-            base.close()
-        except BitdeployError as exc:
-            entry = new_entry(name=name, kind="pytorch", model=model.get("name"), resolution=model.get("resolution"), target="pytorch", precision="fp32", status=f"failed: {exc}", error=str(exc))
-        entry.update(peak_rss_mb=_peak_rss_mb(), peak_rss_method=rss_method)
-        return entry
+            entry.update(peak_rss_mb=_peak_rss_mb(), peak_rss_method=rss_method)
+            entries.append(entry)
+        return entries
 
 
 def _baseline_keys(bundles: list[str]) -> list[dict[str, Any]]:
@@ -276,8 +301,9 @@ def run(bundles: list[str], opts: BenchOptions) -> dict[str, Any]:
     try:
         if opts.pytorch_baseline is not None:
             for m in _baseline_keys(bundles):
-                results.append(bench.pytorch(m))
-        for b in bundles:
+                results.extend(bench.pytorch(m))
+        for i, b in enumerate(bundles, 1):
+            bench.log(f"bundle {i}/{len(bundles)}: {b}")
             results.append(bench.bundle(b))
     finally:
         bench.close()

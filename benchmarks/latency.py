@@ -257,23 +257,36 @@ def quick(
     shape_chw: Sequence[int],
     iterations: int = 100,
     warmup: int = 10,
-    throughput_batch: int = 8,
+    throughput_batches: Sequence[int] = (8,),
     throughput_images: int = 64,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """A short measurement for build's summary table: batch-1 p50/p90 ms and images/s at `throughput_batch`.
+    """A short measurement for build's summary table: batch-1 p50/p90 ms, and images/s per batch size of
+    `throughput_batches` (`throughput_images` images each, at least 2 batches) where memory allows: the first
+    batch size the engine cannot run ends the sweep, and `throughput_stopped` says why.
 
     Good for ranking targets, not for publishing: use `bitdeploy bench` (1000 queries) for the tail.
     """
     ss = single_stream(backend, shape_chw, iterations=iterations, warmup=warmup, keep_raw=False, seed=seed)
-    off = offline(backend, shape_chw, (throughput_batch,), iterations=throughput_images, warmup=1, min_batches=2, seed=seed)
-    row = off["results"][0]
+    rows: list[dict[str, Any]] = []
+    stopped = None
+    for bs in throughput_batches:
+        try:
+            off = offline(backend, shape_chw, (bs,), iterations=throughput_images, warmup=1, min_batches=2, seed=seed)
+        except Exception as exc:  # each engine has its own allocation-failure type (ORT's derive from Exception only)
+            stopped = f"batch {bs}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
+            break
+        res = off["results"][0]
+        rows.append({"batch_size": bs, "images_per_s": res["images_per_s"], "batch_p50_ms": res["batch_p50_ms"], "images": res["images"]})
+    best = max(rows, key=lambda r: r["images_per_s"] or 0.0) if rows else None
     return {
         "p50_ms": ss["p50_ms"],
         "p90_ms": ss["p90_ms"],
         "p99_ms": ss["p99_ms"],
         "mean_ms": ss["mean_ms"],
         "n": ss["n"],
-        "images_per_s": row["images_per_s"],
-        "throughput_batch": throughput_batch,
+        "images_per_s": best["images_per_s"] if best else None,
+        "throughput_batch": best["batch_size"] if best else None,
+        "throughput": rows,
+        "throughput_stopped": stopped,
     }

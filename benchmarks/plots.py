@@ -10,6 +10,8 @@ import base64
 import io
 from typing import Any
 
+import numpy as np
+
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
@@ -33,30 +35,64 @@ def _plt() -> Any:
     return plt
 
 
-def latency_distribution(rows: list[dict[str, Any]]) -> Any:
-    rows = [r for r in rows if r["entry"].get("single_stream")]
-    if not rows:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.6))
-    labels = []
+def _plain_log_axis(axis: Any, set_scale: Any) -> None:
+    """A log scale labelled in plain numbers (1, 2, 5, 10, 20, ...), without crowded minor-tick labels."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    set_scale("log")
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ScalarFormatter())
+    axis.set_minor_formatter(NullFormatter())
+
+
+def latency_axis_limits(rows: list[dict[str, Any]]) -> tuple[float, float, bool]:
+    """(low, high, log) for a latency panel: from below the fastest p1 to above the slowest p99 of these rows
+    only, so no other row squashes their boxes; a log axis when they span more than 20x."""
+    lows, highs = [], []
+    for r in rows:
+        ss = r["entry"]["single_stream"]
+        raw = ss.get("latencies_ms")
+        lows.append(float(np.percentile(raw, 1)) if raw else ss.get("min_ms") or ss["p50_ms"])
+        highs.append(ss.get("p99_ms") or ss["p50_ms"])
+    lo, hi = min(lows), max(highs)
+    log = hi / max(lo, 1e-9) > 20
+    return (lo / 1.25, hi * 1.25, True) if log else (max(0.0, lo - 0.08 * (hi - lo) - 0.02 * hi), hi + 0.08 * (hi - lo) + 0.02 * hi, False)
+
+
+def _latency_panel(ax: Any, rows: list[dict[str, Any]], title: str, legend: bool) -> None:
     for i, r in enumerate(rows):
         ss = r["entry"]["single_stream"]
         raw = ss.get("latencies_ms")
         if raw:
-            ax.boxplot([raw], positions=[i], vert=False, widths=0.6, whis=(1, 99), showfliers=True, flierprops={"markersize": 2, "alpha": 0.4})
+            ax.boxplot([raw], positions=[i], vert=False, widths=0.6, whis=(1, 99), showfliers=False)
         for key, marker in (("p50_ms", "|"), ("p90_ms", "x"), ("p99_ms", "^")):
             if ss.get(key) is not None:
-                ax.plot(ss[key], i, marker, color="black", markersize=8, label=key[:3] if i == 0 else None)
-        labels.append(f"{r['label']} (n={ss.get('n')})")
-    ax.set_yticks(range(len(rows)), labels)
-    values = [v for r in rows for v in (r["entry"]["single_stream"].get("min_ms"), r["entry"]["single_stream"].get("max_ms")) if v]
-    if values and max(values) / max(min(values), 1e-9) > 20:
-        ax.set_xscale("log")
-    ax.set_xlabel("batch-1 latency, ms (box: quartiles, whiskers: p1-p99)")
-    ax.set_title("Single-stream latency distribution")
-    ax.legend(loc="lower right", fontsize=8)
+                ax.plot(ss[key], i, marker, color="black", markersize=8, label=key[:3] if i == 0 and legend else None)
+    ax.set_yticks(range(len(rows)), [f"{r['label']} (n={r['entry']['single_stream'].get('n')})" for r in rows])
+    lo, hi, log = latency_axis_limits(rows)
+    if log:
+        _plain_log_axis(ax.xaxis, ax.set_xscale)
+    ax.set_xlim(lo, hi)
+    ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
+
+
+def latency_distribution(rows: list[dict[str, Any]]) -> Any:
+    """Deployed bundles on their own axis (top), the PyTorch baselines on a second one (bottom): the baselines
+    are several times slower and would squash every bundle's box against the axis."""
+    rows = [r for r in rows if r["entry"].get("single_stream") and r["entry"]["single_stream"].get("p50_ms")]
+    if not rows:
+        return None
+    groups = [g for g in ([r for r in rows if r["entry"].get("kind") != "pytorch"], [r for r in rows if r["entry"].get("kind") == "pytorch"]) if g]
+    plt = _plt()
+    heights = [0.6 * len(g) + 0.9 for g in groups]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(8, sum(heights) + 1.0), height_ratios=heights, squeeze=False)
+    titles = ("Deployed bundles", "PyTorch FP32 baselines (own axis)") if len(groups) == 2 else (("Deployed bundles",) if groups[0][0]["entry"].get("kind") != "pytorch" else ("PyTorch FP32 baselines",))
+    for k, (ax, group, title) in enumerate(zip(axes[:, 0], groups, titles)):
+        _latency_panel(ax, group, title, legend=k == 0)
+    axes[0, 0].legend(loc="lower right", fontsize=8)
+    axes[-1, 0].set_xlabel("batch-1 latency, ms (box: quartiles, whiskers: p1-p99)")
+    fig.suptitle("Single-stream latency distribution")
     fig.tight_layout()
     return fig
 
@@ -66,16 +102,20 @@ def throughput_vs_batch(rows: list[dict[str, Any]]) -> Any:
     if not rows:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for i, r in enumerate(rows):
-        res = [x for x in r["entry"]["offline"]["results"] if x.get("images_per_s")]
-        ax.plot([x["batch_size"] for x in res], [x["images_per_s"] for x in res], "o-", color=PALETTE[i % len(PALETTE)], label=r["label"])
+        res = sorted((x for x in r["entry"]["offline"]["results"] if x.get("images_per_s")), key=lambda x: x["batch_size"])
+        style = "s--" if r["entry"].get("kind") == "pytorch" else "o-"  # baselines dashed
+        ax.plot([x["batch_size"] for x in res], [x["images_per_s"] for x in res], style, color=PALETTE[i % len(PALETTE)], label=r["label"])
     ax.set_xscale("log", base=2)
+    sizes = sorted({x["batch_size"] for r in rows for x in r["entry"]["offline"]["results"]})
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    _plain_log_axis(ax.yaxis, ax.set_yscale)  # baselines and INT8 bundles differ by 10x or more: each line keeps its shape
     ax.set_xlabel("batch size")
-    ax.set_ylabel("images/s")
+    ax.set_ylabel("images/s (log)")
     ax.set_title("Offline throughput against batch size")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return fig
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from bitdeploy.benchmarks.schema import MERGED, SCHEMA_VERSION, check_document, finite, load_documents, new_document
+from bitdeploy.runtimes.fingerprint import cpu_class
 
-COLUMNS = ("bundle", "target", "precision", "device", "status", "size MB", "top-1", "Δ top-1 (pp)", "p50 ms", "p90 ms", "p99 ms", "images/s", "speed-up vs PyTorch FP32")
+COLUMNS = ("bundle", "target", "precision", "device", "status", "size MB", "top-1", "Δ top-1 (pp)", "p50 ms", "p90 ms", "p99 ms", "images/s", "speed-up vs fastest PyTorch")
 
 
 def as_documents(results: Any) -> list[dict[str, Any]]:
@@ -39,6 +40,16 @@ def _num(x: Any) -> float | None:
 def _host(doc: dict[str, Any]) -> str:
     env = doc.get("environment") or {}
     return str(env.get("hostname") or "?")
+
+
+def device_class(doc: dict[str, Any]) -> str:
+    """The document's device class (CPU ISA class, plus GPU); derived from the CPU flags for older documents."""
+    env = doc.get("environment") or {}
+    if env.get("device_class"):
+        return str(env["device_class"])
+    flags = list((env.get("cpu") or {}).get("flags") or [])
+    arch = str(env.get("machine") or "").lower() or ("x86_64" if any(f.startswith(("avx", "sse")) for f in flags) else "aarch64" if "asimd" in flags else "")
+    return cpu_class(arch, flags)
 
 
 def _top1(entry: dict[str, Any]) -> tuple[float | None, str | None, float | None]:
@@ -67,19 +78,21 @@ def _throughput(entry: dict[str, Any]) -> tuple[float | None, int | None]:
 def table_rows(docs: Sequence[dict[str, Any]], selected: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """One row per entry with the derived columns (Δ top-1, speed-up), in document order."""
     multi = len({_host(d) for d in docs}) > 1
+    classes = list(dict.fromkeys(device_class(d) for d in docs))
     rows = []
-    for doc in docs:
+    for doc in sorted(docs, key=lambda d: classes.index(device_class(d))):  # grouped by device class, stable
         host = _host(doc)
         for e in doc["results"]:
             top1, source, ref = _top1(e)
             ips, bs = _throughput(e)
-            rows.append({"entry": e, "host": host, "label": f"{e['name']} @ {host}" if multi else e["name"], "top1": top1, "top1_source": source, "ref_top1": ref, "p50": _p(e, "p50_ms"), "p90": _p(e, "p90_ms"), "p99": _p(e, "p99_ms"), "ips": ips, "ips_bs": bs})
+            rows.append({"entry": e, "host": host, "device_class": device_class(doc), "label": f"{e['name']} @ {host}" if multi else e["name"], "top1": top1, "top1_source": source, "ref_top1": ref, "p50": _p(e, "p50_ms"), "p90": _p(e, "p90_ms"), "p99": _p(e, "p99_ms"), "ips": ips, "ips_bs": bs})
     sel = (selected or {}).get("name")
     for r in rows:
         e = r["entry"]
         same = [o for o in rows if o["host"] == r["host"] and o["entry"].get("model") == e.get("model") and o["entry"].get("resolution") == e.get("resolution")]
-        torch_rows = [o for o in same if o["entry"].get("kind") == "pytorch" and o["p50"]]
+        torch_rows = sorted((o for o in same if o["entry"].get("kind") == "pytorch" and o["p50"]), key=lambda o: o["p50"])
         r["speedup"] = torch_rows[0]["p50"] / r["p50"] if torch_rows and r["p50"] else None
+        r["speedup_vs"] = torch_rows[0]["label"] if torch_rows else None
         if r["ref_top1"] is None and r["top1"] is not None:
             # No explicit reference: the FP32 row on the same data (PyTorch first, then any FP32 bundle).
             fp32 = [o for o in same if o["entry"].get("precision") == "fp32" and o["top1"] is not None and o["top1_source"] == r["top1_source"]]
@@ -148,6 +161,31 @@ def cells(r: dict[str, Any]) -> list[str]:
     ]
 
 
+SPEEDUP_NOTE = (
+    "Speed-up: the fastest PyTorch FP32 baseline's p50 over the row's p50, same machine, model and resolution. "
+    "The baselines, measured in the same run: eager with Google's reference weight standardisation on every call, "
+    "eager with the standardisation folded into the weights, and torch.compile of the folded model."
+)
+
+
+def baseline_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per PyTorch baseline row: its label, p50 or why it did not run, and whether it is the denominator."""
+    out = []
+    for r in rows:
+        e = r["entry"]
+        if e.get("kind") != "pytorch":
+            continue
+        label = (e.get("describe") or {}).get("label") or e["name"]
+        compile_s = (e.get("describe") or {}).get("compile_s")
+        took = f", compiled in {compile_s:.1f} s" if _num(compile_s) is not None else ""
+        if r["p50"] is None:
+            out.append(f"{r['label']}: {label}: {e.get('status')}")
+        else:
+            fastest = " (fastest PyTorch: the speed-up denominator)" if r["speedup_vs"] == r["label"] else ""
+            out.append(f"{r['label']}: {label}: p50 {r['p50']:.2f} ms{took}{fastest}")
+    return out
+
+
 def _methodology(docs: Sequence[dict[str, Any]]) -> list[str]:
     lines = []
     for doc in docs:
@@ -168,21 +206,34 @@ def _methodology(docs: Sequence[dict[str, Any]]) -> list[str]:
             f"offline batch sizes {s.get('batch_sizes', '-')}",
             f"end-to-end images: {s.get('end_to_end_images') or '-'}",
         ]
-        lines.append(f"{_host(doc)} ({doc.get('created')}): " + "; ".join(x for x in machine if x) + ". " + "; ".join(method) + ".")
+        lines.append(f"{_host(doc)}, {device_class(doc)} ({doc.get('created')}): " + "; ".join(x for x in machine if x) + ". " + "; ".join(method) + ".")
     return lines
 
 
+def grouped(rows: list[dict[str, Any]]) -> list[tuple[str | None, list[dict[str, Any]]]]:
+    """Rows per device class, in order; one unnamed group when every row comes from one class."""
+    classes = list(dict.fromkeys(r["device_class"] for r in rows))
+    if len(classes) < 2:
+        return [(None, rows)]
+    return [(c, [r for r in rows if r["device_class"] == c]) for c in classes]
+
+
 def markdown(docs: Sequence[dict[str, Any]], rows: list[dict[str, Any]], selected: dict[str, str] | None) -> str:
-    out = ["# bitdeploy benchmark report", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    out += ["| " + " | ".join(c.replace("|", "/") for c in cells(r)) + " |" for r in rows]
-    out.append("")
+    out = ["# bitdeploy benchmark report", ""]
+    for cls, group in grouped(rows):
+        if cls is not None:
+            out += [f"## {cls}", ""]
+        out += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        out += ["| " + " | ".join(c.replace("|", "/") for c in cells(r)) + " |" for r in group]
+        out.append("")
     if selected:
         out += [f"**Selected: {selected['name']}** - {selected.get('reason', '')}", ""]
     out += [
         "p50/p90/p99: single-stream latency (batch 1, next query when the previous returns), pure inference, ms. "
         "images/s: offline throughput at the best batch size. Δ top-1: percentage points against the FP32 reference "
-        "on the same data. Speed-up: PyTorch eager FP32 p50 (weight standardisation computed every call) over the row's "
-        "p50, same machine.",
+        "on the same data. " + SPEEDUP_NOTE,
+        "",
+        *[f"- {line}" for line in baseline_lines(rows)],
         "",
         "## Environment and method",
         "",
@@ -198,13 +249,17 @@ def _defang(text: str) -> str:
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:0.9em}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f0f0f0}td:nth-child(-n+5),th:nth-child(-n+5){text-align:left}
-tr.selected{background:#fff4c2;font-weight:bold}figure{display:inline-block;margin:1em}img{max-width:100%}
+tr.selected{background:#fff4c2;font-weight:bold}tr.device-class th{text-align:left;background:#e4ecf7}figure{display:inline-block;margin:1em}img{max-width:100%}
 .note{color:#555;font-size:0.9em;max-width:70em}"""
 
 
 def render_html(docs: Sequence[dict[str, Any]], rows: list[dict[str, Any]], selected: dict[str, str] | None, figures: list[tuple[str, str]], plot_note: str | None) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join(f"<tr class=\"{'selected' if r['selected'] else ''}\">" + "".join(f"<td>{_defang(c)}</td>" for c in cells(r)) + "</tr>" for r in rows)
+    body = ""
+    for cls, group in grouped(rows):
+        if cls is not None:
+            body += f"<tr class=\"device-class\"><th colspan=\"{len(COLUMNS)}\">{_defang(cls)}</th></tr>"
+        body += "".join(f"<tr class=\"{'selected' if r['selected'] else ''}\">" + "".join(f"<td>{_defang(c)}</td>" for c in cells(r)) + "</tr>" for r in group)
     parts = [
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>bitdeploy benchmark report</title>",
         f"<style>{CSS}</style></head><body><h1>bitdeploy benchmark report</h1>",
@@ -212,7 +267,10 @@ def render_html(docs: Sequence[dict[str, Any]], rows: list[dict[str, Any]], sele
     ]
     if selected:
         parts.append(f"<p id=\"selected\"><b>Selected: {_defang(selected['name'])}</b>: {_defang(selected.get('reason', ''))}</p>")
-    parts.append("<p class=\"note\">p50/p90/p99: single-stream latency, batch 1, pure inference (ms). images/s: offline throughput at the best batch size. Δ top-1 in percentage points against the FP32 reference on the same data. Speed-up: PyTorch eager FP32 p50 over the row's p50 on the same machine.</p>")
+    parts.append("<p class=\"note\">p50/p90/p99: single-stream latency, batch 1, pure inference (ms). images/s: offline throughput at the best batch size. Δ top-1 in percentage points against the FP32 reference on the same data. " + html.escape(SPEEDUP_NOTE) + "</p>")
+    lines = baseline_lines(rows)
+    if lines:
+        parts.append("<ul>" + "".join(f"<li class=\"note\">{_defang(x)}</li>" for x in lines) + "</ul>")
     if plot_note:
         parts.append(f"<p class=\"note\">{_defang(plot_note)}</p>")
     for title, b64 in figures:

@@ -8,9 +8,10 @@ One JSON document per `bitdeploy bench` run (one machine):
      "selected": null | {"name": str, "reason": str},
      "results": [ENTRY, ...]}
 
-ENTRY (one bundle, or the PyTorch eager FP32 baseline):
+ENTRY (one bundle, or one PyTorch FP32 baseline):
 
-    name            unique label in the document (bundle directory name, or "pytorch-fp32:<model>")
+    name            unique label in the document (bundle directory name, or "pytorch-fp32-<form>:<model>@<px>" with
+                    form eager-ws | eager-folded | compiled-folded, see benchmarks/baseline.py; describe.label says it)
     kind            "bundle" | "pytorch"
     bundle          path of the bundle, or null
     model, resolution, num_classes
@@ -25,14 +26,15 @@ ENTRY (one bundle, or the PyTorch eager FP32 baseline):
     peak_rss_mb     peak resident memory of the process while this entry ran (see peak_rss_method)
     single_stream   latency.single_stream(): n, p50_ms, p90_ms, p99_ms, mean_ms, std_ms, min_ms, max_ms,
                     tail_samples, warmup, images_per_s, latencies_ms (per query, in order)
-    offline         latency.offline(): results [{batch_size, batches, images, seconds, images_per_s, batch_p50_ms}],
+    offline         latency.offline(): results [{batch_size, batches, images, seconds, images_per_s, batch_p50_ms}]
+                    (a build's report: its quick sweep, results [{batch_size, images_per_s, batch_p50_ms, images}]),
                     best_images_per_s, best_batch_size
     end_to_end      latency.end_to_end(): same statistics for decode + preprocess + infer, plus preprocess_p50_ms,
                     preprocess_mean_ms, infer_mean_ms, images_source
     accuracy        null | {dataset, split, samples, top1, top5, label_mapping,
                             reference: null | {name, top1, agreement, max_abs_logit_diff, mean_abs_logit_diff}}
     build_accuracy  the bundle manifest's `accuracy` object (the build's gate), or null
-    describe        backend.describe()
+    describe        backend.describe(); PyTorch baselines: {form, label, compile_s (torch.compile), threads, ...}
     error           null | one-line message when status is "failed: ..."
 
 Percentiles are nearest-rank; all times are milliseconds unless the key ends in `_s`.

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from bitdeploy.converters.calibration import CalibrationData
 
-BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt", "litert")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 

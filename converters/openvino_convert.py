@@ -1,9 +1,9 @@
 """ONNX -> OpenVINO IR (`model.xml` + `model.bin`) in FP32, FP16 (compressed weights) or INT8 (NNCF PTQ).
 
 OpenVINO picks the compute precision per device: on a CPU with AVX512-BF16 or AMX it runs even an FP32 IR in
-bf16 unless INFERENCE_PRECISION_HINT is f32. So an fp32 bundle records the f32 hint (its validation and its
-runtime both use it), and fp16/int8 bundles keep the device default and record the precision the compiled
-model reports, which is what actually runs.
+bf16 unless INFERENCE_PRECISION_HINT is f32. A bundle validated on one CPU class must not run something else on
+another, so every bundle pins the precision its float layers were validated in (`target.inference_precision`,
+f32 unless `--inference-precision bf16|f16` asks otherwise) and the runtime compiles with that same hint.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from bitdeploy.errors import ConversionError, require
 
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
 DEFAULT_DEVICE = "CPU"
+INFERENCE_PRECISIONS = ("f32", "bf16", "f16")
 MODEL_XML = "model.xml"
 MODEL_BIN = "model.bin"
 # NNCF range estimators by --calib-method (NNCF's own default is mean_minmax for per-tensor activations).
@@ -217,8 +218,11 @@ def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Any, o
     core = ov.Core()
     check_device(core, device)
     threads = options.get("threads")
-    # fp32 means f32 arithmetic, not "whatever the device prefers"; other precisions keep the device default.
-    hint = "f32" if precision == "fp32" else (options.get("inference_precision") or None)
+    hint = str(options.get("inference_precision") or "f32").lower()
+    if hint not in INFERENCE_PRECISIONS:
+        raise ConversionError(f"--inference-precision {hint!r} is not an OpenVINO float precision; choose one of: {', '.join(INFERENCE_PRECISIONS)}")
+    if precision == "fp32" and hint != "f32":
+        raise ConversionError(f"--precision fp32 computes in f32; for {hint} arithmetic build --precision fp16 or int8 with --inference-precision {hint}")
     config = compile_config(hint, threads)
 
     try:
@@ -228,7 +232,10 @@ def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Any, o
     notes: list[str] = []
     quant: dict[str, Any] | None = None
     if precision == "int8":
-        model, quant, q_notes = quantize_int8(model, calibration, options)
+        from bitdeploy.stdio import stdout_to_stderr
+
+        with stdout_to_stderr("nncf"):  # NNCF's progress bars and log lines never reach the stdout table
+            model, quant, q_notes = quantize_int8(model, calibration, options)
         notes.extend(q_notes)
     work_dir = Path(work_dir)
     xml = work_dir / MODEL_XML
@@ -239,14 +246,15 @@ def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Any, o
     computed = resolved_precision(compiled)
     del compiled
     used = {"fp32": computed, "fp16": computed, "int8": f"int8+{computed}"}[precision]
-    if precision == "fp16":
-        notes.append(f"weights stored as f16; {device} computes in {computed}")
+    if computed not in (hint, "device-default"):
+        raise ConversionError(f"OpenVINO on {device} computes in {computed}, not the requested {hint} (this device has no {hint} arithmetic); build with --inference-precision f32")
+    notes.append(f"float layers pinned to {hint} on every device" + (" (weights stored as f16)" if precision == "fp16" else ""))
     target: dict[str, Any] = {
         "backend": "openvino",
         "precision": precision,
         "precision_used": used,
         "device": device,
-        "inference_precision_hint": hint,
+        "inference_precision": hint,
         "performance_hint": "LATENCY",
         "openvino_version": ov.get_version(),
     }

@@ -1,9 +1,11 @@
 """The ONNX Runtime target: FP32 (the checked export as is), FP16 (norms in FP32), INT8 (static QDQ).
 
-INT8 is Conv-only QDQ with per-channel symmetric INT8 weights. Activations are uint8 (U8S8) on x86, where
-ONNX Runtime's QDQ kernels run U8S8 fastest and S8S8 leaves the convs that share an input in FP32 (measured:
-see README "ONNX Runtime INT8"), and int8 (S8S8) elsewhere and on CUDA. GroupNorm, the residual Add and the
-global pool stay FP32; see `bitdeploy.converters.ort_quant` for why.
+INT8 is Conv-only QDQ with per-channel symmetric INT8 weights; GroupNorm, the residual Add and the global pool
+stay FP32 (see `bitdeploy.converters.ort_quant`). The integer scheme must hold on every CPU class a bundle may
+meet, not only the build host's: x86 without VNNI multiplies u8 x s8 pairs into saturating int16, so full-range
+weights overflow there. SCHEMES lists the choices; `auto` takes U8S8 with 7-bit weights on x86 CPUs (exact on
+CPUs with and without VNNI, no slower: README "ONNX Runtime INT8 on every CPU class") and S8S8 elsewhere (ARM,
+CUDA: symmetric, what those kernels prefer).
 """
 
 from __future__ import annotations
@@ -30,9 +32,18 @@ def parse_device(device: str | None) -> str:
     return d
 
 
-def default_activation_type(device: str) -> str:
+# scheme -> (activation type, 7-bit weights, why)
+SCHEMES: dict[str, tuple[str, bool, str]] = {
+    "u8s8-7bit": ("uint8", True, "U8S8 with 7-bit weights: no int16 saturation on x86 without VNNI, so every x86 CPU class computes the same"),
+    "u8s8": ("uint8", False, "U8S8 full range: VNNI/AMX x86 only; saturates on x86 CPUs without VNNI"),
+    "s8s8": ("int8", False, "S8S8: ARM and CUDA; on x86 ONNX Runtime leaves convs that share an input in FP32"),
+}
+INT8_SCHEMES = ("auto", *SCHEMES)
+
+
+def default_scheme(device: str) -> str:
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-    return "uint8" if _on_cpu(device) and x86 else "int8"
+    return "u8s8-7bit" if _on_cpu(device) and x86 else "s8s8"
 
 
 def _on_cpu(device: str) -> bool:
@@ -93,20 +104,28 @@ def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Calibr
     elif precision == "int8":
         if calibration is None:
             raise ConversionError("--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)")
-        activation_type = str(options.get("activation_type") or default_activation_type(device))
+        scheme = str(options.get("int8_scheme") or "auto")
+        if scheme == "auto":
+            scheme = default_scheme(device)
+        if scheme not in SCHEMES:
+            raise ConversionError(f"--int8-scheme {scheme!r} is not an ONNX Runtime INT8 scheme; choose one of: {', '.join(INT8_SCHEMES)}")
+        activation_type, reduce_range, why = SCHEMES[scheme]
         info = ort_quant.quantize_qdq(
             onnx_fp32,
             out,
             calibration,
             method=options.get("calib_method"),
             activation_type=activation_type,
+            reduce_range=reduce_range,
             op_types=tuple(options.get("int8_op_types") or ort_quant.DEFAULT_OP_TYPES),
             exclude_head=bool(options.get("int8_exclude_head", False)),
             symmetric_activations=not _on_cpu(device),
         )
         files = [MODEL_FILE]
-        target["precision_used"] = f"int8 {'+'.join(info['op_types'])} ({'U8S8' if activation_type == 'uint8' else 'S8S8'}) + fp32"
+        info.update(scheme=scheme, scheme_reason=why)
+        target["precision_used"] = f"int8 {'+'.join(info['op_types'])} ({scheme.upper()}) + fp32"
         target["quantization"] = info
+        notes.append(f"INT8 scheme {scheme}: {why}")
         notes.append(f"INT8 Q/DQ on {info['quantized_nodes']} {'/'.join(info['op_types'])} nodes; float: {', '.join(info['float_op_types'])}")
     else:
         raise ConversionError(f"ONNX Runtime precision must be fp32, fp16 or int8, got {precision!r}")

@@ -120,6 +120,7 @@ def quantize_qdq(
     op_types: Sequence[str] = DEFAULT_OP_TYPES,
     nodes_to_exclude: Sequence[str] = (),
     activation_type: str = "int8",
+    reduce_range: bool = False,
     exclude_head: bool = False,
     quantize_bias: bool = True,
     for_tensorrt: bool = False,
@@ -130,7 +131,9 @@ def quantize_qdq(
 
     Weights: INT8, symmetric, per output channel (per_channel=True). Activations: `activation_type` int8
     (S8S8, TensorRT and ARM) or uint8 (U8S8: faster on x86 VNNI, see the README measurements), per tensor,
-    asymmetric unless `symmetric_activations`. `method`: minmax | entropy | percentile.
+    asymmetric unless `symmetric_activations`. `reduce_range`: 7-bit weights, so x86 CPUs without VNNI, whose
+    U8S8 kernels sum u8 x s8 pairs into saturating int16, compute exactly what VNNI CPUs do (see SCHEMES).
+    `method`: minmax | entropy | percentile.
     """
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -186,7 +189,7 @@ def quantize_qdq(
                 op_types_to_quantize=list(op_types),
                 nodes_to_exclude=excluded,
                 per_channel=per_channel,
-                reduce_range=False,
+                reduce_range=reduce_range,
                 activation_type=qtype,
                 weight_type=QuantType.QInt8,
                 calibrate_method=cal_method,
@@ -209,7 +212,7 @@ def quantize_qdq(
         "method": method,
         "samples": len(calibration),
         "activations": f"{activation_type}, per-tensor, {'symmetric' if symmetric_activations else 'asymmetric'}",
-        "weights": f"int8, {'per-channel' if per_channel else 'per-tensor'}, symmetric",
+        "weights": f"{'int8 7-bit range' if reduce_range else 'int8'}, {'per-channel' if per_channel else 'per-tensor'}, symmetric",
         "op_types": list(op_types),
         "quantized_nodes": n_q,
         "excluded_nodes": excluded,

@@ -24,6 +24,8 @@ from bitdeploy.errors import AccuracyGateError, BitdeployError, require
 from bitdeploy.targets import TARGETS, Target, check_available, plan_rows, unavailable_reason
 
 DEFAULT_RESOLUTION = 128  # the BiT-HyperRule's crop for small images, used when nothing says otherwise
+BUILD_BATCH_SIZES = (1, 4, 8, 16)  # throughput sweep of the build's quick timing (where memory allows)
+BUILD_THROUGHPUT_IMAGES = 32  # images per batch size in that sweep
 
 
 @dataclass
@@ -205,7 +207,7 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print, show: Call
         try:
             settings = {
                 "threads": opts.threads, "max_accuracy_drop_pp": opts.max_accuracy_drop, "iterations": opts.bench_iterations,
-                "warmup": 10, "batch_sizes": [8], "dataset": opts.dataset, "scenario": "build quick timing (use `bitdeploy bench` for full runs)",
+                "warmup": 10, "batch_sizes": list(BUILD_BATCH_SIZES), "dataset": opts.dataset, "scenario": "build quick timing (use `bitdeploy bench` for full runs)",
             }  # fmt: skip
             paths = build_output.write_report(rows, ctx["model_info"], ctx.get("baseline"), rdir, selected, settings)
             show(f"report: {paths['html']}")
@@ -290,7 +292,7 @@ def _prepare(opts: BuildOptions, planned: list[tuple[Target, str, str | None]], 
     if state.training:
         model_info["weights"]["fine_tuned"] = state.training
     building = sum(1 for _, _, s in planned if s is None)
-    baseline = _baseline_latency(loaded.model, resolution, opts) if building > 1 else None
+    baseline = _baseline_latency(loaded.model, resolution, opts, log) if building > 1 else None
     ctx = {
         "onnx": onnx_path,
         "export": {k: export_info.get(k) for k in ("opset", "max_abs_diff", "nodes", "simplifier", "exporter", "weight_standardization", "sha256")},
@@ -310,29 +312,40 @@ def _prepare(opts: BuildOptions, planned: list[tuple[Target, str, str | None]], 
     return rows, ctx
 
 
-def _baseline_latency(model: Any, resolution: int, opts: BuildOptions) -> dict[str, Any] | None:
-    """PyTorch eager FP32 (weight standardisation computed every call), timed briefly for the report's
-    speed-up column of multi-bundle builds. Skipped when the report is off."""
+def quick_timing(iterations: int) -> dict[str, Any]:
+    """The build's quick timing (`benchmarks.latency.quick` arguments): batch-1 latency and a batch-size sweep."""
+    return {"iterations": iterations, "throughput_batches": list(BUILD_BATCH_SIZES), "throughput_images": BUILD_THROUGHPUT_IMAGES}
+
+
+def _baseline_latency(model: Any, resolution: int, opts: BuildOptions, log: Callable[[str], None]) -> list[dict[str, Any]] | None:
+    """The PyTorch FP32 baselines (`benchmarks.baseline.FORMS`: eager with Google's standardisation, eager folded,
+    torch.compile of the folded model), timed briefly for the report's speed-up column of multi-bundle builds,
+    before any row opens an engine session. Skipped when the report is off."""
     if not opts.report:
         return None
-    import numpy as np
     import torch
 
-    from bitdeploy.benchmarks.latency import quick
+    from bitdeploy.benchmarks.baseline import measure_forms
 
-    class Eager:
-        def infer(self, batch: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return model(torch.from_numpy(batch)).numpy()
-
+    # Fewer queries and images than a bundle gets: the eager forms are slow, and this is a denominator, not a row to rank.
+    timing = {"kind": "quick", "kwargs": {**quick_timing(max(5, opts.bench_iterations // 10)), "warmup": 2, "throughput_images": BUILD_THROUGHPUT_IMAGES // 2}}
     threads = torch.get_num_threads()
     try:
         if opts.threads:
             torch.set_num_threads(opts.threads)
-        t = quick(Eager(), (3, resolution, resolution), iterations=max(5, opts.bench_iterations // 10), warmup=2, throughput_batch=1, throughput_images=2)
+        results = measure_forms(model, (3, resolution, resolution), timing, log=log)
     finally:
         torch.set_num_threads(threads)
-    return {"p50_ms": t["p50_ms"], "p90_ms": t["p90_ms"], "p99_ms": t["p99_ms"], "mean_ms": t["mean_ms"], "latency_n": t["n"], "images_per_s": t["images_per_s"], "throughput_batch": t["throughput_batch"]}
+    out = []
+    for r in results:
+        t = r.get("measured") or {}
+        row = {"form": r["form"], "label": r["label"], "status": r["status"], "compile_s": r.get("compile_s")}
+        row.update({"p50_ms": t.get("p50_ms"), "p90_ms": t.get("p90_ms"), "p99_ms": t.get("p99_ms"), "mean_ms": t.get("mean_ms"), "latency_n": t.get("n")})
+        row.update({"images_per_s": t.get("images_per_s"), "throughput_batch": t.get("throughput_batch"), "throughput": t.get("throughput")})
+        out.append(row)
+        took = f" (compiled in {row['compile_s']:.1f} s)" if row["compile_s"] else ""
+        log(f"PyTorch baseline {r['form']}: " + (f"p50 {row['p50_ms']:.2f} ms{took}" if row["p50_ms"] is not None else r["status"]))
+    return out
 
 
 def copy_artifact(src_dir: Path, dst_dir: Path, files: list[str]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from bitdeploy import __version__
 
-LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorrt", "numpy")
+LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorrt", "litert-torch", "ai-edge-litert", "numpy")
 
 
 @dataclass
@@ -38,6 +38,7 @@ class RowResult:
     latency_n: int | None = None
     images_per_s: float | None = None
     throughput_batch: int | None = None
+    throughput: list[dict[str, Any]] | None = None  # [{batch_size, images_per_s, ...}] of the build's sweep
     precision_used: str | None = None
     device: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -108,7 +109,7 @@ def select_fastest(rows: list[RowResult]) -> tuple[RowResult, str] | None:
     return best, f"fastest valid bundle: p50 {best.p50_ms:.2f} ms at batch 1, {acc}{nxt}{excl}"
 
 
-def bench_entries(rows: list[RowResult], model: dict[str, Any], baseline: dict[str, Any] | None, env: dict[str, Any]) -> list[dict[str, Any]]:
+def bench_entries(rows: list[RowResult], model: dict[str, Any], baseline: list[dict[str, Any]] | None, env: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows as `bitdeploy bench` result entries, so the bench report renders them (same schema)."""
     from bitdeploy.benchmarks.env import device_label
     from bitdeploy.benchmarks.schema import new_entry
@@ -119,14 +120,18 @@ def bench_entries(rows: list[RowResult], model: dict[str, Any], baseline: dict[s
         ss = {"n": r.get("latency_n"), "p50_ms": r["p50_ms"], "p90_ms": r.get("p90_ms"), "p99_ms": r.get("p99_ms"), "mean_ms": r.get("mean_ms")}
         ss["images_per_s"] = 1000.0 / r["mean_ms"] if r.get("mean_ms") else None
         bs = r.get("throughput_batch")
-        off = {"results": [{"batch_size": bs, "images_per_s": r.get("images_per_s")}], "best_images_per_s": r.get("images_per_s"), "best_batch_size": bs} if r.get("images_per_s") else None
+        sweep = r.get("throughput") or [{"batch_size": bs, "images_per_s": r.get("images_per_s")}]
+        off = {"results": sweep, "best_images_per_s": r.get("images_per_s"), "best_batch_size": bs} if r.get("images_per_s") else None
         return ss, off
 
     common = {"model": model["name"], "resolution": model["resolution"], "num_classes": model["num_classes"]}
     entries = []
-    if baseline is not None:
-        ss, off = timing(baseline)
-        entries.append(new_entry(name=f"pytorch-fp32:{model['name']}@{model['resolution']}", kind="pytorch", target="pytorch", precision="fp32", precision_used="f32", backend_device="cpu", device=device_label(env, "cpu"), status="valid", single_stream=ss, offline=off, **common))
+    for b in baseline or []:  # the PyTorch baselines, one per form (benchmarks.baseline)
+        from bitdeploy.benchmarks.baseline import entry_name
+
+        ss, off = timing(b)
+        describe = {"form": b["form"], "label": b["label"], "compile_s": b.get("compile_s")}
+        entries.append(new_entry(name=entry_name(b["form"], model["name"], model["resolution"]), kind="pytorch", target="pytorch", precision="fp32", precision_used="f32", backend_device="cpu", device=device_label(env, "cpu"), status=b["status"], single_stream=ss, offline=off, describe=describe, **common))
     for r in rows:
         ss, off = timing(r.as_dict())
         entries.append(
@@ -139,7 +144,7 @@ def bench_entries(rows: list[RowResult], model: dict[str, Any], baseline: dict[s
     return entries
 
 
-def write_report(rows: list[RowResult], model: dict[str, Any], baseline: dict[str, Any] | None, out_dir: Path, selected: dict[str, str] | None, settings: dict[str, Any]) -> dict[str, Path]:
+def write_report(rows: list[RowResult], model: dict[str, Any], baseline: list[dict[str, Any]] | None, out_dir: Path, selected: dict[str, str] | None, settings: dict[str, Any]) -> dict[str, Path]:
     """report.md / report.html / results.json through the bench report, plus build.json (this build's rows)."""
     from bitdeploy.benchmarks.env import collect
     from bitdeploy.benchmarks.report import write_report as bench_report

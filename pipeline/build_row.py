@@ -13,6 +13,8 @@ from typing import Any
 from bitdeploy.build_output import RowResult, provenance
 from bitdeploy.cache import StageCache, stage_key
 from bitdeploy.errors import BitdeployError
+from bitdeploy.runtimes import selftest
+from bitdeploy.runtimes.fingerprint import host_fingerprint
 from bitdeploy.targets import Target, load_converter
 
 EVAL_BATCH = 32
@@ -52,9 +54,10 @@ def convert(target: Target, precision: str, ctx: dict[str, Any], opts: Any, cach
     return work, Artifact(**meta)
 
 
-def evaluate(artifact: Any, work: Path, manifest: dict[str, Any], ctx: dict[str, Any], opts: Any, precision: str) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
-    """(accuracy or validation object, latency figures or None, what ran) for the artifact."""
+def evaluate(artifact: Any, work: Path, manifest: dict[str, Any], ctx: dict[str, Any], opts: Any, precision: str) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any], Any]:
+    """(accuracy or validation object, latency figures or None, what ran, the artifact's logits) for the artifact."""
     from bitdeploy.benchmarks.latency import quick
+    from bitdeploy.build import quick_timing
     from bitdeploy.converters import accuracy
     from bitdeploy.runtimes.base import backend_available, open_backend
 
@@ -75,11 +78,11 @@ def evaluate(artifact: Any, work: Path, manifest: dict[str, Any], ctx: dict[str,
         timing = None
         if evaluated == "artifact":
             res = ctx["resolution"]
-            timing = quick(backend, (3, res, res), iterations=opts.bench_iterations, throughput_batch=min(8, batch))
+            timing = quick(backend, (3, res, res), **quick_timing(opts.bench_iterations))
         described = backend.describe()
     finally:
         backend.close()
-    return result, timing, described
+    return result, timing, described, logits
 
 
 def base_manifest(artifact: Any, ctx: dict[str, Any], precision: str) -> dict[str, Any]:
@@ -114,7 +117,8 @@ def build_row(row: RowResult, target: Target, precision: str, ctx: dict[str, Any
     try:
         work, artifact = convert(target, precision, ctx, opts, cache)
         manifest = base_manifest(artifact, ctx, precision)
-        result, timing, described = evaluate(artifact, work, manifest, ctx, opts, precision)
+        log(f"[{row.name}] evaluating, then timing batch 1 and a batch-size sweep")
+        result, timing, described, logits = evaluate(artifact, work, manifest, ctx, opts, precision)
         if ctx["dataset"] is not None:
             manifest["accuracy"] = result
             row.top1, row.reference_top1 = result["top1"], result["reference_top1"]
@@ -130,14 +134,17 @@ def build_row(row: RowResult, target: Target, precision: str, ctx: dict[str, Any
         if timing is not None:
             row.p50_ms, row.p90_ms, row.p99_ms, row.mean_ms = timing["p50_ms"], timing["p90_ms"], timing["p99_ms"], timing["mean_ms"]
             row.latency_n, row.images_per_s, row.throughput_batch = timing["n"], timing["images_per_s"], timing["throughput_batch"]
+            row.throughput = timing["throughput"]
             manifest["build_latency"] = {"batch1_p50_ms": row.p50_ms, "batch1_p90_ms": row.p90_ms, "queries": row.latency_n, "images_per_s": row.images_per_s, "throughput_batch": row.throughput_batch, "threads": opts.threads, "note": "quick build-time figure; use `bitdeploy bench` for publishable numbers"}
         row.precision_used = artifact.target.get("precision_used")
         row.device = str(described.get("device") or artifact.target.get("device") or "")
         row.notes = list(artifact.notes)
         path = bundle_path(opts, ctx["row_count"], row.name)
+        manifest["validated_on"] = {**host_fingerprint(), "evaluated_with": result.get("evaluated_with")}
         with bundle_writer(path) as tmp:
             copy_artifact(work, tmp, artifact.files)
-            write_manifest(tmp, manifest, artifact.files)
+            manifest["self_test"] = _write_golden(tmp, ctx, logits, precision)
+            write_manifest(tmp, manifest, [*artifact.files, selftest.GOLDEN_FILE])
         row.bundle = str(path)
         row.size_mb = sum((path / f).stat().st_size for f in artifact.files) / 1e6
         row.status = "valid" if passed else "failed gate"
@@ -150,6 +157,20 @@ def build_row(row: RowResult, target: Target, precision: str, ctx: dict[str, Any
             raise
         row.status, row.error = f"failed: {type(exc).__name__}: {_first_line(exc)}", f"{type(exc).__name__}: {_first_line(exc)}"
         log(f"[{row.name}] failed: {row.error}")
+
+
+def _write_golden(bundle_dir: Path, ctx: dict[str, Any], logits: Any, precision: str) -> dict[str, Any]:
+    """The bundle's self-test: a seeded subset of the validation inputs, their FP32 logits and labels."""
+    import numpy as np
+
+    data, reference, labels = ctx["data"], ctx["reference"], ctx["labels_array"]
+    idx = selftest.select(data.samples, ctx["resolution"])
+    picked, lo = [], 0
+    for x, _ in data.batches():  # gather only the chosen rows: the validation set may not fit in memory
+        picked.append(x[idx[(idx >= lo) & (idx < lo + len(x))] - lo])
+        lo += len(x)
+    inputs = np.concatenate(picked)
+    return selftest.write(bundle_dir, inputs, reference[idx], labels[idx] if labels is not None else None, logits[idx], precision)
 
 
 def _invalid_reason(result: dict[str, Any], opts: Any) -> str:

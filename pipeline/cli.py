@@ -20,8 +20,10 @@ COMMANDS: dict[str, str] = {
     "build": "bitdeploy.cmd_build:build",
     "predict": "bitdeploy.cmd_runtime:predict",
     "inspect": "bitdeploy.cmd_runtime:inspect",
+    "verify": "bitdeploy.cmd_verify:verify",
     "pack": "bitdeploy.cmd_runtime:pack",
     "serve": "bitdeploy.cmd_runtime:serve",
+    "export-repo": "bitdeploy.cmd_export_repo:export_repo",
     "bench": "bitdeploy.cmd_bench:bench",
     "report": "bitdeploy.cmd_bench:report",
 }

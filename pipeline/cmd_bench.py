@@ -7,10 +7,11 @@ from typing import Any
 
 import click
 
+from bitdeploy.benchmarks.baseline import COMPILE_TIMEOUT_S
 from bitdeploy.errors import BitdeployError
 
 SCENARIOS = ("single-stream", "offline", "both")
-BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt", "litert")
 
 
 def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -46,15 +47,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 @click.option("--dataset", help="Measure top-1/top-5 on this dataset's validation split (digits, ImageFolder dir, CIFAR).")
 @click.option("--samples", type=click.IntRange(min=1), help="Evaluate at most this many validation images.")
 @click.option("--reference", type=click.Path(), help="A bundle whose predictions the others are compared with (needs --dataset).")
-@click.option("--pytorch-baseline", is_flag=True, help="Also time PyTorch eager FP32 (weight standardisation computed every call): the speed-up column's denominator. Needs the train extra.")
+@click.option("--pytorch-baseline", is_flag=True, help="Also time PyTorch FP32 three ways: eager with Google's weight standardisation every call, eager with it folded, torch.compile of the folded model; the speed-up column divides by the fastest. Needs the train extra.")
 @click.option("--baseline-weights", default="auto", show_default=True, metavar="auto|none|PATH", help="Weights of the PyTorch baseline; auto: the bundle's own checkpoint/.npz if it is a local file, else random (latency only).")
+@click.option("--compile-timeout", type=click.FloatRange(min=0), default=COMPILE_TIMEOUT_S, show_default=True, help="Seconds allowed for torch.compile of the baseline (0: skip that form); past it the row says so.")
 @click.option("--no-e2e", is_flag=True, help="Skip the end-to-end (decode + preprocess + infer) measurement.")
 @click.option("--no-raw", is_flag=True, help="Do not store every query's latency in the JSON.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Write the results (schema bitdeploy-bench v1) here; - for stdout.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Also write report.md and report.html into this directory.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs and the dataset split.")
-def bench(bundles: tuple[str, ...], batch_sizes: tuple[int, ...], scenario: str, iterations: int | None, duration: float | None, warmup: int, threads: int | None, device: str | None, backend: str | None, dataset: str | None, samples: int | None, reference: str | None, pytorch_baseline: bool, baseline_weights: str, no_e2e: bool, no_raw: bool, json_out: str | None, report_dir: str | None, no_progress: bool, seed: int) -> None:
+def bench(bundles: tuple[str, ...], batch_sizes: tuple[int, ...], scenario: str, iterations: int | None, duration: float | None, warmup: int, threads: int | None, device: str | None, backend: str | None, dataset: str | None, samples: int | None, reference: str | None, pytorch_baseline: bool, baseline_weights: str, compile_timeout: float, no_e2e: bool, no_raw: bool, json_out: str | None, report_dir: str | None, no_progress: bool, seed: int) -> None:
     """Measure latency, throughput and accuracy of BUNDLE... on this machine.
 
     \b
@@ -71,7 +73,7 @@ def bench(bundles: tuple[str, ...], batch_sizes: tuple[int, ...], scenario: str,
     opts = BenchOptions(
         batch_sizes=batch_sizes, scenario=scenario, iterations=iterations, duration=duration, warmup=warmup,
         threads=threads, device=device, backend=backend, dataset=dataset, samples=samples, reference=reference,
-        pytorch_baseline=baseline_weights if pytorch_baseline else None, end_to_end=not no_e2e, keep_raw=not no_raw, progress=not no_progress, seed=seed,
+        pytorch_baseline=baseline_weights if pytorch_baseline else None, compile_timeout=compile_timeout, end_to_end=not no_e2e, keep_raw=not no_raw, progress=not no_progress, seed=seed,
     )  # fmt: skip
     doc = run(list(bundles), opts)
     table = format_table(table_rows([doc]))

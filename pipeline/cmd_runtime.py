@@ -6,16 +6,14 @@ Only click is imported at module level; numpy, Pillow and the backend SDK come i
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt", "litert")
 BUNDLE_ARG = click.argument("bundle", type=click.Path(path_type=Path), metavar="BUNDLE")
 
 
@@ -171,7 +169,25 @@ def summary_rows(m: dict[str, Any], root: Path, is_pack: bool, checksums: str) -
     prov = m.get("provenance") or {}
     versions = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items())
     rows.append(("provenance", f"bitdeploy {prov.get('bitdeploy')}, created {prov.get('created')}" + (f"; {versions}" if versions else "")))
+    rows.extend(device_rows(m))
     rows.append(("checksums", checksums if checksums != "ok" else f"ok ({len(m.get('files') or {})} file(s) verified)"))
+    return rows
+
+
+def device_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where the bundle was validated, this machine's class, and the self-test it carries."""
+    from bitdeploy.runtimes.fingerprint import device_class, host_fingerprint, summary
+
+    validated_on, here = m.get("validated_on"), host_fingerprint()
+    same = "same class" if validated_on and device_class(validated_on) == device_class(here) else "another class: run `bitdeploy verify` here"
+    rows = [("validated on", summary(validated_on)), ("this device", f"{summary(here)} ({same})" if validated_on else summary(here))]
+    st = m.get("self_test")
+    if st:
+        crit = st.get("criteria") or {}
+        rows.append(("self-test", f"{st.get('images')} golden inputs ({st.get('stored_as')}); pass: agreement >= {crit.get('min_agreement', 0) * 100:.1f}%, "
+                                  f"relative logit error <= {crit.get('max_rel_error', 0):.3g}; run `bitdeploy verify`"))
+    else:
+        rows.append(("self-test", "none (built before bitdeploy 0.2)"))
     return rows
 
 
@@ -202,38 +218,59 @@ def pack(bundle: Path, out: Path, compress: bool | None) -> None:
 @BUNDLE_ARG
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (no authentication: keep it on loopback or behind a proxy).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0 picks a free one and prints it).")
-@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Inferences that run at once; further requests wait.")
+@click.option("--model-name", default=None, help="The name clients use in /v2/models/NAME (default: the bundle's model name).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Most images per engine call; requests that arrive together are batched.")
+@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=5.0, show_default=True, help="Longest a request waits for others to join its batch (only while other requests are in flight).")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Threads that parse, decode and preprocess requests (one more thread runs the engine).")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=16.0, show_default=True, help="Largest accepted request body; larger ones get 413.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True, help="Seconds to receive a body, and to wait for the engine (then 408 / 503); also the idle keep-alive and the SIGTERM drain limit.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=64, show_default=True, help="Open connections plus requests in flight; beyond it, 503.")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=None, help="Also serve the v2 gRPC service on this port (0: a free one); needs the grpc extra.")
 @click.option("--access-log", is_flag=True, help="Log every request to stderr.")
+@click.option("--self-test", is_flag=True, help="Run the bundle's golden-set self-test on this device before listening; exit 1 if it fails (see `bitdeploy verify`).")
 @_engine_options
-def serve(bundle: Path, host: str, port: int, workers: int, max_body_mb: float, access_log: bool, backend: str | None, device: str | None, threads: int | None, no_verify: bool) -> None:
-    """Serve BUNDLE over HTTP: POST /v1/predict (raw image bytes, ?top_k=K) and GET /healthz.
+def serve(bundle: Path, host: str, port: int, model_name: str | None, max_batch: int, max_delay_ms: float, workers: int, max_body_mb: float,
+          timeout: float, max_connections: int, grpc_port: int | None, access_log: bool, self_test: bool, backend: str | None, device: str | None, threads: int | None, no_verify: bool) -> None:
+    """Serve BUNDLE with the Open Inference Protocol (KServe v2) over HTTP, plus POST /v1/predict and GET /healthz.
+
+    Needs the serve extra: pip install "bitdeploy[serve]". Triton's client (tritonclient.http) works
+    against it; see the README for the routes, batching and GET /metrics. SIGTERM drains the requests in
+    flight, then exits 0.
 
     \b
     Example:
       bitdeploy serve runs/digits --port 8000 &
+      curl localhost:8000/v2/models/tiny
       curl --data-binary @img.png 'http://127.0.0.1:8000/v1/predict?top_k=3'
     """
-    from bitdeploy.runtimes import load
-    from bitdeploy.runtimes.serve import make_server
+    from bitdeploy.errors import require
 
-    with load(bundle, backend=backend, device=device, threads=threads, verify=not no_verify) as model:
-        server = make_server(model, host, port, workers=workers, max_body=int(max_body_mb * (1 << 20)), access_log=access_log)
+    require("starlette", "serve", "the HTTP server for `bitdeploy serve` (starlette)")  # before the slow model load
+    if grpc_port is not None:
+        require("grpc", "grpc", "gRPC for `bitdeploy serve --grpc-port` (grpcio)")
+    from bitdeploy.runtimes import load
+    from bitdeploy.runtimes.serve import HTTPServer, ServeOptions
+
+    options = ServeOptions(model_name=model_name, max_batch=max_batch, max_delay_ms=max_delay_ms, workers=workers,
+                           max_body=int(max_body_mb * (1 << 20)), timeout=timeout, max_connections=max_connections,
+                           keep_alive=timeout, drain_timeout=timeout, access_log=access_log)
+    options.check()
+    with load(bundle, backend=backend, device=device, threads=threads, verify=not no_verify, self_test=self_test) as model:
+        if model.last_self_test is not None:  # readiness waits for it: nothing listens until it has passed
+            click.echo(f"self-test {model.last_self_test.line()}", err=True)
+        server = HTTPServer(model, host, port, options)
+        grpc_note = ""
+        if grpc_port is not None:
+            from bitdeploy.runtimes.serve_grpc import GrpcServer
+
+            grpc_server = GrpcServer(server.service, host, grpc_port)
+            grpc_note = f", gRPC on {host}:{grpc_server.port}"
         if host not in ("127.0.0.1", "localhost", "::1"):
             click.echo(f"warning: listening on {host} without authentication; anyone who can reach it can use the model", err=True)
-
-        def stop(*_: object) -> None:  # shutdown() waits for serve_forever, so it must run on another thread
-            threading.Thread(target=server.shutdown, daemon=True).start()
-
-        signal.signal(signal.SIGTERM, stop)
         info = model.describe()
-        click.echo(f"serving {model.name} ({info.get('backend')} on {info.get('device')}, {workers} worker(s)) at {server.url}  "
-                   f"POST /v1/predict, GET /healthz; Ctrl-C stops")
+        name = server.service.model.name
+        click.echo(f"serving {name} ({info.get('backend')} on {info.get('device')}, batches of up to {server.service.batcher.max_batch}, "
+                   f"{workers} preprocessing worker(s)) at {server.url}  POST /v2/models/{name}/infer, /v1/predict; GET /metrics{grpc_note}; Ctrl-C stops")
         sys.stdout.flush()
-        try:
-            server.serve_forever(poll_interval=0.2)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.server_close()
-        click.echo(f"stopped after {server.requests_served} prediction(s)")
+        server.serve()
+        click.echo(f"stopped after {server.service.answered} request(s)")

@@ -71,6 +71,17 @@ TARGETS: dict[str, Target] = {
         calib_methods=("minmax", "entropy", "percentile"),  # through ONNX Runtime's QDQ quantizer
         devices="cuda:N (default cuda:0)",
     ),
+    "litert": Target(
+        name="litert",
+        backend="litert",
+        title="LiteRT",
+        converter="bitdeploy.converters.litert_convert:convert",
+        extra="litert-convert",
+        modules=("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),
+        int8_modules=("torchao",),
+        calib_methods=("histogram",),  # PT2E static: HistogramObserver on activations, min/max per channel on weights
+        devices="cpu (XNNPACK; default)",
+    ),
 }
 
 

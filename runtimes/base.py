@@ -22,6 +22,7 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "onnxruntime": ("bitdeploy.runtimes.ort:OrtBackend", "onnxruntime", "onnxruntime"),
     "openvino": ("bitdeploy.runtimes.ov:OpenVinoBackend", "openvino", "openvino"),
     "tensorrt": ("bitdeploy.runtimes.trt:TensorRTBackend", "tensorrt", "tensorrt"),
+    "litert": ("bitdeploy.runtimes.litert:LiteRtBackend", "litert", "ai_edge_litert"),
 }
 
 

@@ -21,7 +21,7 @@ from bitdeploy.fsutil import sha256_file
 MANIFEST = "manifest.json"
 FORMAT = "bitdeploy-bundle"
 FORMAT_VERSION = 1
-BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt", "litert")
 
 
 def read_manifest(bundle: str | os.PathLike[str]) -> dict[str, Any]:

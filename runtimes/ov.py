@@ -4,7 +4,8 @@ An infer request is not thread-safe, so each call borrows one from a pool and re
 pool size wait. The pool holds the device's optimal number of requests (1 per stream).
 
 The CPU plugin runs an "FP32" IR in bf16 on CPUs with bf16 units unless INFERENCE_PRECISION_HINT is f32, so the
-hint is set from the precision the build validated (`target.precision_used`), never left to the device default.
+hint is set from the precision the build validated (`target.inference_precision`; older bundles: the float part
+of `target.precision_used`), never left to the device default.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ _FLOAT_TYPES = {"f32": "f32", "fp32": "f32", "float32": "f32", "bf16": "bf16", "
 
 
 def precision_hint(target: dict[str, Any]) -> str | None:
-    """The float precision to pin: the float part of precision_used ("int8+f32" -> "f32"), else f32 for fp32 bundles."""
+    """The float precision to pin: inference_precision, else the float part of precision_used ("int8+f32" -> "f32"),
+    else f32 for fp32 bundles."""
+    pinned = _FLOAT_TYPES.get(str(target.get("inference_precision") or "").lower())
+    if pinned:
+        return pinned
     used = str(target.get("precision_used") or "").lower().replace(" ", "")
     for part in used.replace("/", "+").split("+"):
         if part in _FLOAT_TYPES:

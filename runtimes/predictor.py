@@ -21,11 +21,14 @@ import numpy as np
 
 from bitdeploy.errors import BitdeployError, BundleError, MissingDependencyError
 from bitdeploy.runtimes import preprocess as pre
+from bitdeploy.runtimes import selftest
+from bitdeploy.runtimes.fingerprint import device_class, host_fingerprint
+from bitdeploy.runtimes.selftest import SelfTestResult
 from bitdeploy.runtimes.base import REGISTRY, Backend, backend_available, backend_class
 from bitdeploy.runtimes.pack import OpenedBundle, open_bundle
 
 # Which model files each backend reads (OpenVINO reads ONNX directly too).
-BACKEND_FORMATS: dict[str, tuple[str, ...]] = {"onnxruntime": (".onnx",), "openvino": (".xml", ".onnx"), "tensorrt": (".plan", ".engine")}
+BACKEND_FORMATS: dict[str, tuple[str, ...]] = {"onnxruntime": (".onnx",), "openvino": (".xml", ".onnx"), "tensorrt": (".plan", ".engine"), "litert": (".tflite",)}
 DEFAULT_MAX_BATCH = 32
 
 Prediction = list[tuple[str, float]]
@@ -79,6 +82,7 @@ class Predictor:
         n = len(labels) if labels else int(model.get("num_classes") or 0)
         self.labels: list[str] = [str(x) for x in labels] if labels else [str(i) for i in range(n)]
         self.name: str = str(model.get("name") or opened.source.name)
+        self.last_self_test: SelfTestResult | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _release, backend, opened)
@@ -92,6 +96,7 @@ class Predictor:
         device: str | None = None,
         threads: int | None = None,
         verify: bool = True,
+        self_test: bool = False,
         **backend_options: Any,
     ) -> Predictor:
         opened = open_bundle(path, verify=verify)
@@ -99,7 +104,12 @@ class Predictor:
         try:
             _check_input_spec(opened)  # fail before the (slow) engine load
             engine = _open_backend(opened, backend, device, threads, backend_options)
-            return cls(opened, engine)
+            predictor = cls(opened, engine)
+            if self_test:
+                result = predictor.self_test()
+                if not result.passed:
+                    raise BundleError(f"{opened.source}: self-test failed on this device ({'; '.join(result.failures)}); run `bitdeploy verify` for details")
+            return predictor
         except BaseException:
             if engine is not None:
                 engine.close()
@@ -178,17 +188,31 @@ class Predictor:
         timing: Timing | None = getattr(self._local, "timing", None)
         return timing
 
+    def self_test(self) -> SelfTestResult:
+        """Run the bundle's golden set on this device and judge it by the criteria the build derived."""
+        result = selftest.run(self.infer_padded, self.bundle.root, self.manifest, batch_size=min(8, self.max_batch))
+        self.last_self_test = result
+        return result
+
     # -- description and lifetime -------------------------------------------------------------------------
     @property
     def backend_name(self) -> str:
         return self.backend.name if self.backend is not None else ""
 
     def describe(self) -> dict[str, Any]:
-        """What runs: model, backend, device, precision, threads."""
+        """What runs: model, backend, device, precision, threads, and the device class beside the one the
+        bundle was validated on."""
         info: dict[str, Any] = {"model": self.name, "bundle": str(self.bundle.source), "labels": len(self.labels)}
         info["precision"] = (self.manifest.get("target") or {}).get("precision")
         if self.backend is not None:
             info.update(self.backend.describe())
+        validated_on = self.manifest.get("validated_on")
+        device = host_fingerprint()
+        info["device_fingerprint"] = device
+        info["validated_on"] = validated_on
+        info["same_device_class"] = device_class(validated_on) == device_class(device) if validated_on else None
+        if self.last_self_test is not None:
+            info["self_test"] = self.last_self_test.as_dict()
         return info
 
     @property

@@ -1,238 +1,423 @@
-"""A small local HTTP service around a Predictor (standard library only).
+"""`bitdeploy serve`: the Open Inference Protocol (KServe v2) over REST, with dynamic batching and metrics.
 
-    POST /v1/predict[?top_k=K]   body: the raw bytes of one image file
-        200 {"model": ..., "predictions": [{"label": ..., "probability": ...}, ...], "timing": {...}}
-        400 bad image / bad top_k / empty body, 411 no Content-Length, 413 body too large: {"error": ...}
-    GET  /healthz                200 {"status": "ok", "model": ..., "backend": ..., ...}
+An ASGI app (Starlette) on uvicorn; needs the `serve` extra. Routes:
 
-Robustness: every error is answered with JSON and the server keeps running; at most `workers` inferences
-run at once (the rest wait); connections beyond `max_connections` get 503; a stalled client is dropped
-after `timeout` seconds. There is no authentication: bind to loopback unless a proxy in front provides it.
+    GET  /v2/health/live, /v2/health/ready, /v2 (server metadata)
+    GET  /v2/models/{name}[/versions/1], .../ready           model metadata, readiness
+    POST /v2/models/{name}[/versions/1]/infer                `input` FP32 or `image` BYTES -> `logits`
+    POST /v1/predict[?top_k=K]  (raw image bytes)           GET /healthz        (the original JSON routes)
+    GET  /metrics                                            Prometheus text format
+
+Requests are read (bounded by --max-body-mb and --timeout), parsed and preprocessed on a pool of `workers`
+threads, then queued for the one engine thread (`Batcher`), which runs them in batches of up to
+`max_batch`. Every error is answered with JSON `{"error": ...}` and the server keeps running; uvicorn
+answers 503 past `max_connections`, and SIGTERM drains the requests in flight before exiting.
+There is no authentication: bind to loopback unless a proxy in front provides it.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
+import signal
+import socket
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from socket import SHUT_WR, socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
 
 from bitdeploy import __version__
-from bitdeploy.errors import BitdeployError, ImageError
+from bitdeploy.errors import BitdeployError, ImageError, require
+from bitdeploy.runtimes.batcher import Batcher
 from bitdeploy.runtimes.predictor import Predictor
+from bitdeploy.runtimes.serve_protocol import HEADER_LENGTH, InferRequest, ModelInfo, ProtocolError, encode_answer, parse_infer
 
-DEFAULT_MAX_BODY = 16 << 20
+require("starlette", "serve", "the HTTP server for `bitdeploy serve` (starlette)")
+require("uvicorn", "serve", "the HTTP server for `bitdeploy serve` (uvicorn)")
+require("prometheus_client", "serve", "the metrics of `bitdeploy serve` (prometheus-client)")
+
+import uvicorn  # noqa: E402
+from starlette.applications import Starlette  # noqa: E402
+from starlette.exceptions import HTTPException  # noqa: E402
+from starlette.requests import ClientDisconnect, Request  # noqa: E402
+from starlette.responses import JSONResponse, Response  # noqa: E402
+from starlette.routing import Route  # noqa: E402
+from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
+
+from bitdeploy.runtimes.serve_metrics import ServeMetrics  # noqa: E402
+
 DEFAULT_TOP_K = 5
+ROUTE_KEY = "bitdeploy.route"
+CHEAP_HEADER = 4096  # JSON headers up to this size are parsed on the event loop
 
 
-class PredictServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a bound on concurrent inferences and on open connections."""
+@dataclass(frozen=True)
+class ServeOptions:
+    model_name: str | None = None  # default: the bundle's model name
+    max_batch: int = 8
+    max_delay_ms: float = 5.0
+    workers: int = 2  # threads that parse and preprocess requests
+    max_body: int = 16 << 20
+    timeout: float = 30.0  # reading a body; waiting for the engine
+    max_connections: int = 64
+    keep_alive: float = 30.0
+    drain_timeout: float = 30.0
+    access_log: bool = False
 
-    daemon_threads = True
-    allow_reuse_address = True
+    def check(self) -> None:
+        if self.workers < 1 or self.max_body < 1 or self.max_connections < 1 or self.timeout <= 0:
+            raise BitdeployError("--workers, --max-body-mb, --timeout and --max-connections must be positive")
 
-    def __init__(
-        self,
-        address: tuple[str, int],
-        predictor: Predictor,
-        workers: int = 2,
-        max_body: int = DEFAULT_MAX_BODY,
-        max_connections: int = 64,
-        timeout: float = 30.0,
-        access_log: bool = False,
-    ) -> None:
-        if workers < 1 or max_body < 1 or max_connections < 1:
-            raise BitdeployError("--workers, --max-body-mb and the connection limit must be positive")
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Service:
+    """The state behind the routes: the predictor, the batcher, the preprocessing pool and the metrics."""
+
+    def __init__(self, predictor: Predictor, options: ServeOptions) -> None:
+        options.check()
         self.predictor = predictor
-        self.workers = workers
-        self.slots = threading.BoundedSemaphore(workers)
-        self.connections = threading.BoundedSemaphore(max_connections)
-        self.max_body = max_body
-        self.request_timeout = timeout
-        self.access_log = access_log
-        self.requests_served = 0
-        self.errors_logged = 0
-        self._count_lock = threading.Lock()
-        super().__init__(address, PredictHandler)
+        self.options = options
+        spec = predictor.input_spec
+        self.model = ModelInfo(
+            name=options.model_name or predictor.name,
+            platform=f"bitdeploy_{predictor.backend_name}",
+            input_name=str(spec.get("name") or "input"),
+            input_shape=tuple(int(d) for d in spec["shape"][1:]),
+            output_name=str((predictor.manifest.get("output") or {}).get("name") or "logits"),
+            labels=predictor.labels,
+        )
+        self.metrics = ServeMetrics(self.model.name)
+        self.pool = ThreadPoolExecutor(options.workers, thread_name_prefix="bitdeploy-preprocess")
+        self.batcher = Batcher(predictor.infer_padded, min(options.max_batch, predictor.max_batch), options.max_delay_ms / 1e3,
+                               on_batch=self.metrics.observe_batch, on_queue=self.metrics.set_queue_depth)
+        self.draining = False
+        self.on_close: list[Callable[[], None]] = []  # other transports, drained before the batcher stops
+        self.answered = 0
+        self.failures = 0  # 5xx: engine failures and bugs
+
+    def close(self) -> None:
+        for stop in self.on_close:
+            stop()
+        self.batcher.close(self.options.drain_timeout)
+        self.pool.shutdown(wait=True)
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, partial(fn, *args))
+
+    async def read_body(self, request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is None and "chunked" not in request.headers.get("transfer-encoding", "").lower():
+            raise HTTPError(411, "missing Content-Length; send the body with a length")
+        limit = self.options.max_body
+        if length is not None and int(length) > limit:  # uvicorn has already refused a non-numeric length
+            raise HTTPError(413, f"body of {length} bytes is over the {limit}-byte limit; send less or raise --max-body-mb")
+        chunks, size = [], 0
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise HTTPError(413, f"body is over the {limit}-byte limit; send less or raise --max-body-mb")
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), self.options.timeout)
+        except asyncio.TimeoutError:
+            raise HTTPError(408, f"body not received within {self.options.timeout:g} s; send it faster or raise --timeout") from None
+        except ClientDisconnect:
+            raise HTTPError(400, "the client closed the connection before sending the whole body") from None
+        return b"".join(chunks)
+
+    async def infer(self, batch: np.ndarray) -> np.ndarray:
+        future = self.batcher.submit(batch, expected=True)
+        try:
+            logits: np.ndarray = await asyncio.wait_for(asyncio.wrap_future(future), self.options.timeout)
+        except asyncio.TimeoutError:
+            raise HTTPError(503, f"no engine answer within {self.options.timeout:g} s; the server is overloaded, retry later") from None
+        return logits
+
+    async def preprocessed(self, request: Request, prepare: Callable[[bytes], Any], cheap: Callable[[bytes], bool] = lambda body: False) -> Any:
+        """Read the body and run `prepare` on it, announced to the batcher so a batch may wait for it.
+
+        `prepare` runs in the pool unless `cheap(body)`: then on the event loop, as each thread hop costs a
+        wake-up, which on a busy machine is more than parsing a small JSON header.
+        """
+        self.batcher.expect()
+        try:
+            body = await self.read_body(request)
+            return prepare(body) if cheap(body) else await self.run(prepare, body)
+        except BaseException:
+            self.batcher.forget()
+            raise
+
+    def images_to_batch(self, images: list[bytes]) -> np.ndarray:
+        arrays = []
+        for i, data in enumerate(images):
+            try:
+                arrays.append(self.predictor.preprocess(data))
+            except ImageError as exc:
+                where = f"image {i + 1} of {len(images)} ({len(data)} bytes)" if len(images) > 1 else f"image ({len(data)} bytes)"
+                raise ProtocolError(str(exc).replace(f"<{len(data)} bytes>", where, 1)) from None
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+    def check_model(self, request: Request) -> None:
+        name = request.path_params["name"]
+        version = request.path_params.get("version")
+        if name != self.model.name:
+            raise HTTPError(404, f"unknown model {name!r}; this server serves {self.model.name!r}")
+        if version is not None and version != "1":
+            raise HTTPError(404, f"model {name!r} has no version {version!r}; use version 1")
+
+    # -- v2 routes --------------------------------------------------------------------------------------
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        ok = not self.draining and not self.predictor.closed
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse({"name": "bitdeploy", "version": __version__, "extensions": ["binary_tensor_data", "classification"]})
+
+    async def model_metadata(self, request: Request) -> Response:
+        self.check_model(request)
+        return JSONResponse(self.model.metadata())
+
+    async def model_ready(self, request: Request) -> Response:
+        self.check_model(request)
+        return await self.ready(request)
+
+    async def v2_infer(self, request: Request) -> Response:
+        self.check_model(request)
+        header_length = request.headers.get(HEADER_LENGTH)
+
+        def prepare(body: bytes) -> tuple[InferRequest, np.ndarray]:
+            req = parse_infer(body, header_length, self.model)
+            batch = self.images_to_batch(req.images) if req.images is not None else req.tensor
+            assert batch is not None
+            return req, batch
+
+        def cheap(body: bytes) -> bool:  # a binary FP32 tensor behind a small JSON header
+            head = body[: int(header_length)] if header_length and header_length.isdigit() else b""
+            return 0 < len(head) <= CHEAP_HEADER and b'"BYTES"' not in head
+
+        req, batch = await self.preprocessed(request, prepare, cheap)
+        logits = await self.infer(batch)
+        body, headers = encode_answer(self.model, req, logits)
+        return Response(body, headers=headers)
+
+    # -- the original routes ---------------------------------------------------------------------------
+    async def healthz(self, request: Request) -> Response:
+        p = self.predictor
+        return JSONResponse({"status": "ok", "model": self.model.name, "backend": p.backend_name, "labels": len(p.labels),
+                             "precision": (p.manifest.get("target") or {}).get("precision"), "workers": self.options.workers})
+
+    async def v1_predict(self, request: Request) -> Response:
+        top_k = _top_k(request.query_params.getlist("top_k"))
+
+        def prepare(body: bytes) -> tuple[np.ndarray, float]:
+            if not body:
+                raise ImageError("empty request body; POST the bytes of an image file")
+            t0 = time.perf_counter()
+            try:
+                batch = self.predictor.preprocess(body)
+            except ImageError as exc:
+                raise ImageError(str(exc).replace(f"<{len(body)} bytes>", f"request body ({len(body)} bytes)", 1)) from None
+            return batch, time.perf_counter() - t0
+
+        batch, pre_s = await self.preprocessed(request, prepare)
+        t0 = time.perf_counter()
+        logits = await self.infer(batch)
+        infer_s = time.perf_counter() - t0
+        predictions = self.predictor.postprocess(logits, top_k)[0]
+        return JSONResponse({"model": self.model.name,
+                             "predictions": [{"label": label, "probability": prob} for label, prob in predictions],
+                             "timing": {"preprocess_ms": round(pre_s * 1e3, 3), "infer_ms": round(infer_s * 1e3, 3)}})
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+
+def _top_k(values: list[str]) -> int:
+    if not values:
+        return DEFAULT_TOP_K
+    try:
+        k = int(values[-1])
+    except ValueError:
+        raise BitdeployError(f"top_k must be a positive integer (got {values[-1]!r})") from None
+    if k < 1:
+        raise BitdeployError(f"top_k must be a positive integer (got {k})")
+    return k
+
+
+def _answers_errors(service: Service, route: str, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Every failure becomes a JSON answer: 4xx for the client's mistakes, 500 (one log line) for ours."""
+
+    async def endpoint(request: Request) -> Response:
+        request.scope[ROUTE_KEY] = route  # the metrics label: the template, not the path
+        try:
+            response = await handler(request)
+        except HTTPError as exc:
+            response = _error(exc.status, str(exc))
+        except BitdeployError as exc:  # a bad image, tensor or parameter
+            response = _error(400, str(exc))
+        except Exception as exc:  # noqa: BLE001 - an engine failure or a bug: answer, log one line, keep serving
+            service.failures += 1
+            sys.stderr.write(f"bitdeploy serve: {request.method} {request.url.path} failed: {type(exc).__name__}: {exc}\n")
+            response = _error(500, f"internal error ({type(exc).__name__}); see the server log")
+        service.answered += 1
+        return response
+
+    return endpoint
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class MetricsMiddleware:
+    """Counts every answer (including the router's 404/405) by route template and status, and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get(ROUTE_KEY) or getattr(scope.get("route"), "path", "other")  # 405s carry the router's match
+            self.metrics.observe_request(route, status, time.perf_counter() - t0)
+
+
+def create_app(predictor: Predictor, options: ServeOptions | None = None) -> Starlette:
+    """The ASGI app for `predictor`; `app.state.service` holds its state. Closing is the lifespan's job."""
+    service = Service(predictor, options or ServeOptions())
+    s = service
+    table: list[tuple[str, Callable[[Request], Awaitable[Response]], list[str]]] = [
+        ("/v2/health/live", s.live, ["GET"]),
+        ("/v2/health/ready", s.ready, ["GET"]),
+        ("/v2", s.server_metadata, ["GET"]),
+        ("/v2/models/{name}", s.model_metadata, ["GET"]),
+        ("/v2/models/{name}/versions/{version}", s.model_metadata, ["GET"]),
+        ("/v2/models/{name}/ready", s.model_ready, ["GET"]),
+        ("/v2/models/{name}/versions/{version}/ready", s.model_ready, ["GET"]),
+        ("/v2/models/{name}/infer", s.v2_infer, ["POST"]),
+        ("/v2/models/{name}/versions/{version}/infer", s.v2_infer, ["POST"]),
+        ("/v1/predict", s.v1_predict, ["POST"]),
+        ("/healthz", s.healthz, ["GET"]),
+        ("/metrics", s.prometheus, ["GET"]),
+    ]
+    routes = [Route(path, _answers_errors(service, path, fn), methods=methods) for path, fn, methods in table]
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            return _error(405, f"method {request.method} not allowed on {request.url.path}; use {exc.headers.get('Allow') if exc.headers else 'another method'}", exc.headers)
+        if exc.status_code == 404:
+            return _error(404, f"no route {request.url.path}; see GET /v2 and POST /v2/models/{service.model.name}/infer, or POST /v1/predict")
+        return _error(exc.status_code, str(exc.detail))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, service.close)
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    app.state.service = service
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, with SIGTERM/SIGINT marking the service as draining and not re-raised after the drain."""
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.service.draining = True
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:  # uvicorn's would re-raise the signal after the drain and die of it
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class HTTPServer:
+    """A bound socket plus the app: `serve()` blocks until SIGTERM/SIGINT (or `stop()`) and a full drain."""
+
+    def __init__(self, predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions | None = None) -> None:
+        self.options = options or ServeOptions()
+        self.app = create_app(predictor, self.options)
+        self.service: Service = self.app.state.service
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only on proto TCP
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((host, port))
+            self.socket.listen(256)  # connections made before uvicorn starts wait in the backlog
+        except OSError as exc:
+            self.socket.close()
+            self.service.close()
+            raise BitdeployError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port or --host") from None
+        self.host, self.port = host, self.socket.getsockname()[1]
+        opts = self.options  # uvicorn's limit counts the arriving connection too, hence the + 1
+        config = uvicorn.Config(self.app, http="h11", lifespan="on", limit_concurrency=opts.max_connections + 1, backlog=256,
+                                timeout_keep_alive=int(max(1, opts.keep_alive)), timeout_graceful_shutdown=int(max(1, opts.drain_timeout)),
+                                access_log=opts.access_log, log_level="info" if opts.access_log else "warning", server_header=False)
+        self._server = _Server(config, self.service)
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.connections.acquire(blocking=False):
-            body = b'{"error": "server busy: too many open connections; retry later"}'
-            head = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            try:
-                request.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
-                request.shutdown(SHUT_WR)
-            except OSError:
-                pass
-            self.close_request(request)  # no draining here: this runs on the accept loop's thread
-            return
-        super().process_request(request, client_address)
+    @property
+    def started(self) -> bool:
+        return bool(self._server.started)
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def serve(self) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            self._server.run(sockets=[self.socket])
         finally:
-            self.connections.release()
+            self.socket.close()
 
-    def shutdown_request(self, request: Any) -> None:
-        # Drain what the client is still sending before closing: closing a socket with unread input makes the
-        # kernel send a reset, which can destroy the error answer (413, 411) before the client reads it.
-        try:
-            request.shutdown(SHUT_WR)
-            request.settimeout(0.5)
-            drained, deadline = 0, time.monotonic() + 2.0
-            while drained < self.max_body and time.monotonic() < deadline:
-                chunk = request.recv(65536)
-                if not chunk:
-                    break
-                drained += len(chunk)
-        except OSError:
-            pass
-        self.close_request(request)
-
-    def handle_error(self, request: socket | tuple[bytes, socket], client_address: Any) -> None:
-        # A dropped or broken connection must not spill a traceback per request onto the console.
-        exc = sys.exc_info()[1]
-        with self._count_lock:
-            self.errors_logged += 1
-        sys.stderr.write(f"bitdeploy serve: connection from {client_address[0]} failed: {type(exc).__name__}: {exc}\n")
-
-
-class PredictHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    default_request_version = "HTTP/1.0"  # answer unparseable request lines with a status line, not HTTP/0.9 bare bodies
-    disable_nagle_algorithm = True  # small JSON answers must not wait for the client's delayed ACK
-    wbufsize = 1 << 16  # http.server flushes after each request
-    server_version = f"bitdeploy/{__version__}"
-    error_content_type = "application/json"
-    error_message_format = '{"error": "%(message)s", "code": %(code)d}'
-    server: PredictServer
-
-    def setup(self) -> None:
-        self.timeout = self.server.request_timeout
-        super().setup()
-
-    # -- routes -------------------------------------------------------------------------------------------
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        path = urlsplit(self.path).path
-        if path == "/healthz":
-            p = self.server.predictor
-            self._json(200, {"status": "ok", "model": p.name, "backend": p.backend_name, "labels": len(p.labels),
-                             "precision": (p.manifest.get("target") or {}).get("precision"), "workers": self.server.workers})
-        elif path == "/v1/predict":
-            self._json(405, {"error": "use POST with the image bytes as the body"}, extra={"Allow": "POST"})
-        else:
-            self._json(404, {"error": f"no route {path}; use POST /v1/predict or GET /healthz"})
-
-    def do_POST(self) -> None:  # noqa: N802
-        url = urlsplit(self.path)
-        body = self._read_body()
-        if body is None:
-            return
-        if url.path != "/v1/predict":
-            self._json(404, {"error": f"no route {url.path}; use POST /v1/predict"})
-            return
-        try:
-            top_k = self._top_k(url.query)
-            if not body:
-                raise ImageError("empty request body; POST the bytes of an image file")
-            with self.server.slots:
-                predictions, timing = self.server.predictor.predict(body, top_k=top_k, return_timing=True)
-        except BitdeployError as exc:  # bad image or bad parameter: the client's fault
-            self._json(400, {"error": str(exc).replace(f"<{len(body)} bytes>", f"request body ({len(body)} bytes)", 1)})
-            return
-        except Exception as exc:  # a bug or engine failure: answer 500, keep serving
-            with self.server._count_lock:
-                self.server.errors_logged += 1
-            sys.stderr.write(f"bitdeploy serve: inference failed: {type(exc).__name__}: {exc}\n")
-            self._json(500, {"error": f"internal error ({type(exc).__name__}); see the server log"})
-            return
-        with self.server._count_lock:
-            self.server.requests_served += 1
-        t = timing.as_dict()
-        self._json(200, {
-            "model": self.server.predictor.name,
-            "predictions": [{"label": label, "probability": prob} for label, prob in predictions[0]],
-            "timing": {"preprocess_ms": round(t["preprocess_ms"], 3), "infer_ms": round(t["infer_ms"], 3)},
-        })
-
-    def do_PUT(self) -> None:  # noqa: N802
-        self._json(405, {"error": "method not allowed; use POST /v1/predict or GET /healthz"}, close=True)
-
-    do_DELETE = do_PATCH = do_PUT  # noqa: N815
-
-    # -- helpers ----------------------------------------------------------------------------------------------
-    def _read_body(self) -> bytes | None:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self._json(411, {"error": "chunked bodies are not accepted; send Content-Length"}, close=True)
-            return None
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            self._json(411, {"error": "missing Content-Length; POST the image bytes with a length"}, close=True)
-            return None
-        try:
-            length = int(raw)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self._json(400, {"error": f"bad Content-Length {raw!r}"}, close=True)
-            return None
-        if length > self.server.max_body:
-            # The body is left unread, so the connection cannot be reused.
-            self._json(413, {"error": f"body of {length} bytes is over the {self.server.max_body}-byte limit; send a smaller image or raise --max-body-mb"}, close=True)
-            return None
-        body = self.rfile.read(length)
-        if len(body) < length:
-            self._json(400, {"error": f"body ended after {len(body)} of {length} bytes"}, close=True)
-            return None
-        return body
-
-    def _top_k(self, query: str) -> int:
-        values = parse_qs(query).get("top_k")
-        if not values:
-            return DEFAULT_TOP_K
-        try:
-            k = int(values[-1])
-        except ValueError:
-            raise BitdeployError(f"top_k must be a positive integer (got {values[-1]!r})") from None
-        if k < 1:
-            raise BitdeployError(f"top_k must be a positive integer (got {k})")
-        return k
-
-    def _json(self, code: int, payload: dict[str, Any], close: bool = False, extra: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for key, value in (extra or {}).items():
-                self.send_header(key, value)
-            if close:
-                self.send_header("Connection", "close")
-                self.close_connection = True
-            self.end_headers()
-            self.wfile.write(data)  # buffered (wbufsize): headers and body leave in one send
-        except OSError:  # the client went away; nothing to answer
-            self.close_connection = True
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
-        if self.server.access_log:
-            super().log_message(format, *args)
-
-
-def make_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, workers: int = 2,
-                max_body: int = DEFAULT_MAX_BODY, access_log: bool = False, **kwargs: Any) -> PredictServer:
-    """Bind (port 0 picks a free port) and return the server; call `serve_forever()` and finally `server_close()`."""
-    try:
-        return PredictServer((host, port), predictor, workers=workers, max_body=max_body, access_log=access_log, **kwargs)
-    except OSError as exc:
-        raise BitdeployError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port or --host") from None
+    def stop(self) -> None:
+        """Ask the server to drain and exit (as SIGTERM does); `serve()` returns when it has."""
+        self.service.draining = True
+        self._server.should_exit = True

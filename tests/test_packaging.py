@@ -41,7 +41,7 @@ def test_folders_are_flat() -> None:
 def test_wheel_metadata_extras(wheel: Path) -> None:
     meta = next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith("METADATA"))
     text = zipfile.ZipFile(wheel).read(meta).decode()
-    for extra in ("onnxruntime", "openvino", "tensorrt", "train", "all", "dev"):
+    for extra in ("onnxruntime", "openvino", "tensorrt", "litert", "litert-convert", "train", "all", "dev"):
         assert f"Provides-Extra: {extra}" in text
     requires = [line for line in text.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
     assert not any("torch" in r for r in requires), "the base install must not require torch"

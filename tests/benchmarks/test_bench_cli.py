@@ -22,7 +22,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def bench_json(onnx_bundle: Path, openvino_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    result = CliRunner().invoke(cli, ["bench", str(onnx_bundle), str(openvino_bundle), *FAST, "--dataset", "digits", "--samples", "64", "--reference", str(onnx_bundle), "--pytorch-baseline", "--json", str(out)])
+    args = [*FAST, "--dataset", "digits", "--samples", "64", "--reference", str(onnx_bundle), "--pytorch-baseline", "--compile-timeout", "240", "--json", str(out)]
+    result = CliRunner().invoke(cli, ["bench", str(onnx_bundle), str(openvino_bundle), *args])
     assert result.exit_code == 0, result.output
     return json.loads(out.read_text())
 
@@ -32,8 +33,8 @@ def test_bench_writes_latency_throughput_and_environment(bench_json: dict) -> No
     assert doc["schema"] == "bitdeploy-bench" and doc["schema_version"] == 1
     assert doc["environment"]["cpu"]["model"] and doc["environment"]["libraries"]["numpy"]
     assert doc["settings"]["iterations"] == 30
-    by_target = {e["target"]: e for e in doc["results"]}
-    assert set(by_target) == {"onnxruntime", "openvino", "pytorch"}
+    by_target = {e["target"]: e for e in doc["results"] if e["kind"] == "bundle"}
+    assert set(by_target) == {"onnxruntime", "openvino"}
     for target in ("onnxruntime", "openvino"):
         e = by_target[target]
         assert e["status"] == "valid", e
@@ -50,9 +51,20 @@ def test_bench_writes_latency_throughput_and_environment(bench_json: dict) -> No
     assert by_target["onnxruntime"]["accuracy"]["reference"]["agreement"] == 1.0
     assert by_target["openvino"]["precision_used"] == "f32"  # pinned, not the CPU's bf16 default
     assert by_target["openvino"]["accuracy"]["reference"]["max_abs_logit_diff"] < 1e-2
-    base = by_target["pytorch"]
-    assert base["kind"] == "pytorch" and base["single_stream"]["p50_ms"] > 0
-    assert base["accuracy"] is None  # random weights: no top-1 claimed
+    # three PyTorch baselines, timed first, each labelled; torch.compile either ran or says why not
+    base = [e for e in doc["results"] if e["kind"] == "pytorch"]
+    assert [e["describe"]["form"] for e in base] == ["eager-ws", "eager-folded", "compiled-folded"]
+    assert [e["name"].split(":")[0] for e in base] == ["pytorch-fp32-eager-ws", "pytorch-fp32-eager-folded", "pytorch-fp32-compiled-folded"]
+    assert all(e["describe"]["label"] for e in base) and doc["results"][:3] == base
+    ran = [e for e in base if e["status"] == "valid"]
+    assert base[0] in ran and base[1] in ran
+    assert base[2] in ran or base[2]["status"].startswith("skipped: torch.compile"), base[2]["status"]
+    for e in ran:
+        assert e["single_stream"]["n"] == 30 and e["single_stream"]["p50_ms"] > 0
+        assert [r["batch_size"] for r in e["offline"]["results"]] == [1, 4]
+        assert e["accuracy"] is None  # random weights: no top-1 claimed
+    if base[2] in ran:
+        assert 0 < base[2]["describe"]["compile_s"] <= 240
 
 
 def test_bench_report_flag_and_json_to_stdout(onnx_bundle: Path, tmp_path: Path) -> None:

@@ -82,9 +82,32 @@ def test_end_to_end_splits_preprocessing_on_encoded_images() -> None:
     assert r["mean_ms"] == pytest.approx(r["preprocess_mean_ms"] + r["infer_mean_ms"], rel=0.05)
 
 
+class NoMemoryAbove(Sleeper):
+    """Runs batches up to `limit` images and fails beyond, as an engine out of memory does."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(1.0, 0.2)
+        self.limit = limit
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        if batch.shape[0] > self.limit:
+            raise RuntimeError("cannot allocate memory for the batch\nC++ context")
+        return super().infer(batch)
+
+
 def test_quick_for_build_table() -> None:
-    q = latency.quick(Sleeper(1.0), (3, 8, 8), iterations=10, warmup=1, throughput_batch=4, throughput_images=8)
+    q = latency.quick(Sleeper(1.0), (3, 8, 8), iterations=10, warmup=1, throughput_batches=(4,), throughput_images=8)
     assert q["n"] == 10 and q["p50_ms"] >= 0.9 and q["images_per_s"] > 0 and q["throughput_batch"] == 4
+
+
+def test_quick_sweeps_batch_sizes_where_memory_allows() -> None:
+    b = NoMemoryAbove(8)
+    q = latency.quick(b, (3, 8, 8), iterations=5, warmup=1, throughput_batches=(1, 4, 8, 16), throughput_images=8)
+    assert [r["batch_size"] for r in q["throughput"]] == [1, 4, 8]
+    assert q["throughput_stopped"] == "batch 16: cannot allocate memory for the batch"
+    best = max(q["throughput"], key=lambda r: r["images_per_s"])
+    assert q["throughput_batch"] == best["batch_size"] and q["images_per_s"] == best["images_per_s"]
+    assert {s[0] for s in b.shapes} == {1, 4, 8}
 
 
 def test_on_a_real_onnx_bundle(onnx_bundle: Path) -> None:

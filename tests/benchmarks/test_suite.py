@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,20 +32,56 @@ def test_parse_benchmark_app() -> None:
         rvb.parse_benchmark_app("[ ERROR ] something broke")
 
 
-def test_runtime_vs_benchmark_app_on_tiny_bundle(openvino_bundle: Path, tmp_path: Path) -> None:
-    if not Path(rvb.benchmark_app_command()[0]).exists():
-        pytest.skip("benchmark_app is not installed with this openvino")
+def test_summarize_rounds_reports_spread_match_and_faster_mode() -> None:
+    ours = [10.0, 12.0, 11.0]
+    s = rvb.summarize_rounds(ours, {"sync": [10.0, 12.0, 11.0], "latency": [9.0, 11.0, 10.0]}, tolerance=0.03)
+    assert s["matches"] == "sync" and s["faster_mode"] == "latency"
+    assert s["modes"]["sync"]["ratio"] == pytest.approx(1.0) and s["modes"]["sync"]["spread"] == pytest.approx([1.0, 1.0])
+    assert s["modes"]["latency"]["round_ratios"] == pytest.approx([10 / 9, 12 / 11, 11 / 10])
+    assert s["modes"]["latency"]["spread"] == pytest.approx([12 / 11, 10 / 9])
+    assert s["ratio_vs_faster"] == pytest.approx(11 / 10) and s["within_tolerance"] is False
+    assert rvb.summarize_rounds(ours, {"session.run": [11.0, 12.5, 11.5]}, 0.03)["within_tolerance"] is True  # faster is fine
+
+
+def _run(bundle: Path, tmp_path: Path) -> tuple[int, dict]:
     out = tmp_path / "r.json"
     affinity = os.sched_getaffinity(0)
     try:
-        code = rvb.main([str(openvino_bundle), "--threads", "1", "--iterations", "20", "--warmup", "2", "--rounds", "2", "--json", str(out)])
+        code = rvb.main([str(bundle), "--threads", "1", "--iterations", "15", "--warmup", "2", "--rounds", "2", "--json", str(out)])
     finally:
         os.sched_setaffinity(0, affinity)  # the script pins its own process; give pytest its cores back
-    res = json.loads(out.read_text())
+    return code, json.loads(out.read_text())
+
+
+def test_runtime_vs_benchmark_app_both_modes_on_tiny_bundle(openvino_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if not Path(rvb.benchmark_app_command()[0]).exists():
+        pytest.skip("benchmark_app is not installed with this openvino")
+    code, res = _run(openvino_bundle, tmp_path)
     assert code == (0 if res["within_tolerance"] else 1)
-    assert len(res["ours_median_ms"]) == 2 and len(res["benchmark_app_median_ms"]) == 2
-    assert res["benchmark_app_threads"] == 1 and res["benchmark_app_precision"] == "float32" and res["precision"] == "f32"
-    assert res["ratio"] == pytest.approx(res["ours_ms"] / res["benchmark_app_ms"])
+    assert set(res["modes"]) == {"sync", "latency"} and len(res["ours_per_round_ms"]) == 2
+    for mode in ("sync", "latency"):
+        m = res["modes"][mode]
+        assert len(m["per_round_ms"]) == 2 and 0 < m["spread"][0] <= m["spread"][1]
+        assert res["engine"][mode]["threads"] == 1 and res["engine"][mode]["precision"] == "float32"
+    assert "-nthreads 1" in res["engine"]["sync"]["command"] and "-hint latency" in res["engine"]["latency"]["command"]
+    assert res["engine"]["sync"]["sync"] and res["precision"] == "f32"
+    out = capsys.readouterr().out
+    assert re.search(r"ratio bitdeploy / sync +\d\.\d{3} on medians \(per-round spread \d\.\d{3}-\d\.\d{3}, median of per-round ratios \d\.\d{3}\)", out)
+    assert f"matches the {res['matches']} mode" in out and res["matches"] in ("sync", "latency")
+
+
+def test_runtime_vs_session_run_loop_on_tiny_onnx_bundle(onnx_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, res = _run(onnx_bundle, tmp_path)
+    assert res["backend"] == "onnxruntime" and set(res["modes"]) == {"session.run"}
+    assert res["engine"]["session.run"]["threads"] == 1 and res["engine"]["session.run"]["count"] == 15
+    assert res["ratio_vs_faster"] == pytest.approx(res["ours_ms"] / res["modes"]["session.run"]["median_ms"])
+    assert code == (0 if res["within_tolerance"] else 1)
+    assert "InferenceSession.run loop, own process" in capsys.readouterr().out
+
+
+def test_runtime_vs_benchmark_app_bad_target_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bitdeploy.benchmarks.runtime_vs_benchmark_app", str(tmp_path / "missing.bin")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_export_naive_vs_folded_on_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -48,7 +48,7 @@ def test_fp32_ir_runs_f32_and_matches_pytorch(tiny: TinyDigits, tmp_path: Path) 
     assert art.backend == "openvino" and art.model_file == "model.xml"
     assert set(art.files) == {"model.xml", "model.bin"} and all((tmp_path / f).is_file() for f in art.files)
     t = art.target
-    assert (t["precision"], t["precision_used"], t["inference_precision_hint"], t["device"]) == ("fp32", "f32", "f32", "CPU")
+    assert (t["precision"], t["precision_used"], t["inference_precision"], t["device"]) == ("fp32", "f32", "f32", "CPU")
     assert t["openvino_version"]
     logits = _logits(tmp_path, t, tiny.val_x)
     scale = max(1.0, float(np.abs(tiny.reference_logits).max()))
@@ -64,12 +64,26 @@ def test_fp16_halves_the_weights_and_keeps_top1(tiny: TinyDigits, tmp_path: Path
     size32, size16 = (tmp_path / "a/model.bin").stat().st_size, (tmp_path / "b/model.bin").stat().st_size
     assert size16 < 0.55 * size32
     assert 'element_type="f16"' in (tmp_path / "b/model.xml").read_text()
-    # No f32 hint: the device default runs, and the manifest says which (bf16 on CPUs with bf16 units).
-    assert art.target["inference_precision_hint"] is None and art.target["precision_used"] in ("bf16", "f16", "f32")
+    # Pinned to f32 on every CPU class: f16 storage only, so the device computes what the build validated.
+    assert (art.target["inference_precision"], art.target["precision_used"]) == ("f32", "f32")
     logits = _logits(tmp_path / "b", art.target, tiny.val_x)
-    # Issue 4 asks FP16 within 0.2 points; on 359 samples that is less than one image, and the CPU runs bf16,
-    # so allow at most one flipped image on this small model.
     assert tiny.reference_top1 - _top1(logits, tiny.val_y) <= max(0.002, 1.0 / len(tiny.val_y) + 1e-9)
+
+
+def test_bf16_is_opt_in_and_refused_where_the_cpu_has_none(tiny: TinyDigits, tmp_path: Path) -> None:
+    from bitdeploy.runtimes.fingerprint import host_fingerprint
+
+    with pytest.raises(ConversionError, match="fp32 computes in f32"):
+        openvino_convert.convert(tiny.onnx, tmp_path, "fp32", None, {**OPTS, "inference_precision": "bf16"})
+    with pytest.raises(ConversionError, match="not an OpenVINO float precision"):
+        openvino_convert.convert(tiny.onnx, tmp_path, "fp16", None, {**OPTS, "inference_precision": "fp8"})
+    has_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(host_fingerprint()["cpu"]["features"]))
+    if not has_bf16:
+        with pytest.raises(ConversionError, match="computes in f32, not the requested bf16"):
+            openvino_convert.convert(tiny.onnx, tmp_path, "fp16", None, {**OPTS, "inference_precision": "bf16"})
+        return
+    art = openvino_convert.convert(tiny.onnx, tmp_path, "fp16", None, {**OPTS, "inference_precision": "bf16"})
+    assert (art.target["inference_precision"], art.target["precision_used"]) == ("bf16", "bf16")
 
 
 def _reads_fq(op: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -53,7 +54,7 @@ def test_int8_quantizes_conv_only_with_per_channel_symmetric_weights(tmp_path: P
     from bitdeploy.converters.ort_quant import quantize_qdq
 
     out = tmp_path / "int8.onnx"
-    info = quantize_qdq(export, out, calib, activation_type="uint8")
+    info = quantize_qdq(export, out, calib, activation_type="uint8", reduce_range=True)  # the x86 default scheme
     m = onnx.load(str(out))
     onnx.checker.check_model(m)
     producers = {o: n for n in m.graph.node for o in n.output}
@@ -66,6 +67,7 @@ def test_int8_quantizes_conv_only_with_per_channel_symmetric_weights(tmp_path: P
         w_q, w_scale, w_zp = values[w_dq.input[0]], values[w_dq.input[1]], values[w_dq.input[2]]
         assert w_q.dtype == np.int8 and w_scale.shape == (w_q.shape[0],)  # per output channel
         assert not w_zp.any()  # symmetric
+        assert int(np.abs(w_q.astype(np.int32)).max()) <= 64  # 7-bit: u8 x s8 pair sums fit int16 without VNNI
         assert values[x_dq.input[2]].dtype == np.uint8
     # Normalisations and the residual stream stay float: no QuantizeLinear reads an Add or norm output.
     quantized_tensors = {n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear"}
@@ -76,6 +78,26 @@ def test_int8_quantizes_conv_only_with_per_channel_symmetric_weights(tmp_path: P
     x = np.random.default_rng(1).uniform(-1, 1, (4, 3, RES, RES)).astype(np.float32)
     ref, got = run(export, x), run(out, x)
     assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.98
+
+
+@pytest.mark.parametrize(("scheme", "activation", "weight_max"), [("auto", np.uint8, 64), ("u8s8", np.uint8, 127), ("s8s8", np.int8, 127)])
+def test_int8_scheme_is_recorded(tmp_path: Path, export: Path, calib: CalibrationData, scheme: str, activation: Any, weight_max: int) -> None:
+    import platform
+
+    from bitdeploy.converters import ort_convert
+
+    if scheme == "auto" and platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("auto picks u8s8-7bit on x86 only")
+    art = ort_convert.convert(export, tmp_path, "int8", calib, {"int8_scheme": scheme})
+    q = art.target["quantization"]
+    assert q["scheme"] == ("u8s8-7bit" if scheme == "auto" else scheme) and q["scheme_reason"]
+    assert q["scheme"].upper() in art.target["precision_used"]
+    values = inits(onnx.load(str(tmp_path / "model.onnx")))
+    weights = [v for v in values.values() if v.dtype == np.int8 and v.ndim == 4]
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == weight_max
+    assert any(v.dtype == activation and v.ndim == 0 for v in values.values())  # activation zero points
+    with pytest.raises(ConversionError, match="not an ONNX Runtime INT8 scheme"):
+        ort_convert.convert(export, tmp_path / "x", "int8", calib, {"int8_scheme": "u4s4"})
 
 
 def test_tensorrt_flavour_is_s8s8_zero_point_zero_and_head_excluded(tmp_path: Path, export: Path, calib: CalibrationData) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,8 +88,14 @@ def manifest(bundle: Path) -> dict[str, Any]:
     return json.loads((bundle / "manifest.json").read_text())
 
 
+# The tiny model's head is a ridge fit on random features: its top-2 logits sit so close that INT8 noise flips
+# 1-3 of the 120 images (0.8-2.5 pp) whichever scheme is used. A 3 pp gate keeps these pipeline tests about the
+# pipeline; INT8 accuracy on a trained BiT is measured by `benchmarks/int8_cpu_classes.py` (README).
+TINY_GATE_PP = "3"
+
+
 def base_args(ckpt: Path, out: Path, *more: str) -> list[str]:
-    return ["--model", "tiny", "--weights", str(ckpt), "--dataset", "digits", "--out", str(out), "--calib-size", "32", "--eval-limit", "120", "--no-report", *more]
+    return ["--model", "tiny", "--weights", str(ckpt), "--dataset", "digits", "--out", str(out), "--calib-size", "32", "--eval-limit", "120", "--no-report", "--max-accuracy-drop", TINY_GATE_PP, *more]
 
 
 def test_no_dataset_fp32_bundle_validated_on_random_inputs(run: Callable[..., Result], tmp_path: Path, ckpt: Path) -> None:
@@ -118,12 +125,17 @@ def test_int8_bundle_passes_gate_with_full_manifest(run: Callable[..., Result], 
     m = manifest(out)
     acc = m["accuracy"]
     assert m["valid"] and acc["passed"] and acc["samples"] == 120
-    assert acc["reference_top1"] > 0.7 and acc["top1"] >= acc["reference_top1"] - 0.01
+    assert acc["reference_top1"] > 0.7 and acc["top1"] >= acc["reference_top1"] - float(TINY_GATE_PP) / 100
+    assert acc["max_accuracy_drop_pp"] == float(TINY_GATE_PP)
     assert {"top1", "reference_top1", "agreement", "samples", "max_abs_logit_diff", "mean_abs_logit_diff", "top1_drop_pp", "max_accuracy_drop_pp"} <= set(acc)
     cal = m["calibration"]
     assert cal["samples"] == 32 and cal["split"] == "train" and len(cal["sha256"]) == 64 and cal["method"] == "minmax"
     q = m["target"]["quantization"]
-    assert q["format"] == "QDQ" and "InstanceNormalization" in q["float_op_types"]
+    assert q["format"] == "QDQ" and "InstanceNormalization" in q["float_op_types"] and q["scheme"] in ("u8s8-7bit", "s8s8")
+    st = m["self_test"]
+    assert st["images"] == 64 and st["labelled"] and st["file"] in m["files"] and (out / st["file"]).is_file()
+    assert st["criteria"]["min_agreement"] <= st["measured"]["agreement"] and st["criteria"]["max_rel_error"] >= st["measured"]["max_rel_error"]
+    assert m["validated_on"]["cpu"]["class"] and m["validated_on"]["cpu"]["features"] is not None
     assert m["model"]["weights"]["kind"] == "checkpoint"
 
 
@@ -226,6 +238,8 @@ def test_trt_unavailable_fails_fast_before_export(tmp_path: Path) -> None:
 
 def test_target_all_continues_past_failure_and_selects_fastest(run: Callable[..., Result], tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _patch_target(monkeypatch, "openvino", "_failing_convert")
+    # LiteRT's converter takes ~15 s per precision here; its fp16/int8 are covered by tests/converters/test_litert.py
+    monkeypatch.setitem(TARGETS, "litert", Target(**{**TARGETS["litert"].__dict__, "precisions": ("fp32",)}))
     out = tmp_path / "all"
     args = base_args(ckpt, out, "--target", "all", "--select", "fastest", "--bench-iterations", "5")
     args.remove("--no-report")
@@ -239,11 +253,20 @@ def test_target_all_continues_past_failure_and_selects_fastest(run: Callable[...
         assert (out / f"onnx-{p}" / "manifest.json").is_file() and not (out / f"openvino-{p}").exists()
         if unavailable_reason(TARGETS["trt"], p) is not None:
             assert "skipped:" in table[f"trt-{p}"]
-    assert "<- selected" in result.output and "selected: onnx-" in result.output
+    if unavailable_reason(TARGETS["litert"], "fp32") is None:
+        assert any(line.split()[:3] == ["litert", "fp32", "valid"] for line in result.output.splitlines()), result.output
+        assert (out / "litert-fp32" / "model.tflite").is_file()
+    assert "<- selected" in result.output and re.search(r"selected: (onnx|litert)-", result.output)  # the valid targets here
     summary = json.loads((out / "report" / "build.json").read_text())
-    assert summary["selected"]["name"].startswith("onnx-") and summary["selected"]["reason"]
+    assert summary["selected"]["name"].startswith(("onnx-", "litert-")) and summary["selected"]["reason"]
     html = (out / "report" / "report.html").read_text()
     assert "onnx-int8" in html and "openvino-fp32" in html
+    # issue 12: three labelled PyTorch baselines, the speed-up against the fastest, a batch-size sweep per bundle
+    assert [b["form"] for b in summary["baseline"]] == ["eager-ws", "eager-folded", "compiled-folded"]
+    md = (out / "report" / "report.md").read_text()
+    assert "speed-up vs fastest PyTorch" in md and "(fastest PyTorch: the speed-up denominator)" in md
+    assert all(f"pytorch-fp32-{form}:tiny@" in md for form in ("eager-ws", "eager-folded", "compiled-folded"))
+    assert all(len(r["throughput"]) >= 3 for r in summary["rows"] if r["status"] == "valid")
 
 
 def test_openvino_int8_accuracy_control_uses_the_validation_split(run: Callable[..., Result], tmp_path: Path, ckpt: Path) -> None:

@@ -50,6 +50,8 @@ def test_unavailable_device_is_one_line(ov_bundle: Path) -> None:
     ({"precision": "int8", "precision_used": "int8 + bf16"}, "bf16"),
     ({"precision": "int8", "precision_used": "int8"}, None),  # nothing recorded: the device decides
     ({"precision": "fp16"}, None),
+    ({"precision": "int8", "precision_used": "int8+bf16", "inference_precision": "f32"}, "f32"),  # the pin wins
+    ({"precision": "fp16", "inference_precision": "bf16"}, "bf16"),
 ])
 def test_precision_hint_from_manifest(target: dict[str, str], expect: str | None) -> None:
     assert precision_hint(target) == expect

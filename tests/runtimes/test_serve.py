@@ -1,55 +1,41 @@
-"""`bitdeploy serve`: routes, limits, bad input, and the acceptance load (1,000 requests, 8 clients, 50 malformed)."""
+"""`bitdeploy serve`: the original routes (/v1/predict, /healthz), HTTP limits, bad input, drain, and the CLI under load."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from bitdeploy.benchmarks import serve_load
+from bitdeploy.errors import BitdeployError
 from bitdeploy.runtimes import load
-from bitdeploy.runtimes.serve import PredictServer, make_server
+from tests.runtimes.serving import SlowPredictor, raw_request, request, running
+
+from bitdeploy.benchmarks import serve_load  # noqa: E402  (after serving.py skipped the module without the serve extra)
+from bitdeploy.runtimes.serve import HTTPServer, ServeOptions  # noqa: E402
+
+MAX_BODY = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def server(ort_bundle: Path) -> Iterator[PredictServer]:
-    model = load(ort_bundle)
-    srv = make_server(model, "127.0.0.1", 0, workers=2, max_body=64 * 1024)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(10)
-    model.close()
+def server(ort_bundle: Path) -> Iterator[HTTPServer]:
+    with load(ort_bundle) as model, running(model, workers=2, max_body=MAX_BODY) as srv:
+        yield srv
 
 
-def request(srv: PredictServer, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
-    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
-
-
-def test_healthz(server: PredictServer) -> None:
+def test_healthz(server: HTTPServer) -> None:
     status, body = request(server, "GET", "/healthz")
     assert status == 200 and body["status"] == "ok" and body["model"] == "tiny" and body["backend"] == "onnxruntime"
 
 
-def test_predict_matches_library(server: PredictServer, image_dir: dict[str, Path]) -> None:
+def test_predict_matches_library(server: HTTPServer, image_dir: dict[str, Path]) -> None:
     data = image_dir["photo_cmyk"].read_bytes()
     status, body = request(server, "POST", "/v1/predict?top_k=3", data)
     assert status == 200 and body["model"] == "tiny" and len(body["predictions"]) == 3
-    expect = server.predictor.predict(data, top_k=3)[0]
+    expect = server.service.predictor.predict(data, top_k=3)[0]
     assert [(p["label"], p["probability"]) for p in body["predictions"]] == [(label, pytest.approx(p, abs=1e-7)) for label, p in expect]
     assert body["timing"]["preprocess_ms"] > 0 and body["timing"]["infer_ms"] > 0
     status, body = request(server, "POST", "/v1/predict", data)
@@ -61,75 +47,133 @@ def test_predict_matches_library(server: PredictServer, image_dir: dict[str, Pat
     ("empty", "POST", "/v1/predict", b"", 400, "empty request body"),
     ("top_k", "POST", "/v1/predict?top_k=x", b"x", 400, "top_k must be a positive integer"),
     ("top_k0", "POST", "/v1/predict?top_k=0", b"x", 400, "top_k must be a positive integer"),
-    ("too big", "POST", "/v1/predict", b"0" * (64 * 1024 + 1), 413, "over the 65536-byte limit"),
+    ("too big", "POST", "/v1/predict", b"0" * (MAX_BODY + 1), 413, f"over the {MAX_BODY}-byte limit"),
     ("route", "POST", "/v1/other", b"abc", 404, "no route /v1/other"),
     ("get", "GET", "/v1/predict", None, 405, "use POST"),
     ("unknown", "GET", "/", None, 404, "no route /"),
-    ("put", "PUT", "/v1/predict", b"abc", 405, "method not allowed"),
+    ("put", "PUT", "/v1/predict", b"abc", 405, "method PUT not allowed"),
 ])
-def test_errors_are_json(server: PredictServer, name: str, method: str, path: str, body: bytes | None, status: int, message: str) -> None:
+def test_errors_are_json(server: HTTPServer, name: str, method: str, path: str, body: bytes | None, status: int, message: str) -> None:
     got, payload = request(server, method, path, body)
     assert got == status and message in payload["error"], (name, payload)
 
 
-def test_one_pixel_and_sixteen_bit_images_work(server: PredictServer, image_dir: dict[str, Path]) -> None:
+def test_error_names_the_request_body(server: HTTPServer) -> None:
+    status, payload = request(server, "POST", "/v1/predict", b"x" * 10)
+    assert status == 400 and payload["error"].startswith("request body (10 bytes): cannot decode image")
+
+
+def test_one_pixel_and_sixteen_bit_images_work(server: HTTPServer, image_dir: dict[str, Path]) -> None:
     for key in ("one_pixel", "gray16", "photo_rgba"):
         status, body = request(server, "POST", "/v1/predict?top_k=1", image_dir[key].read_bytes())
         assert status == 200 and len(body["predictions"]) == 1, key
 
 
-def test_malformed_then_still_serving(server: PredictServer, image_dir: dict[str, Path]) -> None:
-    sent, errors = serve_load.run_malformed(f"http://127.0.0.1:{server.server_address[1]}", 34, server.max_body)
-    assert sent == 34 and errors == []
+def test_malformed_then_still_serving(server: HTTPServer, image_dir: dict[str, Path]) -> None:
+    cases = len(serve_load.malformed_cases(MAX_BODY))
+    sent, errors = serve_load.run_malformed(server.url, cases, MAX_BODY)
+    assert sent == cases and errors == []
     assert request(server, "GET", "/healthz")[0] == 200
     assert request(server, "POST", "/v1/predict", image_dir["digit0_L"].read_bytes())[0] == 200
 
 
+def test_chunked_body_is_accepted_and_limited(server: HTTPServer, image_dir: dict[str, Path]) -> None:
+    data = image_dir["digit0_L"].read_bytes()
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(data[i : i + 50]), data[i : i + 50]) for i in range(0, len(data), 50)) + b"0\r\n\r\n"
+    head = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    assert serve_load._raw(server.url, head + chunked, 30) == 200
+    big = b"%x\r\n%s\r\n0\r\n\r\n" % (MAX_BODY + 1, b"0" * (MAX_BODY + 1))
+    assert serve_load._raw(server.url, head + big, 30) == 413
+
+
+def test_slow_body_times_out(ort_bundle: Path) -> None:
+    with load(ort_bundle) as model, running(model, timeout=0.5) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+            t0 = time.monotonic()
+            answer = b""
+            while b"}" not in answer and (chunk := s.recv(4096)):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b"not received within 0.5 s" in answer
+        assert time.monotonic() - t0 < 5
+
+
 def test_connection_limit_answers_503(ort_bundle: Path) -> None:
-    with load(ort_bundle) as model:
-        srv = make_server(model, "127.0.0.1", 0, max_connections=1, timeout=5)
-        thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-        try:
-            idle = socket.create_connection(("127.0.0.1", srv.server_address[1]))  # holds the only slot
+    with load(ort_bundle) as model, running(model, max_connections=1) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port)) as idle:  # holds the only connection
             idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            idle.recv(4096)  # served, and kept alive
-            status, body = request(srv, "GET", "/healthz")
-            assert status == 503 and "too many open connections" in body["error"]
-            idle.close()
-        finally:
-            srv.shutdown()
-            srv.server_close()
+            assert idle.recv(4096).startswith(b"HTTP/1.1 200")  # served, and kept alive
+            assert raw_request(srv, "GET", "/healthz")[0] == 503
+        deadline = time.monotonic() + 10
+        while raw_request(srv, "GET", "/healthz")[0] != 200:  # the slot is free again once uvicorn sees the close
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_engine_failure_is_500_and_server_survives(ort_bundle: Path, image_dir: dict[str, Path], capfd: pytest.CaptureFixture[str]) -> None:
+    with load(ort_bundle) as model:
+        broken = SlowPredictor(model, fail=RuntimeError("engine exploded"))
+        with running(broken) as srv:
+            status, body = request(srv, "POST", "/v1/predict", image_dir["digit0_L"].read_bytes())
+            assert status == 500 and "internal error (RuntimeError)" in body["error"]
+            broken.fail = None
+            assert request(srv, "POST", "/v1/predict", image_dir["digit0_L"].read_bytes())[0] == 200
+    err = capfd.readouterr().err
+    assert "engine exploded" in err and "Traceback" not in err
+
+
+def test_stop_drains_requests_in_flight(ort_bundle: Path, image_dir: dict[str, Path]) -> None:
+    """stop() (what SIGTERM does) lets the request in the engine finish with 200, then the port closes."""
+    with load(ort_bundle) as model:
+        slow = SlowPredictor(model, delay=1.0)
+        results: list[int] = []
+        with running(slow) as srv:
+            client = threading.Thread(target=lambda: results.append(request(srv, "POST", "/v1/predict", image_dir["digit0_L"].read_bytes())[0]))
+            client.start()
+            deadline = time.monotonic() + 10
+            while not slow.calls and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert slow.calls, "the request never reached the engine"
+            srv.stop()
+            client.join(30)
+            assert results == [200]
+            assert srv.service.draining
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", srv.port), timeout=2)
 
 
 def test_bad_server_settings(ort_bundle: Path) -> None:
-    from bitdeploy.errors import BitdeployError
-
     with load(ort_bundle) as model:
         with pytest.raises(BitdeployError, match="must be positive"):
-            make_server(model, "127.0.0.1", 0, workers=0)
-        busy = make_server(model, "127.0.0.1", 0)
-        try:
-            with pytest.raises(BitdeployError, match="cannot listen on 127.0.0.1"):
-                make_server(model, "127.0.0.1", busy.server_address[1])
-        finally:
-            busy.server_close()
+            HTTPServer(model, "127.0.0.1", 0, ServeOptions(workers=0))
+        with running(model) as busy, pytest.raises(BitdeployError, match="cannot listen on 127.0.0.1"):
+            HTTPServer(model, "127.0.0.1", busy.port)
 
 
 @pytest.mark.slow
 def test_acceptance_load_through_the_cli(ort_bundle: Path) -> None:
-    """`bitdeploy serve` in its own process: 1,000 requests from 8 clients with zero errors, 50 malformed, still up."""
-    proc, url = serve_load.start_server(str(ort_bundle), workers=2, threads=1)
+    """`bitdeploy serve` in its own process, driven by tritonclient: 8 clients x 1,000 requests with zero errors,
+    50 malformed requests answered 4xx, /metrics counting them, still up, and SIGTERM exits 0."""
+    pytest.importorskip("tritonclient.http")
+    proc, url = serve_load.start_server(str(ort_bundle), "--max-body-mb", "1", threads=1)
     try:
-        images = serve_load.sample_images(8)
-        result = serve_load.run_load(url, images, clients=8, requests=1000, top_k=3)
+        inputs = serve_load.Inputs(serve_load.model_metadata(url), "tensor")
+        result = serve_load.run_load(url, inputs, clients=8, requests=1000)
         assert result.errors == [] and len(result.latencies) == 1000
-        assert result.percentile(50) <= result.percentile(99)
         sent, bad = serve_load.run_malformed(url, 50, 1 << 20)
         assert sent == 50 and bad == []
+        images = serve_load.Inputs(serve_load.model_metadata(url), "image")
         after = serve_load.run_load(url, images, clients=8, requests=40)
         assert after.errors == [] and serve_load.healthz(url)["status"] == "ok"
+        samples = serve_load.metrics(url)
+        infer = "/v2/models/{name}/infer"
+        assert serve_load.counted(samples, "bitdeploy_requests_total", route=infer, code="200") == 1040
+        cases = serve_load.malformed_cases(1 << 20)
+        not_the_apps = {"garbage request line", "negative length", "hang up mid-body", "body shorter than length"}  # h11's or gone
+        reached_app = sum(1 for i in range(50) if cases[i % len(cases)][0] not in not_the_apps)
+        assert serve_load.counted(samples, "bitdeploy_request_errors_total") >= reached_app
+        assert serve_load.counted(samples, "bitdeploy_batch_size_sum") == 1040
         assert proc.poll() is None
     finally:
-        code, stderr = serve_load.stop_server(proc)
-    assert code == 0 and "Traceback" not in stderr, stderr[-2000:]
+        code, output = serve_load.stop_server(proc)
+    assert code == 0 and "Traceback" not in output and "stopped after" in output, output[-2000:]

@@ -1,0 +1,100 @@
+"""LiteRT converter on the tiny BiT fine-tuned on 32 px digits: FP32 matches PyTorch at any batch, FP16 halves
+the file, INT8 keeps top-1 within the gate with float I/O, and bad requests fail with one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("litert_torch", reason='the LiteRT converter needs litert-torch: pip install "bitdeploy[litert-convert]"')
+pytest.importorskip("ai_edge_litert", reason='the LiteRT runtime needs ai-edge-litert: pip install "bitdeploy[litert]"')
+
+from bitdeploy.converters import calibration as cal  # noqa: E402
+from bitdeploy.converters import litert_convert  # noqa: E402
+from bitdeploy.errors import ConversionError  # noqa: E402
+from bitdeploy.runtimes.litert import LiteRtBackend  # noqa: E402
+from tests.converters.tiny_digits import RESOLUTION, tiny_digits  # noqa: E402
+
+
+def _logits(path: Path, x: np.ndarray) -> np.ndarray:
+    with LiteRtBackend(path, {"target": {}}, threads=2) as backend:
+        return backend.infer(x)
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    work = tmp_path_factory.mktemp("litert-fp32")
+    artifact = litert_convert.convert(tiny_digits().onnx, work, "fp32", None, {})
+    return work, artifact
+
+
+def test_fp32_matches_pytorch_at_every_batch(fp32: tuple[Path, Any]) -> None:
+    work, artifact = fp32
+    td = tiny_digits()
+    assert artifact.backend == "litert" and artifact.files == ["model.tflite"] and artifact.target["precision_used"] == "fp32"
+    assert sorted(p.name for p in work.iterdir()) == ["model.tflite"]  # no temp files left behind
+    logits = _logits(work / "model.tflite", td.val_x)  # the whole split in one resized batch
+    scale = max(1.0, float(np.abs(td.reference_logits).max()))
+    assert np.abs(logits - td.reference_logits).max() <= 1e-4 * scale
+    assert (logits.argmax(1) == td.reference_logits.argmax(1)).mean() == 1.0
+    single = np.concatenate([_logits(work / "model.tflite", td.val_x[i : i + 1]) for i in range(3)])
+    np.testing.assert_allclose(single, logits[:3], rtol=0, atol=1e-4 * scale)
+
+
+def test_model_input_is_nchw_float32(fp32: tuple[Path, Any]) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(str(fp32[0] / "model.tflite"))
+    (inp,), (out,) = it.get_input_details(), it.get_output_details()
+    assert inp["dtype"] == np.float32 and list(inp["shape_signature"]) == [-1, 3, RESOLUTION, RESOLUTION]
+    assert out["dtype"] == np.float32 and list(out["shape"][1:]) == [1, 1, 10]
+
+
+def test_fp16_weights_halve_the_file(fp32: tuple[Path, Any], tmp_path: Path) -> None:
+    td = tiny_digits()
+    litert_convert._cast_fp16(fp32[0] / "model.tflite", tmp_path / "fp16.tflite")
+    size32, size16 = (fp32[0] / "model.tflite").stat().st_size, (tmp_path / "fp16.tflite").stat().st_size
+    assert size16 < 0.6 * size32
+    logits = _logits(tmp_path / "fp16.tflite", td.val_x)
+    assert (logits.argmax(1) == td.reference_logits.argmax(1)).mean() >= 0.99
+    assert np.abs(logits - td.reference_logits).max() > 0  # FP16 weights really are rounded
+
+
+def test_int8_passes_the_gate_with_float_io(tmp_path: Path) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    td = tiny_digits()
+    calib = cal.from_image_set(td.train, RESOLUTION, size=64)
+    artifact = litert_convert.convert(td.onnx, tmp_path, "int8", calib, {})
+    assert artifact.target["quantization"]["calibration_samples"] == 64
+    it = Interpreter(str(tmp_path / "model.tflite"))
+    assert it.get_input_details()[0]["dtype"] == np.float32 and it.get_output_details()[0]["dtype"] == np.float32
+    int8_weights = [t for t in it.get_tensor_details() if t["dtype"] == np.int8 and len(t["shape"]) == 4]
+    assert len(int8_weights) >= 5  # the bottleneck and head convs, not the stem or GroupNorm's averaging convs
+    logits = _logits(tmp_path / "model.tflite", td.val_x)
+    top1 = float((logits.argmax(1) == td.val_y).mean())
+    assert (td.reference_top1 - top1) * 100 <= 1.0, (top1, td.reference_top1)
+
+
+def test_int8_without_calibration_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConversionError, match="needs calibration"):
+        litert_convert.convert(tiny_digits().onnx, tmp_path, "int8", None, {})
+
+
+def test_gpu_device_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConversionError, match="--device cpu"):
+        litert_convert.convert(tiny_digits().onnx, tmp_path, "fp32", None, {"device": "cuda"})
+
+
+def test_a_foreign_onnx_is_refused(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["logits"])], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 32, 32])])
+    onnx.save(helper.make_model(graph), str(tmp_path / "relu.onnx"))
+    with pytest.raises(ConversionError, match="not a bitdeploy BiT export"):
+        litert_convert.convert(tmp_path / "relu.onnx", tmp_path, "fp32", None, {})
