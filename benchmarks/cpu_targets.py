@@ -98,10 +98,11 @@ def build_engines(args: argparse.Namespace, work: Path, log: Callable[[str], Non
         target = {**art.target, "precision": precision}
         b = open_backend(backend, out / art.model_file, {"target": target}, threads=args.threads)
         engines[name], what[name] = b.infer, f"{backend} {target.get('precision_used')}"
-        if name == "ov-fp32":
-            # The same IR with the device's default precision (bf16 on CPUs with AVX512-BF16 or AMX).
-            d = open_backend("openvino", out / art.model_file, {"target": {**target, "precision": "fp16", "precision_used": ""}}, threads=args.threads)
-            engines["ov-default"], what["ov-default"] = d.infer, f"openvino {d.describe().get('precision_used')} (device default)"
+        if backend == "openvino":
+            # The same IR with the device's default float precision (bf16 on CPUs with AVX512-BF16 or AMX): what
+            # `--inference-precision bf16` opts into; bundles are pinned to f32 by default.
+            d = open_backend("openvino", out / art.model_file, {"target": {**target, "precision": "fp16", "precision_used": "", "inference_precision": None}}, threads=args.threads)
+            engines[f"{name}-devdef"], what[f"{name}-devdef"] = d.infer, f"openvino {d.describe().get('precision_used')} float layers (device default, opt-in)"
     return engines, what, x, baselines
 
 
