@@ -8,13 +8,11 @@ from __future__ import annotations
 import os
 import platform
 import socket
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.runtimes.fingerprint import device_class, host_fingerprint
+from bitdeploy.runtimes.fingerprint import device_class, host_fingerprint, LIBRARIES, package_versions
 
-LIBRARIES = ("bitdeploy", "numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "torch", "onnx", "nncf", "onnxslim")
 
 
 def _physical_cores() -> int | None:
@@ -28,16 +26,6 @@ def _physical_cores() -> int | None:
         if "core id" in fields:
             cores.add((fields.get("physical id"), fields["core id"]))
     return len(cores) or None
-
-
-def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
-    out = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
 
 
 def collect(threads: int | None = None) -> dict[str, Any]:
@@ -62,7 +50,7 @@ def collect(threads: int | None = None) -> dict[str, Any]:
         "gpus": fp["gpus"],
         "device_class": device_class(fp),
         "threads": threads,
-        "libraries": library_versions(),
+        "libraries": package_versions(LIBRARIES),
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ},
     }
 

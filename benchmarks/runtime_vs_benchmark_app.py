@@ -35,8 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bitdeploy.benchmarks.latency import make_inputs, single_stream
 from bitdeploy.errors import BitdeployError
 

@@ -9,13 +9,12 @@ import datetime as _dt
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from bitdeploy import __version__
+from bitdeploy.runtimes.fingerprint import LIBRARIES, package_versions
 
-LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorrt", "litert-torch", "ai-edge-litert", "numpy")
 
 
 @dataclass
@@ -60,18 +59,8 @@ class RowResult:
         return d
 
 
-def library_versions() -> dict[str, str]:
-    out = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out
-
-
 def provenance(extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"bitdeploy": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "versions": library_versions(), **(extra or {})}
+    return {"bitdeploy": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "versions": package_versions(LIBRARIES), **(extra or {})}
 
 
 def _fmt(x: float | None, spec: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bitdeploy.errors import BundleError
-from bitdeploy.fsutil import sha256_file
+from bitdeploy.fsutil import replace_dir, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "bitdeploy-bundle"
@@ -88,13 +88,7 @@ def bundle_writer(out: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         if not (tmp / MANIFEST).is_file():
             raise BundleError(f"{out}: internal error, bundle written without a manifest")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

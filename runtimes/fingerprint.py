@@ -26,6 +26,9 @@ _NUMPY_FEATURES = {
 # Flags only /proc/cpuinfo reports; trusted when its AVX2/AVX-512 flags match CPUID (not emulated).
 _PROC_ONLY = ("avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "i8mm", "bf16", "sve2")
 ENGINES = ("onnxruntime", "openvino", "tensorrt", "ai-edge-litert", "numpy")
+# What manifests' provenance and bench environments record (one list, so the two agree).
+LIBRARIES = ("bitdeploy", "numpy", "pillow", "torch", "onnx", "onnxslim", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf",
+             "tensorrt", "litert-torch", "ai-edge-litert")
 
 
 def _cpuid_features() -> set[str]:
@@ -99,9 +102,10 @@ def _gpus() -> list[dict[str, str]]:
     return gpus
 
 
-def engine_versions() -> dict[str, str]:
+def package_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of `names` from package metadata (nothing is imported); missing ones are left out."""
     out = {}
-    for name in ENGINES:
+    for name in names:
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -124,7 +128,7 @@ def host_fingerprint() -> dict[str, Any]:
     }
     if emulated:
         cpu["note"] = "ISA from CPUID differs from /proc/cpuinfo: running under emulation; the model name is the host's"
-    return {"cpu": cpu, "gpus": _gpus(), "engines": engine_versions(), "os": f"{platform.system()} {platform.release()}"}
+    return {"cpu": cpu, "gpus": _gpus(), "engines": package_versions(ENGINES), "os": f"{platform.system()} {platform.release()}"}
 
 
 def device_class(fingerprint: dict[str, Any] | None) -> str:

@@ -12,7 +12,6 @@ temporary directory beside OUT and renamed into place.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bitdeploy.errors import BitdeployError, BundleError
+from bitdeploy.fsutil import replace_dir
 from bitdeploy.runtimes.pack import open_bundle
 
 FORMATS = ("triton", "ovms")
@@ -154,7 +154,7 @@ def export_repo(bundles: list[Path], fmt: str, out: Path, names: list[str] | Non
         if fmt == "ovms":
             config = {"model_config_list": [ovms_entry(m) for m in written]}
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        _replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -178,13 +178,3 @@ def _check_out(out: Path, force: bool) -> None:
         raise BitdeployError(f"{out}: exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise BitdeployError(f"{out}: directory exists and is not empty; choose a new --out or pass --force to replace it")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
