@@ -126,7 +126,7 @@ def load_documents(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BitdeployError(f"{path}: not valid JSON ({str(exc).splitlines()[0]}); pass files written by `bitdeploy bench --json`") from None
+            raise BitdeployError(f"{path}: not valid JSON ({str(exc).splitlines()[0]}); pass files written by `bitdeploy bench --json`") from exc
         if isinstance(doc, dict) and doc.get("schema") == MERGED and isinstance(doc.get("documents"), list):
             docs.extend(check_document(d, str(path)) for d in doc["documents"])
         else:

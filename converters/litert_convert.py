@@ -310,7 +310,7 @@ def _convert(folded: Any, sample: Any, precision: str, calibration: CalibrationD
     except (ConversionError, MemoryError):
         raise
     except Exception as exc:  # litert-torch / jax / MLIR raise their own types with long traces
-        raise ConversionError(f"litert-torch could not convert the model to {precision} ({type(exc).__name__}: {_first_line(exc)}); set {LOG_ENV}=1 to see its log") from None
+        raise ConversionError(f"litert-torch could not convert the model to {precision} ({type(exc).__name__}: {_first_line(exc)}); set {LOG_ENV}=1 to see its log") from exc
     return target, notes
 
 

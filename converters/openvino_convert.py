@@ -191,7 +191,7 @@ def quantize_int8(model: Any, calibration: Any, options: dict[str, Any]) -> tupl
             **common,
         )
     except nncf.ValidationError as exc:  # type: ignore[attr-defined]
-        raise ConversionError(f"NNCF accuracy control failed ({str(exc).splitlines()[0]}); rebuild without --accuracy-control") from None
+        raise ConversionError(f"NNCF accuracy control failed ({str(exc).splitlines()[0]}); rebuild without --accuracy-control") from exc
     info.update({"accuracy_control": True, "max_drop_pp": max_drop * 100, "validation_samples": len(xs)})
     notes.append(f"NNCF accuracy control: max drop {max_drop * 100:g} pp on {len(xs)} validation images")
     return q, info, notes
@@ -228,7 +228,7 @@ def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Any, o
     try:
         model = ov.convert_model(str(onnx_fp32))
     except Exception as exc:  # OpenVINO raises its own untyped errors
-        raise ConversionError(f"OpenVINO cannot convert {Path(onnx_fp32).name}: {str(exc).strip().splitlines()[0][:200]}") from None
+        raise ConversionError(f"OpenVINO cannot convert {Path(onnx_fp32).name}: {str(exc).strip().splitlines()[0][:200]}") from exc
     notes: list[str] = []
     quant: dict[str, Any] | None = None
     if precision == "int8":

@@ -199,7 +199,7 @@ def quantize_qdq(
     except ConversionError:
         raise
     except Exception as exc:  # onnxruntime.quantization raises plain Exceptions
-        raise ConversionError(f"ONNX Runtime quantization failed ({_first_line(exc)}); rerun with --debug and report it") from None
+        raise ConversionError(f"ONNX Runtime quantization failed ({_first_line(exc)}); rerun with --debug and report it") from exc
     finally:
         tmp.unlink(missing_ok=True)
     quantized = onnx.load(str(onnx_out), load_external_data=False)
@@ -242,7 +242,7 @@ def convert_fp16(
         half = convert_float_to_float16(model, keep_io_types=keep_io_types, op_block_list=list(keep_fp32_op_types))
         topological_sort(half.graph)
     except Exception as exc:
-        raise ConversionError(f"FP16 conversion failed ({_first_line(exc)}); rerun with --debug and report it") from None
+        raise ConversionError(f"FP16 conversion failed ({_first_line(exc)}); rerun with --debug and report it") from exc
     onnx_out.parent.mkdir(parents=True, exist_ok=True)
     tmp = onnx_out.with_name(f".{onnx_out.name}.tmp")
     try:
@@ -250,7 +250,7 @@ def convert_fp16(
         onnx.checker.check_model(str(tmp))
         tmp.replace(onnx_out)
     except Exception as exc:
-        raise ConversionError(f"the FP16 model is not valid ONNX ({_first_line(exc)}); rerun with --debug and report it") from None
+        raise ConversionError(f"the FP16 model is not valid ONNX ({_first_line(exc)}); rerun with --debug and report it") from exc
     finally:
         tmp.unlink(missing_ok=True)
     casts = sum(1 for n in half.graph.node if n.op_type == "Cast")

@@ -237,7 +237,7 @@ def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Any, o
     except BitdeployError:
         raise
     except Exception as exc:  # torch's CUDA calls raise RuntimeError
-        raise ConversionError(f"no usable NVIDIA GPU for TensorRT ({str(exc).splitlines()[0]}); build on a machine with one, or pass --device cuda:N") from None
+        raise ConversionError(f"no usable NVIDIA GPU for TensorRT ({str(exc).splitlines()[0]}); build on a machine with one, or pass --device cuda:N") from exc
     profile = parse_profile(options.get("batch"))
     workspace_gb = float(options.get("workspace") or DEFAULT_WORKSPACE_GB)
     trt_version = str(trt.__version__)

@@ -5,6 +5,7 @@ Every failure is caught here and recorded in the row (`failed: <reason>`), so `-
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -150,6 +151,8 @@ def build_row(row: RowResult, target: Target, precision: str, ctx: dict[str, Any
         row.status = "valid" if passed else "failed gate"
         log(f"[{row.name}] {what}; {'valid' if passed else 'FAILED the gate'}; bundle {path}")
     except BitdeployError as exc:
+        if opts.debug:  # the row still fails alone, but --debug shows the chain that led here
+            traceback.print_exception(exc)
         row.status, row.error = f"failed: {_first_line(exc)}", _first_line(exc)
         log(f"[{row.name}] failed: {row.error}")
     except Exception as exc:  # an SDK's own error type: still only this row fails

@@ -105,7 +105,7 @@ class StageCache:
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise BitdeployError(f"cannot write the stage cache at {final.parent} ({exc.strerror}); pass --cache-dir DIR or --no-cache") from None
+            raise BitdeployError(f"cannot write the stage cache at {final.parent} ({exc.strerror}); pass --cache-dir DIR or --no-cache") from exc
         if resumable:  # a long step (fine-tuning) that picks up its own partial output after an interruption
             tmp = final.parent / f".{key}.partial"
             tmp.mkdir(exist_ok=True)

@@ -46,4 +46,4 @@ def require(module: str, extra: str, what: str | None = None):  # type: ignore[n
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise MissingDependencyError(what or module, extra, str(exc).splitlines()[0] if str(exc) else "") from None
+        raise MissingDependencyError(what or module, extra, str(exc).splitlines()[0] if str(exc) else "") from exc

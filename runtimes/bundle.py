@@ -35,7 +35,7 @@ def read_manifest(bundle: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: unreadable manifest ({exc}); rebuild the bundle") from None
+        raise BundleError(f"{path}: unreadable manifest ({exc}); rebuild the bundle") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path}: not a {FORMAT} manifest; rebuild the bundle")
     version = manifest.get("format_version")

@@ -71,7 +71,7 @@ class LiteRtBackend(Backend):
             it.allocate_tensors()
         except Exception as exc:  # the interpreter raises ValueError/RuntimeError with C++ context
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BundleError(f"{self.model_path}: LiteRT cannot load the model ({first}); rebuild the bundle") from None
+            raise BundleError(f"{self.model_path}: LiteRT cannot load the model ({first}); rebuild the bundle") from exc
         self._created += 1
         return _Slot(it)
 
@@ -92,7 +92,7 @@ class LiteRtBackend(Backend):
             return slot.run(batch)
         except (ValueError, RuntimeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BundleError(f"LiteRT cannot run a batch of shape {tuple(batch.shape)} ({first})") from None
+            raise BundleError(f"LiteRT cannot run a batch of shape {tuple(batch.shape)} ({first})") from exc
         finally:
             self._pool.put(slot)
 

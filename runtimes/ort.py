@@ -53,7 +53,7 @@ class OrtBackend(Backend):
             self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BundleError(f"{model_path}: ONNX Runtime cannot load the model ({first}); rebuild the bundle") from None
+            raise BundleError(f"{model_path}: ONNX Runtime cannot load the model ({first}); rebuild the bundle") from exc
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [self.session.get_outputs()[0].name]
 

@@ -69,7 +69,7 @@ class OpenVinoBackend(Backend):
             self.compiled = core.compile_model(str(model_path), self.device, config)
         except Exception as exc:  # openvino raises RuntimeError with multi-line C++ context
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BundleError(f"{model_path}: OpenVINO cannot compile the model on {self.device} ({first}); rebuild the bundle") from None
+            raise BundleError(f"{model_path}: OpenVINO cannot compile the model on {self.device} ({first}); rebuild the bundle") from exc
         optimal = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self.pool_size = max(1, num_requests or optimal)
         self._pool: queue.SimpleQueue[Any] = queue.SimpleQueue()

@@ -136,7 +136,7 @@ def unpack(
                     raise BundleError(f"{pack_path}: member {unlisted[0]!r} is not listed in the manifest; refusing the pack (repack it with `bitdeploy pack`)")
                 verify_files(root, manifest)
         except BundleError as exc:  # name the pack, not the temporary directory
-            raise BundleError(str(exc).replace(str(root), str(pack_path)).replace(str(target), str(pack_path))) from None
+            raise BundleError(str(exc).replace(str(root), str(pack_path)).replace(str(target), str(pack_path))) from exc
         return manifest
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
@@ -177,9 +177,9 @@ def _extract(tf: tarfile.TarFile, pack_path: Path, root: Path, max_member: int, 
                 shutil.copyfileobj(src, f, _CHUNK)
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         if isinstance(exc, FileExistsError):
-            raise BundleError(f"{pack_path}: member {exc.filename!r} appears twice; refusing to unpack") from None
+            raise BundleError(f"{pack_path}: member {exc.filename!r} appears twice; refusing to unpack") from exc
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BundleError(f"{pack_path}: damaged pack ({reason}); re-create it with `bitdeploy pack`") from None
+        raise BundleError(f"{pack_path}: damaged pack ({reason}); re-create it with `bitdeploy pack`") from exc
 
 
 @dataclass

@@ -86,7 +86,7 @@ def decode(image: ImageInput) -> Image.Image:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, UnidentifiedImageError):  # Pillow's text repeats the name, or a BytesIO repr for bytes
             reason = "not a recognised image format"
-        raise ImageError(f"{name}: cannot decode image ({reason}); pass a valid JPEG/PNG/BMP/TIFF/WebP file") from None
+        raise ImageError(f"{name}: cannot decode image ({reason}); pass a valid JPEG/PNG/BMP/TIFF/WebP file") from exc
 
 
 def resize_to_array(img: Image.Image, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:

@@ -170,7 +170,7 @@ class Service:
                 arrays.append(self.predictor.preprocess(data))
             except ImageError as exc:
                 where = f"image {i + 1} of {len(images)} ({len(data)} bytes)" if len(images) > 1 else f"image ({len(data)} bytes)"
-                raise ProtocolError(str(exc).replace(f"<{len(data)} bytes>", where, 1)) from None
+                raise ProtocolError(str(exc).replace(f"<{len(data)} bytes>", where, 1)) from exc
         return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
     def check_model(self, request: Request) -> None:
@@ -235,7 +235,7 @@ class Service:
             try:
                 batch = self.predictor.preprocess(body)
             except ImageError as exc:
-                raise ImageError(str(exc).replace(f"<{len(body)} bytes>", f"request body ({len(body)} bytes)", 1)) from None
+                raise ImageError(str(exc).replace(f"<{len(body)} bytes>", f"request body ({len(body)} bytes)", 1)) from exc
             return batch, time.perf_counter() - t0
 
         batch, pre_s = await self.preprocessed(request, prepare)
@@ -394,7 +394,7 @@ class HTTPServer:
         except OSError as exc:
             self.socket.close()
             self.service.close()
-            raise BitdeployError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port or --host") from None
+            raise BitdeployError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port or --host") from exc
         self.host, self.port = host, self.socket.getsockname()[1]
         opts = self.options  # uvicorn's limit counts the arriving connection too, hence the + 1
         config = uvicorn.Config(self.app, http="h11", lifespan="on", limit_concurrency=opts.max_connections + 1, backlog=256,

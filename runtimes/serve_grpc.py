@@ -166,7 +166,7 @@ class GrpcServer:
         try:
             self.port = self.server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise BitdeployError(f"cannot listen for gRPC on {address} ({exc}); pick another --grpc-port") from None
+            raise BitdeployError(f"cannot listen for gRPC on {address} ({exc}); pick another --grpc-port") from exc
         if not self.port:
             raise BitdeployError(f"cannot listen for gRPC on {address}; pick another --grpc-port")
         self.host = host

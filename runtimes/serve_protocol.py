@@ -83,7 +83,7 @@ def parse_infer(body: bytes, header_length: str | None, model: ModelInfo) -> Inf
     try:
         msg = json.loads(head)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"request is not valid JSON ({exc}); send an inference request object") from None
+        raise ProtocolError(f"request is not valid JSON ({exc}); send an inference request object") from exc
     if not isinstance(msg, dict):
         raise ProtocolError("request must be a JSON object with an `inputs` list")
     params = _params(msg, "request")

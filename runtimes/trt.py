@@ -207,7 +207,7 @@ def import_tensorrt() -> Any:
         raise MissingDependencyError("TensorRT (the tensorrt package)", "tensorrt", "get it on a machine with an NVIDIA GPU and driver") from None
     except OSError as exc:  # the wheel is there but its CUDA libraries are not loadable
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MissingDependencyError("a working TensorRT", "tensorrt", f"its libraries do not load ({first})") from None
+        raise MissingDependencyError("a working TensorRT", "tensorrt", f"its libraries do not load ({first})") from exc
 
 
 class _ThreadState:
@@ -255,7 +255,7 @@ class TensorRTBackend(Backend):
             gpu_name, cc = self.api.device_info(self.device_index)
         except Exception as exc:  # cuda-python reports through BundleError, torch through RuntimeError
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise BundleError(f"no usable NVIDIA GPU cuda:{self.device_index} ({first}); TensorRT bundles need one, pass --device cuda:N") from None
+            raise BundleError(f"no usable NVIDIA GPU cuda:{self.device_index} ({first}); TensorRT bundles need one, pass --device cuda:N") from exc
         reason = check_engine_compat(target, str(trt.__version__), gpu_name, cc)
         if reason:
             raise BundleError(f"{model_path}: {reason}")

@@ -66,7 +66,7 @@ def load_for_resume(out: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     try:
         _, ck = read_checkpoint(file)
     except WeightsError as exc:
-        raise BitdeployError(f"cannot resume: {exc}; delete {file} to start over, or use a new --out") from None
+        raise BitdeployError(f"cannot resume: {exc}; delete {file} to start over, or use a new --out") from exc
     if ck.get("model_name") != config["model"]:
         raise BitdeployError(f"{file} is a checkpoint of model {ck.get('model_name')!r}, not {config['model']!r}; pass --model {ck.get('model_name')} to resume it, or use a new --out")
     saved = ck.get("config") or {}

@@ -61,7 +61,7 @@ def read_members(path: Path) -> dict[str, bytes]:
                     if f is not None:
                         found[base] = f.read()
         except (tarfile.TarError, EOFError, OSError) as exc:
-            raise DatasetError(f"{path}: unreadable tarball ({exc}); download it again ({BINARY_HINT})") from None
+            raise DatasetError(f"{path}: unreadable tarball ({exc}); download it again ({BINARY_HINT})") from exc
     else:
         for d in (path, *sorted(c for c in path.iterdir() if c.is_dir())):
             for f in d.iterdir():

@@ -78,7 +78,7 @@ class FileImageSet(ImageSet):
         try:
             return np.asarray(decode(self.paths[i]), dtype=np.uint8)
         except ImageError as exc:
-            raise DatasetError(f"{exc} (in the dataset; fix or remove the file)") from None
+            raise DatasetError(f"{exc} (in the dataset; fix or remove the file)") from exc
 
     def name(self, i: int) -> str:
         return str(self.paths[i])

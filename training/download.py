@@ -114,7 +114,7 @@ def download(variant: BitVariant, timeout: float = TIMEOUT_S) -> tuple[Path, str
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise WeightsError(f"cannot create the weights cache {dest.parent} ({exc.strerror}); set {CACHE_ENV} to a writable directory") from None
+        raise WeightsError(f"cannot create the weights cache {dest.parent} ({exc.strerror}); set {CACHE_ENV} to a writable directory") from exc
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
@@ -125,11 +125,11 @@ def download(variant: BitVariant, timeout: float = TIMEOUT_S) -> tuple[Path, str
                     length = response.headers.get("Content-Length")
                     digest = _stream(response, out, int(length) if length and length.isdigit() else None, dest.name)
             except urllib.error.HTTPError as exc:
-                raise _offline_error(url, f"HTTP {exc.code} {exc.reason}") from None
+                raise _offline_error(url, f"HTTP {exc.code} {exc.reason}") from exc
             except urllib.error.URLError as exc:
-                raise _offline_error(url, exc.reason) from None
+                raise _offline_error(url, exc.reason) from exc
             except (socket.timeout, TimeoutError, ConnectionError) as exc:
-                raise _offline_error(url, exc or type(exc).__name__) from None
+                raise _offline_error(url, exc or type(exc).__name__) from exc
         known = KNOWN_SHA256.get(variant.npz_name)
         if known is not None and known != digest:
             raise WeightsError(f"{url}: downloaded file does not match the published sha256 ({digest[:12]}... != {known[:12]}...); run again, or download it yourself and pass --weights PATH")

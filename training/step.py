@@ -43,7 +43,7 @@ def oom_hint(ctx: Context, micro: int, crop: int, split: int) -> Iterator[None]:
         raise BitdeployError(
             f"out of memory on {ctx.kind} with micro-batches of {micro} images at {crop}px; "
             f"raise --batch-split (e.g. --batch-split {split * 2}, same results) or lower --batch-size"
-        ) from None
+        ) from exc
 
 
 class Stepper:

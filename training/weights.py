@@ -123,8 +123,8 @@ def read_npz(path: Path, fix: str = "download it again") -> dict[str, np.ndarray
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "allow_pickle" in reason:
-            raise WeightsError(f"{path}: holds pickled Python objects, which are never loaded (allow_pickle=False); {_FIX}") from None
-        raise WeightsError(f"{path}: not a readable .npz ({reason}); the file is truncated or corrupt, {fix}") from None
+            raise WeightsError(f"{path}: holds pickled Python objects, which are never loaded (allow_pickle=False); {_FIX}") from exc
+        raise WeightsError(f"{path}: not a readable .npz ({reason}); the file is truncated or corrupt, {fix}") from exc
 
 
 def _check_array(path: Path, key: str, a: np.ndarray, want: tuple[int, ...], variant: BitVariant) -> None:
@@ -199,10 +199,10 @@ def read_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
         ck = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "forbidden object"
-        raise WeightsError(f"{file}: refused: the file holds objects other than tensors and plain data ({first[:120]}); only bitdeploy checkpoints are loaded") from None
+        raise WeightsError(f"{file}: refused: the file holds objects other than tensors and plain data ({first[:120]}); only bitdeploy checkpoints are loaded") from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"{file}: not a readable checkpoint ({first[:120]}); the file is truncated or corrupt") from None
+        raise WeightsError(f"{file}: not a readable checkpoint ({first[:120]}); the file is truncated or corrupt") from exc
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{file}: not a bitdeploy checkpoint (no format {CHECKPOINT_FORMAT!r}); {_FIX}")
     if ck.get("version") != CHECKPOINT_VERSION:

@@ -255,3 +255,21 @@ def test_foreign_torch_file(tmp_path: Path) -> None:
     torch.save({"state_dict": {}}, path)
     _one_line_error(path, "not a bitdeploy checkpoint")
     assert zipfile.is_zipfile(path)
+
+
+def test_debug_shows_the_original_error_and_plain_runs_stay_one_line(tiny_npz: Path, tmp_path: Path) -> None:
+    """`--debug` prints the chained traceback down to the npz reader's own exception."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "truncated.npz"
+    bad.write_bytes(tiny_npz.read_bytes()[: len(tiny_npz.read_bytes()) // 2])
+    args = ["export", "--model", "tiny", "--weights", str(bad), "--out", str(tmp_path / "x.onnx")]
+    plain = subprocess.run([sys.executable, "-m", "bitdeploy", *args], capture_output=True, text=True, timeout=300)
+    lines = [line for line in plain.stderr.splitlines() if line.strip()]
+    assert plain.returncode == 1 and len(lines) == 1 and "truncated or corrupt" in lines[0] and "Traceback" not in plain.stderr
+    debug = subprocess.run([sys.executable, "-m", "bitdeploy", "--debug", *args], capture_output=True, text=True, timeout=300)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    assert "The above exception was the direct cause of the following exception" in debug.stderr
+    assert "zipfile.BadZipFile" in debug.stderr or "EOFError" in debug.stderr  # the reader's own error, not only ours
+    assert debug.stderr.rstrip().splitlines()[-1].startswith("error: ") and not (tmp_path / "x.onnx").exists()
