@@ -21,6 +21,7 @@ from typing import Any
 
 from bitdeploy.converters.calibration import CalibrationData
 from bitdeploy.errors import ConversionError
+from bitdeploy.stdio import stdout_to_stderr
 
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_OP_TYPES: tuple[str, ...] = ("Conv",)
@@ -180,7 +181,7 @@ def quantize_qdq(
     onnx_out.parent.mkdir(parents=True, exist_ok=True)
     tmp = onnx_out.with_name(f".{onnx_out.name}.tmp")
     try:
-        with _quiet_root_logger():
+        with _quiet_root_logger(), stdout_to_stderr():  # the histogram calibrators print every tensor to stdout
             quantize_static(
                 str(onnx_in),
                 str(tmp),

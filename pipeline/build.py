@@ -120,6 +120,9 @@ def check_options(opts: BuildOptions) -> list[tuple[Target, str, str | None]]:
         t = rows[0][0]
         if opts.calib_method and opts.calib_method not in t.calib_methods:
             raise BitdeployError(f"--calib-method {opts.calib_method!r} is not available for {t.title}; choose one of: {', '.join(t.calib_methods)}")
+        hint = opts.extra.get("inference_precision") or "f32"
+        if hint != "f32" and not (t.name == "openvino" and any(p != "fp32" for _, p in rows)):
+            raise BitdeployError(f"--inference-precision {hint} applies to --target openvino --precision fp16 or int8 (fp32 computes in f32)")
         if opts.accuracy_control and not (t.name == "openvino" and any(p == "int8" for _, p in rows)):
             raise BitdeployError("--accuracy-control applies to --target openvino --precision int8 only")
     if opts.accuracy_control and opts.dataset is None:

@@ -34,6 +34,8 @@ def convert(target: Target, precision: str, ctx: dict[str, Any], opts: Any, cach
     from bitdeploy.converters.base import Artifact
 
     options = converter_options(opts, target, ctx["resolution"], ctx["validation_npz"])
+    if precision == "fp32":  # --inference-precision picks the float arithmetic of fp16/int8 rows; fp32 means f32
+        options["inference_precision"] = "f32"
     calib = ctx["calibration"] if precision == "int8" else None
     inputs = {"onnx": file_sha256(ctx["onnx"]), "calibration": calib.sha256 if calib is not None else "none"}
     keyed = {k: v for k, v in options.items() if k not in ("validation_npz", "cache_dir")}
@@ -144,7 +146,7 @@ def build_row(row: RowResult, target: Target, precision: str, ctx: dict[str, Any
         manifest["validated_on"] = {**host_fingerprint(), "evaluated_with": result.get("evaluated_with")}
         with bundle_writer(path) as tmp:
             copy_artifact(work, tmp, artifact.files)
-            manifest["self_test"] = _write_golden(tmp, ctx, logits, precision)
+            manifest["self_test"] = _write_golden(tmp, ctx, logits, precision, manifest["input"])
             write_manifest(tmp, manifest, [*artifact.files, selftest.GOLDEN_FILE])
         row.bundle = str(path)
         row.size_mb = sum((path / f).stat().st_size for f in artifact.files) / 1e6
@@ -162,7 +164,7 @@ def build_row(row: RowResult, target: Target, precision: str, ctx: dict[str, Any
         log(f"[{row.name}] failed: {row.error}")
 
 
-def _write_golden(bundle_dir: Path, ctx: dict[str, Any], logits: Any, precision: str) -> dict[str, Any]:
+def _write_golden(bundle_dir: Path, ctx: dict[str, Any], logits: Any, precision: str, input_spec: dict[str, Any]) -> dict[str, Any]:
     """The bundle's self-test: a seeded subset of the validation inputs, their FP32 logits and labels."""
     import numpy as np
 
@@ -173,7 +175,7 @@ def _write_golden(bundle_dir: Path, ctx: dict[str, Any], logits: Any, precision:
         picked.append(x[idx[(idx >= lo) & (idx < lo + len(x))] - lo])
         lo += len(x)
     inputs = np.concatenate(picked)
-    return selftest.write(bundle_dir, inputs, reference[idx], labels[idx] if labels is not None else None, logits[idx], precision)
+    return selftest.write(bundle_dir, inputs, reference[idx], labels[idx] if labels is not None else None, logits[idx], precision, input_spec)
 
 
 def _invalid_reason(result: dict[str, Any], opts: Any) -> str:

@@ -69,17 +69,25 @@ def rel_error(logits: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(logits.astype(np.float64) - reference).max()) / scale if reference.size else 0.0
 
 
-def _as_pixels(x: np.ndarray) -> np.ndarray | None:
+def _mean_std(input_spec: dict[str, Any] | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    spec = input_spec or {}
+    return tuple(spec.get("mean") or (0.5, 0.5, 0.5)), tuple(spec.get("std") or (0.5, 0.5, 0.5))
+
+
+def _as_pixels(x: np.ndarray, input_spec: dict[str, Any] | None) -> np.ndarray | None:
     """The uint8 HWC images `x` was normalised from, when `normalize` reproduces `x` exactly (real images)."""
-    pixels = np.clip(np.rint((x.transpose(0, 2, 3, 1) * 0.5 + 0.5) * 255.0), 0, 255).astype(np.uint8)
-    return pixels if np.array_equal(normalize(pixels), x) else None
+    mean, std = _mean_std(input_spec)
+    pixels = np.clip(np.rint((x.transpose(0, 2, 3, 1) * np.float32(std) + np.float32(mean)) * 255.0), 0, 255).astype(np.uint8)
+    return pixels if np.array_equal(normalize(pixels, mean, std), x) else None
 
 
-def write(bundle_dir: Path, inputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None, bundle_logits: np.ndarray, precision: str) -> dict[str, Any]:
-    """Write golden.npz into `bundle_dir` and return the manifest's `self_test` object."""
+def write(bundle_dir: Path, inputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None, bundle_logits: np.ndarray, precision: str,
+          input_spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write golden.npz into `bundle_dir` and return the manifest's `self_test` object (`input_spec`: the
+    manifest's `input`, whose mean/std turn stored pixels back into the exact inputs)."""
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
     reference = np.asarray(reference, dtype=np.float32)
-    pixels = _as_pixels(inputs)
+    pixels = _as_pixels(inputs, input_spec)
     arrays: dict[str, np.ndarray] = {"reference": reference}
     arrays.update({"pixels": pixels} if pixels is not None else {"inputs": inputs})
     if labels is not None:
@@ -119,7 +127,7 @@ def load_golden(bundle_dir: Path, manifest: dict[str, Any]) -> tuple[np.ndarray,
     path = Path(bundle_dir) / str(spec.get("file") or GOLDEN_FILE)
     try:
         with np.load(path, allow_pickle=False) as data:
-            inputs = normalize(data["pixels"]) if "pixels" in data else np.asarray(data["inputs"], np.float32)
+            inputs = normalize(data["pixels"], *_mean_std(manifest.get("input"))) if "pixels" in data else np.asarray(data["inputs"], np.float32)
             reference = np.asarray(data["reference"], np.float32)
             labels = np.asarray(data["labels"], np.int64) if "labels" in data else None
     except (OSError, ValueError, KeyError) as exc:

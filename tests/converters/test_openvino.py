@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -186,3 +187,17 @@ def test_compile_config_pins_precision_only_when_asked() -> None:
     assert openvino_convert.compile_config("f32", 2) == {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2}
     assert "INFERENCE_PRECISION_HINT" not in openvino_convert.compile_config(None)
     assert re.fullmatch(r"[a-z_]+", openvino_convert.CALIB_METHODS[0])
+
+
+def test_inference_precision_applies_to_fp16_and_int8_rows_only(tmp_path: Path) -> None:
+    """`--precision fp32,fp16 --inference-precision bf16`: the fp32 row stays f32, the fp16 row records bf16."""
+    from bitdeploy.cli import main
+    from bitdeploy.runtimes.fingerprint import host_fingerprint
+
+    if "avx512_bf16" not in host_fingerprint()["cpu"]["features"] and "amx_bf16" not in host_fingerprint()["cpu"]["features"]:
+        pytest.skip("needs a CPU with bf16 units: elsewhere the fp16 row is refused (tested above)")
+    out = tmp_path / "b"
+    main(["build", "--model", "tiny", "--weights", "none", "--target", "openvino", "--precision", "fp32,fp16",
+          "--inference-precision", "bf16", "--out", str(out), "--no-report", "--no-cache"])  # exits only on failure
+    pins = {p: json.loads((out / f"openvino-{p}" / "manifest.json").read_text())["target"]["inference_precision"] for p in ("fp32", "fp16")}
+    assert pins == {"fp32": "f32", "fp16": "bf16"}

@@ -298,6 +298,7 @@ def test_option_errors_are_one_line(run: Callable[..., Result], tmp_path: Path) 
         (["--target", "onnx", "--accuracy-control", "--dataset", "digits"], "--accuracy-control"),
         (["--target", "onnx", "--calib-method", "histogram", "--dataset", "digits", "--precision", "int8"], "--calib-method"),
         (["--steps", "5"], "--dataset"),
+        (["--target", "openvino", "--inference-precision", "bf16"], "--inference-precision bf16 applies to"),
         (["--select", "fastest"], "--select"),
     ]
     for extra, needle in cases:
