@@ -91,13 +91,13 @@ def load_eval_set(spec: str, seed: int = 0) -> EvalSet:
 
 def batches(eval_set: EvalSet, input_spec: dict[str, Any], batch_size: int = 32, limit: int | None = None) -> Any:
     """Yield (float32 NCHW, int64 labels), preprocessed exactly as the bundle's manifest says."""
-    from bitdeploy.runtimes.preprocess import normalize, resize_to_array, to_rgb
-
     from PIL import Image
+
+    from bitdeploy.runtimes.preprocess import mean_std, normalize, resize_to_array, to_rgb
 
     n = len(eval_set) if limit is None else min(limit, len(eval_set))
     h, w = input_spec["resize"]
-    mean, std = tuple(input_spec.get("mean", (0.5,) * 3)), tuple(input_spec.get("std", (0.5,) * 3))
+    mean, std = mean_std(input_spec)
     interp = input_spec.get("interpolation", "bilinear")
     for start in range(0, n, batch_size):
         xs, ys = [], []

@@ -24,13 +24,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bitdeploy.errors import require
+from bitdeploy.runtimes.manifest import as_manifest
 
 FORMS = ("eager-ws", "eager-folded", "compiled-folded")
 LABELS = {
@@ -106,12 +107,12 @@ class PytorchBaseline:
         self.__dict__.pop("module", None)
 
 
-def baseline_weights(choice: str, manifest: dict[str, Any]) -> str:
+def baseline_weights(choice: str, manifest: Mapping[str, Any]) -> str:
     """Resolve --baseline-weights: "auto" uses the bundle's own weights when they are a local file
     (an .npz or a training checkpoint), else random weights ("none": latency only, accuracy is meaningless)."""
     if choice != "auto":
         return choice
-    weights = (manifest.get("model") or {}).get("weights") or {}
+    weights = as_manifest(manifest).model.get("weights") or {}
     source = weights.get("source")
     if weights.get("kind") in ("npz", "checkpoint") and source and "://" not in str(source) and Path(os.fspath(source)).exists():
         return str(source)

@@ -22,6 +22,7 @@ from bitdeploy.benchmarks.baseline import COMPILE_TIMEOUT_S
 from bitdeploy.benchmarks.env import collect, device_label
 from bitdeploy.benchmarks.schema import new_document, new_entry
 from bitdeploy.errors import BitdeployError
+from bitdeploy.runtimes.manifest import Manifest, TargetInfo
 
 SCENARIOS = ("single-stream", "offline", "both")
 E2E_IMAGES = 32  # distinct encoded images cycled through the end-to-end loop
@@ -92,40 +93,34 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def _bundle_size(path: Path, manifest: dict[str, Any]) -> tuple[float, dict[str, str]]:
-    files = manifest.get("files") or {}
+def _bundle_size(path: Path, manifest: Manifest) -> tuple[float, dict[str, str]]:
+    files = manifest.files
     if path.is_file():  # a single-file pack
         return path.stat().st_size / 1e6, dict(files)
     total = sum((path / name).stat().st_size for name in files if (path / name).is_file())
     return total / 1e6, dict(files)
 
 
-def _open(bundle: str, opts: BenchOptions) -> tuple[Any, dict[str, Any], Any]:
+def _open(bundle: str, opts: BenchOptions) -> tuple[Any, Manifest, Any]:
     """(predictor, manifest, backend) through the runtime's public loader."""
     from bitdeploy import runtimes
 
     pred = runtimes.load(bundle, backend=opts.backend, device=opts.device, threads=opts.threads)
-    manifest = getattr(pred, "manifest", None)
-    if manifest is None:
-        from bitdeploy.runtimes.bundle import read_manifest
-
-        manifest = read_manifest(bundle)
-    backend = getattr(pred, "backend", None) or pred
-    return pred, manifest, backend
+    return pred, pred.manifest, pred.backend
 
 
-def _shape_chw(manifest: dict[str, Any]) -> tuple[int, int, int]:
-    shape = (manifest.get("input") or {}).get("shape") or [-1, 3, manifest["model"]["resolution"], manifest["model"]["resolution"]]
+def _shape_chw(manifest: Manifest) -> tuple[int, int, int]:
+    shape = manifest.input.get("shape") or [-1, 3, manifest.model["resolution"], manifest.model["resolution"]]
     return int(shape[1]), int(shape[2]), int(shape[3])
 
 
-def _precision_used(target: dict[str, Any], desc: dict[str, Any]) -> str | None:
+def _precision_used(target: TargetInfo, desc: dict[str, Any]) -> str | None:
     """What ran: the backend's own report of its float precision (e.g. OpenVINO's bf16 default), combined
     with int8 for quantized bundles; the manifest's record where the backend does not say."""
     ran = desc.get("precision_used")
     if ran is None:
-        return target.get("precision_used")
-    if str(target.get("precision")) == "int8" and "int8" not in str(ran):
+        return target.precision_used
+    if target.precision == "int8" and "int8" not in str(ran):
         return f"int8+{ran}"
     return str(ran)
 
@@ -206,23 +201,22 @@ class Bench:
             pred.infer(latency.make_inputs((1, *shape), pool=1)[0])
             first_ms = (time.perf_counter() - t1) * 1e3
             desc = _describe(backend)
-            target = manifest.get("target") or {}
-            model = manifest.get("model") or {}
+            target, model = manifest.target, manifest.model
             size_mb, files = _bundle_size(Path(bundle), manifest)
             entry = new_entry(
                 name=name, kind="bundle", bundle=str(bundle), model=model.get("name"), resolution=model.get("resolution"),
-                num_classes=model.get("num_classes"), target=target.get("backend") or desc.get("backend"),
-                precision=target.get("precision"), precision_used=_precision_used(target, desc),
-                backend_device=str(desc.get("device") or target.get("device") or opts.device or "cpu"),
-                status="valid" if manifest.get("valid", True) else "failed gate", size_mb=size_mb, files_sha256=files,
-                load_s=load_s, first_infer_ms=first_ms, build_accuracy=manifest.get("accuracy"), describe=desc,
+                num_classes=model.get("num_classes"), target=target.backend or desc.get("backend"),
+                precision=target.precision, precision_used=_precision_used(target, desc),
+                backend_device=str(desc.get("device") or target.device or opts.device or "cpu"),
+                status="valid" if manifest.valid else "failed gate", size_mb=size_mb, files_sha256=files,
+                load_s=load_s, first_infer_ms=first_ms, build_accuracy=manifest.accuracy, describe=desc,
             )  # fmt: skip
             entry["device"] = device_label(self.env, entry["backend_device"])
-            entry.update(measure_latency(pred, shape, opts, self.images, manifest.get("input")))
+            entry.update(measure_latency(pred, shape, opts, self.images, manifest.input))
             if entry.get("end_to_end"):
                 entry["end_to_end"]["images_source"] = self.images_source
             if self.eval_set is not None:
-                entry["accuracy"] = measure(pred.infer, manifest["input"], manifest.get("labels"), self.eval_set, self.reference, opts.samples, progress=opts.progress)
+                entry["accuracy"] = measure(pred.infer, manifest.input, manifest.labels, self.eval_set, self.reference, opts.samples, progress=opts.progress)
         except BitdeployError as exc:
             entry = new_entry(name=name, kind="bundle", bundle=str(bundle), status=f"failed: {exc}", error=str(exc))
         finally:
@@ -231,12 +225,12 @@ class Bench:
         entry.update(peak_rss_mb=_peak_rss_mb(), peak_rss_method=rss_method)
         return entry
 
-    def pytorch(self, manifest_like: dict[str, Any]) -> list[dict[str, Any]]:
+    def pytorch(self, manifest_like: Manifest) -> list[dict[str, Any]]:
         """The PyTorch FP32 baselines (every form of `baseline.FORMS`) for one (model, resolution, classes)."""
         from bitdeploy.benchmarks.baseline import FORMS, PytorchBaseline, baseline_weights, entry_name, measure_forms
 
         opts = self.opts
-        model = manifest_like["model"]
+        model = manifest_like.model
         common = {"kind": "pytorch", "model": model.get("name"), "resolution": model.get("resolution"), "num_classes": model.get("num_classes"), "target": "pytorch", "precision": "fp32"}
         forms = FORMS if opts.compile_timeout > 0 else FORMS[:2]
         rss_method = _reset_peak_rss()
@@ -250,9 +244,9 @@ class Bench:
         with_accuracy = self.eval_set is not None and weights != "none" and (opts.pytorch_baseline != "auto" or loaded.weights_info.get("kind") == "checkpoint")
 
         def time_eager(base: PytorchBaseline) -> dict[str, Any]:
-            out = measure_latency(base, shape, opts, self.images, manifest_like.get("input"))
+            out = measure_latency(base, shape, opts, self.images, manifest_like.input)
             if with_accuracy and base.form == "eager-ws" and self.eval_set is not None:
-                out["accuracy"] = measure(base.infer, manifest_like["input"], base.labels or manifest_like.get("labels"), self.eval_set, None, opts.samples, progress=opts.progress)
+                out["accuracy"] = measure(base.infer, manifest_like.input, base.labels or manifest_like.labels, self.eval_set, None, opts.samples, progress=opts.progress)
             return out
 
         timing = {"kind": "bench", "options": {k: getattr(opts, k) for k in ("batch_sizes", "scenario", "iterations", "duration", "warmup", "keep_raw", "seed")}}
@@ -275,7 +269,7 @@ class Bench:
         return entries
 
 
-def _baseline_keys(bundles: list[str]) -> list[dict[str, Any]]:
+def _baseline_keys(bundles: list[str]) -> list[Manifest]:
     """One manifest per distinct (model, resolution, classes) among the readable bundles (directories or packs)."""
     from bitdeploy.runtimes.pack import open_bundle
 
@@ -286,7 +280,7 @@ def _baseline_keys(bundles: list[str]) -> list[dict[str, Any]]:
         except BitdeployError:
             continue  # its own entry will say why
         opened.cleanup()
-        model = opened.manifest.get("model") or {}
+        model = opened.manifest.model
         key = (model.get("name"), model.get("resolution"), model.get("num_classes"))
         if None not in key[:2] and key not in seen:
             seen.add(key)

@@ -53,6 +53,7 @@ def build_engines(args: argparse.Namespace, work: Path, log: Callable[[str], Non
 
     from bitdeploy.converters import calibration as calib_mod
     from bitdeploy.converters import openvino_convert, ort_convert
+    from bitdeploy.converters.base import ConvertOptions
     from bitdeploy.converters.onnx_export import export_onnx
     from bitdeploy.runtimes.base import open_backend
     from bitdeploy.training.data import eval_batch, load_dataset
@@ -84,7 +85,7 @@ def build_engines(args: argparse.Namespace, work: Path, log: Callable[[str], Non
             return model(torch.from_numpy(batch))
 
     engines["torch-fp32"], what["torch-fp32"] = torch_infer, f"PyTorch {torch.__version__} eager fp32, WS every call"
-    opts = {"threads": args.threads, "device": None, "calib_method": None}
+    opts = ConvertOptions(threads=args.threads)
     for name, fn, precision, backend in (
         ("ort-fp32", ort_convert.convert, "fp32", "onnxruntime"),
         ("ort-int8", ort_convert.convert, "int8", "onnxruntime"),
@@ -94,7 +95,7 @@ def build_engines(args: argparse.Namespace, work: Path, log: Callable[[str], Non
         out = work / name
         out.mkdir()
         log(f"building {name}")
-        art = fn(onnx_path, out, precision, calibration if precision == "int8" else None, dict(opts))
+        art = fn(onnx_path, out, precision, calibration if precision == "int8" else None, opts)
         target = {**art.target, "precision": precision}
         b = open_backend(backend, out / art.model_file, {"target": target}, threads=args.threads)
         engines[name], what[name] = b.infer, f"{backend} {target.get('precision_used')}"

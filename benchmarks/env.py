@@ -11,8 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.runtimes.fingerprint import device_class, host_fingerprint, LIBRARIES, package_versions
-
+from bitdeploy.runtimes.fingerprint import LIBRARIES, device_class, host_fingerprint, package_versions
 
 
 def _physical_cores() -> int | None:

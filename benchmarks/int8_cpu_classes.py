@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from bitdeploy.converters import accuracy, calibration, openvino_convert, ort_convert
+    from bitdeploy.converters.base import ConvertOptions, OrtOptions
     from bitdeploy.converters.onnx_export import export_onnx
     from bitdeploy.runtimes.fingerprint import host_fingerprint
     from bitdeploy.training.data import load_dataset
@@ -131,10 +132,10 @@ def main(argv: list[str] | None = None) -> None:
         paths = {"fp32": work / "fp32.onnx"}
         for scheme in SCHEMES:
             (work / scheme).mkdir()
-            ort_convert.convert(work / "fp32.onnx", work / scheme, "int8", calib, {"int8_scheme": scheme})
+            ort_convert.convert(work / "fp32.onnx", work / scheme, "int8", calib, ConvertOptions(extras=OrtOptions(int8_scheme=scheme)))
             paths[f"ort {scheme}"] = work / scheme / "model.onnx"
         (work / "ov").mkdir()
-        openvino_convert.convert(work / "fp32.onnx", work / "ov", "int8", calib, {"threads": args.threads})
+        openvino_convert.convert(work / "fp32.onnx", work / "ov", "int8", calib, ConvertOptions(threads=args.threads))
         paths["openvino int8"] = work / "ov" / "model.xml"
         native = _logits(paths, x, args.threads)
         emulated = None if args.no_emulation else _emulated(paths, x, args.threads, work)

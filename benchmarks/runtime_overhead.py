@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,20 +62,22 @@ def interleaved(a: Callable[[], Any], b: Callable[[], Any], rounds: int, block: 
 
 
 class _NullBackend(Backend):
-    """Returns fixed logits at once: timing Predictor.infer on it isolates the predictor's own checks."""
+    """Returns fixed logits at once: timing Predictor.infer on it isolates the checks around the engine (the
+    backend's input checks in Backend.infer and the predictor's logits check)."""
 
     name = "null"
 
-    def __init__(self, logits: np.ndarray) -> None:
+    def __init__(self, logits: np.ndarray, manifest: dict[str, Any]) -> None:
+        super().__init__(Path("null"), manifest)
         self.logits = logits
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
         return self.logits
 
 
 def checks_cost(model: Predictor, x: np.ndarray, calls: int = 20000) -> float:
     """Median microseconds Predictor.infer spends outside the engine (shape/dtype checks, output check)."""
-    shell = Predictor(dataclasses.replace(model.bundle, _tmp=None), _NullBackend(model.infer(x)))
+    shell = Predictor(dataclasses.replace(model.bundle, _tmp=None), _NullBackend(model.infer(x), model.manifest))
     times = []
     for _ in range(calls):
         t0 = time.perf_counter_ns()

@@ -71,14 +71,14 @@ def throughput(fn: Callable[[], Any], batch: int, seconds: float = 3.0, warmup: 
 def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
+    from bitdeploy.benchmarks.cpu_targets import randomise_norms
     from bitdeploy.converters import calibration as calib_mod
     from bitdeploy.converters import trt_engine
+    from bitdeploy.converters.base import ConvertOptions, TensorRTOptions
     from bitdeploy.converters.onnx_export import export_onnx
     from bitdeploy.runtimes.trt import TensorRTBackend, parse_device
     from bitdeploy.training.data import eval_batch, load_dataset
     from bitdeploy.training.weights import load_model
-
-    from bitdeploy.benchmarks.cpu_targets import randomise_norms
 
     index = parse_device(args.device)
     loaded = load_model(args.model, args.weights, num_classes=None if args.weights != "none" else 10)
@@ -103,7 +103,8 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dic
             out = work / f"{precision}-{kind}"
             out.mkdir()
             log(f"building TensorRT {precision} {kind} engine (profile {profile})")
-            art = trt_engine.convert(onnx_path, out, precision, calibration if precision == "int8" else None, {"device": args.device, "batch": profile, "cache_dir": str(cache)})
+            options = ConvertOptions(device=args.device, cache_dir=cache, extras=TensorRTOptions(batch=profile))
+            art = trt_engine.convert(onnx_path, out, precision, calibration if precision == "int8" else None, options)
             backends.setdefault(precision, {})[kind] = TensorRTBackend(out / art.model_file, {"target": art.target})
             results["engines"][f"{precision}-{kind}"] = {k: art.target[k] for k in ("precision_used", "layers", "build_seconds", "tensorrt_version")}
 
@@ -123,10 +124,10 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dic
     x1 = val_x[:1]
     for name, (lat_fn, tp_fn) in engines.items():
         log(f"timing {name}")
-        row: dict[str, Any] = latency(lambda: lat_fn(x1), args.iters)
+        row: dict[str, Any] = latency(lambda f=lat_fn: f(x1), args.iters)
         for b in THROUGHPUT_BATCHES:
             xb = np.ascontiguousarray(np.resize(val_x, (b, *val_x.shape[1:])))
-            row[f"images_per_s_b{b}"] = throughput(lambda: tp_fn(xb), b)
+            row[f"images_per_s_b{b}"] = throughput(lambda f=tp_fn, x=xb: f(x), b)
         preds = np.concatenate([lat_fn(val_x[i : i + 1]).argmax(1) for i in range(len(val_x))])
         row["top1_agreement_vs_fp32"] = float((preds == reference).mean())
         results["rows"][name] = row

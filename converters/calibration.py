@@ -64,6 +64,26 @@ class CalibrationData:
         return cls(samples, source, seed, sha256)
 
 
+@dataclass(frozen=True)
+class ValidationData:
+    """Labelled validation inputs for a quantizer that measures accuracy itself (NNCF's accuracy control).
+
+    samples: (N, 3, R, R) float32, preprocessed as at inference; labels: (N,) int64; sha256: digest of both.
+    """
+
+    samples: np.ndarray
+    labels: np.ndarray
+    sha256: str
+
+    @classmethod
+    def from_arrays(cls, samples: np.ndarray, labels: np.ndarray) -> ValidationData:
+        samples, labels = np.ascontiguousarray(samples, np.float32), np.ascontiguousarray(labels, np.int64)
+        return cls(samples, labels, hashlib.sha256(digest(samples).encode() + labels.tobytes()).hexdigest())
+
+    def __len__(self) -> int:
+        return int(self.samples.shape[0])
+
+
 def digest(samples: np.ndarray) -> str:
     h = hashlib.sha256(f"{samples.dtype.str}{tuple(samples.shape)}".encode())
     for i in range(0, samples.shape[0], 64):
@@ -94,29 +114,38 @@ def from_image_set(train: Any, resolution: int, size: int = DEFAULT_SIZE, seed: 
 
 
 class _OrtReader:
-    """onnxruntime.quantization.CalibrationDataReader protocol (get_next/rewind), without importing it here."""
+    """onnxruntime.quantization.CalibrationDataReader protocol (get_next/rewind/set_range), without importing it.
+
+    `set_range` lets ONNX Runtime collect in strides (`CalibStridedMinMax`): the histogram calibrators keep every
+    activation of every batch they are fed, so memory stays bounded by the stride, not by the sample count.
+    """
 
     def __init__(self, calibration: CalibrationData, input_name: str, batch_size: int) -> None:
-        self.calibration = calibration
-        self.input_name = input_name
-        self.batch_size = batch_size
-        self._it: Iterator[np.ndarray] | None = None
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.calibration, self.input_name, self.batch_size = calibration, input_name, batch_size
+        self.batches = -(-len(calibration) // batch_size)
+        self.set_range(0, self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it: Iterator[int] = iter(range(start_index, min(end_index, self.batches)))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._it is None:
-            self._it = self.calibration.batches(self.batch_size)
-        batch = next(self._it, None)
-        return None if batch is None else {self.input_name: batch}
+        i = next(self._it, None)
+        if i is None:
+            return None
+        lo = i * self.batch_size
+        return {self.input_name: np.ascontiguousarray(self.calibration.samples[lo : lo + self.batch_size], dtype=np.float32)}
 
     def rewind(self) -> None:
-        self._it = None
+        self.set_range(0, self.batches)
 
     def __len__(self) -> int:
-        return -(-len(self.calibration) // self.batch_size)
+        return self.batches
 
 
 def ort_reader(calibration: CalibrationData, input_name: str = "input", batch_size: int = 1) -> Any:
-    """An ONNX Runtime CalibrationDataReader over the samples."""
+    """An ONNX Runtime CalibrationDataReader over the samples (strided collection supported)."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(_OrtReader, CalibrationDataReader):  # type: ignore[misc]
@@ -126,7 +155,7 @@ def ort_reader(calibration: CalibrationData, input_name: str = "input", batch_si
 
 
 def nncf_dataset(calibration: CalibrationData, batch_size: int = 1) -> Any:
-    """An nncf.Dataset yielding NCHW batches (NNCF calls the model on each item as is)."""
+    """An nncf.Dataset yielding NCHW float32 batches (NNCF calls the model on each item as is), batch 1 by default."""
     import nncf
 
     return nncf.Dataset(list(calibration.batches(batch_size)))

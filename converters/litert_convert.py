@@ -23,13 +23,13 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from bitdeploy.converters.base import Artifact
+from bitdeploy.converters.base import Artifact, ConvertOptions
 from bitdeploy.converters.calibration import CalibrationData
-from bitdeploy.errors import ConversionError, require
+from bitdeploy.errors import ConversionError, first_line, require
 
 MODEL_FILE = "model.tflite"
 CHECK_TOLERANCE = 1e-4  # rebuilt PyTorch vs the ONNX export, and FP32 .tflite vs PyTorch, x max(1, max |logit|)
@@ -61,11 +61,6 @@ def _quiet(keep: bool) -> Iterator[None]:
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _scope(node_name: str) -> str:
@@ -143,6 +138,8 @@ def _lite_modules() -> tuple[Any, Any, Any]:
         """nn.GroupNorm without reshapes: per-channel means over H, W, averaged within groups by a grouped 1x1
         conv of constant 1/k weights. Same arithmetic (two-pass, biased variance, eps)."""
 
+        average: torch.Tensor  # a buffer (register_buffer), typed for the checker
+
         def __init__(self, gn: nn.GroupNorm) -> None:
             super().__init__()
             c, g = gn.num_channels, gn.num_groups
@@ -162,7 +159,7 @@ def _lite_modules() -> tuple[Any, Any, Any]:
 
         def __init__(self, folded: nn.Module) -> None:
             super().__init__()
-            self.net = folded
+            self.net: Any = folded  # a ResNetV2 (root/body/head), read by attribute
             for parent in list(folded.modules()):
                 for name, child in list(parent.named_children()):
                     if isinstance(child, nn.GroupNorm):
@@ -209,7 +206,7 @@ def _convert_int8(lite: Any, float_types: tuple[type, ...], sample: Any, calibra
         return not float_type and not any(path.endswith("head.conv") for path, _ in stack.values())
 
     class ConvOnlyQuantizer(pt2e_quantizer.PT2EQuantizer):  # type: ignore[misc]
-        STATIC_OPS = ["conv"]  # adds, muls, pools stay float: the residual stream carries GroupNorm's range
+        STATIC_OPS: ClassVar[list[str]] = ["conv"]  # adds, muls, pools stay float: the residual stream carries GroupNorm's range
 
         def _annotate_for_static_quantization_config(self, model: Any) -> Any:
             self._annotate_all_static_patterns(model, self.global_config, quantize_node)
@@ -257,18 +254,19 @@ def run_tflite(path: Path, x: np.ndarray) -> np.ndarray:
         backend.close()
 
 
-def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: dict[str, Any]) -> Artifact:
+def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions) -> Artifact:
+    """Reads options.device (only "cpu": XNNPACK). litert-torch's own output shows when BITDEPLOY_LITERT_LOG is set."""
     if precision not in ("fp32", "fp16", "int8"):
         raise ConversionError(f"LiteRT precision must be fp32, fp16 or int8, got {precision!r}")
     if precision == "int8" and calibration is None:
         raise ConversionError("--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)")
-    device = str(options.get("device") or "cpu").lower()
+    device = (options.device or "cpu").lower()
     if device != "cpu":
         raise ConversionError(f"--device {device!r} is not a LiteRT device here; use --device cpu (XNNPACK)")
     work_dir = Path(work_dir)
     tmp = Path(tempfile.mkdtemp(dir=work_dir, prefix=".litert-"))
     try:
-        with _quiet(bool(options.get("verbose") or os.environ.get(LOG_ENV))):
+        with _quiet(bool(os.environ.get(LOG_ENV))):
             torch = require("torch", "train")
             litert_torch = require("litert_torch", "litert-convert", "litert-torch")
             folded = rebuild_model(Path(onnx_fp32))
@@ -310,7 +308,7 @@ def _convert(folded: Any, sample: Any, precision: str, calibration: CalibrationD
     except (ConversionError, MemoryError):
         raise
     except Exception as exc:  # litert-torch / jax / MLIR raise their own types with long traces
-        raise ConversionError(f"litert-torch could not convert the model to {precision} ({type(exc).__name__}: {_first_line(exc)}); set {LOG_ENV}=1 to see its log") from exc
+        raise ConversionError(f"litert-torch could not convert the model to {precision} ({type(exc).__name__}: {first_line(exc)}); set {LOG_ENV}=1 to see its log") from exc
     return target, notes
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from bitdeploy.errors import ConversionError, require
+from bitdeploy.errors import ConversionError, first_line, require
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -27,11 +27,6 @@ MIN_OPSET, MAX_OPSET = 13, 20  # the TorchScript exporter's range that has Insta
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1_900_000_000  # weights bytes above which the file gets a `.data` sidecar
 ROOT_PADS = [0, 0, 1, 1, 0, 0, 1, 1]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _const_values(graph: Any, name: str) -> np.ndarray | None:
@@ -123,13 +118,13 @@ def _ort_runner(path: Path) -> Any:
     try:
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for invalid graphs
-        raise ConversionError(f"ONNX Runtime cannot load the exported model ({_first_line(exc)})") from exc
+        raise ConversionError(f"ONNX Runtime cannot load the exported model ({first_line(exc)})") from exc
 
     def run(x: np.ndarray) -> np.ndarray:
         try:
             return np.asarray(sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
         except Exception as exc:
-            raise ConversionError(f"ONNX Runtime cannot run the exported model ({_first_line(exc)})") from exc
+            raise ConversionError(f"ONNX Runtime cannot run the exported model ({first_line(exc)})") from exc
 
     return run
 
@@ -166,7 +161,7 @@ def _torch_export(folded: Any, resolution: int, path: Path, opset: int) -> None:
                 dynamo=False,
             )
         except Exception as exc:
-            raise ConversionError(f"torch.onnx.export failed at opset {opset} ({_first_line(exc)}); try --opset 17") from exc
+            raise ConversionError(f"torch.onnx.export failed at opset {opset} ({first_line(exc)}); try --opset 17") from exc
 
 
 def _reference(model: Any, x: np.ndarray) -> np.ndarray:
@@ -241,7 +236,7 @@ def export_onnx(
         try:
             final = onnxslim.slim(raw)
         except Exception as exc:
-            raise ConversionError(f"onnxslim failed on the export ({_first_line(exc)}); rerun with --debug and report it") from exc
+            raise ConversionError(f"onnxslim failed on the export ({first_line(exc)}); rerun with --debug and report it") from exc
         simplifier = f"onnxslim {onnxslim.__version__}"
         del raw
         external = _weights_bytes(final) > external_data_threshold
@@ -250,7 +245,7 @@ def export_onnx(
         try:
             onnx.checker.check_model(str(tmp_model), full_check=True)
         except Exception as exc:
-            raise ConversionError(f"onnx.checker rejected the export ({_first_line(exc)})") from exc
+            raise ConversionError(f"onnx.checker rejected the export ({first_line(exc)})") from exc
         check_graph(onnx.load(str(tmp_model), load_external_data=False), resolution, num_classes, opset)
 
         raw_out = _ort_runner(raw_path)(x)

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from bitdeploy.converters.base import Artifact
-from bitdeploy.errors import ConversionError, require
+from bitdeploy.converters.base import Artifact, ConvertOptions, OpenVinoOptions
+from bitdeploy.converters.calibration import CalibrationData, ValidationData, nncf_dataset
+from bitdeploy.errors import ConversionError, first_line, require
 
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
 DEFAULT_DEVICE = "CPU"
@@ -68,15 +69,6 @@ def resolved_precision(compiled: Any) -> str:
     return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(text, text)
 
 
-def calibration_arrays(calibration: Any) -> list[np.ndarray]:
-    """The calibration samples as single-image NCHW float32 arrays (what NNCF feeds the model one by one)."""
-    samples = getattr(calibration, "samples", None)
-    if samples is None:
-        raise ConversionError("calibration data has no samples; rebuild with --dataset")
-    data = np.asarray(samples, dtype=np.float32)
-    return [data[i : i + 1] for i in range(len(data))]
-
-
 def _range_estimator(method: str | None) -> Any:
     import nncf
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
@@ -91,7 +83,8 @@ def _range_estimator(method: str | None) -> Any:
 
 
 SCOPES = ("norms-residual-head", "head", "none")
-DEFAULT_SCOPE = "norms-residual-head"
+DEFAULT_SCOPE = "norms-residual-head"  # what every build uses; `ignored_scope` keeps the others for measurements
+NO_VALIDATION = "--accuracy-control needs the validation split of --dataset; pass --dataset"
 
 
 def _head_names(model: Any) -> list[str]:
@@ -141,18 +134,22 @@ def ignored_scope(model: Any, mode: str) -> tuple[Any, list[str]]:
     return nncf.IgnoredScope(names=names, types=types), [f"kept in float: {', '.join(what)}"]
 
 
-def quantize_int8(model: Any, calibration: Any, options: dict[str, Any]) -> tuple[Any, dict[str, Any], list[str]]:
-    """NNCF post-training INT8; with options['accuracy_control'], the accuracy-controlled variant."""
+def quantize_int8(model: Any, calibration: CalibrationData, options: ConvertOptions) -> tuple[Any, dict[str, Any], list[str]]:
+    """NNCF post-training INT8 with the DEFAULT_SCOPE float placement; with `OpenVinoOptions.accuracy_control`,
+    the accuracy-controlled variant, measured on `OpenVinoOptions.validation`."""
     nncf = require("nncf", "openvino", "NNCF (nncf, the INT8 quantizer)")
 
     nncf.set_log_level(40)  # errors only: the build prints its own progress
-    arrays = calibration_arrays(calibration)
-    scope_mode = str(options.get("ov_float_scope") or DEFAULT_SCOPE)
+    ov_options = options.extras_for(OpenVinoOptions)
+    if len(calibration) == 0:
+        raise ConversionError("--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)")
+    calib = nncf_dataset(calibration)  # single images: NNCF feeds the model one item at a time
+    scope_mode = DEFAULT_SCOPE
     scope, notes = ignored_scope(model, scope_mode)
-    advanced = _range_estimator(options.get("calib_method"))
+    advanced = _range_estimator(options.calib_method)
     common: dict[str, Any] = {
         "preset": nncf.QuantizationPreset.PERFORMANCE,  # symmetric activations: no zero-point arithmetic
-        "subset_size": len(arrays),
+        "subset_size": len(calibration),
         "fast_bias_correction": True,
         "model_type": None,  # a CNN; ModelType.TRANSFORMER is the only other choice
         "ignored_scope": scope,
@@ -160,16 +157,18 @@ def quantize_int8(model: Any, calibration: Any, options: dict[str, Any]) -> tupl
     info: dict[str, Any] = {
         "tool": f"nncf {nncf.__version__}",
         "preset": "performance",
-        "calib_method": (options.get("calib_method") or "mean_minmax"),
-        "samples": len(arrays),
+        "calib_method": options.calib_method or "mean_minmax",
+        "samples": len(calibration),
         "float_scope": scope_mode,
         "accuracy_control": False,
     }
-    if not options.get("accuracy_control"):
-        q = nncf.quantize(model, nncf.Dataset(arrays), advanced_parameters=advanced, **common)
+    if not ov_options.accuracy_control:
+        q = nncf.quantize(model, calib, advanced_parameters=advanced, **common)
         return q, info, notes
-    xs, ys = validation_arrays(options)
-    max_drop = float(options.get("max_accuracy_drop", 1.0)) / 100.0
+    validation = ov_options.validation
+    if validation is None or len(validation) == 0:
+        raise ConversionError(NO_VALIDATION)
+    max_drop = float(ov_options.max_accuracy_drop) / 100.0
 
     def validate(compiled: Any, items: Any) -> tuple[float, list[float]]:
         # NNCF passes a model it compiled for the CPU in f32 and the raw (x, y) items.
@@ -177,8 +176,7 @@ def quantize_int8(model: Any, calibration: Any, options: dict[str, Any]) -> tupl
         hits = [float(int(np.argmax(request.infer({0: x})[0])) == int(y)) for x, y in items]
         return (float(np.mean(hits)) if hits else 0.0), hits
 
-    val = nncf.Dataset([(xs[i : i + 1], int(ys[i])) for i in range(len(xs))], lambda item: item[0])
-    calib = nncf.Dataset(arrays)
+    val = validation_dataset(validation)
     try:
         q = nncf.quantize_with_accuracy_control(
             model,
@@ -191,49 +189,52 @@ def quantize_int8(model: Any, calibration: Any, options: dict[str, Any]) -> tupl
             **common,
         )
     except nncf.ValidationError as exc:  # type: ignore[attr-defined]
-        raise ConversionError(f"NNCF accuracy control failed ({str(exc).splitlines()[0]}); rebuild without --accuracy-control") from exc
-    info.update({"accuracy_control": True, "max_drop_pp": max_drop * 100, "validation_samples": len(xs)})
-    notes.append(f"NNCF accuracy control: max drop {max_drop * 100:g} pp on {len(xs)} validation images")
+        raise ConversionError(f"NNCF accuracy control failed ({first_line(exc)}); rebuild without --accuracy-control") from exc
+    info.update({"accuracy_control": True, "max_drop_pp": max_drop * 100, "validation_samples": len(validation)})
+    notes.append(f"NNCF accuracy control: max drop {max_drop * 100:g} pp on {len(validation)} validation images")
     return q, info, notes
 
 
-def validation_arrays(options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Validation split for --accuracy-control: options['validation_npz'] holds `x` (NCHW f32) and `y` (labels)."""
-    path = options.get("validation_npz")
-    if not path or not Path(path).is_file():
-        raise ConversionError("--accuracy-control needs the validation split of --dataset; pass --dataset")
-    with np.load(path, allow_pickle=False) as data:
-        return np.asarray(data["x"], np.float32), np.asarray(data["y"], np.int64)
+def validation_dataset(validation: ValidationData) -> Any:
+    """The labelled split as an nncf.Dataset of (single image, label) items; NNCF's transform keeps the image."""
+    import nncf
+
+    xs, ys = validation.samples, validation.labels
+    return nncf.Dataset([(xs[i : i + 1], int(ys[i])) for i in range(len(xs))], lambda item: item[0])
 
 
-def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Any, options: dict[str, Any]) -> Artifact:
+def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions) -> Artifact:
+    """Reads options.device, options.threads (the validation compile), options.calib_method and `OpenVinoOptions`."""
     ov = require("openvino", "openvino", "OpenVINO")
     if precision not in ("fp32", "fp16", "int8"):
         raise ConversionError(f"OpenVINO precision must be fp32, fp16 or int8, got {precision!r}")
     if precision == "int8" and calibration is None:
         raise ConversionError("--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)")
-    if options.get("accuracy_control") and precision != "int8":
+    ov_options = options.extras_for(OpenVinoOptions)
+    if ov_options.accuracy_control and precision != "int8":
         raise ConversionError("--accuracy-control applies to --precision int8 only")
-    device = parse_device(options.get("device"))
+    if ov_options.accuracy_control and ov_options.validation is None:
+        raise ConversionError(NO_VALIDATION)
+    device = parse_device(options.device)
     core = ov.Core()
     check_device(core, device)
-    threads = options.get("threads")
-    hint = str(options.get("inference_precision") or "f32").lower()
+    hint = (ov_options.inference_precision or "f32").lower()
     if hint not in INFERENCE_PRECISIONS:
         raise ConversionError(f"--inference-precision {hint!r} is not an OpenVINO float precision; choose one of: {', '.join(INFERENCE_PRECISIONS)}")
     if precision == "fp32" and hint != "f32":
         raise ConversionError(f"--precision fp32 computes in f32; for {hint} arithmetic build --precision fp16 or int8 with --inference-precision {hint}")
-    config = compile_config(hint, threads)
+    config = compile_config(hint, options.threads)
 
     try:
         model = ov.convert_model(str(onnx_fp32))
     except Exception as exc:  # OpenVINO raises its own untyped errors
-        raise ConversionError(f"OpenVINO cannot convert {Path(onnx_fp32).name}: {str(exc).strip().splitlines()[0][:200]}") from exc
+        raise ConversionError(f"OpenVINO cannot convert {Path(onnx_fp32).name}: {first_line(exc)}") from exc
     notes: list[str] = []
     quant: dict[str, Any] | None = None
     if precision == "int8":
         from bitdeploy.stdio import stdout_to_stderr
 
+        assert calibration is not None  # refused above
         with stdout_to_stderr("nncf"):  # NNCF's progress bars and log lines never reach the stdout table
             model, quant, q_notes = quantize_int8(model, calibration, options)
         notes.extend(q_notes)

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.converters.base import Artifact
+from bitdeploy.converters.base import Artifact, ConvertOptions, OrtOptions
 from bitdeploy.converters.calibration import CalibrationData
 from bitdeploy.errors import ConversionError
 
@@ -80,10 +80,11 @@ def cpu_computes_fp16(model_path: Path) -> bool:
     return after <= before
 
 
-def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: dict[str, Any]) -> Artifact:
+def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions) -> Artifact:
+    """Reads options.device ("cpu" | "cuda[:N]"), options.calib_method and `OrtOptions.int8_scheme`."""
     from bitdeploy.converters import ort_quant
 
-    device = parse_device(options.get("device"))
+    device = parse_device(options.device)
     work_dir = Path(work_dir)
     out = work_dir / MODEL_FILE
     target: dict[str, Any] = {"precision": precision, "device": device}
@@ -104,7 +105,7 @@ def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Calibr
     elif precision == "int8":
         if calibration is None:
             raise ConversionError("--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)")
-        scheme = str(options.get("int8_scheme") or "auto")
+        scheme = options.extras_for(OrtOptions).int8_scheme or "auto"
         if scheme == "auto":
             scheme = default_scheme(device)
         if scheme not in SCHEMES:
@@ -114,11 +115,9 @@ def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Calibr
             onnx_fp32,
             out,
             calibration,
-            method=options.get("calib_method"),
+            method=options.calib_method,
             activation_type=activation_type,
             reduce_range=reduce_range,
-            op_types=tuple(options.get("int8_op_types") or ort_quant.DEFAULT_OP_TYPES),
-            exclude_head=bool(options.get("int8_exclude_head", False)),
             symmetric_activations=not _on_cpu(device),
         )
         files = [MODEL_FILE]

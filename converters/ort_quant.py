@@ -7,8 +7,9 @@ and no backend has an INT8 normalisation anyway. So only Conv is quantized by de
 input (after GN+ReLU, bounded) and per-output-channel symmetric INT8 weights. The residual Add, the norms
 and the global pool stay float; `exclude_head` keeps the classifier conv float too.
 
-`quantize_qdq` is also what the TensorRT INT8 route uses to write its explicit-quantization ONNX
-(`for_tensorrt=True`: symmetric INT8 activations, zero point 0, no Q/DQ on conv outputs).
+`quantize_qdq` is also what the TensorRT INT8 route uses to write its explicit-quantization ONNX; it asks for
+what TensorRT needs explicitly (`bitdeploy.converters.trt_qdq.build_qdq`: symmetric INT8 activations, so zero
+points of 0, and `quantize_outputs=False`, no Q/DQ on conv outputs).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.converters.calibration import CalibrationData
-from bitdeploy.errors import ConversionError
+from bitdeploy.converters.calibration import CalibrationData, ort_reader
+from bitdeploy.errors import ConversionError, first_line
 from bitdeploy.stdio import stdout_to_stderr
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -31,11 +32,6 @@ FP32_OP_TYPES: tuple[str, ...] = (
     "ReduceMean", "ReduceSumSquare", "ReduceL2", "Pow", "Sqrt", "Reciprocal",
 )  # fmt: skip
 ACTIVATION_TYPES = ("int8", "uint8")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def topological_sort(graph: Any) -> None:
@@ -83,33 +79,6 @@ def head_conv_names(model: Any) -> list[str]:
     return names
 
 
-class _Reader:
-    """CalibrationDataReader with set_range, so ORT can collect in strides (bounded memory for histograms)."""
-
-    def __init__(self, calibration: CalibrationData, input_name: str, batch_size: int) -> None:
-        self.batches = -(-len(calibration) // batch_size)
-        self.calibration, self.input_name, self.batch_size = calibration, input_name, batch_size
-        self.set_range(0, self.batches)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._it: Iterator[int] = iter(range(start_index, min(end_index, self.batches)))
-
-    def get_next(self) -> dict[str, Any] | None:
-        import numpy as np
-
-        i = next(self._it, None)
-        if i is None:
-            return None
-        lo = i * self.batch_size
-        return {self.input_name: np.ascontiguousarray(self.calibration.samples[lo : lo + self.batch_size], dtype=np.float32)}
-
-    def rewind(self) -> None:
-        self.set_range(0, self.batches)
-
-    def __len__(self) -> int:
-        return self.batches
-
-
 def quantize_qdq(
     onnx_in: str | Path,
     onnx_out: str | Path,
@@ -124,7 +93,7 @@ def quantize_qdq(
     reduce_range: bool = False,
     exclude_head: bool = False,
     quantize_bias: bool = True,
-    for_tensorrt: bool = False,
+    quantize_outputs: bool = True,
     batch_size: int = 1,
     extra_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -132,12 +101,15 @@ def quantize_qdq(
 
     Weights: INT8, symmetric, per output channel (per_channel=True). Activations: `activation_type` int8
     (S8S8, TensorRT and ARM) or uint8 (U8S8: faster on x86 VNNI, see the README measurements), per tensor,
-    asymmetric unless `symmetric_activations`. `reduce_range`: 7-bit weights, so x86 CPUs without VNNI, whose
-    U8S8 kernels sum u8 x s8 pairs into saturating int16, compute exactly what VNNI CPUs do (see SCHEMES).
-    `method`: minmax | entropy | percentile.
+    asymmetric unless `symmetric_activations` (TensorRT needs symmetric int8: zero points of 0). `reduce_range`:
+    7-bit weights, so x86 CPUs without VNNI, whose U8S8 kernels sum u8 x s8 pairs into saturating int16, compute
+    exactly what VNNI CPUs do (see SCHEMES). `quantize_outputs`: Q/DQ on the quantized nodes' outputs too;
+    ONNX Runtime's CPU kernels need the output Q to fuse QLinearConv, while TensorRT keeps the conv output float
+    for the GroupNorm that reads it (REFERENCE C5), so its route passes False. No argument overrides another:
+    the file is what the arguments say. `method`: minmax | entropy | percentile.
     """
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     method = (method or "minmax").lower()
     if method not in METHODS:
@@ -146,8 +118,6 @@ def quantize_qdq(
         raise ConversionError(f"activation type must be one of {ACTIVATION_TYPES}, got {activation_type!r}")
     if calibration is None or len(calibration) == 0:
         raise ConversionError("INT8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)")
-    if for_tensorrt:  # TensorRT: zero points must be 0, INT8 activations
-        symmetric_activations, activation_type = True, "int8"
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
     model = onnx.load(str(onnx_in), load_external_data=False)
     input_name = model.graph.input[0].name
@@ -161,19 +131,16 @@ def quantize_qdq(
     if not targets:
         raise ConversionError(f"{onnx_in.name}: no {'/'.join(op_types)} node left to quantize; check the exclusions")
 
-    class Reader(_Reader, CalibrationDataReader):  # type: ignore[misc]
-        pass
-
-    reader = Reader(calibration, input_name, batch_size)
+    reader = ort_reader(calibration, input_name, batch_size)
     options: dict[str, Any] = {
         "ActivationSymmetric": symmetric_activations,
         "WeightSymmetric": True,
         "QuantizeBias": quantize_bias,
         # Histogram methods keep every activation of every batch until the end; collect one batch at a time.
         **({"CalibStridedMinMax": 1} if method != "minmax" else {}),
-        # TensorRT: Q/DQ on conv inputs and weights only; the conv output stays float for the GroupNorm that
-        # reads it (REFERENCE C5). ONNX Runtime's CPU kernels need the output Q to fuse QLinearConv, so keep it there.
-        **({"OpTypesToExcludeOutputQuantization": list(op_types)} if for_tensorrt else {}),
+        # False (TensorRT): Q/DQ on the inputs and weights only; the output stays float for the GroupNorm that
+        # reads it (REFERENCE C5). ONNX Runtime's CPU kernels need the output Q to fuse QLinearConv.
+        **({} if quantize_outputs else {"OpTypesToExcludeOutputQuantization": list(op_types)}),
         **(extra_options or {}),
     }
     cal_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
@@ -200,7 +167,7 @@ def quantize_qdq(
     except ConversionError:
         raise
     except Exception as exc:  # onnxruntime.quantization raises plain Exceptions
-        raise ConversionError(f"ONNX Runtime quantization failed ({_first_line(exc)}); rerun with --debug and report it") from exc
+        raise ConversionError(f"ONNX Runtime quantization failed ({first_line(exc)}); rerun with --debug and report it") from exc
     finally:
         tmp.unlink(missing_ok=True)
     quantized = onnx.load(str(onnx_out), load_external_data=False)
@@ -243,7 +210,7 @@ def convert_fp16(
         half = convert_float_to_float16(model, keep_io_types=keep_io_types, op_block_list=list(keep_fp32_op_types))
         topological_sort(half.graph)
     except Exception as exc:
-        raise ConversionError(f"FP16 conversion failed ({_first_line(exc)}); rerun with --debug and report it") from exc
+        raise ConversionError(f"FP16 conversion failed ({first_line(exc)}); rerun with --debug and report it") from exc
     onnx_out.parent.mkdir(parents=True, exist_ok=True)
     tmp = onnx_out.with_name(f".{onnx_out.name}.tmp")
     try:
@@ -251,7 +218,7 @@ def convert_fp16(
         onnx.checker.check_model(str(tmp))
         tmp.replace(onnx_out)
     except Exception as exc:
-        raise ConversionError(f"the FP16 model is not valid ONNX ({_first_line(exc)}); rerun with --debug and report it") from exc
+        raise ConversionError(f"the FP16 model is not valid ONNX ({first_line(exc)}); rerun with --debug and report it") from exc
     finally:
         tmp.unlink(missing_ok=True)
     casts = sum(1 for n in half.graph.node if n.op_type == "Cast")

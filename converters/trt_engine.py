@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.errors import BitdeployError, ConversionError
-from bitdeploy.converters.base import Artifact
+from bitdeploy.converters.base import Artifact, ConvertOptions, TensorRTOptions
+from bitdeploy.converters.calibration import CalibrationData
+from bitdeploy.errors import BitdeployError, ConversionError, first_line
 from bitdeploy.fsutil import atomic_write
 
 PLAN = "model.plan"
@@ -223,7 +224,9 @@ def check_available() -> tuple[Any, Any]:
     return trt, api
 
 
-def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Any, options: dict[str, Any]) -> Artifact:
+def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions) -> Artifact:
+    """Reads options.device ("cuda[:N]"), calib_method, cache, cache_dir and `TensorRTOptions` (batch profile,
+    workspace_gb)."""
     from bitdeploy.converters import trt_qdq
     from bitdeploy.runtimes.trt import parse_device
 
@@ -231,24 +234,25 @@ def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Any, o
         raise ConversionError(f"TensorRT precision must be fp32, fp16 or int8, got {precision!r}")
     trt, api = check_available()
     try:
-        index = parse_device(options.get("device"))
+        index = parse_device(options.device)
         api.set_device(index)
         gpu_name, cc = api.device_info(index)
     except BitdeployError:
         raise
     except Exception as exc:  # torch's CUDA calls raise RuntimeError
-        raise ConversionError(f"no usable NVIDIA GPU for TensorRT ({str(exc).splitlines()[0]}); build on a machine with one, or pass --device cuda:N") from exc
-    profile = parse_profile(options.get("batch"))
-    workspace_gb = float(options.get("workspace") or DEFAULT_WORKSPACE_GB)
+        raise ConversionError(f"no usable NVIDIA GPU for TensorRT ({first_line(exc)}); build on a machine with one, or pass --device cuda:N") from exc
+    trt_options = options.extras_for(TensorRTOptions)
+    profile = parse_profile(trt_options.batch)
+    workspace_gb = float(trt_options.workspace_gb or DEFAULT_WORKSPACE_GB)
     trt_version = str(trt.__version__)
     work_dir = Path(work_dir)
 
     onnx_name, onnx_info = trt_qdq.prepare_onnx(Path(onnx_fp32), work_dir, precision, calibration, options)
     cache_file = None
-    if options.get("cache", True):  # --no-cache: neither read nor write the timing cache
+    if options.cache:  # --no-cache: neither read nor write the timing cache
         from bitdeploy.cache import default_root
 
-        cache_file = timing_cache_path(options.get("cache_dir") or default_root(), trt_version, gpu_name, cc)
+        cache_file = timing_cache_path(options.cache_dir or default_root(), trt_version, gpu_name, cc)
     plan, facts = build_engine(trt, work_dir / onnx_name, precision, profile, int(workspace_gb * (1 << 30)), cache_file)
     atomic_write(work_dir / PLAN, plan)
     summary = inspect_engine(trt, plan, facts["input"], (profile[1], *facts["sample_shape"]))

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from bitdeploy.converters.base import ConvertOptions
+from bitdeploy.converters.calibration import CalibrationData
 from bitdeploy.errors import ConversionError
 
 ONNX_NAME = "model.trt.onnx"
@@ -167,8 +169,12 @@ def inspect_qdq(model: Any, head_in_float: bool = True) -> QdqReport:
     return report
 
 
-def build_qdq(onnx_fp32: Path, out: Path, calibration: Any, options: dict[str, Any]) -> dict[str, Any]:
-    """Write the INT8 QDQ ONNX for TensorRT and check its placement; returns manifest facts."""
+def build_qdq(onnx_fp32: Path, out: Path, calibration: CalibrationData | None, options: ConvertOptions) -> dict[str, Any]:
+    """Write the INT8 QDQ ONNX for TensorRT and check its placement; returns manifest facts.
+
+    TensorRT's rules, asked for explicitly: signed INT8 symmetric activations (zero points of 0), per-channel
+    weights, no Q/DQ on conv outputs (the GroupNorm that reads them stays float), head and bias in float.
+    """
     import onnx
 
     from bitdeploy.converters import ort_quant
@@ -179,12 +185,13 @@ def build_qdq(onnx_fp32: Path, out: Path, calibration: Any, options: dict[str, A
         onnx_fp32,
         out,
         calibration,
-        method=options.get("calib_method"),
-        symmetric_activations=True,
+        method=options.calib_method,
+        symmetric_activations=True,  # TensorRT accepts zero points of 0 only
+        activation_type="int8",
         per_channel=True,
         exclude_head=True,
         quantize_bias=False,  # TensorRT fuses a float bias into the INT8 conv; an INT32 bias DQ is not needed
-        for_tensorrt=True,
+        quantize_outputs=False,
     )
     report = inspect_qdq(onnx.load(str(out), load_external_data=False))
     if report.violations:
@@ -230,7 +237,7 @@ def _copy_external_data(onnx_path: Path, work_dir: Path) -> list[str]:
     return sorted(names)
 
 
-def prepare_onnx(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Any, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def prepare_onnx(onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions) -> tuple[str, dict[str, Any]]:
     """Write `model.trt.onnx` (the graph TensorRT builds; it also lets the bundle be rebuilt for another GPU)."""
     out = Path(work_dir) / ONNX_NAME
     if precision == "fp32":

@@ -12,75 +12,25 @@ written, with `"valid": false` and the reason, so it can be inspected; runtimes 
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bitdeploy.build_context import (
+    BUILD_BATCH_SIZES,
+    BUILD_THROUGHPUT_IMAGES,
+    DEFAULT_RESOLUTION,
+    BuildContext,
+    BuildOptions,
+    quick_timing,
+    report_dir,
+)
 from bitdeploy.build_output import RowResult
+from bitdeploy.cache import StageCache
 from bitdeploy.errors import AccuracyGateError, BitdeployError, require
 from bitdeploy.targets import TARGETS, Target, check_available, plan_rows, unavailable_reason
-
-DEFAULT_RESOLUTION = 128  # the BiT-HyperRule's crop for small images, used when nothing says otherwise
-BUILD_BATCH_SIZES = (1, 4, 8, 16)  # throughput sweep of the build's quick timing (where memory allows)
-BUILD_THROUGHPUT_IMAGES = 32  # images per batch size in that sweep
-
-
-@dataclass
-class BuildOptions:
-    model: str
-    out: Path
-    weights: str = "auto"
-    target: str = "onnx"
-    precisions: list[str] | None = None  # None: fp32 (every precision with target "all")
-    resolution: int | None = None
-    dataset: str | None = None
-    val_split: float | None = None
-    shots: int | None = None
-    steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    finetune: bool | None = None  # None: when --dataset is given and the weights are not a trained checkpoint
-    train_device: str = "auto"
-    hflip: bool = True
-    calib_size: int = 300
-    calib_method: str | None = None
-    max_accuracy_drop: float = 1.0
-    accuracy_control: bool = False
-    device: str | None = None
-    threads: int | None = None
-    select: str | None = None
-    eval_limit: int | None = None
-    seed: int = 0
-    opset: int = 17
-    cache_dir: Path | None = None
-    cache: bool = True
-    report: bool = True
-    bench_iterations: int = 100
-    progress: bool = True
-    debug: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)  # converter-specific options passed through
-
-    def has_training_flags(self) -> bool:
-        return any(v is not None for v in (self.shots, self.steps, self.batch_size, self.lr))
-
-    def wants_finetune(self) -> bool:
-        if self.dataset is None:
-            return False
-        if self.finetune is not None:
-            return self.finetune
-        if self.has_training_flags():
-            return True
-        return not _is_checkpoint(self.weights)
-
-
-def _is_checkpoint(weights: str) -> bool:
-    if weights in ("auto", "none"):
-        return False
-    p = Path(weights).expanduser()
-    return (p.is_dir() and (p / "checkpoint.pt").is_file()) or p.suffix == ".pt"
 
 
 @dataclass
@@ -120,7 +70,7 @@ def check_options(opts: BuildOptions) -> list[tuple[Target, str, str | None]]:
         t = rows[0][0]
         if opts.calib_method and opts.calib_method not in t.calib_methods:
             raise BitdeployError(f"--calib-method {opts.calib_method!r} is not available for {t.title}; choose one of: {', '.join(t.calib_methods)}")
-        hint = opts.extra.get("inference_precision") or "f32"
+        hint = opts.inference_precision
         if hint != "f32" and not (t.name == "openvino" and any(p != "fp32" for _, p in rows)):
             raise BitdeployError(f"--inference-precision {hint} applies to --target openvino --precision fp16 or int8 (fp32 computes in f32)")
         if opts.accuracy_control and not (t.name == "openvino" and any(p == "int8" for _, p in rows)):
@@ -140,32 +90,6 @@ def check_options(opts: BuildOptions) -> list[tuple[Target, str, str | None]]:
     return out
 
 
-def converter_options(opts: BuildOptions, target: Target, resolution: int, validation_npz: Path | None) -> dict[str, Any]:
-    method = opts.calib_method if opts.calib_method in target.calib_methods else None
-    return {
-        "device": opts.device,
-        "threads": opts.threads,
-        "calib_method": method,
-        "accuracy_control": bool(opts.accuracy_control and target.name == "openvino"),
-        "max_accuracy_drop": opts.max_accuracy_drop,
-        "validation_npz": str(validation_npz) if validation_npz else None,
-        "resolution": resolution,
-        "seed": opts.seed,
-        "cache_dir": str(opts.cache_dir) if opts.cache_dir else None,
-        "cache": opts.cache,
-        **opts.extra,
-    }
-
-
-def bundle_path(opts: BuildOptions, row_count: int, name: str) -> Path:
-    return Path(opts.out) if row_count == 1 else Path(opts.out) / name
-
-
-def report_dir(opts: BuildOptions, row_count: int) -> Path:
-    out = Path(opts.out)
-    return out.with_name(out.name + ".report") if row_count == 1 else out / "report"
-
-
 def run_build(opts: BuildOptions, log: Callable[[str], None] = print, show: Callable[[str], None] = print) -> BuildResult:
     """Run a build; raise BitdeployError (one line) when the build as a whole failed.
 
@@ -176,13 +100,12 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print, show: Call
     require("torch", "train", "PyTorch (torch), needed to export the model")
     from bitdeploy import build_output
     from bitdeploy.build_row import build_row
-    from bitdeploy.cache import StageCache
 
     cache = StageCache(opts.cache_dir, enabled=opts.cache, log=log)
-    ctx: dict[str, Any] = {}
-    tmpdirs: list[Path] = []
+    rows = [RowResult(t.name, p, backend=t.backend) for t, p, _ in planned]
+    ctx: BuildContext | None = None
     try:
-        rows, ctx = _prepare(opts, planned, cache, log, tmpdirs)
+        ctx = _prepare(opts, planned, cache, log)
         for (target, precision, skip), row in zip(planned, rows):
             if skip is not None:
                 row.status = f"skipped: {skip}"
@@ -190,10 +113,8 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print, show: Call
             build_row(row, target, precision, ctx, opts, cache, log)
     finally:
         cache.close()
-        for scratch in ctx.get("_scratch", []):
+        for scratch in ctx.scratch if ctx is not None else []:
             scratch.close()
-        for d in tmpdirs:
-            shutil.rmtree(d, ignore_errors=True)
 
     selected = None
     if opts.select == "fastest":
@@ -212,7 +133,7 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print, show: Call
                 "threads": opts.threads, "max_accuracy_drop_pp": opts.max_accuracy_drop, "iterations": opts.bench_iterations,
                 "warmup": 10, "batch_sizes": list(BUILD_BATCH_SIZES), "dataset": opts.dataset, "scenario": "build quick timing (use `bitdeploy bench` for full runs)",
             }  # fmt: skip
-            paths = build_output.write_report(rows, ctx["model_info"], ctx.get("baseline"), rdir, selected, settings)
+            paths = build_output.write_report(rows, ctx.model_info, ctx.baseline, rdir, selected, settings)
             show(f"report: {paths['html']}")
         except Exception as exc:  # a report problem must not turn a good build into a failure
             log(f"warning: the build report could not be written ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
@@ -244,13 +165,13 @@ def _raise_for_failures(opts: BuildOptions, rows: list[RowResult]) -> None:
     raise BitdeployError(f"{first.name}: {first.error or first.status}" + (f" ({len(bad) - 1} more failed, see the table)" if len(bad) > 1 else ""))
 
 
-def _prepare(opts: BuildOptions, planned: list[tuple[Target, str, str | None]], cache: Any, log: Callable[[str], None], tmpdirs: list[Path]) -> tuple[list[RowResult], dict[str, Any]]:
+def _prepare(opts: BuildOptions, planned: list[tuple[Target, str, str | None]], cache: StageCache, log: Callable[[str], None]) -> BuildContext:
     """Target-independent steps: dataset, weights/fine-tune, export, reference logits, calibration."""
     from bitdeploy import build_stages
     from bitdeploy.catalog import WS_EPS, count_params
     from bitdeploy.converters import accuracy
+    from bitdeploy.converters.calibration import ValidationData
 
-    rows = [RowResult(t.name, p, backend=t.backend) for t, p, _ in planned]
     splits = None
     if opts.dataset is not None:
         from bitdeploy.training.data import load_dataset
@@ -267,21 +188,16 @@ def _prepare(opts: BuildOptions, planned: list[tuple[Target, str, str | None]], 
         data = accuracy.from_image_set(splits.val, resolution, opts.eval_limit, opts.seed, f"{opts.dataset}:val")
     else:
         data = accuracy.random_inputs(resolution)
+    label_ids = data.labels()
     reference = build_stages.reference(state, data, build_stages.data_identity(opts), cache)
     calib = None
     if splits is not None and any(p == "int8" and skip is None for _, p, skip in planned):
         calib = build_stages.calibration(opts, splits, resolution, cache)
-    validation_npz = None
-    if opts.accuracy_control and splits is not None:
+    validation = None
+    if opts.accuracy_control and splits is not None and label_ids is not None:
         import numpy as np
 
-        import tempfile
-
-        tmpdir = Path(tempfile.mkdtemp(prefix="bitdeploy-validation-"))
-        tmpdirs.append(tmpdir)
-        validation_npz = tmpdir / "validation.npz"
-        xs = np.concatenate([x for x, _ in data.batches()])
-        np.savez(validation_npz, x=xs, y=data.labels())
+        validation = ValidationData.from_arrays(np.concatenate([x for x, _ in data.batches()]), label_ids)
 
     model_info = {
         "name": opts.model,
@@ -295,29 +211,22 @@ def _prepare(opts: BuildOptions, planned: list[tuple[Target, str, str | None]], 
     if state.training:
         model_info["weights"]["fine_tuned"] = state.training
     building = sum(1 for _, _, s in planned if s is None)
-    baseline = _baseline_latency(loaded.model, resolution, opts, log) if building > 1 else None
-    ctx = {
-        "onnx": onnx_path,
-        "export": {k: export_info.get(k) for k in ("opset", "max_abs_diff", "nodes", "simplifier", "exporter", "weight_standardization", "sha256")},
-        "data": data,
-        "labels_array": data.labels(),
-        "reference": reference,
-        "calibration": calib,
-        "validation_npz": validation_npz,
-        "labels": state.labels,
-        "resolution": resolution,
-        "model_info": model_info,
-        "training": state.training,
-        "dataset": opts.dataset,
-        "baseline": baseline,
-        "row_count": len(rows),
-    }
-    return rows, ctx
-
-
-def quick_timing(iterations: int) -> dict[str, Any]:
-    """The build's quick timing (`benchmarks.latency.quick` arguments): batch-1 latency and a batch-size sweep."""
-    return {"iterations": iterations, "throughput_batches": list(BUILD_BATCH_SIZES), "throughput_images": BUILD_THROUGHPUT_IMAGES}
+    return BuildContext(
+        onnx=onnx_path,
+        export={k: export_info.get(k) for k in ("opset", "max_abs_diff", "nodes", "simplifier", "exporter", "weight_standardization", "sha256")},
+        data=data,
+        label_ids=label_ids,
+        reference=reference,
+        labels=state.labels,
+        resolution=resolution,
+        model_info=model_info,
+        row_count=len(planned),
+        dataset=opts.dataset,
+        calibration=calib,
+        validation=validation,
+        training=state.training,
+        baseline=_baseline_latency(loaded.model, resolution, opts, log) if building > 1 else None,
+    )
 
 
 def _baseline_latency(model: Any, resolution: int, opts: BuildOptions, log: Callable[[str], None]) -> list[dict[str, Any]] | None:
@@ -351,11 +260,4 @@ def _baseline_latency(model: Any, resolution: int, opts: BuildOptions, log: Call
     return out
 
 
-def copy_artifact(src_dir: Path, dst_dir: Path, files: list[str]) -> None:
-    for name in files:
-        dst = dst_dir / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src_dir / name, dst)
-
-
-__all__ = ["TARGETS", "BuildOptions", "BuildResult", "run_build", "check_options"]
+__all__ = ["TARGETS", "BuildOptions", "BuildResult", "check_options", "run_build"]

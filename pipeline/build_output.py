@@ -16,7 +16,6 @@ from bitdeploy import __version__
 from bitdeploy.runtimes.fingerprint import LIBRARIES, package_versions
 
 
-
 @dataclass
 class RowResult:
     """One (target, precision) of a build, as the table and report show it."""
@@ -128,7 +127,7 @@ def bench_entries(rows: list[RowResult], model: dict[str, Any], baseline: list[d
                 name=r.name, kind="bundle", bundle=r.bundle, target=r.backend, precision=r.precision, precision_used=r.precision_used,
                 backend_device=r.device, device=device_label(env, r.device), status=r.status, size_mb=r.size_mb, single_stream=ss,
                 offline=off, build_accuracy=r.accuracy, error=r.error, **common,
-            )  # fmt: skip
+            )
         )
     return entries
 

@@ -7,60 +7,60 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from bitdeploy.build_context import BuildContext, BuildOptions, bundle_path, convert_options, quick_timing
 from bitdeploy.build_output import RowResult, provenance
-from bitdeploy.cache import StageCache, stage_key
-from bitdeploy.errors import BitdeployError
+from bitdeploy.cache import StageCache, file_sha256, stage_key
+from bitdeploy.converters.base import Artifact, ConvertOptions
+from bitdeploy.errors import BitdeployError, first_line
+from bitdeploy.fsutil import copy_files
 from bitdeploy.runtimes import selftest
 from bitdeploy.runtimes.fingerprint import host_fingerprint
 from bitdeploy.targets import Target, load_converter
 
 EVAL_BATCH = 32
-UNCACHED_TARGETS = ("trt",)  # engines are tied to the GPU and TensorRT version; TensorRT keeps its own timing cache
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+def _cache_settings(options: ConvertOptions) -> dict[str, Any]:
+    """The options that change a conversion's result, for its cache key (data go in as digests)."""
+    keyed: dict[str, Any] = {f.name: getattr(options, f.name) for f in fields(options) if f.name not in ("cache_dir", "extras")}
+    if options.extras is not None:
+        extras = {f.name: getattr(options.extras, f.name) for f in fields(options.extras)}
+        if extras.get("validation") is not None:
+            extras["validation"] = extras["validation"].sha256
+        keyed["extras"] = {"type": type(options.extras).__name__, **extras}
+    return keyed
 
 
-def convert(target: Target, precision: str, ctx: dict[str, Any], opts: Any, cache: StageCache) -> tuple[Path, Any]:
+def convert(target: Target, precision: str, ctx: BuildContext, opts: BuildOptions, cache: StageCache) -> tuple[Path, Artifact]:
     """Run (or reuse) the converter; returns (its work dir, Artifact)."""
-    from bitdeploy.build import converter_options
-    from bitdeploy.cache import file_sha256
-    from bitdeploy.converters.base import Artifact
-
-    options = converter_options(opts, target, ctx["resolution"], ctx["validation_npz"])
-    if precision == "fp32":  # --inference-precision picks the float arithmetic of fp16/int8 rows; fp32 means f32
-        options["inference_precision"] = "f32"
-    calib = ctx["calibration"] if precision == "int8" else None
-    inputs = {"onnx": file_sha256(ctx["onnx"]), "calibration": calib.sha256 if calib is not None else "none"}
-    keyed = {k: v for k, v in options.items() if k not in ("validation_npz", "cache_dir")}
-    if options.get("accuracy_control"):
-        inputs["validation"] = file_sha256(options["validation_npz"])
-    key = stage_key(f"convert-{target.name}-{precision}", inputs, {"converter": target.converter, **keyed})
+    options = convert_options(opts, target, precision, ctx.validation)
+    calib = ctx.calibration if precision == "int8" else None
+    inputs = {"onnx": file_sha256(ctx.onnx), "calibration": calib.sha256 if calib is not None else "none"}
+    key = stage_key(f"convert-{target.name}-{precision}", inputs, {"converter": target.converter, **_cache_settings(options)})
     fn = load_converter(target)
 
     def step(work: Path) -> dict[str, Any]:
-        artifact = fn(Path(ctx["onnx"]), work, precision, calib, options)
+        artifact = fn(Path(ctx.onnx), work, precision, calib, options)
         return asdict(artifact)
 
-    if target.name in UNCACHED_TARGETS:
+    if not target.cache_conversions:
         stage_cache = StageCache(enabled=False)
         work, meta, _ = stage_cache.run("convert", key, step)
-        ctx.setdefault("_scratch", []).append(stage_cache)
+        ctx.scratch.append(stage_cache)
     else:
         work, meta, _ = cache.run(f"convert-{target.name}-{precision}", key, step, what=f"{target.title} {precision} conversion")
     return work, Artifact(**meta)
 
 
-def evaluate(artifact: Any, work: Path, manifest: dict[str, Any], ctx: dict[str, Any], opts: Any, precision: str) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any], Any]:
+def evaluate(artifact: Artifact, work: Path, manifest: dict[str, Any], ctx: BuildContext, opts: BuildOptions, precision: str) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any], np.ndarray]:
     """(accuracy or validation object, latency figures or None, what ran, the artifact's logits) for the artifact."""
     from bitdeploy.benchmarks.latency import quick
-    from bitdeploy.build import quick_timing
     from bitdeploy.converters import accuracy
     from bitdeploy.runtimes.base import backend_available, open_backend
 
@@ -71,16 +71,16 @@ def evaluate(artifact: Any, work: Path, manifest: dict[str, Any], ctx: dict[str,
     backend = open_backend(backend_name, work / model_file, manifest, device=device, threads=opts.threads)
     try:
         batch = EVAL_BATCH
-        logits = accuracy.run_logits(backend.infer, ctx["data"], batch)
-        if ctx["dataset"] is not None:
-            result = accuracy.gate(logits, ctx["reference"], ctx["labels_array"], opts.max_accuracy_drop)
-            result.update(dataset=ctx["dataset"], split="val")
+        logits = accuracy.run_logits(backend.infer, ctx.data, batch)
+        if ctx.dataset is not None and ctx.label_ids is not None:
+            result = accuracy.gate(logits, ctx.reference, ctx.label_ids, opts.max_accuracy_drop)
+            result.update(dataset=ctx.dataset, split="val")
         else:
-            result = accuracy.validate_unlabelled(logits, ctx["reference"], precision, ctx["data"].source)
+            result = accuracy.validate_unlabelled(logits, ctx.reference, precision, ctx.data.source)
         result["evaluated_with"] = evaluated if evaluated != "artifact" else f"{backend_name} ({backend.describe().get('device')})"
         timing = None
         if evaluated == "artifact":
-            res = ctx["resolution"]
+            res = ctx.resolution
             timing = quick(backend, (3, res, res), **quick_timing(opts.bench_iterations))
         described = backend.describe()
     finally:
@@ -88,21 +88,21 @@ def evaluate(artifact: Any, work: Path, manifest: dict[str, Any], ctx: dict[str,
     return result, timing, described, logits
 
 
-def base_manifest(artifact: Any, ctx: dict[str, Any], precision: str) -> dict[str, Any]:
+def base_manifest(artifact: Artifact, ctx: BuildContext, precision: str) -> dict[str, Any]:
     from bitdeploy.runtimes.preprocess import input_spec
 
-    calib = ctx["calibration"] if precision == "int8" else None
+    calib = ctx.calibration if precision == "int8" else None
     method = (artifact.target.get("quantization") or {}).get("method") or (artifact.target.get("quantization") or {}).get("calib_method")
     return {
         "valid": False,
         "invalid_reason": "not validated yet",
-        "model": ctx["model_info"],
+        "model": ctx.model_info,
         "target": {"backend": artifact.backend, **artifact.target, "precision": precision},
         "model_file": artifact.model_file,
-        "input": input_spec(ctx["resolution"]),
+        "input": input_spec(ctx.resolution),
         "output": {"name": "logits", "kind": "logits"},
-        "labels": ctx["labels"],
-        "export": ctx["export"],
+        "labels": ctx.labels,
+        "export": ctx.export,
         "accuracy": None,
         "validation": None,
         "calibration": calib.manifest(method) if calib is not None else None,
@@ -111,9 +111,8 @@ def base_manifest(artifact: Any, ctx: dict[str, Any], precision: str) -> dict[st
     }
 
 
-def build_row(row: RowResult, target: Target, precision: str, ctx: dict[str, Any], opts: Any, cache: StageCache, log: Callable[[str], None]) -> None:
+def build_row(row: RowResult, target: Target, precision: str, ctx: BuildContext, opts: BuildOptions, cache: StageCache, log: Callable[[str], None]) -> None:
     """Fill `row`; never raises for a per-target problem (the status says what happened)."""
-    from bitdeploy.build import bundle_path, copy_artifact
     from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
 
     log(f"[{row.name}] converting with {target.title}")
@@ -122,7 +121,7 @@ def build_row(row: RowResult, target: Target, precision: str, ctx: dict[str, Any
         manifest = base_manifest(artifact, ctx, precision)
         log(f"[{row.name}] evaluating, then timing batch 1 and a batch-size sweep")
         result, timing, described, logits = evaluate(artifact, work, manifest, ctx, opts, precision)
-        if ctx["dataset"] is not None:
+        if "top1" in result:
             manifest["accuracy"] = result
             row.top1, row.reference_top1 = result["top1"], result["reference_top1"]
             row.delta_pp = (result["top1"] - result["reference_top1"]) * 100.0
@@ -142,10 +141,10 @@ def build_row(row: RowResult, target: Target, precision: str, ctx: dict[str, Any
         row.precision_used = artifact.target.get("precision_used")
         row.device = str(described.get("device") or artifact.target.get("device") or "")
         row.notes = list(artifact.notes)
-        path = bundle_path(opts, ctx["row_count"], row.name)
+        path = bundle_path(opts, ctx.row_count, row.name)
         manifest["validated_on"] = {**host_fingerprint(), "evaluated_with": result.get("evaluated_with")}
         with bundle_writer(path) as tmp:
-            copy_artifact(work, tmp, artifact.files)
+            copy_files(work, tmp, artifact.files)
             manifest["self_test"] = _write_golden(tmp, ctx, logits, precision, manifest["input"])
             write_manifest(tmp, manifest, [*artifact.files, selftest.GOLDEN_FILE])
         row.bundle = str(path)
@@ -155,21 +154,19 @@ def build_row(row: RowResult, target: Target, precision: str, ctx: dict[str, Any
     except BitdeployError as exc:
         if opts.debug:  # the row still fails alone, but --debug shows the chain that led here
             traceback.print_exception(exc)
-        row.status, row.error = f"failed: {_first_line(exc)}", _first_line(exc)
+        row.status, row.error = f"failed: {first_line(exc)}", first_line(exc)
         log(f"[{row.name}] failed: {row.error}")
     except Exception as exc:  # an SDK's own error type: still only this row fails
         if opts.debug:
             raise
-        row.status, row.error = f"failed: {type(exc).__name__}: {_first_line(exc)}", f"{type(exc).__name__}: {_first_line(exc)}"
+        row.status, row.error = f"failed: {type(exc).__name__}: {first_line(exc)}", f"{type(exc).__name__}: {first_line(exc)}"
         log(f"[{row.name}] failed: {row.error}")
 
 
-def _write_golden(bundle_dir: Path, ctx: dict[str, Any], logits: Any, precision: str, input_spec: dict[str, Any]) -> dict[str, Any]:
+def _write_golden(bundle_dir: Path, ctx: BuildContext, logits: np.ndarray, precision: str, input_spec: dict[str, Any]) -> dict[str, Any]:
     """The bundle's self-test: a seeded subset of the validation inputs, their FP32 logits and labels."""
-    import numpy as np
-
-    data, reference, labels = ctx["data"], ctx["reference"], ctx["labels_array"]
-    idx = selftest.select(data.samples, ctx["resolution"])
+    data, reference, labels = ctx.data, ctx.reference, ctx.label_ids
+    idx = selftest.select(data.samples, ctx.resolution)
     picked, lo = [], 0
     for x, _ in data.batches():  # gather only the chosen rows: the validation set may not fit in memory
         picked.append(x[idx[(idx >= lo) & (idx < lo + len(x))] - lo])
@@ -178,7 +175,7 @@ def _write_golden(bundle_dir: Path, ctx: dict[str, Any], logits: Any, precision:
     return selftest.write(bundle_dir, inputs, reference[idx], labels[idx] if labels is not None else None, logits[idx], precision, input_spec)
 
 
-def _invalid_reason(result: dict[str, Any], opts: Any) -> str:
+def _invalid_reason(result: dict[str, Any], opts: BuildOptions) -> str:
     if "top1_drop_pp" in result:
         return f"accuracy gate: top-1 dropped {result['top1_drop_pp']:.2f} pp vs FP32 PyTorch (allowed {opts.max_accuracy_drop:g} pp)"
     return f"validation: max |logit diff| {result.get('max_abs_logit_diff')} vs FP32 PyTorch exceeds {result.get('tolerance'):.3g}"

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bitdeploy.build_context import BuildOptions
 from bitdeploy.cache import StageCache, canonical, file_sha256, stage_key
 from bitdeploy.errors import BitdeployError, DatasetError
+
+if TYPE_CHECKING:
+    from bitdeploy.converters.accuracy import EvalData
+    from bitdeploy.converters.calibration import CalibrationData
+    from bitdeploy.training.data import Splits
 
 EXPORT_FILE = "model.onnx"
 
@@ -79,26 +86,28 @@ def _read_summary(out: Path) -> dict[str, Any]:
         return {}
 
 
-def resolve_model(opts: Any, splits: Any, cache: StageCache, log: Any) -> ModelState:
+def resolve_model(opts: BuildOptions, splits: Splits | None, cache: StageCache, log: Callable[[str], None]) -> ModelState:
     """Load --weights, fine-tuning on --dataset first when asked (cached by weights, data and settings)."""
     import torch
 
     from bitdeploy.training.weights import load_model
 
-    training = None
-    if opts.wants_finetune():
+    training: dict[str, Any] | None = None
+    if opts.wants_finetune() and opts.dataset is not None:
         from bitdeploy.training.trainer import TrainConfig, train
+
+        dataset = opts.dataset
 
         train_opts = {
             "model": opts.model, "shots": opts.shots, "steps": opts.steps, "batch_size": opts.batch_size, "lr": opts.lr,
             "resolution": opts.resolution, "seed": opts.seed, "val_split": opts.val_split, "hflip": opts.hflip,
         }  # fmt: skip
-        key = stage_key("finetune", {"weights": weights_identity(opts.weights), "dataset": dataset_fingerprint(opts.dataset)}, train_opts)
+        key = stage_key("finetune", {"weights": weights_identity(opts.weights), "dataset": dataset_fingerprint(dataset)}, train_opts)
 
         def step(out: Path) -> dict[str, Any]:
             log(f"fine-tuning {opts.model} on {opts.dataset} (the BiT-HyperRule; overrides: steps={opts.steps}, batch={opts.batch_size}, lr={opts.lr})")
             config = TrainConfig(
-                model=opts.model, dataset=opts.dataset, out=out, weights=opts.weights, shots=opts.shots, steps=opts.steps,
+                model=opts.model, dataset=dataset, out=out, weights=opts.weights, shots=opts.shots, steps=opts.steps,
                 batch_size=opts.batch_size, lr=opts.lr, resolution=opts.resolution, seed=opts.seed, val_split=opts.val_split,
                 device=opts.train_device, progress=opts.progress, hflip=opts.hflip,
             )  # fmt: skip
@@ -106,7 +115,8 @@ def resolve_model(opts: Any, splits: Any, cache: StageCache, log: Any) -> ModelS
             return _read_summary(out)
 
         run_dir, summary, _hit = cache.run("finetune", key, step, what=f"fine-tune of {opts.model} on {opts.dataset}", resumable=True)
-        training = {"dataset": opts.dataset, "cache_key": key, **{k: summary.get(k) for k in ("val_top1", "steps", "images_per_second", "train_seconds") if k in summary}}
+        training = {"dataset": opts.dataset, "cache_key": key}
+        training.update({k: summary[k] for k in ("val_top1", "steps", "images_per_second", "train_seconds") if k in summary})
         loaded = load_model(opts.model, weights=str(run_dir))
     else:
         torch.manual_seed(opts.seed)  # --weights none is then the same model every time
@@ -138,7 +148,7 @@ def export(state: ModelState, resolution: int, opset: int, cache: StageCache) ->
     return directory / EXPORT_FILE, info
 
 
-def reference(state: ModelState, data: Any, data_id: str, cache: StageCache) -> np.ndarray:
+def reference(state: ModelState, data: EvalData, data_id: str, cache: StageCache) -> np.ndarray:
     """FP32 PyTorch logits on the gate's inputs (cached by weights and data)."""
     from bitdeploy.converters.accuracy import torch_logits
 
@@ -153,9 +163,12 @@ def reference(state: ModelState, data: Any, data_id: str, cache: StageCache) -> 
     return np.load(directory / "logits.npy", allow_pickle=False)
 
 
-def calibration(opts: Any, splits: Any, resolution: int, cache: StageCache) -> Any:
+def calibration(opts: BuildOptions, splits: Splits, resolution: int, cache: StageCache) -> CalibrationData:
     """Seeded calibration samples from the training split, preprocessed as at inference (cached)."""
     from bitdeploy.converters.calibration import CalibrationData, from_image_set
+
+    if opts.dataset is None:
+        raise BitdeployError("INT8 calibration needs --dataset")
 
     options = {"resolution": resolution, "size": opts.calib_size, "seed": opts.seed, "val_split": opts.val_split, "shots": opts.shots}
     key = stage_key("calibration", {"dataset": dataset_fingerprint(opts.dataset)}, options)
@@ -170,7 +183,7 @@ def calibration(opts: Any, splits: Any, resolution: int, cache: StageCache) -> A
     return CalibrationData.load(directory, source, opts.seed, meta["sha256"])
 
 
-def data_identity(opts: Any) -> str:
+def data_identity(opts: BuildOptions) -> str:
     """Identity of the gate's inputs (dataset content and how the validation subset is drawn)."""
     if opts.dataset is None:
         return "random"

@@ -7,11 +7,11 @@ from typing import Any
 
 import click
 
+from bitdeploy import choices
 from bitdeploy.benchmarks.baseline import COMPILE_TIMEOUT_S
 from bitdeploy.errors import BitdeployError
 
 SCENARIOS = ("single-stream", "offline", "both")
-BACKENDS = ("onnxruntime", "openvino", "tensorrt", "litert")
 
 
 def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -43,7 +43,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True, help="Untimed queries before each single-stream run.")
 @click.option("--threads", type=click.IntRange(min=1), help="Engine threads (default: the engine's own choice).")
 @click.option("--device", help="Runtime device override, e.g. cpu, cuda:0, CPU, GPU (default: the bundle's).")
-@click.option("--backend", type=click.Choice(BACKENDS), help="Run the bundle on another backend than it names.")
+@click.option("--backend", type=choices.backends(), help="Run the bundle on another backend than it names.")
 @click.option("--dataset", help="Measure top-1/top-5 on this dataset's validation split (digits, ImageFolder dir, CIFAR).")
 @click.option("--samples", type=click.IntRange(min=1), help="Evaluate at most this many validation images.")
 @click.option("--reference", type=click.Path(), help="A bundle whose predictions the others are compared with (needs --dataset).")

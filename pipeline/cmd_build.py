@@ -6,6 +6,9 @@ from pathlib import Path
 
 import click
 
+from bitdeploy import choices
+from bitdeploy.converters.openvino_convert import INFERENCE_PRECISIONS
+from bitdeploy.converters.ort_convert import INT8_SCHEMES
 from bitdeploy.targets import PRECISIONS, TARGETS
 
 CALIB_HELP = "; ".join(f"{t.name}: {'|'.join(t.calib_methods)} (default {t.calib_methods[0]})" for t in TARGETS.values())
@@ -28,7 +31,7 @@ def _precisions(values: tuple[str, ...]) -> list[str] | None:
 @click.command("build")
 @click.option("--model", "model_name", required=True, help="Model name (see `bitdeploy models`), e.g. m-r50x1.")
 @click.option("--weights", default="auto", show_default=True, help="auto (official, cached) | none (random init) | PATH (.npz, checkpoint.pt or training dir).")
-@click.option("--target", type=click.Choice([*TARGETS, "all"]), default="onnx", show_default=True, help="onnx (ONNX Runtime), openvino, trt (TensorRT), litert (LiteRT / TensorFlow Lite), or all (every target this machine supports).")
+@click.option("--target", type=choices.targets_or_all(), default="onnx", show_default=True, help="onnx (ONNX Runtime), openvino, trt (TensorRT), litert (LiteRT / TensorFlow Lite), or all (every target this machine supports).")
 @click.option("--precision", "precision", multiple=True, metavar="fp32|fp16|int8", help="Repeatable or comma list [default: fp32; with --target all: all three].")
 @click.option("--resolution", type=click.IntRange(16, 2048), default=None, help="Square input size in px [default: the fine-tune's or checkpoint's, else 128].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="One bundle: the bundle directory; several: a directory of <target>-<precision> bundles [default: runs/<model>-<target>].")
@@ -47,8 +50,8 @@ def _precisions(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--accuracy-control", is_flag=True, help="OpenVINO INT8: NNCF accuracy-controlled quantization within --max-accuracy-drop.")
 @click.option("--device", default=None, help="Deployment device: onnx cpu|cuda, openvino CPU|GPU|NPU|AUTO, trt cuda:N, litert cpu [default: each target's].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads for evaluation and timing [default: the runtime's].")
-@click.option("--int8-scheme", type=click.Choice(["auto", "u8s8-7bit", "u8s8", "s8s8"]), default="auto", show_default=True, help="ONNX Runtime INT8 integer scheme; auto: u8s8-7bit on x86 CPUs (exact with and without VNNI), s8s8 elsewhere.")
-@click.option("--inference-precision", type=click.Choice(["f32", "bf16", "f16"]), default="f32", show_default=True, help="OpenVINO: the precision float layers are validated and pinned in on every device (bf16/f16 only where the device has it).")
+@click.option("--int8-scheme", type=click.Choice(INT8_SCHEMES), default="auto", show_default=True, help="ONNX Runtime INT8 integer scheme; auto: u8s8-7bit on x86 CPUs (exact with and without VNNI), s8s8 elsewhere.")
+@click.option("--inference-precision", type=click.Choice(INFERENCE_PRECISIONS), default="f32", show_default=True, help="OpenVINO: the precision float layers are validated and pinned in on every device (bf16/f16 only where the device has it).")
 @click.option("--batch", "trt_batch", default=None, metavar="MIN,OPT,MAX", help="TensorRT: dynamic-batch optimisation profile [default 1,1,32].")
 @click.option("--workspace", type=click.FloatRange(min=0.0625), default=None, metavar="GB", help="TensorRT: builder workspace limit in GiB [default 4].")
 @click.option("--select", type=click.Choice(["fastest"]), default=None, help="Pick the fastest bundle that passed the accuracy gate and mark it in the report.")
@@ -88,6 +91,6 @@ def build(ctx: click.Context, model_name: str, weights: str, target: str, precis
         calib_size=calib_size, calib_method=calib_method, max_accuracy_drop=max_accuracy_drop, accuracy_control=accuracy_control,
         device=device, threads=threads, select=select, eval_limit=eval_limit, seed=seed, opset=opset, cache_dir=cache_dir,
         cache=not no_cache, report=not no_report, bench_iterations=bench_iterations, debug=debug,
-        extra={"batch": trt_batch, "workspace": workspace, "int8_scheme": int8_scheme, "inference_precision": inference_precision},
+        int8_scheme=int8_scheme, inference_precision=inference_precision, trt_batch=trt_batch, trt_workspace_gb=workspace,
     )  # fmt: skip
     run_build(opts, log=lambda msg: click.echo(msg, err=True), show=click.echo)

@@ -9,11 +9,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-BACKENDS = ("onnxruntime", "openvino", "tensorrt", "litert")
+from bitdeploy import choices
+
+if TYPE_CHECKING:
+    from bitdeploy.runtimes.manifest import Manifest
 BUNDLE_ARG = click.argument("bundle", type=click.Path(path_type=Path), metavar="BUNDLE")
 
 
@@ -21,7 +24,7 @@ def _engine_options(fn: Any) -> Any:
     fn = click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files at load (debugging only: a modified model then loads).")(fn)
     fn = click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine threads per inference (default: the engine's choice).")(fn)
     fn = click.option("--device", default=None, help="Override the bundle's device, e.g. cpu, cuda:0 (ONNX Runtime) or CPU, GPU, AUTO (OpenVINO).")(fn)
-    fn = click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Override the runtime the bundle was built for (OpenVINO also reads ONNX bundles).")(fn)
+    fn = click.option("--backend", type=choices.backends(), default=None, help="Override the runtime the bundle was built for (OpenVINO also reads ONNX bundles).")(fn)
     return fn
 
 
@@ -106,82 +109,81 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
     Exits 1 with one line if a file is missing or was modified after the build, or the format version is
     unknown. A bundle that failed its accuracy gate is shown with its reason (exit 0).
     """
-    from bitdeploy.runtimes.base import REGISTRY, backend_available
+    from bitdeploy import targets
+    from bitdeploy.runtimes.base import backend_available
     from bitdeploy.runtimes.pack import open_bundle
 
     opened = open_bundle(bundle, verify=not no_verify, require_valid=False)
     try:
         m = opened.manifest
-        backend = (m.get("target") or {}).get("backend")
-        runs_here = backend_available(backend) if backend in REGISTRY else False
+        backend = m.target.backend
+        record = next((t for t in targets.TARGETS.values() if t.backend == backend), None)
+        runs_here = backend_available(backend) if record is not None else False
         checksums = "skipped" if no_verify else "ok"
         if as_json:
-            click.echo(json.dumps({"bundle": str(bundle), "pack": opened.is_pack, "checksums": checksums, "runs_here": runs_here, "manifest": m}, indent=2))
+            click.echo(json.dumps({"bundle": str(bundle), "pack": opened.is_pack, "checksums": checksums, "runs_here": runs_here, "manifest": m.to_dict()}, indent=2))
             return
         for key, value in summary_rows(m, opened.root, opened.is_pack, checksums):
             click.echo(f"{key:<12}{value}")
-        if backend in REGISTRY:
-            extra = REGISTRY[backend][1]
-            click.echo(f"{'runs here':<12}" + ("yes" if runs_here else f'no: install it with pip install "bitdeploy[{extra}]"'))
+        if record is not None:
+            click.echo(f"{'runs here':<12}" + ("yes" if runs_here else f'no: install it with pip install "bitdeploy[{record.runtime_extra}]"'))
     finally:
         opened.cleanup()
 
 
-def summary_rows(m: dict[str, Any], root: Path, is_pack: bool, checksums: str) -> list[tuple[str, str]]:
+def summary_rows(m: Manifest, root: Path, is_pack: bool, checksums: str) -> list[tuple[str, str]]:
     """The human-readable manifest summary, as (field, text) rows."""
-    model, target = m.get("model") or {}, m.get("target") or {}
-    spec, labels = m.get("input") or {}, m.get("labels") or []
-    rows = [("format", f"{m.get('format')} v{m.get('format_version')}" + (" (single-file pack)" if is_pack else ""))]
-    status = "valid" if m.get("valid") else f"INVALID: {m.get('invalid_reason') or 'did not pass validation'}"
+    model, target, spec, labels = m.model, m.target, m.input, m.labels
+    rows = [("format", f"{m.raw.get('format')} v{m.raw.get('format_version')}" + (" (single-file pack)" if is_pack else ""))]
+    status = "valid" if m.valid else f"INVALID: {m.invalid_reason or 'did not pass validation'}"
     rows.append(("status", status))
     params = f", {model['params'] / 1e6:.2f}M params" if isinstance(model.get("params"), (int, float)) else ""
     rows.append(("model", f"{model.get('name')}, {model.get('num_classes')} classes{params}, {model.get('resolution')} px"))
     weights = model.get("weights") or {}
     if weights:
         rows.append(("weights", f"{weights.get('kind')} {weights.get('source') or ''} {(weights.get('sha256') or '')[:16]}".rstrip()))
-    used = f" (runs {target['precision_used']})" if target.get("precision_used") else ""
-    extras = {k: v for k, v in target.items() if k not in ("backend", "precision", "device", "precision_used")}
-    rows.append(("target", f"{target.get('backend')} {target.get('precision')} on {target.get('device')}{used}" + (f" {json.dumps(extras)}" if extras else "")))
-    model_file = m.get("model_file")
-    size = sum((root / n).stat().st_size for n in (m.get("files") or {}) if (root / n).is_file())
-    rows.append(("model file", f"{model_file} ({size / 1e6:.2f} MB in {len(m.get('files') or {})} file(s))"))
+    used = f" (runs {target.precision_used})" if target.precision_used else ""
+    extras = {k: v for k, v in target.as_dict().items() if k not in ("backend", "precision", "device", "precision_used")}
+    rows.append(("target", f"{target.backend} {target.precision} on {target.device}{used}" + (f" {json.dumps(extras)}" if extras else "")))
+    size = sum((root / n).stat().st_size for n in m.files if (root / n).is_file())
+    rows.append(("model file", f"{m.model_file} ({size / 1e6:.2f} MB in {len(m.files)} file(s))"))
     mean, std = spec.get("mean"), spec.get("std")
     rows.append(("input", f"{spec.get('name')} {spec.get('dtype')} {spec.get('shape')} {spec.get('layout')} {spec.get('color')}, "
                           f"resize {spec.get('resize')} {spec.get('interpolation')}, mean {mean} std {std}"))
-    rows.append(("output", f"{(m.get('output') or {}).get('name')} ({(m.get('output') or {}).get('kind')})"))
+    rows.append(("output", f"{m.output.get('name')} ({m.output.get('kind')})"))
     shown = ", ".join(str(x) for x in labels[:10]) + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")
     rows.append(("labels", shown or "(none)"))
-    acc = m.get("accuracy")
+    acc = m.accuracy
     if acc:
         def pct(x: Any) -> str:
             return f"{x * 100:.2f}%" if isinstance(x, (int, float)) else "?"
-        gate = {True: "passed", False: "FAILED"}.get(acc.get("passed"), "n/a")
+        gate = {True: "passed", False: "FAILED"}.get(bool(acc["passed"]), "n/a") if "passed" in acc else "n/a"
         rows.append(("accuracy", f"top-1 {pct(acc.get('top1'))} vs reference {pct(acc.get('reference_top1'))}, agreement {pct(acc.get('agreement'))}, "
                                  f"{acc.get('samples')} samples, max |dlogit| {acc.get('max_abs_logit_diff')}, gate {gate}"))
     else:
         rows.append(("accuracy", "not measured"))
-    exp = m.get("export") or {}
+    exp = m.export or {}
     if exp:
         rows.append(("export", ", ".join(f"{k} {v}" for k, v in exp.items())))
-    cal = m.get("calibration")
+    cal = m.calibration
     if cal:
         rows.append(("calibration", ", ".join(f"{k} {v}" for k, v in cal.items() if k != "sha256")))
-    prov = m.get("provenance") or {}
+    prov = m.provenance or {}
     versions = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items())
     rows.append(("provenance", f"bitdeploy {prov.get('bitdeploy')}, created {prov.get('created')}" + (f"; {versions}" if versions else "")))
     rows.extend(device_rows(m))
-    rows.append(("checksums", checksums if checksums != "ok" else f"ok ({len(m.get('files') or {})} file(s) verified)"))
+    rows.append(("checksums", checksums if checksums != "ok" else f"ok ({len(m.files)} file(s) verified)"))
     return rows
 
 
-def device_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
+def device_rows(m: Manifest) -> list[tuple[str, str]]:
     """Where the bundle was validated, this machine's class, and the self-test it carries."""
     from bitdeploy.runtimes.fingerprint import device_class, host_fingerprint, summary
 
-    validated_on, here = m.get("validated_on"), host_fingerprint()
+    validated_on, here = m.validated_on, host_fingerprint()
     same = "same class" if validated_on and device_class(validated_on) == device_class(here) else "another class: run `bitdeploy verify` here"
     rows = [("validated on", summary(validated_on)), ("this device", f"{summary(here)} ({same})" if validated_on else summary(here))]
-    st = m.get("self_test")
+    st = m.self_test
     if st:
         crit = st.get("criteria") or {}
         rows.append(("self-test", f"{st.get('images')} golden inputs ({st.get('stored_as')}); pass: agreement >= {crit.get('min_agreement', 0) * 100:.1f}%, "

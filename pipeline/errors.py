@@ -1,5 +1,9 @@
 """One error family. The CLI prints a BitdeployError as one line and exits 1 (no traceback unless --debug)."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class BitdeployError(Exception):
     """A user-facing error: the message names the problem and the fix."""
@@ -39,7 +43,7 @@ class AccuracyGateError(BitdeployError):
     """A built artifact lost more accuracy than --max-accuracy-drop allows."""
 
 
-def require(module: str, extra: str, what: str | None = None):  # type: ignore[no-untyped-def]
+def require(module: str, extra: str, what: str | None = None) -> Any:
     """Import an optional module or raise MissingDependencyError naming the extra."""
     import importlib
 
@@ -47,3 +51,10 @@ def require(module: str, extra: str, what: str | None = None):  # type: ignore[n
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependencyError(what or module, extra, str(exc).splitlines()[0] if str(exc) else "") from exc
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first message line (at most `limit` characters), or its type name when it has no message:
+    what a one-line error quotes of a library's multi-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

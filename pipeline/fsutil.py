@@ -41,3 +41,11 @@ def replace_dir(tmp: str | os.PathLike[str], out: str | os.PathLike[str]) -> Non
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_files(src_dir: Path, dst_dir: Path, names: list[str]) -> None:
+    """Copy the files `names` (relative paths) from src_dir into dst_dir, creating subdirectories."""
+    for name in names:
+        dst = dst_dir / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src_dir / name, dst)

@@ -1,9 +1,13 @@
-"""Build routes as data: which converter makes each (target, precision), and what it needs to run here.
+"""One record per deployment target: the single source for the build, the runtime, the bundle reader and the CLI.
 
-Every route starts from the folded FP32 ONNX export (torch -> onnx, cached) and runs one converter
-function, named "module:function" and imported only when the route runs. Availability is checked with
-`importlib.util.find_spec` and a look at the NVIDIA driver, without importing any SDK, so a build fails
-fast (before weights are loaded or anything is exported) when a route cannot run on this machine.
+A record names the converter that makes a bundle ("module:function", `bitdeploy.converters.base.ConvertFn`) and
+the runtime backend that runs it ("module:Class", `bitdeploy.runtimes.base.Backend`), with the pip extras, import
+names, model-file formats and devices of each. Both are imported only when used: availability is checked with
+`importlib.util.find_spec` (and a look at the NVIDIA driver), so a build fails fast, before weights are loaded,
+and `bitdeploy.runtimes` imports with only numpy and Pillow installed.
+
+Adding a target is a converter module, a runtime backend module and one `register(Target(...))`: the CLI's
+--target and --backend choices, the bundle reader and the build all read `TARGETS`.
 """
 
 from __future__ import annotations
@@ -23,66 +27,65 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 @dataclass(frozen=True)
 class Target:
-    """One deployment target; its converter handles every precision listed."""
+    """One deployment target; its converter handles every precision listed, its backend runs the bundles."""
 
     name: str  # CLI name: --target NAME
-    backend: str  # runtime backend that loads the bundle (bitdeploy.runtimes.base.REGISTRY)
     title: str  # what to call it in messages
+    backend: str  # runtime name: --backend NAME, the manifest's target.backend
     converter: str  # "module:function" with the bitdeploy.converters.base.ConvertFn signature
-    extra: str  # pip extra that brings the SDK
-    modules: tuple[str, ...]  # import names every precision needs
+    runtime: str  # "module:Class", a bitdeploy.runtimes.base.Backend
+    formats: tuple[str, ...]  # model-file suffixes the runtime reads
+    extra: str  # pip extra that brings what the build needs
+    modules: tuple[str, ...]  # import names every precision of the build needs
+    runtime_extra: str  # pip extra that brings what running a bundle needs
+    runtime_module: str  # import name the runtime needs
     int8_modules: tuple[str, ...] = ()  # import names INT8 needs on top (the quantizer)
     precisions: tuple[str, ...] = PRECISIONS
     needs_gpu: bool = False
     calib_methods: tuple[str, ...] = ()  # --calib-method values the quantizer offers (first = default)
     devices: str = ""  # what --device accepts, for help and messages
+    cache_conversions: bool = True  # False: artifacts tied to the build machine (TensorRT engines) are rebuilt
 
 
-TARGETS: dict[str, Target] = {
-    "onnx": Target(
-        name="onnx",
-        backend="onnxruntime",
-        title="ONNX Runtime",
-        converter="bitdeploy.converters.ort_convert:convert",
-        extra="onnxruntime",
-        modules=("onnx", "onnxruntime"),
-        calib_methods=("minmax", "entropy", "percentile"),
-        devices="cpu (default), cuda",
-    ),
-    "openvino": Target(
-        name="openvino",
-        backend="openvino",
-        title="OpenVINO",
-        converter="bitdeploy.converters.openvino_convert:convert",
-        extra="openvino",
-        modules=("openvino",),
-        int8_modules=("nncf",),
-        calib_methods=("mean_minmax", "minmax", "mean_quantile", "histogram"),
-        devices="CPU (default), GPU, NPU, AUTO",
-    ),
-    "trt": Target(
-        name="trt",
-        backend="tensorrt",
-        title="TensorRT",
-        converter="bitdeploy.converters.trt_engine:convert",
-        extra="tensorrt",
-        modules=("tensorrt", "onnx", "onnxruntime"),
-        needs_gpu=True,
-        calib_methods=("minmax", "entropy", "percentile"),  # through ONNX Runtime's QDQ quantizer
-        devices="cuda:N (default cuda:0)",
-    ),
-    "litert": Target(
-        name="litert",
-        backend="litert",
-        title="LiteRT",
-        converter="bitdeploy.converters.litert_convert:convert",
-        extra="litert-convert",
-        modules=("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),
-        int8_modules=("torchao",),
-        calib_methods=("histogram",),  # PT2E static: HistogramObserver on activations, min/max per channel on weights
-        devices="cpu (XNNPACK; default)",
-    ),
-}
+TARGETS: dict[str, Target] = {}
+
+
+def register(target: Target) -> Target:
+    """Add a target (or replace the one of the same name); its --target and --backend choices appear at once."""
+    clash = next((t for t in TARGETS.values() if t.backend == target.backend and t.name != target.name), None)
+    if clash is not None:
+        raise ValueError(f"backend {target.backend!r} already belongs to target {clash.name!r}")
+    TARGETS[target.name] = target
+    return target
+
+
+register(Target(
+    name="onnx", title="ONNX Runtime", backend="onnxruntime",
+    converter="bitdeploy.converters.ort_convert:convert", runtime="bitdeploy.runtimes.ort:OrtBackend", formats=(".onnx",),
+    extra="onnxruntime", modules=("onnx", "onnxruntime"), runtime_extra="onnxruntime", runtime_module="onnxruntime",
+    calib_methods=("minmax", "entropy", "percentile"), devices="cpu (default), cuda",
+))  # fmt: skip
+register(Target(
+    name="openvino", title="OpenVINO", backend="openvino",
+    converter="bitdeploy.converters.openvino_convert:convert", runtime="bitdeploy.runtimes.ov:OpenVinoBackend", formats=(".xml", ".onnx"),
+    extra="openvino", modules=("openvino",), runtime_extra="openvino", runtime_module="openvino", int8_modules=("nncf",),
+    calib_methods=("mean_minmax", "minmax", "mean_quantile", "histogram"), devices="CPU (default), GPU, NPU, AUTO",
+))  # fmt: skip
+register(Target(
+    name="trt", title="TensorRT", backend="tensorrt",
+    converter="bitdeploy.converters.trt_engine:convert", runtime="bitdeploy.runtimes.trt:TensorRTBackend", formats=(".plan", ".engine"),
+    extra="tensorrt", modules=("tensorrt", "onnx", "onnxruntime"), runtime_extra="tensorrt", runtime_module="tensorrt", needs_gpu=True,
+    calib_methods=("minmax", "entropy", "percentile"),  # through ONNX Runtime's QDQ quantizer
+    devices="cuda:N (default cuda:0)", cache_conversions=False,  # engines are tied to the GPU and TensorRT version
+))  # fmt: skip
+register(Target(
+    name="litert", title="LiteRT", backend="litert",
+    converter="bitdeploy.converters.litert_convert:convert", runtime="bitdeploy.runtimes.litert:LiteRtBackend", formats=(".tflite",),
+    extra="litert-convert", modules=("litert_torch", "ai_edge_litert", "ai_edge_quantizer"), runtime_extra="litert",
+    runtime_module="ai_edge_litert", int8_modules=("torchao",),
+    calib_methods=("histogram",),  # PT2E static: HistogramObserver on activations, min/max per channel on weights
+    devices="cpu (XNNPACK; default)",
+))  # fmt: skip
 
 
 def get_target(name: str) -> Target:
@@ -90,6 +93,28 @@ def get_target(name: str) -> Target:
         return TARGETS[name]
     except KeyError:
         raise BitdeployError(f"unknown target {name!r}; choose one of: {', '.join(TARGETS)}, all") from None
+
+
+def target_names() -> list[str]:
+    return list(TARGETS)
+
+
+def backend_names() -> list[str]:
+    return [t.backend for t in TARGETS.values()]
+
+
+def for_backend(backend: str) -> Target:
+    """The record whose runtime is `backend`; a one-line BitdeployError names the choices otherwise."""
+    for t in TARGETS.values():
+        if t.backend == backend:
+            return t
+    raise BitdeployError(f"unknown backend {backend!r}; choose one of: {', '.join(backend_names())}")
+
+
+def import_object(ref: str) -> Any:
+    """Import "module:attr" (a record's converter or runtime)."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def nvidia_gpu_present() -> bool:
@@ -143,8 +168,7 @@ def check_available(target: Target, precision: str) -> None:
 
 
 def load_converter(target: Target) -> Callable[..., Any]:
-    module, attr = target.converter.split(":")
-    fn: Callable[..., Any] = getattr(importlib.import_module(module), attr)
+    fn: Callable[..., Any] = import_object(target.converter)
     return fn
 
 

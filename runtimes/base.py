@@ -1,45 +1,81 @@
 """The backend contract and its registry.
 
 A backend runs one model file: `infer(batch)` takes preprocessed NCHW float32 and returns float32 logits
-that the caller owns. Backends import their SDK lazily, inside `__init__`, so `bitdeploy.runtimes` imports
-with only numpy and Pillow installed.
+that the caller owns. `Backend.infer` checks the batch against the manifest's input spec (one-line
+BitdeployError) and the result's shape, so a backend implements only `_infer` and never sees a bad batch.
+Backends import their SDK lazily, inside `__init__`, so `bitdeploy.runtimes` imports with only numpy and
+Pillow installed.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bitdeploy.errors import BitdeployError
+from bitdeploy import targets
+from bitdeploy.errors import BitdeployError, BundleError, MissingDependencyError
+from bitdeploy.runtimes.manifest import Manifest, as_manifest
 
-# backend name -> ("module:Class", pip extra, import name checked by available())
-REGISTRY: dict[str, tuple[str, str, str]] = {
-    "onnxruntime": ("bitdeploy.runtimes.ort:OrtBackend", "onnxruntime", "onnxruntime"),
-    "openvino": ("bitdeploy.runtimes.ov:OpenVinoBackend", "openvino", "openvino"),
-    "tensorrt": ("bitdeploy.runtimes.trt:TensorRTBackend", "tensorrt", "tensorrt"),
-    "litert": ("bitdeploy.runtimes.litert:LiteRtBackend", "litert", "ai_edge_litert"),
-}
+
+def expected_input(manifest: Manifest) -> tuple[tuple[int | None, ...], np.dtype[Any]]:
+    """The batch a bundle's model takes: its NCHW shape (None = any size) and dtype.
+
+    The one place a backend reads the manifest's `input` spec. A non-positive or non-int dimension means any
+    size; a manifest without an input spec (or without a 4-D shape) means 4-D of any size; dtype defaults to
+    float32. An unknown dtype is a one-line BundleError.
+    """
+    spec = manifest.input
+    shape = spec.get("shape")
+    dims: tuple[int | None, ...] = (None,) * 4
+    if isinstance(shape, (list, tuple)) and len(shape) == 4:
+        dims = tuple(d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None for d in shape)
+    try:
+        dtype = np.dtype(spec.get("dtype") or "float32")
+    except TypeError:
+        raise BundleError(f"manifest input dtype {spec.get('dtype')!r} is unknown; rebuild the bundle") from None
+    return dims, dtype
 
 
 class Backend(ABC):
-    """One loaded model. Subclasses build their session in __init__ and free it in close()."""
+    """One loaded model. Subclasses build their session in __init__, run it in `_infer` and free it in close()."""
 
     name: str = ""
 
-    def __init__(self, model_path: Path, manifest: dict[str, Any], device: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, model_path: Path, manifest: Manifest | Mapping[str, Any], device: str | None = None, threads: int | None = None) -> None:
         self.model_path = Path(model_path)
-        self.manifest = manifest
+        self.manifest = as_manifest(manifest)  # a plain mapping (a script, a test) is read into a Manifest
         self.device = device
         self.threads = threads
+        self.input_shape, self.input_dtype = expected_input(self.manifest)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """NCHW batch -> (N, classes) float32 logits that the caller owns. Safe to call from several threads.
+
+        The batch must be an ndarray of `input_dtype`, 4-D, with at least one row and every fixed dimension of
+        `input_shape`; anything else is a one-line BitdeployError before the engine sees it.
+        """
+        want_shape, want_dtype = self.input_shape, self.input_dtype
+        if not isinstance(batch, np.ndarray) or batch.dtype != want_dtype or batch.ndim != 4 or batch.shape[0] < 1 or any(
+            want is not None and got != want for got, want in zip(batch.shape, want_shape)
+        ):
+            got = f"{batch.dtype} {tuple(batch.shape)}" if isinstance(batch, np.ndarray) else type(batch).__name__
+            want = "x".join("N" if d is None else str(d) for d in want_shape)
+            raise BitdeployError(f"infer expects a {want_dtype} NCHW array of shape {want} (got {got}); use predict() for images or preprocess() first")
+        out = self._infer(np.ascontiguousarray(batch))
+        if not isinstance(out, np.ndarray) or out.ndim != 2 or out.shape[0] != batch.shape[0]:
+            shape = tuple(out.shape) if isinstance(out, np.ndarray) else type(out).__name__
+            raise BundleError(f"{self.model_path}: the model returned shape {shape} for a batch of {batch.shape[0]} (expected ({batch.shape[0]}, classes)); rebuild the bundle")
+        return out if out.dtype == np.float32 else out.astype(np.float32)
 
     @abstractmethod
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """NCHW float32 -> (N, classes) float32 logits. Must be safe to call from several threads."""
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        """Run a checked, C-contiguous batch (4-D, `input_dtype`, N >= 1, fixed dims as the manifest says) ->
+        (N, classes) logits the caller may keep (never a buffer the backend reuses). Thread-safe."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the session; the backend is unusable afterwards."""
@@ -56,22 +92,24 @@ class Backend(ABC):
 
 
 def backend_available(name: str) -> bool:
-    return name in REGISTRY and importlib.util.find_spec(REGISTRY[name][2]) is not None
+    """The backend is registered and its SDK is installed (checked without importing it)."""
+    record = next((t for t in targets.TARGETS.values() if t.backend == name), None)
+    if record is None:
+        return False
+    try:
+        return importlib.util.find_spec(record.runtime_module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def backend_class(name: str) -> type[Backend]:
-    """Import a backend class by registry name; a missing SDK becomes a one-line MissingDependencyError."""
-    from bitdeploy.errors import MissingDependencyError
-
-    if name not in REGISTRY:
-        raise BitdeployError(f"unknown backend {name!r}; choose one of: {', '.join(REGISTRY)}")
-    target, extra, module = REGISTRY[name]
-    if importlib.util.find_spec(module) is None:
-        raise MissingDependencyError(f"the {name} runtime ({module})", extra)
-    mod_name, cls_name = target.split(":")
-    cls: type[Backend] = getattr(importlib.import_module(mod_name), cls_name)
+    """Import a backend class by its record; a missing SDK becomes a one-line MissingDependencyError."""
+    record = targets.for_backend(name)
+    if not backend_available(name):
+        raise MissingDependencyError(f"the {name} runtime ({record.runtime_module})", record.runtime_extra)
+    cls: type[Backend] = targets.import_object(record.runtime)
     return cls
 
 
-def open_backend(name: str, model_path: Path, manifest: dict[str, Any], device: str | None = None, threads: int | None = None) -> Backend:
+def open_backend(name: str, model_path: Path, manifest: Manifest | Mapping[str, Any], device: str | None = None, threads: int | None = None) -> Backend:
     return backend_class(name)(model_path, manifest, device=device, threads=threads)

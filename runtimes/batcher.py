@@ -161,7 +161,7 @@ class Batcher:
                 parts.append(self._infer(chunk))
                 self._on_batch(len(chunk), time.perf_counter() - t0)
             logits = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        except BaseException as exc:  # noqa: BLE001 - every waiting request must hear about the failure
+        except BaseException as exc:
             self._done()
             for job in jobs:
                 job.future.set_exception(exc)

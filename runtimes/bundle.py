@@ -17,14 +17,12 @@ from typing import Any
 
 from bitdeploy.errors import BundleError
 from bitdeploy.fsutil import replace_dir, sha256_file
+from bitdeploy.runtimes.manifest import FORMAT, FORMAT_VERSION, Manifest, check_format
 
 MANIFEST = "manifest.json"
-FORMAT = "bitdeploy-bundle"
-FORMAT_VERSION = 1
-BACKENDS = ("onnxruntime", "openvino", "tensorrt", "litert")
 
 
-def read_manifest(bundle: str | os.PathLike[str]) -> dict[str, Any]:
+def read_manifest(bundle: str | os.PathLike[str]) -> Manifest:
     """Read and check the manifest of a bundle directory (no checksum verification)."""
     root = Path(bundle)
     path = root / MANIFEST
@@ -36,18 +34,17 @@ def read_manifest(bundle: str | os.PathLike[str]) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path}: unreadable manifest ({exc}); rebuild the bundle") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{path}: not a {FORMAT} manifest; rebuild the bundle")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(f"{path}: unknown bundle format version {version!r} (this bitdeploy reads {FORMAT_VERSION}); upgrade bitdeploy or rebuild the bundle")
-    return manifest
+    check_format(manifest, str(path))
+    try:
+        return Manifest.from_dict(manifest)
+    except BundleError as exc:
+        raise BundleError(f"{path}: {exc}") from exc
 
 
-def verify_files(bundle: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
+def verify_files(bundle: str | os.PathLike[str], manifest: Manifest) -> None:
     """Check every listed file's sha256; raise BundleError naming the first mismatch."""
     root = Path(bundle)
-    files = manifest.get("files") or {}
+    files = manifest.files
     if not files:
         raise BundleError(f"{root}: manifest lists no files; rebuild the bundle")
     for name, expected in files.items():
@@ -60,12 +57,12 @@ def verify_files(bundle: str | os.PathLike[str], manifest: dict[str, Any]) -> No
             raise BundleError(f"{p}: checksum mismatch (the file was modified after the build); rebuild the bundle or pass --no-verify to skip the check")
 
 
-def load_manifest(bundle: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
+def load_manifest(bundle: str | os.PathLike[str], verify: bool = True) -> Manifest:
     manifest = read_manifest(bundle)
     if verify:
         verify_files(bundle, manifest)
-    if not manifest.get("valid", False):
-        reason = manifest.get("invalid_reason") or "it did not pass validation"
+    if not manifest.valid:
+        reason = manifest.invalid_reason or "it did not pass validation"
         raise BundleError(f"{bundle}: bundle is marked invalid ({reason}); rebuild it")
     return manifest
 
@@ -94,14 +91,14 @@ def bundle_writer(out: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-def write_manifest(bundle_dir: str | os.PathLike[str], manifest: dict[str, Any], files: list[str]) -> dict[str, Any]:
-    """Fill in format fields and checksums of `files` (relative names), then write manifest.json atomically."""
+def write_manifest(bundle_dir: str | os.PathLike[str], manifest: dict[str, Any], files: list[str]) -> Manifest:
+    """Fill in format fields and checksums of `files` (relative names), check it reads back as a Manifest, then
+    write manifest.json atomically."""
     root = Path(bundle_dir)
-    manifest = dict(manifest)
-    manifest["format"] = FORMAT
-    manifest["format_version"] = FORMAT_VERSION
-    manifest["files"] = {name: sha256_file(root / name) for name in sorted(files)}
+    data = {**manifest, "format": FORMAT, "format_version": FORMAT_VERSION}
+    data["files"] = {name: sha256_file(root / name) for name in sorted(files)}
+    typed = Manifest.from_dict(data)  # a field of the wrong type fails the build, not the first load
     tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, root / MANIFEST)
-    return manifest
+    return typed

@@ -32,10 +32,13 @@ LIBRARIES = ("bitdeploy", "numpy", "pillow", "torch", "onnx", "onnxslim", "onnxr
 
 
 def _cpuid_features() -> set[str]:
+    import importlib
+
     try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features  # numpy >= 2
+        umath = importlib.import_module("numpy._core._multiarray_umath")  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core._multiarray_umath import __cpu_features__ as features
+        umath = importlib.import_module("numpy.core._multiarray_umath")
+    features: dict[str, bool] = umath.__cpu_features__
     return {flag for name, flag in _NUMPY_FEATURES.items() if features.get(name)}
 
 

@@ -5,20 +5,22 @@ pool (one per concurrent caller, created on demand up to `max_interpreters`) and
 batch when the batch changes. Imports only numpy and ai_edge_litert (no torch, no TensorFlow).
 
 bitdeploy's `.tflite` files take NCHW float32 like every bundle and return logits as (N, 1, 1, classes), which
-keeps the graph free of batch-fixing reshapes; infer() flattens them to (N, classes).
+keeps the graph free of batch-fixing reshapes; _infer() flattens them to (N, classes).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bitdeploy.errors import BundleError, require
+from bitdeploy.errors import BundleError, first_line, require
 from bitdeploy.runtimes.base import Backend
+from bitdeploy.runtimes.manifest import Manifest
 
 DEVICES = ("cpu",)
 
@@ -51,9 +53,8 @@ class _Slot:
 
 class LiteRtBackend(Backend):
     name = "litert"
-    formats = (".tflite",)
 
-    def __init__(self, model_path: Path, manifest: dict[str, Any], device: str | None = None, threads: int | None = None, max_interpreters: int = 4) -> None:
+    def __init__(self, model_path: Path, manifest: Manifest | Mapping[str, Any], device: str | None = None, threads: int | None = None, max_interpreters: int = 4) -> None:
         super().__init__(model_path, manifest, (device or "cpu").lower(), threads)
         if self.device not in DEVICES:
             raise BundleError(f"unknown LiteRT device {device!r} here; use --device cpu (XNNPACK)")
@@ -70,7 +71,7 @@ class LiteRtBackend(Backend):
             it = self._litert.Interpreter(model_content=self._model, num_threads=self.threads or None)
             it.allocate_tensors()
         except Exception as exc:  # the interpreter raises ValueError/RuntimeError with C++ context
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise BundleError(f"{self.model_path}: LiteRT cannot load the model ({first}); rebuild the bundle") from exc
         self._created += 1
         return _Slot(it)
@@ -85,13 +86,12 @@ class LiteRtBackend(Backend):
                 return self._new_slot()
         return self._pool.get()
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
         slot = self._borrow()
         try:
             return slot.run(batch)
         except (ValueError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise BundleError(f"LiteRT cannot run a batch of shape {tuple(batch.shape)} ({first})") from exc
         finally:
             self._pool.put(slot)
@@ -101,5 +101,5 @@ class LiteRtBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        info.update(delegate="XNNPACK", interpreters=self._created, precision_used=(self.manifest.get("target") or {}).get("precision_used"))
+        info.update(delegate="XNNPACK", interpreters=self._created, precision_used=self.manifest.target.precision_used)
         return info

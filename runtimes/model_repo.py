@@ -21,6 +21,7 @@ from typing import Any
 
 from bitdeploy.errors import BitdeployError, BundleError
 from bitdeploy.fsutil import replace_dir
+from bitdeploy.runtimes.manifest import Manifest
 from bitdeploy.runtimes.pack import open_bundle
 
 FORMATS = ("triton", "ovms")
@@ -51,14 +52,14 @@ class RepoModel:
     profile_max: int | None  # TensorRT: the optimisation profile's largest batch
 
 
-def describe_bundle(manifest: dict[str, Any], source: Path, name: str | None) -> RepoModel:
-    target = manifest.get("target") or {}
-    backend = str(target.get("backend") or "")
+def describe_bundle(manifest: Manifest, source: Path, name: str | None) -> RepoModel:
+    target = manifest.target
+    backend = target.backend
     if backend not in TRITON_ENGINES:
         raise BitdeployError(f"{source}: a {backend or 'backend-less'} bundle cannot go into a Triton or OVMS repository; "
                              f"export an ONNX Runtime, OpenVINO or TensorRT bundle")
-    model_file = str(manifest.get("model_file") or "")
-    listed = list((manifest.get("files") or {}).keys())
+    model_file = manifest.model_file
+    listed = list(manifest.files)
     if model_file not in listed:
         raise BundleError(f"{source}: manifest's model_file {model_file!r} is not among its files; rebuild the bundle")
     if backend == "openvino":
@@ -68,12 +69,12 @@ def describe_bundle(manifest: dict[str, Any], source: Path, name: str | None) ->
         extra = [f for f in listed if f != model_file and f.startswith(model_file)]  # external data, e.g. model.onnx.data
     else:
         extra = []
-    spec = manifest.get("input") or {}
+    spec = manifest.input
     shape = spec.get("shape")
     if not isinstance(shape, list) or len(shape) != 4:
         raise BundleError(f"{source}: manifest has no NCHW input shape; rebuild the bundle")
-    model = manifest.get("model") or {}
-    labels = [str(x) for x in manifest.get("labels") or []] or [str(i) for i in range(int(model.get("num_classes") or 0))]
+    model = manifest.model
+    labels = manifest.labels or [str(i) for i in range(int(model.get("num_classes") or 0))]
     if any("\n" in x or "\r" in x for x in labels):
         raise BundleError(f"{source}: a label contains a line break, which labels.txt cannot hold; rename the class")
     name = name or str(model.get("name") or source.name)
@@ -83,7 +84,7 @@ def describe_bundle(manifest: dict[str, Any], source: Path, name: str | None) ->
     return RepoModel(
         name=name, backend=backend, model_files=[model_file, *extra],
         input_name=str(spec.get("name") or "input"), input_dtype=str(spec.get("dtype") or "float32"),
-        dims=[int(d) for d in shape[1:]], output_name=str((manifest.get("output") or {}).get("name") or "logits"),
+        dims=[int(d) for d in shape[1:]], output_name=str(manifest.output.get("name") or "logits"),
         labels=labels, fixed_batch=int(shape[0]) if isinstance(shape[0], int) and shape[0] > 0 else None,
         profile_max=int(profile["max"]) if isinstance(profile.get("max"), int) else None,
     )

@@ -5,13 +5,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bitdeploy.errors import BundleError, require
+from bitdeploy.errors import BundleError, first_line, require
 from bitdeploy.runtimes.base import Backend
+from bitdeploy.runtimes.manifest import Manifest
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
@@ -31,9 +33,8 @@ def parse_device(device: str) -> tuple[str, dict[str, Any]]:
 
 class OrtBackend(Backend):
     name = "onnxruntime"
-    formats = (".onnx",)
 
-    def __init__(self, model_path: Path, manifest: dict[str, Any], device: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, model_path: Path, manifest: Manifest | Mapping[str, Any], device: str | None = None, threads: int | None = None) -> None:
         super().__init__(model_path, manifest, device or "cpu", threads)
         ort = require("onnxruntime", "onnxruntime", "ONNX Runtime (onnxruntime)")
 
@@ -52,12 +53,12 @@ class OrtBackend(Backend):
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise BundleError(f"{model_path}: ONNX Runtime cannot load the model ({first}); rebuild the bundle") from exc
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [self.session.get_outputs()[0].name]
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
         out: np.ndarray = self.session.run(self.output_names, {self.input_name: batch})[0]
         return out
 
@@ -68,5 +69,5 @@ class OrtBackend(Backend):
         info = super().describe()
         session = self.__dict__.get("session")
         info["providers"] = session.get_providers() if session is not None else []
-        info["precision_used"] = (self.manifest.get("target") or {}).get("precision_used")
+        info["precision_used"] = self.manifest.target.precision_used
         return info

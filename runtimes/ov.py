@@ -11,48 +11,51 @@ of `target.precision_used`), never left to the device default.
 from __future__ import annotations
 
 import queue
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bitdeploy.errors import BundleError, require
+from bitdeploy.errors import BundleError, first_line, require
 from bitdeploy.runtimes.base import Backend
+from bitdeploy.runtimes.manifest import Manifest, TargetInfo
 
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 _FLOAT_TYPES = {"f32": "f32", "fp32": "f32", "float32": "f32", "bf16": "bf16", "bfloat16": "bf16", "f16": "f16", "fp16": "f16", "float16": "f16"}
 
 
-def precision_hint(target: dict[str, Any]) -> str | None:
+def precision_hint(target: TargetInfo | Mapping[str, Any]) -> str | None:
     """The float precision to pin: inference_precision, else the float part of precision_used ("int8+f32" -> "f32"),
     else f32 for fp32 bundles."""
-    pinned = _FLOAT_TYPES.get(str(target.get("inference_precision") or "").lower())
+    target = target if isinstance(target, TargetInfo) else TargetInfo.from_dict(target)
+    pinned = _FLOAT_TYPES.get(str(target.inference_precision or "").lower())
     if pinned:
         return pinned
-    used = str(target.get("precision_used") or "").lower().replace(" ", "")
+    used = str(target.precision_used or "").lower().replace(" ", "")
     for part in used.replace("/", "+").split("+"):
         if part in _FLOAT_TYPES:
             return _FLOAT_TYPES[part]
-    return "f32" if str(target.get("precision", "fp32")).lower() == "fp32" else None
+    return "f32" if target.precision.lower() == "fp32" else None
 
 
 class OpenVinoBackend(Backend):
     name = "openvino"
-    formats = (".xml", ".onnx")
 
     def __init__(
         self,
         model_path: Path,
-        manifest: dict[str, Any],
+        manifest: Manifest | Mapping[str, Any],
         device: str | None = None,
         threads: int | None = None,
         hint: str | None = None,
         num_requests: int | None = None,
     ) -> None:
-        target = manifest.get("target") or {}
-        super().__init__(model_path, manifest, (device or "CPU").upper(), threads)
+        self.device: str = (device or "CPU").upper()
+        super().__init__(model_path, manifest, self.device, threads)
+        target = self.manifest.target
         ov = require("openvino", "openvino", "OpenVINO (openvino)")
-        self.hint = (hint or target.get("performance_hint") or "LATENCY").upper()
+        self.hint = (hint or target.performance_hint or "LATENCY").upper()
         if self.hint not in HINTS:
             raise BundleError(f"unknown OpenVINO performance hint {self.hint!r}; choose one of: {', '.join(HINTS)}")
         core = ov.Core()
@@ -68,7 +71,7 @@ class OpenVinoBackend(Backend):
         try:
             self.compiled = core.compile_model(str(model_path), self.device, config)
         except Exception as exc:  # openvino raises RuntimeError with multi-line C++ context
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise BundleError(f"{model_path}: OpenVINO cannot compile the model on {self.device} ({first}); rebuild the bundle") from exc
         optimal = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self.pool_size = max(1, num_requests or optimal)
@@ -76,7 +79,7 @@ class OpenVinoBackend(Backend):
         for _ in range(self.pool_size):
             self._pool.put(self.compiled.create_infer_request())
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
         request = self._pool.get()
         try:
             request.infer({0: batch}, share_inputs=True)

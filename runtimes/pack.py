@@ -14,10 +14,10 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
 
-from bitdeploy.errors import BundleError
+from bitdeploy.errors import BundleError, first_line
 from bitdeploy.runtimes.bundle import MANIFEST, read_manifest, verify_files
+from bitdeploy.runtimes.manifest import Manifest
 
 PACK_SUFFIX = ".bitpack"
 MAX_MEMBER_BYTES = 8 << 30  # larger than any BiT model file (R152x4 FP32 is ~3.7 GB)
@@ -47,7 +47,7 @@ def pack(bundle: str | os.PathLike[str], out: str | os.PathLike[str], compress: 
     if out.resolve().is_relative_to(root.resolve()):
         raise BundleError(f"{out}: is inside the bundle it packs; write the pack elsewhere")
     out.parent.mkdir(parents=True, exist_ok=True)
-    names = [MANIFEST, *sorted(opened.manifest["files"])]
+    names = [MANIFEST, *sorted(opened.manifest.files)]
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as raw:
@@ -103,7 +103,7 @@ def unpack(
     max_member_bytes: int = MAX_MEMBER_BYTES,
     max_total_bytes: int = MAX_TOTAL_BYTES,
     max_members: int = MAX_MEMBERS,
-) -> dict[str, Any]:
+) -> Manifest:
     """Extract a pack into `target` (created here; it must not exist) and return its manifest.
 
     On any error `target` is removed again, so nothing is left behind.
@@ -112,7 +112,7 @@ def unpack(
     if not pack_path.is_file():
         raise BundleError(f"{pack_path}: no such pack file; check the path")
     try:
-        tf = tarfile.open(pack_path, "r:*")
+        tf = tarfile.open(pack_path, "r:*")  # noqa: SIM115 - closed by the `with tf:` below, after the target checks
     except (tarfile.TarError, OSError, EOFError):
         raise BundleError(f"{pack_path}: not a bundle directory or a bitdeploy pack (not a tar file); pass a directory from `bitdeploy build` or a file from `bitdeploy pack`") from None
     try:
@@ -129,7 +129,7 @@ def unpack(
         try:
             manifest = read_manifest(root)
             if verify:
-                listed = {str(PurePosixPath(n)) for n in manifest.get("files") or {}}
+                listed = {str(PurePosixPath(n)) for n in manifest.files}
                 found = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
                 unlisted = [n for n in found if n != MANIFEST and n not in listed]
                 if unlisted:
@@ -178,7 +178,7 @@ def _extract(tf: tarfile.TarFile, pack_path: Path, root: Path, max_member: int, 
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         if isinstance(exc, FileExistsError):
             raise BundleError(f"{pack_path}: member {exc.filename!r} appears twice; refusing to unpack") from exc
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise BundleError(f"{pack_path}: damaged pack ({reason}); re-create it with `bitdeploy pack`") from exc
 
 
@@ -188,7 +188,7 @@ class OpenedBundle:
 
     source: Path
     root: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     is_pack: bool = False
     _tmp: Path | None = field(default=None, repr=False)
 
@@ -216,8 +216,8 @@ def open_bundle(path: str | os.PathLike[str], verify: bool = True, require_valid
         opened = OpenedBundle(source, tmp / "bundle", manifest, is_pack=True, _tmp=tmp)
     else:
         raise BundleError(f"{source}: no such bundle; pass a directory from `bitdeploy build` or a file from `bitdeploy pack`")
-    if require_valid and not manifest.get("valid", False):
+    if require_valid and not manifest.valid:
         opened.cleanup()
-        reason = manifest.get("invalid_reason") or "it did not pass validation"
+        reason = manifest.invalid_reason or "it did not pass validation"
         raise BundleError(f"{source}: bundle is marked invalid ({reason}); rebuild it")
     return opened

@@ -1,7 +1,7 @@
 """The Predictor: a loaded bundle that turns images into labelled probabilities.
 
-`predict` = decode + preprocess (exactly as the manifest says) + `infer` + softmax + top-k. `infer` checks
-the batch against the manifest's input spec and the logits against its labels, then calls the backend. All
+`predict` = decode + preprocess (exactly as the manifest says) + `infer` + softmax + top-k. `infer` calls the
+backend, which checks the batch against the manifest's input spec, and checks the logits against the labels. All
 methods are thread-safe: the backends are, and the predictor keeps no per-call state except a thread-local
 `last_timing`.
 """
@@ -18,16 +18,15 @@ from typing import Any
 
 import numpy as np
 
+from bitdeploy import targets
 from bitdeploy.errors import BitdeployError, BundleError, MissingDependencyError
 from bitdeploy.runtimes import preprocess as pre
 from bitdeploy.runtimes import selftest
+from bitdeploy.runtimes.base import Backend, backend_available, backend_class, expected_input
 from bitdeploy.runtimes.fingerprint import device_class, host_fingerprint
-from bitdeploy.runtimes.selftest import SelfTestResult
-from bitdeploy.runtimes.base import REGISTRY, Backend, backend_available, backend_class
 from bitdeploy.runtimes.pack import OpenedBundle, open_bundle
+from bitdeploy.runtimes.selftest import SelfTestResult
 
-# Which model files each backend reads (OpenVINO reads ONNX directly too).
-BACKEND_FORMATS: dict[str, tuple[str, ...]] = {"onnxruntime": (".onnx",), "openvino": (".xml", ".onnx"), "tensorrt": (".plan", ".engine"), "litert": (".tflite",)}
 DEFAULT_MAX_BATCH = 32
 
 Prediction = list[tuple[str, float]]
@@ -76,11 +75,8 @@ class Predictor:
         self.backend: Backend | None = backend
         self.input_spec, self._shape, self._dtype = _check_input_spec(opened)
         self.max_batch = self._shape[0] or max(1, int(max_batch))
-        model = self.manifest.get("model") or {}
-        labels = self.manifest.get("labels")
-        n = len(labels) if labels else int(model.get("num_classes") or 0)
-        self.labels: list[str] = [str(x) for x in labels] if labels else [str(i) for i in range(n)]
-        self.name: str = str(model.get("name") or opened.source.name)
+        self.labels: list[str] = self.manifest.labels or [str(i) for i in range(self.manifest.num_classes)]
+        self.name: str = self.manifest.name or opened.source.name
         self.last_self_test: SelfTestResult | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -125,20 +121,15 @@ class Predictor:
         return batch if batch.dtype == self._dtype else batch.astype(self._dtype)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Preprocessed NCHW batch -> (N, classes) float32 logits. Checks shape and dtype against the manifest."""
+        """Preprocessed NCHW batch -> (N, classes) float32 logits. The backend checks shape and dtype against the
+        manifest (`Backend.infer`); the predictor checks the logits against the labels."""
         backend = self.backend
         if backend is None:
             raise BitdeployError(f"{self.bundle.source}: predictor is closed; load the bundle again")
-        if not isinstance(batch, np.ndarray) or batch.dtype != self._dtype or batch.ndim != 4 or batch.shape[0] < 1 or any(
-            want is not None and got != want for got, want in zip(batch.shape, self._shape)
-        ):
-            got = f"{batch.dtype} {tuple(batch.shape)}" if isinstance(batch, np.ndarray) else type(batch).__name__
-            want = "x".join("N" if d is None else str(d) for d in self._shape)
-            raise BitdeployError(f"infer expects a {self._dtype} NCHW array of shape {want} (got {got}); use predict() for images or preprocess() first")
-        logits = backend.infer(np.ascontiguousarray(batch))
-        if logits.ndim != 2 or logits.shape[0] != batch.shape[0] or (self.labels and logits.shape[1] != len(self.labels)):
+        logits = backend.infer(batch)
+        if self.labels and logits.shape[1] != len(self.labels):
             raise BundleError(f"{self.bundle.source}: the model returned shape {tuple(logits.shape)} but the manifest has {len(self.labels)} labels; rebuild the bundle")
-        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+        return logits
 
     def infer_padded(self, batch: np.ndarray) -> np.ndarray:
         """`infer` for up to `max_batch` rows; pads the batch for a fixed-batch engine and drops the padding after."""
@@ -202,10 +193,10 @@ class Predictor:
         """What runs: model, backend, device, precision, threads, and the device class beside the one the
         bundle was validated on."""
         info: dict[str, Any] = {"model": self.name, "bundle": str(self.bundle.source), "labels": len(self.labels)}
-        info["precision"] = (self.manifest.get("target") or {}).get("precision")
+        info["precision"] = self.manifest.target.precision
         if self.backend is not None:
             info.update(self.backend.describe())
-        validated_on = self.manifest.get("validated_on")
+        validated_on = self.manifest.validated_on
         device = host_fingerprint()
         info["device_fingerprint"] = device
         info["validated_on"] = validated_on
@@ -243,17 +234,17 @@ def _release(backend: Backend, opened: OpenedBundle) -> None:
 
 
 def _check_input_spec(opened: OpenedBundle) -> tuple[dict[str, Any], list[int | None], np.dtype[Any]]:
-    """The manifest's `input` spec, its NCHW shape (None = any size) and dtype, or a one-line BundleError."""
-    spec = opened.manifest.get("input")
-    shape = spec.get("shape") if isinstance(spec, dict) else None
-    resize = spec.get("resize") if isinstance(spec, dict) else None
+    """The manifest's `input` spec, its NCHW shape (None = any size) and dtype, or a one-line BundleError: a
+    predictor also preprocesses, so it needs the resize a bare backend does not."""
+    spec = opened.manifest.input
+    shape, resize = spec.get("shape"), spec.get("resize")
     if not isinstance(shape, list) or len(shape) != 4 or not isinstance(resize, list) or len(resize) != 2:
         raise BundleError(f"{opened.source}: manifest has no usable input spec (NCHW shape and resize); rebuild the bundle")
     try:
-        dtype = np.dtype(spec.get("dtype", "float32"))
-    except TypeError:
-        raise BundleError(f"{opened.source}: manifest input dtype {spec.get('dtype')!r} is unknown; rebuild the bundle") from None
-    return spec, [d if isinstance(d, int) and d > 0 else None for d in shape], dtype
+        dims, dtype = expected_input(opened.manifest)
+    except BundleError as exc:
+        raise BundleError(f"{opened.source}: {exc}") from exc
+    return spec, list(dims), dtype
 
 
 def _check_top_k(top_k: int) -> int:
@@ -264,24 +255,22 @@ def _check_top_k(top_k: int) -> int:
 
 def _open_backend(opened: OpenedBundle, name: str | None, device: str | None, threads: int | None, options: dict[str, Any]) -> Backend:
     manifest = opened.manifest
-    target = manifest.get("target") or {}
-    built_for = target.get("backend")
+    target = manifest.target
+    built_for = target.backend
     name = name or built_for
     if not name:
         raise BundleError(f"{opened.source}: manifest names no target backend; pass --backend or rebuild the bundle")
-    if name not in REGISTRY:
-        raise BitdeployError(f"unknown backend {name!r}; choose one of: {', '.join(REGISTRY)}")
-    model_file = manifest.get("model_file")
-    if not isinstance(model_file, str) or not model_file or PurePosixPath(model_file).is_absolute() or ".." in PurePosixPath(model_file).parts:
+    record = targets.for_backend(name)
+    model_file = manifest.model_file
+    if not model_file or PurePosixPath(model_file).is_absolute() or ".." in PurePosixPath(model_file).parts:
         raise BundleError(f"{opened.source}: manifest has no usable model_file ({model_file!r}); rebuild the bundle")
     model_path = opened.root / model_file
     if not model_path.is_file():
         raise BundleError(f"{opened.source}: model file {model_file} is missing; rebuild the bundle")
-    if Path(model_file).suffix.lower() not in BACKEND_FORMATS.get(name, ()):
+    if Path(model_file).suffix.lower() not in record.formats:
         raise BundleError(f"{opened.source}: the {name} backend cannot read {model_file}; drop --backend or pass --backend {built_for}")
     if not backend_available(name):
-        extra = REGISTRY[name][1]
-        raise MissingDependencyError(f"the {name} runtime needed by {opened.source}", extra)
+        raise MissingDependencyError(f"the {name} runtime needed by {opened.source}", record.runtime_extra)
     if device is None and name == built_for:
-        device = target.get("device")
+        device = target.device
     return backend_class(name)(model_path, manifest, device=device, threads=threads, **options)

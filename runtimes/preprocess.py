@@ -10,14 +10,14 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from bitdeploy.errors import ImageError
+from bitdeploy.errors import ImageError, first_line
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike[str] | bytes | bytearray | Image.Image | np.ndarray
 
 INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST}
 
@@ -83,7 +83,7 @@ def decode(image: ImageInput) -> Image.Image:
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         if isinstance(exc, UnidentifiedImageError):  # Pillow's text repeats the name, or a BytesIO repr for bytes
             reason = "not a recognised image format"
         raise ImageError(f"{name}: cannot decode image ({reason}); pass a valid JPEG/PNG/BMP/TIFF/WebP file") from exc
@@ -97,7 +97,17 @@ def resize_to_array(img: Image.Image, size: tuple[int, int], interpolation: str 
     return np.asarray(img, dtype=np.uint8)
 
 
-def normalize(hwc_uint8: np.ndarray, mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)) -> np.ndarray:
+MEAN = (0.5, 0.5, 0.5)  # BiT's normalisation: x/255 in [0, 1] -> [-1, 1]
+STD = (0.5, 0.5, 0.5)
+
+
+def mean_std(spec: dict[str, Any] | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A manifest `input` spec's mean and std (BiT's when the spec has none)."""
+    spec = spec or {}
+    return tuple(spec.get("mean") or MEAN), tuple(spec.get("std") or STD)
+
+
+def normalize(hwc_uint8: np.ndarray, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> np.ndarray:
     """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) with (x/255 - mean)/std."""
     x = hwc_uint8.astype(np.float32) * np.float32(1.0 / 255.0)
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
@@ -108,7 +118,7 @@ def preprocess(image: ImageInput, spec: dict[str, Any]) -> np.ndarray:
     """One image -> float32 CHW tensor, following a manifest `input` spec."""
     h, w = spec["resize"]
     arr = resize_to_array(decode(image), (h, w), spec.get("interpolation", "bilinear"))
-    return normalize(arr, tuple(spec.get("mean", (0.5,) * 3)), tuple(spec.get("std", (0.5,) * 3)))
+    return normalize(arr, *mean_std(spec))
 
 
 def input_spec(resolution: int) -> dict[str, Any]:
@@ -122,6 +132,6 @@ def input_spec(resolution: int) -> dict[str, Any]:
         "resize": [resolution, resolution],
         "interpolation": "bilinear",
         "scale": 1.0 / 255.0,
-        "mean": [0.5, 0.5, 0.5],
-        "std": [0.5, 0.5, 0.5],
+        "mean": list(MEAN),
+        "std": list(STD),
     }

@@ -11,7 +11,7 @@ Stdlib + numpy; the golden file is read with allow_pickle=False.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from bitdeploy.errors import BundleError
-from bitdeploy.runtimes.preprocess import normalize
+from bitdeploy.runtimes.manifest import Manifest, as_manifest
+from bitdeploy.runtimes.preprocess import mean_std, normalize
 
 GOLDEN_FILE = "golden.npz"
 MAX_IMAGES = 64
@@ -69,15 +70,10 @@ def rel_error(logits: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(logits.astype(np.float64) - reference).max()) / scale if reference.size else 0.0
 
 
-def _mean_std(input_spec: dict[str, Any] | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    spec = input_spec or {}
-    return tuple(spec.get("mean") or (0.5, 0.5, 0.5)), tuple(spec.get("std") or (0.5, 0.5, 0.5))
-
-
 def _as_pixels(x: np.ndarray, input_spec: dict[str, Any] | None) -> np.ndarray | None:
     """The uint8 HWC images `x` was normalised from, when `normalize` reproduces `x` exactly (real images)."""
-    mean, std = _mean_std(input_spec)
-    pixels = np.clip(np.rint((x.transpose(0, 2, 3, 1) * np.float32(std) + np.float32(mean)) * 255.0), 0, 255).astype(np.uint8)
+    mean, std = mean_std(input_spec)
+    pixels = np.clip(np.rint((x.transpose(0, 2, 3, 1) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)) * 255.0), 0, 255).astype(np.uint8)
     return pixels if np.array_equal(normalize(pixels, mean, std), x) else None
 
 
@@ -93,7 +89,7 @@ def write(bundle_dir: Path, inputs: np.ndarray, reference: np.ndarray, labels: n
     if labels is not None:
         arrays["labels"] = np.asarray(labels, dtype=np.int64)
     tmp = bundle_dir / f".{GOLDEN_FILE}.tmp.npz"
-    np.savez_compressed(tmp, **arrays)
+    np.savez_compressed(tmp, allow_pickle=False, **arrays)
     tmp.replace(bundle_dir / GOLDEN_FILE)
 
     n = len(inputs)
@@ -119,15 +115,16 @@ def write(bundle_dir: Path, inputs: np.ndarray, reference: np.ndarray, labels: n
     }
 
 
-def load_golden(bundle_dir: Path, manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def load_golden(bundle_dir: Path, manifest: Manifest | Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(float32 NCHW inputs, reference logits, labels or None) of a bundle's golden set."""
-    spec = manifest.get("self_test")
+    manifest = as_manifest(manifest)
+    spec = manifest.self_test
     if not spec:
         raise BundleError(f"{bundle_dir}: the bundle carries no self-test (built before bitdeploy 0.2); rebuild it to verify it on a device")
     path = Path(bundle_dir) / str(spec.get("file") or GOLDEN_FILE)
     try:
         with np.load(path, allow_pickle=False) as data:
-            inputs = normalize(data["pixels"], *_mean_std(manifest.get("input"))) if "pixels" in data else np.asarray(data["inputs"], np.float32)
+            inputs = normalize(data["pixels"], *mean_std(manifest.input)) if "pixels" in data else np.asarray(data["inputs"], np.float32)
             reference = np.asarray(data["reference"], np.float32)
             labels = np.asarray(data["labels"], np.int64) if "labels" in data else None
     except (OSError, ValueError, KeyError) as exc:
@@ -137,10 +134,11 @@ def load_golden(bundle_dir: Path, manifest: dict[str, Any]) -> tuple[np.ndarray,
     return inputs, reference, labels
 
 
-def run(infer: Callable[[np.ndarray], np.ndarray], bundle_dir: Path, manifest: dict[str, Any], batch_size: int = 8) -> SelfTestResult:
+def run(infer: Callable[[np.ndarray], np.ndarray], bundle_dir: Path, manifest: Manifest | Mapping[str, Any], batch_size: int = 8) -> SelfTestResult:
     """Run the golden set through `infer` and judge it by the manifest's criteria."""
+    manifest = as_manifest(manifest)
     inputs, reference, labels = load_golden(bundle_dir, manifest)
-    spec = manifest["self_test"]
+    spec = manifest.self_test or {}
     criteria = spec.get("criteria") or {}
     outs = [np.asarray(infer(inputs[i : i + batch_size]), np.float32) for i in range(0, len(inputs), batch_size)]
     logits = np.concatenate(outs) if outs else np.zeros_like(reference)

@@ -24,7 +24,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -94,7 +94,7 @@ class Service:
             platform=f"bitdeploy_{predictor.backend_name}",
             input_name=str(spec.get("name") or "input"),
             input_shape=tuple(int(d) for d in spec["shape"][1:]),
-            output_name=str((predictor.manifest.get("output") or {}).get("name") or "logits"),
+            output_name=str(predictor.manifest.output.get("name") or "logits"),
             labels=predictor.labels,
         )
         self.metrics = ServeMetrics(self.model.name)
@@ -223,7 +223,7 @@ class Service:
     async def healthz(self, request: Request) -> Response:
         p = self.predictor
         return JSONResponse({"status": "ok", "model": self.model.name, "backend": p.backend_name, "labels": len(p.labels),
-                             "precision": (p.manifest.get("target") or {}).get("precision"), "workers": self.options.workers})
+                             "precision": p.manifest.target.precision, "workers": self.options.workers})
 
     async def v1_predict(self, request: Request) -> Response:
         top_k = _top_k(request.query_params.getlist("top_k"))
@@ -274,7 +274,7 @@ def _answers_errors(service: Service, route: str, handler: Callable[[Request], A
             response = _error(exc.status, str(exc))
         except BitdeployError as exc:  # a bad image, tensor or parameter
             response = _error(400, str(exc))
-        except Exception as exc:  # noqa: BLE001 - an engine failure or a bug: answer, log one line, keep serving
+        except Exception as exc:
             service.failures += 1
             sys.stderr.write(f"bitdeploy serve: {request.method} {request.url.path} failed: {type(exc).__name__}: {exc}\n")
             response = _error(500, f"internal error ({type(exc).__name__}); see the server log")
@@ -284,7 +284,7 @@ def _answers_errors(service: Service, route: str, handler: Callable[[Request], A
     return endpoint
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -311,7 +311,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = scope.get(ROUTE_KEY) or getattr(scope.get("route"), "path", "other")  # 405s carry the router's match
+            route = str(scope.get(ROUTE_KEY) or getattr(scope.get("route"), "path", "other"))  # 405s carry the router's match
             self.metrics.observe_request(route, status, time.perf_counter() - t0)
 
 

@@ -80,7 +80,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         except BitdeployError as exc:
             code = "INVALID_ARGUMENT"
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except Exception as exc:  # noqa: BLE001 - answer, log one line, keep serving
+        except Exception as exc:
             code = "INTERNAL"
             self.service.failures += 1
             sys.stderr.write(f"bitdeploy serve: gRPC {method} failed: {type(exc).__name__}: {exc}\n")
@@ -99,23 +99,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     def _ready(self) -> bool:
         return not self.service.draining and not self.service.predictor.closed
 
-    def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802 - the protocol's names
+    def ServerLive(self, request: Any, context: Any) -> Any:
         return self._call("ServerLive", context, lambda: pb.ServerLiveResponse(live=True))
 
-    def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def ServerReady(self, request: Any, context: Any) -> Any:
         return self._call("ServerReady", context, lambda: pb.ServerReadyResponse(ready=self._ready()))
 
-    def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def ModelReady(self, request: Any, context: Any) -> Any:
         def answer() -> Any:
             self._check_model(request.name, request.version)
             return pb.ModelReadyResponse(ready=self._ready())
         return self._call("ModelReady", context, answer)
 
-    def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def ServerMetadata(self, request: Any, context: Any) -> Any:
         return self._call("ServerMetadata", context, lambda: pb.ServerMetadataResponse(
             name="bitdeploy", version=__version__, extensions=["binary_tensor_data", "classification"]))
 
-    def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def ModelMetadata(self, request: Any, context: Any) -> Any:
         def answer() -> Any:
             self._check_model(request.name, request.version)
             meta = self.service.model.metadata()
@@ -126,7 +126,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 outputs=[tensors(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["outputs"]])
         return self._call("ModelMetadata", context, answer)
 
-    def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def ModelInfer(self, request: Any, context: Any) -> Any:
         def answer() -> Any:
             service = self.service
             self._check_model(request.model_name, request.model_version)
@@ -134,6 +134,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             try:
                 req = request_from_proto(request, service)
                 batch = service.images_to_batch(req.images) if req.images is not None else req.tensor
+                if batch is None:
+                    raise ProtocolError(f"send an input: `{service.model.input_name}` or `{service.model.image_input}`")
             except BaseException:
                 service.batcher.forget()
                 raise

@@ -14,13 +14,15 @@ from __future__ import annotations
 import ctypes
 import importlib
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from bitdeploy.errors import BundleError, MissingDependencyError
+from bitdeploy.errors import BundleError, MissingDependencyError, first_line
 from bitdeploy.runtimes.base import Backend
+from bitdeploy.runtimes.manifest import Manifest, as_manifest
 
 REBUILD = "rebuild the bundle on this machine with `bitdeploy build ... --target trt`"
 
@@ -37,7 +39,7 @@ def parse_device(device: str | int | None) -> int:
     return int(text)
 
 
-def check_engine_compat(target: dict[str, Any], trt_version: str, gpu_name: str, compute_capability: str) -> str | None:
+def check_engine_compat(target: Mapping[str, Any], trt_version: str, gpu_name: str, compute_capability: str) -> str | None:
     """Why an engine built for `target` cannot run here, or None when it can.
 
     TensorRT engines are tied to the exact TensorRT version and to the GPU model they were built on (tactics are
@@ -206,7 +208,7 @@ def import_tensorrt() -> Any:
     except ImportError:
         raise MissingDependencyError("TensorRT (the tensorrt package)", "tensorrt", "get it on a machine with an NVIDIA GPU and driver") from None
     except OSError as exc:  # the wheel is there but its CUDA libraries are not loadable
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise MissingDependencyError("a working TensorRT", "tensorrt", f"its libraries do not load ({first})") from exc
 
 
@@ -243,9 +245,9 @@ class _ThreadState:
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, model_path: Path, manifest: dict[str, Any], device: str | None = None, threads: int | None = None) -> None:
-        target = manifest.get("target") or {}
-        super().__init__(model_path, manifest, device or target.get("device") or "cuda:0", threads)
+    def __init__(self, model_path: Path, manifest: Manifest | Mapping[str, Any], device: str | None = None, threads: int | None = None) -> None:
+        target = as_manifest(manifest).target
+        super().__init__(model_path, manifest, device or target.device or "cuda:0", threads)
         trt = import_tensorrt()
         self.trt = trt
         self.device_index = parse_device(self.device)
@@ -254,9 +256,9 @@ class TensorRTBackend(Backend):
             self.api.set_device(self.device_index)
             gpu_name, cc = self.api.device_info(self.device_index)
         except Exception as exc:  # cuda-python reports through BundleError, torch through RuntimeError
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            first = first_line(exc)
             raise BundleError(f"no usable NVIDIA GPU cuda:{self.device_index} ({first}); TensorRT bundles need one, pass --device cuda:N") from exc
-        reason = check_engine_compat(target, str(trt.__version__), gpu_name, cc)
+        reason = check_engine_compat(target.as_dict(), str(trt.__version__), gpu_name, cc)
         if reason:
             raise BundleError(f"{model_path}: {reason}")
         self.gpu_name, self.compute_capability = gpu_name, cc
@@ -295,12 +297,10 @@ class TensorRTBackend(Backend):
                 self._states.append(state)
         return state
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.asarray(batch)
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.sample_shape:
-            raise BundleError(f"input must be (N, {', '.join(map(str, self.sample_shape))}) float32, got {tuple(batch.shape)}")
-        if len(batch) == 0:
-            return np.zeros((0, self.num_classes), np.float32)
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        # Backend.infer has checked the batch against the manifest; the engine's own profile is checked here.
+        if tuple(batch.shape[1:]) != self.sample_shape:
+            raise BundleError(f"input must be (N, {', '.join(map(str, self.sample_shape))}) for this TensorRT engine, got {tuple(batch.shape)}; {REBUILD}")
         # Larger batches than the optimisation profile allows are run in chunks of the profile's maximum.
         chunks = [batch[i : i + self.max_batch] for i in range(0, len(batch), self.max_batch)]
         return np.concatenate([self._run(c) for c in chunks])
@@ -337,7 +337,7 @@ class TensorRTBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        target = self.manifest.get("target") or {}
+        target = self.manifest.target
         info.update(
             {
                 "tensorrt": str(self.trt.__version__),
@@ -345,7 +345,7 @@ class TensorRTBackend(Backend):
                 "compute_capability": self.compute_capability,
                 "cuda_api": self.api.name,
                 "profile": {"min": self.min_batch, "max": self.max_batch},
-                "precision_used": target.get("precision_used"),
+                "precision_used": target.precision_used,
             }
         )
         return info

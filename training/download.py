@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import sys
 import tempfile
 import urllib.error
@@ -128,7 +127,7 @@ def download(variant: BitVariant, timeout: float = TIMEOUT_S) -> tuple[Path, str
                 raise _offline_error(url, f"HTTP {exc.code} {exc.reason}") from exc
             except urllib.error.URLError as exc:
                 raise _offline_error(url, exc.reason) from exc
-            except (socket.timeout, TimeoutError, ConnectionError) as exc:
+            except (TimeoutError, ConnectionError) as exc:
                 raise _offline_error(url, exc or type(exc).__name__) from exc
         known = KNOWN_SHA256.get(variant.npz_name)
         if known is not None and known != digest:

@@ -136,7 +136,7 @@ def context(config: TrainConfig, splits: Any) -> dict[str, Any]:
         "val_size": len(splits.val),
         "val_source": splits.val_source,
         "shots": config.shots,
-        "classes": splits.classes if len(splits.classes) <= 100 else splits.classes[:100] + ["..."],
+        "classes": splits.classes if len(splits.classes) <= 100 else [*splits.classes[:100], "..."],
         "device": config.device,
         "precision": config.precision,
         "dataset_notes": splits.notes,

@@ -26,7 +26,7 @@ from bitdeploy.training.planner import TrainConfig
 from bitdeploy.training.runlog import RunLog, write_summary
 from bitdeploy.training.step import Stepper, autocast, oom_hint
 
-__all__ = ["TrainConfig", "train", "evaluate"]
+__all__ = ["TrainConfig", "evaluate", "train"]
 
 
 def evaluate(model: torch.nn.Module, val: ImageSet, resolution: int, ctx: distributed.Context, batch: int = 64, precision: str = "fp32", channels_last: bool = False) -> dict[str, float]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from bitdeploy.catalog import WS_EPS, BitVariant, get_variant
-from bitdeploy.errors import BitdeployError, WeightsError
+from bitdeploy.errors import BitdeployError, WeightsError, first_line
 from bitdeploy.training import download
 from bitdeploy.training.bit import ResNetV2, create_model
 
@@ -113,6 +113,10 @@ def save_npz(model: torch.nn.Module, path: str | os.PathLike[str]) -> Path:
 def read_npz(path: Path, fix: str = "download it again") -> dict[str, np.ndarray]:
     """All arrays of an npz, never unpickling; a truncated or foreign file is a one-line error."""
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic[:2] != b"PK" and magic != b"\x93NUMPY" and magic[:1] != b"\x80":  # zip, .npy, a pickle (refused below)
+            raise WeightsError(f"{path}: not an .npz archive (no zip header); the file is corrupt or of another format, {fix}")
         data = np.load(path, allow_pickle=False)
         if isinstance(data, np.ndarray):
             raise WeightsError(f"{path}: a single .npy array, not an .npz archive of named weights; {_FIX}")
@@ -121,7 +125,7 @@ def read_npz(path: Path, fix: str = "download it again") -> dict[str, np.ndarray
     except WeightsError:
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         if "allow_pickle" in reason:
             raise WeightsError(f"{path}: holds pickled Python objects, which are never loaded (allow_pickle=False); {_FIX}") from exc
         raise WeightsError(f"{path}: not a readable .npz ({reason}); the file is truncated or corrupt, {fix}") from exc

@@ -50,7 +50,7 @@ def test_torch_free_image_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert ev.encoded(2)[0][:4] == b"\x89PNG"  # the files themselves, for end-to-end timing
 
     def infer(x: np.ndarray) -> np.ndarray:  # "predicts" cat for bright images
-        assert x.shape[1:] == (3, 16, 16) and x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1
+        assert x.shape[1:] == (3, 16, 16) and x.dtype == np.float32 and x.min() >= -1 and x.max() <= 1
         return np.stack([np.full(len(x), 1.0), np.zeros(len(x))], 1).astype(np.float32)
 
     res = accuracy.measure(infer, input_spec(16), ["cat", "dog"], ev, reference=("same", infer), batch_size=4)

@@ -69,8 +69,45 @@ def test_adapters_feed_every_sample_once() -> None:
     np.testing.assert_array_equal(np.concatenate(got), x)
     reader.rewind()
     assert reader.get_next() is not None
+    from onnxruntime.quantization import CalibrationDataReader
+
+    assert isinstance(reader, CalibrationDataReader) and len(reader) == 3
     nncf = pytest.importorskip("nncf")
     from bitdeploy.converters.calibration import nncf_dataset
 
     ds = nncf_dataset(cal)
-    assert isinstance(ds, nncf.Dataset) and sum(1 for _ in ds.get_inference_data()) == 5
+    items = list(ds.get_inference_data())
+    assert isinstance(ds, nncf.Dataset) and [i.shape for i in items] == [(1, 3, 8, 8)] * 5
+    np.testing.assert_array_equal(np.concatenate(items), x)
+    assert all(i.dtype == np.float32 and i.flags.c_contiguous for i in items)
+
+
+def test_ort_reader_collects_in_strides() -> None:
+    """ONNX Runtime's strided calibration (CalibStridedMinMax) calls set_range(start, end) on batch indices."""
+    x = np.random.default_rng(1).uniform(-1, 1, (7, 3, 4, 4)).astype(np.float32)
+    cal = CalibrationData(x, "test", 0, digest(x))
+    pytest.importorskip("onnxruntime")
+    reader = ort_reader(cal, "input", batch_size=2)
+    strides = []
+    for start in range(len(reader)):
+        reader.set_range(start, start + 1)
+        got = []
+        while (item := reader.get_next()) is not None:
+            got.append(item["input"])
+        strides.append(got)
+    assert [len(s) for s in strides] == [1, 1, 1, 1] and [s[0].shape[0] for s in strides] == [2, 2, 2, 1]
+    np.testing.assert_array_equal(np.concatenate([s[0] for s in strides]), x)
+    reader.set_range(3, 10)  # past the end: clipped
+    assert reader.get_next() is not None and reader.get_next() is None
+    with pytest.raises(ValueError, match="batch_size"):
+        ort_reader(cal, "input", batch_size=0)
+
+
+def test_validation_data_digest_covers_samples_and_labels() -> None:
+    from bitdeploy.converters.calibration import ValidationData
+
+    x = np.random.default_rng(2).uniform(-1, 1, (4, 3, 4, 4))
+    a = ValidationData.from_arrays(x, np.array([0, 1, 2, 3]))
+    b = ValidationData.from_arrays(x, np.array([0, 1, 2, 4]))
+    assert a.samples.dtype == np.float32 and a.labels.dtype == np.int64 and len(a) == 4
+    assert a.sha256 != b.sha256 and a.sha256 == ValidationData.from_arrays(x, np.array([0, 1, 2, 3])).sha256

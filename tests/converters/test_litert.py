@@ -12,11 +12,12 @@ import pytest
 pytest.importorskip("litert_torch", reason='the LiteRT converter needs litert-torch: pip install "bitdeploy[litert-convert]"')
 pytest.importorskip("ai_edge_litert", reason='the LiteRT runtime needs ai-edge-litert: pip install "bitdeploy[litert]"')
 
-from bitdeploy.converters import calibration as cal  # noqa: E402
-from bitdeploy.converters import litert_convert  # noqa: E402
-from bitdeploy.errors import ConversionError  # noqa: E402
-from bitdeploy.runtimes.litert import LiteRtBackend  # noqa: E402
-from tests.converters.tiny_digits import RESOLUTION, tiny_digits  # noqa: E402
+from bitdeploy.converters import calibration as cal
+from bitdeploy.converters import litert_convert
+from bitdeploy.converters.base import ConvertOptions
+from bitdeploy.errors import ConversionError
+from bitdeploy.runtimes.litert import LiteRtBackend
+from tests.converters.tiny_digits import RESOLUTION, tiny_digits
 
 
 def _logits(path: Path, x: np.ndarray) -> np.ndarray:
@@ -27,7 +28,7 @@ def _logits(path: Path, x: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def fp32(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     work = tmp_path_factory.mktemp("litert-fp32")
-    artifact = litert_convert.convert(tiny_digits().onnx, work, "fp32", None, {})
+    artifact = litert_convert.convert(tiny_digits().onnx, work, "fp32", None, ConvertOptions())
     return work, artifact
 
 
@@ -68,7 +69,7 @@ def test_int8_passes_the_gate_with_float_io(tmp_path: Path) -> None:
 
     td = tiny_digits()
     calib = cal.from_image_set(td.train, RESOLUTION, size=64)
-    artifact = litert_convert.convert(td.onnx, tmp_path, "int8", calib, {})
+    artifact = litert_convert.convert(td.onnx, tmp_path, "int8", calib, ConvertOptions())
     assert artifact.target["quantization"]["calibration_samples"] == 64
     it = Interpreter(str(tmp_path / "model.tflite"))
     assert it.get_input_details()[0]["dtype"] == np.float32 and it.get_output_details()[0]["dtype"] == np.float32
@@ -81,12 +82,12 @@ def test_int8_passes_the_gate_with_float_io(tmp_path: Path) -> None:
 
 def test_int8_without_calibration_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="needs calibration"):
-        litert_convert.convert(tiny_digits().onnx, tmp_path, "int8", None, {})
+        litert_convert.convert(tiny_digits().onnx, tmp_path, "int8", None, ConvertOptions())
 
 
 def test_gpu_device_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="--device cpu"):
-        litert_convert.convert(tiny_digits().onnx, tmp_path, "fp32", None, {"device": "cuda"})
+        litert_convert.convert(tiny_digits().onnx, tmp_path, "fp32", None, ConvertOptions(device="cuda"))
 
 
 def test_a_foreign_onnx_is_refused(tmp_path: Path) -> None:
@@ -97,4 +98,4 @@ def test_a_foreign_onnx_is_refused(tmp_path: Path) -> None:
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 32, 32])])
     onnx.save(helper.make_model(graph), str(tmp_path / "relu.onnx"))
     with pytest.raises(ConversionError, match="not a bitdeploy BiT export"):
-        litert_convert.convert(tmp_path / "relu.onnx", tmp_path, "fp32", None, {})
+        litert_convert.convert(tmp_path / "relu.onnx", tmp_path, "fp32", None, ConvertOptions())

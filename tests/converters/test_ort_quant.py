@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bitdeploy.converters.base import ConvertOptions, OrtOptions
 from bitdeploy.converters.calibration import CalibrationData, digest
 from bitdeploy.errors import ConversionError
 
@@ -88,7 +89,7 @@ def test_int8_scheme_is_recorded(tmp_path: Path, export: Path, calib: Calibratio
 
     if scheme == "auto" and platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("auto picks u8s8-7bit on x86 only")
-    art = ort_convert.convert(export, tmp_path, "int8", calib, {"int8_scheme": scheme})
+    art = ort_convert.convert(export, tmp_path, "int8", calib, ConvertOptions(extras=OrtOptions(int8_scheme=scheme)))
     q = art.target["quantization"]
     assert q["scheme"] == ("u8s8-7bit" if scheme == "auto" else scheme) and q["scheme_reason"]
     assert q["scheme"].upper() in art.target["precision_used"]
@@ -97,14 +98,14 @@ def test_int8_scheme_is_recorded(tmp_path: Path, export: Path, calib: Calibratio
     assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == weight_max
     assert any(v.dtype == activation and v.ndim == 0 for v in values.values())  # activation zero points
     with pytest.raises(ConversionError, match="not an ONNX Runtime INT8 scheme"):
-        ort_convert.convert(export, tmp_path / "x", "int8", calib, {"int8_scheme": "u4s4"})
+        ort_convert.convert(export, tmp_path / "x", "int8", calib, ConvertOptions(extras=OrtOptions(int8_scheme="u4s4")))
 
 
 def test_tensorrt_flavour_is_s8s8_zero_point_zero_and_head_excluded(tmp_path: Path, export: Path, calib: CalibrationData) -> None:
     from bitdeploy.converters.ort_quant import head_conv_names, quantize_qdq
 
     out = tmp_path / "trt.onnx"
-    info = quantize_qdq(export, out, calib, for_tensorrt=True, exclude_head=True, quantize_bias=False, method="percentile")
+    info = quantize_qdq(export, out, calib, symmetric_activations=True, activation_type="int8", quantize_outputs=False, exclude_head=True, quantize_bias=False, method="percentile")
     m = onnx.load(str(out))
     values = inits(m)
     head = head_conv_names(onnx.load(str(export)))
@@ -121,6 +122,21 @@ def test_tensorrt_flavour_is_s8s8_zero_point_zero_and_head_excluded(tmp_path: Pa
     head_node = next(n for n in m.graph.node if n.name == head[0])
     assert producers.get(head_node.input[1]) is None  # float weight initializer
     assert info["method"] == "percentile" and info["bias"] == "float"
+
+
+def test_quantize_outputs_false_overrides_nothing_else(tmp_path: Path, export: Path, calib: CalibrationData) -> None:
+    """No hidden TensorRT flavour: uint8 asymmetric activations stay as asked when conv outputs stay float."""
+    from bitdeploy.converters.ort_quant import quantize_qdq
+
+    out = tmp_path / "u8.onnx"
+    info = quantize_qdq(export, out, calib, activation_type="uint8", symmetric_activations=False, quantize_outputs=False)
+    m = onnx.load(str(out))
+    values = inits(m)
+    zps = [values[n.input[2]] for n in m.graph.node if n.op_type == "QuantizeLinear" and len(n.input) == 3 and n.input[2] in values]
+    assert zps and all(z.dtype == np.uint8 for z in zps)
+    assert info["activations"] == "uint8, per-tensor, asymmetric"
+    quantized_tensors = {n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear"}
+    assert not any(n.output[0] in quantized_tensors for n in m.graph.node if n.op_type == "Conv")
 
 
 def test_int8_refuses_missing_calibration_and_unknown_method(tmp_path: Path, export: Path, calib: CalibrationData) -> None:
@@ -162,10 +178,10 @@ def test_ort_converter_artifacts(tmp_path: Path, export: Path, calib: Calibratio
     for precision in ("fp32", "fp16", "int8"):
         work = tmp_path / precision
         work.mkdir()
-        art = convert(export, work, precision, calib if precision == "int8" else None, {"device": "cpu"})
+        art = convert(export, work, precision, calib if precision == "int8" else None, ConvertOptions(device="cpu"))
         assert art.backend == "onnxruntime" and art.model_file == "model.onnx" and (work / "model.onnx").is_file()
         assert art.target["precision"] == precision and art.target["precision_used"]
     with pytest.raises(ConversionError, match="--dataset"):
-        convert(export, tmp_path, "int8", None, {})
+        convert(export, tmp_path, "int8", None, ConvertOptions())
     with pytest.raises(ConversionError, match="--device"):
-        convert(export, tmp_path, "fp32", None, {"device": "NPU"})
+        convert(export, tmp_path, "fp32", None, ConvertOptions(device="NPU"))

@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper  # noqa: E402
 
 from bitdeploy.converters import calibration as calib_mod  # noqa: E402
 from bitdeploy.converters import ort_quant, trt_qdq  # noqa: E402
+from bitdeploy.converters.base import ConvertOptions  # noqa: E402
 from bitdeploy.errors import ConversionError  # noqa: E402
 from tests.converters.tiny_digits import RESOLUTION, TinyDigits, tiny_digits  # noqa: E402
 
@@ -37,7 +38,7 @@ def calibration(tiny: TinyDigits) -> calib_mod.CalibrationData:
 @pytest.fixture(scope="module")
 def qdq(tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     work = tmp_path_factory.mktemp("qdq")
-    name, info = trt_qdq.prepare_onnx(tiny.onnx, work, "int8", calibration, {})
+    name, info = trt_qdq.prepare_onnx(tiny.onnx, work, "int8", calibration, ConvertOptions())
     return work / name, info
 
 
@@ -111,11 +112,11 @@ def test_inspector_catches_asymmetric_and_per_tensor_quantization(tiny: TinyDigi
     v = trt_qdq.inspect_qdq(onnx.load(str(asym))).violations
     assert any("zero point must be int8 0" in m for m in v)
     per_tensor = tmp_path / "pt.onnx"
-    ort_quant.quantize_qdq(tiny.onnx, per_tensor, calibration, per_channel=False, for_tensorrt=True, exclude_head=True, quantize_bias=False)
+    ort_quant.quantize_qdq(tiny.onnx, per_tensor, calibration, per_channel=False, symmetric_activations=True, activation_type="int8", quantize_outputs=False, exclude_head=True, quantize_bias=False)
     v = trt_qdq.inspect_qdq(onnx.load(str(per_tensor))).violations
     assert any("not per output channel on axis 0" in m for m in v)
     head_q = tmp_path / "head.onnx"
-    ort_quant.quantize_qdq(tiny.onnx, head_q, calibration, for_tensorrt=True, exclude_head=False, quantize_bias=False)
+    ort_quant.quantize_qdq(tiny.onnx, head_q, calibration, symmetric_activations=True, activation_type="int8", quantize_outputs=False, exclude_head=False, quantize_bias=False)
     v = trt_qdq.inspect_qdq(onnx.load(str(head_q))).violations
     assert any("classifier head is quantized" in m for m in v)
 
@@ -151,7 +152,7 @@ def test_inspector_catches_qdq_around_a_norm_and_a_residual_add(qdq: tuple[Path,
 
 
 def test_fp16_onnx_keeps_norms_fp32_and_io_fp32(tiny: TinyDigits, tmp_path: Path) -> None:
-    name, info = trt_qdq.prepare_onnx(tiny.onnx, tmp_path, "fp16", None, {})
+    name, info = trt_qdq.prepare_onnx(tiny.onnx, tmp_path, "fp16", None, ConvertOptions())
     model = onnx.load(str(tmp_path / name))
     assert info["format"] == "fp16-casts"
     elem = {vi.name: vi.type.tensor_type.elem_type for vi in [*model.graph.input, *model.graph.output]}
@@ -171,7 +172,7 @@ def test_fp16_onnx_keeps_norms_fp32_and_io_fp32(tiny: TinyDigits, tmp_path: Path
 
 
 def test_fp32_is_copied_and_int8_needs_calibration(tiny: TinyDigits, tmp_path: Path) -> None:
-    name, info = trt_qdq.prepare_onnx(tiny.onnx, tmp_path, "fp32", None, {})
+    name, info = trt_qdq.prepare_onnx(tiny.onnx, tmp_path, "fp32", None, ConvertOptions())
     assert (tmp_path / name).read_bytes() == tiny.onnx.read_bytes() and info["format"] == "fp32"
     with pytest.raises(ConversionError, match=r"int8 needs calibration images; pass --dataset"):
-        trt_qdq.prepare_onnx(tiny.onnx, tmp_path / "x", "int8", None, {})
+        trt_qdq.prepare_onnx(tiny.onnx, tmp_path / "x", "int8", None, ConvertOptions())

@@ -53,7 +53,7 @@ def _train(steps: int, batch: int, seed: int) -> Any:
     return model.eval(), splits
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_digits(steps: int = 60, batch: int = 32, seed: int = 0) -> TinyDigits:
     import torch
 

@@ -11,13 +11,13 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from bitdeploy.cli import main
 from bitdeploy.targets import TARGETS, Target, unavailable_reason
@@ -341,7 +341,7 @@ def test_stage_cache_keys_hits_and_interrupted_writes(tmp_path: Path) -> None:
         return {"n": len(calls)}
 
     cache = StageCache(tmp_path / "c")
-    d1, meta1, hit1 = cache.run("s", "k" * 64, step)
+    d1, _meta1, hit1 = cache.run("s", "k" * 64, step)
     d2, meta2, hit2 = cache.run("s", "k" * 64, step)
     assert (hit1, hit2) == (False, True) and d1 == d2 and meta2 == {"n": 1} and len(calls) == 1
     # A directory without stage.json (a crash mid-write) is not a hit and is replaced.
@@ -363,3 +363,26 @@ def test_stage_cache_keys_hits_and_interrupted_writes(tmp_path: Path) -> None:
     off.run("s", "k" * 64, step)
     assert len(calls) == 4 and not (tmp_path / "never").exists()
     off.close()
+
+
+def test_debug_shows_the_cause_of_a_conversion_failure(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A converter's ConversionError keeps its cause: one line by default, the chained traceback under --debug."""
+    from bitdeploy.converters import ort_convert
+    from bitdeploy.errors import ConversionError
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        try:
+            raise ValueError("the engine's own reason 4711")
+        except ValueError as exc:
+            raise ConversionError("ONNX Runtime conversion failed (the engine's own reason 4711)") from exc
+
+    monkeypatch.setattr(ort_convert, "convert", broken)
+    args = ["build", "--model", "tiny", "--weights", str(ckpt), "--target", "onnx", "--no-report", "--no-cache"]
+    for debug in (False, True):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main([*(["--debug"] if debug else []), *args, "--out", str(tmp_path / f"b{debug}")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and "error: onnx-fp32: ONNX Runtime conversion failed" in err
+        assert ("ValueError: the engine's own reason 4711" in err) is debug and ("direct cause" in err) is debug
+        assert not (tmp_path / f"b{debug}").exists()

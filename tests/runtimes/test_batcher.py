@@ -34,7 +34,7 @@ def test_concurrent_requests_share_engine_calls_and_get_their_rows() -> None:
     batcher = Batcher(engine, max_batch=8, max_delay_s=2.0)  # never reached: the batch fills first
     try:
         futures = {}
-        for i in range(6):
+        for _ in range(6):
             batcher.expect()
         for i in range(6):  # six requests of 1-2 rows arrive while nothing runs yet
             futures[i] = batcher.submit(rows(10 * i, 1 + i % 2), expected=True)

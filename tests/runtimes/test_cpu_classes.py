@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bitdeploy.converters.base import ConvertOptions, OrtOptions
 from bitdeploy.converters.calibration import CalibrationData, digest
 from bitdeploy.runtimes import fingerprint, selftest
 from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
@@ -53,7 +54,7 @@ def int8_bundle(tiny_model: dict[str, Any], out: Path, scheme: str) -> Path:
 
     work = out.with_name(out.name + "-work")
     work.mkdir(parents=True)
-    artifact = ort_convert.convert(tiny_model["onnx"], work, "int8", calibration(), {"int8_scheme": scheme})
+    artifact = ort_convert.convert(tiny_model["onnx"], work, "int8", calibration(), ConvertOptions(extras=OrtOptions(int8_scheme=scheme)))
     x = normalize(golden_pixels())
     fp32 = ort.InferenceSession(str(tiny_model["onnx"]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     here = ort.InferenceSession(str(work / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
@@ -110,7 +111,7 @@ def test_openvino_int8_is_pinned_to_f32_and_verifies_on_an_avx2_only_cpu(tiny_mo
 
     work = tmp_path / "work"
     work.mkdir()
-    artifact = openvino_convert.convert(tiny_model["onnx"], work, "int8", calibration(), {})
+    artifact = openvino_convert.convert(tiny_model["onnx"], work, "int8", calibration(), ConvertOptions())
     assert artifact.target["inference_precision"] == "f32"
     x = normalize(golden_pixels())
     fp32 = ort.InferenceSession(str(tiny_model["onnx"]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]

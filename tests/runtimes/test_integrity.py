@@ -162,7 +162,7 @@ def test_unlisted_member_and_total_limit(ort_bundle: Path, tmp_path: Path) -> No
                (tarfile.TarInfo("model.onnx"), (root / "model.onnx").read_bytes()),
                (tarfile.TarInfo("extra.py"), b"print('hi')\n")]
     evil = _tar(tmp_path / "extra.bitpack", members)
-    with pytest.raises(BundleError, match="'extra.py' is not listed in the manifest"):
+    with pytest.raises(BundleError, match=r"'extra\.py' is not listed in the manifest"):
         unpack(evil, tmp_path / "t1")
     with pytest.raises(BundleError, match="members total over"):
         unpack(evil, tmp_path / "t2", max_total_bytes=1000)

@@ -15,20 +15,21 @@ import pytest
 
 pytest.importorskip("ai_edge_litert", reason='the LiteRT runtime needs ai-edge-litert: pip install "bitdeploy[litert]"')
 
-from bitdeploy.errors import BundleError  # noqa: E402
-from bitdeploy.runtimes import load  # noqa: E402
-from bitdeploy.runtimes.bundle import bundle_writer, write_manifest  # noqa: E402
-from bitdeploy.runtimes.litert import LiteRtBackend  # noqa: E402
-from tests.runtimes.conftest import RES, make_manifest  # noqa: E402
+from bitdeploy.errors import BitdeployError, BundleError
+from bitdeploy.runtimes import load
+from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
+from bitdeploy.runtimes.litert import LiteRtBackend
+from tests.runtimes.conftest import RES, make_manifest
 
 
 @pytest.fixture(scope="module")
 def litert_bundle(tiny_model: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("litert_torch", reason='building the test bundle needs litert-torch: pip install "bitdeploy[litert-convert]"')
+    from bitdeploy.converters.base import ConvertOptions
     from bitdeploy.converters.litert_convert import convert
 
     work = tmp_path_factory.mktemp("litert-work")
-    artifact = convert(tiny_model["onnx"], work, "fp32", None, {})
+    artifact = convert(tiny_model["onnx"], work, "fp32", None, ConvertOptions())
     out = tmp_path_factory.mktemp("bundles") / "tiny-litert"
     with bundle_writer(out) as tmp:
         (tmp / artifact.model_file).write_bytes((work / artifact.model_file).read_bytes())
@@ -83,9 +84,12 @@ def test_bad_device_and_bad_model_fail_in_one_line(litert_bundle: Path, tmp_path
         LiteRtBackend(tmp_path / "model.tflite", {})
 
 
-def test_wrong_input_shape_is_a_bundle_error(litert_bundle: Path) -> None:
-    with _backend(litert_bundle) as b, pytest.raises(BundleError, match="cannot run a batch"):
-        b.infer(np.zeros((1, 3, RES + 1, RES + 1), np.float32))
+def test_wrong_input_shape_is_a_one_line_error(litert_bundle: Path) -> None:
+    bad = np.zeros((1, 3, RES + 1, RES + 1), np.float32)
+    with _backend(litert_bundle) as b, pytest.raises(BitdeployError, match=f"infer expects a float32 NCHW array of shape Nx3x{RES}x{RES}"):
+        b.infer(bad)  # the manifest's input spec, checked by Backend.infer
+    with LiteRtBackend(litert_bundle / "model.tflite", {"target": {}}) as b, pytest.raises(BundleError, match="cannot run a batch"):
+        b.infer(bad)  # no input spec: the interpreter itself refuses the shape, in one line
 
 
 TORCH_FREE = """

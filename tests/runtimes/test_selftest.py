@@ -56,9 +56,9 @@ def golden_bundle(tiny_model: dict[str, Any], tmp_path_factory: pytest.TempPathF
 @pytest.fixture()
 def wrong_numerics(monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine now computes something else: logits shrunk and the two top classes swapped."""
-    real = OrtBackend.infer
+    real = OrtBackend._infer
 
-    def infer(self: OrtBackend, batch: np.ndarray) -> np.ndarray:
+    def _infer(self: OrtBackend, batch: np.ndarray) -> np.ndarray:
         out = real(self, batch)
         top2 = np.argsort(-out, axis=1)[:, :2]
         rows = np.arange(len(out))
@@ -66,7 +66,7 @@ def wrong_numerics(monkeypatch: pytest.MonkeyPatch) -> None:
         swapped[rows, top2[:, 0]], swapped[rows, top2[:, 1]] = out[rows, top2[:, 1]], out[rows, top2[:, 0]]
         return swapped * 0.9
 
-    monkeypatch.setattr(OrtBackend, "infer", infer)
+    monkeypatch.setattr(OrtBackend, "_infer", _infer)
 
 
 def test_golden_set_stores_exact_pixels_and_derives_criteria(golden_bundle: Path) -> None:

@@ -115,7 +115,7 @@ def test_errors_are_4xx_with_a_message(client: Any, tiny_model: dict[str, Any], 
     with pytest.raises(InferenceServerException, match=r"must have shape \[N, 3, 32, 32\]") as exc:
         client.infer("tiny", [fp32(bad, True)])
     assert exc.value.status() == "400"
-    with pytest.raises(InferenceServerException, match="image 2 of 2 .*cannot decode image"):
+    with pytest.raises(InferenceServerException, match=r"image 2 of 2 .*cannot decode image"):
         client.infer("tiny", [image_input([image_dir["digit0_L"], image_dir["text"]])])
     assert client.is_server_ready()
 

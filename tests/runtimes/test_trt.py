@@ -20,8 +20,11 @@ import numpy as np
 import pytest
 
 from bitdeploy.converters import trt_engine
-from bitdeploy.errors import BundleError, ConversionError, MissingDependencyError
+from bitdeploy.converters.base import ConvertOptions, TensorRTOptions
+from bitdeploy.errors import BitdeployError, BundleError, ConversionError, MissingDependencyError
 from bitdeploy.runtimes import trt as trt_rt
+from tests.runtimes import fake_tensorrt
+from tests.runtimes.fake_tensorrt import FakeCuda
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -166,7 +169,7 @@ def test_timing_cache_is_keyed_by_version_and_gpu(tmp_path: Path) -> None:
 @NO_TRT
 def test_missing_tensorrt_is_one_line_naming_the_extra(tmp_path: Path) -> None:
     with pytest.raises(MissingDependencyError) as err:
-        trt_engine.convert(tmp_path / "model.onnx", tmp_path, "fp16", None, {})
+        trt_engine.convert(tmp_path / "model.onnx", tmp_path, "fp16", None, ConvertOptions())
     msg = str(err.value)
     assert "TensorRT" in msg and 'pip install "bitdeploy[tensorrt]"' in msg and "NVIDIA GPU" in msg and "\n" not in msg
     assert not any(tmp_path.iterdir())
@@ -211,7 +214,7 @@ def tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     built = {}
     for precision in ("fp16", "int8"):
         work = tmp_path_factory.mktemp(precision)
-        art = trt_engine.convert(t.onnx, work, precision, cal, {"batch": "1,8,64", "cache_dir": str(tmp_path_factory.getbasetemp())})
+        art = trt_engine.convert(t.onnx, work, precision, cal, ConvertOptions(cache_dir=tmp_path_factory.getbasetemp(), extras=TensorRTOptions(batch="1,8,64")))
         built[precision] = (work, art)
     return {"tiny": t, "built": built}
 
@@ -259,211 +262,10 @@ def test_backend_is_thread_safe(tiny_engines: dict[str, Any]) -> None:
 # --- the build and run orchestration against a fake TensorRT (CPU; checks our calls, not TensorRT) -------------
 
 
-class _FakeCuda:
-    """Host memory posing as device memory, so buffer sizes, offsets and copies are really exercised."""
-
-    name = "fake-cuda"
-
-    def __init__(self) -> None:
-        self.mem: dict[int, np.ndarray] = {}
-        self.freed: list[int] = []
-        self.next = 0x1000
-
-    def set_device(self, index: int) -> None:
-        pass
-
-    def device_info(self, index: int) -> tuple[str, str]:
-        return "NVIDIA Fake GPU", "8.9"
-
-    def stream(self) -> object:
-        return object()
-
-    def stream_handle(self, stream: object) -> int:
-        return id(stream)
-
-    def sync(self, stream: object) -> None:
-        pass
-
-    def malloc(self, nbytes: int) -> tuple[int, int]:
-        self.next += 0x1000
-        self.mem[self.next] = np.zeros(nbytes, np.uint8)
-        return self.next, self.next
-
-    def free(self, owner: int) -> None:
-        self.freed.append(owner)
-
-    def host_buffer(self, nbytes: int) -> tuple[np.ndarray, None]:
-        return np.zeros(nbytes, np.uint8), None
-
-    def free_host(self, owner: object) -> None:
-        pass
-
-    def h2d(self, dst: int, src: np.ndarray, stream: object) -> None:
-        self.mem[dst][: src.nbytes] = src.reshape(-1).view(np.uint8)
-
-    def d2h(self, dst: np.ndarray, src: int, stream: object) -> None:
-        dst[:] = self.mem[src][: dst.nbytes]
-
-    def destroy_stream(self, stream: object) -> None:
-        pass
-
-
-def _fake_trt(cuda: _FakeCuda, strongly_typed: bool = True, layer_json: dict[str, Any] | None = None) -> Any:
-    log: dict[str, Any] = {"flags": [], "contexts": 0, "cache_in": None}
-    ns = types.SimpleNamespace
-    m = types.ModuleType("tensorrt")
-    m.__version__ = "10.9.0"  # type: ignore[attr-defined]
-
-    class ILogger:
-        Severity = ns(ERROR=1, INTERNAL_ERROR=0, WARNING=2)
-
-        def __init__(self) -> None:
-            pass
-
-    m.ILogger = ILogger  # type: ignore[attr-defined]
-    m.Logger = type("Logger", (), {"WARNING": 2, "ERROR": 1, "__init__": lambda self, sev=None: None})  # type: ignore[attr-defined]
-    m.NetworkDefinitionCreationFlag = ns(STRONGLY_TYPED=1) if strongly_typed else ns(EXPLICIT_BATCH=0)  # type: ignore[attr-defined]
-    m.MemoryPoolType = ns(WORKSPACE="workspace")  # type: ignore[attr-defined]
-    m.ProfilingVerbosity = ns(DETAILED="detailed")  # type: ignore[attr-defined]
-    m.BuilderFlag = ns(FP16="FP16", INT8="INT8")  # type: ignore[attr-defined]
-    m.LayerInformationFormat = ns(JSON="json")  # type: ignore[attr-defined]
-    m.TensorIOMode = ns(INPUT="in", OUTPUT="out")  # type: ignore[attr-defined]
-    m.nptype = lambda dtype: np.float32  # type: ignore[attr-defined]
-
-    class Cache:
-        def __init__(self, data: bytes) -> None:
-            self.data = data
-
-        def serialize(self) -> bytes:
-            return self.data + b"+timed"
-
-    class Config:
-        def set_memory_pool_limit(self, pool: str, size: int) -> None:
-            log["workspace"] = size
-
-        def set_flag(self, flag: str) -> None:
-            log["flags"].append(flag)
-
-        def add_optimization_profile(self, profile: Any) -> None:
-            log["profile"] = profile.shapes
-
-        def create_timing_cache(self, data: bytes) -> Cache:
-            log["cache_in"] = data
-            return Cache(data)
-
-        def set_timing_cache(self, cache: Cache, ignore_mismatch: bool) -> None:
-            self.cache = cache
-
-        def get_timing_cache(self) -> Cache:
-            return self.cache
-
-    class Profile:
-        def set_shape(self, name: str, lo: tuple[int, ...], opt: tuple[int, ...], hi: tuple[int, ...]) -> None:
-            self.shapes = (name, lo, opt, hi)
-
-    class Network:
-        num_inputs = 1
-
-        def get_input(self, i: int) -> Any:
-            return ns(name="input", shape=(-1, 3, 32, 32))
-
-    class Builder:
-        def __init__(self, logger: Any) -> None:
-            pass
-
-        def create_network(self, flags: int) -> Network:
-            log["network_flags"] = flags
-            return Network()
-
-        def create_builder_config(self) -> Config:
-            return Config()
-
-        def create_optimization_profile(self) -> Profile:
-            return Profile()
-
-        def build_serialized_network(self, network: Network, config: Config) -> bytes:
-            return b"PLAN"
-
-    class OnnxParser:
-        num_errors = 0
-
-        def __init__(self, network: Network, logger: Any) -> None:
-            pass
-
-        def parse_from_file(self, path: str) -> bool:
-            log["parsed"] = path
-            return Path(path).is_file()
-
-    class Context:
-        def __init__(self) -> None:
-            log["contexts"] += 1
-            self.addr: dict[str, int] = {}
-            self.shape: tuple[int, ...] = ()
-
-        def set_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
-            self.shape = tuple(shape)
-
-        def set_tensor_address(self, name: str, ptr: int) -> None:
-            self.addr[name] = ptr
-
-        def execute_async_v3(self, stream: int) -> bool:
-            n = self.shape[0]
-            x = cuda.mem[self.addr["input"]][: n * 3 * 4 * 4 * 4].view(np.float32).reshape(n, -1)
-            cuda.mem[self.addr["logits"]][: n * 10 * 4] = (x[:, :10] * 2).astype(np.float32).reshape(-1).view(np.uint8)
-            return True
-
-    class Inspector:
-        execution_context = None
-
-        def get_engine_information(self, fmt: str) -> str:
-            return json.dumps(layer_json or TRT10_JSON)
-
-    class Engine:
-        num_io_tensors = 2
-        num_layers = 5
-
-        def create_execution_context(self) -> Context:
-            return Context()
-
-        def create_engine_inspector(self) -> Inspector:
-            return Inspector()
-
-        def get_tensor_name(self, i: int) -> str:
-            return ["input", "logits"][i]
-
-        def get_tensor_mode(self, name: str) -> str:
-            return "in" if name == "input" else "out"
-
-        def get_tensor_profile_shape(self, name: str, index: int) -> list[tuple[int, ...]]:
-            return [(1, 3, 4, 4), (2, 3, 4, 4), (4, 3, 4, 4)]
-
-        def get_tensor_dtype(self, name: str) -> str:
-            return "float"
-
-        def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-            return (-1, 10)
-
-    class Runtime:
-        def __init__(self, logger: Any) -> None:
-            pass
-
-        def deserialize_cuda_engine(self, plan: bytes) -> Engine:
-            log["deserialized"] = plan
-            return Engine()
-
-    m.Builder, m.OnnxParser, m.Runtime = Builder, OnnxParser, Runtime  # type: ignore[attr-defined]
-    m.log = log  # type: ignore[attr-defined]
-    return m
-
-
 @pytest.fixture()
 def fake(monkeypatch: pytest.MonkeyPatch) -> Any:
-    def install(strongly_typed: bool = True, layer_json: dict[str, Any] | None = None) -> tuple[Any, _FakeCuda]:
-        cuda = _FakeCuda()
-        trt = _fake_trt(cuda, strongly_typed, layer_json)
-        monkeypatch.setattr(trt_rt, "import_tensorrt", lambda: trt)
-        monkeypatch.setattr(trt_rt, "cuda_api", lambda: cuda)
-        return trt, cuda
+    def install(strongly_typed: bool = True, layer_json: dict[str, Any] | None = None) -> tuple[Any, FakeCuda]:
+        return fake_tensorrt.install(monkeypatch, strongly_typed, layer_json or TRT10_JSON)
 
     return install
 
@@ -477,7 +279,7 @@ def test_engine_build_orchestration_strongly_typed_int8(fake: Any, tmp_path: Pat
     cal = calib_mod.from_image_set(t.train, RESOLUTION, size=32)
     work, cache = tmp_path / "w", tmp_path / "cache"
     work.mkdir()
-    art = trt_engine.convert(t.onnx, work, "int8", cal, {"batch": "1,8,64", "cache_dir": str(cache), "workspace": 2})
+    art = trt_engine.convert(t.onnx, work, "int8", cal, ConvertOptions(cache_dir=cache, extras=TensorRTOptions(batch="1,8,64", workspace_gb=2)))
     log = trt.log
     assert log["network_flags"] == 1 << 1 and log["flags"] == []  # strongly typed: precision from the graph, no flags
     assert log["profile"] == ("input", (1, 3, 32, 32), (8, 3, 32, 32), (64, 3, 32, 32)) and log["workspace"] == 2 << 30
@@ -489,7 +291,7 @@ def test_engine_build_orchestration_strongly_typed_int8(fake: Any, tmp_path: Pat
     assert tgt["profile"] == {"min": 1, "opt": 8, "max": 64} and tgt["onnx"]["format"] == "qdq"
     cache_file = trt_engine.timing_cache_path(cache, "10.9.0", "NVIDIA Fake GPU", "8.9")
     assert cache_file is not None and cache_file.read_bytes() == b"+timed" and log["cache_in"] == b""
-    art2 = trt_engine.convert(t.onnx, tmp_path, "int8", cal, {"cache_dir": str(cache)})  # second build reuses the cache
+    art2 = trt_engine.convert(t.onnx, tmp_path, "int8", cal, ConvertOptions(cache_dir=cache))  # second build reuses the cache
     assert trt.log["cache_in"] == b"+timed" and any("reused" in n for n in art2.notes)
 
 
@@ -498,13 +300,13 @@ def test_engine_build_weakly_typed_uses_builder_flags_and_refuses_silent_fp32(fa
 
     t = tiny_digits()
     trt, _ = fake(strongly_typed=False)
-    art = trt_engine.convert(t.onnx, tmp_path, "fp16", None, {"cache": False})
+    art = trt_engine.convert(t.onnx, tmp_path, "fp16", None, ConvertOptions(cache=False))
     assert trt.log["network_flags"] == 1 << 0 and trt.log["flags"] == ["FP16"] and art.target["builder_flags"] == ["FP16"]
     fp32_only = {"Layers": [{"LayerType": "CaskConvolution", "Inputs": [{"Format/Datatype": "Row major linear FP32 format"}]}]}
     fake(strongly_typed=True, layer_json=fp32_only)
     (tmp_path / "x").mkdir()
     with pytest.raises(ConversionError, match=r"TensorRT built no FP16 layers"):
-        trt_engine.convert(t.onnx, tmp_path / "x", "fp16", None, {"cache": False})
+        trt_engine.convert(t.onnx, tmp_path / "x", "fp16", None, ConvertOptions(cache=False))
 
 
 def test_runtime_buffers_chunks_and_thread_local_contexts(fake: Any, tmp_path: Path) -> None:
@@ -517,8 +319,10 @@ def test_runtime_buffers_chunks_and_thread_local_contexts(fake: Any, tmp_path: P
     x = np.random.default_rng(0).standard_normal((10, 3, 4, 4)).astype(np.float32)
     out = backend.infer(x)  # 10 > profile max 4: chunks of 4, 4, 2
     np.testing.assert_array_equal(out, x.reshape(10, -1)[:, :10] * 2)
-    assert out.dtype == np.float32 and backend.infer(x[:0]).shape == (0, 10)
-    with pytest.raises(BundleError, match=r"input must be \(N, 3, 4, 4\)"):
+    assert out.dtype == np.float32
+    with pytest.raises(BitdeployError, match=r"infer expects a float32 NCHW array of shape NxNxNxN \(got float32 \(0, 3, 4, 4\)\)"):
+        backend.infer(x[:0])  # the Backend contract: at least one row
+    with pytest.raises(BundleError, match=r"input must be \(N, 3, 4, 4\) for this TensorRT engine"):  # the engine's own profile
         backend.infer(x[:, :, :2])
     results: dict[int, np.ndarray] = {}
 

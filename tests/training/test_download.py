@@ -90,7 +90,7 @@ def test_corrupt_cache_is_refused(served: Path) -> None:
     (served / R50.npz_name).write_bytes(b"a" * 5000)
     path, _, _ = download.fetch_official(R50)
     path.write_bytes(b"a" * 4999 + b"b")
-    with pytest.raises(WeightsError, match="corrupt.*delete") as err:
+    with pytest.raises(WeightsError, match=r"corrupt.*delete") as err:
         download.fetch_official(R50)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
 

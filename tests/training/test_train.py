@@ -255,7 +255,7 @@ def test_imagefolder_run_skips_unreadable_or_stops_with_strict(tmp_path: Path, c
             Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
     (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     args = ["train", "--model", "tiny", "--weights", "none", "--dataset", str(root), "--resolution", "16", "--steps", "2", "--batch-size", "4", "--quiet"]
-    code, out, err = run_cli([*args, "--out", str(tmp_path / "o1")], capsys)
+    code, _out, err = run_cli([*args, "--out", str(tmp_path / "o1")], capsys)
     assert code == 0, err
     summary = json.loads((tmp_path / "o1" / "summary.json").read_text())
     assert summary["skipped_count"] == 1 and "broken.png" in summary["skipped_images"][0]

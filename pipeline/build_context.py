@@ -1,0 +1,133 @@
+"""What a build is asked for (`BuildOptions`), what its shared steps produced (`BuildContext`), and where its
+outputs go. `bitdeploy.build` runs the build; `bitdeploy.build_row` runs one (target, precision) of it; both
+read these types, so neither imports the other's internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bitdeploy.converters.base import ConvertOptions, OpenVinoOptions, OrtOptions, TargetExtras, TensorRTOptions
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from bitdeploy.cache import StageCache
+    from bitdeploy.converters.accuracy import EvalData
+    from bitdeploy.converters.calibration import CalibrationData, ValidationData
+    from bitdeploy.targets import Target
+
+DEFAULT_RESOLUTION = 128  # the BiT-HyperRule's crop for small images, used when nothing says otherwise
+BUILD_BATCH_SIZES = (1, 4, 8, 16)  # throughput sweep of the build's quick timing (where memory allows)
+BUILD_THROUGHPUT_IMAGES = 32  # images per batch size in that sweep
+
+
+@dataclass
+class BuildOptions:
+    model: str
+    out: Path
+    weights: str = "auto"
+    target: str = "onnx"
+    precisions: list[str] | None = None  # None: fp32 (every precision with target "all")
+    resolution: int | None = None
+    dataset: str | None = None
+    val_split: float | None = None
+    shots: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    finetune: bool | None = None  # None: when --dataset is given and the weights are not a trained checkpoint
+    train_device: str = "auto"
+    hflip: bool = True
+    calib_size: int = 300
+    calib_method: str | None = None
+    max_accuracy_drop: float = 1.0
+    accuracy_control: bool = False
+    device: str | None = None
+    threads: int | None = None
+    select: str | None = None
+    eval_limit: int | None = None
+    seed: int = 0
+    opset: int = 17
+    cache_dir: Path | None = None
+    cache: bool = True
+    report: bool = True
+    bench_iterations: int = 100
+    progress: bool = True
+    debug: bool = False
+    int8_scheme: str = "auto"  # ONNX Runtime INT8 scheme
+    inference_precision: str = "f32"  # OpenVINO float precision of fp16/int8 rows
+    trt_batch: str | None = None  # TensorRT dynamic-batch profile MIN,OPT,MAX
+    trt_workspace_gb: float | None = None  # TensorRT builder workspace
+
+    def has_training_flags(self) -> bool:
+        return any(v is not None for v in (self.shots, self.steps, self.batch_size, self.lr))
+
+    def wants_finetune(self) -> bool:
+        if self.dataset is None:
+            return False
+        if self.finetune is not None:
+            return self.finetune
+        if self.has_training_flags():
+            return True
+        return not is_checkpoint(self.weights)
+
+
+def is_checkpoint(weights: str) -> bool:
+    if weights in ("auto", "none"):
+        return False
+    p = Path(weights).expanduser()
+    return (p.is_dir() and (p / "checkpoint.pt").is_file()) or p.suffix == ".pt"
+
+
+@dataclass
+class BuildContext:
+    """The target-independent results every row of a build reads."""
+
+    onnx: Path  # the folded FP32 export
+    export: dict[str, Any]  # the manifest's `export` object
+    data: EvalData  # the gate's inputs (validation split, or seeded random inputs)
+    label_ids: np.ndarray | None  # `data`'s labels (None for random inputs)
+    reference: np.ndarray  # FP32 PyTorch logits on `data`
+    labels: list[str]  # class names, in logit order
+    resolution: int
+    model_info: dict[str, Any]  # the manifest's `model` object
+    row_count: int
+    dataset: str | None = None  # --dataset; None: the gate compares logits on random inputs
+    calibration: CalibrationData | None = None  # INT8 rows only
+    validation: ValidationData | None = None  # NNCF accuracy control only
+    training: dict[str, Any] | None = None
+    baseline: list[dict[str, Any]] | None = None  # PyTorch latencies for the report's speed-up column
+    scratch: list[StageCache] = field(default_factory=list)  # uncached conversions' work dirs, removed at the end
+
+
+def convert_options(opts: BuildOptions, target: Target, precision: str, validation: ValidationData | None) -> ConvertOptions:
+    """What the converter of (target, precision) is told; extras go to the target they belong to."""
+    extras: TargetExtras | None = None
+    if target.name == "onnx":
+        extras = OrtOptions(int8_scheme=opts.int8_scheme)
+    elif target.name == "openvino":
+        # --inference-precision picks the float arithmetic of fp16/int8 rows; fp32 means f32
+        precision_hint = "f32" if precision == "fp32" else opts.inference_precision
+        control = opts.accuracy_control and precision == "int8"
+        extras = OpenVinoOptions(precision_hint, control, opts.max_accuracy_drop, validation if control else None)
+    elif target.name == "trt":
+        extras = TensorRTOptions(batch=opts.trt_batch, workspace_gb=opts.trt_workspace_gb)
+    method = opts.calib_method if opts.calib_method in target.calib_methods else None
+    return ConvertOptions(device=opts.device, threads=opts.threads, calib_method=method, cache=opts.cache, cache_dir=opts.cache_dir, extras=extras)
+
+
+def quick_timing(iterations: int) -> dict[str, Any]:
+    """The build's quick timing (`benchmarks.latency.quick` arguments): batch-1 latency and a batch-size sweep."""
+    return {"iterations": iterations, "throughput_batches": list(BUILD_BATCH_SIZES), "throughput_images": BUILD_THROUGHPUT_IMAGES}
+
+
+def bundle_path(opts: BuildOptions, row_count: int, name: str) -> Path:
+    return Path(opts.out) if row_count == 1 else Path(opts.out) / name
+
+
+def report_dir(opts: BuildOptions, row_count: int) -> Path:
+    out = Path(opts.out)
+    return out.with_name(out.name + ".report") if row_count == 1 else out / "report"

@@ -1,0 +1,40 @@
+"""CLI choices read from the target records when a command runs, so a target registered after import
+(`bitdeploy.targets.register`) appears in --target and --backend without editing any command."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import click
+
+from bitdeploy import targets
+
+
+class LiveChoice(click.Choice[str]):
+    """A click.Choice whose values come from a function, read at every use."""
+
+    def __init__(self, values: Callable[[], Iterable[str]]) -> None:
+        self._values = values
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._values())
+
+    @choices.setter
+    def choices(self, _value: object) -> None:  # click.Choice.__init__ assigns it; the function is the source
+        pass
+
+
+def backends() -> LiveChoice:
+    """--backend NAME: every registered runtime backend."""
+    return LiveChoice(targets.backend_names)
+
+
+def target_names_and_all() -> list[str]:
+    return [*targets.target_names(), "all"]
+
+
+def targets_or_all() -> LiveChoice:
+    """--target NAME: every registered target, or all."""
+    return LiveChoice(target_names_and_all)

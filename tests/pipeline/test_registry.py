@@ -1,0 +1,119 @@
+"""One record per target: every record resolves, every CLI choice comes from the records, and a new target
+registered with one record is usable end to end without editing any other module."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from bitdeploy import targets
+from bitdeploy.cli import cli
+from bitdeploy.converters.base import Artifact
+from bitdeploy.runtimes.base import Backend, backend_available, backend_class
+from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
+from bitdeploy.runtimes.preprocess import input_spec
+
+RES = 16
+
+
+class NumpyBackend(Backend):
+    """A backend in a test file: logits = per-channel image means @ a weight matrix stored as model.npy."""
+
+    name = "numpy-test"
+
+    def __init__(self, model_path: Path, manifest: Any, device: str | None = None, threads: int | None = None) -> None:
+        super().__init__(model_path, manifest, device or "cpu", threads)
+        self.weights = np.load(model_path, allow_pickle=False)
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        return (batch.mean(axis=(2, 3)) @ self.weights).astype(np.float32)
+
+
+DUMMY = targets.Target(
+    name="numpy-test", title="NumPy (test)", backend="numpy-test",
+    converter="tests.pipeline.test_registry:no_converter", runtime="tests.pipeline.test_registry:NumpyBackend", formats=(".npy",),
+    extra="numpy-test", modules=("numpy",), runtime_extra="numpy-test", runtime_module="numpy",
+)  # fmt: skip
+
+
+@pytest.fixture
+def registered(monkeypatch: pytest.MonkeyPatch) -> targets.Target:
+    monkeypatch.setattr(targets, "TARGETS", dict(targets.TARGETS))  # the registration ends with the test
+    return targets.register(DUMMY)
+
+
+def _choices(command: str, option: str) -> list[str]:
+    from bitdeploy.cli import COMMANDS
+
+    module, attr = COMMANDS[command].split(":")
+    cmd = getattr(importlib.import_module(module), attr)
+    (param,) = [p for p in cmd.params if p.name == option]
+    return list(param.type.choices)
+
+
+@pytest.mark.parametrize("name", list(targets.TARGETS))
+def test_every_record_resolves(name: str) -> None:
+    t = targets.TARGETS[name]
+    assert t.formats and all(f.startswith(".") for f in t.formats)
+    assert targets.for_backend(t.backend) is t
+    module, _, attr = t.converter.partition(":")
+    assert importlib.util.find_spec(module) is not None and attr
+    runtime_module, _, runtime_cls = t.runtime.partition(":")
+    assert importlib.util.find_spec(runtime_module) is not None and runtime_cls
+    if backend_available(t.backend):  # the SDK is installed: the class imports and is a Backend
+        assert issubclass(backend_class(t.backend), Backend)
+    if not any(importlib.util.find_spec(m) is None for m in t.modules):
+        assert callable(targets.load_converter(t))
+
+
+def test_cli_choices_come_from_the_records() -> None:
+    backends = [t.backend for t in targets.TARGETS.values()]
+    assert _choices("predict", "backend") == backends
+    assert _choices("bench", "backend") == backends
+    assert _choices("serve", "backend") == backends
+    assert _choices("build", "target") == [*targets.TARGETS, "all"]
+
+
+def test_one_backend_per_record() -> None:
+    with pytest.raises(ValueError, match="already belongs to target"):
+        targets.register(targets.Target(**{**DUMMY.__dict__, "name": "other", "backend": "onnxruntime"}))
+
+
+def test_registered_target_appears_in_every_choice(registered: targets.Target) -> None:
+    assert "numpy-test" in _choices("predict", "backend") and "numpy-test" in _choices("build", "target")
+    help_text = CliRunner().invoke(cli, ["predict", "--help"]).output
+    assert "numpy-test" in help_text
+    assert Artifact(files=["model.npy"], model_file="model.npy", backend="numpy-test", target={}).backend == "numpy-test"
+
+
+def test_registered_backend_runs_a_bundle(registered: targets.Target, tmp_path: Path) -> None:
+    """A bundle for the new backend: loaded, checked and run by predict through its record alone."""
+    rng = np.random.default_rng(0)
+    with bundle_writer(tmp_path / "b") as tmp:
+        np.save(tmp / "model.npy", rng.standard_normal((3, 4)).astype(np.float32))
+        manifest = {"valid": True, "model": {"name": "dummy", "num_classes": 4}, "target": {"backend": "numpy-test", "precision": "fp32", "device": "cpu"},
+                    "model_file": "model.npy", "input": input_spec(RES), "labels": ["a", "b", "c", "d"]}  # fmt: skip
+        write_manifest(tmp, manifest, ["model.npy"])
+    image = tmp_path / "x.png"
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(image)
+    result = CliRunner().invoke(cli, ["predict", str(tmp_path / "b"), str(image), "--json", "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert next(p["label"] for p in out[0]["predictions"]) in "abcd" and len(out[0]["predictions"]) == 2
+    from bitdeploy.runtimes import load
+
+    with load(tmp_path / "b") as pred, pytest.raises(Exception, match="expects a float32"):
+        pred.backend.infer(np.zeros((1, 3, RES, RES), np.float64))  # the base's input contract holds for it too
+
+
+def test_unregistered_backend_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["predict", str(tmp_path), "x.png", "--backend", "numpy-test"])
+    assert result.exit_code == 2 and "not one of" in result.output
