@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bitdeploy import build_output
 from bitdeploy.build_context import (
     BUILD_BATCH_SIZES,
     BUILD_THROUGHPUT_IMAGES,
@@ -28,6 +29,7 @@ from bitdeploy.build_context import (
     report_dir,
 )
 from bitdeploy.build_output import RowResult
+from bitdeploy.build_row import build_row
 from bitdeploy.cache import StageCache
 from bitdeploy.errors import AccuracyGateError, BitdeployError, require
 from bitdeploy.targets import TARGETS, Target, check_available, plan_rows, unavailable_reason
@@ -98,9 +100,6 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print, show: Call
     started = time.perf_counter()
     planned = check_options(opts)
     require("torch", "train", "PyTorch (torch), needed to export the model")
-    from bitdeploy import build_output
-    from bitdeploy.build_row import build_row
-
     cache = StageCache(opts.cache_dir, enabled=opts.cache, log=log)
     rows = [RowResult(t.name, p, backend=t.backend) for t, p, _ in planned]
     ctx: BuildContext | None = None

@@ -36,8 +36,8 @@ def expected_input(manifest: Manifest) -> tuple[tuple[int | None, ...], np.dtype
         dims = tuple(d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None for d in shape)
     try:
         dtype = np.dtype(spec.get("dtype") or "float32")
-    except TypeError:
-        raise BundleError(f"manifest input dtype {spec.get('dtype')!r} is unknown; rebuild the bundle") from None
+    except TypeError as exc:
+        raise BundleError(f"manifest input dtype {spec.get('dtype')!r} is unknown; rebuild the bundle") from exc
     return dims, dtype
 
 

@@ -113,8 +113,8 @@ def unpack(
         raise BundleError(f"{pack_path}: no such pack file; check the path")
     try:
         tf = tarfile.open(pack_path, "r:*")  # noqa: SIM115 - closed by the `with tf:` below, after the target checks
-    except (tarfile.TarError, OSError, EOFError):
-        raise BundleError(f"{pack_path}: not a bundle directory or a bitdeploy pack (not a tar file); pass a directory from `bitdeploy build` or a file from `bitdeploy pack`") from None
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise BundleError(f"{pack_path}: not a bundle directory or a bitdeploy pack (not a tar file); pass a directory from `bitdeploy build` or a file from `bitdeploy pack`") from exc
     try:
         target.mkdir(parents=True, exist_ok=False)
     except FileExistsError:

@@ -205,8 +205,8 @@ def cuda_api() -> CudaApi:
 def import_tensorrt() -> Any:
     try:
         return importlib.import_module("tensorrt")
-    except ImportError:
-        raise MissingDependencyError("TensorRT (the tensorrt package)", "tensorrt", "get it on a machine with an NVIDIA GPU and driver") from None
+    except ImportError as exc:
+        raise MissingDependencyError("TensorRT (the tensorrt package)", "tensorrt", "get it on a machine with an NVIDIA GPU and driver") from exc
     except OSError as exc:  # the wheel is there but its CUDA libraries are not loadable
         first = first_line(exc)
         raise MissingDependencyError("a working TensorRT", "tensorrt", f"its libraries do not load ({first})") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import zipfile
@@ -45,3 +46,18 @@ def test_wheel_metadata_extras(wheel: Path) -> None:
         assert f"Provides-Extra: {extra}" in text
     requires = [line for line in text.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
     assert not any("torch" in r for r in requires), "the base install must not require torch"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff is not installed (pip install -e '.[dev]')")
+def test_lint_bans_the_training_stack_in_the_runtime_only() -> None:
+    """runtimes/ruff.toml: importing torch, onnx, nncf or bitdeploy's training/converters code in runtimes/ fails
+    `ruff check`; the same imports in converters/ pass."""
+    source = "import numpy\nimport torch\nfrom onnx import helper\nimport nncf\nfrom bitdeploy.converters import base\nfrom bitdeploy.training import bit\n"
+
+    def banned(path: str) -> list[str]:
+        done = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "TID251", "--output-format", "concise", "--stdin-filename", path, "-"],
+                              input=source, capture_output=True, text=True, cwd=ROOT, timeout=60)  # fmt: skip
+        return [line.split("`")[1] for line in done.stdout.splitlines() if "TID251" in line]
+
+    assert banned("runtimes/new_backend.py") == ["torch", "onnx", "nncf", "bitdeploy.converters", "bitdeploy.training"]
+    assert banned("converters/new_converter.py") == []
