@@ -24,7 +24,6 @@ from bitdeploy.errors import ConversionError, first_line, require
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 MIN_OPSET, MAX_OPSET = 13, 20  # the TorchScript exporter's range that has InstanceNormalization-based GroupNorm
-PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1_900_000_000  # weights bytes above which the file gets a `.data` sidecar
 ROOT_PADS = [0, 0, 1, 1, 0, 0, 1, 1]
 

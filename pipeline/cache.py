@@ -6,7 +6,9 @@ reuses the export, the fine-tune and the calibration; any changed input gives a 
 never needed, only deletion to reclaim space).
 
 Layout: `<root>/<stage>/<key>/` holds the step's files and `stage.json` (written last, so a directory
-without it is an interrupted write and is ignored). The root is `$BITDEPLOY_CACHE/stages`, else
+without it is an interrupted write and is ignored). A step runs under an exclusive lock on
+`<root>/<stage>/.<key>.lock`, so two builds that need the same step (two terminals, a CI matrix on one cache)
+run it once: the second waits, then takes the first one's result. The root is `$BITDEPLOY_CACHE/stages`, else
 `$XDG_CACHE_HOME/bitdeploy/stages`, else `~/.cache/bitdeploy/stages` (the weights cache rule); `--cache-dir`
 overrides it. With the cache disabled, steps run in a scratch directory removed at the end of the build.
 """
@@ -18,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,13 +102,39 @@ class StageCache:
             return None
         return d, meta
 
+    def _parent(self, stage: str, key: str) -> Path:
+        parent = self.path(stage, key).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BitdeployError(f"cannot write the stage cache at {parent} ({exc.strerror}); pass --cache-dir DIR or --no-cache") from exc
+        return parent
+
+    @contextmanager
+    def _locked(self, stage: str, key: str, label: str) -> Iterator[None]:
+        """Hold the step's lock (POSIX advisory, released by the OS if the process dies); say so when waiting."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
+            yield
+            return
+        with open(self._parent(stage, key) / f".{key}.lock", "a+b") as fd:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.log(f"waiting: another build is running the {label} ({stage}/{key[:12]})")
+                started = time.monotonic()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self.log(f"waited {time.monotonic() - started:.0f} s for the other build's {label}")
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
     @contextmanager
     def _writing(self, stage: str, key: str, resumable: bool = False) -> Iterator[Path]:
         final = self.path(stage, key)
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise BitdeployError(f"cannot write the stage cache at {final.parent} ({exc.strerror}); pass --cache-dir DIR or --no-cache") from exc
+        self._parent(stage, key)
         if resumable:  # a long step (fine-tuning) that picks up its own partial output after an interruption
             tmp = final.parent / f".{key}.partial"
             tmp.mkdir(exist_ok=True)
@@ -130,10 +159,18 @@ class StageCache:
         interrupted run leaves behind, so the next run continues where it stopped."""
         label = what or stage
         found = self.lookup(stage, key)
-        if found is not None:
-            self.hits.append(stage)
-            self.log(f"cache hit: {label} ({stage}/{key[:12]})")
-            return found[0], found[1]["meta"], True
+        if found is None and self.enabled:
+            with self._locked(stage, key, label):
+                found = self.lookup(stage, key)  # another build may have finished it while this one waited
+                if found is None:
+                    return self._miss(stage, key, step, label, resumable)
+        elif found is None:
+            return self._miss(stage, key, step, label, resumable)
+        self.hits.append(stage)
+        self.log(f"cache hit: {label} ({stage}/{key[:12]})")
+        return found[0], found[1]["meta"], True
+
+    def _miss(self, stage: str, key: str, step: Callable[[Path], dict[str, Any]], label: str, resumable: bool) -> tuple[Path, dict[str, Any], bool]:
         self.misses.append(stage)
         with self._writing(stage, key, resumable) as tmp:
             meta = step(tmp)

@@ -12,6 +12,8 @@ from bitdeploy.converters.ort_convert import INT8_SCHEMES
 from bitdeploy.targets import PRECISIONS, TARGETS
 
 CALIB_HELP = "; ".join(f"{t.name}: {'|'.join(t.calib_methods)} (default {t.calib_methods[0]})" for t in TARGETS.values())
+TARGET_HELP = ", ".join(f"{t.name} ({t.title})" for t in TARGETS.values())
+DEVICE_HELP = "; ".join(f"{t.name}: {t.devices}" for t in TARGETS.values() if t.devices)
 
 
 def _precisions(values: tuple[str, ...]) -> list[str] | None:
@@ -31,7 +33,7 @@ def _precisions(values: tuple[str, ...]) -> list[str] | None:
 @click.command("build")
 @click.option("--model", "model_name", required=True, help="Model name (see `bitdeploy models`), e.g. m-r50x1.")
 @click.option("--weights", default="auto", show_default=True, help="auto (official, cached) | none (random init) | PATH (.npz, checkpoint.pt or training dir).")
-@click.option("--target", type=choices.targets_or_all(), default="onnx", show_default=True, help="onnx (ONNX Runtime), openvino, trt (TensorRT), litert (LiteRT / TensorFlow Lite), or all (every target this machine supports).")
+@click.option("--target", type=choices.targets_or_all(), default="onnx", show_default=True, help=f"{TARGET_HELP}, or all (every target this machine supports).")
 @click.option("--precision", "precision", multiple=True, metavar="fp32|fp16|int8", help="Repeatable or comma list [default: fp32; with --target all: all three].")
 @click.option("--resolution", type=click.IntRange(16, 2048), default=None, help="Square input size in px [default: the fine-tune's or checkpoint's, else 128].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="One bundle: the bundle directory; several: a directory of <target>-<precision> bundles [default: runs/<model>-<target>].")
@@ -48,7 +50,7 @@ def _precisions(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--calib-method", default=None, help=f"INT8 range estimation; {CALIB_HELP}.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Largest top-1 drop vs the FP32 PyTorch model, in percentage points, for a bundle to be valid.")
 @click.option("--accuracy-control", is_flag=True, help="OpenVINO INT8: NNCF accuracy-controlled quantization within --max-accuracy-drop.")
-@click.option("--device", default=None, help="Deployment device: onnx cpu|cuda, openvino CPU|GPU|NPU|AUTO, trt cuda:N, litert cpu [default: each target's].")
+@click.option("--device", default=None, help=f"Deployment device; {DEVICE_HELP}.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads for evaluation and timing [default: the runtime's].")
 @click.option("--int8-scheme", type=click.Choice(INT8_SCHEMES), default="auto", show_default=True, help="ONNX Runtime INT8 integer scheme; auto: u8s8-7bit on x86 CPUs (exact with and without VNNI), s8s8 elsewhere.")
 @click.option("--inference-precision", type=click.Choice(INFERENCE_PRECISIONS), default="f32", show_default=True, help="OpenVINO: the precision float layers are validated and pinned in on every device (bf16/f16 only where the device has it).")

@@ -53,10 +53,6 @@ def sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def is_cached(variant: BitVariant) -> bool:
-    return cached_path(variant).is_file()
-
-
 def verify_cached(path: Path) -> str:
     """Return the sha256 of a cached file, checking it against the one recorded at download time."""
     actual = sha256_file(path)

@@ -30,7 +30,6 @@ from bitdeploy.training.bit import ResNetV2, create_model
 CHECKPOINT_FORMAT = "bitdeploy-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
-HEAD_KEYS = ("head.conv.weight", "head.conv.bias")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrap state_dict keys
 _FIX = "pass an official BiT .npz, a bitdeploy checkpoint or training directory, auto, or none"
 

@@ -386,3 +386,37 @@ def test_debug_shows_the_cause_of_a_conversion_failure(ckpt: Path, tmp_path: Pat
         assert exit_info.value.code == 1 and "error: onnx-fp32: ONNX Runtime conversion failed" in err
         assert ("ValueError: the engine's own reason 4711" in err) is debug and ("direct cause" in err) is debug
         assert not (tmp_path / f"b{debug}").exists()
+
+
+@pytest.mark.parametrize("resumable", [False, True])
+def test_two_builds_needing_the_same_step_run_it_once(tmp_path: Path, resumable: bool) -> None:
+    """The step's lock: a second build (here a thread with its own StageCache) waits and takes the first one's result."""
+    import threading
+    import time
+
+    from bitdeploy.cache import StageCache
+
+    started, calls, logs = threading.Event(), [], []
+
+    def step(d: Path) -> dict[str, Any]:
+        calls.append(d)
+        started.set()
+        time.sleep(0.4)
+        (d / "out.txt").write_text(str(len(calls)))
+        return {"n": len(calls)}
+
+    results: list[tuple[Path, dict[str, Any], bool]] = []
+
+    def build(first: bool) -> None:
+        if not first:
+            started.wait(5)
+        results.append(StageCache(tmp_path / "c", log=logs.append).run("finetune", "k" * 64, step, what="fine-tune", resumable=resumable))
+
+    threads = [threading.Thread(target=build, args=(i == 0,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(calls) == 1 and len(results) == 2
+    assert {r[2] for r in results} == {False, True} and results[0][0] == results[1][0] and results[1][1] == {"n": 1}
+    assert (results[0][0] / "out.txt").read_text() == "1" and any(line.startswith("waiting: another build is running the fine-tune") for line in logs)
