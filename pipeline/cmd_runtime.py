@@ -117,8 +117,8 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
     try:
         m = opened.manifest
         backend = m.target.backend
-        record = next((t for t in targets.TARGETS.values() if t.backend == backend), None)
-        runs_here = backend_available(backend) if record is not None else False
+        record = targets.find_backend(backend)
+        runs_here = backend_available(backend)
         checksums = "skipped" if no_verify else "ok"
         if as_json:
             click.echo(json.dumps({"bundle": str(bundle), "pack": opened.is_pack, "checksums": checksums, "runs_here": runs_here, "manifest": m.to_dict()}, indent=2))

@@ -103,12 +103,17 @@ def backend_names() -> list[str]:
     return [t.backend for t in TARGETS.values()]
 
 
+def find_backend(backend: str | None) -> Target | None:
+    """The record whose runtime is `backend`, or None."""
+    return next((t for t in TARGETS.values() if t.backend == backend), None)
+
+
 def for_backend(backend: str) -> Target:
     """The record whose runtime is `backend`; a one-line BitdeployError names the choices otherwise."""
-    for t in TARGETS.values():
-        if t.backend == backend:
-            return t
-    raise BitdeployError(f"unknown backend {backend!r}; choose one of: {', '.join(backend_names())}")
+    record = find_backend(backend)
+    if record is None:
+        raise BitdeployError(f"unknown backend {backend!r}; choose one of: {', '.join(backend_names())}")
+    return record
 
 
 def import_object(ref: str) -> Any:

@@ -93,7 +93,7 @@ class Backend(ABC):
 
 def backend_available(name: str) -> bool:
     """The backend is registered and its SDK is installed (checked without importing it)."""
-    record = next((t for t in targets.TARGETS.values() if t.backend == name), None)
+    record = targets.find_backend(name)
     if record is None:
         return False
     try:
