@@ -81,11 +81,15 @@ def load_eval_set(spec: str, seed: int = 0) -> EvalSet:
         return EvalSet(splits.val, list(splits.classes), spec, "val")
     root = Path(spec)
     if not root.is_dir():
-        raise DatasetError(f"{spec}: without the training extra only ImageFolder directories can be read; pass a directory or install it: pip install \"bitdeploy[train]\"")
+        raise DatasetError(
+            f'{spec}: without the training extra only ImageFolder directories can be read; pass a directory or install it: pip install "bitdeploy[train]"'
+        )
     split = "val" if (root / "val").is_dir() else "all"
     folder = FolderSet(root / "val" if split == "val" else root)
     if len(folder) == 0:
-        raise DatasetError(f"{root}: no images found in class sub-folders; use root/<class>/<image> or root/val/<class>/<image>")
+        raise DatasetError(
+            f"{root}: no images found in class sub-folders; use root/<class>/<image> or root/val/<class>/<image>"
+        )
     return EvalSet(folder, folder.classes, str(root), split)
 
 
@@ -109,7 +113,14 @@ def batches(eval_set: EvalSet, input_spec: dict[str, Any], batch_size: int = 32,
         yield np.stack(xs), np.asarray(ys, dtype=np.int64)
 
 
-def run_logits(infer: Callable[[np.ndarray], np.ndarray], eval_set: EvalSet, input_spec: dict[str, Any], batch_size: int = 32, limit: int | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def run_logits(
+    infer: Callable[[np.ndarray], np.ndarray],
+    eval_set: EvalSet,
+    input_spec: dict[str, Any],
+    batch_size: int = 32,
+    limit: int | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     from bitdeploy.benchmarks.latency import _progress
 
     n = len(eval_set) if limit is None else min(limit, len(eval_set))
@@ -123,7 +134,9 @@ def run_logits(infer: Callable[[np.ndarray], np.ndarray], eval_set: EvalSet, inp
     finally:
         bar.close()
     if not logits:
-        raise DatasetError(f"{eval_set.source}: the {eval_set.split} split is empty; use a dataset with validation images")
+        raise DatasetError(
+            f"{eval_set.source}: the {eval_set.split} split is empty; use a dataset with validation images"
+        )
     return np.concatenate(logits), np.concatenate(labels)
 
 
@@ -136,7 +149,9 @@ def label_map(bundle_labels: Sequence[str] | None, classes: Sequence[str]) -> tu
         return np.asarray([pos[c] for c in classes]), "by name"
     if len(bundle_labels) == len(classes):
         return np.arange(len(classes)), "by index (class names differ)"
-    raise DatasetError(f"dataset has {len(classes)} classes {list(classes)[:5]}... but the bundle's labels are {list(bundle_labels)[:5]}... ({len(bundle_labels)}); evaluate on the dataset the bundle was built for")
+    raise DatasetError(
+        f"dataset has {len(classes)} classes {list(classes)[:5]}... but the bundle's labels are {list(bundle_labels)[:5]}... ({len(bundle_labels)}); evaluate on the dataset the bundle was built for"
+    )
 
 
 def topk(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -181,6 +196,8 @@ def measure(
         name, ref_infer = reference
         ref_logits, _ = run_logits(ref_infer, eval_set, input_spec, batch_size, limit, progress)
         if ref_logits.shape != logits.shape:
-            raise DatasetError(f"reference {name} gives logits of shape {ref_logits.shape}, the bundle {logits.shape}; pass a reference built for the same classes")
+            raise DatasetError(
+                f"reference {name} gives logits of shape {ref_logits.shape}, the bundle {logits.shape}; pass a reference built for the same classes"
+            )
         out["reference"] = {"name": name, "top1": topk(ref_logits, target, 1), **agreement(logits, ref_logits)}
     return out

@@ -66,7 +66,9 @@ class PytorchBaseline:
 
     name = "pytorch"
 
-    def __init__(self, module: Any, form: str, weights_info: dict[str, Any] | None = None, labels: list[str] | None = None) -> None:
+    def __init__(
+        self, module: Any, form: str, weights_info: dict[str, Any] | None = None, labels: list[str] | None = None
+    ) -> None:
         torch = require("torch", "train", "PyTorch (torch), needed for the PyTorch baseline")
         self._torch = torch
         self.module, self.form = module, form
@@ -76,7 +78,15 @@ class PytorchBaseline:
         self._grad_off = torch.no_grad if form == "compiled-folded" else torch.inference_mode
 
     @classmethod
-    def load(cls, model_name: str, num_classes: int | None, weights: str = "none", threads: int | None = None, seed: int = 0, form: str = "eager-ws") -> PytorchBaseline:
+    def load(
+        cls,
+        model_name: str,
+        num_classes: int | None,
+        weights: str = "none",
+        threads: int | None = None,
+        seed: int = 0,
+        form: str = "eager-ws",
+    ) -> PytorchBaseline:
         torch = require("torch", "train", "PyTorch (torch), needed for the PyTorch baseline")
         from bitdeploy.training.weights import load_model
 
@@ -114,7 +124,12 @@ def baseline_weights(choice: str, manifest: Mapping[str, Any]) -> str:
         return choice
     weights = as_manifest(manifest).model.get("weights") or {}
     source = weights.get("source")
-    if weights.get("kind") in ("npz", "checkpoint") and source and "://" not in str(source) and Path(os.fspath(source)).exists():
+    if (
+        weights.get("kind") in ("npz", "checkpoint")
+        and source
+        and "://" not in str(source)
+        and Path(os.fspath(source)).exists()
+    ):
         return str(source)
     return "none"
 
@@ -165,7 +180,13 @@ def measure_forms(
     out = []
     for form in forms:
         log(f"timing the PyTorch baseline {form} ({LABELS[form]})")
-        result: dict[str, Any] = {"form": form, "label": LABELS[form], "status": "valid", "compile_s": None, "measured": None}
+        result: dict[str, Any] = {
+            "form": form,
+            "label": LABELS[form],
+            "status": "valid",
+            "compile_s": None,
+            "measured": None,
+        }
         if form == "compiled-folded":
             result.update(_compiled_in_child(model, shape, timing, compile_timeout))
             out.append(result)
@@ -183,7 +204,9 @@ def measure_forms(
     return out
 
 
-def _compiled_in_child(model: Any, shape: Sequence[int], timing: dict[str, Any], compile_timeout: float) -> dict[str, Any]:
+def _compiled_in_child(
+    model: Any, shape: Sequence[int], timing: dict[str, Any], compile_timeout: float
+) -> dict[str, Any]:
     """Fold here, pickle the folded module, compile + time it in a child; a failure is a `skipped:` status."""
     torch = require("torch", "train", "PyTorch (torch), needed for the PyTorch baseline")
     from bitdeploy.training.bit import fold_weight_standardization
@@ -191,11 +214,21 @@ def _compiled_in_child(model: Any, shape: Sequence[int], timing: dict[str, Any],
     with tempfile.TemporaryDirectory(prefix="bitdeploy-compile-") as tmp:
         module_path, spec_path = Path(tmp) / "folded.pt", Path(tmp) / "spec.json"
         torch.save(fold_weight_standardization(model).eval(), module_path)
-        spec = {"module": str(module_path), "shape": list(shape), "threads": torch.get_num_threads(), "timing": timing, "compile_timeout": compile_timeout}
+        spec = {
+            "module": str(module_path),
+            "shape": list(shape),
+            "threads": torch.get_num_threads(),
+            "timing": timing,
+            "compile_timeout": compile_timeout,
+        }
         spec_path.write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, "-m", "bitdeploy.benchmarks.baseline", str(spec_path)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "bitdeploy.benchmarks.baseline", str(spec_path)], capture_output=True, text=True
+        )
     if proc.returncode == EXIT_COMPILE_TIMEOUT:
-        return {"status": f"skipped: torch.compile did not finish within {compile_timeout:g} s (the compile-time bound)"}
+        return {
+            "status": f"skipped: torch.compile did not finish within {compile_timeout:g} s (the compile-time bound)"
+        }
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
         try:
@@ -203,7 +236,9 @@ def _compiled_in_child(model: Any, shape: Sequence[int], timing: dict[str, Any],
         except ValueError:
             pass
     err = [ln.strip() for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    return {"status": f"skipped: torch.compile does not work on this CPU here ({(err[-1] if err else f'exit {proc.returncode}')[:200]})"}
+    return {
+        "status": f"skipped: torch.compile does not work on this CPU here ({(err[-1] if err else f'exit {proc.returncode}')[:200]})"
+    }
 
 
 def _child(spec_path: str) -> int:
@@ -231,7 +266,13 @@ def _child(spec_path: str) -> int:
     base.infer(x)
     first_ms = (time.perf_counter() - t1) * 1e3
     measured = time_target(base, shape, spec["timing"])
-    result = {"prepare_s": compile_s, "compile_s": compile_s, "first_infer_ms": first_ms, "measured": measured, "describe": {**base.describe(), "compile_s": compile_s}}
+    result = {
+        "prepare_s": compile_s,
+        "compile_s": compile_s,
+        "first_infer_ms": first_ms,
+        "measured": measured,
+        "describe": {**base.describe(), "compile_s": compile_s},
+    }
     print(json.dumps(result, default=float))
     return 0
 

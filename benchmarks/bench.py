@@ -132,14 +132,26 @@ def _describe(obj: Any) -> dict[str, Any]:
         return {}
 
 
-def measure_latency(target: Any, shape: tuple[int, int, int], opts: BenchOptions, images: list[bytes] | None, input_spec: dict[str, Any] | None) -> dict[str, Any]:
+def measure_latency(
+    target: Any,
+    shape: tuple[int, int, int],
+    opts: BenchOptions,
+    images: list[bytes] | None,
+    input_spec: dict[str, Any] | None,
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if opts.scenario in ("single-stream", "both"):
-        out["single_stream"] = latency.single_stream(target, shape, opts.iterations, opts.duration, opts.warmup, opts.keep_raw, opts.progress, opts.seed)
+        out["single_stream"] = latency.single_stream(
+            target, shape, opts.iterations, opts.duration, opts.warmup, opts.keep_raw, opts.progress, opts.seed
+        )
     if opts.scenario in ("offline", "both"):
-        out["offline"] = latency.offline(target, shape, opts.batch_sizes, opts.iterations, opts.duration, progress=opts.progress, seed=opts.seed)
+        out["offline"] = latency.offline(
+            target, shape, opts.batch_sizes, opts.iterations, opts.duration, progress=opts.progress, seed=opts.seed
+        )
     if opts.end_to_end and images and input_spec is not None:
-        out["end_to_end"] = latency.end_to_end(target, images, input_spec, opts.iterations, opts.duration, keep_raw=False, progress=opts.progress)
+        out["end_to_end"] = latency.end_to_end(
+            target, images, input_spec, opts.iterations, opts.duration, keep_raw=False, progress=opts.progress
+        )
     return out
 
 
@@ -150,7 +162,9 @@ class Bench:
         if opts.scenario not in SCENARIOS:
             raise BitdeployError(f"unknown --scenario {opts.scenario!r}; choose one of: {', '.join(SCENARIOS)}")
         if opts.reference and not opts.dataset:
-            raise BitdeployError("--reference needs --dataset (agreement is measured on its images); add --dataset SPEC")
+            raise BitdeployError(
+                "--reference needs --dataset (agreement is measured on its images); add --dataset SPEC"
+            )
         self.opts = opts
         self.env = collect(opts.threads)
         self.eval_set: EvalSet | None = load_eval_set(opts.dataset, opts.seed) if opts.dataset else None
@@ -182,7 +196,10 @@ class Bench:
                 return [], None
         images = source.encoded(E2E_IMAGES)
         arr, _ = source.images[0]
-        return images, f"{source.source} {source.split} split, {len(images)} images, first {arr.shape[1]}x{arr.shape[0]} px, encoded"
+        return (
+            images,
+            f"{source.source} {source.split} split, {len(images)} images, first {arr.shape[1]}x{arr.shape[0]} px, encoded",
+        )
 
     def close(self) -> None:
         if self._ref_pred is not None:
@@ -204,19 +221,38 @@ class Bench:
             target, model = manifest.target, manifest.model
             size_mb, files = _bundle_size(Path(bundle), manifest)
             entry = new_entry(
-                name=name, kind="bundle", bundle=str(bundle), model=model.get("name"), resolution=model.get("resolution"),
-                num_classes=model.get("num_classes"), target=target.backend or desc.get("backend"),
-                precision=target.precision, precision_used=_precision_used(target, desc),
+                name=name,
+                kind="bundle",
+                bundle=str(bundle),
+                model=model.get("name"),
+                resolution=model.get("resolution"),
+                num_classes=model.get("num_classes"),
+                target=target.backend or desc.get("backend"),
+                precision=target.precision,
+                precision_used=_precision_used(target, desc),
                 backend_device=str(desc.get("device") or target.device or opts.device or "cpu"),
-                status="valid" if manifest.valid else "failed gate", size_mb=size_mb, files_sha256=files,
-                load_s=load_s, first_infer_ms=first_ms, build_accuracy=manifest.accuracy, describe=desc,
-            )  # fmt: skip
+                status="valid" if manifest.valid else "failed gate",
+                size_mb=size_mb,
+                files_sha256=files,
+                load_s=load_s,
+                first_infer_ms=first_ms,
+                build_accuracy=manifest.accuracy,
+                describe=desc,
+            )
             entry["device"] = device_label(self.env, entry["backend_device"])
             entry.update(measure_latency(pred, shape, opts, self.images, manifest.input))
             if entry.get("end_to_end"):
                 entry["end_to_end"]["images_source"] = self.images_source
             if self.eval_set is not None:
-                entry["accuracy"] = measure(pred.infer, manifest.input, manifest.labels, self.eval_set, self.reference, opts.samples, progress=opts.progress)
+                entry["accuracy"] = measure(
+                    pred.infer,
+                    manifest.input,
+                    manifest.labels,
+                    self.eval_set,
+                    self.reference,
+                    opts.samples,
+                    progress=opts.progress,
+                )
         except BitdeployError as exc:
             entry = new_entry(name=name, kind="bundle", bundle=str(bundle), status=f"failed: {exc}", error=str(exc))
         finally:
@@ -231,35 +267,84 @@ class Bench:
 
         opts = self.opts
         model = manifest_like.model
-        common = {"kind": "pytorch", "model": model.get("name"), "resolution": model.get("resolution"), "num_classes": model.get("num_classes"), "target": "pytorch", "precision": "fp32"}
+        common = {
+            "kind": "pytorch",
+            "model": model.get("name"),
+            "resolution": model.get("resolution"),
+            "num_classes": model.get("num_classes"),
+            "target": "pytorch",
+            "precision": "fp32",
+        }
         forms = FORMS if opts.compile_timeout > 0 else FORMS[:2]
         rss_method = _reset_peak_rss()
         try:
             weights = baseline_weights(opts.pytorch_baseline or "auto", manifest_like)
             loaded = PytorchBaseline.load(model["name"], model.get("num_classes"), weights, opts.threads, opts.seed)
         except BitdeployError as exc:
-            return [new_entry(name=entry_name(f, model.get("name"), model.get("resolution")), status=f"failed: {exc}", error=str(exc), **common) for f in forms]
+            return [
+                new_entry(
+                    name=entry_name(f, model.get("name"), model.get("resolution")),
+                    status=f"failed: {exc}",
+                    error=str(exc),
+                    **common,
+                )
+                for f in forms
+            ]
         shape = _shape_chw(manifest_like)
         # Random or re-headed weights would give a meaningless top-1: only the bundle's own checkpoint or a given file.
-        with_accuracy = self.eval_set is not None and weights != "none" and (opts.pytorch_baseline != "auto" or loaded.weights_info.get("kind") == "checkpoint")
+        with_accuracy = (
+            self.eval_set is not None
+            and weights != "none"
+            and (opts.pytorch_baseline != "auto" or loaded.weights_info.get("kind") == "checkpoint")
+        )
 
         def time_eager(base: PytorchBaseline) -> dict[str, Any]:
             out = measure_latency(base, shape, opts, self.images, manifest_like.input)
             if with_accuracy and base.form == "eager-ws" and self.eval_set is not None:
-                out["accuracy"] = measure(base.infer, manifest_like.input, base.labels or manifest_like.labels, self.eval_set, None, opts.samples, progress=opts.progress)
+                out["accuracy"] = measure(
+                    base.infer,
+                    manifest_like.input,
+                    base.labels or manifest_like.labels,
+                    self.eval_set,
+                    None,
+                    opts.samples,
+                    progress=opts.progress,
+                )
             return out
 
-        timing = {"kind": "bench", "options": {k: getattr(opts, k) for k in ("batch_sizes", "scenario", "iterations", "duration", "warmup", "keep_raw", "seed")}}
-        results = measure_forms(loaded.module, shape, timing, time_eager, forms, opts.compile_timeout, loaded.weights_info, loaded.labels, self.log)
+        timing = {
+            "kind": "bench",
+            "options": {
+                k: getattr(opts, k)
+                for k in ("batch_sizes", "scenario", "iterations", "duration", "warmup", "keep_raw", "seed")
+            },
+        }
+        results = measure_forms(
+            loaded.module,
+            shape,
+            timing,
+            time_eager,
+            forms,
+            opts.compile_timeout,
+            loaded.weights_info,
+            loaded.labels,
+            self.log,
+        )
         loaded.close()
         entries = []
         for r in results:
             measured = dict(r.get("measured") or {})
             entry = new_entry(
-                name=entry_name(r["form"], model["name"], model["resolution"]), precision_used="f32", backend_device="cpu", status=r["status"],
-                load_s=r.get("prepare_s"), first_infer_ms=r.get("first_infer_ms"), describe=r.get("describe") or {"form": r["form"], "label": r["label"]},
-                accuracy=measured.pop("accuracy", None), **common,
-            )  # fmt: skip
+                name=entry_name(r["form"], model["name"], model["resolution"]),
+                precision_used="f32",
+                backend_device="cpu",
+                status=r["status"],
+                load_s=r.get("prepare_s"),
+                first_infer_ms=r.get("first_infer_ms"),
+                describe=r.get("describe") or {"form": r["form"], "label": r["label"]},
+                accuracy=measured.pop("accuracy", None),
+                **common,
+            )
             entry["device"] = device_label(self.env, "cpu")
             entry.update(measured)
             if entry.get("end_to_end"):
@@ -308,4 +393,3 @@ def run(bundles: list[str], opts: BenchOptions) -> dict[str, Any]:
 
 def failed(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return [e for e in doc["results"] if str(e.get("status", "")).startswith("failed:")]
-

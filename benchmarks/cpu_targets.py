@@ -46,7 +46,9 @@ def randomise_norms(model: Any, seed: int) -> None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
 
 
-def build_engines(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> tuple[dict[str, Callable[[np.ndarray], Any]], dict[str, str], np.ndarray, list[dict[str, Any]]]:
+def build_engines(
+    args: argparse.Namespace, work: Path, log: Callable[[str], None]
+) -> tuple[dict[str, Callable[[np.ndarray], Any]], dict[str, str], np.ndarray, list[dict[str, Any]]]:
     """Time the PyTorch baselines, then export, convert and load every engine; returns name -> infer(batch),
     name -> what runs, one input, and the baselines (`baseline.measure_forms`)."""
     import torch
@@ -69,13 +71,18 @@ def build_engines(args: argparse.Namespace, work: Path, log: Callable[[str], Non
     x = eval_batch(splits.val, res, [0])[0]
     from bitdeploy.benchmarks.baseline import measure_forms
 
-    timing = {"kind": "quick", "kwargs": {"iterations": args.rounds * args.iters, "warmup": 5, "throughput_batches": []}}
+    timing = {
+        "kind": "quick",
+        "kwargs": {"iterations": args.rounds * args.iters, "warmup": 5, "throughput_batches": []},
+    }
     baselines = measure_forms(model, (3, res, res), timing, log=log)  # before the export's ONNX Runtime check runs
     log(f"exporting {args.model} at {res} px")
     onnx_path = work / "model.onnx"
     export_onnx(model, res, onnx_path)
     log(f"calibrating on {args.calib_size} digits training images")
-    calibration = calib_mod.from_image_set(splits.train, res, size=args.calib_size, seed=args.seed, source="digits:train")
+    calibration = calib_mod.from_image_set(
+        splits.train, res, size=args.calib_size, seed=args.seed, source="digits:train"
+    )
 
     engines: dict[str, Callable[[np.ndarray], Any]] = {}
     what: dict[str, str] = {}
@@ -102,12 +109,22 @@ def build_engines(args: argparse.Namespace, work: Path, log: Callable[[str], Non
         if backend == "openvino":
             # The same IR with the device's default float precision (bf16 on CPUs with AVX512-BF16 or AMX): what
             # `--inference-precision bf16` opts into; bundles are pinned to f32 by default.
-            d = open_backend("openvino", out / art.model_file, {"target": {**target, "precision": "fp16", "precision_used": "", "inference_precision": None}}, threads=args.threads)
-            engines[f"{name}-devdef"], what[f"{name}-devdef"] = d.infer, f"openvino {d.describe().get('precision_used')} float layers (device default, opt-in)"
+            d = open_backend(
+                "openvino",
+                out / art.model_file,
+                {"target": {**target, "precision": "fp16", "precision_used": "", "inference_precision": None}},
+                threads=args.threads,
+            )
+            engines[f"{name}-devdef"], what[f"{name}-devdef"] = (
+                d.infer,
+                f"openvino {d.describe().get('precision_used')} float layers (device default, opt-in)",
+            )
     return engines, what, x, baselines
 
 
-def time_interleaved(engines: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray, rounds: int, iters: int, warmup: int = 5) -> dict[str, list[float]]:
+def time_interleaved(
+    engines: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray, rounds: int, iters: int, warmup: int = 5
+) -> dict[str, list[float]]:
     for fn in engines.values():
         for _ in range(warmup):
             fn(x)
@@ -139,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="bitdeploy-cpu-targets-") as tmp:
             engines, what, x, baselines = build_engines(args, Path(tmp), log)
-            log(f"timing {len(engines)} engines: {args.rounds} interleaved rounds x {args.iters} calls, batch 1, {args.threads} threads")
+            log(
+                f"timing {len(engines)} engines: {args.rounds} interleaved rounds x {args.iters} calls, batch 1, {args.threads} threads"
+            )
             times = time_interleaved(engines, x, args.rounds, args.iters)
     except BitdeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -149,27 +168,56 @@ def main(argv: list[str] | None = None) -> int:
     # degrade far more than the others under contention, so both statistics are shown.
     low = {k: float(np.min(v)) * 1e3 for k, v in times.items()}
     base = med["torch-fp32"]
-    print(f"\n{args.model} {args.resolution}px, batch 1, {args.threads} threads, {args.rounds * args.iters} calls each (weights: {args.weights})")
+    print(
+        f"\n{args.model} {args.resolution}px, batch 1, {args.threads} threads, {args.rounds * args.iters} calls each (weights: {args.weights})"
+    )
     print(f"{'engine':12s} {'p50 ms':>8s} {'p90 ms':>8s} {'min ms':>8s} {'p50 vs torch':>13s}  runs")
     for k, v in times.items():
-        print(f"{k:12s} {med[k]:8.2f} {np.percentile(v, 90) * 1e3:8.2f} {low[k]:8.2f} {base / med[k]:12.2f}x  {what[k]}")
+        print(
+            f"{k:12s} {med[k]:8.2f} {np.percentile(v, 90) * 1e3:8.2f} {low[k]:8.2f} {base / med[k]:12.2f}x  {what[k]}"
+        )
     ran = [b for b in baselines if b["measured"]]
     best = min(ran, key=lambda b: b["measured"]["p50_ms"]) if ran else None
     print(f"\nPyTorch FP32 baselines, timed alone before any engine session ({args.rounds * args.iters} calls each):")
     for b in baselines:
         took = f", compiled in {b['compile_s']:.1f} s" if b.get("compile_s") else ""
-        print(f"  {b['form']:16s} " + (f"p50 {b['measured']['p50_ms']:8.2f} ms{took}" if b["measured"] else b["status"]) + f"  ({b['label']})")
+        print(
+            f"  {b['form']:16s} "
+            + (f"p50 {b['measured']['p50_ms']:8.2f} ms{took}" if b["measured"] else b["status"])
+            + f"  ({b['label']})"
+        )
     if best is not None:
         p50 = best["measured"]["p50_ms"]
-        print(f"engine p50 vs the fastest ({best['form']}): " + ", ".join(f"{k} {p50 / med[k]:.2f}x" for k in times if not k.startswith("torch")))
+        print(
+            f"engine p50 vs the fastest ({best['form']}): "
+            + ", ".join(f"{k} {p50 / med[k]:.2f}x" for k in times if not k.startswith("torch"))
+        )
     print()
     results = []
     for fast, slow, need in TARGETS:
         ratio, ratio_min = med[slow] / med[fast], low[slow] / low[fast]
-        results.append({"faster": fast, "slower": slow, "speedup": round(ratio, 3), "speedup_min": round(ratio_min, 3), "target": need, "met": ratio >= need})
-        print(f"{fast} vs {slow}: {ratio:5.2f}x on medians, {ratio_min:5.2f}x on minima (target >= {need}x: {'met' if ratio >= need else 'NOT met'})")
+        results.append(
+            {
+                "faster": fast,
+                "slower": slow,
+                "speedup": round(ratio, 3),
+                "speedup_min": round(ratio_min, 3),
+                "target": need,
+                "met": ratio >= need,
+            }
+        )
+        print(
+            f"{fast} vs {slow}: {ratio:5.2f}x on medians, {ratio_min:5.2f}x on minima (target >= {need}x: {'met' if ratio >= need else 'NOT met'})"
+        )
     if args.json:
-        out = {"args": {k: str(v) for k, v in vars(args).items()}, "median_ms": med, "min_ms": low, "runs": what, "ratios": results, "pytorch_baselines": baselines}
+        out = {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "median_ms": med,
+            "min_ms": low,
+            "runs": what,
+            "ratios": results,
+            "pytorch_baselines": baselines,
+        }
         args.json.write_text(json.dumps(out, indent=2))
     return 0
 

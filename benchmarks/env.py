@@ -50,7 +50,9 @@ def collect(threads: int | None = None) -> dict[str, Any]:
         "device_class": device_class(fp),
         "threads": threads,
         "libraries": package_versions(LIBRARIES),
-        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ},
+        "env": {
+            k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ
+        },
     }
 
 

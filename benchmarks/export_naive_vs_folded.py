@@ -45,7 +45,11 @@ def conv_weight_sources(path: Path) -> dict[str, int]:
         elif src is not None and src.op_type == "DequantizeLinear":
             q = src.input[0]
             qsrc = producer.get(q)
-            out["int8 constant" if q in inits or (qsrc is not None and qsrc.op_type == "Constant") else "quantized at run time"] += 1
+            out[
+                "int8 constant"
+                if q in inits or (qsrc is not None and qsrc.op_type == "Constant")
+                else "quantized at run time"
+            ] += 1
         else:
             out["computed at run time"] += 1
     return dict(out)
@@ -56,7 +60,12 @@ def graph_stats(path: Path) -> dict[str, Any]:
 
     g = onnx.load(str(path), load_external_data=False).graph
     ops = Counter(n.op_type for n in g.node)
-    return {"file_mb": path.stat().st_size / 1e6, "nodes": len(g.node), "ops": dict(ops.most_common()), "conv_weights": conv_weight_sources(path)}
+    return {
+        "file_mb": path.stat().st_size / 1e6,
+        "nodes": len(g.node),
+        "ops": dict(ops.most_common()),
+        "conv_weights": conv_weight_sources(path),
+    }
 
 
 def _export_naive(model: Any, resolution: int, path: Path) -> None:
@@ -64,8 +73,17 @@ def _export_naive(model: Any, resolution: int, path: Path) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, 3, resolution, resolution),), str(path), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, do_constant_folding=True, dynamo=False)  # fmt: skip
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 3, resolution, resolution),),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            do_constant_folding=True,
+            dynamo=False,
+        )
 
 
 def _ort_session(path: Path, threads: int) -> Any:
@@ -86,7 +104,9 @@ def _ov_compile(path: Path, threads: int) -> Any:
     return core.compile_model(core.read_model(str(path)), "CPU", config)
 
 
-def timed_create(factory: Any, variants: dict[str, Path], repeats: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+def timed_create(
+    factory: Any, variants: dict[str, Path], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Create each variant `repeats` times, alternating; keep the last object of each. Seconds per creation."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     objs: dict[str, Any] = {}
@@ -128,13 +148,25 @@ def quantize_int8(src: Path, dst: Path, shape: tuple[int, ...], samples: int) ->
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs a pre-processing suggestion per call
     try:
-        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        per_channel=True, op_types_to_quantize=["Conv"])  # fmt: skip
+        quantize_static(
+            str(src),
+            str(dst),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["Conv"],
+        )
     except Exception as exc:  # report, do not hide: the point is what the quantizer does with each graph
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     finally:
         root.setLevel(level)
-    return {"seconds": time.perf_counter() - t0, "file_mb": dst.stat().st_size / 1e6, "conv_weights": conv_weight_sources(dst)}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "file_mb": dst.stat().st_size / 1e6,
+        "conv_weights": conv_weight_sources(dst),
+    }
 
 
 def _med(xs: list[float]) -> float:
@@ -165,7 +197,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     runners = {k: (lambda i, s=s: s.run(None, {"input": x})) for k, s in sessions.items()}
     lat = interleaved(runners, args.rounds, args.chunk, args.warmup)
     a, b = sessions["folded"].run(None, {"input": x})[0], sessions["naive"].run(None, {"input": x})[0]
-    res["onnxruntime"] = {"create_s": {k: _med(v) for k, v in times.items()}, "p50_ms": {k: _med(v) for k, v in lat.items()}, "n": {k: len(v) for k, v in lat.items()}, "max_abs_logit_diff": float(np.abs(a - b).max())}
+    res["onnxruntime"] = {
+        "create_s": {k: _med(v) for k, v in times.items()},
+        "p50_ms": {k: _med(v) for k, v in lat.items()},
+        "n": {k: len(v) for k, v in lat.items()},
+        "max_abs_logit_diff": float(np.abs(a - b).max()),
+    }
     del sessions, runners
 
     if not args.no_openvino:
@@ -173,11 +210,17 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         reqs = {k: c.create_infer_request() for k, c in compiled.items()}
         runners = {k: (lambda i, r=r: r.infer({0: x})) for k, r in reqs.items()}
         lat = interleaved(runners, args.rounds, args.chunk, args.warmup)
-        res["openvino"] = {"compile_s": {k: _med(v) for k, v in times.items()}, "p50_ms": {k: _med(v) for k, v in lat.items()}, "n": {k: len(v) for k, v in lat.items()}}
+        res["openvino"] = {
+            "compile_s": {k: _med(v) for k, v in times.items()},
+            "p50_ms": {k: _med(v) for k, v in lat.items()},
+            "n": {k: len(v) for k, v in lat.items()},
+        }
         del reqs, runners, compiled
 
     if not args.no_quantize:
-        res["ort_int8"] = {k: quantize_int8(p, work / f"{k}.int8.onnx", shape, args.calib_samples) for k, p in paths.items()}
+        res["ort_int8"] = {
+            k: quantize_int8(p, work / f"{k}.int8.onnx", shape, args.calib_samples) for k, p in paths.items()
+        }
     return res
 
 
@@ -190,15 +233,40 @@ def report(res: dict[str, Any]) -> str:
     rows = [
         ("file size, MB", g["folded"]["file_mb"], g["naive"]["file_mb"], ".1f"),
         ("ONNX nodes", g["folded"]["nodes"], g["naive"]["nodes"], "d"),
-        ("Conv weights that are constants", g["folded"]["conv_weights"].get("float constant", 0), g["naive"]["conv_weights"].get("float constant", 0), "d"),
-        ("Conv weights computed at run time", g["folded"]["conv_weights"].get("computed at run time", 0), g["naive"]["conv_weights"].get("computed at run time", 0), "d"),
-        ("ORT session creation, s", res["onnxruntime"]["create_s"]["folded"], res["onnxruntime"]["create_s"]["naive"], ".3f"),
+        (
+            "Conv weights that are constants",
+            g["folded"]["conv_weights"].get("float constant", 0),
+            g["naive"]["conv_weights"].get("float constant", 0),
+            "d",
+        ),
+        (
+            "Conv weights computed at run time",
+            g["folded"]["conv_weights"].get("computed at run time", 0),
+            g["naive"]["conv_weights"].get("computed at run time", 0),
+            "d",
+        ),
+        (
+            "ORT session creation, s",
+            res["onnxruntime"]["create_s"]["folded"],
+            res["onnxruntime"]["create_s"]["naive"],
+            ".3f",
+        ),
         ("ORT batch-1 p50, ms", res["onnxruntime"]["p50_ms"]["folded"], res["onnxruntime"]["p50_ms"]["naive"], ".2f"),
     ]
     if "openvino" in res:
         rows += [
-            ("OpenVINO read+compile, s", res["openvino"]["compile_s"]["folded"], res["openvino"]["compile_s"]["naive"], ".3f"),
-            ("OpenVINO f32 batch-1 p50, ms", res["openvino"]["p50_ms"]["folded"], res["openvino"]["p50_ms"]["naive"], ".2f"),
+            (
+                "OpenVINO read+compile, s",
+                res["openvino"]["compile_s"]["folded"],
+                res["openvino"]["compile_s"]["naive"],
+                ".3f",
+            ),
+            (
+                "OpenVINO f32 batch-1 p50, ms",
+                res["openvino"]["p50_ms"]["folded"],
+                res["openvino"]["p50_ms"]["naive"],
+                ".2f",
+            ),
         ]
     for k in ("folded", "naive"):
         q = (res.get("ort_int8") or {}).get(k)
@@ -207,7 +275,14 @@ def report(res: dict[str, Any]) -> str:
     else:
         qf, qn = res["ort_int8"]["folded"], res["ort_int8"]["naive"]
         for label in ("int8 constant", "quantized at run time", "float constant", "computed at run time"):
-            rows.append((f"ORT INT8: Conv weights {label}", (qf.get("conv_weights") or {}).get(label, 0), (qn.get("conv_weights") or {}).get(label, 0), "d"))
+            rows.append(
+                (
+                    f"ORT INT8: Conv weights {label}",
+                    (qf.get("conv_weights") or {}).get(label, 0),
+                    (qn.get("conv_weights") or {}).get(label, 0),
+                    "d",
+                )
+            )
     s = res["settings"]
     lines = [
         f"{s['model']} at {s['resolution']} px, {s['num_classes']} classes, random weights, {s['threads']} threads, "
@@ -224,7 +299,9 @@ def report(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bitdeploy.benchmarks.export_naive_vs_folded", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bitdeploy.benchmarks.export_naive_vs_folded", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--model", default="m-r50x1")
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--num-classes", type=int, default=1000)

@@ -32,7 +32,13 @@ def _backend(path: Path, threads: int) -> Any:
     from bitdeploy.runtimes.base import open_backend
 
     if path.suffix == ".xml":
-        return open_backend("openvino", path, {"target": {"precision": "int8", "inference_precision": "f32"}}, device="CPU", threads=threads)
+        return open_backend(
+            "openvino",
+            path,
+            {"target": {"precision": "int8", "inference_precision": "f32"}},
+            device="CPU",
+            threads=threads,
+        )
     return open_backend("onnxruntime", path, {"target": {"precision": "int8"}}, device="cpu", threads=threads)
 
 
@@ -63,7 +69,18 @@ def _emulated(paths: dict[str, Path], x: np.ndarray, threads: int, work: Path) -
         return None
     np.save(work / "x.npy", x)
     (work / "paths.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}))
-    cmd = [qemu, "-cpu", "Haswell", sys.executable, "-m", "bitdeploy.benchmarks.int8_cpu_classes", "--worker", str(work), "--threads", str(threads)]
+    cmd = [
+        qemu,
+        "-cpu",
+        "Haswell",
+        sys.executable,
+        "-m",
+        "bitdeploy.benchmarks.int8_cpu_classes",
+        "--worker",
+        str(work),
+        "--threads",
+        str(threads),
+    ]
     subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
     with np.load(work / "emulated.npz", allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
@@ -132,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
         paths = {"fp32": work / "fp32.onnx"}
         for scheme in SCHEMES:
             (work / scheme).mkdir()
-            ort_convert.convert(work / "fp32.onnx", work / scheme, "int8", calib, ConvertOptions(extras=OrtOptions(int8_scheme=scheme)))
+            ort_convert.convert(
+                work / "fp32.onnx", work / scheme, "int8", calib, ConvertOptions(extras=OrtOptions(int8_scheme=scheme))
+            )
             paths[f"ort {scheme}"] = work / scheme / "model.onnx"
         (work / "ov").mkdir()
         openvino_convert.convert(work / "fp32.onnx", work / "ov", "int8", calib, ConvertOptions(threads=args.threads))
@@ -142,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
         ms = _latency(paths, x[:1], args.threads, args.rounds, args.per_round)
 
     cpu = host_fingerprint()["cpu"]["class"]
-    print(f"{args.model} @ {res} px, {len(x)} {args.dataset} val images, calibration {len(calib)}; {args.threads} threads; this CPU: {cpu}")
+    print(
+        f"{args.model} @ {res} px, {len(x)} {args.dataset} val images, calibration {len(calib)}; {args.threads} threads; this CPU: {cpu}"
+    )
     head = f"{'variant':16s} {'top-1':>7s} {'agree':>7s} {'corr':>8s} {'rel err':>8s}"
     head += f" | {'AVX2: top-1':>11s} {'agree':>7s} {'corr':>8s} {'rel err':>8s}" if emulated else ""
     print(head + f" | {'p50 ms':>7s} {'vs fp32':>7s}")

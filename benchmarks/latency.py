@@ -85,7 +85,9 @@ def _progress(total: int | None, desc: str, enabled: bool, unit: str = "q") -> A
         try:
             from tqdm import tqdm
 
-            return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5)
+            return tqdm(
+                total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5
+            )
         except ImportError:
             pass
 
@@ -152,7 +154,9 @@ def single_stream(
 ) -> dict[str, Any]:
     """MLPerf single-stream: batch 1, one query in flight. Returns summarize(...) plus the settings used."""
     inputs = make_inputs((1, *shape_chw), seed=seed)
-    lat = timed_loop(lambda i: backend.infer(inputs[i % len(inputs)]), iterations, duration, warmup, progress, "single-stream")
+    lat = timed_loop(
+        lambda i: backend.infer(inputs[i % len(inputs)]), iterations, duration, warmup, progress, "single-stream"
+    )
     out = summarize(lat, keep_raw=keep_raw)
     out.update(scenario="single-stream", batch_size=1, warmup=warmup, iterations=iterations, duration_s=duration)
     out["images_per_s"] = 1000.0 / out["mean_ms"] if out["mean_ms"] > 0 else None
@@ -183,7 +187,15 @@ def offline(
             raise ValueError(f"batch size must be >= 1 (got {bs})")
         inputs = make_inputs((bs, *shape_chw), pool=2, seed=seed)
         n_batches = None if iterations is None else max(min_batches, math.ceil(iterations / bs))
-        lat = timed_loop(lambda i, x=inputs: backend.infer(x[i % 2]), n_batches, duration, warmup, progress, f"offline bs={bs}", "batch")
+        lat = timed_loop(
+            lambda i, x=inputs: backend.infer(x[i % 2]),
+            n_batches,
+            duration,
+            warmup,
+            progress,
+            f"offline bs={bs}",
+            "batch",
+        )
         total_s = sum(lat) / 1000.0
         stats = summarize(lat)
         rows.append(
@@ -274,10 +286,19 @@ def quick(
         try:
             off = offline(backend, shape_chw, (bs,), iterations=throughput_images, warmup=1, min_batches=2, seed=seed)
         except Exception as exc:  # each engine has its own allocation-failure type (ORT's derive from Exception only)
-            stopped = f"batch {bs}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
+            stopped = (
+                f"batch {bs}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
+            )
             break
         res = off["results"][0]
-        rows.append({"batch_size": bs, "images_per_s": res["images_per_s"], "batch_p50_ms": res["batch_p50_ms"], "images": res["images"]})
+        rows.append(
+            {
+                "batch_size": bs,
+                "images_per_s": res["images_per_s"],
+                "batch_p50_ms": res["batch_p50_ms"],
+                "images": res["images"],
+            }
+        )
     best = max(rows, key=lambda r: r["images_per_s"] or 0.0) if rows else None
     return {
         "p50_ms": ss["p50_ms"],

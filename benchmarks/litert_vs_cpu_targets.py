@@ -26,7 +26,13 @@ def _open(bundle: Path, threads: int) -> tuple[Any, dict[str, Any]]:
     from bitdeploy.runtimes.base import open_backend
 
     manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
-    backend = open_backend(manifest["target"]["backend"], bundle / manifest["model_file"], manifest, device=manifest["target"].get("device"), threads=threads)
+    backend = open_backend(
+        manifest["target"]["backend"],
+        bundle / manifest["model_file"],
+        manifest,
+        device=manifest["target"].get("device"),
+        threads=threads,
+    )
     return backend, manifest
 
 
@@ -61,12 +67,20 @@ def measure(bundles: list[Path], threads: int, rounds: int, queries: int, batch:
     for (backend, manifest), path, lat, bat in zip(opened, bundles, p50, batch_ms):
         acc = manifest.get("accuracy") or {}
         target = manifest["target"]
-        rows.append({
-            "bundle": path.name, "backend": target["backend"], "precision": target["precision"], "precision_used": target.get("precision_used"),
-            "top1": acc.get("top1"), "reference_top1": acc.get("reference_top1"), "agreement": acc.get("agreement"),
-            "size_mb": sum((path / f).stat().st_size for f in manifest.get("files", {}) if f != "golden.npz") / 1e6,
-            "p50_rounds_ms": lat, "batch_rounds_ms": bat,
-        })  # fmt: skip
+        rows.append(
+            {
+                "bundle": path.name,
+                "backend": target["backend"],
+                "precision": target["precision"],
+                "precision_used": target.get("precision_used"),
+                "top1": acc.get("top1"),
+                "reference_top1": acc.get("reference_top1"),
+                "agreement": acc.get("agreement"),
+                "size_mb": sum((path / f).stat().st_size for f in manifest.get("files", {}) if f != "golden.npz") / 1e6,
+                "p50_rounds_ms": lat,
+                "batch_rounds_ms": bat,
+            }
+        )
         backend.close()
     return rows
 
@@ -85,7 +99,9 @@ def table(rows: list[dict[str, Any]], reference: str, batch: int) -> str:
         top1 = f"{r['top1'] * 100:.2f}%" if r["top1"] is not None else "-"
         drop = f"{(r['top1'] - r['reference_top1']) * 100:+.2f}" if r["top1"] is not None else "-"
         agree = f"{r['agreement'] * 100:.1f}%" if r["agreement"] is not None else "-"
-        lines.append(f"| {r['bundle']} | {r['backend']} {r['precision_used']} | {top1} | {drop} | {agree} | {r['size_mb']:.1f} | {p50:.2f} | {speed:.2f}x | {ips:.0f} | {tput:.2f}x |")
+        lines.append(
+            f"| {r['bundle']} | {r['backend']} {r['precision_used']} | {top1} | {drop} | {agree} | {r['size_mb']:.1f} | {p50:.2f} | {speed:.2f}x | {ips:.0f} | {tput:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -107,9 +123,15 @@ def main(argv: list[str] | None = None) -> None:
     info = host_fingerprint().get("cpu") or {}
     cpu = f"{info.get('model', 'unknown CPU')}, {info.get('class', info.get('arch', '?'))}, {os.cpu_count()} cores"
     print(table(rows, args.reference or args.bundles[0].name, args.batch))
-    print(f"\nCPU: {cpu}; {args.threads} threads; {args.rounds} rounds x {args.queries} batch-1 queries, interleaved; load average {load_before:.1f} -> {load_after:.1f}")
+    print(
+        f"\nCPU: {cpu}; {args.threads} threads; {args.rounds} rounds x {args.queries} batch-1 queries, interleaved; load average {load_before:.1f} -> {load_after:.1f}"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu, "load_average": [load_before, load_after], "rows": rows}, indent=1, default=str) + "\n", encoding="utf-8")
+        args.json.write_text(
+            json.dumps({"cpu": cpu, "load_average": [load_before, load_after], "rows": rows}, indent=1, default=str)
+            + "\n",
+            encoding="utf-8",
+        )
 
 
 if __name__ == "__main__":

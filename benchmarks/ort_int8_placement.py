@@ -33,7 +33,9 @@ def _variants(onnx_fp32: Path, work: Path, calib: Any) -> dict[str, Path]:
     from bitdeploy.converters.ort_quant import quantize_qdq
 
     model = onnx.load(str(onnx_fp32), load_external_data=False)
-    consts = {i.name for i in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    consts = {i.name for i in model.graph.initializer} | {
+        n.output[0] for n in model.graph.node if n.op_type == "Constant"
+    }
     residual = [n.name for n in model.graph.node if n.op_type == "Add" and not set(n.input) & consts]
     others = [n.name for n in model.graph.node if n.op_type not in ("Conv", "Add", "MaxPool", "GlobalAveragePool")]
     out = {"fp32": onnx_fp32}
@@ -41,8 +43,16 @@ def _variants(onnx_fp32: Path, work: Path, calib: Any) -> dict[str, Path]:
         "s8s8-conv": {"activation_type": "int8"},
         "u8s8-conv": {"activation_type": "uint8"},
         "u8s8-conv-head": {"activation_type": "uint8", "exclude_head": True},
-        "u8s8-conv-add": {"activation_type": "uint8", "op_types": ("Conv", "Add"), "nodes_to_exclude": [n.name for n in model.graph.node if n.op_type == "Add" and n.name not in residual]},
-        "u8s8-conv-pool": {"activation_type": "uint8", "op_types": ("Conv", "MaxPool", "GlobalAveragePool"), "nodes_to_exclude": others},
+        "u8s8-conv-add": {
+            "activation_type": "uint8",
+            "op_types": ("Conv", "Add"),
+            "nodes_to_exclude": [n.name for n in model.graph.node if n.op_type == "Add" and n.name not in residual],
+        },
+        "u8s8-conv-pool": {
+            "activation_type": "uint8",
+            "op_types": ("Conv", "MaxPool", "GlobalAveragePool"),
+            "nodes_to_exclude": others,
+        },
     }
     for name, kw in specs.items():
         path = work / f"{name}.onnx"
@@ -116,8 +126,13 @@ def main(argv: list[str] | None = None) -> None:
                 logits = accuracy.run_logits(lambda b, s=s: s.run(None, {"input": b})[0], data)
                 acc[k] = float(np.mean(logits.argmax(1) == labels))
         base = float(np.median(times["fp32"]))
-        print(f"{args.model} @ {res} px, batch 1, {args.threads} threads, {args.rounds}x{args.per_round} interleaved queries; calibration: {calib.source} ({len(calib)})")
-        print(f"{'variant':16s} {'p50 ms':>8s} {'vs fp32':>8s} {'MB':>7s}" + (f" {'top-1':>7s} {'Δ pp':>6s}" if acc else ""))
+        print(
+            f"{args.model} @ {res} px, batch 1, {args.threads} threads, {args.rounds}x{args.per_round} interleaved queries; calibration: {calib.source} ({len(calib)})"
+        )
+        print(
+            f"{'variant':16s} {'p50 ms':>8s} {'vs fp32':>8s} {'MB':>7s}"
+            + (f" {'top-1':>7s} {'Δ pp':>6s}" if acc else "")
+        )
         for k in sessions:
             med = float(np.median(times[k]))
             line = f"{k:16s} {med:8.2f} {base / med:7.2f}x {paths[k].stat().st_size / 1e6:7.1f}"

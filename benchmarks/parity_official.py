@@ -49,7 +49,24 @@ def run_case(oracle: ModuleType, model: str, npz: Path, res: int, batch: int, wo
 
     out = work / f"{model}-{npz.stem}-{res}.onnx"
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "bitdeploy", "export", "--model", model, "--weights", str(npz), "--resolution", str(res), "--out", str(out)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bitdeploy",
+            "export",
+            "--model",
+            model,
+            "--weights",
+            str(npz),
+            "--resolution",
+            str(res),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     export_s = time.perf_counter() - started
     if proc.returncode != 0:
         return {"resolution": res, "ok": False, "error": proc.stderr.strip()[-300:]}
@@ -105,16 +122,25 @@ def main(argv: list[str] | None = None) -> int:
             oracle.random_npz(str(npz), v.block_units, v.width_factor, head_size=head, seed=head)
             for res in (int(r) for r in args.resolutions.split(",")):
                 row = {"model": args.model, "head": head, **run_case(oracle, args.model, npz, res, args.batch, work)}
-                row["passed"] = bool(row["ok"] and row["max_abs_diff"] <= args.atol and row["top1_agreement"] == 1.0 and row["structure"] == "ok")
+                row["passed"] = bool(
+                    row["ok"]
+                    and row["max_abs_diff"] <= args.atol
+                    and row["top1_agreement"] == 1.0
+                    and row["structure"] == "ok"
+                )
                 results.append(row)
                 print(json.dumps(row), flush=True)
             npz.unlink()
-    print(f"\n{'model':10} {'head':>6} {'res':>4} {'max|diff|':>10} {'max|logit|':>10} {'top1 agree':>10} {'conv W init':>11} {'nodes':>5} {'export s':>8}  result")
+    print(
+        f"\n{'model':10} {'head':>6} {'res':>4} {'max|diff|':>10} {'max|logit|':>10} {'top1 agree':>10} {'conv W init':>11} {'nodes':>5} {'export s':>8}  result"
+    )
     for r in results:
         if not r["ok"]:
             print(f"{r['model']:10} {r['head']:>6} {r['resolution']:>4}  export failed: {r['error']}")
             continue
-        print(f"{r['model']:10} {r['head']:>6} {r['resolution']:>4} {r['max_abs_diff']:>10.2e} {r['max_abs_logit']:>10.3g} {r['top1_agreement']:>10.0%} {r['conv_weights_initializers']:>11} {r['nodes']:>5} {r['export_seconds']:>8}  {'PASS' if r['passed'] else 'FAIL'}")
+        print(
+            f"{r['model']:10} {r['head']:>6} {r['resolution']:>4} {r['max_abs_diff']:>10.2e} {r['max_abs_logit']:>10.3g} {r['top1_agreement']:>10.0%} {r['conv_weights_initializers']:>11} {r['nodes']:>5} {r['export_seconds']:>8}  {'PASS' if r['passed'] else 'FAIL'}"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0 if all(r["passed"] for r in results) else 1

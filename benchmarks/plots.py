@@ -13,8 +13,28 @@ from typing import Any
 import numpy as np
 
 # matplotlib's tab10, then its lighter tab20 partners: a --target all report has 12+ rows, each needs its own colour.
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-           "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
+PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#c7c7c7",
+    "#dbdb8d",
+    "#9edae5",
+)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -58,7 +78,11 @@ def latency_axis_limits(rows: list[dict[str, Any]]) -> tuple[float, float, bool]
         highs.append(ss.get("p99_ms") or ss["p50_ms"])
     lo, hi = min(lows), max(highs)
     log = hi / max(lo, 1e-9) > 20
-    return (lo / 1.25, hi * 1.25, True) if log else (max(0.0, lo - 0.08 * (hi - lo) - 0.02 * hi), hi + 0.08 * (hi - lo) + 0.02 * hi, False)
+    return (
+        (lo / 1.25, hi * 1.25, True)
+        if log
+        else (max(0.0, lo - 0.08 * (hi - lo) - 0.02 * hi), hi + 0.08 * (hi - lo) + 0.02 * hi, False)
+    )
 
 
 def _latency_panel(ax: Any, rows: list[dict[str, Any]], title: str, legend: bool) -> None:
@@ -85,11 +109,22 @@ def latency_distribution(rows: list[dict[str, Any]]) -> Any:
     rows = [r for r in rows if r["entry"].get("single_stream") and r["entry"]["single_stream"].get("p50_ms")]
     if not rows:
         return None
-    groups = [g for g in ([r for r in rows if r["entry"].get("kind") != "pytorch"], [r for r in rows if r["entry"].get("kind") == "pytorch"]) if g]
+    groups = [
+        g
+        for g in (
+            [r for r in rows if r["entry"].get("kind") != "pytorch"],
+            [r for r in rows if r["entry"].get("kind") == "pytorch"],
+        )
+        if g
+    ]
     plt = _plt()
     heights = [0.6 * len(g) + 0.9 for g in groups]
     fig, axes = plt.subplots(len(groups), 1, figsize=(8, sum(heights) + 1.0), height_ratios=heights, squeeze=False)
-    titles = ("Deployed bundles", "PyTorch FP32 baselines (own axis)") if len(groups) == 2 else (("Deployed bundles",) if groups[0][0]["entry"].get("kind") != "pytorch" else ("PyTorch FP32 baselines",))
+    titles = (
+        ("Deployed bundles", "PyTorch FP32 baselines (own axis)")
+        if len(groups) == 2
+        else (("Deployed bundles",) if groups[0][0]["entry"].get("kind") != "pytorch" else ("PyTorch FP32 baselines",))
+    )
     for k, (ax, group, title) in enumerate(zip(axes[:, 0], groups, titles)):
         _latency_panel(ax, group, title, legend=k == 0)
     axes[0, 0].legend(loc="lower right", fontsize=8)
@@ -106,13 +141,23 @@ def throughput_vs_batch(rows: list[dict[str, Any]]) -> Any:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for i, r in enumerate(rows):
-        res = sorted((x for x in r["entry"]["offline"]["results"] if x.get("images_per_s")), key=lambda x: x["batch_size"])
+        res = sorted(
+            (x for x in r["entry"]["offline"]["results"] if x.get("images_per_s")), key=lambda x: x["batch_size"]
+        )
         style = "s--" if r["entry"].get("kind") == "pytorch" else "o-"  # baselines dashed
-        ax.plot([x["batch_size"] for x in res], [x["images_per_s"] for x in res], style, color=PALETTE[i % len(PALETTE)], label=r["label"])
+        ax.plot(
+            [x["batch_size"] for x in res],
+            [x["images_per_s"] for x in res],
+            style,
+            color=PALETTE[i % len(PALETTE)],
+            label=r["label"],
+        )
     ax.set_xscale("log", base=2)
     sizes = sorted({x["batch_size"] for r in rows for x in r["entry"]["offline"]["results"]})
     ax.set_xticks(sizes, [str(b) for b in sizes])
-    _plain_log_axis(ax.yaxis, ax.set_yscale)  # baselines and INT8 bundles differ by 10x or more: each line keeps its shape
+    _plain_log_axis(
+        ax.yaxis, ax.set_yscale
+    )  # baselines and INT8 bundles differ by 10x or more: each line keeps its shape
     ax.set_xlabel("batch size")
     ax.set_ylabel("images/s (log)")
     ax.set_title("Offline throughput against batch size")
@@ -130,7 +175,14 @@ def accuracy_vs_latency(rows: list[dict[str, Any]]) -> Any:
     ax.set_xlabel("p50 latency, ms (lower is better)")
     ax.set_ylabel("top-1, % (higher is better)")
     if not pts:
-        ax.text(0.5, 0.5, "no accuracy figures: run bench with --dataset,\nor report bundles built with an accuracy gate", ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no accuracy figures: run bench with --dataset,\nor report bundles built with an accuracy gate",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
         ax.set_xticks([])
         ax.set_yticks([])
         return fig
@@ -184,7 +236,10 @@ def render_all(rows: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], str |
     try:
         _plt()
     except ImportError:
-        return [], 'matplotlib is not installed, so this report has no plots; install it with: pip install "bitdeploy[all]"'
+        return (
+            [],
+            'matplotlib is not installed, so this report has no plots; install it with: pip install "bitdeploy[all]"',
+        )
     figures = []
     for title, fn in (
         ("Latency distribution per bundle", latency_distribution),

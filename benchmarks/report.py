@@ -16,7 +16,21 @@ from typing import Any
 from bitdeploy.benchmarks.schema import MERGED, SCHEMA_VERSION, check_document, finite, load_documents, new_document
 from bitdeploy.runtimes.fingerprint import cpu_class
 
-COLUMNS = ("bundle", "target", "precision", "device", "status", "size MB", "top-1", "Δ top-1 (pp)", "p50 ms", "p90 ms", "p99 ms", "images/s", "speed-up vs fastest PyTorch")
+COLUMNS = (
+    "bundle",
+    "target",
+    "precision",
+    "device",
+    "status",
+    "size MB",
+    "top-1",
+    "Δ top-1 (pp)",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "images/s",
+    "speed-up vs fastest PyTorch",
+)
 
 
 def as_documents(results: Any) -> list[dict[str, Any]]:
@@ -48,7 +62,9 @@ def device_class(doc: dict[str, Any]) -> str:
     if env.get("device_class"):
         return str(env["device_class"])
     flags = list((env.get("cpu") or {}).get("flags") or [])
-    arch = str(env.get("machine") or "").lower() or ("x86_64" if any(f.startswith(("avx", "sse")) for f in flags) else "aarch64" if "asimd" in flags else "")
+    arch = str(env.get("machine") or "").lower() or (
+        "x86_64" if any(f.startswith(("avx", "sse")) for f in flags) else "aarch64" if "asimd" in flags else ""
+    )
     return cpu_class(arch, flags)
 
 
@@ -85,23 +101,54 @@ def table_rows(docs: Sequence[dict[str, Any]], selected: dict[str, str] | None =
         for e in doc["results"]:
             top1, source, ref = _top1(e)
             ips, bs = _throughput(e)
-            rows.append({"entry": e, "host": host, "device_class": device_class(doc), "label": f"{e['name']} @ {host}" if multi else e["name"], "top1": top1, "top1_source": source, "ref_top1": ref, "p50": _p(e, "p50_ms"), "p90": _p(e, "p90_ms"), "p99": _p(e, "p99_ms"), "ips": ips, "ips_bs": bs})
+            rows.append(
+                {
+                    "entry": e,
+                    "host": host,
+                    "device_class": device_class(doc),
+                    "label": f"{e['name']} @ {host}" if multi else e["name"],
+                    "top1": top1,
+                    "top1_source": source,
+                    "ref_top1": ref,
+                    "p50": _p(e, "p50_ms"),
+                    "p90": _p(e, "p90_ms"),
+                    "p99": _p(e, "p99_ms"),
+                    "ips": ips,
+                    "ips_bs": bs,
+                }
+            )
     sel = (selected or {}).get("name")
     for r in rows:
         e = r["entry"]
-        same = [o for o in rows if o["host"] == r["host"] and o["entry"].get("model") == e.get("model") and o["entry"].get("resolution") == e.get("resolution")]
-        torch_rows = sorted((o for o in same if o["entry"].get("kind") == "pytorch" and o["p50"]), key=lambda o: o["p50"])
+        same = [
+            o
+            for o in rows
+            if o["host"] == r["host"]
+            and o["entry"].get("model") == e.get("model")
+            and o["entry"].get("resolution") == e.get("resolution")
+        ]
+        torch_rows = sorted(
+            (o for o in same if o["entry"].get("kind") == "pytorch" and o["p50"]), key=lambda o: o["p50"]
+        )
         r["speedup"] = torch_rows[0]["p50"] / r["p50"] if torch_rows and r["p50"] else None
         r["speedup_vs"] = torch_rows[0]["label"] if torch_rows else None
         if r["ref_top1"] is None and r["top1"] is not None:
             # No explicit reference: the FP32 row on the same data (PyTorch first, then any FP32 bundle).
-            fp32 = [o for o in same if o["entry"].get("precision") == "fp32" and o["top1"] is not None and o["top1_source"] == r["top1_source"]]
+            fp32 = [
+                o
+                for o in same
+                if o["entry"].get("precision") == "fp32"
+                and o["top1"] is not None
+                and o["top1_source"] == r["top1_source"]
+            ]
             fp32.sort(key=lambda o: o["entry"].get("kind") != "pytorch")
             if fp32 and fp32[0] is not r:
                 r["ref_top1"] = fp32[0]["top1"]
             elif fp32:
                 r["ref_top1"] = r["top1"]
-        r["delta_pp"] = (r["top1"] - r["ref_top1"]) * 100.0 if r["top1"] is not None and r["ref_top1"] is not None else None
+        r["delta_pp"] = (
+            (r["top1"] - r["ref_top1"]) * 100.0 if r["top1"] is not None and r["ref_top1"] is not None else None
+        )
         r["selected"] = sel is not None and e["name"] == sel
     return rows
 
@@ -116,7 +163,11 @@ def select_fastest(results: Any, max_accuracy_drop: float = 1.0) -> dict[str, st
     Rows without an accuracy figure are eligible only if nothing measured is (their gate is the build's).
     Returns {"name", "reason"} or None when no bundle qualifies.
     """
-    rows = [r for r in table_rows(as_documents(results)) if r["entry"].get("kind") == "bundle" and _valid(r["entry"].get("status")) and r["p50"]]
+    rows = [
+        r
+        for r in table_rows(as_documents(results))
+        if r["entry"].get("kind") == "bundle" and _valid(r["entry"].get("status")) and r["p50"]
+    ]
     if not rows:
         return None
     gated = [r for r in rows if r["delta_pp"] is not None]
@@ -125,11 +176,19 @@ def select_fastest(results: Any, max_accuracy_drop: float = 1.0) -> dict[str, st
         return None
     ok.sort(key=lambda r: r["p50"])
     best = ok[0]
-    acc = f"top-1 {best['top1'] * 100:.2f}% ({best['delta_pp']:+.2f} pp, gate -{max_accuracy_drop:g} pp)" if best["delta_pp"] is not None else "no accuracy measured here (passed its build gate)"
+    acc = (
+        f"top-1 {best['top1'] * 100:.2f}% ({best['delta_pp']:+.2f} pp, gate -{max_accuracy_drop:g} pp)"
+        if best["delta_pp"] is not None
+        else "no accuracy measured here (passed its build gate)"
+    )
     beaten = f"; next fastest within the gate: {ok[1]['label']} at {ok[1]['p50']:.2f} ms" if len(ok) > 1 else ""
     faster = [r for r in rows if r["p50"] < best["p50"] and r not in ok]
-    excluded = "".join(f"; {r['label']} is faster ({r['p50']:.2f} ms) but fails the gate ({r['delta_pp']:+.2f} pp)" for r in faster)
-    reason = f"fastest valid bundle within the accuracy gate: p50 {best['p50']:.2f} ms at batch 1, {acc}{beaten}{excluded}"
+    excluded = "".join(
+        f"; {r['label']} is faster ({r['p50']:.2f} ms) but fails the gate ({r['delta_pp']:+.2f} pp)" for r in faster
+    )
+    reason = (
+        f"fastest valid bundle within the accuracy gate: p50 {best['p50']:.2f} ms at batch 1, {acc}{beaten}{excluded}"
+    )
     return {"name": best["entry"]["name"], "reason": reason}
 
 
@@ -191,7 +250,9 @@ def _methodology(docs: Sequence[dict[str, Any]]) -> list[str]:
     for doc in docs:
         s, env = doc.get("settings") or {}, doc.get("environment") or {}
         cpu = env.get("cpu") or {}
-        ns = sorted({(e.get("single_stream") or {}).get("n") for e in doc["results"] if e.get("single_stream")} - {None})
+        ns = sorted(
+            {(e.get("single_stream") or {}).get("n") for e in doc["results"] if e.get("single_stream")} - {None}
+        )
         machine = [
             f"CPU {cpu.get('model')} [{' '.join(cpu.get('flags') or [])}]",
             f"{cpu['usable_cores']} usable cores" if cpu.get("usable_cores") else None,
@@ -206,7 +267,13 @@ def _methodology(docs: Sequence[dict[str, Any]]) -> list[str]:
             f"offline batch sizes {s.get('batch_sizes', '-')}",
             f"end-to-end images: {s.get('end_to_end_images') or '-'}",
         ]
-        lines.append(f"{_host(doc)}, {device_class(doc)} ({doc.get('created')}): " + "; ".join(x for x in machine if x) + ". " + "; ".join(method) + ".")
+        lines.append(
+            f"{_host(doc)}, {device_class(doc)} ({doc.get('created')}): "
+            + "; ".join(x for x in machine if x)
+            + ". "
+            + "; ".join(method)
+            + "."
+        )
     return lines
 
 
@@ -253,29 +320,52 @@ tr.selected{background:#fff4c2;font-weight:bold}tr.device-class th{text-align:le
 .note{color:#555;font-size:0.9em;max-width:70em}"""
 
 
-def render_html(docs: Sequence[dict[str, Any]], rows: list[dict[str, Any]], selected: dict[str, str] | None, figures: list[tuple[str, str]], plot_note: str | None) -> str:
+def render_html(
+    docs: Sequence[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    selected: dict[str, str] | None,
+    figures: list[tuple[str, str]],
+    plot_note: str | None,
+) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = ""
     for cls, group in grouped(rows):
         if cls is not None:
-            body += f"<tr class=\"device-class\"><th colspan=\"{len(COLUMNS)}\">{_defang(cls)}</th></tr>"
-        body += "".join(f"<tr class=\"{'selected' if r['selected'] else ''}\">" + "".join(f"<td>{_defang(c)}</td>" for c in cells(r)) + "</tr>" for r in group)
+            body += f'<tr class="device-class"><th colspan="{len(COLUMNS)}">{_defang(cls)}</th></tr>'
+        body += "".join(
+            f'<tr class="{"selected" if r["selected"] else ""}">'
+            + "".join(f"<td>{_defang(c)}</td>" for c in cells(r))
+            + "</tr>"
+            for r in group
+        )
     parts = [
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>bitdeploy benchmark report</title>",
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>bitdeploy benchmark report</title>',
         f"<style>{CSS}</style></head><body><h1>bitdeploy benchmark report</h1>",
-        f"<table id=\"results\"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
+        f'<table id="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>',
     ]
     if selected:
-        parts.append(f"<p id=\"selected\"><b>Selected: {_defang(selected['name'])}</b>: {_defang(selected.get('reason', ''))}</p>")
-    parts.append("<p class=\"note\">p50/p90/p99: single-stream latency, batch 1, pure inference (ms). images/s: offline throughput at the best batch size. Δ top-1 in percentage points against the FP32 reference on the same data. " + html.escape(SPEEDUP_NOTE) + "</p>")
+        parts.append(
+            f'<p id="selected"><b>Selected: {_defang(selected["name"])}</b>: {_defang(selected.get("reason", ""))}</p>'
+        )
+    parts.append(
+        '<p class="note">p50/p90/p99: single-stream latency, batch 1, pure inference (ms). images/s: offline throughput at the best batch size. Δ top-1 in percentage points against the FP32 reference on the same data. '
+        + html.escape(SPEEDUP_NOTE)
+        + "</p>"
+    )
     lines = baseline_lines(rows)
     if lines:
-        parts.append("<ul>" + "".join(f"<li class=\"note\">{_defang(x)}</li>" for x in lines) + "</ul>")
+        parts.append("<ul>" + "".join(f'<li class="note">{_defang(x)}</li>' for x in lines) + "</ul>")
     if plot_note:
-        parts.append(f"<p class=\"note\">{_defang(plot_note)}</p>")
+        parts.append(f'<p class="note">{_defang(plot_note)}</p>')
     for title, b64 in figures:
-        parts.append(f"<figure><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,{b64}\"><figcaption>{html.escape(title)}</figcaption></figure>")
-    parts.append("<h2>Environment and method</h2><ul>" + "".join(f"<li class=\"note\">{_defang(x)}</li>" for x in _methodology(docs)) + "</ul></body></html>")
+        parts.append(
+            f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{b64}"><figcaption>{html.escape(title)}</figcaption></figure>'
+        )
+    parts.append(
+        "<h2>Environment and method</h2><ul>"
+        + "".join(f'<li class="note">{_defang(x)}</li>' for x in _methodology(docs))
+        + "</ul></body></html>"
+    )
     return "\n".join(parts) + "\n"
 
 
@@ -285,7 +375,9 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_report(results: Any, out_dir: str | os.PathLike[str], selected: dict[str, str] | str | None = None) -> dict[str, Path]:
+def write_report(
+    results: Any, out_dir: str | os.PathLike[str], selected: dict[str, str] | str | None = None
+) -> dict[str, Path]:
     """Write report.md, report.html and results.json (the merged documents) into out_dir; return their paths.
 
     `results`: a bench document, a list of documents or of entries, or JSON paths. `selected`: {"name", "reason"}

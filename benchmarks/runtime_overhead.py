@@ -92,13 +92,17 @@ def sample_jpeg(width: int = 640, height: int = 480) -> bytes:
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:height, 0:width]
-    img = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) % 256], axis=-1) + rng.integers(0, 20, (height, width, 3))
+    img = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) % 256], axis=-1) + rng.integers(
+        0, 20, (height, width, 3)
+    )
     buf = io.BytesIO()
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
     return buf.getvalue()
 
 
-def measure(bundle: str, threads: int | None, backend: str | None, rounds: int, block: int, warmup: int, predict_iters: int) -> dict[str, Any]:
+def measure(
+    bundle: str, threads: int | None, backend: str | None, rounds: int, block: int, warmup: int, predict_iters: int
+) -> dict[str, Any]:
     with load(bundle, backend=backend, threads=threads) as model:
         spec = model.input_spec["shape"]
         x = np.random.default_rng(0).uniform(-1, 1, (1, *spec[1:])).astype(np.float32)
@@ -119,8 +123,13 @@ def measure(bundle: str, threads: int | None, backend: str | None, rounds: int, 
                     stages[key].append(value)
         raw_ms, infer_ms = statistics.median(t_raw) * 1e3, statistics.median(t_infer) * 1e3
         return {
-            "bundle": bundle, "backend": model.backend_name, "raw_call": name, "calls": len(t_raw),
-            "raw_ms": raw_ms, "infer_ms": infer_ms, "overhead_pct": (infer_ms / raw_ms - 1.0) * 100.0,
+            "bundle": bundle,
+            "backend": model.backend_name,
+            "raw_call": name,
+            "calls": len(t_raw),
+            "raw_ms": raw_ms,
+            "infer_ms": infer_ms,
+            "overhead_pct": (infer_ms / raw_ms - 1.0) * 100.0,
             "checks_us": checks_cost(model, x),
             "predict": {k: statistics.median(v) for k, v in stages.items()},
             "describe": model.describe(),
@@ -128,7 +137,9 @@ def measure(bundle: str, threads: int | None, backend: str | None, rounds: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bitdeploy.benchmarks.runtime_overhead", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m bitdeploy.benchmarks.runtime_overhead", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("bundles", nargs="+", metavar="BUNDLE")
     ap.add_argument("--threads", type=int, default=2, help="engine threads (default 2)")
     ap.add_argument("--backend", default=None, help="override the bundle's backend")
@@ -136,11 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block", type=int, default=25, help="calls per block (default 25)")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--predict-iters", type=int, default=200)
-    ap.add_argument("--max-overhead", type=float, default=None, help="exit 1 if infer's overhead exceeds this many percent")
+    ap.add_argument(
+        "--max-overhead", type=float, default=None, help="exit 1 if infer's overhead exceeds this many percent"
+    )
     args = ap.parse_args(argv)
     failed = False
-    print(f"{'bundle':<32} {'backend':<12} {'raw call':<20} {'raw ms':>8} {'infer ms':>9} {'overhead':>9} {'checks':>9}   "
-          f"{'predict: preprocess':>20} {'infer':>8} {'post':>7} {'total ms':>9}")
+    print(
+        f"{'bundle':<32} {'backend':<12} {'raw call':<20} {'raw ms':>8} {'infer ms':>9} {'overhead':>9} {'checks':>9}   "
+        f"{'predict: preprocess':>20} {'infer':>8} {'post':>7} {'total ms':>9}"
+    )
     for bundle in args.bundles:
         try:
             r = measure(bundle, args.threads, args.backend, args.rounds, args.block, args.warmup, args.predict_iters)
@@ -149,13 +164,20 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
             continue
         p = r["predict"]
-        print(f"{bundle[-32:]:<32} {r['backend']:<12} {r['raw_call']:<20} {r['raw_ms']:8.3f} {r['infer_ms']:9.3f} {r['overhead_pct']:+8.2f}% {r['checks_us']:6.1f} us   "
-              f"{p['preprocess_ms']:17.3f} ms {p['infer_ms']:8.3f} {p['postprocess_ms']:7.3f} {p['total_ms']:9.3f}")
+        print(
+            f"{bundle[-32:]:<32} {r['backend']:<12} {r['raw_call']:<20} {r['raw_ms']:8.3f} {r['infer_ms']:9.3f} {r['overhead_pct']:+8.2f}% {r['checks_us']:6.1f} us   "
+            f"{p['preprocess_ms']:17.3f} ms {p['infer_ms']:8.3f} {p['postprocess_ms']:7.3f} {p['total_ms']:9.3f}"
+        )
         if args.max_overhead is not None and r["overhead_pct"] > args.max_overhead:
-            print(f"FAIL: {bundle}: infer adds {r['overhead_pct']:.2f}% over {r['raw_call']} (limit {args.max_overhead}%)", file=sys.stderr)
+            print(
+                f"FAIL: {bundle}: infer adds {r['overhead_pct']:.2f}% over {r['raw_call']} (limit {args.max_overhead}%)",
+                file=sys.stderr,
+            )
             failed = True
-    print(f"(batch 1, {args.threads} thread(s), median of {args.rounds * args.block} calls each, interleaved; "
-          "checks = Predictor.infer's own time on a null engine; predict on a 640x480 JPEG, medians per stage)")
+    print(
+        f"(batch 1, {args.threads} thread(s), median of {args.rounds * args.block} calls each, interleaved; "
+        "checks = Predictor.infer's own time on a null engine; predict on a 640x480 JPEG, medians per stage)"
+    )
     return 1 if failed else 0
 
 

@@ -54,7 +54,11 @@ def benchmark_app_command() -> list[str]:
     exe = shutil.which("benchmark_app") or str(Path(sys.executable).with_name("benchmark_app"))
     if Path(exe).is_file():
         return [exe]
-    return [sys.executable, "-c", "import sys; from openvino.tools.benchmark.main import main; sys.argv[0] = 'benchmark_app'; main()"]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from openvino.tools.benchmark.main import main; sys.argv[0] = 'benchmark_app'; main()",
+    ]
 
 
 def parse_benchmark_app(text: str) -> dict[str, Any]:
@@ -92,7 +96,13 @@ def open_target(path: Path, threads: int) -> tuple[Any, str, Path, tuple[int, in
         pred = runtimes.load(path, threads=threads)
         backend = str(pred.manifest["target"]["backend"])
         shape = pred.manifest["input"]["shape"]
-        return pred, backend, path / pred.manifest["model_file"], (int(shape[1]), int(shape[2]), int(shape[3])), str(pred.manifest["input"].get("name", "input"))
+        return (
+            pred,
+            backend,
+            path / pred.manifest["model_file"],
+            (int(shape[1]), int(shape[2]), int(shape[3])),
+            str(pred.manifest["input"].get("name", "input")),
+        )
     backend = {".xml": "openvino", ".onnx": "onnxruntime"}.get(path.suffix)
     if backend is None or not path.is_file():
         raise SystemExit(f"error: {path}: pass a bundle directory, an OpenVINO .xml or an .onnx file")
@@ -107,17 +117,42 @@ def open_target(path: Path, threads: int) -> tuple[Any, str, Path, tuple[int, in
 
         meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0]
         dims, name = [d if isinstance(d, int) else -1 for d in meta.shape], meta.name
-    manifest = {"target": {"backend": backend, "precision": "fp32", "precision_used": "f32"}, "input": input_spec(dims[2])}
-    return open_backend(backend, path, manifest, device="CPU" if backend == "openvino" else "cpu", threads=threads), backend, path, (dims[1], dims[2], dims[3]), name
+    manifest = {
+        "target": {"backend": backend, "precision": "fp32", "precision_used": "f32"},
+        "input": input_spec(dims[2]),
+    }
+    return (
+        open_backend(backend, path, manifest, device="CPU" if backend == "openvino" else "cpu", threads=threads),
+        backend,
+        path,
+        (dims[1], dims[2], dims[3]),
+        name,
+    )
 
 
-def run_benchmark_app(xml: Path, shape: tuple[int, int, int], name: str, iterations: int, precision: str, threads: int, mode: str) -> dict[str, Any]:
+def run_benchmark_app(
+    xml: Path, shape: tuple[int, int, int], name: str, iterations: int, precision: str, threads: int, mode: str
+) -> dict[str, Any]:
     # -data_shape, not -shape: the IR keeps its dynamic batch, as bitdeploy compiles it (-shape would make it static).
-    cmd = [*benchmark_app_command(), "-m", str(xml), "-d", "CPU", "-data_shape", f"{name}[1,{shape[0]},{shape[1]},{shape[2]}]", "-niter", str(iterations), "-infer_precision", precision]
+    cmd = [
+        *benchmark_app_command(),
+        "-m",
+        str(xml),
+        "-d",
+        "CPU",
+        "-data_shape",
+        f"{name}[1,{shape[0]},{shape[1]},{shape[2]}]",
+        "-niter",
+        str(iterations),
+        "-infer_precision",
+        precision,
+    ]
     cmd += OV_MODES[mode] + (["-nthreads", str(threads)] if mode == "sync" else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark_app failed (exit {proc.returncode}): {(proc.stdout + proc.stderr).strip().splitlines()[-1:]}")
+        raise RuntimeError(
+            f"benchmark_app failed (exit {proc.returncode}): {(proc.stdout + proc.stderr).strip().splitlines()[-1:]}"
+        )
     out = parse_benchmark_app(proc.stdout + proc.stderr)
     out["command"] = "benchmark_app " + " ".join(cmd[cmd.index("-m") :])
     return out
@@ -142,11 +177,22 @@ def session_run_loop(model: str, shape: list[int], threads: int, iterations: int
     return {"median_ms": statistics.median(times), "count": iterations, "threads": threads}
 
 
-def run_session_loop(model: Path, shape: tuple[int, int, int], iterations: int, warmup: int, threads: int) -> dict[str, Any]:
-    spec = json.dumps({"model": str(model), "shape": [1, *shape], "threads": threads, "iterations": iterations, "warmup": warmup})
-    proc = subprocess.run([sys.executable, "-m", "bitdeploy.benchmarks.runtime_vs_benchmark_app", "--session-loop", spec], capture_output=True, text=True, timeout=1800)
+def run_session_loop(
+    model: Path, shape: tuple[int, int, int], iterations: int, warmup: int, threads: int
+) -> dict[str, Any]:
+    spec = json.dumps(
+        {"model": str(model), "shape": [1, *shape], "threads": threads, "iterations": iterations, "warmup": warmup}
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "bitdeploy.benchmarks.runtime_vs_benchmark_app", "--session-loop", spec],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"the session.run loop failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(
+            f"the session.run loop failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
+        )
     out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     out["command"] = f"InferenceSession.run loop, own process, {threads} intra-op threads"
     return out
@@ -159,23 +205,45 @@ def summarize_rounds(ours: list[float], theirs: dict[str, list[float]], toleranc
     for mode, times in theirs.items():
         rounds = [a / b for a, b in zip(ours, times)]
         modes[mode] = {
-            "median_ms": statistics.median(times), "per_round_ms": times, "ratio": statistics.median(ours) / statistics.median(times),
-            "round_ratios": rounds, "spread": [min(rounds), max(rounds)], "median_round_ratio": statistics.median(rounds),
-        }  # fmt: skip
+            "median_ms": statistics.median(times),
+            "per_round_ms": times,
+            "ratio": statistics.median(ours) / statistics.median(times),
+            "round_ratios": rounds,
+            "spread": [min(rounds), max(rounds)],
+            "median_round_ratio": statistics.median(rounds),
+        }
     faster = min(modes, key=lambda m: modes[m]["median_ms"])
     matches = min(modes, key=lambda m: abs(modes[m]["ratio"] - 1.0))
     ok = modes[faster]["ratio"] <= 1.0 + tolerance
-    return {"ours_ms": statistics.median(ours), "ours_per_round_ms": ours, "modes": modes, "faster_mode": faster, "matches": matches, "ratio_vs_faster": modes[faster]["ratio"], "tolerance": tolerance, "within_tolerance": ok}
+    return {
+        "ours_ms": statistics.median(ours),
+        "ours_per_round_ms": ours,
+        "modes": modes,
+        "faster_mode": faster,
+        "matches": matches,
+        "ratio_vs_faster": modes[faster]["ratio"],
+        "tolerance": tolerance,
+        "within_tolerance": ok,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bitdeploy.benchmarks.runtime_vs_benchmark_app", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bitdeploy.benchmarks.runtime_vs_benchmark_app", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("target", type=Path, help="a bundle directory, an OpenVINO .xml or an .onnx file")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iterations", type=int, default=200, help="queries per run, each side")
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=6, help="rounds; each runs every side once, order reversed every round")
-    p.add_argument("--tolerance", type=float, default=0.03, help="exit 1 when bitdeploy's median is slower than the faster mode's by more")
+    p.add_argument(
+        "--rounds", type=int, default=6, help="rounds; each runs every side once, order reversed every round"
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.03,
+        help="exit 1 when bitdeploy's median is slower than the faster mode's by more",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
@@ -194,11 +262,21 @@ def main(argv: list[str] | None = None) -> int:
     if backend == "openvino":
         if "int8" in precision:
             precision = precision.split("+")[-1]
-        sides = {mode: (lambda mode=mode: run_benchmark_app(model_file, shape, name, args.iterations, precision, args.threads, mode)) for mode in OV_MODES}
+        sides = {
+            mode: (
+                lambda mode=mode: run_benchmark_app(
+                    model_file, shape, name, args.iterations, precision, args.threads, mode
+                )
+            )
+            for mode in OV_MODES
+        }
     elif backend == "onnxruntime":
         sides = {"session.run": lambda: run_session_loop(model_file, shape, args.iterations, args.warmup, args.threads)}
     else:
-        print(f"error: no engine-tool comparison for the {backend} backend; pass an OpenVINO or ONNX Runtime bundle", file=sys.stderr)
+        print(
+            f"error: no engine-tool comparison for the {backend} backend; pass an OpenVINO or ONNX Runtime bundle",
+            file=sys.stderr,
+        )
         return 1
     ours: list[float] = []
     theirs: dict[str, list[dict[str, Any]]] = {m: [] for m in sides}
@@ -206,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for side in order if r % 2 == 0 else order[::-1]:
             if side == "bitdeploy":
-                ours.append(single_stream(target, shape, iterations=args.iterations, warmup=args.warmup, keep_raw=False)["p50_ms"])
+                ours.append(
+                    single_stream(target, shape, iterations=args.iterations, warmup=args.warmup, keep_raw=False)[
+                        "p50_ms"
+                    ]
+                )
                 ms = ours[-1]
             else:
                 try:
@@ -221,19 +303,39 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize_rounds(ours, {m: [b["median_ms"] for b in runs] for m, runs in theirs.items()}, args.tolerance)
     load = os.getloadavg()
     result = {
-        "target": str(args.target), "backend": backend, "model_file": str(model_file), "shape": [1, *shape], "threads": args.threads,
-        "affinity": pinned or cpus, "precision": precision, "ours_threads": desc.get("threads"), "iterations": args.iterations, "rounds": args.rounds,
-        "engine": {m: {k: v for k, v in runs[-1].items() if k != "median_ms"} for m, runs in theirs.items()}, "load_average": load, **summary,
-    }  # fmt: skip
-    print(f"{model_file.name} {result['shape']}, {backend}, {args.threads} threads (affinity {result['affinity']}), precision {precision}, "
-          f"{args.rounds} interleaved rounds x {args.iterations} queries, load average {load[0]:.1f}")  # fmt: skip
-    print(f"  {'bitdeploy single-stream (this process)':42s} median {summary['ours_ms']:8.2f} ms   per round: {', '.join(f'{x:.2f}' for x in ours)}")
+        "target": str(args.target),
+        "backend": backend,
+        "model_file": str(model_file),
+        "shape": [1, *shape],
+        "threads": args.threads,
+        "affinity": pinned or cpus,
+        "precision": precision,
+        "ours_threads": desc.get("threads"),
+        "iterations": args.iterations,
+        "rounds": args.rounds,
+        "engine": {m: {k: v for k, v in runs[-1].items() if k != "median_ms"} for m, runs in theirs.items()},
+        "load_average": load,
+        **summary,
+    }
+    print(
+        f"{model_file.name} {result['shape']}, {backend}, {args.threads} threads (affinity {result['affinity']}), precision {precision}, "
+        f"{args.rounds} interleaved rounds x {args.iterations} queries, load average {load[0]:.1f}"
+    )
+    print(
+        f"  {'bitdeploy single-stream (this process)':42s} median {summary['ours_ms']:8.2f} ms   per round: {', '.join(f'{x:.2f}' for x in ours)}"
+    )
     for mode, m in summary["modes"].items():
-        print(f"  {LABELS[mode]:42s} median {m['median_ms']:8.2f} ms   per round: {', '.join(f'{x:.2f}' for x in m['per_round_ms'])}")
+        print(
+            f"  {LABELS[mode]:42s} median {m['median_ms']:8.2f} ms   per round: {', '.join(f'{x:.2f}' for x in m['per_round_ms'])}"
+        )
     for mode, m in summary["modes"].items():
-        print(f"  ratio bitdeploy / {mode:12s} {m['ratio']:.3f} on medians (per-round spread {m['spread'][0]:.3f}-{m['spread'][1]:.3f}, median of per-round ratios {m['median_round_ratio']:.3f})")
+        print(
+            f"  ratio bitdeploy / {mode:12s} {m['ratio']:.3f} on medians (per-round spread {m['spread'][0]:.3f}-{m['spread'][1]:.3f}, median of per-round ratios {m['median_round_ratio']:.3f})"
+        )
     verdict = "within" if summary["within_tolerance"] else "OUTSIDE"
-    print(f"  bitdeploy's single-stream matches the {summary['matches']} mode; vs the faster mode ({summary['faster_mode']}): {summary['ratio_vs_faster']:.3f} ({verdict} +{args.tolerance:.0%})")
+    print(
+        f"  bitdeploy's single-stream matches the {summary['matches']} mode; vs the faster mode ({summary['faster_mode']}): {summary['ratio_vs_faster']:.3f} ({verdict} +{args.tolerance:.0%})"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0 if summary["within_tolerance"] else 1
@@ -242,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--session-loop":
         spec = json.loads(sys.argv[2])
-        print(json.dumps(session_run_loop(spec["model"], spec["shape"], spec["threads"], spec["iterations"], spec["warmup"])))
+        print(
+            json.dumps(
+                session_run_loop(spec["model"], spec["shape"], spec["threads"], spec["iterations"], spec["warmup"])
+            )
+        )
         raise SystemExit(0)
     raise SystemExit(main())

@@ -56,10 +56,32 @@ SCHEMA_VERSION = 1
 MERGED = "bitdeploy-bench-merged"  # report.py's results.json: {"schema": MERGED, "documents": [document, ...]}
 
 ENTRY_KEYS = (
-    "name", "kind", "bundle", "model", "resolution", "num_classes", "target", "precision", "precision_used",
-    "backend_device", "device", "status", "size_mb", "files_sha256", "load_s", "first_infer_ms", "peak_rss_mb",
-    "peak_rss_method", "single_stream", "offline", "end_to_end", "accuracy", "build_accuracy", "describe", "error",
-)  # fmt: skip
+    "name",
+    "kind",
+    "bundle",
+    "model",
+    "resolution",
+    "num_classes",
+    "target",
+    "precision",
+    "precision_used",
+    "backend_device",
+    "device",
+    "status",
+    "size_mb",
+    "files_sha256",
+    "load_s",
+    "first_infer_ms",
+    "peak_rss_mb",
+    "peak_rss_method",
+    "single_stream",
+    "offline",
+    "end_to_end",
+    "accuracy",
+    "build_accuracy",
+    "describe",
+    "error",
+)
 
 
 def new_entry(**fields: Any) -> dict[str, Any]:
@@ -73,7 +95,12 @@ def new_entry(**fields: Any) -> dict[str, Any]:
     return entry
 
 
-def new_document(results: list[dict[str, Any]], environment: dict[str, Any] | None = None, settings: dict[str, Any] | None = None, selected: dict[str, str] | None = None) -> dict[str, Any]:
+def new_document(
+    results: list[dict[str, Any]],
+    environment: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    selected: dict[str, str] | None = None,
+) -> dict[str, Any]:
     from bitdeploy import __version__
     from bitdeploy.benchmarks.env import collect
 
@@ -92,15 +119,19 @@ def new_document(results: list[dict[str, Any]], environment: dict[str, Any] | No
 def check_document(doc: Any, source: str = "<results>") -> dict[str, Any]:
     """Refuse anything that is not a bench document this version can read."""
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise BitdeployError(f"{source}: not a bitdeploy bench result (no \"schema\": \"{SCHEMA}\"); pass files written by `bitdeploy bench --json`")
+        raise BitdeployError(
+            f'{source}: not a bitdeploy bench result (no "schema": "{SCHEMA}"); pass files written by `bitdeploy bench --json`'
+        )
     version = doc.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise BitdeployError(f"{source}: bench schema version {version!r} is not supported (this bitdeploy reads {SCHEMA_VERSION}); upgrade bitdeploy or re-run the benchmark")
+        raise BitdeployError(
+            f"{source}: bench schema version {version!r} is not supported (this bitdeploy reads {SCHEMA_VERSION}); upgrade bitdeploy or re-run the benchmark"
+        )
     if not isinstance(doc.get("results"), list):
-        raise BitdeployError(f"{source}: \"results\" must be a list; re-run `bitdeploy bench --json`")
+        raise BitdeployError(f'{source}: "results" must be a list; re-run `bitdeploy bench --json`')
     for entry in doc["results"]:
         if not isinstance(entry, dict) or not entry.get("name"):
-            raise BitdeployError(f"{source}: a result without a \"name\"; re-run `bitdeploy bench --json`")
+            raise BitdeployError(f'{source}: a result without a "name"; re-run `bitdeploy bench --json`')
         for key in ENTRY_KEYS:
             entry.setdefault(key, None)
     return doc
@@ -126,7 +157,9 @@ def load_documents(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BitdeployError(f"{path}: not valid JSON ({str(exc).splitlines()[0]}); pass files written by `bitdeploy bench --json`") from exc
+            raise BitdeployError(
+                f"{path}: not valid JSON ({str(exc).splitlines()[0]}); pass files written by `bitdeploy bench --json`"
+            ) from exc
         if isinstance(doc, dict) and doc.get("schema") == MERGED and isinstance(doc.get("documents"), list):
             docs.extend(check_document(d, str(path)) for d in doc["documents"])
         else:

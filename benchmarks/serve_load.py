@@ -69,12 +69,16 @@ def sample_images(n: int = 16, seed: int = 0) -> list[bytes]:
     return out
 
 
-def start_server(bundle: str, *args: str, threads: int | None = None, timeout: float = 120.0) -> tuple[subprocess.Popen[str], str]:
+def start_server(
+    bundle: str, *args: str, threads: int | None = None, timeout: float = 120.0
+) -> tuple[subprocess.Popen[str], str]:
     """Run `bitdeploy serve BUNDLE --port 0 ARGS...` on loopback; return the process and its base URL."""
     cmd = [sys.executable, "-m", "bitdeploy", "serve", bundle, "--host", "127.0.0.1", "--port", "0", *args]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     found: list[str] = []
 
     def read_banner() -> None:
@@ -273,13 +277,21 @@ def _raw(url: str, payload: bytes, timeout: float, hang_up: bool = False, half_c
 
 def malformed_cases(max_body: int, model: str = "tiny", res: int = 32) -> list[tuple[str, bytes, set[int | None]]]:
     """(name, raw request bytes, accepted statuses; None = we hang up, -1 = the server closes without an answer)."""
+
     def post(body: bytes, path: str = f"/v2/models/{model}/infer", length: int | None = None, extra: str = "") -> bytes:
         n = len(body) if length is None else length
-        return f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\n{extra}Connection: close\r\n\r\n".encode() + body
+        return (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\n{extra}Connection: close\r\n\r\n".encode()
+            + body
+        )
 
     def infer(msg: dict[str, Any], binary: bytes = b"", header: int | None = None) -> bytes:
         head = json.dumps(msg).encode()
-        extra = f"Inference-Header-Content-Length: {len(head) if header is None else header}\r\n" if binary or header is not None else ""
+        extra = (
+            f"Inference-Header-Content-Length: {len(head) if header is None else header}\r\n"
+            if binary or header is not None
+            else ""
+        )
         return post(head + binary, extra=extra)
 
     from PIL import Image
@@ -299,18 +311,53 @@ def malformed_cases(max_body: int, model: str = "tiny", res: int = 32) -> list[t
         ("wrong shape", infer({"inputs": [{**good, "shape": [1, 3, res, res + 1], "data": [0]}]}), {400}),
         ("too few numbers", infer({"inputs": [{**good, "data": [0.5] * 7}]}), {400}),
         ("strings as numbers", infer({"inputs": [{**good, "data": ["a"] * (3 * res * res)}]}), {400}),
-        ("binary size mismatch", infer({"inputs": [{**good, "parameters": {"binary_data_size": len(blob) + 4}}]}, blob), {400}),
+        (
+            "binary size mismatch",
+            infer({"inputs": [{**good, "parameters": {"binary_data_size": len(blob) + 4}}]}, blob),
+            {400},
+        ),
         ("short binary data", infer({"inputs": [{**good, "parameters": {"binary_data_size": 8}}]}, blob[:8]), {400}),
         ("header length past the body", infer({"inputs": [good]}, blob, header=10**6), {400}),
-        ("undecodable image", infer({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["not an image"]}]}), {400}),
-        ("truncated BYTES element", infer({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 9}}]},
-                                          b"\xff\x00\x00\x00abcde"), {400}),
-        ("unknown output", infer({"inputs": [{**good, "data": [0.0] * (3 * res * res)}], "outputs": [{"name": "probs"}]}), {400}),
-        ("bad classification", infer({"inputs": [{**good, "data": [0.0] * (3 * res * res)}], "outputs": [{"name": "logits", "parameters": {"classification": "x"}}]}), {400}),
+        (
+            "undecodable image",
+            infer({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["not an image"]}]}),
+            {400},
+        ),
+        (
+            "truncated BYTES element",
+            infer(
+                {
+                    "inputs": [
+                        {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 9}}
+                    ]
+                },
+                b"\xff\x00\x00\x00abcde",
+            ),
+            {400},
+        ),
+        (
+            "unknown output",
+            infer({"inputs": [{**good, "data": [0.0] * (3 * res * res)}], "outputs": [{"name": "probs"}]}),
+            {400},
+        ),
+        (
+            "bad classification",
+            infer(
+                {
+                    "inputs": [{**good, "data": [0.0] * (3 * res * res)}],
+                    "outputs": [{"name": "logits", "parameters": {"classification": "x"}}],
+                }
+            ),
+            {400},
+        ),
         ("unknown model", post(b"{}", "/v2/models/no-such-model/infer"), {404}),
         ("unknown version", post(b"{}", f"/v2/models/{model}/versions/7/infer"), {404}),
         ("oversized body", post(b"x" * 1024, length=max_body + 1), {413}),
-        ("no Content-Length", f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(), {411}),
+        (
+            "no Content-Length",
+            f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
+            {411},
+        ),
         ("GET infer", f"GET /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(), {405}),
         ("wrong route", post(b"{}", "/v3/whatever"), {404}),
         ("v1 garbage image", post(os.urandom(3000), "/v1/predict"), {400}),
@@ -323,7 +370,9 @@ def malformed_cases(max_body: int, model: str = "tiny", res: int = 32) -> list[t
     ]
 
 
-def run_malformed(url: str, count: int, max_body: int, model: str = "tiny", res: int = 32, timeout: float = 30.0) -> tuple[int, list[str]]:
+def run_malformed(
+    url: str, count: int, max_body: int, model: str = "tiny", res: int = 32, timeout: float = 30.0
+) -> tuple[int, list[str]]:
     cases = malformed_cases(max_body, model, res)
     errors = []
     for i in range(count):
@@ -351,8 +400,22 @@ def healthz(url: str, timeout: float = 10.0) -> dict[str, Any]:
 # -- the engine alone ------------------------------------------------------------------------------------------
 def bench_offline(bundle: str, threads: int | None, iterations: int) -> tuple[float, float]:
     """`bitdeploy bench BUNDLE --batch-sizes 8`: (offline batch-8 images/s, single-stream p50 ms)."""
-    cmd = [sys.executable, "-m", "bitdeploy", "bench", bundle, "--batch-sizes", "8", "--iterations", str(iterations),
-           "--no-e2e", "--no-raw", "--no-progress", "--json", "-"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bitdeploy",
+        "bench",
+        bundle,
+        "--batch-sizes",
+        "8",
+        "--iterations",
+        str(iterations),
+        "--no-e2e",
+        "--no-raw",
+        "--no-progress",
+        "--json",
+        "-",
+    ]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -370,7 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--single", type=int, default=200, help="requests from one client, for its p50")
     ap.add_argument("--malformed", type=int, default=50)
-    ap.add_argument("--input", choices=["tensor", "image"], default="tensor", help="FP32 `input` (binary) or encoded images as BYTES `image`")
+    ap.add_argument(
+        "--input",
+        choices=["tensor", "image"],
+        default="tensor",
+        help="FP32 `input` (binary) or encoded images as BYTES `image`",
+    )
     ap.add_argument("--threads", type=int, default=None, help="engine threads, for the server and for bench")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=8)
@@ -380,8 +448,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-bench", action="store_true", help="skip the `bitdeploy bench` comparison")
     args = ap.parse_args(argv)
     max_body_mb = 1.0
-    proc, url = start_server(args.bundle, "--workers", str(args.workers), "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
-                             "--max-body-mb", str(max_body_mb), threads=args.threads)
+    proc, url = start_server(
+        args.bundle,
+        "--workers",
+        str(args.workers),
+        "--max-batch",
+        str(args.max_batch),
+        "--max-delay-ms",
+        str(args.max_delay_ms),
+        "--max-body-mb",
+        str(max_body_mb),
+        threads=args.threads,
+    )
     errors: list[str] = []
     ratios, gaps, paired, loads, singles = [], [], [], [], []
     bad: list[str] = []
@@ -392,31 +470,42 @@ def main(argv: list[str] | None = None) -> int:
         meta = model_metadata(url)
         inputs = Inputs(meta, args.input)
         res = int(meta["inputs"][0]["shape"][-1])
-        print(f"server: {url}  model {meta['name']} ({meta['platform']}), --max-batch {args.max_batch} --max-delay-ms {args.max_delay_ms:g} "
-              f"--workers {args.workers} --threads {args.threads}; {args.clients} clients x {args.requests} {args.input} requests, "
-              f"{args.single} single-client, {args.rounds} round(s); load average {os.getloadavg()[0]:.1f}")
+        print(
+            f"server: {url}  model {meta['name']} ({meta['platform']}), --max-batch {args.max_batch} --max-delay-ms {args.max_delay_ms:g} "
+            f"--workers {args.workers} --threads {args.threads}; {args.clients} clients x {args.requests} {args.input} requests, "
+            f"{args.single} single-client, {args.rounds} round(s); load average {os.getloadavg()[0]:.1f}"
+        )
         run_load(url, inputs, args.clients, min(40, args.requests))  # warm-up
         from bitdeploy.runtimes import load as load_bundle
 
-        model = load_bundle(args.bundle, threads=args.threads)  # the engine alone, for the paired single-client comparison
+        model = load_bundle(
+            args.bundle, threads=args.threads
+        )  # the engine alone, for the paired single-client comparison
         for r in range(args.rounds):
-            offline, stream_p50 = bench_offline(args.bundle, args.threads, args.bench_iterations) if not args.no_bench else (float("nan"), float("nan"))
+            offline, stream_p50 = (
+                bench_offline(args.bundle, args.threads, args.bench_iterations)
+                if not args.no_bench
+                else (float("nan"), float("nan"))
+            )
             single, engine = paired_single(url, inputs, model, args.single) if args.single else (LoadResult(), [])
             paired.append(single.percentile(50) - float(np.percentile(engine, 50)) * 1e3 if engine else float("nan"))
             before = metrics(url)
             load = run_load(url, inputs, args.clients, args.requests)
             during = metrics(url)
-            per_call = ((counted(during, "bitdeploy_batch_size_sum") - counted(before, "bitdeploy_batch_size_sum"))
-                        / max(1.0, counted(during, "bitdeploy_batch_size_count") - counted(before, "bitdeploy_batch_size_count")))
+            per_call = (
+                counted(during, "bitdeploy_batch_size_sum") - counted(before, "bitdeploy_batch_size_sum")
+            ) / max(1.0, counted(during, "bitdeploy_batch_size_count") - counted(before, "bitdeploy_batch_size_count"))
             errors += load.errors + single.errors
             loads.append(load)
             singles.append(single)
             ratios.append(load.throughput / offline)
             gaps.append(single.percentile(50) - stream_p50)
-            print(f"round {r + 1}: {load.throughput:.1f} requests/s with {args.clients} clients vs {offline:.1f} images/s offline batch 8 "
-                  f"(ratio {ratios[-1]:.2f}, {per_call:.1f} images per engine call); single client p50 {single.percentile(50):.2f} ms vs "
-                  f"single-stream p50 {stream_p50:.2f} ms ({gaps[-1]:+.2f} ms), vs the engine in this process interleaved "
-                  f"({paired[-1]:+.2f} ms); load average {os.getloadavg()[0]:.1f}")
+            print(
+                f"round {r + 1}: {load.throughput:.1f} requests/s with {args.clients} clients vs {offline:.1f} images/s offline batch 8 "
+                f"(ratio {ratios[-1]:.2f}, {per_call:.1f} images per engine call); single client p50 {single.percentile(50):.2f} ms vs "
+                f"single-stream p50 {stream_p50:.2f} ms ({gaps[-1]:+.2f} ms), vs the engine in this process interleaved "
+                f"({paired[-1]:+.2f} ms); load average {os.getloadavg()[0]:.1f}"
+            )
         _, bad = run_malformed(url, args.malformed, int(max_body_mb * (1 << 20)), meta["name"], res)
         errors += [f"malformed: {e}" for e in bad]
         after = run_load(url, inputs, args.clients, max(args.clients, args.requests // 10))
@@ -429,23 +518,40 @@ def main(argv: list[str] | None = None) -> int:
         if model is not None:
             model.close()
     load = loads[-1]
-    sent = args.requests + min(40, args.requests) + sum(len(s.latencies) for s in singles) + args.requests * (args.rounds - 1)
+    sent = (
+        args.requests
+        + min(40, args.requests)
+        + sum(len(s.latencies) for s in singles)
+        + args.requests * (args.rounds - 1)
+    )
     served = counted(scraped, "bitdeploy_requests_total", route="/v2/models/{name}/infer", code="200")
     batches = counted(scraped, "bitdeploy_batch_size_count")
     images = counted(scraped, "bitdeploy_batch_size_sum")
     if served < sent:
         errors.append(f"/metrics counts {served:.0f} answered inferences, fewer than the {sent} sent")
     print(f"valid requests:     {len(load.latencies)}/{args.requests} ok, {len(load.errors)} error(s)")
-    print(f"latency (ms):       p50 {load.percentile(50):.2f}  p90 {load.percentile(90):.2f}  p99 {load.percentile(99):.2f}  max {load.percentile(100):.2f}")
-    print(f"throughput:         {load.throughput:.1f} requests/s over {load.wall_s:.2f} s; {images / max(batches, 1):.2f} images per engine call over the whole run")
+    print(
+        f"latency (ms):       p50 {load.percentile(50):.2f}  p90 {load.percentile(90):.2f}  p99 {load.percentile(99):.2f}  max {load.percentile(100):.2f}"
+    )
+    print(
+        f"throughput:         {load.throughput:.1f} requests/s over {load.wall_s:.2f} s; {images / max(batches, 1):.2f} images per engine call over the whole run"
+    )
     if not args.no_bench:
-        print(f"vs offline batch 8: median ratio {float(np.median(ratios)):.2f} over {args.rounds} round(s) (target >= 0.80)")
-        print(f"single client:      median p50 - single-stream p50 = {float(np.median(gaps)):+.2f} ms (target <= +2 ms)")
+        print(
+            f"vs offline batch 8: median ratio {float(np.median(ratios)):.2f} over {args.rounds} round(s) (target >= 0.80)"
+        )
+        print(
+            f"single client:      median p50 - single-stream p50 = {float(np.median(gaps)):+.2f} ms (target <= +2 ms)"
+        )
     if args.single:
-        print(f"single client:      median p50 - the engine's p50 in blocks interleaved with it = {float(np.median(paired)):+.2f} ms")
+        print(
+            f"single client:      median p50 - the engine's p50 in blocks interleaved with it = {float(np.median(paired)):+.2f} ms"
+        )
     print(f"malformed requests: {args.malformed} sent, {len(bad)} unexpected answer(s)")
-    print(f"after malformed:    {len(after.latencies)}/{max(args.clients, args.requests // 10)} ok; server {'up' if alive else 'DOWN'}; "
-          f"/metrics counted {served:.0f} inference(s); exit status {code} after SIGTERM")
+    print(
+        f"after malformed:    {len(after.latencies)}/{max(args.clients, args.requests // 10)} ok; server {'up' if alive else 'DOWN'}; "
+        f"/metrics counted {served:.0f} inference(s); exit status {code} after SIGTERM"
+    )
     for e in errors[:20]:
         print(f"  error: {e}", file=sys.stderr)
     if not alive or code != 0 or "Traceback" in stderr:

@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 
 
-def plain_batch(images: list[np.ndarray], labels: np.ndarray, rng: random.Random, resize: int, crop: int) -> tuple[Any, Any]:
+def plain_batch(
+    images: list[np.ndarray], labels: np.ndarray, rng: random.Random, resize: int, crop: int
+) -> tuple[Any, Any]:
     import torch
     from PIL import Image
 
@@ -48,7 +50,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=3, help="timed steps per round and side")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="bitdeploy side; auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="bitdeploy side; auto = bf16 on CUDA, fp32 on CPU",
+    )
     p.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -61,7 +68,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from bitdeploy.training.step import Stepper
     from bitdeploy.training.weights import load_model
 
-    ctx = distributed.Context(torch.device("cuda" if distributed.resolve_kind(args.device) == "cuda" else "cpu"), distributed.resolve_kind(args.device))
+    ctx = distributed.Context(
+        torch.device("cuda" if distributed.resolve_kind(args.device) == "cuda" else "cpu"),
+        distributed.resolve_kind(args.device),
+    )
     precision = args.precision if args.precision != "auto" else ("bf16" if ctx.kind == "cuda" else "fp32")
     splits = load_dataset(args.dataset)
     rule = hyperrule.get_resolution(splits.train.image_hw())
@@ -100,22 +110,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plain_step(0)
     our_step(0)  # warm-up: allocator, oneDNN/cuDNN algorithm choice
     rows = []
-    print(f"{args.model} {resize}->{crop}px batch {bs} on {ctx.device} ({torch.get_num_threads()} threads), torch {torch.__version__}; bitdeploy precision {precision}", file=sys.stderr)
+    print(
+        f"{args.model} {resize}->{crop}px batch {bs} on {ctx.device} ({torch.get_num_threads()} threads), torch {torch.__version__}; bitdeploy precision {precision}",
+        file=sys.stderr,
+    )
     print(f"{'round':>5} {'plain fp32 img/s':>17} {'bitdeploy img/s':>16} {'ratio':>6}")
     for r in range(args.rounds):
         a = timed(plain_step, 1 + r * args.steps)
         b = timed(our_step, 1 + r * args.steps)
-        rows.append({"round": r, "plain_images_per_second": round(a, 2), "bitdeploy_images_per_second": round(b, 2), "ratio": round(b / a, 3)})
+        rows.append(
+            {
+                "round": r,
+                "plain_images_per_second": round(a, 2),
+                "bitdeploy_images_per_second": round(b, 2),
+                "ratio": round(b / a, 3),
+            }
+        )
         print(f"{r:>5} {a:>17.1f} {b:>16.1f} {b / a:>6.2f}")
     feeder.close()
     med = statistics.median(row["ratio"] for row in rows)
     result = {
-        "model": args.model, "resolution": crop, "resize": resize, "batch_size": bs, "device": str(ctx.device), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "bitdeploy_precision": precision, "channels_last": ours.channels_last, "rounds": rows, "median_ratio": med,
+        "model": args.model,
+        "resolution": crop,
+        "resize": resize,
+        "batch_size": bs,
+        "device": str(ctx.device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "bitdeploy_precision": precision,
+        "channels_last": ours.channels_last,
+        "rounds": rows,
+        "median_ratio": med,
         "plain_images_per_second": statistics.median(row["plain_images_per_second"] for row in rows),
         "bitdeploy_images_per_second": statistics.median(row["bitdeploy_images_per_second"] for row in rows),
-    }  # fmt: skip
-    print(f"median: plain {result['plain_images_per_second']:.1f} img/s, bitdeploy {result['bitdeploy_images_per_second']:.1f} img/s, ratio {med:.2f}x")
+    }
+    print(
+        f"median: plain {result['plain_images_per_second']:.1f} img/s, bitdeploy {result['bitdeploy_images_per_second']:.1f} img/s, ratio {med:.2f}x"
+    )
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)

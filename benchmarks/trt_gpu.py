@@ -55,7 +55,11 @@ def latency(fn: Callable[[], Any], iters: int, warmup: int = 20) -> dict[str, fl
         s = time.perf_counter()
         fn()
         t[i] = time.perf_counter() - s
-    return {"p50_ms": float(np.median(t) * 1e3), "p99_ms": float(np.percentile(t, 99) * 1e3), "mean_ms": float(t.mean() * 1e3)}
+    return {
+        "p50_ms": float(np.median(t) * 1e3),
+        "p99_ms": float(np.percentile(t, 99) * 1e3),
+        "mean_ms": float(t.mean() * 1e3),
+    }
 
 
 def throughput(fn: Callable[[], Any], batch: int, seconds: float = 3.0, warmup: int = 5) -> float:
@@ -99,14 +103,19 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dic
     cache = work / "cache"
     backends: dict[str, dict[str, Any]] = {}
     for precision in ("fp16", "int8"):
-        for kind, profile in (("latency", "1,1,1"), ("throughput", f"1,{max(THROUGHPUT_BATCHES)},{max(THROUGHPUT_BATCHES)}")):
+        for kind, profile in (
+            ("latency", "1,1,1"),
+            ("throughput", f"1,{max(THROUGHPUT_BATCHES)},{max(THROUGHPUT_BATCHES)}"),
+        ):
             out = work / f"{precision}-{kind}"
             out.mkdir()
             log(f"building TensorRT {precision} {kind} engine (profile {profile})")
             options = ConvertOptions(device=args.device, cache_dir=cache, extras=TensorRTOptions(batch=profile))
             art = trt_engine.convert(onnx_path, out, precision, calibration if precision == "int8" else None, options)
             backends.setdefault(precision, {})[kind] = TensorRTBackend(out / art.model_file, {"target": art.target})
-            results["engines"][f"{precision}-{kind}"] = {k: art.target[k] for k in ("precision_used", "layers", "build_seconds", "tensorrt_version")}
+            results["engines"][f"{precision}-{kind}"] = {
+                k: art.target[k] for k in ("precision_used", "layers", "build_seconds", "tensorrt_version")
+            }
 
     torch.cuda.set_device(index)
     half = model.half().to(f"cuda:{index}")
@@ -141,8 +150,14 @@ def report(results: dict[str, Any]) -> None:
     rows = results["rows"]
     print(f"\nGPU: {results['gpu']}")
     for name, e in results["engines"].items():
-        print(f"  engine {name:16s} TensorRT {e['tensorrt_version']}: {e['precision_used']}, layers {e['layers']['by_precision']}, built in {e['build_seconds']} s")
-    head = f"{'engine':11s} {'p50 ms':>8s} {'p99 ms':>8s} " + " ".join(f"{'img/s b' + str(b):>11s}" for b in THROUGHPUT_BATCHES) + "  agree"
+        print(
+            f"  engine {name:16s} TensorRT {e['tensorrt_version']}: {e['precision_used']}, layers {e['layers']['by_precision']}, built in {e['build_seconds']} s"
+        )
+    head = (
+        f"{'engine':11s} {'p50 ms':>8s} {'p99 ms':>8s} "
+        + " ".join(f"{'img/s b' + str(b):>11s}" for b in THROUGHPUT_BATCHES)
+        + "  agree"
+    )
     print(head)
     for name, r in rows.items():
         tp = " ".join(f"{r[f'images_per_s_b{b}']:11.0f}" for b in THROUGHPUT_BATCHES)

@@ -54,7 +54,9 @@ class EvalData:
     def labels(self) -> np.ndarray | None:
         if not self.labelled:
             return None
-        return np.concatenate([y for _, y in self.batches() if y is not None]) if self.samples else np.zeros(0, np.int64)
+        return (
+            np.concatenate([y for _, y in self.batches() if y is not None]) if self.samples else np.zeros(0, np.int64)
+        )
 
 
 def from_image_set(val: Any, resolution: int, limit: int | None = None, seed: int = 0, source: str = "val") -> EvalData:
@@ -74,7 +76,13 @@ def from_image_set(val: Any, resolution: int, limit: int | None = None, seed: in
 def random_inputs(resolution: int, samples: int = RANDOM_SAMPLES, seed: int = RANDOM_SEED) -> EvalData:
     """Seeded uniform [-1, 1] inputs (the normalised input range), for builds without a dataset."""
     data = np.random.default_rng(seed).uniform(-1.0, 1.0, (samples, 3, resolution, resolution)).astype(np.float32)
-    return EvalData(samples, resolution, f"{samples} x uniform[-1, 1], seed {seed}", lambda lo, hi: (data[lo:hi], None), labelled=False)
+    return EvalData(
+        samples,
+        resolution,
+        f"{samples} x uniform[-1, 1], seed {seed}",
+        lambda lo, hi: (data[lo:hi], None),
+        labelled=False,
+    )
 
 
 def run_logits(infer: Callable[[np.ndarray], np.ndarray], data: EvalData, batch_size: int = 32) -> np.ndarray:
@@ -105,7 +113,9 @@ def _diffs(logits: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     }
 
 
-def gate(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, max_drop_pp: float = DEFAULT_MAX_DROP_PP) -> dict[str, Any]:
+def gate(
+    logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, max_drop_pp: float = DEFAULT_MAX_DROP_PP
+) -> dict[str, Any]:
     """The manifest `accuracy` object: passed when top-1 drops by at most `max_drop_pp` points."""
     d = _diffs(logits, reference)
     top1 = float(np.mean(logits.argmax(1) == labels)) if d["finite"] else 0.0

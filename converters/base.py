@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 if TYPE_CHECKING:
     from bitdeploy.converters.calibration import CalibrationData, ValidationData
 
+
 @dataclass(frozen=True)
 class OrtOptions:
     """ONNX Runtime: the INT8 integer scheme (`bitdeploy.converters.ort_convert.SCHEMES`, or "auto")."""

@@ -51,7 +51,14 @@ class CalibrationData:
 
     def manifest(self, method: str | None) -> dict[str, Any]:
         """The manifest `calibration` object."""
-        return {"samples": len(self), "method": method, "seed": self.seed, "sha256": self.sha256, "source": self.source, "split": "train"}
+        return {
+            "samples": len(self),
+            "method": method,
+            "seed": self.seed,
+            "sha256": self.sha256,
+            "source": self.source,
+            "split": "train",
+        }
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / SAMPLES_FILE
@@ -97,7 +104,14 @@ def draw_indices(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(rng.permutation(n)[: min(size, n)])
 
 
-def from_image_set(train: Any, resolution: int, size: int = DEFAULT_SIZE, seed: int = DEFAULT_SEED, source: str = "train", chunk: int = 64) -> CalibrationData:
+def from_image_set(
+    train: Any,
+    resolution: int,
+    size: int = DEFAULT_SIZE,
+    seed: int = DEFAULT_SEED,
+    source: str = "train",
+    chunk: int = 64,
+) -> CalibrationData:
     """Draw `size` training images (seeded) and preprocess them exactly as inference does."""
     from bitdeploy.training.data import eval_batch
 
@@ -105,7 +119,9 @@ def from_image_set(train: Any, resolution: int, size: int = DEFAULT_SIZE, seed: 
         raise DatasetError(f"--calib-size must be at least 1 (got {size}); 300 is the default")
     n = len(train)
     if n == 0:
-        raise DatasetError(f"{source}: the training split is empty, nothing to calibrate on; pass a --dataset with training images")
+        raise DatasetError(
+            f"{source}: the training split is empty, nothing to calibrate on; pass a --dataset with training images"
+        )
     idx = draw_indices(n, size, seed)
     samples = np.empty((len(idx), 3, resolution, resolution), np.float32)
     for lo in range(0, len(idx), chunk):
@@ -135,7 +151,9 @@ class _OrtReader:
         if i is None:
             return None
         lo = i * self.batch_size
-        return {self.input_name: np.ascontiguousarray(self.calibration.samples[lo : lo + self.batch_size], dtype=np.float32)}
+        return {
+            self.input_name: np.ascontiguousarray(self.calibration.samples[lo : lo + self.batch_size], dtype=np.float32)
+        }
 
     def rewind(self) -> None:
         self.set_range(0, self.batches)

@@ -64,7 +64,7 @@ def _quiet(keep: bool) -> Iterator[None]:
 
 
 def _scope(node_name: str) -> str:
-    """"/body/block1/unit01/gn1/Mul" -> "body.block1.unit01.gn1"."""
+    """ "/body/block1/unit01/gn1/Mul" -> "body.block1.unit01.gn1"."""
     return ".".join(node_name.strip("/").split("/")[:-1])
 
 
@@ -82,7 +82,9 @@ def read_onnx_state(onnx_path: Path) -> tuple[dict[str, np.ndarray], tuple[int, 
             if len(const) == 1:
                 state[f"{_scope(node.name)}.{'weight' if node.op_type == 'Mul' else 'bias'}"] = const[0].reshape(-1)
     if "root.conv.weight" not in state or "head.conv.weight" not in state:
-        raise ConversionError(f"{onnx_path}: not a bitdeploy BiT export (no root.conv / head.conv weights); rebuild it with `bitdeploy export`")
+        raise ConversionError(
+            f"{onnx_path}: not a bitdeploy BiT export (no root.conv / head.conv weights); rebuild it with `bitdeploy export`"
+        )
     units: dict[int, int] = {}
     for name in state:
         m = re.match(r"body\.block(\d+)\.unit(\d+)\.", name)
@@ -108,7 +110,9 @@ def rebuild_model(onnx_path: Path) -> Any:
         elif re.search(r"gn\d?\.(weight|bias)$", name):
             loaded[name] = ref  # an identity affine (ones / zeros) that the simplifier removed
         else:
-            raise ConversionError(f"{onnx_path}: parameter {name} is missing from the ONNX export; rebuild it with `bitdeploy export`")
+            raise ConversionError(
+                f"{onnx_path}: parameter {name} is missing from the ONNX export; rebuild it with `bitdeploy export`"
+            )
     folded.load_state_dict(loaded)
     resolution = _input_resolution(onnx_path)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 3, resolution, resolution)).astype(np.float32)
@@ -117,7 +121,9 @@ def rebuild_model(onnx_path: Path) -> Any:
     want = _ort_runner(Path(onnx_path))(x)
     diff = float(np.abs(got - want).max())
     if not diff <= CHECK_TOLERANCE * max(1.0, float(np.abs(want).max())):
-        raise ConversionError(f"the PyTorch model rebuilt from {Path(onnx_path).name} differs from it by {diff:.3g}; report it with the model name")
+        raise ConversionError(
+            f"the PyTorch model rebuilt from {Path(onnx_path).name} differs from it by {diff:.3g}; report it with the model name"
+        )
     return folded
 
 
@@ -187,7 +193,9 @@ def _convert_float(lite: Any, sample: Any, path: Path) -> None:
     edge.export(str(path))
 
 
-def _convert_int8(lite: Any, float_types: tuple[type, ...], sample: Any, calibration: CalibrationData, path: Path) -> dict[str, Any]:
+def _convert_int8(
+    lite: Any, float_types: tuple[type, ...], sample: Any, calibration: CalibrationData, path: Path
+) -> dict[str, Any]:
     import litert_torch
     import torch
     from litert_torch.quantize import pt2e_quantizer
@@ -206,13 +214,17 @@ def _convert_int8(lite: Any, float_types: tuple[type, ...], sample: Any, calibra
         return not float_type and not any(path.endswith("head.conv") for path, _ in stack.values())
 
     class ConvOnlyQuantizer(pt2e_quantizer.PT2EQuantizer):  # type: ignore[misc]
-        STATIC_OPS: ClassVar[list[str]] = ["conv"]  # adds, muls, pools stay float: the residual stream carries GroupNorm's range
+        STATIC_OPS: ClassVar[list[str]] = [
+            "conv"
+        ]  # adds, muls, pools stay float: the residual stream carries GroupNorm's range
 
         def _annotate_for_static_quantization_config(self, model: Any) -> Any:
             self._annotate_all_static_patterns(model, self.global_config, quantize_node)
             return model
 
-    quantizer = ConvOnlyQuantizer().set_global(pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    quantizer = ConvOnlyQuantizer().set_global(
+        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
+    )
     exported = torch.export.export(lite, (sample,), dynamic_shapes=_batch_dim(torch)).module()
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
@@ -220,9 +232,19 @@ def _convert_int8(lite: Any, float_types: tuple[type, ...], sample: Any, calibra
             prepared(torch.from_numpy(batch))
     quantized = convert_pt2e(prepared, fold_quantize=False)
     move_exported_model_to_eval(quantized)
-    edge = litert_torch.convert(quantized, (sample,), quant_config=QuantConfig(pt2e_quantizer=quantizer), dynamic_shapes=_batch_dim(torch))
+    edge = litert_torch.convert(
+        quantized, (sample,), quant_config=QuantConfig(pt2e_quantizer=quantizer), dynamic_shapes=_batch_dim(torch)
+    )
     edge.export(str(path))
-    return {"method": "histogram", "scheme": "pt2e-static", "weights": "int8 per-channel symmetric", "activations": "int8 per-tensor symmetric", "op_types": ["CONV_2D"], "float": ["stem conv", "GroupNorm", "residual add", "pooling", "head conv"], "calibration_samples": len(calibration)}
+    return {
+        "method": "histogram",
+        "scheme": "pt2e-static",
+        "weights": "int8 per-channel symmetric",
+        "activations": "int8 per-tensor symmetric",
+        "op_types": ["CONV_2D"],
+        "float": ["stem conv", "GroupNorm", "residual add", "pooling", "head conv"],
+        "calibration_samples": len(calibration),
+    }
 
 
 def _cast_fp16(src: Path, dst: Path) -> None:
@@ -254,12 +276,16 @@ def run_tflite(path: Path, x: np.ndarray) -> np.ndarray:
         backend.close()
 
 
-def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions) -> Artifact:
+def convert(
+    onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions
+) -> Artifact:
     """Reads options.device (only "cpu": XNNPACK). litert-torch's own output shows when BITDEPLOY_LITERT_LOG is set."""
     if precision not in ("fp32", "fp16", "int8"):
         raise ConversionError(f"LiteRT precision must be fp32, fp16 or int8, got {precision!r}")
     if precision == "int8" and calibration is None:
-        raise ConversionError("--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)")
+        raise ConversionError(
+            "--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)"
+        )
     device = (options.device or "cpu").lower()
     if device != "cpu":
         raise ConversionError(f"--device {device!r} is not a LiteRT device here; use --device cpu (XNNPACK)")
@@ -281,11 +307,15 @@ def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Calibr
     return Artifact(files=[MODEL_FILE], model_file=MODEL_FILE, backend="litert", target=target, notes=notes)
 
 
-def _convert(folded: Any, sample: Any, precision: str, calibration: CalibrationData | None, tmp: Path) -> tuple[dict[str, Any], list[str]]:
+def _convert(
+    folded: Any, sample: Any, precision: str, calibration: CalibrationData | None, tmp: Path
+) -> tuple[dict[str, Any], list[str]]:
     """Write tmp/model.tflite; returns (manifest target keys, notes)."""
     group_norm_type, bitlite, float_stem = _lite_modules()
     stem = folded.root.conv
-    folded.root.conv = float_stem(stem.in_channels, stem.out_channels, stem.kernel_size, stem.stride, stem.padding, bias=False)
+    folded.root.conv = float_stem(
+        stem.in_channels, stem.out_channels, stem.kernel_size, stem.stride, stem.padding, bias=False
+    )
     folded.root.conv.load_state_dict(stem.state_dict())
     lite = bitlite(folded).eval()
     target: dict[str, Any] = {"precision": precision, "device": "cpu", "input_layout": "NCHW", "delegate": "XNNPACK"}
@@ -296,7 +326,9 @@ def _convert(folded: Any, sample: Any, precision: str, calibration: CalibrationD
             assert calibration is not None
             target["quantization"] = _convert_int8(lite, (group_norm_type, float_stem), sample, calibration, out)
             target["precision_used"] = "int8 CONV_2D + fp32"
-            notes.append("INT8 on the bottleneck convolutions (per-channel weights); the 3-channel stem, GroupNorm, residual adds, pooling and the head stay FP32")
+            notes.append(
+                "INT8 on the bottleneck convolutions (per-channel weights); the 3-channel stem, GroupNorm, residual adds, pooling and the head stay FP32"
+            )
         elif precision == "fp16":
             _convert_float(lite, sample, tmp / "fp32.tflite")
             _cast_fp16(tmp / "fp32.tflite", out)
@@ -308,7 +340,9 @@ def _convert(folded: Any, sample: Any, precision: str, calibration: CalibrationD
     except (ConversionError, MemoryError):
         raise
     except Exception as exc:  # litert-torch / jax / MLIR raise their own types with long traces
-        raise ConversionError(f"litert-torch could not convert the model to {precision} ({type(exc).__name__}: {first_line(exc)}); set {LOG_ENV}=1 to see its log") from exc
+        raise ConversionError(
+            f"litert-torch could not convert the model to {precision} ({type(exc).__name__}: {first_line(exc)}); set {LOG_ENV}=1 to see its log"
+        ) from exc
     return target, notes
 
 
@@ -321,4 +355,6 @@ def _check_fp32(folded: Any, path: Path, res: int) -> None:
     got = run_tflite(path, x)
     diff = float(np.abs(got - want).max())
     if not diff <= CHECK_TOLERANCE * max(1.0, float(np.abs(want).max())):
-        raise ConversionError(f"the FP32 .tflite differs from PyTorch by {diff:.3g} at batch 3; set {LOG_ENV}=1, rerun and report it")
+        raise ConversionError(
+            f"the FP32 .tflite differs from PyTorch by {diff:.3g} at batch 3; set {LOG_ENV}=1, rerun and report it"
+        )

@@ -59,14 +59,18 @@ def check_graph(model: Any, resolution: int, num_classes: int, opset: int) -> No
         raise ConversionError(f"the exported file declares opset {found}, not the requested {opset}; try --opset 17")
     ops = {n.op_type for n in graph.node}
     if "GroupNormalization" in ops:
-        raise ConversionError("the export contains GroupNormalization, which ONNX Runtime and TensorRT do not run; export with --opset 17")
+        raise ConversionError(
+            "the export contains GroupNormalization, which ONNX Runtime and TensorRT do not run; export with --opset 17"
+        )
     inits = {i.name for i in graph.initializer}
     for node in graph.node:
         if node.op_type == "Conv":
             params = [n for n in node.input[1:] if n]
             computed = [n for n in params if n not in inits]
             if computed:
-                raise ConversionError(f"Conv {node.name!r} takes {computed[0]!r} from a computation, not an initializer: weight standardisation was not folded")
+                raise ConversionError(
+                    f"Conv {node.name!r} takes {computed[0]!r} from a computation, not an initializer: weight standardisation was not folded"
+                )
     _check_root_pool(graph)
     _check_io(graph, resolution, num_classes)
 
@@ -79,15 +83,27 @@ def _check_root_pool(graph: Any) -> None:
     pads = list(_attr(pool, "pads", [0, 0, 0, 0]))
     auto_pad = _attr(pool, "auto_pad", b"NOTSET")
     if any(pads) or auto_pad not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
-        raise ConversionError(f"the root MaxPool pads implicitly (pads={pads}, auto_pad={auto_pad!r}); its zero padding was fused into it, which changes the outputs (REFERENCE C6)")
+        raise ConversionError(
+            f"the root MaxPool pads implicitly (pads={pads}, auto_pad={auto_pad!r}); its zero padding was fused into it, which changes the outputs (REFERENCE C6)"
+        )
     producer = next((n for n in graph.node if pool.input[0] in n.output), None)
     if producer is None or producer.op_type != "Pad":
-        raise ConversionError("the root MaxPool is not preceded by its zero Pad; the simplifier changed the root (REFERENCE C6)")
+        raise ConversionError(
+            "the root MaxPool is not preceded by its zero Pad; the simplifier changed the root (REFERENCE C6)"
+        )
     mode = _attr(producer, "mode", b"constant")
     pad_values = _const_values(graph, producer.input[1]) if len(producer.input) > 1 else None
     fill = _const_values(graph, producer.input[2]) if len(producer.input) > 2 and producer.input[2] else np.zeros(1)
-    if mode not in (b"constant", "constant") or pad_values is None or pad_values.tolist() != ROOT_PADS or fill is None or float(np.asarray(fill).ravel()[0]) != 0.0:
-        raise ConversionError(f"the root Pad is not a constant zero pad of 1 (mode={mode!r}, pads={None if pad_values is None else pad_values.tolist()}) (REFERENCE C6)")
+    if (
+        mode not in (b"constant", "constant")
+        or pad_values is None
+        or pad_values.tolist() != ROOT_PADS
+        or fill is None
+        or float(np.asarray(fill).ravel()[0]) != 0.0
+    ):
+        raise ConversionError(
+            f"the root Pad is not a constant zero pad of 1 (mode={mode!r}, pads={None if pad_values is None else pad_values.tolist()}) (REFERENCE C6)"
+        )
 
 
 def _dims(value_info: Any) -> list[int | str]:
@@ -99,12 +115,16 @@ def _check_io(graph: Any, resolution: int, num_classes: int) -> None:
 
     inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
     if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in graph.output] != [OUTPUT_NAME]:
-        raise ConversionError(f"unexpected graph inputs/outputs {[i.name for i in inputs]} -> {[o.name for o in graph.output]}")
+        raise ConversionError(
+            f"unexpected graph inputs/outputs {[i.name for i in inputs]} -> {[o.name for o in graph.output]}"
+        )
     if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise ConversionError("the exported input is not float32")
     din, dout = _dims(inputs[0]), _dims(graph.output[0])
     if not isinstance(din[0], str) or din[1:] != [3, resolution, resolution]:
-        raise ConversionError(f"the exported input has shape {din}, expected [batch, 3, {resolution}, {resolution}] with a dynamic batch")
+        raise ConversionError(
+            f"the exported input has shape {din}, expected [batch, 3, {resolution}, {resolution}] with a dynamic batch"
+        )
     if not isinstance(dout[0], str) or dout[1:] != [num_classes]:
         raise ConversionError(f"the exported output has shape {dout}, expected [batch, {num_classes}]")
 
@@ -132,7 +152,14 @@ def _save(model: Any, path: Path, external: bool) -> None:
     import onnx
 
     if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(model, str(path))
 
@@ -160,7 +187,9 @@ def _torch_export(folded: Any, resolution: int, path: Path, opset: int) -> None:
                 dynamo=False,
             )
         except Exception as exc:
-            raise ConversionError(f"torch.onnx.export failed at opset {opset} ({first_line(exc)}); try --opset 17") from exc
+            raise ConversionError(
+                f"torch.onnx.export failed at opset {opset} ({first_line(exc)}); try --opset 17"
+            ) from exc
 
 
 def _reference(model: Any, x: np.ndarray) -> np.ndarray:
@@ -211,7 +240,9 @@ def export_onnx(
     from bitdeploy.training.bit import fold_weight_standardization
 
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ConversionError(f"opset {opset} is not supported; choose {MIN_OPSET}-{MAX_OPSET} (17 is the default and what every backend accepts)")
+        raise ConversionError(
+            f"opset {opset} is not supported; choose {MIN_OPSET}-{MAX_OPSET} (17 is the default and what every backend accepts)"
+        )
     if resolution < 16:
         raise ConversionError(f"resolution {resolution} is too small; use at least 16 px (BiT uses 128 or 480)")
     out = Path(out_path)
@@ -235,7 +266,9 @@ def export_onnx(
         try:
             final = onnxslim.slim(raw)
         except Exception as exc:
-            raise ConversionError(f"onnxslim failed on the export ({first_line(exc)}); rerun with --debug and report it") from exc
+            raise ConversionError(
+                f"onnxslim failed on the export ({first_line(exc)}); rerun with --debug and report it"
+            ) from exc
         simplifier = f"onnxslim {onnxslim.__version__}"
         del raw
         external = _weights_bytes(final) > external_data_threshold
@@ -255,9 +288,13 @@ def export_onnx(
         slim_diff = float(np.abs(got - raw_out).max())
         batch_diff = float(np.abs(single - got[:1]).max())
         if not np.isfinite(got).all() or max_diff > tolerance * scale:
-            raise ConversionError(f"the ONNX model differs from PyTorch by {max_diff:.3g} (allowed {tolerance * scale:.3g}); rerun with --debug and report it")
+            raise ConversionError(
+                f"the ONNX model differs from PyTorch by {max_diff:.3g} (allowed {tolerance * scale:.3g}); rerun with --debug and report it"
+            )
         if slim_diff > tolerance * scale or batch_diff > tolerance * scale:
-            raise ConversionError(f"simplification or batching changed the result (by {max(slim_diff, batch_diff):.3g}); rerun with --debug and report it")
+            raise ConversionError(
+                f"simplification or batching changed the result (by {max(slim_diff, batch_diff):.3g}); rerun with --debug and report it"
+            )
         files = _publish(tmp_model, out, external)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

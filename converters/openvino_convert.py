@@ -75,7 +75,9 @@ def _range_estimator(method: str | None) -> Any:
 
     name = (method or "mean_minmax").lower()
     if name not in CALIB_METHODS:
-        raise ConversionError(f"--calib-method {method!r} is not available for OpenVINO; choose one of: {', '.join(CALIB_METHODS)}")
+        raise ConversionError(
+            f"--calib-method {method!r} is not available for OpenVINO; choose one of: {', '.join(CALIB_METHODS)}"
+        )
     if name == "mean_minmax":
         return None
     params = getattr(RangeEstimatorParametersSet, name.upper())
@@ -93,7 +95,11 @@ def _head_names(model: Any) -> list[str]:
     names: list[str] = []
     for pool in pools[-1:]:
         names.append(pool.get_friendly_name())
-        names += [t.get_node().get_friendly_name() for t in pool.output(0).get_target_inputs() if t.get_node().get_type_name() == "Convolution"]
+        names += [
+            t.get_node().get_friendly_name()
+            for t in pool.output(0).get_target_inputs()
+            if t.get_node().get_type_name() == "Convolution"
+        ]
     return names
 
 
@@ -134,7 +140,9 @@ def ignored_scope(model: Any, mode: str) -> tuple[Any, list[str]]:
     return nncf.IgnoredScope(names=names, types=types), [f"kept in float: {', '.join(what)}"]
 
 
-def quantize_int8(model: Any, calibration: CalibrationData, options: ConvertOptions) -> tuple[Any, dict[str, Any], list[str]]:
+def quantize_int8(
+    model: Any, calibration: CalibrationData, options: ConvertOptions
+) -> tuple[Any, dict[str, Any], list[str]]:
     """NNCF post-training INT8 with the DEFAULT_SCOPE float placement; with `OpenVinoOptions.accuracy_control`,
     the accuracy-controlled variant, measured on `OpenVinoOptions.validation`."""
     nncf = require("nncf", "openvino", "NNCF (nncf, the INT8 quantizer)")
@@ -142,7 +150,9 @@ def quantize_int8(model: Any, calibration: CalibrationData, options: ConvertOpti
     nncf.set_log_level(40)  # errors only: the build prints its own progress
     ov_options = options.extras_for(OpenVinoOptions)
     if len(calibration) == 0:
-        raise ConversionError("--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)")
+        raise ConversionError(
+            "--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)"
+        )
     calib = nncf_dataset(calibration)  # single images: NNCF feeds the model one item at a time
     scope_mode = DEFAULT_SCOPE
     scope, notes = ignored_scope(model, scope_mode)
@@ -189,7 +199,9 @@ def quantize_int8(model: Any, calibration: CalibrationData, options: ConvertOpti
             **common,
         )
     except nncf.ValidationError as exc:  # type: ignore[attr-defined]
-        raise ConversionError(f"NNCF accuracy control failed ({first_line(exc)}); rebuild without --accuracy-control") from exc
+        raise ConversionError(
+            f"NNCF accuracy control failed ({first_line(exc)}); rebuild without --accuracy-control"
+        ) from exc
     info.update({"accuracy_control": True, "max_drop_pp": max_drop * 100, "validation_samples": len(validation)})
     notes.append(f"NNCF accuracy control: max drop {max_drop * 100:g} pp on {len(validation)} validation images")
     return q, info, notes
@@ -203,13 +215,17 @@ def validation_dataset(validation: ValidationData) -> Any:
     return nncf.Dataset([(xs[i : i + 1], int(ys[i])) for i in range(len(xs))], lambda item: item[0])
 
 
-def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions) -> Artifact:
+def convert(
+    onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions
+) -> Artifact:
     """Reads options.device, options.threads (the validation compile), options.calib_method and `OpenVinoOptions`."""
     ov = require("openvino", "openvino", "OpenVINO")
     if precision not in ("fp32", "fp16", "int8"):
         raise ConversionError(f"OpenVINO precision must be fp32, fp16 or int8, got {precision!r}")
     if precision == "int8" and calibration is None:
-        raise ConversionError("--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)")
+        raise ConversionError(
+            "--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)"
+        )
     ov_options = options.extras_for(OpenVinoOptions)
     if ov_options.accuracy_control and precision != "int8":
         raise ConversionError("--accuracy-control applies to --precision int8 only")
@@ -220,9 +236,13 @@ def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Calibr
     check_device(core, device)
     hint = (ov_options.inference_precision or "f32").lower()
     if hint not in INFERENCE_PRECISIONS:
-        raise ConversionError(f"--inference-precision {hint!r} is not an OpenVINO float precision; choose one of: {', '.join(INFERENCE_PRECISIONS)}")
+        raise ConversionError(
+            f"--inference-precision {hint!r} is not an OpenVINO float precision; choose one of: {', '.join(INFERENCE_PRECISIONS)}"
+        )
     if precision == "fp32" and hint != "f32":
-        raise ConversionError(f"--precision fp32 computes in f32; for {hint} arithmetic build --precision fp16 or int8 with --inference-precision {hint}")
+        raise ConversionError(
+            f"--precision fp32 computes in f32; for {hint} arithmetic build --precision fp16 or int8 with --inference-precision {hint}"
+        )
     config = compile_config(hint, options.threads)
 
     try:
@@ -248,8 +268,12 @@ def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Calibr
     del compiled
     used = {"fp32": computed, "fp16": computed, "int8": f"int8+{computed}"}[precision]
     if computed not in (hint, "device-default"):
-        raise ConversionError(f"OpenVINO on {device} computes in {computed}, not the requested {hint} (this device has no {hint} arithmetic); build with --inference-precision f32")
-    notes.append(f"float layers pinned to {hint} on every device" + (" (weights stored as f16)" if precision == "fp16" else ""))
+        raise ConversionError(
+            f"OpenVINO on {device} computes in {computed}, not the requested {hint} (this device has no {hint} arithmetic); build with --inference-precision f32"
+        )
+    notes.append(
+        f"float layers pinned to {hint} on every device" + (" (weights stored as f16)" if precision == "fp16" else "")
+    )
     target: dict[str, Any] = {
         "backend": "openvino",
         "precision": precision,

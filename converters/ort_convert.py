@@ -24,7 +24,7 @@ DEVICES = ("cpu", "cuda")
 
 
 def parse_device(device: str | None) -> str:
-    """"cpu" | "cuda" | "cuda:N" (case-insensitive) -> the normalised device string."""
+    """ "cpu" | "cuda" | "cuda:N" (case-insensitive) -> the normalised device string."""
     d = (device or "cpu").lower()
     base, _, index = d.partition(":")
     if base not in DEVICES or (index and (base == "cpu" or not index.isdigit())):
@@ -34,7 +34,11 @@ def parse_device(device: str | None) -> str:
 
 # scheme -> (activation type, 7-bit weights, why)
 SCHEMES: dict[str, tuple[str, bool, str]] = {
-    "u8s8-7bit": ("uint8", True, "U8S8 with 7-bit weights: no int16 saturation on x86 without VNNI, so every x86 CPU class computes the same"),
+    "u8s8-7bit": (
+        "uint8",
+        True,
+        "U8S8 with 7-bit weights: no int16 saturation on x86 without VNNI, so every x86 CPU class computes the same",
+    ),
     "u8s8": ("uint8", False, "U8S8 full range: VNNI/AMX x86 only; saturates on x86 CPUs without VNNI"),
     "s8s8": ("int8", False, "S8S8: ARM and CUDA; on x86 ONNX Runtime leaves convs that share an input in FP32"),
 }
@@ -76,11 +80,17 @@ def cpu_computes_fp16(model_path: Path) -> bool:
         opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
         opts.log_severity_level = 3
         ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-        after = sum(1 for n in onnx.load(opts.optimized_model_filepath, load_external_data=False).graph.node if n.op_type == "Cast")
+        after = sum(
+            1
+            for n in onnx.load(opts.optimized_model_filepath, load_external_data=False).graph.node
+            if n.op_type == "Cast"
+        )
     return after <= before
 
 
-def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions) -> Artifact:
+def convert(
+    onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions
+) -> Artifact:
     """Reads options.device ("cpu" | "cuda[:N]"), options.calib_method and `OrtOptions.int8_scheme`."""
     from bitdeploy.converters import ort_quant
 
@@ -97,19 +107,27 @@ def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Calibr
         files = [MODEL_FILE]
         if _on_cpu(device) and not cpu_computes_fp16(out):
             target["precision_used"] = "fp16 storage, fp32 compute"
-            notes.append("ONNX Runtime's CPU provider casts FP16 nodes to FP32 here: smaller file, no speed-up; FP16 pays off on CUDA")
+            notes.append(
+                "ONNX Runtime's CPU provider casts FP16 nodes to FP32 here: smaller file, no speed-up; FP16 pays off on CUDA"
+            )
         else:
             target["precision_used"] = "fp16 + fp32 normalisations"
         target["fp16"] = info
-        notes.append(f"kept in FP32: {', '.join(info['kept_fp32_op_types']) or 'nothing'} ({info['kept_fp32_nodes']} nodes), graph I/O float32")
+        notes.append(
+            f"kept in FP32: {', '.join(info['kept_fp32_op_types']) or 'nothing'} ({info['kept_fp32_nodes']} nodes), graph I/O float32"
+        )
     elif precision == "int8":
         if calibration is None:
-            raise ConversionError("--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)")
+            raise ConversionError(
+                "--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)"
+            )
         scheme = options.extras_for(OrtOptions).int8_scheme or "auto"
         if scheme == "auto":
             scheme = default_scheme(device)
         if scheme not in SCHEMES:
-            raise ConversionError(f"--int8-scheme {scheme!r} is not an ONNX Runtime INT8 scheme; choose one of: {', '.join(INT8_SCHEMES)}")
+            raise ConversionError(
+                f"--int8-scheme {scheme!r} is not an ONNX Runtime INT8 scheme; choose one of: {', '.join(INT8_SCHEMES)}"
+            )
         activation_type, reduce_range, why = SCHEMES[scheme]
         info = ort_quant.quantize_qdq(
             onnx_fp32,
@@ -125,7 +143,9 @@ def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Calibr
         target["precision_used"] = f"int8 {'+'.join(info['op_types'])} ({scheme.upper()}) + fp32"
         target["quantization"] = info
         notes.append(f"INT8 scheme {scheme}: {why}")
-        notes.append(f"INT8 Q/DQ on {info['quantized_nodes']} {'/'.join(info['op_types'])} nodes; float: {', '.join(info['float_op_types'])}")
+        notes.append(
+            f"INT8 Q/DQ on {info['quantized_nodes']} {'/'.join(info['op_types'])} nodes; float: {', '.join(info['float_op_types'])}"
+        )
     else:
         raise ConversionError(f"ONNX Runtime precision must be fp32, fp16 or int8, got {precision!r}")
     return Artifact(files=files, model_file=MODEL_FILE, backend="onnxruntime", target=target, notes=notes)

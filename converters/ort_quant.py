@@ -28,9 +28,17 @@ METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_OP_TYPES: tuple[str, ...] = ("Conv",)
 # Normalisations and everything that computes their statistics stay FP32 in FP16 graphs (REFERENCE C4).
 FP32_OP_TYPES: tuple[str, ...] = (
-    "InstanceNormalization", "GroupNormalization", "LayerNormalization", "BatchNormalization",
-    "ReduceMean", "ReduceSumSquare", "ReduceL2", "Pow", "Sqrt", "Reciprocal",
-)  # fmt: skip
+    "InstanceNormalization",
+    "GroupNormalization",
+    "LayerNormalization",
+    "BatchNormalization",
+    "ReduceMean",
+    "ReduceSumSquare",
+    "ReduceL2",
+    "Pow",
+    "Sqrt",
+    "Reciprocal",
+)
 ACTIVATION_TYPES = ("int8", "uint8")
 
 
@@ -51,7 +59,9 @@ def topological_sort(graph: Any) -> None:
             else:
                 rest.append(n)
         if not progress:
-            raise ConversionError(f"the graph has a cycle or a missing input at node {rest[0].name!r}; rerun with --debug and report it")
+            raise ConversionError(
+                f"the graph has a cycle or a missing input at node {rest[0].name!r}; rerun with --debug and report it"
+            )
         pending = rest
     del graph.node[:]
     graph.node.extend(ordered)
@@ -74,7 +84,12 @@ def head_conv_names(model: Any) -> list[str]:
     producers = {o: n for n in model.graph.node for o in n.output}
     names = []
     for n in model.graph.node:
-        if n.op_type == "Conv" and n.input and (p := producers.get(n.input[0])) is not None and p.op_type in ("GlobalAveragePool", "ReduceMean"):
+        if (
+            n.op_type == "Conv"
+            and n.input
+            and (p := producers.get(n.input[0])) is not None
+            and p.op_type in ("GlobalAveragePool", "ReduceMean")
+        ):
             names.append(n.name)
     return names
 
@@ -113,7 +128,9 @@ def quantize_qdq(
 
     method = (method or "minmax").lower()
     if method not in METHODS:
-        raise ConversionError(f"--calib-method {method!r} is not available for ONNX Runtime; choose one of: {', '.join(METHODS)}")
+        raise ConversionError(
+            f"--calib-method {method!r} is not available for ONNX Runtime; choose one of: {', '.join(METHODS)}"
+        )
     if activation_type not in ACTIVATION_TYPES:
         raise ConversionError(f"activation type must be one of {ACTIVATION_TYPES}, got {activation_type!r}")
     if calibration is None or len(calibration) == 0:
@@ -123,7 +140,9 @@ def quantize_qdq(
     input_name = model.graph.input[0].name
     unnamed = [n for n in model.graph.node if not n.name]
     if unnamed:
-        raise ConversionError(f"{onnx_in.name}: {len(unnamed)} nodes have no name, so Q/DQ placement cannot be controlled; re-export with `bitdeploy export`")
+        raise ConversionError(
+            f"{onnx_in.name}: {len(unnamed)} nodes have no name, so Q/DQ placement cannot be controlled; re-export with `bitdeploy export`"
+        )
     excluded = list(nodes_to_exclude)
     if exclude_head:
         excluded += [n for n in head_conv_names(model) if n not in excluded]
@@ -143,7 +162,11 @@ def quantize_qdq(
         **({} if quantize_outputs else {"OpTypesToExcludeOutputQuantization": list(op_types)}),
         **(extra_options or {}),
     }
-    cal_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
+    cal_method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[method]
     qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[activation_type]
     onnx_out.parent.mkdir(parents=True, exist_ok=True)
     tmp = onnx_out.with_name(f".{onnx_out.name}.tmp")
@@ -167,13 +190,21 @@ def quantize_qdq(
     except ConversionError:
         raise
     except Exception as exc:  # onnxruntime.quantization raises plain Exceptions
-        raise ConversionError(f"ONNX Runtime quantization failed ({first_line(exc)}); rerun with --debug and report it") from exc
+        raise ConversionError(
+            f"ONNX Runtime quantization failed ({first_line(exc)}); rerun with --debug and report it"
+        ) from exc
     finally:
         tmp.unlink(missing_ok=True)
     quantized = onnx.load(str(onnx_out), load_external_data=False)
     q_inputs = {n.output[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
     n_q = sum(1 for n in quantized.graph.node if n.op_type in op_types and n.input and n.input[0] in q_inputs)
-    float_ops = sorted({n.op_type for n in quantized.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and n.op_type not in op_types})
+    float_ops = sorted(
+        {
+            n.op_type
+            for n in quantized.graph.node
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and n.op_type not in op_types
+        }
+    )
     return {
         "format": "QDQ",
         "tool": "onnxruntime.quantization.quantize_static",
@@ -218,7 +249,9 @@ def convert_fp16(
         onnx.checker.check_model(str(tmp))
         tmp.replace(onnx_out)
     except Exception as exc:
-        raise ConversionError(f"the FP16 model is not valid ONNX ({first_line(exc)}); rerun with --debug and report it") from exc
+        raise ConversionError(
+            f"the FP16 model is not valid ONNX ({first_line(exc)}); rerun with --debug and report it"
+        ) from exc
     finally:
         tmp.unlink(missing_ok=True)
     casts = sum(1 for n in half.graph.node if n.op_type == "Cast")

@@ -52,7 +52,14 @@ def tensor_precision(text: str) -> str | None:
     t = text.lower()
     if "n/a" in t:
         return None
-    for key, name in (("int8", "int8"), ("fp8", "fp8"), ("bf16", "bf16"), ("bfloat", "bf16"), ("fp16", "fp16"), ("half", "fp16")):
+    for key, name in (
+        ("int8", "int8"),
+        ("fp8", "fp8"),
+        ("bf16", "bf16"),
+        ("bfloat", "bf16"),
+        ("fp16", "fp16"),
+        ("half", "fp16"),
+    ):
         if key in t:
             return name
     if "int32" in t or "int64" in t or "bool" in t:
@@ -93,7 +100,12 @@ def summarize_layers(engine_info: str | dict[str, Any]) -> dict[str, Any]:
             continue
         counts[min(found, key=PRECISION_ORDER.index)] += 1
     used = [p for p in PRECISION_ORDER if counts[p]]
-    return {"by_precision": {p: n for p, n in counts.items() if n}, "bookkeeping_layers": bookkeeping, "unknown_layers": unknown, "precision_used": "+".join(used) or "unknown"}
+    return {
+        "by_precision": {p: n for p, n in counts.items() if n},
+        "bookkeeping_layers": bookkeeping,
+        "unknown_layers": unknown,
+        "precision_used": "+".join(used) or "unknown",
+    }
 
 
 def check_realised(requested: str, summary: dict[str, Any]) -> None:
@@ -107,7 +119,9 @@ def check_realised(requested: str, summary: dict[str, Any]) -> None:
         )
 
 
-def timing_cache_path(cache_dir: str | os.PathLike[str] | None, trt_version: str, gpu_name: str, cc: str) -> Path | None:
+def timing_cache_path(
+    cache_dir: str | os.PathLike[str] | None, trt_version: str, gpu_name: str, cc: str
+) -> Path | None:
     """The timing cache is only valid for one TensorRT version and GPU model, so both are in its name."""
     if not cache_dir:
         return None
@@ -153,13 +167,17 @@ def build_engine(
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)).splitlines()[0] for i in range(parser.num_errors)]
-        raise ConversionError(f"TensorRT cannot parse {onnx_path.name}: {errors[0] if errors else 'unknown parser error'}")
+        raise ConversionError(
+            f"TensorRT cannot parse {onnx_path.name}: {errors[0] if errors else 'unknown parser error'}"
+        )
     if network.num_inputs != 1:
         raise ConversionError(f"{onnx_path.name}: expected one input, found {network.num_inputs}")
     tensor = network.get_input(0)
     sample = tuple(int(d) for d in tensor.shape[1:])
     if any(d < 0 for d in sample):
-        raise ConversionError(f"{onnx_path.name}: only the batch dimension may be dynamic, got shape {tuple(tensor.shape)}")
+        raise ConversionError(
+            f"{onnx_path.name}: only the batch dimension may be dynamic, got shape {tuple(tensor.shape)}"
+        )
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
@@ -181,12 +199,16 @@ def build_engine(
     seconds = time.perf_counter() - started
     if plan is None:
         detail = logger.errors[-1] if logger.errors else "no error message from TensorRT"
-        raise ConversionError(f"TensorRT failed to build the engine ({detail}); try a larger --workspace or --precision fp32")
+        raise ConversionError(
+            f"TensorRT failed to build the engine ({detail}); try a larger --workspace or --precision fp32"
+        )
     if cache_file is not None:
         atomic_write(cache_file, bytes(config.get_timing_cache().serialize()))
     facts = {
         "strongly_typed": strong,
-        "builder_flags": [] if strong else [f for f, on in (("FP16", precision == "fp16"), ("INT8", precision == "int8")) if on],
+        "builder_flags": []
+        if strong
+        else [f for f, on in (("FP16", precision == "fp16"), ("INT8", precision == "int8")) if on],
         "input": tensor.name,
         "sample_shape": list(sample),
         "build_seconds": round(seconds, 2),
@@ -224,7 +246,9 @@ def check_available() -> tuple[Any, Any]:
     return trt, api
 
 
-def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions) -> Artifact:
+def convert(
+    onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions
+) -> Artifact:
     """Reads options.device ("cuda[:N]"), calib_method, cache, cache_dir and `TensorRTOptions` (batch profile,
     workspace_gb)."""
     from bitdeploy.converters import trt_qdq
@@ -240,7 +264,9 @@ def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Calibr
     except BitdeployError:
         raise
     except Exception as exc:  # torch's CUDA calls raise RuntimeError
-        raise ConversionError(f"no usable NVIDIA GPU for TensorRT ({first_line(exc)}); build on a machine with one, or pass --device cuda:N") from exc
+        raise ConversionError(
+            f"no usable NVIDIA GPU for TensorRT ({first_line(exc)}); build on a machine with one, or pass --device cuda:N"
+        ) from exc
     trt_options = options.extras_for(TensorRTOptions)
     profile = parse_profile(trt_options.batch)
     workspace_gb = float(trt_options.workspace_gb or DEFAULT_WORKSPACE_GB)
@@ -279,4 +305,6 @@ def convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Calibr
         notes.append(f"timing cache {'reused' if facts['timing_cache_reused'] else 'created'}: {facts['timing_cache']}")
     notes.extend(onnx_info.get("notes", []))
     files = [PLAN, onnx_name, *onnx_info.pop("extra_files", [])]
-    return Artifact(files=files, model_file=PLAN, backend="tensorrt", target=target, notes=notes, eval_model_file=onnx_name)
+    return Artifact(
+        files=files, model_file=PLAN, backend="tensorrt", target=target, notes=notes, eval_model_file=onnx_name
+    )

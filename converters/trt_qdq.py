@@ -143,7 +143,9 @@ def inspect_qdq(model: Any, head_in_float: bool = True) -> QdqReport:
         if zp is None:
             report.violations.append(f"{node.name}: no zero point (it must be an explicit int8 0)")
         elif zp.dtype != np.int8 or np.any(zp != 0):
-            report.violations.append(f"{node.name}: zero point must be int8 0, got {zp.dtype} {zp.ravel()[:4].tolist()}")
+            report.violations.append(
+                f"{node.name}: zero point must be int8 0, got {zp.dtype} {zp.ravel()[:4].tolist()}"
+            )
         if node.op_type == "QuantizeLinear" or node.name not in weight_dqs:
             scale = inits.get(node.input[1])
             if scale is None or scale.size != 1:
@@ -169,7 +171,9 @@ def inspect_qdq(model: Any, head_in_float: bool = True) -> QdqReport:
     return report
 
 
-def build_qdq(onnx_fp32: Path, out: Path, calibration: CalibrationData | None, options: ConvertOptions) -> dict[str, Any]:
+def build_qdq(
+    onnx_fp32: Path, out: Path, calibration: CalibrationData | None, options: ConvertOptions
+) -> dict[str, Any]:
     """Write the INT8 QDQ ONNX for TensorRT and check its placement; returns manifest facts.
 
     TensorRT's rules, asked for explicitly: signed INT8 symmetric activations (zero points of 0), per-channel
@@ -180,7 +184,9 @@ def build_qdq(onnx_fp32: Path, out: Path, calibration: CalibrationData | None, o
     from bitdeploy.converters import ort_quant
 
     if calibration is None:
-        raise ConversionError("--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)")
+        raise ConversionError(
+            "--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)"
+        )
     info = ort_quant.quantize_qdq(
         onnx_fp32,
         out,
@@ -195,7 +201,9 @@ def build_qdq(onnx_fp32: Path, out: Path, calibration: CalibrationData | None, o
     )
     report = inspect_qdq(onnx.load(str(out), load_external_data=False))
     if report.violations:
-        raise ConversionError(f"the INT8 ONNX breaks TensorRT's Q/DQ rules ({report.violations[0]}; {len(report.violations)} in all); report this as a bug")
+        raise ConversionError(
+            f"the INT8 ONNX breaks TensorRT's Q/DQ rules ({report.violations[0]}; {len(report.violations)} in all); report this as a bug"
+        )
     facts = dict(info) if isinstance(info, dict) else {}
     facts.update(
         {
@@ -204,7 +212,9 @@ def build_qdq(onnx_fp32: Path, out: Path, calibration: CalibrationData | None, o
             "float_convs": report.float_convs,
             "norm_groups_in_float": report.norm_groups,
             "residual_adds_in_float": report.residual_adds,
-            "notes": [f"INT8 Q/DQ on {report.quantized_convs} convs; GroupNorm x{report.norm_groups}, residual Add x{report.residual_adds} and the head stay float"],
+            "notes": [
+                f"INT8 Q/DQ on {report.quantized_convs} convs; GroupNorm x{report.norm_groups}, residual Add x{report.residual_adds} and the head stay float"
+            ],
         }
     )
     return facts
@@ -216,7 +226,9 @@ def build_fp16(onnx_fp32: Path, out: Path) -> dict[str, Any]:
 
     info = ort_quant.convert_fp16(onnx_fp32, out, keep_io_types=True)
     facts = dict(info) if isinstance(info, dict) else {}
-    facts.update({"format": "fp16-casts", "notes": ["FP16 casts in the graph; InstanceNormalization and its statistics in FP32"]})
+    facts.update(
+        {"format": "fp16-casts", "notes": ["FP16 casts in the graph; InstanceNormalization and its statistics in FP32"]}
+    )
     return facts
 
 
@@ -232,17 +244,25 @@ def _copy_external_data(onnx_path: Path, work_dir: Path) -> list[str]:
                 names.add(entry.value)
     for name in names:
         if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise ConversionError(f"{onnx_path.name}: external data location {name!r} leaves its directory; re-export with `bitdeploy export`")
+            raise ConversionError(
+                f"{onnx_path.name}: external data location {name!r} leaves its directory; re-export with `bitdeploy export`"
+            )
         shutil.copyfile(onnx_path.parent / name, work_dir / name)
     return sorted(names)
 
 
-def prepare_onnx(onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions) -> tuple[str, dict[str, Any]]:
+def prepare_onnx(
+    onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions
+) -> tuple[str, dict[str, Any]]:
     """Write `model.trt.onnx` (the graph TensorRT builds; it also lets the bundle be rebuilt for another GPU)."""
     out = Path(work_dir) / ONNX_NAME
     if precision == "fp32":
         shutil.copyfile(onnx_fp32, out)
-        return ONNX_NAME, {"format": "fp32", "notes": [], "extra_files": _copy_external_data(Path(onnx_fp32), Path(work_dir))}
+        return ONNX_NAME, {
+            "format": "fp32",
+            "notes": [],
+            "extra_files": _copy_external_data(Path(onnx_fp32), Path(work_dir)),
+        }
     if precision == "fp16":
         return ONNX_NAME, build_fp16(onnx_fp32, out)
     if precision == "int8":

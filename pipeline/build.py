@@ -49,13 +49,22 @@ def check_options(opts: BuildOptions) -> list[tuple[Target, str, str | None]]:
     rows = plan_rows(opts.target, opts.precisions)
     checks = [
         (opts.calib_size < 1, f"--calib-size must be >= 1 (got {opts.calib_size}); the default is 300"),
-        (opts.max_accuracy_drop < 0, f"--max-accuracy-drop must be >= 0 percentage points (got {opts.max_accuracy_drop})"),
+        (
+            opts.max_accuracy_drop < 0,
+            f"--max-accuracy-drop must be >= 0 percentage points (got {opts.max_accuracy_drop})",
+        ),
         (opts.eval_limit is not None and opts.eval_limit < 1, f"--eval-limit must be >= 1 (got {opts.eval_limit})"),
-        (opts.resolution is not None and opts.resolution < 16, f"--resolution must be >= 16 pixels (got {opts.resolution})"),
+        (
+            opts.resolution is not None and opts.resolution < 16,
+            f"--resolution must be >= 16 pixels (got {opts.resolution})",
+        ),
         (opts.threads is not None and opts.threads < 1, f"--threads must be >= 1 (got {opts.threads})"),
         (opts.select not in (None, "fastest"), f"--select must be 'fastest' (got {opts.select!r})"),
         (opts.finetune and opts.dataset is None, "--finetune needs --dataset; pass the dataset to fine-tune on"),
-        (opts.has_training_flags() and opts.dataset is None, "--shots/--steps/--batch-size/--lr fine-tune the model and need --dataset"),
+        (
+            opts.has_training_flags() and opts.dataset is None,
+            "--shots/--steps/--batch-size/--lr fine-tune the model and need --dataset",
+        ),
     ]
     for bad, message in checks:
         if bad:
@@ -68,19 +77,27 @@ def check_options(opts: BuildOptions) -> list[tuple[Target, str, str | None]]:
         for t, p in rows:
             check_available(t, p)  # e.g. TensorRT without a GPU: exit 1 here, before any export
         if any(p == "int8" for _, p in rows) and opts.dataset is None:
-            raise BitdeployError("--precision int8 needs --dataset to calibrate on (INT8 is never calibrated on random data); pass --dataset digits, an ImageFolder or a CIFAR folder")
+            raise BitdeployError(
+                "--precision int8 needs --dataset to calibrate on (INT8 is never calibrated on random data); pass --dataset digits, an ImageFolder or a CIFAR folder"
+            )
         t = rows[0][0]
         if opts.calib_method and opts.calib_method not in t.calib_methods:
-            raise BitdeployError(f"--calib-method {opts.calib_method!r} is not available for {t.title}; choose one of: {', '.join(t.calib_methods)}")
+            raise BitdeployError(
+                f"--calib-method {opts.calib_method!r} is not available for {t.title}; choose one of: {', '.join(t.calib_methods)}"
+            )
         hint = opts.inference_precision
         if hint != "f32" and not (t.name == "openvino" and any(p != "fp32" for _, p in rows)):
-            raise BitdeployError(f"--inference-precision {hint} applies to --target openvino --precision fp16 or int8 (fp32 computes in f32)")
+            raise BitdeployError(
+                f"--inference-precision {hint} applies to --target openvino --precision fp16 or int8 (fp32 computes in f32)"
+            )
         if opts.accuracy_control and not (t.name == "openvino" and any(p == "int8" for _, p in rows)):
             raise BitdeployError("--accuracy-control applies to --target openvino --precision int8 only")
     if opts.accuracy_control and opts.dataset is None:
         raise BitdeployError("--accuracy-control needs --dataset (its validation split measures the accuracy)")
     if opts.select and single and len(rows) < 2:
-        raise BitdeployError("--select fastest picks among several bundles; use --target all or several --precision values")
+        raise BitdeployError(
+            "--select fastest picks among several bundles; use --target all or several --precision values"
+        )
     if len(rows) > 1 and (Path(opts.out) / "manifest.json").is_file():
         raise BitdeployError(f"{opts.out} is a bundle; a build of several bundles needs a new or empty --out directory")
     out = []
@@ -92,7 +109,9 @@ def check_options(opts: BuildOptions) -> list[tuple[Target, str, str | None]]:
     return out
 
 
-def run_build(opts: BuildOptions, log: Callable[[str], None] = print, show: Callable[[str], None] = print) -> BuildResult:
+def run_build(
+    opts: BuildOptions, log: Callable[[str], None] = print, show: Callable[[str], None] = print
+) -> BuildResult:
     """Run a build; raise BitdeployError (one line) when the build as a whole failed.
 
     `log` gets progress lines (stderr in the CLI); `show` gets the results: the table, the selection, the
@@ -129,13 +148,20 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print, show: Call
         rdir = report_dir(opts, len(rows))
         try:
             settings = {
-                "threads": opts.threads, "max_accuracy_drop_pp": opts.max_accuracy_drop, "iterations": opts.bench_iterations,
-                "warmup": 10, "batch_sizes": list(BUILD_BATCH_SIZES), "dataset": opts.dataset, "scenario": "build quick timing (use `bitdeploy bench` for full runs)",
-            }  # fmt: skip
+                "threads": opts.threads,
+                "max_accuracy_drop_pp": opts.max_accuracy_drop,
+                "iterations": opts.bench_iterations,
+                "warmup": 10,
+                "batch_sizes": list(BUILD_BATCH_SIZES),
+                "dataset": opts.dataset,
+                "scenario": "build quick timing (use `bitdeploy bench` for full runs)",
+            }
             paths = build_output.write_report(rows, ctx.model_info, ctx.baseline, rdir, selected, settings)
             show(f"report: {paths['html']}")
         except Exception as exc:  # a report problem must not turn a good build into a failure
-            log(f"warning: the build report could not be written ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+            log(
+                f"warning: the build report could not be written ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            )
             rdir = None
     result = BuildResult(rows, selected, rdir, list(cache.hits), time.perf_counter() - started)
     show(f"done in {result.seconds:.1f} s" + (f" (cache hits: {', '.join(cache.hits)})" if cache.hits else ""))
@@ -148,7 +174,9 @@ def _raise_for_failures(opts: BuildOptions, rows: list[RowResult]) -> None:
     bad = [r for r in built if not r.valid]
     if opts.target == "all":
         if opts.select and not any(r.selected for r in rows):
-            raise BitdeployError(f"no bundle passed the accuracy gate (--max-accuracy-drop {opts.max_accuracy_drop:g}), nothing to select; see the table above")
+            raise BitdeployError(
+                f"no bundle passed the accuracy gate (--max-accuracy-drop {opts.max_accuracy_drop:g}), nothing to select; see the table above"
+            )
         if not any(r.valid for r in rows):
             raise BitdeployError("no target produced a valid bundle; see the table above")
         return
@@ -157,14 +185,29 @@ def _raise_for_failures(opts: BuildOptions, rows: list[RowResult]) -> None:
     first = bad[0]
     if first.status == "failed gate":
         acc = first.accuracy or {}
-        what = f"top-1 dropped {acc.get('top1_drop_pp', 0):.2f} pp (allowed {opts.max_accuracy_drop:g})" if acc else "outputs differ from the FP32 reference beyond tolerance"
+        what = (
+            f"top-1 dropped {acc.get('top1_drop_pp', 0):.2f} pp (allowed {opts.max_accuracy_drop:g})"
+            if acc
+            else "outputs differ from the FP32 reference beyond tolerance"
+        )
         ov_int8 = first.target == "openvino" and first.precision == "int8" and not opts.accuracy_control
-        fix = "; try --accuracy-control" if ov_int8 else "; raise --max-accuracy-drop or calibrate with more images (--calib-size)"
-        raise AccuracyGateError(f"{first.name} failed the accuracy gate: {what}; bundle {first.bundle} is marked invalid{fix}")
-    raise BitdeployError(f"{first.name}: {first.error or first.status}" + (f" ({len(bad) - 1} more failed, see the table)" if len(bad) > 1 else ""))
+        fix = (
+            "; try --accuracy-control"
+            if ov_int8
+            else "; raise --max-accuracy-drop or calibrate with more images (--calib-size)"
+        )
+        raise AccuracyGateError(
+            f"{first.name} failed the accuracy gate: {what}; bundle {first.bundle} is marked invalid{fix}"
+        )
+    raise BitdeployError(
+        f"{first.name}: {first.error or first.status}"
+        + (f" ({len(bad) - 1} more failed, see the table)" if len(bad) > 1 else "")
+    )
 
 
-def _prepare(opts: BuildOptions, planned: list[tuple[Target, str, str | None]], cache: StageCache, log: Callable[[str], None]) -> BuildContext:
+def _prepare(
+    opts: BuildOptions, planned: list[tuple[Target, str, str | None]], cache: StageCache, log: Callable[[str], None]
+) -> BuildContext:
     """Target-independent steps: dataset, weights/fine-tune, export, reference logits, calibration."""
     from bitdeploy import build_stages
     from bitdeploy.catalog import WS_EPS, count_params
@@ -176,12 +219,16 @@ def _prepare(opts: BuildOptions, planned: list[tuple[Target, str, str | None]], 
         from bitdeploy.training.data import load_dataset
 
         splits = load_dataset(opts.dataset, val_split=opts.val_split, seed=opts.seed, shots=opts.shots)
-        log(f"dataset {opts.dataset}: {len(splits.train)} train / {len(splits.val)} val images, {len(splits.classes)} classes")
+        log(
+            f"dataset {opts.dataset}: {len(splits.train)} train / {len(splits.val)} val images, {len(splits.classes)} classes"
+        )
     state = build_stages.resolve_model(opts, splits, cache, log)
     loaded = state.loaded
     resolution = int(opts.resolution or loaded.resolution or DEFAULT_RESOLUTION)
     onnx_path, export_info = build_stages.export(state, resolution, opts.opset, cache)
-    log(f"ONNX export: {export_info.get('nodes')} nodes, max |diff| vs PyTorch {export_info.get('max_abs_diff', 0):.2e}")
+    log(
+        f"ONNX export: {export_info.get('nodes')} nodes, max |diff| vs PyTorch {export_info.get('max_abs_diff', 0):.2e}"
+    )
 
     if splits is not None:
         data = accuracy.from_image_set(splits.val, resolution, opts.eval_limit, opts.seed, f"{opts.dataset}:val")
@@ -212,7 +259,10 @@ def _prepare(opts: BuildOptions, planned: list[tuple[Target, str, str | None]], 
     building = sum(1 for _, _, s in planned if s is None)
     return BuildContext(
         onnx=onnx_path,
-        export={k: export_info.get(k) for k in ("opset", "max_abs_diff", "nodes", "simplifier", "exporter", "weight_standardization", "sha256")},
+        export={
+            k: export_info.get(k)
+            for k in ("opset", "max_abs_diff", "nodes", "simplifier", "exporter", "weight_standardization", "sha256")
+        },
         data=data,
         label_ids=label_ids,
         reference=reference,
@@ -228,7 +278,9 @@ def _prepare(opts: BuildOptions, planned: list[tuple[Target, str, str | None]], 
     )
 
 
-def _baseline_latency(model: Any, resolution: int, opts: BuildOptions, log: Callable[[str], None]) -> list[dict[str, Any]] | None:
+def _baseline_latency(
+    model: Any, resolution: int, opts: BuildOptions, log: Callable[[str], None]
+) -> list[dict[str, Any]] | None:
     """The PyTorch FP32 baselines (`benchmarks.baseline.FORMS`: eager with Google's standardisation, eager folded,
     torch.compile of the folded model), timed briefly for the report's speed-up column of multi-bundle builds,
     before any row opens an engine session. Skipped when the report is off."""
@@ -239,7 +291,14 @@ def _baseline_latency(model: Any, resolution: int, opts: BuildOptions, log: Call
     from bitdeploy.benchmarks.baseline import measure_forms
 
     # Fewer queries and images than a bundle gets: the eager forms are slow, and this is a denominator, not a row to rank.
-    timing = {"kind": "quick", "kwargs": {**quick_timing(max(5, opts.bench_iterations // 10)), "warmup": 2, "throughput_images": BUILD_THROUGHPUT_IMAGES // 2}}
+    timing = {
+        "kind": "quick",
+        "kwargs": {
+            **quick_timing(max(5, opts.bench_iterations // 10)),
+            "warmup": 2,
+            "throughput_images": BUILD_THROUGHPUT_IMAGES // 2,
+        },
+    }
     threads = torch.get_num_threads()
     try:
         if opts.threads:
@@ -251,11 +310,28 @@ def _baseline_latency(model: Any, resolution: int, opts: BuildOptions, log: Call
     for r in results:
         t = r.get("measured") or {}
         row = {"form": r["form"], "label": r["label"], "status": r["status"], "compile_s": r.get("compile_s")}
-        row.update({"p50_ms": t.get("p50_ms"), "p90_ms": t.get("p90_ms"), "p99_ms": t.get("p99_ms"), "mean_ms": t.get("mean_ms"), "latency_n": t.get("n")})
-        row.update({"images_per_s": t.get("images_per_s"), "throughput_batch": t.get("throughput_batch"), "throughput": t.get("throughput")})
+        row.update(
+            {
+                "p50_ms": t.get("p50_ms"),
+                "p90_ms": t.get("p90_ms"),
+                "p99_ms": t.get("p99_ms"),
+                "mean_ms": t.get("mean_ms"),
+                "latency_n": t.get("n"),
+            }
+        )
+        row.update(
+            {
+                "images_per_s": t.get("images_per_s"),
+                "throughput_batch": t.get("throughput_batch"),
+                "throughput": t.get("throughput"),
+            }
+        )
         out.append(row)
         took = f" (compiled in {row['compile_s']:.1f} s)" if row["compile_s"] else ""
-        log(f"PyTorch baseline {r['form']}: " + (f"p50 {row['p50_ms']:.2f} ms{took}" if row["p50_ms"] is not None else r["status"]))
+        log(
+            f"PyTorch baseline {r['form']}: "
+            + (f"p50 {row['p50_ms']:.2f} ms{took}" if row["p50_ms"] is not None else r["status"])
+        )
     return out
 
 

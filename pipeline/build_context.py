@@ -103,7 +103,9 @@ class BuildContext:
     scratch: list[StageCache] = field(default_factory=list)  # uncached conversions' work dirs, removed at the end
 
 
-def convert_options(opts: BuildOptions, target: Target, precision: str, validation: ValidationData | None) -> ConvertOptions:
+def convert_options(
+    opts: BuildOptions, target: Target, precision: str, validation: ValidationData | None
+) -> ConvertOptions:
     """What the converter of (target, precision) is told; extras go to the target they belong to."""
     extras: TargetExtras | None = None
     if target.name == "onnx":
@@ -116,12 +118,23 @@ def convert_options(opts: BuildOptions, target: Target, precision: str, validati
     elif target.name == "trt":
         extras = TensorRTOptions(batch=opts.trt_batch, workspace_gb=opts.trt_workspace_gb)
     method = opts.calib_method if opts.calib_method in target.calib_methods else None
-    return ConvertOptions(device=opts.device, threads=opts.threads, calib_method=method, cache=opts.cache, cache_dir=opts.cache_dir, extras=extras)
+    return ConvertOptions(
+        device=opts.device,
+        threads=opts.threads,
+        calib_method=method,
+        cache=opts.cache,
+        cache_dir=opts.cache_dir,
+        extras=extras,
+    )
 
 
 def quick_timing(iterations: int) -> dict[str, Any]:
     """The build's quick timing (`benchmarks.latency.quick` arguments): batch-1 latency and a batch-size sweep."""
-    return {"iterations": iterations, "throughput_batches": list(BUILD_BATCH_SIZES), "throughput_images": BUILD_THROUGHPUT_IMAGES}
+    return {
+        "iterations": iterations,
+        "throughput_batches": list(BUILD_BATCH_SIZES),
+        "throughput_images": BUILD_THROUGHPUT_IMAGES,
+    }
 
 
 def bundle_path(opts: BuildOptions, row_count: int, name: str) -> Path:

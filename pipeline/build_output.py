@@ -59,7 +59,12 @@ class RowResult:
 
 
 def provenance(extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"bitdeploy": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "versions": package_versions(LIBRARIES), **(extra or {})}
+    return {
+        "bitdeploy": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(LIBRARIES),
+        **(extra or {}),
+    }
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -73,12 +78,29 @@ def table(rows: list[RowResult]) -> str:
     for r in rows:
         status = (r.status if len(r.status) <= 64 else r.status[:63] + "…") + ("  <- selected" if r.selected else "")
         top1 = None if r.top1 is None else r.top1 * 100
-        ips = _fmt(r.images_per_s, ".1f") + (f" (bs{r.throughput_batch})" if r.images_per_s is not None and r.throughput_batch else "")
-        lines.append([r.target, r.precision, status, _fmt(r.size_mb, ".2f"), _fmt(top1, ".2f"), _fmt(r.delta_pp, "+.2f"), _fmt(r.p50_ms, ".2f"), ips])
+        ips = _fmt(r.images_per_s, ".1f") + (
+            f" (bs{r.throughput_batch})" if r.images_per_s is not None and r.throughput_batch else ""
+        )
+        lines.append(
+            [
+                r.target,
+                r.precision,
+                status,
+                _fmt(r.size_mb, ".2f"),
+                _fmt(top1, ".2f"),
+                _fmt(r.delta_pp, "+.2f"),
+                _fmt(r.p50_ms, ".2f"),
+                ips,
+            ]
+        )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = []
     for j, line in enumerate(lines):
-        out.append("  ".join(str(c).ljust(w) if i in (0, 1, 2) else str(c).rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip())
+        out.append(
+            "  ".join(
+                str(c).ljust(w) if i in (0, 1, 2) else str(c).rjust(w) for i, (c, w) in enumerate(zip(line, widths))
+            ).rstrip()
+        )
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
@@ -90,14 +112,20 @@ def select_fastest(rows: list[RowResult]) -> tuple[RowResult, str] | None:
     if not valid:
         return None
     best = valid[0]
-    acc = f"top-1 {best.top1 * 100:.2f}% ({best.delta_pp:+.2f} pp vs FP32 PyTorch)" if best.top1 is not None and best.delta_pp is not None else "validated against FP32 PyTorch on random inputs"
+    acc = (
+        f"top-1 {best.top1 * 100:.2f}% ({best.delta_pp:+.2f} pp vs FP32 PyTorch)"
+        if best.top1 is not None and best.delta_pp is not None
+        else "validated against FP32 PyTorch on random inputs"
+    )
     nxt = f"; next: {valid[1].name} at {valid[1].p50_ms:.2f} ms" if len(valid) > 1 else ""
     failed = [r.name for r in rows if r.status == "failed gate"]
     excl = f"; excluded by the accuracy gate: {', '.join(failed)}" if failed else ""
     return best, f"fastest valid bundle: p50 {best.p50_ms:.2f} ms at batch 1, {acc}{nxt}{excl}"
 
 
-def bench_entries(rows: list[RowResult], model: dict[str, Any], baseline: list[dict[str, Any]] | None, env: dict[str, Any]) -> list[dict[str, Any]]:
+def bench_entries(
+    rows: list[RowResult], model: dict[str, Any], baseline: list[dict[str, Any]] | None, env: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Rows as `bitdeploy bench` result entries, so the bench report renders them (same schema)."""
     from bitdeploy.benchmarks.env import device_label
     from bitdeploy.benchmarks.schema import new_entry
@@ -105,11 +133,21 @@ def bench_entries(rows: list[RowResult], model: dict[str, Any], baseline: list[d
     def timing(r: Any) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         if r.get("p50_ms") is None:
             return None, None
-        ss = {"n": r.get("latency_n"), "p50_ms": r["p50_ms"], "p90_ms": r.get("p90_ms"), "p99_ms": r.get("p99_ms"), "mean_ms": r.get("mean_ms")}
+        ss = {
+            "n": r.get("latency_n"),
+            "p50_ms": r["p50_ms"],
+            "p90_ms": r.get("p90_ms"),
+            "p99_ms": r.get("p99_ms"),
+            "mean_ms": r.get("mean_ms"),
+        }
         ss["images_per_s"] = 1000.0 / r["mean_ms"] if r.get("mean_ms") else None
         bs = r.get("throughput_batch")
         sweep = r.get("throughput") or [{"batch_size": bs, "images_per_s": r.get("images_per_s")}]
-        off = {"results": sweep, "best_images_per_s": r.get("images_per_s"), "best_batch_size": bs} if r.get("images_per_s") else None
+        off = (
+            {"results": sweep, "best_images_per_s": r.get("images_per_s"), "best_batch_size": bs}
+            if r.get("images_per_s")
+            else None
+        )
         return ss, off
 
     common = {"model": model["name"], "resolution": model["resolution"], "num_classes": model["num_classes"]}
@@ -119,29 +157,71 @@ def bench_entries(rows: list[RowResult], model: dict[str, Any], baseline: list[d
 
         ss, off = timing(b)
         describe = {"form": b["form"], "label": b["label"], "compile_s": b.get("compile_s")}
-        entries.append(new_entry(name=entry_name(b["form"], model["name"], model["resolution"]), kind="pytorch", target="pytorch", precision="fp32", precision_used="f32", backend_device="cpu", device=device_label(env, "cpu"), status=b["status"], single_stream=ss, offline=off, describe=describe, **common))
+        entries.append(
+            new_entry(
+                name=entry_name(b["form"], model["name"], model["resolution"]),
+                kind="pytorch",
+                target="pytorch",
+                precision="fp32",
+                precision_used="f32",
+                backend_device="cpu",
+                device=device_label(env, "cpu"),
+                status=b["status"],
+                single_stream=ss,
+                offline=off,
+                describe=describe,
+                **common,
+            )
+        )
     for r in rows:
         ss, off = timing(r.as_dict())
         entries.append(
             new_entry(
-                name=r.name, kind="bundle", bundle=r.bundle, target=r.backend, precision=r.precision, precision_used=r.precision_used,
-                backend_device=r.device, device=device_label(env, r.device), status=r.status, size_mb=r.size_mb, single_stream=ss,
-                offline=off, build_accuracy=r.accuracy, error=r.error, **common,
+                name=r.name,
+                kind="bundle",
+                bundle=r.bundle,
+                target=r.backend,
+                precision=r.precision,
+                precision_used=r.precision_used,
+                backend_device=r.device,
+                device=device_label(env, r.device),
+                status=r.status,
+                size_mb=r.size_mb,
+                single_stream=ss,
+                offline=off,
+                build_accuracy=r.accuracy,
+                error=r.error,
+                **common,
             )
         )
     return entries
 
 
-def write_report(rows: list[RowResult], model: dict[str, Any], baseline: list[dict[str, Any]] | None, out_dir: Path, selected: dict[str, str] | None, settings: dict[str, Any]) -> dict[str, Path]:
+def write_report(
+    rows: list[RowResult],
+    model: dict[str, Any],
+    baseline: list[dict[str, Any]] | None,
+    out_dir: Path,
+    selected: dict[str, str] | None,
+    settings: dict[str, Any],
+) -> dict[str, Path]:
     """report.md / report.html / results.json through the bench report, plus build.json (this build's rows)."""
     from bitdeploy.benchmarks.env import collect
     from bitdeploy.benchmarks.report import write_report as bench_report
     from bitdeploy.benchmarks.schema import new_document
 
     env = collect(settings.get("threads"))
-    doc = new_document(bench_entries(rows, model, baseline, env), env, {"source": "bitdeploy build", **settings}, selected)
+    doc = new_document(
+        bench_entries(rows, model, baseline, env), env, {"source": "bitdeploy build", **settings}, selected
+    )
     paths = bench_report(doc, out_dir, selected)
-    summary = {"model": model, "rows": [r.as_dict() for r in rows], "selected": selected, "settings": settings, "baseline": baseline}
+    summary = {
+        "model": model,
+        "rows": [r.as_dict() for r in rows],
+        "selected": selected,
+        "settings": settings,
+        "baseline": baseline,
+    }
     tmp = out_dir / f".build.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, out_dir / "build.json")

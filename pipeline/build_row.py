@@ -28,7 +28,9 @@ EVAL_BATCH = 32
 
 def _cache_settings(options: ConvertOptions) -> dict[str, Any]:
     """The options that change a conversion's result, for its cache key (data go in as digests)."""
-    keyed: dict[str, Any] = {f.name: getattr(options, f.name) for f in fields(options) if f.name not in ("cache_dir", "extras")}
+    keyed: dict[str, Any] = {
+        f.name: getattr(options, f.name) for f in fields(options) if f.name not in ("cache_dir", "extras")
+    }
     if options.extras is not None:
         extras = {f.name: getattr(options.extras, f.name) for f in fields(options.extras)}
         if extras.get("validation") is not None:
@@ -37,12 +39,16 @@ def _cache_settings(options: ConvertOptions) -> dict[str, Any]:
     return keyed
 
 
-def convert(target: Target, precision: str, ctx: BuildContext, opts: BuildOptions, cache: StageCache) -> tuple[Path, Artifact]:
+def convert(
+    target: Target, precision: str, ctx: BuildContext, opts: BuildOptions, cache: StageCache
+) -> tuple[Path, Artifact]:
     """Run (or reuse) the converter; returns (its work dir, Artifact)."""
     options = convert_options(opts, target, precision, ctx.validation)
     calib = ctx.calibration if precision == "int8" else None
     inputs = {"onnx": file_sha256(ctx.onnx), "calibration": calib.sha256 if calib is not None else "none"}
-    key = stage_key(f"convert-{target.name}-{precision}", inputs, {"converter": target.converter, **_cache_settings(options)})
+    key = stage_key(
+        f"convert-{target.name}-{precision}", inputs, {"converter": target.converter, **_cache_settings(options)}
+    )
     fn = load_converter(target)
 
     def step(work: Path) -> dict[str, Any]:
@@ -54,11 +60,15 @@ def convert(target: Target, precision: str, ctx: BuildContext, opts: BuildOption
         work, meta, _ = stage_cache.run("convert", key, step)
         ctx.scratch.append(stage_cache)
     else:
-        work, meta, _ = cache.run(f"convert-{target.name}-{precision}", key, step, what=f"{target.title} {precision} conversion")
+        work, meta, _ = cache.run(
+            f"convert-{target.name}-{precision}", key, step, what=f"{target.title} {precision} conversion"
+        )
     return work, Artifact(**meta)
 
 
-def evaluate(artifact: Artifact, work: Path, manifest: dict[str, Any], ctx: BuildContext, opts: BuildOptions, precision: str) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any], np.ndarray]:
+def evaluate(
+    artifact: Artifact, work: Path, manifest: dict[str, Any], ctx: BuildContext, opts: BuildOptions, precision: str
+) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any], np.ndarray]:
     """(accuracy or validation object, latency figures or None, what ran, the artifact's logits) for the artifact."""
     from bitdeploy.benchmarks.latency import quick
     from bitdeploy.converters import accuracy
@@ -66,7 +76,11 @@ def evaluate(artifact: Artifact, work: Path, manifest: dict[str, Any], ctx: Buil
 
     backend_name, model_file, evaluated = artifact.backend, artifact.model_file, "artifact"
     if not backend_available(backend_name) and artifact.eval_model_file:
-        backend_name, model_file, evaluated = "onnxruntime", artifact.eval_model_file, f"{artifact.eval_model_file} on ONNX Runtime CPU"
+        backend_name, model_file, evaluated = (
+            "onnxruntime",
+            artifact.eval_model_file,
+            f"{artifact.eval_model_file} on ONNX Runtime CPU",
+        )
     device = (artifact.target.get("device") or opts.device) if backend_name == artifact.backend else "cpu"
     backend = open_backend(backend_name, work / model_file, manifest, device=device, threads=opts.threads)
     try:
@@ -77,7 +91,9 @@ def evaluate(artifact: Artifact, work: Path, manifest: dict[str, Any], ctx: Buil
             result.update(dataset=ctx.dataset, split="val")
         else:
             result = accuracy.validate_unlabelled(logits, ctx.reference, precision, ctx.data.source)
-        result["evaluated_with"] = evaluated if evaluated != "artifact" else f"{backend_name} ({backend.describe().get('device')})"
+        result["evaluated_with"] = (
+            evaluated if evaluated != "artifact" else f"{backend_name} ({backend.describe().get('device')})"
+        )
         timing = None
         if evaluated == "artifact":
             res = ctx.resolution
@@ -92,7 +108,9 @@ def base_manifest(artifact: Artifact, ctx: BuildContext, precision: str) -> dict
     from bitdeploy.runtimes.preprocess import input_spec
 
     calib = ctx.calibration if precision == "int8" else None
-    method = (artifact.target.get("quantization") or {}).get("method") or (artifact.target.get("quantization") or {}).get("calib_method")
+    method = (artifact.target.get("quantization") or {}).get("method") or (
+        artifact.target.get("quantization") or {}
+    ).get("calib_method")
     return {
         "valid": False,
         "invalid_reason": "not validated yet",
@@ -111,7 +129,15 @@ def base_manifest(artifact: Artifact, ctx: BuildContext, precision: str) -> dict
     }
 
 
-def build_row(row: RowResult, target: Target, precision: str, ctx: BuildContext, opts: BuildOptions, cache: StageCache, log: Callable[[str], None]) -> None:
+def build_row(
+    row: RowResult,
+    target: Target,
+    precision: str,
+    ctx: BuildContext,
+    opts: BuildOptions,
+    cache: StageCache,
+    log: Callable[[str], None],
+) -> None:
     """Fill `row`; never raises for a per-target problem (the status says what happened)."""
     from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
 
@@ -134,10 +160,27 @@ def build_row(row: RowResult, target: Target, precision: str, ctx: BuildContext,
         manifest["valid"] = passed
         manifest["invalid_reason"] = None if passed else _invalid_reason(result, opts)
         if timing is not None:
-            row.p50_ms, row.p90_ms, row.p99_ms, row.mean_ms = timing["p50_ms"], timing["p90_ms"], timing["p99_ms"], timing["mean_ms"]
-            row.latency_n, row.images_per_s, row.throughput_batch = timing["n"], timing["images_per_s"], timing["throughput_batch"]
+            row.p50_ms, row.p90_ms, row.p99_ms, row.mean_ms = (
+                timing["p50_ms"],
+                timing["p90_ms"],
+                timing["p99_ms"],
+                timing["mean_ms"],
+            )
+            row.latency_n, row.images_per_s, row.throughput_batch = (
+                timing["n"],
+                timing["images_per_s"],
+                timing["throughput_batch"],
+            )
             row.throughput = timing["throughput"]
-            manifest["build_latency"] = {"batch1_p50_ms": row.p50_ms, "batch1_p90_ms": row.p90_ms, "queries": row.latency_n, "images_per_s": row.images_per_s, "throughput_batch": row.throughput_batch, "threads": opts.threads, "note": "quick build-time figure; use `bitdeploy bench` for publishable numbers"}
+            manifest["build_latency"] = {
+                "batch1_p50_ms": row.p50_ms,
+                "batch1_p90_ms": row.p90_ms,
+                "queries": row.latency_n,
+                "images_per_s": row.images_per_s,
+                "throughput_batch": row.throughput_batch,
+                "threads": opts.threads,
+                "note": "quick build-time figure; use `bitdeploy bench` for publishable numbers",
+            }
         row.precision_used = artifact.target.get("precision_used")
         row.device = str(described.get("device") or artifact.target.get("device") or "")
         row.notes = list(artifact.notes)
@@ -159,11 +202,16 @@ def build_row(row: RowResult, target: Target, precision: str, ctx: BuildContext,
     except Exception as exc:  # an SDK's own error type: still only this row fails
         if opts.debug:
             raise
-        row.status, row.error = f"failed: {type(exc).__name__}: {first_line(exc)}", f"{type(exc).__name__}: {first_line(exc)}"
+        row.status, row.error = (
+            f"failed: {type(exc).__name__}: {first_line(exc)}",
+            f"{type(exc).__name__}: {first_line(exc)}",
+        )
         log(f"[{row.name}] failed: {row.error}")
 
 
-def _write_golden(bundle_dir: Path, ctx: BuildContext, logits: np.ndarray, precision: str, input_spec: dict[str, Any]) -> dict[str, Any]:
+def _write_golden(
+    bundle_dir: Path, ctx: BuildContext, logits: np.ndarray, precision: str, input_spec: dict[str, Any]
+) -> dict[str, Any]:
     """The bundle's self-test: a seeded subset of the validation inputs, their FP32 logits and labels."""
     data, reference, labels = ctx.data, ctx.reference, ctx.label_ids
     idx = selftest.select(data.samples, ctx.resolution)
@@ -172,7 +220,15 @@ def _write_golden(bundle_dir: Path, ctx: BuildContext, logits: np.ndarray, preci
         picked.append(x[idx[(idx >= lo) & (idx < lo + len(x))] - lo])
         lo += len(x)
     inputs = np.concatenate(picked)
-    return selftest.write(bundle_dir, inputs, reference[idx], labels[idx] if labels is not None else None, logits[idx], precision, input_spec)
+    return selftest.write(
+        bundle_dir,
+        inputs,
+        reference[idx],
+        labels[idx] if labels is not None else None,
+        logits[idx],
+        precision,
+        input_spec,
+    )
 
 
 def _invalid_reason(result: dict[str, Any], opts: BuildOptions) -> str:

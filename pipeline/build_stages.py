@@ -46,7 +46,9 @@ def dataset_fingerprint(spec: str) -> str:
     if path.is_file():
         return f"file:{file_sha256(path)}"
     if not path.is_dir():
-        raise DatasetError(f"dataset {spec!r} not found; pass `digits`, an ImageFolder directory, or a CIFAR-10/100 binary tarball/folder")
+        raise DatasetError(
+            f"dataset {spec!r} not found; pass `digits`, an ImageFolder directory, or a CIFAR-10/100 binary tarball/folder"
+        )
     h = hashlib.sha256()
     for root, dirs, files in os.walk(path):
         dirs.sort()
@@ -86,7 +88,9 @@ def _read_summary(out: Path) -> dict[str, Any]:
         return {}
 
 
-def resolve_model(opts: BuildOptions, splits: Splits | None, cache: StageCache, log: Callable[[str], None]) -> ModelState:
+def resolve_model(
+    opts: BuildOptions, splits: Splits | None, cache: StageCache, log: Callable[[str], None]
+) -> ModelState:
     """Load --weights, fine-tuning on --dataset first when asked (cached by weights, data and settings)."""
     import torch
 
@@ -99,24 +103,50 @@ def resolve_model(opts: BuildOptions, splits: Splits | None, cache: StageCache, 
         dataset = opts.dataset
 
         train_opts = {
-            "model": opts.model, "shots": opts.shots, "steps": opts.steps, "batch_size": opts.batch_size, "lr": opts.lr,
-            "resolution": opts.resolution, "seed": opts.seed, "val_split": opts.val_split, "hflip": opts.hflip,
-        }  # fmt: skip
-        key = stage_key("finetune", {"weights": weights_identity(opts.weights), "dataset": dataset_fingerprint(dataset)}, train_opts)
+            "model": opts.model,
+            "shots": opts.shots,
+            "steps": opts.steps,
+            "batch_size": opts.batch_size,
+            "lr": opts.lr,
+            "resolution": opts.resolution,
+            "seed": opts.seed,
+            "val_split": opts.val_split,
+            "hflip": opts.hflip,
+        }
+        key = stage_key(
+            "finetune", {"weights": weights_identity(opts.weights), "dataset": dataset_fingerprint(dataset)}, train_opts
+        )
 
         def step(out: Path) -> dict[str, Any]:
-            log(f"fine-tuning {opts.model} on {opts.dataset} (the BiT-HyperRule; overrides: steps={opts.steps}, batch={opts.batch_size}, lr={opts.lr})")
+            log(
+                f"fine-tuning {opts.model} on {opts.dataset} (the BiT-HyperRule; overrides: steps={opts.steps}, batch={opts.batch_size}, lr={opts.lr})"
+            )
             config = TrainConfig(
-                model=opts.model, dataset=dataset, out=out, weights=opts.weights, shots=opts.shots, steps=opts.steps,
-                batch_size=opts.batch_size, lr=opts.lr, resolution=opts.resolution, seed=opts.seed, val_split=opts.val_split,
-                device=opts.train_device, progress=opts.progress, hflip=opts.hflip,
-            )  # fmt: skip
+                model=opts.model,
+                dataset=dataset,
+                out=out,
+                weights=opts.weights,
+                shots=opts.shots,
+                steps=opts.steps,
+                batch_size=opts.batch_size,
+                lr=opts.lr,
+                resolution=opts.resolution,
+                seed=opts.seed,
+                val_split=opts.val_split,
+                device=opts.train_device,
+                progress=opts.progress,
+                hflip=opts.hflip,
+            )
             train(config)
             return _read_summary(out)
 
-        run_dir, summary, _hit = cache.run("finetune", key, step, what=f"fine-tune of {opts.model} on {opts.dataset}", resumable=True)
+        run_dir, summary, _hit = cache.run(
+            "finetune", key, step, what=f"fine-tune of {opts.model} on {opts.dataset}", resumable=True
+        )
         training = {"dataset": opts.dataset, "cache_key": key}
-        training.update({k: summary[k] for k in ("val_top1", "steps", "images_per_second", "train_seconds") if k in summary})
+        training.update(
+            {k: summary[k] for k in ("val_top1", "steps", "images_per_second", "train_seconds") if k in summary}
+        )
         loaded = load_model(opts.model, weights=str(run_dir))
     else:
         torch.manual_seed(opts.seed)  # --weights none is then the same model every time
@@ -126,7 +156,11 @@ def resolve_model(opts: BuildOptions, splits: Splits | None, cache: StageCache, 
                 f"the model has {loaded.num_classes} classes but {opts.dataset} has {len(splits.classes)}; "
                 "fine-tune on it (--finetune) or pass --weights of a checkpoint trained on it"
             )
-    labels = list(splits.classes) if splits is not None else (list(loaded.labels) if loaded.labels else [str(i) for i in range(loaded.num_classes)])
+    labels = (
+        list(splits.classes)
+        if splits is not None
+        else (list(loaded.labels) if loaded.labels else [str(i) for i in range(loaded.num_classes)])
+    )
     if len(labels) != loaded.num_classes:
         labels = [str(i) for i in range(loaded.num_classes)]
     return ModelState(loaded, state_sha256(loaded.model), labels, training)
@@ -136,7 +170,12 @@ def export(state: ModelState, resolution: int, opset: int, cache: StageCache) ->
     """The folded FP32 ONNX export, checked against PyTorch (cached by the weights' content)."""
     from bitdeploy.converters.onnx_export import export_onnx
 
-    options = {"resolution": resolution, "opset": opset, "model": state.loaded.variant.name, "num_classes": state.loaded.num_classes}
+    options = {
+        "resolution": resolution,
+        "opset": opset,
+        "model": state.loaded.variant.name,
+        "num_classes": state.loaded.num_classes,
+    }
     key = stage_key("export", {"model": state.state_sha256}, options)
 
     def step(out: Path) -> dict[str, Any]:
@@ -152,7 +191,11 @@ def reference(state: ModelState, data: EvalData, data_id: str, cache: StageCache
     """FP32 PyTorch logits on the gate's inputs (cached by weights and data)."""
     from bitdeploy.converters.accuracy import torch_logits
 
-    key = stage_key("reference", {"model": state.state_sha256, "data": data_id}, {"resolution": data.resolution, "samples": data.samples})
+    key = stage_key(
+        "reference",
+        {"model": state.state_sha256, "data": data_id},
+        {"resolution": data.resolution, "samples": data.samples},
+    )
 
     def step(out: Path) -> dict[str, Any]:
         logits = torch_logits(state.loaded.model, data)
@@ -170,7 +213,13 @@ def calibration(opts: BuildOptions, splits: Splits, resolution: int, cache: Stag
     if opts.dataset is None:
         raise BitdeployError("INT8 calibration needs --dataset")
 
-    options = {"resolution": resolution, "size": opts.calib_size, "seed": opts.seed, "val_split": opts.val_split, "shots": opts.shots}
+    options = {
+        "resolution": resolution,
+        "size": opts.calib_size,
+        "seed": opts.seed,
+        "val_split": opts.val_split,
+        "shots": opts.shots,
+    }
     key = stage_key("calibration", {"dataset": dataset_fingerprint(opts.dataset)}, options)
     source = f"{opts.dataset}:train"
 
@@ -187,4 +236,11 @@ def data_identity(opts: BuildOptions) -> str:
     """Identity of the gate's inputs (dataset content and how the validation subset is drawn)."""
     if opts.dataset is None:
         return "random"
-    return canonical({"dataset": dataset_fingerprint(opts.dataset), "val_split": opts.val_split, "limit": opts.eval_limit, "seed": opts.seed})
+    return canonical(
+        {
+            "dataset": dataset_fingerprint(opts.dataset),
+            "val_split": opts.val_split,
+            "limit": opts.eval_limit,
+            "seed": opts.seed,
+        }
+    )

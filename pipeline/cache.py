@@ -74,7 +74,9 @@ def stage_key(stage: str, inputs: Mapping[str, str | os.PathLike[str]], options:
 class StageCache:
     """Runs build steps at most once per key. `log` receives one line per hit or miss."""
 
-    def __init__(self, root: str | os.PathLike[str] | None = None, enabled: bool = True, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str] | None = None, enabled: bool = True, log: Callable[[str], None] | None = None
+    ) -> None:
         self.enabled = enabled
         self.log = log or (lambda _msg: None)
         self._scratch: Path | None = None
@@ -107,7 +109,9 @@ class StageCache:
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise BitdeployError(f"cannot write the stage cache at {parent} ({exc.strerror}); pass --cache-dir DIR or --no-cache") from exc
+            raise BitdeployError(
+                f"cannot write the stage cache at {parent} ({exc.strerror}); pass --cache-dir DIR or --no-cache"
+            ) from exc
         return parent
 
     @contextmanager
@@ -153,7 +157,14 @@ class StageCache:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def run(self, stage: str, key: str, step: Callable[[Path], dict[str, Any]], what: str | None = None, resumable: bool = False) -> tuple[Path, dict[str, Any], bool]:
+    def run(
+        self,
+        stage: str,
+        key: str,
+        step: Callable[[Path], dict[str, Any]],
+        what: str | None = None,
+        resumable: bool = False,
+    ) -> tuple[Path, dict[str, Any], bool]:
         """Return (directory, metadata, hit). On a miss `step(dir)` writes its files into dir and returns
         JSON-able metadata, which is stored with them. `resumable` steps run in a fixed directory that an
         interrupted run leaves behind, so the next run continues where it stopped."""
@@ -170,7 +181,9 @@ class StageCache:
         self.log(f"cache hit: {label} ({stage}/{key[:12]})")
         return found[0], found[1]["meta"], True
 
-    def _miss(self, stage: str, key: str, step: Callable[[Path], dict[str, Any]], label: str, resumable: bool) -> tuple[Path, dict[str, Any], bool]:
+    def _miss(
+        self, stage: str, key: str, step: Callable[[Path], dict[str, Any]], label: str, resumable: bool
+    ) -> tuple[Path, dict[str, Any], bool]:
         self.misses.append(stage)
         with self._writing(stage, key, resumable) as tmp:
             meta = step(tmp)

@@ -65,7 +65,9 @@ def get_variant(name: str) -> BitVariant:
     try:
         return VARIANTS[name]
     except KeyError:
-        raise BitdeployError(f"unknown model {name!r}; choose one of: {', '.join(PUBLIC_NAMES)} (see `bitdeploy models`)") from None
+        raise BitdeployError(
+            f"unknown model {name!r}; choose one of: {', '.join(PUBLIC_NAMES)} (see `bitdeploy models`)"
+        ) from None
 
 
 def count_params(variant: BitVariant, num_classes: int | None = None) -> int:

@@ -93,5 +93,8 @@ def main(argv: list[str] | None = None) -> Any:
         if debug:
             traceback.print_exc()
         first = str(exc).splitlines()[0] if str(exc) else ""
-        click.echo(f"error: unexpected {type(exc).__name__}: {first} (rerun with --debug for the traceback and report it)", err=True)
+        click.echo(
+            f"error: unexpected {type(exc).__name__}: {first} (rerun with --debug for the traceback and report it)",
+            err=True,
+        )
         sys.exit(1)

@@ -36,27 +36,103 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 @click.command()
 @click.argument("bundles", nargs=-1, required=True, type=click.Path())
-@click.option("--batch-sizes", default="1,8,32", show_default=True, callback=_batch_sizes, help="Offline batch sizes, comma-separated.")
-@click.option("--scenario", type=click.Choice(SCENARIOS), default="both", show_default=True, help="single-stream: batch-1 latency (MLPerf); offline: images/s per batch size.")
-@click.option("--iterations", type=click.IntRange(min=1), help="Single-stream queries (and images per offline batch size). Default 1000.")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Seconds per measurement instead of --iterations.")
-@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True, help="Untimed queries before each single-stream run.")
+@click.option(
+    "--batch-sizes",
+    default="1,8,32",
+    show_default=True,
+    callback=_batch_sizes,
+    help="Offline batch sizes, comma-separated.",
+)
+@click.option(
+    "--scenario",
+    type=click.Choice(SCENARIOS),
+    default="both",
+    show_default=True,
+    help="single-stream: batch-1 latency (MLPerf); offline: images/s per batch size.",
+)
+@click.option(
+    "--iterations",
+    type=click.IntRange(min=1),
+    help="Single-stream queries (and images per offline batch size). Default 1000.",
+)
+@click.option(
+    "--duration", type=click.FloatRange(min=0, min_open=True), help="Seconds per measurement instead of --iterations."
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Untimed queries before each single-stream run.",
+)
 @click.option("--threads", type=click.IntRange(min=1), help="Engine threads (default: the engine's own choice).")
 @click.option("--device", help="Runtime device override, e.g. cpu, cuda:0, CPU, GPU (default: the bundle's).")
 @click.option("--backend", type=choices.backends(), help="Run the bundle on another backend than it names.")
-@click.option("--dataset", help="Measure top-1/top-5 on this dataset's validation split (digits, ImageFolder dir, CIFAR).")
+@click.option(
+    "--dataset", help="Measure top-1/top-5 on this dataset's validation split (digits, ImageFolder dir, CIFAR)."
+)
 @click.option("--samples", type=click.IntRange(min=1), help="Evaluate at most this many validation images.")
-@click.option("--reference", type=click.Path(), help="A bundle whose predictions the others are compared with (needs --dataset).")
-@click.option("--pytorch-baseline", is_flag=True, help="Also time PyTorch FP32 three ways: eager with Google's weight standardisation every call, eager with it folded, torch.compile of the folded model; the speed-up column divides by the fastest. Needs the train extra.")
-@click.option("--baseline-weights", default="auto", show_default=True, metavar="auto|none|PATH", help="Weights of the PyTorch baseline; auto: the bundle's own checkpoint/.npz if it is a local file, else random (latency only).")
-@click.option("--compile-timeout", type=click.FloatRange(min=0), default=COMPILE_TIMEOUT_S, show_default=True, help="Seconds allowed for torch.compile of the baseline (0: skip that form); past it the row says so.")
+@click.option(
+    "--reference", type=click.Path(), help="A bundle whose predictions the others are compared with (needs --dataset)."
+)
+@click.option(
+    "--pytorch-baseline",
+    is_flag=True,
+    help="Also time PyTorch FP32 three ways: eager with Google's weight standardisation every call, eager with it folded, torch.compile of the folded model; the speed-up column divides by the fastest. Needs the train extra.",
+)
+@click.option(
+    "--baseline-weights",
+    default="auto",
+    show_default=True,
+    metavar="auto|none|PATH",
+    help="Weights of the PyTorch baseline; auto: the bundle's own checkpoint/.npz if it is a local file, else random (latency only).",
+)
+@click.option(
+    "--compile-timeout",
+    type=click.FloatRange(min=0),
+    default=COMPILE_TIMEOUT_S,
+    show_default=True,
+    help="Seconds allowed for torch.compile of the baseline (0: skip that form); past it the row says so.",
+)
 @click.option("--no-e2e", is_flag=True, help="Skip the end-to-end (decode + preprocess + infer) measurement.")
 @click.option("--no-raw", is_flag=True, help="Do not store every query's latency in the JSON.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Write the results (schema bitdeploy-bench v1) here; - for stdout.")
-@click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Also write report.md and report.html into this directory.")
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Write the results (schema bitdeploy-bench v1) here; - for stdout.",
+)
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False),
+    help="Also write report.md and report.html into this directory.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs and the dataset split.")
-def bench(bundles: tuple[str, ...], batch_sizes: tuple[int, ...], scenario: str, iterations: int | None, duration: float | None, warmup: int, threads: int | None, device: str | None, backend: str | None, dataset: str | None, samples: int | None, reference: str | None, pytorch_baseline: bool, baseline_weights: str, compile_timeout: float, no_e2e: bool, no_raw: bool, json_out: str | None, report_dir: str | None, no_progress: bool, seed: int) -> None:
+def bench(
+    bundles: tuple[str, ...],
+    batch_sizes: tuple[int, ...],
+    scenario: str,
+    iterations: int | None,
+    duration: float | None,
+    warmup: int,
+    threads: int | None,
+    device: str | None,
+    backend: str | None,
+    dataset: str | None,
+    samples: int | None,
+    reference: str | None,
+    pytorch_baseline: bool,
+    baseline_weights: str,
+    compile_timeout: float,
+    no_e2e: bool,
+    no_raw: bool,
+    json_out: str | None,
+    report_dir: str | None,
+    no_progress: bool,
+    seed: int,
+) -> None:
     """Measure latency, throughput and accuracy of BUNDLE... on this machine.
 
     \b
@@ -71,10 +147,24 @@ def bench(bundles: tuple[str, ...], batch_sizes: tuple[int, ...], scenario: str,
     if iterations is not None and duration is not None:
         raise click.UsageError("use either --iterations or --duration, not both")
     opts = BenchOptions(
-        batch_sizes=batch_sizes, scenario=scenario, iterations=iterations, duration=duration, warmup=warmup,
-        threads=threads, device=device, backend=backend, dataset=dataset, samples=samples, reference=reference,
-        pytorch_baseline=baseline_weights if pytorch_baseline else None, compile_timeout=compile_timeout, end_to_end=not no_e2e, keep_raw=not no_raw, progress=not no_progress, seed=seed,
-    )  # fmt: skip
+        batch_sizes=batch_sizes,
+        scenario=scenario,
+        iterations=iterations,
+        duration=duration,
+        warmup=warmup,
+        threads=threads,
+        device=device,
+        backend=backend,
+        dataset=dataset,
+        samples=samples,
+        reference=reference,
+        pytorch_baseline=baseline_weights if pytorch_baseline else None,
+        compile_timeout=compile_timeout,
+        end_to_end=not no_e2e,
+        keep_raw=not no_raw,
+        progress=not no_progress,
+        seed=seed,
+    )
     doc = run(list(bundles), opts)
     table = format_table(table_rows([doc]))
     if json_out == "-":
@@ -89,14 +179,30 @@ def bench(bundles: tuple[str, ...], batch_sizes: tuple[int, ...], scenario: str,
         click.echo(f"report: {paths['markdown']} {paths['html']}", err=True)
     bad = failed(doc)
     if bad:
-        raise BitdeployError(f"{len(bad)} of {len(doc['results'])} benchmarks failed; first: {bad[0]['name']}: {bad[0]['error']}")
+        raise BitdeployError(
+            f"{len(bad)} of {len(doc['results'])} benchmarks failed; first: {bad[0]['name']}: {bad[0]['error']}"
+        )
 
 
 @click.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path())
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for report.md, report.html and results.json.")
-@click.option("--select", type=click.Choice(["fastest"]), help="Mark the fastest valid bundle within --max-accuracy-drop.")
-@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Accuracy gate for --select, in top-1 percentage points.")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory for report.md, report.html and results.json.",
+)
+@click.option(
+    "--select", type=click.Choice(["fastest"]), help="Mark the fastest valid bundle within --max-accuracy-drop."
+)
+@click.option(
+    "--max-accuracy-drop",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Accuracy gate for --select, in top-1 percentage points.",
+)
 def report(results: tuple[str, ...], out_dir: str, select: str | None, max_accuracy_drop: float) -> None:
     """Merge bench RESULTS... (JSON files, from one or several machines) into report.md and report.html."""
     from bitdeploy.benchmarks.report import as_documents, select_fastest, table_rows, write_report
@@ -108,7 +214,9 @@ def report(results: tuple[str, ...], out_dir: str, select: str | None, max_accur
         if selected is None:
             click.echo(f"no valid bundle meets the {max_accuracy_drop:g} pp accuracy gate; nothing selected", err=True)
     paths = write_report(docs, out_dir, selected)
-    click.echo(format_table(table_rows(docs, selected or next((d["selected"] for d in docs if d.get("selected")), None))))
+    click.echo(
+        format_table(table_rows(docs, selected or next((d["selected"] for d in docs if d.get("selected")), None)))
+    )
     if selected:
         click.echo(f"selected: {selected['name']}: {selected['reason']}")
     for key in ("markdown", "html", "json"):

@@ -9,13 +9,46 @@ import click
 
 @click.command("export-repo")
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="BUNDLE...")
-@click.option("--format", "fmt", type=click.Choice(["triton", "ovms"]), required=True, help="triton: config.pbtxt per model; ovms: one config.json.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="The repository directory to write (replaced atomically).")
-@click.option("--name", "names", multiple=True, help="Model name per BUNDLE, in order (default: each bundle's model name).")
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Triton max_batch_size (capped by a TensorRT profile's maximum).")
-@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=5.0, show_default=True, help="Triton dynamic_batching max_queue_delay.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["triton", "ovms"]),
+    required=True,
+    help="triton: config.pbtxt per model; ovms: one config.json.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The repository directory to write (replaced atomically).",
+)
+@click.option(
+    "--name", "names", multiple=True, help="Model name per BUNDLE, in order (default: each bundle's model name)."
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Triton max_batch_size (capped by a TensorRT profile's maximum).",
+)
+@click.option(
+    "--max-delay-ms",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Triton dynamic_batching max_queue_delay.",
+)
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
-def export_repo(bundles: tuple[Path, ...], fmt: str, out: Path, names: tuple[str, ...], max_batch: int, max_delay_ms: float, force: bool) -> None:
+def export_repo(
+    bundles: tuple[Path, ...],
+    fmt: str,
+    out: Path,
+    names: tuple[str, ...],
+    max_batch: int,
+    max_delay_ms: float,
+    force: bool,
+) -> None:
     """Write BUNDLE... (directories or .bitpack files) as a model repository for Triton or OVMS.
 
     Each bundle is verified, then copied as OUT/NAME/1/<model file>; Triton gets OUT/NAME/config.pbtxt

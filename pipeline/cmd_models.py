@@ -33,19 +33,40 @@ def model_rows() -> list[dict[str, Any]]:
         }
         for r in RESOLUTIONS:
             row[f"gmacs_{r}"] = round(count_macs(v, r) / 1e9, 3)
-        row.update({"weights_file": v.npz_name, "url": download.weights_url(v), "cached": path.is_file(), "cache_path": str(path)})
+        row.update(
+            {
+                "weights_file": v.npz_name,
+                "url": download.weights_url(v),
+                "cached": path.is_file(),
+                "cache_path": str(path),
+            }
+        )
         rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = ["name", "upstream data", "params", *(f"GMACs@{r}" for r in RESOLUTIONS), "weights file", "cached"]
-    body = [[r["name"], r["upstream"], f"{r['params'] / 1e6:.1f}M", *(f"{r[f'gmacs_{res}']:.2f}" for res in RESOLUTIONS), r["weights_file"], "yes" if r["cached"] else "no"] for r in rows]
+    body = [
+        [
+            r["name"],
+            r["upstream"],
+            f"{r['params'] / 1e6:.1f}M",
+            *(f"{r[f'gmacs_{res}']:.2f}" for res in RESOLUTIONS),
+            r["weights_file"],
+            "yes" if r["cached"] else "no",
+        ]
+        for r in rows
+    ]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
     numeric = {2, 3, 4}
     lines = []
     for cells in [header, *body]:
-        lines.append("  ".join(str(c).rjust(w) if i in numeric else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip())
+        lines.append(
+            "  ".join(
+                str(c).rjust(w) if i in numeric else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+            ).rstrip()
+        )
     return "\n".join(lines)
 
 

@@ -14,11 +14,29 @@ from bitdeploy.cmd_runtime import BUNDLE_ARG, _engine_options
 
 @click.command("verify")
 @BUNDLE_ARG
-@click.option("--json", "as_json", is_flag=True, help="Print the result, the device fingerprint and the build host's as one JSON object.")
-@click.option("--record", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
-              help="Append the result to the JSON log FILE (a list; created if missing). The bundle is never modified.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the result, the device fingerprint and the build host's as one JSON object.",
+)
+@click.option(
+    "--record",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Append the result to the JSON log FILE (a list; created if missing). The bundle is never modified.",
+)
 @_engine_options
-def verify(bundle: Path, as_json: bool, record: Path | None, backend: str | None, device: str | None, threads: int | None, no_verify: bool) -> None:
+def verify(
+    bundle: Path,
+    as_json: bool,
+    record: Path | None,
+    backend: str | None,
+    device: str | None,
+    threads: int | None,
+    no_verify: bool,
+) -> None:
     """Check that BUNDLE computes on this device what it computed when it was built.
 
     Runs the golden set the build stored in the bundle (validation inputs, their FP32 reference logits and
@@ -59,14 +77,19 @@ def verify(bundle: Path, as_json: bool, record: Path | None, backend: str | None
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(f"self-test   {result.line()}")
-        click.echo(f"engine      {report['backend']} on {report['device']}, {report['precision']}" + (f" (runs {report['precision_used']})" if report["precision_used"] else ""))
+        click.echo(
+            f"engine      {report['backend']} on {report['device']}, {report['precision']}"
+            + (f" (runs {report['precision_used']})" if report["precision_used"] else "")
+        )
         click.echo(f"this device {summary(here)}")
         click.echo(f"built on    {summary(built)}")
         if record is not None:
             click.echo(f"recorded in {record}")
     if not result.passed:
-        raise BitdeployError(f"self-test failed on {device_class(here)}: {'; '.join(result.failures)}; this bundle's numerics do not hold here: "
-                             f"rebuild it on this device class (built on {device_class(built)})")
+        raise BitdeployError(
+            f"self-test failed on {device_class(here)}: {'; '.join(result.failures)}; this bundle's numerics do not hold here: "
+            f"rebuild it on this device class (built on {device_class(built)})"
+        )
 
 
 def _append_record(path: Path, report: dict[str, Any]) -> None:

@@ -14,7 +14,12 @@ def stdout_to_stderr(*loggers: str) -> Iterator[None]:
     the stdout handlers of the named loggers (e.g. "nncf", whose handler holds stdout from import time)."""
     sys.stdout.flush()
     outs = {id(sys.stdout), id(sys.__stdout__)}
-    moved = [h for name in loggers for h in logging.getLogger(name).handlers if isinstance(h, logging.StreamHandler) and id(h.stream) in outs]
+    moved = [
+        h
+        for name in loggers
+        for h in logging.getLogger(name).handlers
+        if isinstance(h, logging.StreamHandler) and id(h.stream) in outs
+    ]
     old = [h.setStream(sys.stderr) for h in moved]
     try:
         with contextlib.redirect_stdout(sys.stderr):

@@ -59,33 +59,74 @@ def register(target: Target) -> Target:
     return target
 
 
-register(Target(
-    name="onnx", title="ONNX Runtime", backend="onnxruntime",
-    converter="bitdeploy.converters.ort_convert:convert", runtime="bitdeploy.runtimes.ort:OrtBackend", formats=(".onnx",),
-    extra="onnxruntime", modules=("onnx", "onnxruntime"), runtime_extra="onnxruntime", runtime_module="onnxruntime",
-    calib_methods=("minmax", "entropy", "percentile"), devices="cpu (default), cuda",
-))  # fmt: skip
-register(Target(
-    name="openvino", title="OpenVINO", backend="openvino",
-    converter="bitdeploy.converters.openvino_convert:convert", runtime="bitdeploy.runtimes.ov:OpenVinoBackend", formats=(".xml", ".onnx"),
-    extra="openvino", modules=("openvino",), runtime_extra="openvino", runtime_module="openvino", int8_modules=("nncf",),
-    calib_methods=("mean_minmax", "minmax", "mean_quantile", "histogram"), devices="CPU (default), GPU, NPU, AUTO",
-))  # fmt: skip
-register(Target(
-    name="trt", title="TensorRT", backend="tensorrt",
-    converter="bitdeploy.converters.trt_engine:convert", runtime="bitdeploy.runtimes.trt:TensorRTBackend", formats=(".plan", ".engine"),
-    extra="tensorrt", modules=("tensorrt", "onnx", "onnxruntime"), runtime_extra="tensorrt", runtime_module="tensorrt", needs_gpu=True,
-    calib_methods=("minmax", "entropy", "percentile"),  # through ONNX Runtime's QDQ quantizer
-    devices="cuda:N (default cuda:0)", cache_conversions=False,  # engines are tied to the GPU and TensorRT version
-))  # fmt: skip
-register(Target(
-    name="litert", title="LiteRT", backend="litert",
-    converter="bitdeploy.converters.litert_convert:convert", runtime="bitdeploy.runtimes.litert:LiteRtBackend", formats=(".tflite",),
-    extra="litert-convert", modules=("litert_torch", "ai_edge_litert", "ai_edge_quantizer"), runtime_extra="litert",
-    runtime_module="ai_edge_litert", int8_modules=("torchao",),
-    calib_methods=("histogram",),  # PT2E static: HistogramObserver on activations, min/max per channel on weights
-    devices="cpu (XNNPACK; default)",
-))  # fmt: skip
+register(
+    Target(
+        name="onnx",
+        title="ONNX Runtime",
+        backend="onnxruntime",
+        converter="bitdeploy.converters.ort_convert:convert",
+        runtime="bitdeploy.runtimes.ort:OrtBackend",
+        formats=(".onnx",),
+        extra="onnxruntime",
+        modules=("onnx", "onnxruntime"),
+        runtime_extra="onnxruntime",
+        runtime_module="onnxruntime",
+        calib_methods=("minmax", "entropy", "percentile"),
+        devices="cpu (default), cuda",
+    )
+)
+register(
+    Target(
+        name="openvino",
+        title="OpenVINO",
+        backend="openvino",
+        converter="bitdeploy.converters.openvino_convert:convert",
+        runtime="bitdeploy.runtimes.ov:OpenVinoBackend",
+        formats=(".xml", ".onnx"),
+        extra="openvino",
+        modules=("openvino",),
+        runtime_extra="openvino",
+        runtime_module="openvino",
+        int8_modules=("nncf",),
+        calib_methods=("mean_minmax", "minmax", "mean_quantile", "histogram"),
+        devices="CPU (default), GPU, NPU, AUTO",
+    )
+)
+register(
+    Target(
+        name="trt",
+        title="TensorRT",
+        backend="tensorrt",
+        converter="bitdeploy.converters.trt_engine:convert",
+        runtime="bitdeploy.runtimes.trt:TensorRTBackend",
+        formats=(".plan", ".engine"),
+        extra="tensorrt",
+        modules=("tensorrt", "onnx", "onnxruntime"),
+        runtime_extra="tensorrt",
+        runtime_module="tensorrt",
+        needs_gpu=True,
+        calib_methods=("minmax", "entropy", "percentile"),  # through ONNX Runtime's QDQ quantizer
+        devices="cuda:N (default cuda:0)",
+        cache_conversions=False,  # engines are tied to the GPU and TensorRT version
+    )
+)
+register(
+    Target(
+        name="litert",
+        title="LiteRT",
+        backend="litert",
+        converter="bitdeploy.converters.litert_convert:convert",
+        runtime="bitdeploy.runtimes.litert:LiteRtBackend",
+        formats=(".tflite",),
+        extra="litert-convert",
+        modules=("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),
+        runtime_extra="litert",
+        runtime_module="ai_edge_litert",
+        int8_modules=("torchao",),
+        calib_methods=("histogram",),  # PT2E static: HistogramObserver on activations, min/max per channel on weights
+        devices="cpu (XNNPACK; default)",
+    )
+)
 
 
 def get_target(name: str) -> Target:
@@ -162,7 +203,7 @@ def unavailable_reason(target: Target, precision: str, short: bool = False) -> s
     if short:
         return "; ".join(problems)
     where = " on a machine with an NVIDIA GPU" if target.needs_gpu else ""
-    return f"{target.title} is not available here ({'; '.join(problems)}); run{where}: pip install \"bitdeploy[{target.extra}]\""
+    return f'{target.title} is not available here ({"; ".join(problems)}); run{where}: pip install "bitdeploy[{target.extra}]"'
 
 
 def check_available(target: Target, precision: str) -> None:

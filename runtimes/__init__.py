@@ -49,4 +49,6 @@ def load(
     """
     from bitdeploy.runtimes.predictor import Predictor
 
-    return Predictor.open(path, backend=backend, device=device, threads=threads, verify=verify, self_test=self_test, **backend_options)
+    return Predictor.open(
+        path, backend=backend, device=device, threads=threads, verify=verify, self_test=self_test, **backend_options
+    )

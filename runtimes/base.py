@@ -46,7 +46,13 @@ class Backend(ABC):
 
     name: str = ""
 
-    def __init__(self, model_path: Path, manifest: Manifest | Mapping[str, Any], device: str | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        manifest: Manifest | Mapping[str, Any],
+        device: str | None = None,
+        threads: int | None = None,
+    ) -> None:
         self.model_path = Path(model_path)
         self.manifest = as_manifest(manifest)  # a plain mapping (a script, a test) is read into a Manifest
         self.device = device
@@ -60,16 +66,24 @@ class Backend(ABC):
         `input_shape`; anything else is a one-line BitdeployError before the engine sees it.
         """
         want_shape, want_dtype = self.input_shape, self.input_dtype
-        if not isinstance(batch, np.ndarray) or batch.dtype != want_dtype or batch.ndim != 4 or batch.shape[0] < 1 or any(
-            want is not None and got != want for got, want in zip(batch.shape, want_shape)
+        if (
+            not isinstance(batch, np.ndarray)
+            or batch.dtype != want_dtype
+            or batch.ndim != 4
+            or batch.shape[0] < 1
+            or any(want is not None and got != want for got, want in zip(batch.shape, want_shape))
         ):
             got = f"{batch.dtype} {tuple(batch.shape)}" if isinstance(batch, np.ndarray) else type(batch).__name__
             want = "x".join("N" if d is None else str(d) for d in want_shape)
-            raise BitdeployError(f"infer expects a {want_dtype} NCHW array of shape {want} (got {got}); use predict() for images or preprocess() first")
+            raise BitdeployError(
+                f"infer expects a {want_dtype} NCHW array of shape {want} (got {got}); use predict() for images or preprocess() first"
+            )
         out = self._infer(np.ascontiguousarray(batch))
         if not isinstance(out, np.ndarray) or out.ndim != 2 or out.shape[0] != batch.shape[0]:
             shape = tuple(out.shape) if isinstance(out, np.ndarray) else type(out).__name__
-            raise BundleError(f"{self.model_path}: the model returned shape {shape} for a batch of {batch.shape[0]} (expected ({batch.shape[0]}, classes)); rebuild the bundle")
+            raise BundleError(
+                f"{self.model_path}: the model returned shape {shape} for a batch of {batch.shape[0]} (expected ({batch.shape[0]}, classes)); rebuild the bundle"
+            )
         return out if out.dtype == np.float32 else out.astype(np.float32)
 
     @abstractmethod
@@ -111,5 +125,11 @@ def backend_class(name: str) -> type[Backend]:
     return cls
 
 
-def open_backend(name: str, model_path: Path, manifest: Manifest | Mapping[str, Any], device: str | None = None, threads: int | None = None) -> Backend:
+def open_backend(
+    name: str,
+    model_path: Path,
+    manifest: Manifest | Mapping[str, Any],
+    device: str | None = None,
+    threads: int | None = None,
+) -> Backend:
     return backend_class(name)(model_path, manifest, device=device, threads=threads)

@@ -135,7 +135,9 @@ class Batcher:
                 rows += len(self._queue[0].batch)
                 jobs.append(self._queue.popleft())
             self._rows -= rows
-            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # a caller that timed out cancelled its own
+            jobs = [
+                j for j in jobs if j.future.set_running_or_notify_cancel()
+            ]  # a caller that timed out cancelled its own
             self._running = len(jobs)
             self._note_peak()
             self._on_queue(self._rows)

@@ -27,7 +27,9 @@ def read_manifest(bundle: str | os.PathLike[str]) -> Manifest:
     root = Path(bundle)
     path = root / MANIFEST
     if not root.is_dir():
-        raise BundleError(f"{root}: not a bundle directory; pass a directory written by `bitdeploy build` or a .bitpack file")
+        raise BundleError(
+            f"{root}: not a bundle directory; pass a directory written by `bitdeploy build` or a .bitpack file"
+        )
     if not path.is_file():
         raise BundleError(f"{root}: no {MANIFEST}; this is not a bitdeploy bundle (build one with `bitdeploy build`)")
     try:
@@ -54,7 +56,9 @@ def verify_files(bundle: str | os.PathLike[str], manifest: Manifest) -> None:
         if not p.is_file():
             raise BundleError(f"{p}: missing from the bundle; rebuild it")
         if sha256_file(p) != expected:
-            raise BundleError(f"{p}: checksum mismatch (the file was modified after the build); rebuild the bundle or pass --no-verify to skip the check")
+            raise BundleError(
+                f"{p}: checksum mismatch (the file was modified after the build); rebuild the bundle or pass --no-verify to skip the check"
+            )
 
 
 def load_manifest(bundle: str | os.PathLike[str], verify: bool = True) -> Manifest:

@@ -19,16 +19,38 @@ from typing import Any
 
 # numpy CPUID feature name -> the /proc/cpuinfo flag name the README and REFERENCE use.
 _NUMPY_FEATURES = {
-    "AVX2": "avx2", "FMA3": "fma", "F16C": "f16c", "AVX512F": "avx512f", "AVX512BW": "avx512bw",
-    "AVX512VNNI": "avx512_vnni", "AVX512BF16": "avx512_bf16", "AVX512FP16": "avx512_fp16",
-    "ASIMD": "asimd", "ASIMDHP": "fphp", "ASIMDDP": "asimddp", "SVE": "sve",
-}  # fmt: skip
+    "AVX2": "avx2",
+    "FMA3": "fma",
+    "F16C": "f16c",
+    "AVX512F": "avx512f",
+    "AVX512BW": "avx512bw",
+    "AVX512VNNI": "avx512_vnni",
+    "AVX512BF16": "avx512_bf16",
+    "AVX512FP16": "avx512_fp16",
+    "ASIMD": "asimd",
+    "ASIMDHP": "fphp",
+    "ASIMDDP": "asimddp",
+    "SVE": "sve",
+}
 # Flags only /proc/cpuinfo reports; trusted when its AVX2/AVX-512 flags match CPUID (not emulated).
 _PROC_ONLY = ("avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "i8mm", "bf16", "sve2")
 ENGINES = ("onnxruntime", "openvino", "tensorrt", "ai-edge-litert", "numpy")
 # What manifests' provenance and bench environments record (one list, so the two agree).
-LIBRARIES = ("bitdeploy", "numpy", "pillow", "torch", "onnx", "onnxslim", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf",
-             "tensorrt", "litert-torch", "ai-edge-litert")
+LIBRARIES = (
+    "bitdeploy",
+    "numpy",
+    "pillow",
+    "torch",
+    "onnx",
+    "onnxslim",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "openvino",
+    "nncf",
+    "tensorrt",
+    "litert-torch",
+    "ai-edge-litert",
+)
 
 
 def _cpuid_features() -> set[str]:
@@ -94,7 +116,13 @@ def _gpus() -> list[dict[str, str]]:
     if exe is None:
         return []
     try:
-        out = subprocess.run([exe, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            [exe, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     gpus = []
@@ -131,7 +159,12 @@ def host_fingerprint() -> dict[str, Any]:
     }
     if emulated:
         cpu["note"] = "ISA from CPUID differs from /proc/cpuinfo: running under emulation; the model name is the host's"
-    return {"cpu": cpu, "gpus": _gpus(), "engines": package_versions(ENGINES), "os": f"{platform.system()} {platform.release()}"}
+    return {
+        "cpu": cpu,
+        "gpus": _gpus(),
+        "engines": package_versions(ENGINES),
+        "os": f"{platform.system()} {platform.release()}",
+    }
 
 
 def device_class(fingerprint: dict[str, Any] | None) -> str:

@@ -54,7 +54,14 @@ class _Slot:
 class LiteRtBackend(Backend):
     name = "litert"
 
-    def __init__(self, model_path: Path, manifest: Manifest | Mapping[str, Any], device: str | None = None, threads: int | None = None, max_interpreters: int = 4) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        manifest: Manifest | Mapping[str, Any],
+        device: str | None = None,
+        threads: int | None = None,
+        max_interpreters: int = 4,
+    ) -> None:
         super().__init__(model_path, manifest, (device or "cpu").lower(), threads)
         if self.device not in DEVICES:
             raise BundleError(f"unknown LiteRT device {device!r} here; use --device cpu (XNNPACK)")

@@ -167,4 +167,6 @@ def check_format(data: Any, where: str) -> None:
     raw = data.get("format_version")
     version = parse_version(raw)
     if version is None or version[0] != FORMAT_MAJOR:
-        raise BundleError(f"{where}: unknown bundle format version {raw!r} (this bitdeploy reads {FORMAT_MAJOR}.x); upgrade bitdeploy or rebuild the bundle")
+        raise BundleError(
+            f"{where}: unknown bundle format version {raw!r} (this bitdeploy reads {FORMAT_MAJOR}.x); upgrade bitdeploy or rebuild the bundle"
+        )

@@ -56,8 +56,10 @@ def describe_bundle(manifest: Manifest, source: Path, name: str | None) -> RepoM
     target = manifest.target
     backend = target.backend
     if backend not in TRITON_ENGINES:
-        raise BitdeployError(f"{source}: a {backend or 'backend-less'} bundle cannot go into a Triton or OVMS repository; "
-                             f"export an ONNX Runtime, OpenVINO or TensorRT bundle")
+        raise BitdeployError(
+            f"{source}: a {backend or 'backend-less'} bundle cannot go into a Triton or OVMS repository; "
+            f"export an ONNX Runtime, OpenVINO or TensorRT bundle"
+        )
     model_file = manifest.model_file
     listed = list(manifest.files)
     if model_file not in listed:
@@ -66,7 +68,9 @@ def describe_bundle(manifest: Manifest, source: Path, name: str | None) -> RepoM
         weights = [f for f in listed if f == str(Path(model_file).with_suffix(".bin"))]
         extra = weights if model_file.endswith(".xml") else []
     elif backend == "onnxruntime":
-        extra = [f for f in listed if f != model_file and f.startswith(model_file)]  # external data, e.g. model.onnx.data
+        extra = [
+            f for f in listed if f != model_file and f.startswith(model_file)
+        ]  # external data, e.g. model.onnx.data
     else:
         extra = []
     spec = manifest.input
@@ -79,13 +83,20 @@ def describe_bundle(manifest: Manifest, source: Path, name: str | None) -> RepoM
         raise BundleError(f"{source}: a label contains a line break, which labels.txt cannot hold; rename the class")
     name = name or str(model.get("name") or source.name)
     if not NAME_RE.match(name):
-        raise BitdeployError(f"model name {name!r} cannot be a repository directory; pass --name with letters, digits, '.', '_' or '-'")
+        raise BitdeployError(
+            f"model name {name!r} cannot be a repository directory; pass --name with letters, digits, '.', '_' or '-'"
+        )
     profile = target.get("profile") or {}
     return RepoModel(
-        name=name, backend=backend, model_files=[model_file, *extra],
-        input_name=str(spec.get("name") or "input"), input_dtype=str(spec.get("dtype") or "float32"),
-        dims=[int(d) for d in shape[1:]], output_name=str(manifest.output.get("name") or "logits"),
-        labels=labels, fixed_batch=int(shape[0]) if isinstance(shape[0], int) and shape[0] > 0 else None,
+        name=name,
+        backend=backend,
+        model_files=[model_file, *extra],
+        input_name=str(spec.get("name") or "input"),
+        input_dtype=str(spec.get("dtype") or "float32"),
+        dims=[int(d) for d in shape[1:]],
+        output_name=str(manifest.output.get("name") or "logits"),
+        labels=labels,
+        fixed_batch=int(shape[0]) if isinstance(shape[0], int) and shape[0] > 0 else None,
         profile_max=int(profile["max"]) if isinstance(profile.get("max"), int) else None,
     )
 
@@ -104,10 +115,21 @@ def triton_config(m: RepoModel, max_batch: int, max_delay_us: int, instances: in
     if m.model_files[0] != default_file:
         lines.append(f"default_model_filename: {_q(m.model_files[0])}")
     lines += [
-        "input [", "  {", f"    name: {_q(m.input_name)}", f"    data_type: {dtype}", f"    dims: [ {', '.join(map(str, dims))} ]", "  }", "]",
-        "output [", "  {", f"    name: {_q(m.output_name)}", "    data_type: TYPE_FP32",
+        "input [",
+        "  {",
+        f"    name: {_q(m.input_name)}",
+        f"    data_type: {dtype}",
+        f"    dims: [ {', '.join(map(str, dims))} ]",
+        "  }",
+        "]",
+        "output [",
+        "  {",
+        f"    name: {_q(m.output_name)}",
+        "    data_type: TYPE_FP32",
         f"    dims: [ {', '.join(map(str, [len(m.labels)] if batched else [m.fixed_batch, len(m.labels)]))} ]",
-        f"    label_filename: {_q(LABELS)}", "  }", "]",
+        f"    label_filename: {_q(LABELS)}",
+        "  }",
+        "]",
     ]
     if batched:
         lines += ["dynamic_batching {", f"  max_queue_delay_microseconds: {max_delay_us}", "}"]
@@ -122,18 +144,29 @@ def _q(text: str) -> str:
 # -- OVMS ---------------------------------------------------------------------------------------------------
 def ovms_entry(m: RepoModel) -> dict[str, Any]:
     if m.backend == "tensorrt":
-        raise BitdeployError(f"{m.name}: OpenVINO Model Server cannot run a TensorRT plan; export an OpenVINO or ONNX Runtime bundle, or use --format triton")
+        raise BitdeployError(
+            f"{m.name}: OpenVINO Model Server cannot run a TensorRT plan; export an OpenVINO or ONNX Runtime bundle, or use --format triton"
+        )
     return {"config": {"name": m.name, "base_path": m.name, "target_device": "CPU"}}
 
 
 # -- writing ------------------------------------------------------------------------------------------------
-def export_repo(bundles: list[Path], fmt: str, out: Path, names: list[str] | None = None, max_batch: int = 8,
-                max_delay_us: int = 5000, force: bool = False) -> list[RepoModel]:
+def export_repo(
+    bundles: list[Path],
+    fmt: str,
+    out: Path,
+    names: list[str] | None = None,
+    max_batch: int = 8,
+    max_delay_us: int = 5000,
+    force: bool = False,
+) -> list[RepoModel]:
     """Write the repository for `bundles` (verified first) to `out`, atomically; return what was written."""
     if fmt not in FORMATS:
         raise BitdeployError(f"unknown repository format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if names and len(names) != len(bundles):
-        raise BitdeployError(f"{len(names)} --name value(s) for {len(bundles)} bundle(s); pass one --name per bundle, in order")
+        raise BitdeployError(
+            f"{len(names)} --name value(s) for {len(bundles)} bundle(s); pass one --name per bundle, in order"
+        )
     if max_batch < 1 or max_delay_us < 0:
         raise BitdeployError("--max-batch must be at least 1 and --max-delay-ms at least 0")
     out = Path(out).resolve()
@@ -147,7 +180,9 @@ def export_repo(bundles: list[Path], fmt: str, out: Path, names: list[str] | Non
             try:
                 m = describe_bundle(opened.manifest, Path(bundle), names[i] if names else None)
                 if any(w.name == m.name for w in written):
-                    raise BitdeployError(f"two bundles would both be named {m.name!r}; pass --name once per bundle, e.g. --name {m.name}-a --name {m.name}-b")
+                    raise BitdeployError(
+                        f"two bundles would both be named {m.name!r}; pass --name once per bundle, e.g. --name {m.name}-a --name {m.name}-b"
+                    )
                 _write_model(tmp, m, opened.root, fmt, max_batch, max_delay_us)
             finally:
                 opened.cleanup()
@@ -178,4 +213,6 @@ def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise BitdeployError(f"{out}: exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise BitdeployError(f"{out}: directory exists and is not empty; choose a new --out or pass --force to replace it")
+        raise BitdeployError(
+            f"{out}: directory exists and is not empty; choose a new --out or pass --force to replace it"
+        )

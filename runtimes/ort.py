@@ -19,7 +19,7 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "te
 
 
 def parse_device(device: str) -> tuple[str, dict[str, Any]]:
-    """"cpu" | "cuda" | "cuda:1" | "tensorrt:0" -> (provider name, provider options)."""
+    """ "cpu" | "cuda" | "cuda:1" | "tensorrt:0" -> (provider name, provider options)."""
     kind, _, index = str(device).lower().partition(":")
     provider = PROVIDERS.get(kind)
     if provider is None:
@@ -34,7 +34,13 @@ def parse_device(device: str) -> tuple[str, dict[str, Any]]:
 class OrtBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, model_path: Path, manifest: Manifest | Mapping[str, Any], device: str | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        manifest: Manifest | Mapping[str, Any],
+        device: str | None = None,
+        threads: int | None = None,
+    ) -> None:
         super().__init__(model_path, manifest, device or "cpu", threads)
         ort = require("onnxruntime", "onnxruntime", "ONNX Runtime (onnxruntime)")
 
@@ -54,7 +60,9 @@ class OrtBackend(Backend):
             self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             first = first_line(exc)
-            raise BundleError(f"{model_path}: ONNX Runtime cannot load the model ({first}); rebuild the bundle") from exc
+            raise BundleError(
+                f"{model_path}: ONNX Runtime cannot load the model ({first}); rebuild the bundle"
+            ) from exc
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [self.session.get_outputs()[0].name]
 

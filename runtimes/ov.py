@@ -22,7 +22,16 @@ from bitdeploy.runtimes.base import Backend
 from bitdeploy.runtimes.manifest import Manifest, TargetInfo
 
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
-_FLOAT_TYPES = {"f32": "f32", "fp32": "f32", "float32": "f32", "bf16": "bf16", "bfloat16": "bf16", "f16": "f16", "fp16": "f16", "float16": "f16"}
+_FLOAT_TYPES = {
+    "f32": "f32",
+    "fp32": "f32",
+    "float32": "f32",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "f16": "f16",
+    "fp16": "f16",
+    "float16": "f16",
+}
 
 
 def precision_hint(target: TargetInfo | Mapping[str, Any]) -> str | None:
@@ -60,8 +69,14 @@ class OpenVinoBackend(Backend):
             raise BundleError(f"unknown OpenVINO performance hint {self.hint!r}; choose one of: {', '.join(HINTS)}")
         core = ov.Core()
         base = self.device.split(":")[0].split(".")[0]
-        if base not in ("AUTO", "MULTI", "HETERO", "BATCH") and self.device not in core.available_devices and base not in core.available_devices:
-            raise BundleError(f"OpenVINO device {self.device!r} is not available here (found: {', '.join(core.available_devices)}); pass --device CPU")
+        if (
+            base not in ("AUTO", "MULTI", "HETERO", "BATCH")
+            and self.device not in core.available_devices
+            and base not in core.available_devices
+        ):
+            raise BundleError(
+                f"OpenVINO device {self.device!r} is not available here (found: {', '.join(core.available_devices)}); pass --device CPU"
+            )
         config: dict[str, Any] = {"PERFORMANCE_HINT": self.hint}
         self.precision = precision_hint(target)
         if self.precision:
@@ -72,7 +87,9 @@ class OpenVinoBackend(Backend):
             self.compiled = core.compile_model(str(model_path), self.device, config)
         except Exception as exc:  # openvino raises RuntimeError with multi-line C++ context
             first = first_line(exc)
-            raise BundleError(f"{model_path}: OpenVINO cannot compile the model on {self.device} ({first}); rebuild the bundle") from exc
+            raise BundleError(
+                f"{model_path}: OpenVINO cannot compile the model on {self.device} ({first}); rebuild the bundle"
+            ) from exc
         optimal = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self.pool_size = max(1, num_requests or optimal)
         self._pool: queue.SimpleQueue[Any] = queue.SimpleQueue()

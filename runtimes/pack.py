@@ -114,7 +114,9 @@ def unpack(
     try:
         tf = tarfile.open(pack_path, "r:*")  # noqa: SIM115 - closed by the `with tf:` below, after the target checks
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise BundleError(f"{pack_path}: not a bundle directory or a bitdeploy pack (not a tar file); pass a directory from `bitdeploy build` or a file from `bitdeploy pack`") from exc
+        raise BundleError(
+            f"{pack_path}: not a bundle directory or a bitdeploy pack (not a tar file); pass a directory from `bitdeploy build` or a file from `bitdeploy pack`"
+        ) from exc
     try:
         target.mkdir(parents=True, exist_ok=False)
     except FileExistsError:
@@ -125,7 +127,9 @@ def unpack(
         with tf:
             _extract(tf, pack_path, root, max_member_bytes, max_total_bytes, max_members)
         if not (root / MANIFEST).is_file():
-            raise BundleError(f"{pack_path}: no {MANIFEST} in the pack; this is not a bitdeploy pack (write one with `bitdeploy pack`)")
+            raise BundleError(
+                f"{pack_path}: no {MANIFEST} in the pack; this is not a bitdeploy pack (write one with `bitdeploy pack`)"
+            )
         try:
             manifest = read_manifest(root)
             if verify:
@@ -133,7 +137,9 @@ def unpack(
                 found = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
                 unlisted = [n for n in found if n != MANIFEST and n not in listed]
                 if unlisted:
-                    raise BundleError(f"{pack_path}: member {unlisted[0]!r} is not listed in the manifest; refusing the pack (repack it with `bitdeploy pack`)")
+                    raise BundleError(
+                        f"{pack_path}: member {unlisted[0]!r} is not listed in the manifest; refusing the pack (repack it with `bitdeploy pack`)"
+                    )
                 verify_files(root, manifest)
         except BundleError as exc:  # name the pack, not the temporary directory
             raise BundleError(str(exc).replace(str(root), str(pack_path)).replace(str(target), str(pack_path))) from exc
@@ -143,7 +149,9 @@ def unpack(
         raise
 
 
-def _extract(tf: tarfile.TarFile, pack_path: Path, root: Path, max_member: int, max_total: int, max_members: int) -> None:
+def _extract(
+    tf: tarfile.TarFile, pack_path: Path, root: Path, max_member: int, max_total: int, max_members: int
+) -> None:
     seen: set[PurePosixPath] = set()
     total = count = 0
     try:
@@ -157,9 +165,13 @@ def _extract(tf: tarfile.TarFile, pack_path: Path, root: Path, max_member: int, 
                 dest.mkdir(parents=True, exist_ok=True)
                 continue
             if not member.isreg():
-                raise BundleError(f"{pack_path}: member {member.name!r} is a {_kind(member)}; packs hold regular files only")
+                raise BundleError(
+                    f"{pack_path}: member {member.name!r} is a {_kind(member)}; packs hold regular files only"
+                )
             if member.size > max_member:
-                raise BundleError(f"{pack_path}: member {member.name!r} is {member.size} bytes, over the {max_member}-byte limit; refusing to unpack")
+                raise BundleError(
+                    f"{pack_path}: member {member.name!r} is {member.size} bytes, over the {max_member}-byte limit; refusing to unpack"
+                )
             total += member.size
             if total > max_total:
                 raise BundleError(f"{pack_path}: members total over {max_total} bytes; refusing to unpack")
@@ -169,7 +181,9 @@ def _extract(tf: tarfile.TarFile, pack_path: Path, root: Path, max_member: int, 
             dest.parent.mkdir(parents=True, exist_ok=True)
             # Only directories made above lie between root and dest, but check anyway: never write outside root.
             if not dest.parent.resolve().is_relative_to(root):
-                raise BundleError(f"{pack_path}: member {member.name!r} resolves outside the target; refusing to unpack")
+                raise BundleError(
+                    f"{pack_path}: member {member.name!r} resolves outside the target; refusing to unpack"
+                )
             src = tf.extractfile(member)
             if src is None:
                 raise BundleError(f"{pack_path}: member {member.name!r} has no data; the pack is damaged")
@@ -215,7 +229,9 @@ def open_bundle(path: str | os.PathLike[str], verify: bool = True, require_valid
             raise
         opened = OpenedBundle(source, tmp / "bundle", manifest, is_pack=True, _tmp=tmp)
     else:
-        raise BundleError(f"{source}: no such bundle; pass a directory from `bitdeploy build` or a file from `bitdeploy pack`")
+        raise BundleError(
+            f"{source}: no such bundle; pass a directory from `bitdeploy build` or a file from `bitdeploy pack`"
+        )
     if require_valid and not manifest.valid:
         opened.cleanup()
         reason = manifest.invalid_reason or "it did not pass validation"

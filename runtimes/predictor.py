@@ -46,8 +46,13 @@ class Timing:
         return self.preprocess_s + self.infer_s + self.postprocess_s
 
     def as_dict(self) -> dict[str, float]:
-        return {"images": self.images, "preprocess_ms": self.preprocess_s * 1e3, "infer_ms": self.infer_s * 1e3,
-                "postprocess_ms": self.postprocess_s * 1e3, "total_ms": self.total_s * 1e3}
+        return {
+            "images": self.images,
+            "preprocess_ms": self.preprocess_s * 1e3,
+            "infer_ms": self.infer_s * 1e3,
+            "postprocess_ms": self.postprocess_s * 1e3,
+            "total_ms": self.total_s * 1e3,
+        }
 
 
 def _batch_images(images: Any) -> list[Any]:
@@ -103,7 +108,9 @@ class Predictor:
             if self_test:
                 result = predictor.self_test()
                 if not result.passed:
-                    raise BundleError(f"{opened.source}: self-test failed on this device ({'; '.join(result.failures)}); run `bitdeploy verify` for details")
+                    raise BundleError(
+                        f"{opened.source}: self-test failed on this device ({'; '.join(result.failures)}); run `bitdeploy verify` for details"
+                    )
             return predictor
         except BaseException:
             if engine is not None:
@@ -128,7 +135,9 @@ class Predictor:
             raise BitdeployError(f"{self.bundle.source}: predictor is closed; load the bundle again")
         logits = backend.infer(batch)
         if self.labels and logits.shape[1] != len(self.labels):
-            raise BundleError(f"{self.bundle.source}: the model returned shape {tuple(logits.shape)} but the manifest has {len(self.labels)} labels; rebuild the bundle")
+            raise BundleError(
+                f"{self.bundle.source}: the model returned shape {tuple(logits.shape)} but the manifest has {len(self.labels)} labels; rebuild the bundle"
+            )
         return logits
 
     def infer_padded(self, batch: np.ndarray) -> np.ndarray:
@@ -239,7 +248,9 @@ def _check_input_spec(opened: OpenedBundle) -> tuple[dict[str, Any], list[int | 
     spec = opened.manifest.input
     shape, resize = spec.get("shape"), spec.get("resize")
     if not isinstance(shape, list) or len(shape) != 4 or not isinstance(resize, list) or len(resize) != 2:
-        raise BundleError(f"{opened.source}: manifest has no usable input spec (NCHW shape and resize); rebuild the bundle")
+        raise BundleError(
+            f"{opened.source}: manifest has no usable input spec (NCHW shape and resize); rebuild the bundle"
+        )
     try:
         dims, dtype = expected_input(opened.manifest)
     except BundleError as exc:
@@ -253,7 +264,9 @@ def _check_top_k(top_k: int) -> int:
     return int(top_k)
 
 
-def _open_backend(opened: OpenedBundle, name: str | None, device: str | None, threads: int | None, options: dict[str, Any]) -> Backend:
+def _open_backend(
+    opened: OpenedBundle, name: str | None, device: str | None, threads: int | None, options: dict[str, Any]
+) -> Backend:
     manifest = opened.manifest
     target = manifest.target
     built_for = target.backend
@@ -268,7 +281,9 @@ def _open_backend(opened: OpenedBundle, name: str | None, device: str | None, th
     if not model_path.is_file():
         raise BundleError(f"{opened.source}: model file {model_file} is missing; rebuild the bundle")
     if Path(model_file).suffix.lower() not in record.formats:
-        raise BundleError(f"{opened.source}: the {name} backend cannot read {model_file}; drop --backend or pass --backend {built_for}")
+        raise BundleError(
+            f"{opened.source}: the {name} backend cannot read {model_file}; drop --backend or pass --backend {built_for}"
+        )
     if not backend_available(name):
         raise MissingDependencyError(f"the {name} runtime needed by {opened.source}", record.runtime_extra)
     if device is None and name == built_for:

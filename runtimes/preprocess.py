@@ -19,7 +19,11 @@ from bitdeploy.errors import ImageError, first_line
 
 ImageInput = str | os.PathLike[str] | bytes | bytearray | Image.Image | np.ndarray
 
-INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST}
+INTERPOLATION = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
 
 
 def describe(image: Any) -> str:
@@ -59,7 +63,9 @@ def decode(image: ImageInput) -> Image.Image:
         return to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-            raise ImageError(f"{name}: arrays must be uint8 HxW or HxWxC with C in 1, 3, 4 (got {image.dtype} {image.shape}); convert with .astype(np.uint8)")
+            raise ImageError(
+                f"{name}: arrays must be uint8 HxW or HxWxC with C in 1, 3, 4 (got {image.dtype} {image.shape}); convert with .astype(np.uint8)"
+            )
         arr = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
         return to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
     try:

@@ -73,12 +73,21 @@ def rel_error(logits: np.ndarray, reference: np.ndarray) -> float:
 def _as_pixels(x: np.ndarray, input_spec: dict[str, Any] | None) -> np.ndarray | None:
     """The uint8 HWC images `x` was normalised from, when `normalize` reproduces `x` exactly (real images)."""
     mean, std = mean_std(input_spec)
-    pixels = np.clip(np.rint((x.transpose(0, 2, 3, 1) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)) * 255.0), 0, 255).astype(np.uint8)
+    pixels = np.clip(
+        np.rint((x.transpose(0, 2, 3, 1) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)) * 255.0), 0, 255
+    ).astype(np.uint8)
     return pixels if np.array_equal(normalize(pixels, mean, std), x) else None
 
 
-def write(bundle_dir: Path, inputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None, bundle_logits: np.ndarray, precision: str,
-          input_spec: dict[str, Any] | None = None) -> dict[str, Any]:
+def write(
+    bundle_dir: Path,
+    inputs: np.ndarray,
+    reference: np.ndarray,
+    labels: np.ndarray | None,
+    bundle_logits: np.ndarray,
+    precision: str,
+    input_spec: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write golden.npz into `bundle_dir` and return the manifest's `self_test` object (`input_spec`: the
     manifest's `input`, whose mean/std turn stored pixels back into the exact inputs)."""
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
@@ -115,16 +124,24 @@ def write(bundle_dir: Path, inputs: np.ndarray, reference: np.ndarray, labels: n
     }
 
 
-def load_golden(bundle_dir: Path, manifest: Manifest | Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def load_golden(
+    bundle_dir: Path, manifest: Manifest | Mapping[str, Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(float32 NCHW inputs, reference logits, labels or None) of a bundle's golden set."""
     manifest = as_manifest(manifest)
     spec = manifest.self_test
     if not spec:
-        raise BundleError(f"{bundle_dir}: the bundle carries no self-test (built before bitdeploy 0.2); rebuild it to verify it on a device")
+        raise BundleError(
+            f"{bundle_dir}: the bundle carries no self-test (built before bitdeploy 0.2); rebuild it to verify it on a device"
+        )
     path = Path(bundle_dir) / str(spec.get("file") or GOLDEN_FILE)
     try:
         with np.load(path, allow_pickle=False) as data:
-            inputs = normalize(data["pixels"], *mean_std(manifest.input)) if "pixels" in data else np.asarray(data["inputs"], np.float32)
+            inputs = (
+                normalize(data["pixels"], *mean_std(manifest.input))
+                if "pixels" in data
+                else np.asarray(data["inputs"], np.float32)
+            )
             reference = np.asarray(data["reference"], np.float32)
             labels = np.asarray(data["labels"], np.int64) if "labels" in data else None
     except (OSError, ValueError, KeyError) as exc:
@@ -134,7 +151,12 @@ def load_golden(bundle_dir: Path, manifest: Manifest | Mapping[str, Any]) -> tup
     return inputs, reference, labels
 
 
-def run(infer: Callable[[np.ndarray], np.ndarray], bundle_dir: Path, manifest: Manifest | Mapping[str, Any], batch_size: int = 8) -> SelfTestResult:
+def run(
+    infer: Callable[[np.ndarray], np.ndarray],
+    bundle_dir: Path,
+    manifest: Manifest | Mapping[str, Any],
+    batch_size: int = 8,
+) -> SelfTestResult:
     """Run the golden set through `infer` and judge it by the manifest's criteria."""
     manifest = as_manifest(manifest)
     inputs, reference, labels = load_golden(bundle_dir, manifest)
@@ -143,7 +165,9 @@ def run(infer: Callable[[np.ndarray], np.ndarray], bundle_dir: Path, manifest: M
     outs = [np.asarray(infer(inputs[i : i + batch_size]), np.float32) for i in range(0, len(inputs), batch_size)]
     logits = np.concatenate(outs) if outs else np.zeros_like(reference)
     if logits.shape != reference.shape:
-        raise BundleError(f"{bundle_dir}: the engine returned logits of shape {logits.shape}, the golden set expects {reference.shape}; rebuild the bundle")
+        raise BundleError(
+            f"{bundle_dir}: the engine returned logits of shape {logits.shape}, the golden set expects {reference.shape}; rebuild the bundle"
+        )
     agreement = float((logits.argmax(1) == reference.argmax(1)).mean()) if len(logits) else 1.0
     err = rel_error(logits, reference)
     min_agreement = float(criteria.get("min_agreement", 1.0))

@@ -36,7 +36,14 @@ from bitdeploy import __version__
 from bitdeploy.errors import BitdeployError, ImageError, require
 from bitdeploy.runtimes.batcher import Batcher
 from bitdeploy.runtimes.predictor import Predictor
-from bitdeploy.runtimes.serve_protocol import HEADER_LENGTH, InferRequest, ModelInfo, ProtocolError, encode_answer, parse_infer
+from bitdeploy.runtimes.serve_protocol import (
+    HEADER_LENGTH,
+    InferRequest,
+    ModelInfo,
+    ProtocolError,
+    encode_answer,
+    parse_infer,
+)
 
 require("starlette", "serve", "the HTTP server for `bitdeploy serve` (starlette)")
 require("uvicorn", "serve", "the HTTP server for `bitdeploy serve` (uvicorn)")
@@ -99,8 +106,13 @@ class Service:
         )
         self.metrics = ServeMetrics(self.model.name)
         self.pool = ThreadPoolExecutor(options.workers, thread_name_prefix="bitdeploy-preprocess")
-        self.batcher = Batcher(predictor.infer_padded, min(options.max_batch, predictor.max_batch), options.max_delay_ms / 1e3,
-                               on_batch=self.metrics.observe_batch, on_queue=self.metrics.set_queue_depth)
+        self.batcher = Batcher(
+            predictor.infer_padded,
+            min(options.max_batch, predictor.max_batch),
+            options.max_delay_ms / 1e3,
+            on_batch=self.metrics.observe_batch,
+            on_queue=self.metrics.set_queue_depth,
+        )
         self.draining = False
         self.on_close: list[Callable[[], None]] = []  # other transports, drained before the batcher stops
         self.answered = 0
@@ -122,7 +134,9 @@ class Service:
             raise HTTPError(411, "missing Content-Length; send the body with a length")
         limit = self.options.max_body
         if length is not None and int(length) > limit:  # uvicorn has already refused a non-numeric length
-            raise HTTPError(413, f"body of {length} bytes is over the {limit}-byte limit; send less or raise --max-body-mb")
+            raise HTTPError(
+                413, f"body of {length} bytes is over the {limit}-byte limit; send less or raise --max-body-mb"
+            )
         chunks, size = [], 0
 
         async def read() -> None:
@@ -136,7 +150,9 @@ class Service:
         try:
             await asyncio.wait_for(read(), self.options.timeout)
         except asyncio.TimeoutError:
-            raise HTTPError(408, f"body not received within {self.options.timeout:g} s; send it faster or raise --timeout") from None
+            raise HTTPError(
+                408, f"body not received within {self.options.timeout:g} s; send it faster or raise --timeout"
+            ) from None
         except ClientDisconnect:
             raise HTTPError(400, "the client closed the connection before sending the whole body") from None
         return b"".join(chunks)
@@ -146,10 +162,14 @@ class Service:
         try:
             logits: np.ndarray = await asyncio.wait_for(asyncio.wrap_future(future), self.options.timeout)
         except asyncio.TimeoutError:
-            raise HTTPError(503, f"no engine answer within {self.options.timeout:g} s; the server is overloaded, retry later") from None
+            raise HTTPError(
+                503, f"no engine answer within {self.options.timeout:g} s; the server is overloaded, retry later"
+            ) from None
         return logits
 
-    async def preprocessed(self, request: Request, prepare: Callable[[bytes], Any], cheap: Callable[[bytes], bool] = lambda body: False) -> Any:
+    async def preprocessed(
+        self, request: Request, prepare: Callable[[bytes], Any], cheap: Callable[[bytes], bool] = lambda body: False
+    ) -> Any:
         """Read the body and run `prepare` on it, announced to the batcher so a batch may wait for it.
 
         `prepare` runs in the pool unless `cheap(body)`: then on the event loop, as each thread hop costs a
@@ -169,7 +189,11 @@ class Service:
             try:
                 arrays.append(self.predictor.preprocess(data))
             except ImageError as exc:
-                where = f"image {i + 1} of {len(images)} ({len(data)} bytes)" if len(images) > 1 else f"image ({len(data)} bytes)"
+                where = (
+                    f"image {i + 1} of {len(images)} ({len(data)} bytes)"
+                    if len(images) > 1
+                    else f"image ({len(data)} bytes)"
+                )
                 raise ProtocolError(str(exc).replace(f"<{len(data)} bytes>", where, 1)) from exc
         return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
@@ -190,7 +214,9 @@ class Service:
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     async def server_metadata(self, request: Request) -> Response:
-        return JSONResponse({"name": "bitdeploy", "version": __version__, "extensions": ["binary_tensor_data", "classification"]})
+        return JSONResponse(
+            {"name": "bitdeploy", "version": __version__, "extensions": ["binary_tensor_data", "classification"]}
+        )
 
     async def model_metadata(self, request: Request) -> Response:
         self.check_model(request)
@@ -222,8 +248,16 @@ class Service:
     # -- the original routes ---------------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
         p = self.predictor
-        return JSONResponse({"status": "ok", "model": self.model.name, "backend": p.backend_name, "labels": len(p.labels),
-                             "precision": p.manifest.target.precision, "workers": self.options.workers})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": self.model.name,
+                "backend": p.backend_name,
+                "labels": len(p.labels),
+                "precision": p.manifest.target.precision,
+                "workers": self.options.workers,
+            }
+        )
 
     async def v1_predict(self, request: Request) -> Response:
         top_k = _top_k(request.query_params.getlist("top_k"))
@@ -235,7 +269,9 @@ class Service:
             try:
                 batch = self.predictor.preprocess(body)
             except ImageError as exc:
-                raise ImageError(str(exc).replace(f"<{len(body)} bytes>", f"request body ({len(body)} bytes)", 1)) from exc
+                raise ImageError(
+                    str(exc).replace(f"<{len(body)} bytes>", f"request body ({len(body)} bytes)", 1)
+                ) from exc
             return batch, time.perf_counter() - t0
 
         batch, pre_s = await self.preprocessed(request, prepare)
@@ -243,9 +279,13 @@ class Service:
         logits = await self.infer(batch)
         infer_s = time.perf_counter() - t0
         predictions = self.predictor.postprocess(logits, top_k)[0]
-        return JSONResponse({"model": self.model.name,
-                             "predictions": [{"label": label, "probability": prob} for label, prob in predictions],
-                             "timing": {"preprocess_ms": round(pre_s * 1e3, 3), "infer_ms": round(infer_s * 1e3, 3)}})
+        return JSONResponse(
+            {
+                "model": self.model.name,
+                "predictions": [{"label": label, "probability": prob} for label, prob in predictions],
+                "timing": {"preprocess_ms": round(pre_s * 1e3, 3), "infer_ms": round(infer_s * 1e3, 3)},
+            }
+        )
 
     async def prometheus(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
@@ -263,7 +303,9 @@ def _top_k(values: list[str]) -> int:
     return k
 
 
-def _answers_errors(service: Service, route: str, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+def _answers_errors(
+    service: Service, route: str, handler: Callable[[Request], Awaitable[Response]]
+) -> Callable[[Request], Awaitable[Response]]:
     """Every failure becomes a JSON answer: 4xx for the client's mistakes, 500 (one log line) for ours."""
 
     async def endpoint(request: Request) -> Response:
@@ -276,7 +318,9 @@ def _answers_errors(service: Service, route: str, handler: Callable[[Request], A
             response = _error(400, str(exc))
         except Exception as exc:
             service.failures += 1
-            sys.stderr.write(f"bitdeploy serve: {request.method} {request.url.path} failed: {type(exc).__name__}: {exc}\n")
+            sys.stderr.write(
+                f"bitdeploy serve: {request.method} {request.url.path} failed: {type(exc).__name__}: {exc}\n"
+            )
             response = _error(500, f"internal error ({type(exc).__name__}); see the server log")
         service.answered += 1
         return response
@@ -311,7 +355,9 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = str(scope.get(ROUTE_KEY) or getattr(scope.get("route"), "path", "other"))  # 405s carry the router's match
+            route = str(
+                scope.get(ROUTE_KEY) or getattr(scope.get("route"), "path", "other")
+            )  # 405s carry the router's match
             self.metrics.observe_request(route, status, time.perf_counter() - t0)
 
 
@@ -338,9 +384,16 @@ def create_app(predictor: Predictor, options: ServeOptions | None = None) -> Sta
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 405:
-            return _error(405, f"method {request.method} not allowed on {request.url.path}; use {exc.headers.get('Allow') if exc.headers else 'another method'}", exc.headers)
+            return _error(
+                405,
+                f"method {request.method} not allowed on {request.url.path}; use {exc.headers.get('Allow') if exc.headers else 'another method'}",
+                exc.headers,
+            )
         if exc.status_code == 404:
-            return _error(404, f"no route {request.url.path}; see GET /v2 and POST /v2/models/{service.model.name}/infer, or POST /v1/predict")
+            return _error(
+                404,
+                f"no route {request.url.path}; see GET /v2 and POST /v2/models/{service.model.name}/infer, or POST /v1/predict",
+            )
         return _error(exc.status_code, str(exc.detail))
 
     @contextlib.asynccontextmanager
@@ -381,12 +434,16 @@ class _Server(uvicorn.Server):
 class HTTPServer:
     """A bound socket plus the app: `serve()` blocks until SIGTERM/SIGINT (or `stop()`) and a full drain."""
 
-    def __init__(self, predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions | None = None) -> None:
+    def __init__(
+        self, predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions | None = None
+    ) -> None:
         self.options = options or ServeOptions()
         self.app = create_app(predictor, self.options)
         self.service: Service = self.app.state.service
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only on proto TCP
+        self.socket = socket.socket(
+            family, socket.SOCK_STREAM, socket.IPPROTO_TCP
+        )  # asyncio sets TCP_NODELAY only on proto TCP
         try:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.socket.bind((host, port))
@@ -394,12 +451,23 @@ class HTTPServer:
         except OSError as exc:
             self.socket.close()
             self.service.close()
-            raise BitdeployError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port or --host") from exc
+            raise BitdeployError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port or --host"
+            ) from exc
         self.host, self.port = host, self.socket.getsockname()[1]
         opts = self.options  # uvicorn's limit counts the arriving connection too, hence the + 1
-        config = uvicorn.Config(self.app, http="h11", lifespan="on", limit_concurrency=opts.max_connections + 1, backlog=256,
-                                timeout_keep_alive=int(max(1, opts.keep_alive)), timeout_graceful_shutdown=int(max(1, opts.drain_timeout)),
-                                access_log=opts.access_log, log_level="info" if opts.access_log else "warning", server_header=False)
+        config = uvicorn.Config(
+            self.app,
+            http="h11",
+            lifespan="on",
+            limit_concurrency=opts.max_connections + 1,
+            backlog=256,
+            timeout_keep_alive=int(max(1, opts.keep_alive)),
+            timeout_graceful_shutdown=int(max(1, opts.drain_timeout)),
+            access_log=opts.access_log,
+            log_level="info" if opts.access_log else "warning",
+            server_header=False,
+        )
         self._server = _Server(config, self.service)
 
     @property

@@ -21,7 +21,16 @@ import numpy as np
 
 from bitdeploy import __version__
 from bitdeploy.errors import BitdeployError, require
-from bitdeploy.runtimes.serve_protocol import VERSION, InferRequest, Output, ProtocolError, bytes_input, fp32_input, output_value, raw_bytes
+from bitdeploy.runtimes.serve_protocol import (
+    VERSION,
+    InferRequest,
+    Output,
+    ProtocolError,
+    bytes_input,
+    fp32_input,
+    output_value,
+    raw_bytes,
+)
 
 grpc = require("grpc", "grpc", "gRPC for `bitdeploy serve --grpc-port` (grpcio)")
 pb = require("tritonclient.grpc.service_pb2", "grpc", "the v2 gRPC messages (tritonclient[grpc])")
@@ -40,7 +49,9 @@ def request_from_proto(req: Any, service: Service) -> InferRequest:
     """A ModelInferRequest -> the same InferRequest the REST route builds (images not decoded yet)."""
     model = service.model
     if len(req.inputs) != 1:
-        raise ProtocolError(f"send exactly one input: `{model.input_name}` (FP32 tensor) or `{model.image_input}` (BYTES image files)")
+        raise ProtocolError(
+            f"send exactly one input: `{model.input_name}` (FP32 tensor) or `{model.image_input}` (BYTES image files)"
+        )
     if len(req.raw_input_contents) > 1:
         raise ProtocolError(f"{len(req.raw_input_contents)} raw_input_contents for one input")
     t = req.inputs[0]
@@ -109,11 +120,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         def answer() -> Any:
             self._check_model(request.name, request.version)
             return pb.ModelReadyResponse(ready=self._ready())
+
         return self._call("ModelReady", context, answer)
 
     def ServerMetadata(self, request: Any, context: Any) -> Any:
-        return self._call("ServerMetadata", context, lambda: pb.ServerMetadataResponse(
-            name="bitdeploy", version=__version__, extensions=["binary_tensor_data", "classification"]))
+        return self._call(
+            "ServerMetadata",
+            context,
+            lambda: pb.ServerMetadataResponse(
+                name="bitdeploy", version=__version__, extensions=["binary_tensor_data", "classification"]
+            ),
+        )
 
     def ModelMetadata(self, request: Any, context: Any) -> Any:
         def answer() -> Any:
@@ -121,9 +138,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             meta = self.service.model.metadata()
             tensors = pb.ModelMetadataResponse.TensorMetadata
             return pb.ModelMetadataResponse(
-                name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+                name=meta["name"],
+                versions=meta["versions"],
+                platform=meta["platform"],
                 inputs=[tensors(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["inputs"]],
-                outputs=[tensors(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["outputs"]])
+                outputs=[tensors(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["outputs"]],
+            )
+
         return self._call("ModelMetadata", context, answer)
 
     def ModelInfer(self, request: Any, context: Any) -> Any:
@@ -143,13 +164,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             try:
                 logits = future.result(service.options.timeout)
             except FutureTimeout:
-                raise _Abort(grpc.StatusCode.UNAVAILABLE, f"no engine answer within {service.options.timeout:g} s; the server is overloaded, retry later") from None
+                raise _Abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"no engine answer within {service.options.timeout:g} s; the server is overloaded, retry later",
+                ) from None
             response = pb.ModelInferResponse(model_name=service.model.name, model_version=VERSION, id=request.id)
             for out in req.outputs:
                 datatype, value = output_value(out, logits, service.model.labels)
                 response.outputs.add(name=out.name, datatype=datatype, shape=list(value.shape))
                 response.raw_output_contents.append(raw_bytes(datatype, np.asarray(value)))
             return response
+
         return self._call("ModelInfer", context, answer)
 
 
@@ -161,7 +186,10 @@ class GrpcServer:
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=min(64, opts.max_connections), thread_name_prefix="bitdeploy-grpc"),
             maximum_concurrent_rpcs=opts.max_connections,
-            options=[("grpc.max_receive_message_length", opts.max_body), ("grpc.max_send_message_length", opts.max_body)],
+            options=[
+                ("grpc.max_receive_message_length", opts.max_body),
+                ("grpc.max_send_message_length", opts.max_body),
+            ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), self.server)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -14,11 +14,26 @@ class ServeMetrics:
     def __init__(self, model: str) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("bitdeploy_requests", "HTTP requests answered, by route and status code", ["route", "code"], registry=r)
-        self.errors = Counter("bitdeploy_request_errors", "HTTP requests answered with a 4xx or 5xx status, by route and code", ["route", "code"], registry=r)
-        self.latency = Histogram("bitdeploy_request_duration_seconds", "Time from request to answer, by route", ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "bitdeploy_requests", "HTTP requests answered, by route and status code", ["route", "code"], registry=r
+        )
+        self.errors = Counter(
+            "bitdeploy_request_errors",
+            "HTTP requests answered with a 4xx or 5xx status, by route and code",
+            ["route", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "bitdeploy_request_duration_seconds",
+            "Time from request to answer, by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Histogram("bitdeploy_batch_size", "Images per engine call", buckets=BATCH_BUCKETS, registry=r)
-        self.infer_time = Histogram("bitdeploy_inference_duration_seconds", "Time of one engine call", buckets=LATENCY_BUCKETS, registry=r)
+        self.infer_time = Histogram(
+            "bitdeploy_inference_duration_seconds", "Time of one engine call", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("bitdeploy_queue_depth", "Images waiting for the engine", registry=r)
         self.images = Counter("bitdeploy_images", "Images inferred", registry=r)
         Gauge("bitdeploy_model_info", "The served model", ["model"], registry=r).labels(model).set(1)

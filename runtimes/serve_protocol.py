@@ -89,7 +89,9 @@ def parse_infer(body: bytes, header_length: str | None, model: ModelInfo) -> Inf
     params = _params(msg, "request")
     inputs = msg.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise ProtocolError(f"send exactly one input: `{model.input_name}` (FP32 tensor) or `{model.image_input}` (BYTES image files)")
+        raise ProtocolError(
+            f"send exactly one input: `{model.input_name}` (FP32 tensor) or `{model.image_input}` (BYTES image files)"
+        )
     tensor = inputs[0]
     name = tensor.get("name")
     raw = _tensor_bytes(tensor, binary, name)
@@ -113,7 +115,9 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     except ValueError:
         n = -1
     if not 0 <= n <= len(body):
-        raise ProtocolError(f"{HEADER_LENGTH} is {header_length!r} but the body has {len(body)} bytes; send the JSON header's length")
+        raise ProtocolError(
+            f"{HEADER_LENGTH} is {header_length!r} but the body has {len(body)} bytes; send the JSON header's length"
+        )
     return body[:n], body[n:]
 
 
@@ -129,17 +133,23 @@ def _tensor_bytes(tensor: dict[str, Any], binary: bytes, name: Any) -> bytes | N
     size = _params(tensor, f"input {name!r}").get("binary_data_size")
     if size is None:
         if binary:
-            raise ProtocolError(f"{len(binary)} bytes follow the JSON header but input {name!r} has no binary_data_size")
+            raise ProtocolError(
+                f"{len(binary)} bytes follow the JSON header but input {name!r} has no binary_data_size"
+            )
         return None
     if isinstance(size, bool) or not isinstance(size, int) or size != len(binary):
-        raise ProtocolError(f"input {name!r} says binary_data_size {size!r} but {len(binary)} bytes follow the JSON header")
+        raise ProtocolError(
+            f"input {name!r} says binary_data_size {size!r} but {len(binary)} bytes follow the JSON header"
+        )
     return binary
 
 
 def _shape(tensor: dict[str, Any]) -> list[int]:
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ProtocolError(f"input {tensor.get('name')!r} needs `shape`, a list of non-negative integers (got {shape!r})")
+        raise ProtocolError(
+            f"input {tensor.get('name')!r} needs `shape`, a list of non-negative integers (got {shape!r})"
+        )
     return shape
 
 
@@ -150,11 +160,15 @@ def fp32_input(tensor: dict[str, Any], raw: bytes | None, model: ModelInfo) -> n
     if tensor.get("datatype") != "FP32":
         raise ProtocolError(f"input {name!r} must have datatype FP32 (got {tensor.get('datatype')!r})")
     if len(shape) != 4 or shape[0] < 1 or tuple(shape[1:]) != model.input_shape:
-        raise ProtocolError(f"input {name!r} must have shape [N, {', '.join(map(str, model.input_shape))}] with N >= 1 (got {shape}); preprocess to Nx{want}")
+        raise ProtocolError(
+            f"input {name!r} must have shape [N, {', '.join(map(str, model.input_shape))}] with N >= 1 (got {shape}); preprocess to Nx{want}"
+        )
     count = int(np.prod(shape))
     if raw is not None:
         if len(raw) != count * 4:
-            raise ProtocolError(f"input {name!r} of shape {shape} needs {count * 4} bytes of FP32 data (got {len(raw)})")
+            raise ProtocolError(
+                f"input {name!r} of shape {shape} needs {count * 4} bytes of FP32 data (got {len(raw)})"
+            )
         return np.frombuffer(raw, "<f4").astype(np.float32, copy=False).reshape(shape)
     data = tensor.get("data")
     if not isinstance(data, list):
@@ -172,7 +186,9 @@ def bytes_input(tensor: dict[str, Any], raw: bytes | None) -> list[bytes]:
     """The `image` tensor's elements, from length-prefixed raw bytes or a `data` list of str/bytes."""
     name, shape = tensor.get("name"), _shape(tensor)
     if tensor.get("datatype") != "BYTES":
-        raise ProtocolError(f"input {name!r} must have datatype BYTES (got {tensor.get('datatype')!r}): the encoded image files")
+        raise ProtocolError(
+            f"input {name!r} must have datatype BYTES (got {tensor.get('datatype')!r}): the encoded image files"
+        )
     if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
         raise ProtocolError(f"input {name!r} must have shape [N] or [N, 1] with N >= 1 (got {shape})")
     if raw is not None:

@@ -39,7 +39,9 @@ def parse_device(device: str | int | None) -> int:
     return int(text)
 
 
-def check_engine_compat(target: Mapping[str, Any], trt_version: str, gpu_name: str, compute_capability: str) -> str | None:
+def check_engine_compat(
+    target: Mapping[str, Any], trt_version: str, gpu_name: str, compute_capability: str
+) -> str | None:
     """Why an engine built for `target` cannot run here, or None when it can.
 
     TensorRT engines are tied to the exact TensorRT version and to the GPU model they were built on (tactics are
@@ -176,11 +178,15 @@ class TorchCudaApi:
 
     def h2d(self, dst: int, src: np.ndarray, stream: Any) -> None:
         with self.torch.cuda.stream(stream):
-            self._owners[dst][: src.nbytes].copy_(self.torch.from_numpy(src.reshape(-1).view(np.uint8)), non_blocking=True)
+            self._owners[dst][: src.nbytes].copy_(
+                self.torch.from_numpy(src.reshape(-1).view(np.uint8)), non_blocking=True
+            )
 
     def d2h(self, dst: np.ndarray, src: int, stream: Any) -> None:
         with self.torch.cuda.stream(stream):
-            self.torch.from_numpy(dst.reshape(-1).view(np.uint8)).copy_(self._owners[src][: dst.nbytes], non_blocking=True)
+            self.torch.from_numpy(dst.reshape(-1).view(np.uint8)).copy_(
+                self._owners[src][: dst.nbytes], non_blocking=True
+            )
 
     def destroy_stream(self, stream: Any) -> None:
         del stream
@@ -199,14 +205,18 @@ def cuda_api() -> CudaApi:
         torch = None
     if torch is not None and torch.cuda.is_available():
         return TorchCudaApi(torch)
-    raise MissingDependencyError("cuda-python (CUDA runtime bindings for TensorRT)", "tensorrt", "needed for device buffers and streams")
+    raise MissingDependencyError(
+        "cuda-python (CUDA runtime bindings for TensorRT)", "tensorrt", "needed for device buffers and streams"
+    )
 
 
 def import_tensorrt() -> Any:
     try:
         return importlib.import_module("tensorrt")
     except ImportError as exc:
-        raise MissingDependencyError("TensorRT (the tensorrt package)", "tensorrt", "get it on a machine with an NVIDIA GPU and driver") from exc
+        raise MissingDependencyError(
+            "TensorRT (the tensorrt package)", "tensorrt", "get it on a machine with an NVIDIA GPU and driver"
+        ) from exc
     except OSError as exc:  # the wheel is there but its CUDA libraries are not loadable
         first = first_line(exc)
         raise MissingDependencyError("a working TensorRT", "tensorrt", f"its libraries do not load ({first})") from exc
@@ -220,7 +230,9 @@ class _ThreadState:
         api.set_device(backend.device_index)
         self.context = backend.engine.create_execution_context()
         if self.context is None:
-            raise BundleError(f"{backend.model_path}: TensorRT could not create an execution context (out of GPU memory?); close other GPU programs")
+            raise BundleError(
+                f"{backend.model_path}: TensorRT could not create an execution context (out of GPU memory?); close other GPU programs"
+            )
         self.stream = api.stream()
         self.owners: list[tuple[str, Any]] = []
         self.dev_in, owner = api.malloc(backend.in_bytes_max)
@@ -245,7 +257,13 @@ class _ThreadState:
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, model_path: Path, manifest: Manifest | Mapping[str, Any], device: str | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        manifest: Manifest | Mapping[str, Any],
+        device: str | None = None,
+        threads: int | None = None,
+    ) -> None:
         target = as_manifest(manifest).target
         super().__init__(model_path, manifest, device or target.device or "cuda:0", threads)
         trt = import_tensorrt()
@@ -257,7 +275,9 @@ class TensorRTBackend(Backend):
             gpu_name, cc = self.api.device_info(self.device_index)
         except Exception as exc:  # cuda-python reports through BundleError, torch through RuntimeError
             first = first_line(exc)
-            raise BundleError(f"no usable NVIDIA GPU cuda:{self.device_index} ({first}); TensorRT bundles need one, pass --device cuda:N") from exc
+            raise BundleError(
+                f"no usable NVIDIA GPU cuda:{self.device_index} ({first}); TensorRT bundles need one, pass --device cuda:N"
+            ) from exc
         reason = check_engine_compat(target.as_dict(), str(trt.__version__), gpu_name, cc)
         if reason:
             raise BundleError(f"{model_path}: {reason}")
@@ -271,7 +291,9 @@ class TensorRTBackend(Backend):
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         if len(inputs) != 1 or len(outputs) != 1:
-            raise BundleError(f"{model_path}: expected one input and one output, found {inputs} and {outputs}; {REBUILD}")
+            raise BundleError(
+                f"{model_path}: expected one input and one output, found {inputs} and {outputs}; {REBUILD}"
+            )
         self.input_name, self.output_name = inputs[0], outputs[0]
         lo, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
         self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
@@ -300,7 +322,9 @@ class TensorRTBackend(Backend):
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         # Backend.infer has checked the batch against the manifest; the engine's own profile is checked here.
         if tuple(batch.shape[1:]) != self.sample_shape:
-            raise BundleError(f"input must be (N, {', '.join(map(str, self.sample_shape))}) for this TensorRT engine, got {tuple(batch.shape)}; {REBUILD}")
+            raise BundleError(
+                f"input must be (N, {', '.join(map(str, self.sample_shape))}) for this TensorRT engine, got {tuple(batch.shape)}; {REBUILD}"
+            )
         # Larger batches than the optimisation profile allows are run in chunks of the profile's maximum.
         chunks = [batch[i : i + self.max_batch] for i in range(0, len(batch), self.max_batch)]
         return np.concatenate([self._run(c) for c in chunks])
@@ -320,7 +344,9 @@ class TensorRTBackend(Backend):
         state.context.set_input_shape(self.input_name, tuple(data.shape))
         api.h2d(state.dev_in, host_in, state.stream)
         if not state.context.execute_async_v3(api.stream_handle(state.stream)):
-            raise BundleError(f"{self.model_path}: TensorRT execution failed; run with --debug and check the GPU with nvidia-smi")
+            raise BundleError(
+                f"{self.model_path}: TensorRT execution failed; run with --debug and check the GPU with nvidia-smi"
+            )
         api.d2h(host_out, state.dev_out, state.stream)
         api.sync(state.stream)
         logits = host_out.view(self.out_dtype).reshape(len(data), self.num_classes).astype(np.float32)

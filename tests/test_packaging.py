@@ -11,13 +11,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"pipeline": "bitdeploy", "training": "bitdeploy/training", "converters": "bitdeploy/converters", "runtimes": "bitdeploy/runtimes", "benchmarks": "bitdeploy/benchmarks"}
+FOLDERS = {
+    "pipeline": "bitdeploy",
+    "training": "bitdeploy/training",
+    "converters": "bitdeploy/converters",
+    "runtimes": "bitdeploy/runtimes",
+    "benchmarks": "bitdeploy/benchmarks",
+}
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    proc = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(ROOT)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (whl,) = out.glob("bitdeploy-*.whl")
     return whl
@@ -29,7 +39,9 @@ def test_wheel_holds_every_module(wheel: Path) -> None:
         for src in (ROOT / folder).glob("*.py"):
             assert f"{package}/{src.name}" in names, f"{folder}/{src.name} missing from the wheel"
     assert "bitdeploy/py.typed" in names
-    assert not any(n.startswith(("tests/", "training/", "pipeline/")) for n in names), "stray top-level folders in the wheel"
+    assert not any(n.startswith(("tests/", "training/", "pipeline/")) for n in names), (
+        "stray top-level folders in the wheel"
+    )
 
 
 def test_folders_are_flat() -> None:
@@ -55,8 +67,26 @@ def test_lint_bans_the_training_stack_in_the_runtime_only() -> None:
     source = "import numpy\nimport torch\nfrom onnx import helper\nimport nncf\nfrom bitdeploy.converters import base\nfrom bitdeploy.training import bit\n"
 
     def banned(path: str) -> list[str]:
-        done = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "TID251", "--output-format", "concise", "--stdin-filename", path, "-"],
-                              input=source, capture_output=True, text=True, cwd=ROOT, timeout=60)  # fmt: skip
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ruff",
+                "check",
+                "--select",
+                "TID251",
+                "--output-format",
+                "concise",
+                "--stdin-filename",
+                path,
+                "-",
+            ],
+            input=source,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
         return [line.split("`")[1] for line in done.stdout.splitlines() if "TID251" in line]
 
     assert banned("runtimes/new_backend.py") == ["torch", "onnx", "nncf", "bitdeploy.converters", "bitdeploy.training"]

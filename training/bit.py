@@ -63,7 +63,9 @@ class PreActBottleneck(nn.Module):
 class ResNetV2(nn.Module):
     """BiT ResNet-v2 for any head size. Input: NCHW float in [-1, 1]; output: logits (N, classes)."""
 
-    def __init__(self, block_units: tuple[int, ...], width_factor: float, head_size: int, zero_head: bool = False) -> None:
+    def __init__(
+        self, block_units: tuple[int, ...], width_factor: float, head_size: int, zero_head: bool = False
+    ) -> None:
         super().__init__()
         wf = width_factor
         w = lambda c: int(c * wf)  # noqa: E731
@@ -82,7 +84,10 @@ class ResNetV2(nn.Module):
         for i, units in enumerate(block_units):
             cout, cmid = w(256 * 2**i), w(64 * 2**i)
             stride = 1 if i == 0 else 2
-            unit_list = [(f"unit{j:02d}", PreActBottleneck(cin if j == 1 else cout, cout, cmid, stride if j == 1 else 1)) for j in range(1, units + 1)]
+            unit_list = [
+                (f"unit{j:02d}", PreActBottleneck(cin if j == 1 else cout, cout, cmid, stride if j == 1 else 1))
+                for j in range(1, units + 1)
+            ]
             blocks.append((f"block{i + 1}", nn.Sequential(OrderedDict(unit_list))))
             cin = cout
         self.body = nn.Sequential(OrderedDict(blocks))
@@ -126,7 +131,14 @@ def fold_weight_standardization(model: ResNetV2) -> ResNetV2:
     def swap(parent: nn.Module) -> None:
         for name, child in parent.named_children():
             if isinstance(child, StdConv2d):
-                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding, bias=child.bias is not None)
+                conv = nn.Conv2d(
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    bias=child.bias is not None,
+                )
                 with torch.no_grad():
                     conv.weight.copy_(child.standardized_weight())
                     if child.bias is not None:

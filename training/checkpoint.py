@@ -18,7 +18,23 @@ from bitdeploy.errors import BitdeployError, WeightsError
 from bitdeploy.training.weights import CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VERSION, read_checkpoint
 
 # Settings that define the run: resuming with any of them changed would silently train something else.
-RESUME_KEYS = ("model", "dataset", "dataset_size", "labels", "shots", "seed", "weights", "steps", "schedule", "base_lr", "batch_size", "resize", "crop", "mixup_alpha", "hflip")
+RESUME_KEYS = (
+    "model",
+    "dataset",
+    "dataset_size",
+    "labels",
+    "shots",
+    "seed",
+    "weights",
+    "steps",
+    "schedule",
+    "base_lr",
+    "batch_size",
+    "resize",
+    "crop",
+    "mixup_alpha",
+    "hflip",
+)
 
 
 def rng_state() -> dict[str, Any]:
@@ -31,7 +47,11 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     if isinstance(state.get("torch"), torch.Tensor):
         torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and isinstance(state.get("cuda"), list) and len(state["cuda"]) == torch.cuda.device_count():
+    if (
+        torch.cuda.is_available()
+        and isinstance(state.get("cuda"), list)
+        and len(state["cuda"]) == torch.cuda.device_count()
+    ):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -68,12 +88,16 @@ def load_for_resume(out: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     except WeightsError as exc:
         raise BitdeployError(f"cannot resume: {exc}; delete {file} to start over, or use a new --out") from exc
     if ck.get("model_name") != config["model"]:
-        raise BitdeployError(f"{file} is a checkpoint of model {ck.get('model_name')!r}, not {config['model']!r}; pass --model {ck.get('model_name')} to resume it, or use a new --out")
+        raise BitdeployError(
+            f"{file} is a checkpoint of model {ck.get('model_name')!r}, not {config['model']!r}; pass --model {ck.get('model_name')} to resume it, or use a new --out"
+        )
     saved = ck.get("config") or {}
     diffs = [f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in RESUME_KEYS if saved.get(k) != config.get(k)]
     if diffs:
         more = f" (+{len(diffs) - 2} more)" if len(diffs) > 2 else ""
-        raise BitdeployError(f"{out} holds a different run ({'; '.join(diffs[:2])}{more}); rerun the original command to resume it, or use a new --out")
+        raise BitdeployError(
+            f"{out} holds a different run ({'; '.join(diffs[:2])}{more}); rerun the original command to resume it, or use a new --out"
+        )
     for key in ("model", "optimizer"):
         if not isinstance(ck.get(key), dict):
             raise BitdeployError(f"{file}: no {key} state to resume from; use a new --out")

@@ -50,13 +50,17 @@ def read_members(path: Path) -> dict[str, bytes]:
                 for member in tar:
                     parts = member.name.replace("\\", "/").split("/")
                     if member.name.startswith(("/", "\\")) or ".." in parts:
-                        raise DatasetError(f"{path}: refusing an archive with the unsafe member path {member.name!r}; download the official tarball again")
+                        raise DatasetError(
+                            f"{path}: refusing an archive with the unsafe member path {member.name!r}; download the official tarball again"
+                        )
                     base = parts[-1]
                     seen.add(base)
                     if base not in wanted or not member.isfile():  # links, devices, folders: ignored, never followed
                         continue
                     if member.size > MAX_MEMBER:
-                        raise DatasetError(f"{path}: member {member.name} is {member.size} bytes, larger than any CIFAR file; {BINARY_HINT}")
+                        raise DatasetError(
+                            f"{path}: member {member.name} is {member.size} bytes, larger than any CIFAR file; {BINARY_HINT}"
+                        )
                     f = tar.extractfile(member)
                     if f is not None:
                         found[base] = f.read()
@@ -72,7 +76,9 @@ def read_members(path: Path) -> dict[str, bytes]:
                     found[f.name] = f.read_bytes()
     if not any(n in found for n in DATA):
         if seen & PICKLED:
-            raise DatasetError(f"{path}: this is the pickled CIFAR python version, which bitdeploy never unpickles; {BINARY_HINT}")
+            raise DatasetError(
+                f"{path}: this is the pickled CIFAR python version, which bitdeploy never unpickles; {BINARY_HINT}"
+            )
         raise DatasetError(f"{path}: no CIFAR binary files (data_batch_N.bin / train.bin) found; {BINARY_HINT}")
     return found
 
@@ -80,7 +86,9 @@ def read_members(path: Path) -> dict[str, bytes]:
 def decode_records(blob: bytes, label_bytes: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     record = label_bytes + PIXELS
     if len(blob) == 0 or len(blob) % record:
-        raise DatasetError(f"{name}: {len(blob)} bytes is not a whole number of {record}-byte CIFAR records; the file is truncated, download it again")
+        raise DatasetError(
+            f"{name}: {len(blob)} bytes is not a whole number of {record}-byte CIFAR records; the file is truncated, download it again"
+        )
     rows = np.frombuffer(blob, dtype=np.uint8).reshape(-1, record)
     labels = rows[:, label_bytes - 1].astype(np.int64)  # CIFAR-100: the fine label is the second byte
     images = rows[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
@@ -109,12 +117,20 @@ def load(path: Path, val_split: float, seed: int):  # type: ignore[no-untyped-de
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     if labels.max() >= classes:
-        raise DatasetError(f"{path}: label {int(labels.max())} out of range for {name} ({classes} classes); the file is corrupt, download it again")
+        raise DatasetError(
+            f"{path}: label {int(labels.max())} out of range for {name} ({classes} classes); the file is corrupt, download it again"
+        )
     if test_name in files:
         vimages, vlabels = decode_records(files[test_name], label_bytes, f"{path}:{test_name}")
         if vlabels.max() >= classes:
-            raise DatasetError(f"{path}:{test_name}: label {int(vlabels.max())} out of range for {name}; download it again")
-        return Splits(ArrayImageSet(images, labels), ArrayImageSet(vimages, vlabels), names, name, f"official {test_name}")
+            raise DatasetError(
+                f"{path}:{test_name}: label {int(vlabels.max())} out of range for {name}; download it again"
+            )
+        return Splits(
+            ArrayImageSet(images, labels), ArrayImageSet(vimages, vlabels), names, name, f"official {test_name}"
+        )
     full = ArrayImageSet(images, labels)
     tr, va = stratified_split(labels, val_split, seed)
-    return Splits(full.subset(tr), full.subset(va), names, name, f"stratified {val_split:g} split, seed {seed} (no {test_name})")
+    return Splits(
+        full.subset(tr), full.subset(va), names, name, f"stratified {val_split:g} split, seed {seed} (no {test_name})"
+    )

@@ -98,7 +98,9 @@ class FileImageSet(ImageSet):
             except (OSError, ValueError, SyntaxError):
                 continue
         if not sizes:
-            raise DatasetError(f"none of {len(order)} sampled images could be opened (e.g. {self.paths[order[0]]}); check the dataset files")
+            raise DatasetError(
+                f"none of {len(order)} sampled images could be opened (e.g. {self.paths[order[0]]}); check the dataset files"
+            )
         areas = sorted(sizes, key=lambda hw: hw[0] * hw[1])
         return areas[len(areas) // 2]
 
@@ -171,7 +173,9 @@ def few_shot(labels: np.ndarray, shots: int, seed: int, class_names: Sequence[st
         idx = np.flatnonzero(labels == c)
         if len(idx) < shots:
             name = class_names[int(c)] if class_names else str(c)
-            raise DatasetError(f"class {name!r} has only {len(idx)} training images, fewer than --shots {shots}; lower --shots")
+            raise DatasetError(
+                f"class {name!r} has only {len(idx)} training images, fewer than --shots {shots}; lower --shots"
+            )
         chosen.append(idx[np.sort(rng.choice(len(idx), shots, replace=False))])
     return np.sort(np.concatenate(chosen))
 
@@ -188,7 +192,13 @@ def load_digits_splits(val_split: float | None = None) -> Splits:
     fraction = DEFAULT_VAL_SPLIT if val_split is None else val_split
     tr, va = stratified_split(labels, fraction, DIGITS_SPLIT_SEED)
     full = ArrayImageSet(images, labels)
-    return Splits(full.subset(tr), full.subset(va), [str(i) for i in range(10)], "digits", f"stratified {fraction:g} split, seed {DIGITS_SPLIT_SEED} (fixed)")
+    return Splits(
+        full.subset(tr),
+        full.subset(va),
+        [str(i) for i in range(10)],
+        "digits",
+        f"stratified {fraction:g} split, seed {DIGITS_SPLIT_SEED} (fixed)",
+    )
 
 
 def load_dataset(
@@ -217,13 +227,17 @@ def load_dataset(
     else:
         path = Path(text).expanduser()
         if not path.exists():
-            raise DatasetError(f"dataset {text!r} not found; pass `digits`, an ImageFolder directory, or a CIFAR-10/100 binary tarball/folder")
+            raise DatasetError(
+                f"dataset {text!r} not found; pass `digits`, an ImageFolder directory, or a CIFAR-10/100 binary tarball/folder"
+            )
         if cifar.is_cifar(path):
             splits = cifar.load(path, val_split if val_split is not None else DEFAULT_VAL_SPLIT, seed)
         elif path.is_dir():
             splits = imagefolder.load(path, val_split, seed)
         else:
-            raise DatasetError(f"{path}: not a dataset; pass an ImageFolder directory (one sub-folder per class) or a CIFAR-10/100 *binary* tarball (cifar-10-binary.tar.gz)")
+            raise DatasetError(
+                f"{path}: not a dataset; pass an ImageFolder directory (one sub-folder per class) or a CIFAR-10/100 *binary* tarball (cifar-10-binary.tar.gz)"
+            )
     if verify:
         splits.train, bad_train = verify_images(splits.train, strict)
         splits.val, bad_val = verify_images(splits.val, strict)
@@ -242,7 +256,9 @@ def check_classes(splits: Splits) -> None:
     present = np.unique(splits.train.labels)
     if len(present) < 2:
         only = splits.classes[int(present[0])] if len(present) else "?"
-        raise DatasetError(f"{name}: only one class ({only!r}) has training images; a classifier needs at least 2 classes")
+        raise DatasetError(
+            f"{name}: only one class ({only!r}) has training images; a classifier needs at least 2 classes"
+        )
     if len(splits.val) == 0:
         raise DatasetError(f"{name}: the validation split is empty; add images or raise --val-split")
 
@@ -263,14 +279,18 @@ def verify_images(image_set: ImageSet, strict: bool, threads: int = 4) -> tuple[
         errors = list(pool.map(check, range(len(image_set))))
     bad = [e for e in errors if e is not None]
     if bad and strict:
-        raise DatasetError(f"unreadable image {bad[0]} ({len(bad)} in all); fix or remove it, or drop --strict to skip unreadable images")
+        raise DatasetError(
+            f"unreadable image {bad[0]} ({len(bad)} in all); fix or remove it, or drop --strict to skip unreadable images"
+        )
     if not bad:
         return image_set, []
     keep = [i for i, e in enumerate(errors) if e is None]
     return image_set.subset(keep), bad
 
 
-def eval_batch(image_set: ImageSet, resolution: int, indices: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def eval_batch(
+    image_set: ImageSet, resolution: int, indices: Sequence[int] | np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(float32 NCHW in [-1, 1], int64 labels): a plain resize to `resolution`, exactly as the runtime does."""
     idx = range(len(image_set)) if indices is None else indices
     arrays, labels = [], []
@@ -283,7 +303,9 @@ def eval_batch(image_set: ImageSet, resolution: int, indices: Sequence[int] | np
     return normalize(np.stack(arrays)), np.asarray(labels, dtype=np.int64)
 
 
-def resized_images(image_set: ImageSet, size: int, indices: Sequence[int] | np.ndarray | None = None, threads: int = 1) -> np.ndarray:
+def resized_images(
+    image_set: ImageSet, size: int, indices: Sequence[int] | np.ndarray | None = None, threads: int = 1
+) -> np.ndarray:
     """uint8 (N, size, size, 3): the training precrop resize (the same bilinear resize as evaluation)."""
     idx = list(range(len(image_set))) if indices is None else [int(i) for i in indices]
 

@@ -43,14 +43,18 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value) if value else default
     except ValueError:
-        raise BitdeployError(f"environment variable {name}={value!r} is not an integer; launch with torchrun or unset it") from None
+        raise BitdeployError(
+            f"environment variable {name}={value!r} is not an integer; launch with torchrun or unset it"
+        ) from None
 
 
 def resolve_kind(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise BitdeployError(f"--device cuda: no CUDA device is visible to torch {torch.__version__}; use --device cpu or install a CUDA build of torch")
+        raise BitdeployError(
+            f"--device cuda: no CUDA device is visible to torch {torch.__version__}; use --device cpu or install a CUDA build of torch"
+        )
     if device == "xla":
         try:
             import torch_xla  # noqa: F401
@@ -70,7 +74,9 @@ def setup(device: str = "auto") -> Context:
     local_world = _env_int("LOCAL_WORLD_SIZE", world)
     if kind == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise BitdeployError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices; lower torchrun --nproc-per-node")
+            raise BitdeployError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices; lower torchrun --nproc-per-node"
+            )
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     elif kind == "xla":

@@ -58,7 +58,9 @@ def verify_cached(path: Path) -> str:
     actual = sha256_file(path)
     known = KNOWN_SHA256.get(path.name)
     if known is not None and actual != known:
-        raise WeightsError(f"{path}: cached weights do not match the published sha256 ({actual[:12]}... != {known[:12]}...); delete {path} and run again to re-download")
+        raise WeightsError(
+            f"{path}: cached weights do not match the published sha256 ({actual[:12]}... != {known[:12]}...); delete {path} and run again to re-download"
+        )
     record = sidecar(path)
     if not record.is_file():
         # A file copied into the cache by hand (e.g. on an offline machine): adopt it, and guard it from now on.
@@ -67,7 +69,9 @@ def verify_cached(path: Path) -> str:
     fields = record.read_text(encoding="utf-8", errors="replace").split()
     expected = fields[0] if fields else "<empty>"
     if actual != expected:
-        raise WeightsError(f"{path}: cached weights are corrupt (sha256 {actual[:12]}... differs from the {expected[:12]}... recorded at download); delete {path} and {record.name} and run again to re-download")
+        raise WeightsError(
+            f"{path}: cached weights are corrupt (sha256 {actual[:12]}... differs from the {expected[:12]}... recorded at download); delete {path} and {record.name} and run again to re-download"
+        )
     return actual
 
 
@@ -76,7 +80,15 @@ def _progress(total: int | None, name: str) -> Any:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"downloading {name}", file=sys.stderr, leave=False)
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"downloading {name}",
+        file=sys.stderr,
+        leave=False,
+    )
 
 
 def _stream(response: IO[bytes], out: IO[bytes], total: int | None, name: str) -> str:
@@ -94,12 +106,16 @@ def _stream(response: IO[bytes], out: IO[bytes], total: int | None, name: str) -
         if bar is not None:
             bar.close()
     if total is not None and done != total:
-        raise WeightsError(f"download of {name} stopped after {done} of {total} bytes; run again, or pass --weights PATH")
+        raise WeightsError(
+            f"download of {name} stopped after {done} of {total} bytes; run again, or pass --weights PATH"
+        )
     return h.hexdigest()
 
 
 def _offline_error(url: str, reason: object) -> WeightsError:
-    return WeightsError(f"cannot download {url} ({reason}); connect to the network, or pass --weights PATH (an official .npz or a bitdeploy checkpoint) or --weights none")
+    return WeightsError(
+        f"cannot download {url} ({reason}); connect to the network, or pass --weights PATH (an official .npz or a bitdeploy checkpoint) or --weights none"
+    )
 
 
 def download(variant: BitVariant, timeout: float = TIMEOUT_S) -> tuple[Path, str]:
@@ -109,7 +125,9 @@ def download(variant: BitVariant, timeout: float = TIMEOUT_S) -> tuple[Path, str
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise WeightsError(f"cannot create the weights cache {dest.parent} ({exc.strerror}); set {CACHE_ENV} to a writable directory") from exc
+        raise WeightsError(
+            f"cannot create the weights cache {dest.parent} ({exc.strerror}); set {CACHE_ENV} to a writable directory"
+        ) from exc
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
@@ -127,7 +145,9 @@ def download(variant: BitVariant, timeout: float = TIMEOUT_S) -> tuple[Path, str
                 raise _offline_error(url, exc or type(exc).__name__) from exc
         known = KNOWN_SHA256.get(variant.npz_name)
         if known is not None and known != digest:
-            raise WeightsError(f"{url}: downloaded file does not match the published sha256 ({digest[:12]}... != {known[:12]}...); run again, or download it yourself and pass --weights PATH")
+            raise WeightsError(
+                f"{url}: downloaded file does not match the published sha256 ({digest[:12]}... != {known[:12]}...); run again, or download it yourself and pass --weights PATH"
+            )
         # Record first, then publish the file: a crash in between leaves a record without a file, which re-downloads.
         atomic_write(sidecar(dest), f"{digest}  {dest.name}\n")
         os.replace(tmp, dest)

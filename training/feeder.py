@@ -35,7 +35,17 @@ class Batch:
 class Feeder:
     """Builds augmented batches from a set resized once to the precrop size (kept in memory when it fits)."""
 
-    def __init__(self, image_set: ImageSet, resize: int, crop: int, seed: int, mixup_alpha: float, memory_budget: int, threads: int = 2, hflip: bool = True) -> None:
+    def __init__(
+        self,
+        image_set: ImageSet,
+        resize: int,
+        crop: int,
+        seed: int,
+        mixup_alpha: float,
+        memory_budget: int,
+        threads: int = 2,
+        hflip: bool = True,
+    ) -> None:
         self.set = image_set
         self.resize, self.crop, self.seed, self.alpha, self.hflip = resize, crop, seed, mixup_alpha, hflip
         self.threads = max(1, threads)
@@ -98,7 +108,9 @@ class Feeder:
         # Partners are other members of the same global batch, augmented exactly as they are there.
         perm = rng.permutation(batch)[own]
         partner = self._augment(self._pixels(idx[perm]), offsets[perm], flips[perm])
-        return Batch(torch.from_numpy(images), labels, torch.from_numpy(partner), torch.from_numpy(self.labels[idx[perm]]), lam)
+        return Batch(
+            torch.from_numpy(images), labels, torch.from_numpy(partner), torch.from_numpy(self.labels[idx[perm]]), lam
+        )
 
     def get(self, step: int, batch: int, lo: int, hi: int, prefetch_next: bool = True) -> Batch:
         """`build`, with the next step's slice prepared in a background thread meanwhile."""
@@ -107,7 +119,11 @@ class Feeder:
             result = self._ahead[1].result()  # type: ignore[attr-defined]
         else:
             result = self.build(*key)
-        self._ahead = ((step + 1, batch, lo, hi), self._pool.submit(self.build, step + 1, batch, lo, hi)) if prefetch_next else None
+        self._ahead = (
+            ((step + 1, batch, lo, hi), self._pool.submit(self.build, step + 1, batch, lo, hi))
+            if prefetch_next
+            else None
+        )
         return result
 
     def close(self) -> None:

@@ -21,7 +21,9 @@ from bitdeploy.training.bit import StdConv2d
 
 def _standardized_weight(self: StdConv2d) -> torch.Tensor:
     w = self.weight
-    return F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0, eps=self.eps).reshape_as(w)
+    return F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0, eps=self.eps).reshape_as(
+        w
+    )
 
 
 def _forward(self: StdConv2d, x: torch.Tensor) -> torch.Tensor:

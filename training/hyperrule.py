@@ -137,7 +137,9 @@ def make_plan(
     notes: list[str] = []
     if steps is not None and steps != supports[-1]:
         supports = scale_schedule(supports, steps)
-        notes.append(f"schedule stretched from {rule['steps']} to {steps} steps: warmup and /10 decays kept at the same fractions")
+        notes.append(
+            f"schedule stretched from {rule['steps']} to {steps} steps: warmup and /10 decays kept at the same fractions"
+        )
     batch = BASE_BATCH if batch_size is None else batch_size
     if lr is not None:
         base_lr = lr
@@ -151,7 +153,9 @@ def make_plan(
     crop = rule_crop if resolution is None else resolution
     resize = rule_resize if resolution is None else resize_for_crop(resolution, (rule_resize, rule_crop))
     if resolution is not None and resolution != rule_crop:
-        notes.append(f"crop {crop} (rule {rule_crop}); precrop resize {resize} keeps the rule's {rule_resize}/{rule_crop} ratio")
+        notes.append(
+            f"crop {crop} (rule {rule_crop}); precrop resize {resize} keeps the rule's {rule_resize}/{rule_crop} ratio"
+        )
     mixup_alpha = rule["mixup_alpha"] if mixup is None else mixup
     if mixup is not None and mixup != rule["mixup_alpha"]:
         notes.append(f"mixup alpha {mixup_alpha:g} (rule {rule['mixup_alpha']:g})")
@@ -179,6 +183,20 @@ def make_plan(
         "epochs": round(supports[-1] * batch / dataset_size, 2) if dataset_size else None,
         "rule": rule,
     }
-    plan["overrides"] = {k: {"rule": rule[k], "value": plan[k]} for k in ("steps", "warmup_steps", "lr_decay_steps", "base_lr", "batch_size", "resize", "crop", "mixup_alpha", "hflip") if plan[k] != rule[k]}
+    plan["overrides"] = {
+        k: {"rule": rule[k], "value": plan[k]}
+        for k in (
+            "steps",
+            "warmup_steps",
+            "lr_decay_steps",
+            "base_lr",
+            "batch_size",
+            "resize",
+            "crop",
+            "mixup_alpha",
+            "hflip",
+        )
+        if plan[k] != rule[k]
+    }
     plan["notes"] = notes
     return plan

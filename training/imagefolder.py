@@ -10,7 +10,9 @@ from pathlib import Path
 
 from bitdeploy.errors import DatasetError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
 TRAIN_DIRS = ("train", "training")
 VAL_DIRS = ("val", "valid", "validation")
 
@@ -37,7 +39,9 @@ def scan(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list
     else:
         unknown = sorted(name for name, files in per_class.items() if files and name not in classes)
         if unknown:
-            raise DatasetError(f"{root}: class folder(s) {', '.join(unknown[:5])} have no counterpart in the training split; add them to train/ or remove them")
+            raise DatasetError(
+                f"{root}: class folder(s) {', '.join(unknown[:5])} have no counterpart in the training split; add them to train/ or remove them"
+            )
     paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
@@ -72,7 +76,14 @@ def load(root: Path, val_split: float | None, seed: int):  # type: ignore[no-unt
             vpaths, vlabels, _ = scan(val_dir, classes)
             if val_split is not None:
                 notes.append(f"--val-split ignored: {val_dir} is the validation split")
-            return Splits(FileImageSet(paths, labels), FileImageSet(vpaths, vlabels), classes, str(root), f"folder {val_dir.name}/", notes=notes)
+            return Splits(
+                FileImageSet(paths, labels),
+                FileImageSet(vpaths, vlabels),
+                classes,
+                str(root),
+                f"folder {val_dir.name}/",
+                notes=notes,
+            )
     else:
         paths, labels, classes = scan(root)
         if not paths:
@@ -80,5 +91,6 @@ def load(root: Path, val_split: float | None, seed: int):  # type: ignore[no-unt
     fraction = DEFAULT_VAL_SPLIT if val_split is None else val_split
     full = FileImageSet(paths, labels)
     tr, va = stratified_split(full.labels, fraction, seed)
-    return Splits(full.subset(tr), full.subset(va), classes, str(root), f"stratified {fraction:g} split, seed {seed}", notes=notes)
-
+    return Splits(
+        full.subset(tr), full.subset(va), classes, str(root), f"stratified {fraction:g} split, seed {seed}", notes=notes
+    )

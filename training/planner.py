@@ -66,10 +66,16 @@ class TrainConfig:
             (self.batch_size is not None and self.batch_size < 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
             (self.batch_split < 1, f"--batch-split must be >= 1 (got {self.batch_split})"),
             (self.lr is not None and not self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
-            (self.resolution is not None and self.resolution < 16, f"--resolution must be >= 16 pixels (got {self.resolution})"),
+            (
+                self.resolution is not None and self.resolution < 16,
+                f"--resolution must be >= 16 pixels (got {self.resolution})",
+            ),
             (self.mixup is not None and self.mixup < 0, f"--mixup must be >= 0 (got {self.mixup})"),
             (self.device not in DEVICES, f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})"),
-            (self.precision not in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})"),
+            (
+                self.precision not in PRECISIONS,
+                f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})",
+            ),
             (self.checkpoint_every < 0, f"--checkpoint-every must be >= 0 (got {self.checkpoint_every})"),
             (self.shots is not None and self.shots < 1, f"--shots must be >= 1 (got {self.shots})"),
         ]
@@ -89,7 +95,9 @@ class TrainConfig:
         return d
 
 
-def resolve(config: TrainConfig, dataset_size: int, num_classes: int, image_hw: tuple[int, int], world: int = 1) -> dict[str, Any]:
+def resolve(
+    config: TrainConfig, dataset_size: int, num_classes: int, image_hw: tuple[int, int], world: int = 1
+) -> dict[str, Any]:
     """The plan for a dataset of this size and image size; checks that the batch divides across processes."""
     plan = hyperrule.make_plan(
         dataset_size,
@@ -105,7 +113,9 @@ def resolve(config: TrainConfig, dataset_size: int, num_classes: int, image_hw: 
     )
     batch, parts = plan["batch_size"], world * config.batch_split
     if batch % parts:
-        raise BitdeployError(f"--batch-size {batch} does not split into {world} process(es) x --batch-split {config.batch_split}; use a multiple of {parts}")
+        raise BitdeployError(
+            f"--batch-size {batch} does not split into {world} process(es) x --batch-split {config.batch_split}; use a multiple of {parts}"
+        )
     plan["world_size"] = world
     plan["micro_batch"] = batch // parts
     plan["seed"] = config.seed

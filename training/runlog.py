@@ -70,7 +70,9 @@ class RunLog:
         for n in list(plan["notes"]) + list(splits.notes):
             self.note(f"  note: {n}")
         if splits.skipped:
-            self.note(f"  skipped {len(splits.skipped)} unreadable image(s), e.g. {splits.skipped[0]} (use --strict to stop instead)")
+            self.note(
+                f"  skipped {len(splits.skipped)} unreadable image(s), e.g. {splits.skipped[0]} (use --strict to stop instead)"
+            )
         if resumed:
             self.note(f"  resuming from {self.out / 'checkpoint.pt'}")
         sys.stderr.flush()

@@ -29,7 +29,11 @@ def autocast(ctx: Context, precision: str) -> contextlib.AbstractContextManager[
 
 def is_oom(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate memory" in text
+    return (
+        isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+        or "out of memory" in text
+        or "can't allocate memory" in text
+    )
 
 
 @contextlib.contextmanager
@@ -53,19 +57,28 @@ class Stepper:
         self.ctx, self.precision, self.split = ctx, precision, batch_split
         self.channels_last = ctx.kind == "cuda"
         use_fused_standardization(model)
-        self.model = model.to(ctx.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        self.model = model.to(
+            ctx.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
+        )
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         self.net: nn.Module = self.model
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.net = DistributedDataParallel(self.model, device_ids=[ctx.local_rank] if ctx.kind == "cuda" else None, gradient_as_bucket_view=ctx.kind == "xla")
+            self.net = DistributedDataParallel(
+                self.model,
+                device_ids=[ctx.local_rank] if ctx.kind == "cuda" else None,
+                gradient_as_bucket_view=ctx.kind == "xla",
+            )
         if ctx.kind == "cuda":
             torch.backends.cudnn.benchmark = True
 
     def state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])

@@ -29,7 +29,15 @@ from bitdeploy.training.step import Stepper, autocast, oom_hint
 __all__ = ["TrainConfig", "evaluate", "train"]
 
 
-def evaluate(model: torch.nn.Module, val: ImageSet, resolution: int, ctx: distributed.Context, batch: int = 64, precision: str = "fp32", channels_last: bool = False) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    val: ImageSet,
+    resolution: int,
+    ctx: distributed.Context,
+    batch: int = 64,
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> dict[str, float]:
     """Top-1 and mean loss on a validation set with the runtime's eval transform, sharded across processes."""
     model.eval()
     indices = np.arange(ctx.rank, len(val), ctx.world)
@@ -37,7 +45,11 @@ def evaluate(model: torch.nn.Module, val: ImageSet, resolution: int, ctx: distri
     with torch.no_grad():
         for start in range(0, len(indices), batch):
             x, y = eval_batch(val, resolution, indices[start : start + batch])
-            xt = torch.from_numpy(x).to(ctx.device).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            xt = (
+                torch.from_numpy(x)
+                .to(ctx.device)
+                .contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            )
             yt = torch.from_numpy(y).to(ctx.device)
             with autocast(ctx, precision):
                 logits = model(xt).float()
@@ -47,7 +59,9 @@ def evaluate(model: torch.nn.Module, val: ImageSet, resolution: int, ctx: distri
     return {"val_top1": correct / max(total, 1.0), "val_loss": loss_sum / max(total, 1.0), "val_samples": int(total)}
 
 
-def _build_model(config: TrainConfig, classes: list[str], resumed: dict[str, Any] | None) -> tuple[torch.nn.Module, dict[str, Any], str]:
+def _build_model(
+    config: TrainConfig, classes: list[str], resumed: dict[str, Any] | None
+) -> tuple[torch.nn.Module, dict[str, Any], str]:
     from bitdeploy.training.weights import load_model
 
     if resumed is not None:
@@ -70,7 +84,16 @@ def _build_model(config: TrainConfig, classes: list[str], resumed: dict[str, Any
 def _progress(config: TrainConfig, ctx: distributed.Context, total: int, start: int) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True, smoothing=0.05, disable=not (config.progress and ctx.main), desc="train")
+    return tqdm(
+        total=total,
+        initial=start,
+        unit="step",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        smoothing=0.05,
+        disable=not (config.progress and ctx.main),
+        desc="train",
+    )
 
 
 def train(config: TrainConfig) -> Path:
@@ -90,11 +113,15 @@ def train(config: TrainConfig) -> Path:
 
 def _train(config: TrainConfig, out: Path, ctx: distributed.Context, started: float) -> Path:
     if config.precision == "fp16" and ctx.kind != "cuda":
-        raise BitdeployError(f"--precision fp16 needs a CUDA device (this run uses {ctx.kind}); use --precision bf16 or fp32")
+        raise BitdeployError(
+            f"--precision fp16 needs a CUDA device (this run uses {ctx.kind}); use --precision bf16 or fp32"
+        )
     splits, hw = planner.describe_dataset(config, verify=True)
     plan = planner.resolve(config, len(splits.train), len(splits.classes), hw, ctx.world)
     identity = {**config.identity(), "dataset_size": len(splits.train), "labels": splits.classes}
-    identity.update({k: plan[k] for k in ("steps", "schedule", "base_lr", "batch_size", "resize", "crop", "mixup_alpha", "hflip")})
+    identity.update(
+        {k: plan[k] for k in ("steps", "schedule", "base_lr", "batch_size", "resize", "crop", "mixup_alpha", "hflip")}
+    )
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.clean_stale(out)
@@ -105,7 +132,9 @@ def _train(config: TrainConfig, out: Path, ctx: distributed.Context, started: fl
     start = int(resumed["step"]) if resumed else 0
     log = RunLog(out, ctx.main, start)
     if finished:
-        log.say(f"{out} already holds a finished run of {total} steps; see {out / 'summary.json'} (use a new --out to train again)")
+        log.say(
+            f"{out} already holds a finished run of {total} steps; see {out / 'summary.json'} (use a new --out to train again)"
+        )
         return out
 
     model, weights_info, head = _build_model(config, splits.classes, resumed)
@@ -120,16 +149,41 @@ def _train(config: TrainConfig, out: Path, ctx: distributed.Context, started: fl
     micro = plan["micro_batch"]
     eval_bs = max(16, min(2 * micro, 256))
     budget = config.cache_mb * (1 << 20) // max(1, ctx.local_world)
-    feeder = Feeder(splits.train, plan["resize"], plan["crop"], config.seed, plan["mixup_alpha"], budget, config.num_workers, plan["hflip"])
-    run_info = {"plan": plan, "head": head, "weights": weights_info, "skipped_images": splits.skipped[:20], "skipped_count": len(splits.skipped)}
+    feeder = Feeder(
+        splits.train,
+        plan["resize"],
+        plan["crop"],
+        config.seed,
+        plan["mixup_alpha"],
+        budget,
+        config.num_workers,
+        plan["hflip"],
+    )
+    run_info = {
+        "plan": plan,
+        "head": head,
+        "weights": weights_info,
+        "skipped_images": splits.skipped[:20],
+        "skipped_count": len(splits.skipped),
+    }
     log.start(plan, splits, feeder.in_memory, resumed is not None, config)
 
     def payload(step: int, images: int, seconds: float) -> dict[str, Any]:
         return {
-            "model_name": config.model, "num_classes": len(splits.classes), "labels": splits.classes, "resolution": plan["crop"],
-            "step": step, "model": model.state_dict(), **stepper.state(),
-            "rng": checkpoint.rng_state(), "config": identity, "plan": plan, "weights": weights_info, "head": head,
-            "images_seen": images, "train_seconds": seconds,
+            "model_name": config.model,
+            "num_classes": len(splits.classes),
+            "labels": splits.classes,
+            "resolution": plan["crop"],
+            "step": step,
+            "model": model.state_dict(),
+            **stepper.state(),
+            "rng": checkpoint.rng_state(),
+            "config": identity,
+            "plan": plan,
+            "weights": weights_info,
+            "head": head,
+            "images_seen": images,
+            "train_seconds": seconds,
         }
 
     images_seen = int(resumed.get("images_seen", 0)) if resumed else 0
@@ -153,14 +207,29 @@ def _train(config: TrainConfig, out: Path, ctx: distributed.Context, started: fl
             if done % config.log_every == 0 or done == total:
                 mean_loss = distributed.all_reduce_sum(ctx, [float(window_loss) / window_n])[0] / ctx.world
                 if not np.isfinite(mean_loss):
-                    raise BitdeployError(f"the loss became {mean_loss} by step {done}; lower --lr (now {plan['base_lr']:g}) or use --precision fp32")
+                    raise BitdeployError(
+                        f"the loss became {mean_loss} by step {done}; lower --lr (now {plan['base_lr']:g}) or use --precision fp32"
+                    )
                 ips = window_images / max(time.perf_counter() - window_t0, 1e-9)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
-                log.metric({"step": done, "loss": round(mean_loss, 6), "lr": lr, "images_per_second": round(ips, 2), "elapsed_s": round(train_seconds + session_seconds, 3)})
+                log.metric(
+                    {
+                        "step": done,
+                        "loss": round(mean_loss, 6),
+                        "lr": lr,
+                        "images_per_second": round(ips, 2),
+                        "elapsed_s": round(train_seconds + session_seconds, 3),
+                    }
+                )
                 window_loss.zero_()
                 window_n, window_t0, window_images = 0, time.perf_counter(), 0
             if config.eval_every and done % config.eval_every == 0 and done < total:
-                log.metric({"step": done, **evaluate(model, splits.val, plan["crop"], ctx, eval_bs, config.precision, channels_last)})
+                log.metric(
+                    {
+                        "step": done,
+                        **evaluate(model, splits.val, plan["crop"], ctx, eval_bs, config.precision, channels_last),
+                    }
+                )
                 window_t0 = time.perf_counter()
             if ctx.main and (done == total or (config.checkpoint_every and done % config.checkpoint_every == 0)):
                 t_ck = time.perf_counter()
@@ -174,13 +243,29 @@ def _train(config: TrainConfig, out: Path, ctx: distributed.Context, started: fl
     if ctx.main:
         log.metric({"step": total, **result})
         summary = {
-            "model": config.model, "dataset": splits.name, "num_classes": len(splits.classes), "labels": splits.classes,
-            "steps": total, **result, "images_per_second": round(all_images / all_seconds, 2) if all_seconds else None,
-            "train_seconds": round(all_seconds, 2), "wall_seconds": round(time.perf_counter() - started, 2), "images_seen": all_images, "resumed_from_step": start if resumed else None, "world_size": ctx.world,
-            "device": str(ctx.device), "precision": config.precision, "resolution": plan["crop"], "train_size": len(splits.train),
-            "val_source": splits.val_source, **run_info, "checkpoint": "checkpoint.pt",
+            "model": config.model,
+            "dataset": splits.name,
+            "num_classes": len(splits.classes),
+            "labels": splits.classes,
+            "steps": total,
+            **result,
+            "images_per_second": round(all_images / all_seconds, 2) if all_seconds else None,
+            "train_seconds": round(all_seconds, 2),
+            "wall_seconds": round(time.perf_counter() - started, 2),
+            "images_seen": all_images,
+            "resumed_from_step": start if resumed else None,
+            "world_size": ctx.world,
+            "device": str(ctx.device),
+            "precision": config.precision,
+            "resolution": plan["crop"],
+            "train_size": len(splits.train),
+            "val_source": splits.val_source,
+            **run_info,
+            "checkpoint": "checkpoint.pt",
         }
         write_summary(out, summary)
-        log.say(f"val top-1 {result['val_top1']:.4f} ({round(result['val_top1'] * result['val_samples'])}/{result['val_samples']}) after {total} steps -> {out}")
+        log.say(
+            f"val top-1 {result['val_top1']:.4f} ({round(result['val_top1'] * result['val_samples'])}/{result['val_samples']}) after {total} steps -> {out}"
+        )
     distributed.barrier(ctx)
     return out

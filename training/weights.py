@@ -115,7 +115,9 @@ def read_npz(path: Path, fix: str = "download it again") -> dict[str, np.ndarray
         with open(path, "rb") as f:
             magic = f.read(6)
         if magic[:2] != b"PK" and magic != b"\x93NUMPY" and magic[:1] != b"\x80":  # zip, .npy, a pickle (refused below)
-            raise WeightsError(f"{path}: not an .npz archive (no zip header); the file is corrupt or of another format, {fix}")
+            raise WeightsError(
+                f"{path}: not an .npz archive (no zip header); the file is corrupt or of another format, {fix}"
+            )
         data = np.load(path, allow_pickle=False)
         if isinstance(data, np.ndarray):
             raise WeightsError(f"{path}: a single .npy array, not an .npz archive of named weights; {_FIX}")
@@ -126,20 +128,26 @@ def read_npz(path: Path, fix: str = "download it again") -> dict[str, np.ndarray
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError) as exc:
         reason = first_line(exc)
         if "allow_pickle" in reason:
-            raise WeightsError(f"{path}: holds pickled Python objects, which are never loaded (allow_pickle=False); {_FIX}") from exc
+            raise WeightsError(
+                f"{path}: holds pickled Python objects, which are never loaded (allow_pickle=False); {_FIX}"
+            ) from exc
         raise WeightsError(f"{path}: not a readable .npz ({reason}); the file is truncated or corrupt, {fix}") from exc
 
 
 def _check_array(path: Path, key: str, a: np.ndarray, want: tuple[int, ...], variant: BitVariant) -> None:
     if tuple(a.shape) != want:
-        raise WeightsError(f"{path}: key {key!r} has shape {tuple(a.shape)}, but {variant.name} needs {want}; is the file for another model?")
+        raise WeightsError(
+            f"{path}: key {key!r} has shape {tuple(a.shape)}, but {variant.name} needs {want}; is the file for another model?"
+        )
     if not np.issubdtype(a.dtype, np.floating):
         raise WeightsError(f"{path}: key {key!r} holds {a.dtype} values, not floats; {_FIX}")
     if not np.isfinite(a).all():
         raise WeightsError(f"{path}: key {key!r} contains NaN or infinite values; the file is damaged, {_FIX}")
 
 
-def state_dict_from_npz(arrays: Mapping[str, np.ndarray], variant: BitVariant, path: Path, num_classes: int | None = None) -> tuple[dict[str, torch.Tensor], int, int]:
+def state_dict_from_npz(
+    arrays: Mapping[str, np.ndarray], variant: BitVariant, path: Path, num_classes: int | None = None
+) -> tuple[dict[str, torch.Tensor], int, int]:
     """Map official npz arrays onto a ResNetV2 state_dict; returns (state_dict, num_classes, classes in file).
 
     The head size comes from the file. When `num_classes` differs, the body is loaded and the head starts
@@ -149,7 +157,9 @@ def state_dict_from_npz(arrays: Mapping[str, np.ndarray], variant: BitVariant, p
     if bias_key not in arrays:
         raise WeightsError(f"{path}: missing key {bias_key!r}; {_FIX}")
     if arrays[bias_key].ndim != 1:
-        raise WeightsError(f"{path}: key {bias_key!r} has shape {tuple(arrays[bias_key].shape)}, expected (classes,); {_FIX}")
+        raise WeightsError(
+            f"{path}: key {bias_key!r} has shape {tuple(arrays[bias_key].shape)}, expected (classes,); {_FIX}"
+        )
     file_classes = int(arrays[bias_key].shape[0])
     nc = file_classes if num_classes is None else num_classes
     file_shapes = expected_shapes(variant, file_classes)
@@ -157,16 +167,22 @@ def state_dict_from_npz(arrays: Mapping[str, np.ndarray], variant: BitVariant, p
     unexpected = sorted(set(arrays) - wanted)
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise WeightsError(f"{path}: unexpected key {unexpected[0]!r}{more} for {variant.name}; is the file for another model? {_FIX}")
+        raise WeightsError(
+            f"{path}: unexpected key {unexpected[0]!r}{more} for {variant.name}; is the file for another model? {_FIX}"
+        )
     state: dict[str, torch.Tensor] = {}
     for skey, shape in file_shapes.items():
         key = npz_key(skey)
         if key not in arrays:
-            raise WeightsError(f"{path}: missing key {key!r} for {variant.name}; the file is incomplete or for another model, {_FIX}")
+            raise WeightsError(
+                f"{path}: missing key {key!r} for {variant.name}; the file is incomplete or for another model, {_FIX}"
+            )
         a = arrays[key]
         _check_array(path, key, a, _tf_shape(shape), variant)
         a = a.astype(np.float32, copy=False)
-        state[skey] = torch.from_numpy(np.ascontiguousarray(a.transpose(3, 2, 0, 1) if a.ndim == 4 else a))  # HWIO -> OIHW
+        state[skey] = torch.from_numpy(
+            np.ascontiguousarray(a.transpose(3, 2, 0, 1) if a.ndim == 4 else a)
+        )  # HWIO -> OIHW
     if nc != file_classes:
         state["head.conv.weight"] = torch.zeros(nc, variant.width(2048), 1, 1)
         state["head.conv.bias"] = torch.zeros(nc)
@@ -179,10 +195,14 @@ def _build(variant: BitVariant, num_classes: int, state: dict[str, torch.Tensor]
         if key not in state:
             raise WeightsError(f"{source}: missing weights {key!r} for {variant.name}; {_FIX}")
         if state[key].shape != shapes[key]:
-            raise WeightsError(f"{source}: weights {key!r} have shape {tuple(state[key].shape)}, but {variant.name} needs {tuple(shapes[key])}; is the file for another model?")
+            raise WeightsError(
+                f"{source}: weights {key!r} have shape {tuple(state[key].shape)}, but {variant.name} needs {tuple(shapes[key])}; is the file for another model?"
+            )
     extra = sorted(set(state) - set(shapes))
     if extra:
-        raise WeightsError(f"{source}: unexpected weights {extra[0]!r} for {variant.name}; is the file for another model?")
+        raise WeightsError(
+            f"{source}: unexpected weights {extra[0]!r} for {variant.name}; is the file for another model?"
+        )
     with torch.device("meta"):
         model = create_model(variant, num_classes)
     # assign=True adopts the loaded tensors instead of initialising and then overwriting large models.
@@ -202,14 +222,20 @@ def read_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
         ck = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "forbidden object"
-        raise WeightsError(f"{file}: refused: the file holds objects other than tensors and plain data ({first[:120]}); only bitdeploy checkpoints are loaded") from exc
+        raise WeightsError(
+            f"{file}: refused: the file holds objects other than tensors and plain data ({first[:120]}); only bitdeploy checkpoints are loaded"
+        ) from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"{file}: not a readable checkpoint ({first[:120]}); the file is truncated or corrupt") from exc
+        raise WeightsError(
+            f"{file}: not a readable checkpoint ({first[:120]}); the file is truncated or corrupt"
+        ) from exc
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{file}: not a bitdeploy checkpoint (no format {CHECKPOINT_FORMAT!r}); {_FIX}")
     if ck.get("version") != CHECKPOINT_VERSION:
-        raise WeightsError(f"{file}: checkpoint version {ck.get('version')!r} is not supported (this bitdeploy reads {CHECKPOINT_VERSION}); upgrade bitdeploy")
+        raise WeightsError(
+            f"{file}: checkpoint version {ck.get('version')!r} is not supported (this bitdeploy reads {CHECKPOINT_VERSION}); upgrade bitdeploy"
+        )
     if not isinstance(ck.get("model"), dict):
         raise WeightsError(f"{file}: checkpoint has no model state; {_FIX}")
     return file, ck
@@ -243,8 +269,21 @@ def _load_checkpoint(path: Path, variant: BitVariant, num_classes: int | None) -
         labels = None
     model = _build(variant, nc, state, file)
     resolution = ck.get("resolution")
-    info = {"kind": "checkpoint", "source": str(file), "sha256": download.sha256_file(file), "step": ck.get("step"), "head": "loaded" if nc == ck_classes else f"zero-initialised (checkpoint has {ck_classes} classes)"}
-    return LoadedModel(model, variant, nc, [str(x) for x in labels] if isinstance(labels, list) else None, int(resolution) if isinstance(resolution, int) else None, info)
+    info = {
+        "kind": "checkpoint",
+        "source": str(file),
+        "sha256": download.sha256_file(file),
+        "step": ck.get("step"),
+        "head": "loaded" if nc == ck_classes else f"zero-initialised (checkpoint has {ck_classes} classes)",
+    }
+    return LoadedModel(
+        model,
+        variant,
+        nc,
+        [str(x) for x in labels] if isinstance(labels, list) else None,
+        int(resolution) if isinstance(resolution, int) else None,
+        info,
+    )
 
 
 # --- entry point ----------------------------------------------------------------------------------------
@@ -262,21 +301,35 @@ def _kind_of(path: Path) -> str:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError):
-        raise WeightsError(f"{path}: unrecognised weights file (neither an .npz nor a torch checkpoint); {_FIX}") from None
+        raise WeightsError(
+            f"{path}: unrecognised weights file (neither an .npz nor a torch checkpoint); {_FIX}"
+        ) from None
     if any(n.endswith("data.pkl") for n in names):
         return "checkpoint"
     if names and all(n.endswith(".npy") for n in names):
         return "npz"
-    raise WeightsError(f"{path}: unrecognised weights file (a zip archive, but neither an .npz nor a torch checkpoint); {_FIX}")
+    raise WeightsError(
+        f"{path}: unrecognised weights file (a zip archive, but neither an .npz nor a torch checkpoint); {_FIX}"
+    )
 
 
-def _load_npz(path: Path, variant: BitVariant, num_classes: int | None, source: str, sha256: str, fix: str) -> LoadedModel:
+def _load_npz(
+    path: Path, variant: BitVariant, num_classes: int | None, source: str, sha256: str, fix: str
+) -> LoadedModel:
     state, nc, file_classes = state_dict_from_npz(read_npz(path, fix), variant, path, num_classes)
-    info = {"kind": "npz", "source": source, "sha256": sha256, "ws_eps": WS_EPS, "head": "loaded" if nc == file_classes else f"zero-initialised (file has {file_classes} classes)"}
+    info = {
+        "kind": "npz",
+        "source": source,
+        "sha256": sha256,
+        "ws_eps": WS_EPS,
+        "head": "loaded" if nc == file_classes else f"zero-initialised (file has {file_classes} classes)",
+    }
     return LoadedModel(_build(variant, nc, state, path), variant, nc, None, None, info)
 
 
-def load_model(model_name: str, weights: str | os.PathLike[str] = "auto", num_classes: int | None = None) -> LoadedModel:
+def load_model(
+    model_name: str, weights: str | os.PathLike[str] = "auto", num_classes: int | None = None
+) -> LoadedModel:
     """Build `model_name` with weights "auto" | "none" | PATH; the model is in eval mode on the CPU.
 
     `num_classes` None keeps the head of the weights (the upstream head for auto/none). A different size keeps
@@ -292,7 +345,9 @@ def load_model(model_name: str, weights: str | os.PathLike[str] = "auto", num_cl
         return LoadedModel(create_model(variant, nc).eval(), variant, nc, None, None, info)
     if spec == "auto":
         if variant.hidden:
-            raise WeightsError(f"model {variant.name!r} is a test configuration without official weights; pass --weights none or --weights PATH")
+            raise WeightsError(
+                f"model {variant.name!r} is a test configuration without official weights; pass --weights none or --weights PATH"
+            )
         path, sha, url = download.fetch_official(variant)
         return _load_npz(path, variant, num_classes, url, sha, f"delete {path} and run again to re-download it")
     path = Path(spec).expanduser()
@@ -300,4 +355,6 @@ def load_model(model_name: str, weights: str | os.PathLike[str] = "auto", num_cl
         raise WeightsError(f"{spec}: no such file or directory; {_FIX}")
     if _kind_of(path) == "checkpoint":
         return _load_checkpoint(path, variant, num_classes)
-    return _load_npz(path, variant, num_classes, str(path.resolve()), download.sha256_file(path), "download or copy it again")
+    return _load_npz(
+        path, variant, num_classes, str(path.resolve()), download.sha256_file(path), "download or copy it again"
+    )

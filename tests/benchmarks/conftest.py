@@ -18,7 +18,14 @@ def _manifest(backend: str, precision: str, model_file: str, precision_used: str
     return {
         "valid": True,
         "invalid_reason": None,
-        "model": {"name": "tiny", "num_classes": 10, "params": 0, "resolution": RESOLUTION, "weights": {"kind": "none", "source": None, "sha256": None}, "ws_eps": 1e-10},
+        "model": {
+            "name": "tiny",
+            "num_classes": 10,
+            "params": 0,
+            "resolution": RESOLUTION,
+            "weights": {"kind": "none", "source": None, "sha256": None},
+            "ws_eps": 1e-10,
+        },
         "target": {"backend": backend, "precision": precision, "device": device, "precision_used": precision_used},
         "model_file": model_file,
         "input": input_spec(RESOLUTION),
@@ -43,8 +50,16 @@ def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, 3, RESOLUTION, RESOLUTION),), str(path), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17, dynamo=False)  # fmt: skip
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 3, RESOLUTION, RESOLUTION),),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+            opset_version=17,
+            dynamo=False,
+        )
     return path
 
 

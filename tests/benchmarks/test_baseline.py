@@ -9,7 +9,10 @@ torch = pytest.importorskip("torch")
 
 from bitdeploy.benchmarks import baseline  # noqa: E402
 
-QUICK = {"kind": "quick", "kwargs": {"iterations": 3, "warmup": 1, "throughput_batches": [1, 2, 4], "throughput_images": 4}}
+QUICK = {
+    "kind": "quick",
+    "kwargs": {"iterations": 3, "warmup": 1, "throughput_batches": [1, 2, 4], "throughput_images": 4},
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,5 +54,11 @@ def test_compile_past_its_bound_is_a_labelled_skip_not_a_crash(tiny: torch.nn.Mo
 
 def test_timed_batch_sizes() -> None:
     assert baseline.timed_batch_sizes(QUICK) == [1, 2, 4]
-    assert baseline.timed_batch_sizes({"kind": "bench", "options": {"batch_sizes": (8, 32), "scenario": "both"}}) == [1, 8, 32]
-    assert baseline.timed_batch_sizes({"kind": "bench", "options": {"batch_sizes": (8,), "scenario": "single-stream"}}) == [1]
+    assert baseline.timed_batch_sizes({"kind": "bench", "options": {"batch_sizes": (8, 32), "scenario": "both"}}) == [
+        1,
+        8,
+        32,
+    ]
+    assert baseline.timed_batch_sizes(
+        {"kind": "bench", "options": {"batch_sizes": (8,), "scenario": "single-stream"}}
+    ) == [1]

@@ -22,7 +22,20 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def bench_json(onnx_bundle: Path, openvino_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    args = [*FAST, "--dataset", "digits", "--samples", "64", "--reference", str(onnx_bundle), "--pytorch-baseline", "--compile-timeout", "240", "--json", str(out)]
+    args = [
+        *FAST,
+        "--dataset",
+        "digits",
+        "--samples",
+        "64",
+        "--reference",
+        str(onnx_bundle),
+        "--pytorch-baseline",
+        "--compile-timeout",
+        "240",
+        "--json",
+        str(out),
+    ]
     result = CliRunner().invoke(cli, ["bench", str(onnx_bundle), str(openvino_bundle), *args])
     assert result.exit_code == 0, result.output
     return json.loads(out.read_text())
@@ -54,7 +67,11 @@ def test_bench_writes_latency_throughput_and_environment(bench_json: dict) -> No
     # three PyTorch baselines, timed first, each labelled; torch.compile either ran or says why not
     base = [e for e in doc["results"] if e["kind"] == "pytorch"]
     assert [e["describe"]["form"] for e in base] == ["eager-ws", "eager-folded", "compiled-folded"]
-    assert [e["name"].split(":")[0] for e in base] == ["pytorch-fp32-eager-ws", "pytorch-fp32-eager-folded", "pytorch-fp32-compiled-folded"]
+    assert [e["name"].split(":")[0] for e in base] == [
+        "pytorch-fp32-eager-ws",
+        "pytorch-fp32-eager-folded",
+        "pytorch-fp32-compiled-folded",
+    ]
     assert all(e["describe"]["label"] for e in base) and doc["results"][:3] == base
     ran = [e for e in base if e["status"] == "valid"]
     assert base[0] in ran and base[1] in ran
@@ -68,7 +85,22 @@ def test_bench_writes_latency_throughput_and_environment(bench_json: dict) -> No
 
 
 def test_bench_report_flag_and_json_to_stdout(onnx_bundle: Path, tmp_path: Path) -> None:
-    proc = run_cli("bench", str(onnx_bundle), "--scenario", "single-stream", "--iterations", "10", "--warmup", "1", "--no-e2e", "--no-raw", "--json", "-", "--report", str(tmp_path / "r"))
+    proc = run_cli(
+        "bench",
+        str(onnx_bundle),
+        "--scenario",
+        "single-stream",
+        "--iterations",
+        "10",
+        "--warmup",
+        "1",
+        "--no-e2e",
+        "--no-raw",
+        "--json",
+        "-",
+        "--report",
+        str(tmp_path / "r"),
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     (entry,) = doc["results"]
@@ -88,9 +120,25 @@ def test_one_failing_bundle_does_not_stop_the_others(onnx_bundle: Path, tmp_path
         f.seek(100)
         f.write(bytes([byte[0] ^ 0xFF]))
     out = tmp_path / "b.json"
-    proc = run_cli("bench", str(broken), str(onnx_bundle), "--iterations", "5", "--warmup", "0", "--batch-sizes", "2", "--no-e2e", "--json", str(out))
+    proc = run_cli(
+        "bench",
+        str(broken),
+        str(onnx_bundle),
+        "--iterations",
+        "5",
+        "--warmup",
+        "0",
+        "--batch-sizes",
+        "2",
+        "--no-e2e",
+        "--json",
+        str(out),
+    )
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: 1 of 2 benchmarks failed; first: tampered:") and "checksum" in proc.stderr
+    assert (
+        proc.stderr.strip().splitlines()[-1].startswith("error: 1 of 2 benchmarks failed; first: tampered:")
+        and "checksum" in proc.stderr
+    )
     assert "Traceback" not in proc.stderr
     doc = json.loads(out.read_text())
     assert doc["results"][0]["status"].startswith("failed:") and doc["results"][1]["status"] == "valid"

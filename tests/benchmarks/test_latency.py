@@ -28,7 +28,9 @@ class Sleeper:
 
 def test_nearest_rank_percentiles() -> None:
     data = np.arange(1, 101, dtype=float)  # 1..100
-    assert latency.percentile(data, 50) == 50 and latency.percentile(data, 90) == 90 and latency.percentile(data, 99) == 99
+    assert (
+        latency.percentile(data, 50) == 50 and latency.percentile(data, 90) == 90 and latency.percentile(data, 99) == 99
+    )
     s = latency.summarize(list(reversed(data)), keep_raw=True)
     assert (s["n"], s["min_ms"], s["max_ms"], s["p99_ms"], s["tail_samples"]) == (100, 1, 100, 99, 1)
     assert s["latencies_ms"][0] == 100  # raw latencies keep query order

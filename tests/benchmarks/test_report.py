@@ -23,17 +23,43 @@ from bitdeploy.errors import BitdeployError
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _entry(name: str, target: str, precision: str, p50: float, top1: float | None, kind: str = "bundle", status: str = "valid") -> dict[str, Any]:
+def _entry(
+    name: str, target: str, precision: str, p50: float, top1: float | None, kind: str = "bundle", status: str = "valid"
+) -> dict[str, Any]:
     lat = [p50 * (1 + 0.01 * (i % 7)) for i in range(50)]
     return new_entry(
-        name=name, kind=kind, model="m-r50x1", resolution=128, num_classes=10, target=target, precision=precision,
-        precision_used="int8+f32" if precision == "int8" else "f32", backend_device="cpu",
-        device="AMD EPYC (2 threads)", status=status, size_mb=10.0,
-        single_stream={"n": 50, "p50_ms": p50, "p90_ms": p50 * 1.05, "p99_ms": p50 * 1.06, "mean_ms": p50, "min_ms": p50, "max_ms": p50 * 1.06, "latencies_ms": lat},
-        offline={"results": [{"batch_size": 1, "images_per_s": 1000 / p50}, {"batch_size": 8, "images_per_s": 1500 / p50}], "best_images_per_s": 1500 / p50, "best_batch_size": 8},
+        name=name,
+        kind=kind,
+        model="m-r50x1",
+        resolution=128,
+        num_classes=10,
+        target=target,
+        precision=precision,
+        precision_used="int8+f32" if precision == "int8" else "f32",
+        backend_device="cpu",
+        device="AMD EPYC (2 threads)",
+        status=status,
+        size_mb=10.0,
+        single_stream={
+            "n": 50,
+            "p50_ms": p50,
+            "p90_ms": p50 * 1.05,
+            "p99_ms": p50 * 1.06,
+            "mean_ms": p50,
+            "min_ms": p50,
+            "max_ms": p50 * 1.06,
+            "latencies_ms": lat,
+        },
+        offline={
+            "results": [{"batch_size": 1, "images_per_s": 1000 / p50}, {"batch_size": 8, "images_per_s": 1500 / p50}],
+            "best_images_per_s": 1500 / p50,
+            "best_batch_size": 8,
+        },
         end_to_end={"mean_ms": p50 + 1, "preprocess_mean_ms": 1.0, "infer_mean_ms": p50},
-        accuracy=None if top1 is None else {"dataset": "digits", "split": "val", "samples": 360, "top1": top1, "top5": 1.0, "reference": None},
-    )  # fmt: skip
+        accuracy=None
+        if top1 is None
+        else {"dataset": "digits", "split": "val", "samples": 360, "top1": top1, "top5": 1.0, "reference": None},
+    )
 
 
 def _doc(host: str = "box-a") -> dict[str, Any]:
@@ -45,7 +71,11 @@ def _doc(host: str = "box-a") -> dict[str, Any]:
         _entry("trt-fp16", "tensorrt", "fp16", 1.0, None, status="skipped: no NVIDIA GPU"),
     ]
     results[-1]["single_stream"] = results[-1]["offline"] = results[-1]["end_to_end"] = None
-    return new_document(results, {"hostname": host, "cpu": {"model": "AMD EPYC", "flags": ["avx512_vnni"]}, "gpus": [], "libraries": {}}, {"warmup": 20, "batch_sizes": [1, 8]})
+    return new_document(
+        results,
+        {"hostname": host, "cpu": {"model": "AMD EPYC", "flags": ["avx512_vnni"]}, "gpus": [], "libraries": {}},
+        {"warmup": 20, "batch_sizes": [1, 8]},
+    )
 
 
 def test_rows_have_speedup_and_delta_against_fp32() -> None:
@@ -60,14 +90,31 @@ def test_rows_have_speedup_and_delta_against_fp32() -> None:
 def _doc_with_three_baselines(slowest_ms: float = 100.0) -> dict[str, Any]:
     """The PyTorch forms of benchmarks.baseline: Google's form slowest, folded faster, torch.compile skipped."""
     doc = _doc()
-    ref, folded = doc["results"][0], _entry("pytorch-fp32-eager-folded:m-r50x1@128", "pytorch", "fp32", 30.0, None, kind="pytorch")
-    ref["name"], ref["describe"] = "pytorch-fp32-eager-ws:m-r50x1@128", {"form": "eager-ws", "label": "PyTorch eager FP32, Google's reference weight standardisation every call"}
+    ref, folded = (
+        doc["results"][0],
+        _entry("pytorch-fp32-eager-folded:m-r50x1@128", "pytorch", "fp32", 30.0, None, kind="pytorch"),
+    )
+    ref["name"], ref["describe"] = (
+        "pytorch-fp32-eager-ws:m-r50x1@128",
+        {"form": "eager-ws", "label": "PyTorch eager FP32, Google's reference weight standardisation every call"},
+    )
     for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms"):
         ref["single_stream"][key] *= slowest_ms / 50.0
     ref["single_stream"]["latencies_ms"] = [x * slowest_ms / 50.0 for x in ref["single_stream"]["latencies_ms"]]
-    folded["describe"] = {"form": "eager-folded", "label": "PyTorch eager FP32, weight standardisation folded into the weights"}
-    skipped = new_entry(name="pytorch-fp32-compiled-folded:m-r50x1@128", kind="pytorch", model="m-r50x1", resolution=128, target="pytorch", precision="fp32",
-                        status="skipped: torch.compile did not finish within 300 s (the compile-time bound)", describe={"form": "compiled-folded", "label": "torch.compile (inductor, CPU) of the folded model"})  # fmt: skip
+    folded["describe"] = {
+        "form": "eager-folded",
+        "label": "PyTorch eager FP32, weight standardisation folded into the weights",
+    }
+    skipped = new_entry(
+        name="pytorch-fp32-compiled-folded:m-r50x1@128",
+        kind="pytorch",
+        model="m-r50x1",
+        resolution=128,
+        target="pytorch",
+        precision="fp32",
+        status="skipped: torch.compile did not finish within 300 s (the compile-time bound)",
+        describe={"form": "compiled-folded", "label": "torch.compile (inductor, CPU) of the folded model"},
+    )
     doc["results"][1:1] = [folded, skipped]
     return doc
 
@@ -80,9 +127,15 @@ def test_speedup_is_against_the_fastest_baseline_and_every_baseline_is_labelled(
     assert rows["pytorch-fp32-eager-ws:m-r50x1@128"]["speedup"] == pytest.approx(0.3)
     md = write_report(doc, tmp_path)["markdown"].read_text()
     assert "speed-up vs fastest PyTorch" in md.splitlines()[2] and "| 1.50x |" in md
-    assert "- pytorch-fp32-eager-folded:m-r50x1@128: PyTorch eager FP32, weight standardisation folded into the weights: p50 30.00 ms (fastest PyTorch: the speed-up denominator)" in md
+    assert (
+        "- pytorch-fp32-eager-folded:m-r50x1@128: PyTorch eager FP32, weight standardisation folded into the weights: p50 30.00 ms (fastest PyTorch: the speed-up denominator)"
+        in md
+    )
     assert "Google's reference weight standardisation every call: p50 100.00 ms\n" in md
-    assert "pytorch-fp32-compiled-folded:m-r50x1@128: torch.compile (inductor, CPU) of the folded model: skipped: torch.compile did not finish" in md
+    assert (
+        "pytorch-fp32-compiled-folded:m-r50x1@128: torch.compile (inductor, CPU) of the folded model: skipped: torch.compile did not finish"
+        in md
+    )
 
 
 def test_latency_axis_covers_the_bundles_own_spread() -> None:
@@ -130,7 +183,20 @@ def test_report_files(tmp_path: Path) -> None:
     paths = write_report(doc, tmp_path, select_fastest(doc))
     md = paths["markdown"].read_text()
     header = md.splitlines()[2]
-    for col in ("target", "precision", "device", "status", "size MB", "top-1", "Δ top-1", "p50 ms", "p90 ms", "p99 ms", "images/s", "speed-up"):
+    for col in (
+        "target",
+        "precision",
+        "device",
+        "status",
+        "size MB",
+        "top-1",
+        "Δ top-1",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "images/s",
+        "speed-up",
+    ):
         assert col in header
     assert "| ort-int8 (selected) | onnxruntime | int8 (int8+f32) |" in md and "**Selected: ort-int8**" in md
     assert "| 2.50x |" in md and "| -3.00 |" in md
@@ -178,8 +244,16 @@ def test_report_refuses_foreign_json(tmp_path: Path) -> None:
     future["schema_version"] = 99
     fut = tmp_path / "future.json"
     fut.write_text(json.dumps(future))
-    for path, needle in ((bad, "not a bitdeploy bench result"), (fut, "schema version 99"), (tmp_path / "missing.json", "no such results file")):
-        proc = subprocess.run([sys.executable, "-m", "bitdeploy", "report", str(path), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    for path, needle in (
+        (bad, "not a bitdeploy bench result"),
+        (fut, "schema version 99"),
+        (tmp_path / "missing.json", "no such results file"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "bitdeploy", "report", str(path), "--out", str(tmp_path / "o")],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 1 and needle in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o" / "report.html").exists()
@@ -208,13 +282,25 @@ window.addEventListener('load', () => {
 </script>"""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium; .ci/run does it)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium; .ci/run does it)"
+)
 def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     paths = write_report(_doc(), tmp_path / "r", select_fastest(_doc()))
     page = tmp_path / "check.html"  # the report plus a probe script; the report itself holds no script
     page.write_text(paths["html"].read_text().replace("</body>", _CHECK + "</body>"))
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]  # fmt: skip
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000",
+    ]
     proc = subprocess.run([CHROMIUM, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     match = re.search(r"data-check=\"([^\"]*)\"", proc.stdout)
     assert match, f"chromium did not render the page (rc {proc.returncode}): {proc.stderr[-500:]}"
@@ -244,7 +330,12 @@ def test_merged_results_are_grouped_by_device_class(tmp_path: Path) -> None:
     assert {r["device_class"] for r in rows if r["host"] == "box-c"} == {"x86-64 AVX-512 VNNI"}
     paths = write_report([avx512, avx2, avx512_again], tmp_path / "r")
     md = paths["markdown"].read_text()
-    assert md.index("## x86-64 AVX-512 VNNI") < md.index("ort-fp32 @ box-c") < md.index("## x86-64 AVX2 (no VNNI)") < md.index("ort-fp32 @ box-b")
+    assert (
+        md.index("## x86-64 AVX-512 VNNI")
+        < md.index("ort-fp32 @ box-c")
+        < md.index("## x86-64 AVX2 (no VNNI)")
+        < md.index("ort-fp32 @ box-b")
+    )
     assert 'class="device-class"' in paths["html"].read_text()
     single = write_report([avx512], tmp_path / "one")["markdown"].read_text()
     assert "## x86-64" not in single  # one class: one plain table

@@ -29,4 +29,11 @@ def test_extras_for_returns_the_targets_own_or_its_defaults() -> None:
     assert OpenVinoOptions().validation is None and OpenVinoOptions().accuracy_control is False
     assert ConvertOptions().extras_for(TensorRTOptions) == TensorRTOptions(batch=None, workspace_gb=None)
     defaults = ConvertOptions()
-    assert (defaults.device, defaults.threads, defaults.calib_method, defaults.cache, defaults.cache_dir, defaults.extras) == (None, None, None, True, None, None)
+    assert (
+        defaults.device,
+        defaults.threads,
+        defaults.calib_method,
+        defaults.cache,
+        defaults.cache_dir,
+        defaults.extras,
+    ) == (None, None, None, True, None, None)

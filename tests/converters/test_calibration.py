@@ -35,7 +35,14 @@ def test_draw_is_seeded_from_train_split_and_matches_inference_preprocessing(spl
         expected = preprocess(splits.train[int(idx[k])][0], input_spec(32))
         np.testing.assert_allclose(a.samples[k], expected, atol=1e-6)
     m = a.manifest("minmax")
-    assert m == {"samples": 20, "method": "minmax", "seed": 3, "sha256": a.sha256, "source": "digits:train", "split": "train"}
+    assert m == {
+        "samples": 20,
+        "method": "minmax",
+        "seed": 3,
+        "sha256": a.sha256,
+        "source": "digits:train",
+        "split": "train",
+    }
 
 
 def test_size_is_capped_by_the_split_and_validated(splits) -> None:  # type: ignore[no-untyped-def]

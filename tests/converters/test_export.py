@@ -35,7 +35,9 @@ def _inputs(n: int, res: int, seed: int = 7) -> np.ndarray:
 
 def _cli_export(tmp: Path, model: str, npz: Path, res: int) -> Path:
     out = tmp / f"{model}-{res}.onnx"
-    result = CliRunner().invoke(cli, ["export", "--model", model, "--weights", str(npz), "--resolution", str(res), "--out", str(out)])
+    result = CliRunner().invoke(
+        cli, ["export", "--model", model, "--weights", str(npz), "--resolution", str(res), "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert "max |onnxruntime - torch|" in result.output
     return out
@@ -118,7 +120,16 @@ def test_check_graph_catches_unfolded_weights(tmp_path: Path) -> None:
     """A generic export computes the standardised weights in the graph: check_graph must see that."""
     model = load_model("tiny", "none", num_classes=3).model
     path = tmp_path / "naive.onnx"
-    torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(path), input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}}, opset_version=17, dynamo=False)
+    torch.onnx.export(
+        model,
+        (torch.zeros(1, 3, 32, 32),),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}},
+        opset_version=17,
+        dynamo=False,
+    )
     with pytest.raises(ConversionError, match="not folded"):
         check_graph(onnx.load(str(path)), 32, 3, 17)
 
@@ -134,7 +145,9 @@ def test_fused_root_pool_is_refused_and_nothing_written(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_mismatch_fails_and_leaves_nothing(tiny10: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mismatch_fails_and_leaves_nothing(
+    tiny10: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from bitdeploy.converters import onnx_export
 
     monkeypatch.setattr(onnx_export, "_reference", lambda model, x: np.zeros((x.shape[0], 10), np.float32) + 50.0)
@@ -173,7 +186,9 @@ def test_other_opset_is_written_as_asked(tiny10: tuple[Path, Path], tmp_path: Pa
 
 def _run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "bitdeploy", *args], capture_output=True, text=True, env=full_env, cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "bitdeploy", *args], capture_output=True, text=True, env=full_env, cwd=REPO, timeout=300
+    )
 
 
 def _assert_one_line_failure(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -189,7 +204,10 @@ def test_cli_truncated_npz(tiny10: tuple[Path, Path], tmp_path: Path) -> None:
     bad = tmp_path / "cut.npz"
     bad.write_bytes(tiny10[0].read_bytes()[:100_000])
     out = tmp_path / "m.onnx"
-    _assert_one_line_failure(_run_cli(["export", "--model", "tiny", "--weights", str(bad), "--resolution", "32", "--out", str(out)]), "truncated")
+    _assert_one_line_failure(
+        _run_cli(["export", "--model", "tiny", "--weights", str(bad), "--resolution", "32", "--out", str(out)]),
+        "truncated",
+    )
     assert not out.exists()
 
 
@@ -198,7 +216,9 @@ def test_cli_npz_with_key_removed(tiny10: tuple[Path, Path], tmp_path: Path) -> 
     del arrays["resnet/block3/unit01/a/proj/standardized_conv2d/kernel"]
     bad = tmp_path / "missing.npz"
     np.savez(bad, **arrays)
-    proc = _run_cli(["export", "--model", "tiny", "--weights", str(bad), "--resolution", "32", "--out", str(tmp_path / "m.onnx")])
+    proc = _run_cli(
+        ["export", "--model", "tiny", "--weights", str(bad), "--resolution", "32", "--out", str(tmp_path / "m.onnx")]
+    )
     _assert_one_line_failure(proc, "resnet/block3/unit01/a/proj/standardized_conv2d/kernel")
 
 

@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("litert_torch", reason='the LiteRT converter needs litert-torch: pip install "bitdeploy[litert-convert]"')
+pytest.importorskip(
+    "litert_torch", reason='the LiteRT converter needs litert-torch: pip install "bitdeploy[litert-convert]"'
+)
 pytest.importorskip("ai_edge_litert", reason='the LiteRT runtime needs ai-edge-litert: pip install "bitdeploy[litert]"')
 
 from bitdeploy.converters import calibration as cal
@@ -35,7 +37,11 @@ def fp32(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 def test_fp32_matches_pytorch_at_every_batch(fp32: tuple[Path, Any]) -> None:
     work, artifact = fp32
     td = tiny_digits()
-    assert artifact.backend == "litert" and artifact.files == ["model.tflite"] and artifact.target["precision_used"] == "fp32"
+    assert (
+        artifact.backend == "litert"
+        and artifact.files == ["model.tflite"]
+        and artifact.target["precision_used"] == "fp32"
+    )
     assert sorted(p.name for p in work.iterdir()) == ["model.tflite"]  # no temp files left behind
     logits = _logits(work / "model.tflite", td.val_x)  # the whole split in one resized batch
     scale = max(1.0, float(np.abs(td.reference_logits).max()))
@@ -94,8 +100,12 @@ def test_a_foreign_onnx_is_refused(tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["logits"])], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 32, 32])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["logits"])],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 32, 32])],
+    )
     onnx.save(helper.make_model(graph), str(tmp_path / "relu.onnx"))
     with pytest.raises(ConversionError, match="not a bitdeploy BiT export"):
         litert_convert.convert(tmp_path / "relu.onnx", tmp_path, "fp32", None, ConvertOptions())

@@ -101,11 +101,15 @@ def _feeds_fq(op: Any) -> bool:
     return any(t.get_node().get_type_name() == "FakeQuantize" for out in op.outputs() for t in out.get_target_inputs())
 
 
-def test_int8_quantizes_the_convs_keeps_norms_residuals_head_float_and_passes_the_gate(tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path: Path) -> None:
+def test_int8_quantizes_the_convs_keeps_norms_residuals_head_float_and_passes_the_gate(
+    tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path: Path
+) -> None:
     art = openvino_convert.convert(tiny.onnx, tmp_path, "int8", calibration, OPTS)
     t = art.target
     assert t["precision_used"].startswith("int8+")
-    assert t["quantization"]["samples"] == len(calibration) and t["quantization"]["float_scope"] == "norms-residual-head"
+    assert (
+        t["quantization"]["samples"] == len(calibration) and t["quantization"]["float_scope"] == "norms-residual-head"
+    )
     import openvino as ov
 
     model = ov.Core().read_model(str(tmp_path / "model.xml"))
@@ -118,13 +122,19 @@ def test_int8_quantizes_the_convs_keeps_norms_residuals_head_float_and_passes_th
     mvns = [op for op in ops if op.get_type_name() == "MVN"]
     # GroupNorm statistics see float input (Reshape -> MVN); NNCF still quantizes the normalised output.
     assert mvns and not any(_reads_fq(m) or _reads_fq(m.input_value(0).get_node()) for m in mvns)
-    adds = [op for op in ops if op.get_type_name() == "Add" and all(v.get_node().get_type_name() != "Constant" for v in op.input_values())]
+    adds = [
+        op
+        for op in ops
+        if op.get_type_name() == "Add" and all(v.get_node().get_type_name() != "Constant" for v in op.input_values())
+    ]
     assert adds and not any(_reads_fq(a) or _feeds_fq(a) for a in adds)
     top1 = _top1(_logits(tmp_path, t, tiny.val_x), tiny.val_y)
     assert top1 >= tiny.reference_top1 - 0.01, (top1, tiny.reference_top1)
 
 
-def test_int8_float_scope_none_is_nncf_default(tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_int8_float_scope_none_is_nncf_default(
+    tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The scope is a module constant (no build option); the measurement's alternatives stay reachable here.
     monkeypatch.setattr(openvino_convert, "DEFAULT_SCOPE", "none")
     art = openvino_convert.convert(tiny.onnx, tmp_path, "int8", calibration, OPTS)
@@ -154,26 +164,39 @@ def test_int8_with_accuracy_control(tiny: TinyDigits, calibration: calib_mod.Cal
     ("precision", "calibration", "options", "pattern"),
     [
         ("int8", None, ConvertOptions(), r"needs calibration images; pass --dataset"),
-        ("fp32", None, ConvertOptions(extras=OpenVinoOptions(accuracy_control=True)), r"--accuracy-control applies to --precision int8"),
+        (
+            "fp32",
+            None,
+            ConvertOptions(extras=OpenVinoOptions(accuracy_control=True)),
+            r"--accuracy-control applies to --precision int8",
+        ),
         ("fp32", None, ConvertOptions(device="TPU"), r"unknown OpenVINO device 'TPU'"),
         ("bf16", None, ConvertOptions(), r"precision must be fp32, fp16 or int8"),
     ],
 )
-def test_bad_requests_are_one_line_errors(tiny: TinyDigits, tmp_path: Path, precision: str, calibration: Any, options: ConvertOptions, pattern: str) -> None:
+def test_bad_requests_are_one_line_errors(
+    tiny: TinyDigits, tmp_path: Path, precision: str, calibration: Any, options: ConvertOptions, pattern: str
+) -> None:
     with pytest.raises(ConversionError, match=pattern) as err:
         openvino_convert.convert(tiny.onnx, tmp_path, precision, calibration, options)
     assert "\n" not in str(err.value)
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
-def test_accuracy_control_without_validation_split(tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path: Path) -> None:
+def test_accuracy_control_without_validation_split(
+    tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path: Path
+) -> None:
     with pytest.raises(ConversionError, match=r"needs the validation split") as err:
         openvino_convert.convert(tiny.onnx, tmp_path, "int8", calibration, _ov(accuracy_control=True))
     assert "\n" not in str(err.value)
 
 
-def test_calib_method_must_be_an_nncf_one(tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path: Path) -> None:
-    with pytest.raises(ConversionError, match=r"--calib-method 'entropy' is not available for OpenVINO; choose one of: mean_minmax"):
+def test_calib_method_must_be_an_nncf_one(
+    tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path: Path
+) -> None:
+    with pytest.raises(
+        ConversionError, match=r"--calib-method 'entropy' is not available for OpenVINO; choose one of: mean_minmax"
+    ):
         openvino_convert.convert(tiny.onnx, tmp_path, "int8", calibration, ConvertOptions(calib_method="entropy"))
 
 
@@ -193,7 +216,11 @@ def test_devices() -> None:
 
 
 def test_compile_config_pins_precision_only_when_asked() -> None:
-    assert openvino_convert.compile_config("f32", 2) == {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2}
+    assert openvino_convert.compile_config("f32", 2) == {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "f32",
+        "INFERENCE_NUM_THREADS": 2,
+    }
     assert "INFERENCE_PRECISION_HINT" not in openvino_convert.compile_config(None)
     assert re.fullmatch(r"[a-z_]+", openvino_convert.CALIB_METHODS[0])
 
@@ -203,10 +230,33 @@ def test_inference_precision_applies_to_fp16_and_int8_rows_only(tmp_path: Path) 
     from bitdeploy.cli import main
     from bitdeploy.runtimes.fingerprint import host_fingerprint
 
-    if "avx512_bf16" not in host_fingerprint()["cpu"]["features"] and "amx_bf16" not in host_fingerprint()["cpu"]["features"]:
+    if (
+        "avx512_bf16" not in host_fingerprint()["cpu"]["features"]
+        and "amx_bf16" not in host_fingerprint()["cpu"]["features"]
+    ):
         pytest.skip("needs a CPU with bf16 units: elsewhere the fp16 row is refused (tested above)")
     out = tmp_path / "b"
-    main(["build", "--model", "tiny", "--weights", "none", "--target", "openvino", "--precision", "fp32,fp16",
-          "--inference-precision", "bf16", "--out", str(out), "--no-report", "--no-cache"])  # exits only on failure
-    pins = {p: json.loads((out / f"openvino-{p}" / "manifest.json").read_text())["target"]["inference_precision"] for p in ("fp32", "fp16")}
+    main(
+        [
+            "build",
+            "--model",
+            "tiny",
+            "--weights",
+            "none",
+            "--target",
+            "openvino",
+            "--precision",
+            "fp32,fp16",
+            "--inference-precision",
+            "bf16",
+            "--out",
+            str(out),
+            "--no-report",
+            "--no-cache",
+        ]
+    )  # exits only on failure
+    pins = {
+        p: json.loads((out / f"openvino-{p}" / "manifest.json").read_text())["target"]["inference_precision"]
+        for p in ("fp32", "fp16")
+    }
     assert pins == {"fp32": "f32", "fp16": "bf16"}

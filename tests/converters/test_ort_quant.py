@@ -51,7 +51,9 @@ def inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
 
 
-def test_int8_quantizes_conv_only_with_per_channel_symmetric_weights(tmp_path: Path, export: Path, calib: CalibrationData) -> None:
+def test_int8_quantizes_conv_only_with_per_channel_symmetric_weights(
+    tmp_path: Path, export: Path, calib: CalibrationData
+) -> None:
     from bitdeploy.converters.ort_quant import quantize_qdq
 
     out = tmp_path / "int8.onnx"
@@ -81,8 +83,12 @@ def test_int8_quantizes_conv_only_with_per_channel_symmetric_weights(tmp_path: P
     assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.98
 
 
-@pytest.mark.parametrize(("scheme", "activation", "weight_max"), [("auto", np.uint8, 64), ("u8s8", np.uint8, 127), ("s8s8", np.int8, 127)])
-def test_int8_scheme_is_recorded(tmp_path: Path, export: Path, calib: CalibrationData, scheme: str, activation: Any, weight_max: int) -> None:
+@pytest.mark.parametrize(
+    ("scheme", "activation", "weight_max"), [("auto", np.uint8, 64), ("u8s8", np.uint8, 127), ("s8s8", np.int8, 127)]
+)
+def test_int8_scheme_is_recorded(
+    tmp_path: Path, export: Path, calib: CalibrationData, scheme: str, activation: Any, weight_max: int
+) -> None:
     import platform
 
     from bitdeploy.converters import ort_convert
@@ -98,14 +104,28 @@ def test_int8_scheme_is_recorded(tmp_path: Path, export: Path, calib: Calibratio
     assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == weight_max
     assert any(v.dtype == activation and v.ndim == 0 for v in values.values())  # activation zero points
     with pytest.raises(ConversionError, match="not an ONNX Runtime INT8 scheme"):
-        ort_convert.convert(export, tmp_path / "x", "int8", calib, ConvertOptions(extras=OrtOptions(int8_scheme="u4s4")))
+        ort_convert.convert(
+            export, tmp_path / "x", "int8", calib, ConvertOptions(extras=OrtOptions(int8_scheme="u4s4"))
+        )
 
 
-def test_tensorrt_flavour_is_s8s8_zero_point_zero_and_head_excluded(tmp_path: Path, export: Path, calib: CalibrationData) -> None:
+def test_tensorrt_flavour_is_s8s8_zero_point_zero_and_head_excluded(
+    tmp_path: Path, export: Path, calib: CalibrationData
+) -> None:
     from bitdeploy.converters.ort_quant import head_conv_names, quantize_qdq
 
     out = tmp_path / "trt.onnx"
-    info = quantize_qdq(export, out, calib, symmetric_activations=True, activation_type="int8", quantize_outputs=False, exclude_head=True, quantize_bias=False, method="percentile")
+    info = quantize_qdq(
+        export,
+        out,
+        calib,
+        symmetric_activations=True,
+        activation_type="int8",
+        quantize_outputs=False,
+        exclude_head=True,
+        quantize_bias=False,
+        method="percentile",
+    )
     m = onnx.load(str(out))
     values = inits(m)
     head = head_conv_names(onnx.load(str(export)))
@@ -129,17 +149,25 @@ def test_quantize_outputs_false_overrides_nothing_else(tmp_path: Path, export: P
     from bitdeploy.converters.ort_quant import quantize_qdq
 
     out = tmp_path / "u8.onnx"
-    info = quantize_qdq(export, out, calib, activation_type="uint8", symmetric_activations=False, quantize_outputs=False)
+    info = quantize_qdq(
+        export, out, calib, activation_type="uint8", symmetric_activations=False, quantize_outputs=False
+    )
     m = onnx.load(str(out))
     values = inits(m)
-    zps = [values[n.input[2]] for n in m.graph.node if n.op_type == "QuantizeLinear" and len(n.input) == 3 and n.input[2] in values]
+    zps = [
+        values[n.input[2]]
+        for n in m.graph.node
+        if n.op_type == "QuantizeLinear" and len(n.input) == 3 and n.input[2] in values
+    ]
     assert zps and all(z.dtype == np.uint8 for z in zps)
     assert info["activations"] == "uint8, per-tensor, asymmetric"
     quantized_tensors = {n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear"}
     assert not any(n.output[0] in quantized_tensors for n in m.graph.node if n.op_type == "Conv")
 
 
-def test_int8_refuses_missing_calibration_and_unknown_method(tmp_path: Path, export: Path, calib: CalibrationData) -> None:
+def test_int8_refuses_missing_calibration_and_unknown_method(
+    tmp_path: Path, export: Path, calib: CalibrationData
+) -> None:
     from bitdeploy.converters.ort_quant import quantize_qdq
 
     with pytest.raises(ConversionError, match="calibration"):

@@ -36,7 +36,9 @@ def calibration(tiny: TinyDigits) -> calib_mod.CalibrationData:
 
 
 @pytest.fixture(scope="module")
-def qdq(tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def qdq(
+    tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Any]]:
     work = tmp_path_factory.mktemp("qdq")
     name, info = trt_qdq.prepare_onnx(tiny.onnx, work, "int8", calibration, ConvertOptions())
     return work / name, info
@@ -79,7 +81,9 @@ def test_qdq_placement_follows_tensorrt_rules(qdq: tuple[Path, dict[str, Any]], 
         assert wdq.op_type == "DequantizeLinear"
         weight, scale = inits[wdq.input[0]], inits[wdq.input[1]]
         axis = next((a.i for a in wdq.attribute if a.name == "axis"), 1)
-        assert weight.dtype == np.int8 and axis == 0 and scale.shape == (weight.shape[0],)  # one scale per output channel
+        assert (
+            weight.dtype == np.int8 and axis == 0 and scale.shape == (weight.shape[0],)
+        )  # one scale per output channel
         xdq = producers[conv.input[0]]
         assert xdq.op_type == "DequantizeLinear" and inits[xdq.input[1]].size == 1  # per-tensor activation, symmetric
     for group in trt_qdq.norm_groups(model.graph):
@@ -87,7 +91,11 @@ def test_qdq_placement_follows_tensorrt_rules(qdq: tuple[Path, dict[str, Any]], 
         for node in group:
             assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in node.input)
     # Bias stays float: TensorRT fuses it; no INT32 bias DequantizeLinear.
-    assert all(inits[n.input[0]].dtype == np.int8 for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits)
+    assert all(
+        inits[n.input[0]].dtype == np.int8
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits
+    )
 
 
 def test_qdq_onnx_passes_the_accuracy_gate_in_onnxruntime(qdq: tuple[Path, dict[str, Any]], tiny: TinyDigits) -> None:
@@ -106,29 +114,59 @@ def _rewrite(path: Path, out: Path, edit: Any) -> Any:
     return model
 
 
-def test_inspector_catches_asymmetric_and_per_tensor_quantization(tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path: Path) -> None:
+def test_inspector_catches_asymmetric_and_per_tensor_quantization(
+    tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path: Path
+) -> None:
     asym = tmp_path / "asym.onnx"
-    ort_quant.quantize_qdq(tiny.onnx, asym, calibration, activation_type="uint8", symmetric_activations=False, exclude_head=True)
+    ort_quant.quantize_qdq(
+        tiny.onnx, asym, calibration, activation_type="uint8", symmetric_activations=False, exclude_head=True
+    )
     v = trt_qdq.inspect_qdq(onnx.load(str(asym))).violations
     assert any("zero point must be int8 0" in m for m in v)
     per_tensor = tmp_path / "pt.onnx"
-    ort_quant.quantize_qdq(tiny.onnx, per_tensor, calibration, per_channel=False, symmetric_activations=True, activation_type="int8", quantize_outputs=False, exclude_head=True, quantize_bias=False)
+    ort_quant.quantize_qdq(
+        tiny.onnx,
+        per_tensor,
+        calibration,
+        per_channel=False,
+        symmetric_activations=True,
+        activation_type="int8",
+        quantize_outputs=False,
+        exclude_head=True,
+        quantize_bias=False,
+    )
     v = trt_qdq.inspect_qdq(onnx.load(str(per_tensor))).violations
     assert any("not per output channel on axis 0" in m for m in v)
     head_q = tmp_path / "head.onnx"
-    ort_quant.quantize_qdq(tiny.onnx, head_q, calibration, symmetric_activations=True, activation_type="int8", quantize_outputs=False, exclude_head=False, quantize_bias=False)
+    ort_quant.quantize_qdq(
+        tiny.onnx,
+        head_q,
+        calibration,
+        symmetric_activations=True,
+        activation_type="int8",
+        quantize_outputs=False,
+        exclude_head=False,
+        quantize_bias=False,
+    )
     v = trt_qdq.inspect_qdq(onnx.load(str(head_q))).violations
     assert any("classifier head is quantized" in m for m in v)
 
 
-def test_inspector_catches_qdq_around_a_norm_and_a_residual_add(qdq: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+def test_inspector_catches_qdq_around_a_norm_and_a_residual_add(
+    qdq: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     path, _ = qdq
 
     def wrap(model: Any, node: Any, index: int) -> None:
         """Put a Q/DQ pair on input `index` of `node` (as a quantizer that ignored the rules would)."""
         g = model.graph
         src = node.input[index]
-        g.initializer.extend([numpy_helper.from_array(np.array(0.05, np.float32), f"{src}_s"), numpy_helper.from_array(np.array(0, np.int8), f"{src}_z")])
+        g.initializer.extend(
+            [
+                numpy_helper.from_array(np.array(0.05, np.float32), f"{src}_s"),
+                numpy_helper.from_array(np.array(0, np.int8), f"{src}_z"),
+            ]
+        )
         q = helper.make_node("QuantizeLinear", [src, f"{src}_s", f"{src}_z"], [f"{src}_q"], name=f"{src}_Q")
         dq = helper.make_node("DequantizeLinear", [f"{src}_q", f"{src}_s", f"{src}_z"], [f"{src}_dq"], name=f"{src}_DQ")
         node.input[index] = f"{src}_dq"
@@ -144,7 +182,11 @@ def test_inspector_catches_qdq_around_a_norm_and_a_residual_add(qdq: tuple[Path,
     def on_residual(model: Any) -> None:
         groups = {n.output[0] for g in trt_qdq.norm_groups(model.graph) for n in g}
         consts = {i.name for i in model.graph.initializer}
-        add = next(n for n in model.graph.node if n.op_type == "Add" and n.output[0] not in groups and not consts.intersection(n.input))
+        add = next(
+            n
+            for n in model.graph.node
+            if n.op_type == "Add" and n.output[0] not in groups and not consts.intersection(n.input)
+        )
         wrap(model, add, 0)
 
     m = _rewrite(path, tmp_path / "add.onnx", on_residual)

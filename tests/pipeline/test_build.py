@@ -51,7 +51,17 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
         h.conv.weight.copy_(torch.from_numpy(w.T.reshape(10, -1, 1, 1)).float())
         h.conv.bias.copy_(torch.from_numpy(-(mu @ w)).float())
     out = tmp_path_factory.mktemp("ckpt")
-    checkpoint.save(out, {"model_name": "tiny", "num_classes": 10, "labels": splits.classes, "resolution": RES, "step": 0, "model": model.state_dict()})
+    checkpoint.save(
+        out,
+        {
+            "model_name": "tiny",
+            "num_classes": 10,
+            "labels": splits.classes,
+            "resolution": RES,
+            "step": 0,
+            "model": model.state_dict(),
+        },
+    )
     return out
 
 
@@ -95,10 +105,29 @@ TINY_GATE_PP = "3"
 
 
 def base_args(ckpt: Path, out: Path, *more: str) -> list[str]:
-    return ["--model", "tiny", "--weights", str(ckpt), "--dataset", "digits", "--out", str(out), "--calib-size", "32", "--eval-limit", "120", "--no-report", "--max-accuracy-drop", TINY_GATE_PP, *more]
+    return [
+        "--model",
+        "tiny",
+        "--weights",
+        str(ckpt),
+        "--dataset",
+        "digits",
+        "--out",
+        str(out),
+        "--calib-size",
+        "32",
+        "--eval-limit",
+        "120",
+        "--no-report",
+        "--max-accuracy-drop",
+        TINY_GATE_PP,
+        *more,
+    ]
 
 
-def test_no_dataset_fp32_bundle_validated_on_random_inputs(run: Callable[..., Result], tmp_path: Path, ckpt: Path) -> None:
+def test_no_dataset_fp32_bundle_validated_on_random_inputs(
+    run: Callable[..., Result], tmp_path: Path, ckpt: Path
+) -> None:
     from bitdeploy.runtimes import load
     from bitdeploy.runtimes.bundle import load_manifest
 
@@ -127,14 +156,28 @@ def test_int8_bundle_passes_gate_with_full_manifest(run: Callable[..., Result], 
     assert m["valid"] and acc["passed"] and acc["samples"] == 120
     assert acc["reference_top1"] > 0.7 and acc["top1"] >= acc["reference_top1"] - float(TINY_GATE_PP) / 100
     assert acc["max_accuracy_drop_pp"] == float(TINY_GATE_PP)
-    assert {"top1", "reference_top1", "agreement", "samples", "max_abs_logit_diff", "mean_abs_logit_diff", "top1_drop_pp", "max_accuracy_drop_pp"} <= set(acc)
+    assert {
+        "top1",
+        "reference_top1",
+        "agreement",
+        "samples",
+        "max_abs_logit_diff",
+        "mean_abs_logit_diff",
+        "top1_drop_pp",
+        "max_accuracy_drop_pp",
+    } <= set(acc)
     cal = m["calibration"]
     assert cal["samples"] == 32 and cal["split"] == "train" and len(cal["sha256"]) == 64 and cal["method"] == "minmax"
     q = m["target"]["quantization"]
-    assert q["format"] == "QDQ" and "InstanceNormalization" in q["float_op_types"] and q["scheme"] in ("u8s8-7bit", "s8s8")
+    assert (
+        q["format"] == "QDQ" and "InstanceNormalization" in q["float_op_types"] and q["scheme"] in ("u8s8-7bit", "s8s8")
+    )
     st = m["self_test"]
     assert st["images"] == 64 and st["labelled"] and st["file"] in m["files"] and (out / st["file"]).is_file()
-    assert st["criteria"]["min_agreement"] <= st["measured"]["agreement"] and st["criteria"]["max_rel_error"] >= st["measured"]["max_rel_error"]
+    assert (
+        st["criteria"]["min_agreement"] <= st["measured"]["agreement"]
+        and st["criteria"]["max_rel_error"] >= st["measured"]["max_rel_error"]
+    )
     assert m["validated_on"]["cpu"]["class"] and m["validated_on"]["cpu"]["features"] is not None
     assert m["model"]["weights"]["kind"] == "checkpoint"
 
@@ -144,7 +187,18 @@ def test_second_build_hits_cache_and_changed_input_invalidates(tmp_path: Path, c
 
     cache = tmp_path / "cache"
     lines: list[str] = []
-    opts = BuildOptions(model="tiny", out=tmp_path / "a", weights=str(ckpt), precisions=["int8"], dataset="digits", calib_size=16, eval_limit=60, cache_dir=cache, report=False, max_accuracy_drop=100.0)
+    opts = BuildOptions(
+        model="tiny",
+        out=tmp_path / "a",
+        weights=str(ckpt),
+        precisions=["int8"],
+        dataset="digits",
+        calib_size=16,
+        eval_limit=60,
+        cache_dir=cache,
+        report=False,
+        max_accuracy_drop=100.0,
+    )
     first = run_build(opts, log=lines.append, show=lines.append)
     assert first.cache_hits == []
     opts.out = tmp_path / "b"
@@ -184,7 +238,12 @@ def _broken_convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration
     g.initializer.append(numpy_helper.from_array(bias, "class0"))
     g.node.append(helper.make_node("Add", ["raw_logits", "class0"], [out], name="break"))
     onnx.save(model, str(work_dir / "model.onnx"))
-    return Artifact(files=["model.onnx"], model_file="model.onnx", backend="onnxruntime", target={"precision": precision, "precision_used": precision, "device": "cpu"})
+    return Artifact(
+        files=["model.onnx"],
+        model_file="model.onnx",
+        backend="onnxruntime",
+        target={"precision": precision, "precision_used": precision, "device": "cpu"},
+    )
 
 
 def _failing_convert(*_args: Any) -> Any:
@@ -195,10 +254,14 @@ def _failing_convert(*_args: Any) -> Any:
 
 def _patch_target(monkeypatch: pytest.MonkeyPatch, name: str, fn: str) -> None:
     t = TARGETS[name]
-    monkeypatch.setitem(TARGETS, name, Target(**{**t.__dict__, "converter": f"{__name__}:{fn}", "modules": (), "int8_modules": ()}))
+    monkeypatch.setitem(
+        TARGETS, name, Target(**{**t.__dict__, "converter": f"{__name__}:{fn}", "modules": (), "int8_modules": ()})
+    )
 
 
-def test_gate_failure_exits_nonzero_and_writes_invalid_bundle(run: Callable[..., Result], tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gate_failure_exits_nonzero_and_writes_invalid_bundle(
+    run: Callable[..., Result], tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from bitdeploy.errors import BundleError
     from bitdeploy.runtimes.bundle import load_manifest
 
@@ -228,7 +291,12 @@ def test_trt_unavailable_fails_fast_before_export(tmp_path: Path) -> None:
     # torch made unimportable: reaching the export would print a different error than the TensorRT one.
     code = "import sys; sys.modules['torch'] = None; from bitdeploy.cli import main; main(sys.argv[1:])"
     out = tmp_path / "D"
-    proc = subprocess.run([sys.executable, "-c", code, "build", "--model", "m-r50x1", "--target", "trt", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "build", "--model", "m-r50x1", "--target", "trt", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -236,7 +304,9 @@ def test_trt_unavailable_fails_fast_before_export(tmp_path: Path) -> None:
     assert not out.exists()
 
 
-def test_target_all_continues_past_failure_and_selects_fastest(run: Callable[..., Result], tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_target_all_continues_past_failure_and_selects_fastest(
+    run: Callable[..., Result], tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _patch_target(monkeypatch, "openvino", "_failing_convert")
     # LiteRT's converter takes ~15 s per precision here; its fp16/int8 are covered by tests/converters/test_litert.py
     monkeypatch.setitem(TARGETS, "litert", Target(**{**TARGETS["litert"].__dict__, "precisions": ("fp32",)}))
@@ -245,7 +315,11 @@ def test_target_all_continues_past_failure_and_selects_fastest(run: Callable[...
     args.remove("--no-report")
     result = run(args)
     assert result.exit_code == 0, result.output
-    table = {line.split()[0] + "-" + line.split()[1]: line for line in result.output.splitlines() if line.split()[:1] in (["onnx"], ["openvino"], ["trt"])}
+    table = {
+        line.split()[0] + "-" + line.split()[1]: line
+        for line in result.output.splitlines()
+        if line.split()[:1] in (["onnx"], ["openvino"], ["trt"])
+    }
     assert set(table) == {f"{t}-{p}" for t in ("onnx", "openvino", "trt") for p in ("fp32", "fp16", "int8")}
     for p in ("fp32", "fp16", "int8"):
         assert " valid" in table[f"onnx-{p}"]
@@ -254,9 +328,13 @@ def test_target_all_continues_past_failure_and_selects_fastest(run: Callable[...
         if unavailable_reason(TARGETS["trt"], p) is not None:
             assert "skipped:" in table[f"trt-{p}"]
     if unavailable_reason(TARGETS["litert"], "fp32") is None:
-        assert any(line.split()[:3] == ["litert", "fp32", "valid"] for line in result.output.splitlines()), result.output
+        assert any(line.split()[:3] == ["litert", "fp32", "valid"] for line in result.output.splitlines()), (
+            result.output
+        )
         assert (out / "litert-fp32" / "model.tflite").is_file()
-    assert "<- selected" in result.output and re.search(r"selected: (onnx|litert)-", result.output)  # the valid targets here
+    assert "<- selected" in result.output and re.search(
+        r"selected: (onnx|litert)-", result.output
+    )  # the valid targets here
     summary = json.loads((out / "report" / "build.json").read_text())
     assert summary["selected"]["name"].startswith(("onnx-", "litert-")) and summary["selected"]["reason"]
     html = (out / "report" / "report.html").read_text()
@@ -269,12 +347,18 @@ def test_target_all_continues_past_failure_and_selects_fastest(run: Callable[...
     assert all(len(r["throughput"]) >= 3 for r in summary["rows"] if r["status"] == "valid")
 
 
-def test_openvino_int8_accuracy_control_uses_the_validation_split(run: Callable[..., Result], tmp_path: Path, ckpt: Path) -> None:
+def test_openvino_int8_accuracy_control_uses_the_validation_split(
+    run: Callable[..., Result], tmp_path: Path, ckpt: Path
+) -> None:
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
     out = tmp_path / "D"
     # The plumbing is under test (NNCF's own drop check runs against OpenVINO FP32, the gate against PyTorch).
-    result = run(base_args(ckpt, out, "--target", "openvino", "--precision", "int8", "--accuracy-control", "--max-accuracy-drop", "5"))
+    result = run(
+        base_args(
+            ckpt, out, "--target", "openvino", "--precision", "int8", "--accuracy-control", "--max-accuracy-drop", "5"
+        )
+    )
     assert result.exit_code == 0, result.output
     m = manifest(out)
     assert m["valid"] and m["target"]["backend"] == "openvino" and m["model_file"] == "model.xml"
@@ -284,7 +368,25 @@ def test_openvino_int8_accuracy_control_uses_the_validation_split(run: Callable[
 
 def test_finetune_runs_in_build_and_is_cached(run: Callable[..., Result], tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    common = ["--model", "tiny", "--weights", "none", "--dataset", "digits", "--resolution", str(RES), "--steps", "2", "--batch-size", "16", "--eval-limit", "40", "--no-report", "--max-accuracy-drop", "100"]
+    common = [
+        "--model",
+        "tiny",
+        "--weights",
+        "none",
+        "--dataset",
+        "digits",
+        "--resolution",
+        str(RES),
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--eval-limit",
+        "40",
+        "--no-report",
+        "--max-accuracy-drop",
+        "100",
+    ]
     first = run([*common, "--out", str(tmp_path / "a")], cache)
     assert first.exit_code == 0, first.output
     tuned = manifest(tmp_path / "a")["model"]["weights"]["fine_tuned"]
@@ -296,7 +398,10 @@ def test_finetune_runs_in_build_and_is_cached(run: Callable[..., Result], tmp_pa
 def test_option_errors_are_one_line(run: Callable[..., Result], tmp_path: Path) -> None:
     cases = [
         (["--target", "onnx", "--accuracy-control", "--dataset", "digits"], "--accuracy-control"),
-        (["--target", "onnx", "--calib-method", "histogram", "--dataset", "digits", "--precision", "int8"], "--calib-method"),
+        (
+            ["--target", "onnx", "--calib-method", "histogram", "--dataset", "digits", "--precision", "int8"],
+            "--calib-method",
+        ),
         (["--steps", "5"], "--dataset"),
         (["--target", "openvino", "--inference-precision", "bf16"], "--inference-precision bf16 applies to"),
         (["--select", "fastest"], "--select"),
@@ -365,7 +470,9 @@ def test_stage_cache_keys_hits_and_interrupted_writes(tmp_path: Path) -> None:
     off.close()
 
 
-def test_debug_shows_the_cause_of_a_conversion_failure(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_debug_shows_the_cause_of_a_conversion_failure(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A converter's ConversionError keeps its cause: one line by default, the chained traceback under --debug."""
     from bitdeploy.converters import ort_convert
     from bitdeploy.errors import ConversionError
@@ -410,7 +517,11 @@ def test_two_builds_needing_the_same_step_run_it_once(tmp_path: Path, resumable:
     def build(first: bool) -> None:
         if not first:
             started.wait(5)
-        results.append(StageCache(tmp_path / "c", log=logs.append).run("finetune", "k" * 64, step, what="fine-tune", resumable=resumable))
+        results.append(
+            StageCache(tmp_path / "c", log=logs.append).run(
+                "finetune", "k" * 64, step, what="fine-tune", resumable=resumable
+            )
+        )
 
     threads = [threading.Thread(target=build, args=(i == 0,)) for i in range(2)]
     for t in threads:
@@ -419,4 +530,6 @@ def test_two_builds_needing_the_same_step_run_it_once(tmp_path: Path, resumable:
         t.join(10)
     assert len(calls) == 1 and len(results) == 2
     assert {r[2] for r in results} == {False, True} and results[0][0] == results[1][0] and results[1][1] == {"n": 1}
-    assert (results[0][0] / "out.txt").read_text() == "1" and any(line.startswith("waiting: another build is running the fine-tune") for line in logs)
+    assert (results[0][0] / "out.txt").read_text() == "1" and any(
+        line.startswith("waiting: another build is running the fine-tune") for line in logs
+    )

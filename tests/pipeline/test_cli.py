@@ -32,13 +32,19 @@ def test_top_level_help_lists_commands() -> None:
 
 
 def test_usage_error_exits_2() -> None:
-    proc = subprocess.run([sys.executable, "-m", "bitdeploy", "build", "--target", "nonsense"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bitdeploy", "build", "--target", "nonsense"], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
 
 
 def test_unknown_model_is_one_line() -> None:
-    proc = subprocess.run([sys.executable, "-m", "bitdeploy", "export", "--model", "r9000", "--weights", "none", "--out", "x.onnx"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bitdeploy", "export", "--model", "r9000", "--weights", "none", "--out", "x.onnx"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]

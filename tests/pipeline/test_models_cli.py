@@ -26,8 +26,13 @@ def test_json_lists_exactly_the_12_released_models(tmp_path: Path, monkeypatch: 
     r50 = by_name["s-r50x1"]
     assert r50["params"] == 25_549_352  # timm's resnetv2_50x1_bit with the 1000-class head (REFERENCE A7)
     assert abs(r50["gmacs_128"] - 1.337) < 0.01  # REFERENCE D
-    assert by_name["m-r50x1"]["params"] == count_params(get_variant("m-r50x1")) and by_name["m-r50x1"]["upstream_classes"] == 21843
-    assert by_name["m-r152x4"]["weights_file"] == "BiT-M-R152x4.npz" and by_name["m-r152x4"]["url"].endswith("/BiT-M-R152x4.npz")
+    assert (
+        by_name["m-r50x1"]["params"] == count_params(get_variant("m-r50x1"))
+        and by_name["m-r50x1"]["upstream_classes"] == 21843
+    )
+    assert by_name["m-r152x4"]["weights_file"] == "BiT-M-R152x4.npz" and by_name["m-r152x4"]["url"].endswith(
+        "/BiT-M-R152x4.npz"
+    )
     assert not any(r["cached"] for r in rows)
 
 
@@ -48,6 +53,12 @@ def test_table_and_cached_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_models_runs_without_torch(tmp_path: Path) -> None:
     code = "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; from bitdeploy.cli import main; main(['models', '--json'])"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"BITDEPLOY_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"BITDEPLOY_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)) == 12

@@ -38,10 +38,17 @@ class NumpyBackend(Backend):
 
 
 DUMMY = targets.Target(
-    name="numpy-test", title="NumPy (test)", backend="numpy-test",
-    converter="tests.pipeline.test_registry:no_converter", runtime="tests.pipeline.test_registry:NumpyBackend", formats=(".npy",),
-    extra="numpy-test", modules=("numpy",), runtime_extra="numpy-test", runtime_module="numpy",
-)  # fmt: skip
+    name="numpy-test",
+    title="NumPy (test)",
+    backend="numpy-test",
+    converter="tests.pipeline.test_registry:no_converter",
+    runtime="tests.pipeline.test_registry:NumpyBackend",
+    formats=(".npy",),
+    extra="numpy-test",
+    modules=("numpy",),
+    runtime_extra="numpy-test",
+    runtime_module="numpy",
+)
 
 
 @pytest.fixture
@@ -91,7 +98,9 @@ def test_registered_target_appears_in_every_choice(registered: targets.Target) -
     assert "numpy-test" in _choices("predict", "backend") and "numpy-test" in _choices("build", "target")
     help_text = CliRunner().invoke(cli, ["predict", "--help"]).output
     assert "numpy-test" in help_text
-    assert Artifact(files=["model.npy"], model_file="model.npy", backend="numpy-test", target={}).backend == "numpy-test"
+    assert (
+        Artifact(files=["model.npy"], model_file="model.npy", backend="numpy-test", target={}).backend == "numpy-test"
+    )
 
 
 def test_registered_backend_runs_a_bundle(registered: targets.Target, tmp_path: Path) -> None:
@@ -99,8 +108,14 @@ def test_registered_backend_runs_a_bundle(registered: targets.Target, tmp_path: 
     rng = np.random.default_rng(0)
     with bundle_writer(tmp_path / "b") as tmp:
         np.save(tmp / "model.npy", rng.standard_normal((3, 4)).astype(np.float32))
-        manifest = {"valid": True, "model": {"name": "dummy", "num_classes": 4}, "target": {"backend": "numpy-test", "precision": "fp32", "device": "cpu"},
-                    "model_file": "model.npy", "input": input_spec(RES), "labels": ["a", "b", "c", "d"]}  # fmt: skip
+        manifest = {
+            "valid": True,
+            "model": {"name": "dummy", "num_classes": 4},
+            "target": {"backend": "numpy-test", "precision": "fp32", "device": "cpu"},
+            "model_file": "model.npy",
+            "input": input_spec(RES),
+            "labels": ["a", "b", "c", "d"],
+        }
         write_manifest(tmp, manifest, ["model.npy"])
     image = tmp_path / "x.png"
     Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(image)

@@ -86,7 +86,9 @@ def _block(units: int, cin: int, cout: int, cmid: int, stride: int) -> nn.Sequen
 
 
 class ResNetV2(nn.Module):
-    def __init__(self, block_units: tuple[int, ...], width_factor: float, head_size: int = 21843, zero_head: bool = False) -> None:
+    def __init__(
+        self, block_units: tuple[int, ...], width_factor: float, head_size: int = 21843, zero_head: bool = False
+    ) -> None:
         super().__init__()
         wf = width_factor
         w = lambda c: int(c * wf)  # noqa: E731
@@ -177,14 +179,20 @@ def random_npz(path: str, block_units: tuple[int, ...], width_factor: float, hea
     for bname, block in model.body.named_children():
         for uname, unit in block.named_children():
             p = f"resnet/{bname}/{uname}/"
-            for letter, conv, gn in (("a", unit.conv1, unit.gn1), ("b", unit.conv2, unit.gn2), ("c", unit.conv3, unit.gn3)):
+            for letter, conv, gn in (
+                ("a", unit.conv1, unit.gn1),
+                ("b", unit.conv2, unit.gn2),
+                ("c", unit.conv3, unit.gn3),
+            ):
                 kernel(f"{p}{letter}/standardized_conv2d/kernel", conv)
                 norm(f"{p}{letter}/group_norm/", gn)
             if hasattr(unit, "downsample"):
                 kernel(f"{p}a/proj/standardized_conv2d/kernel", unit.downsample)
     norm("resnet/group_norm/", model.head.gn)
     c = model.head.conv.in_channels
-    arrays["resnet/head/conv2d/kernel"] = (rng.standard_normal((1, 1, c, head_size), dtype=np.float32) / np.sqrt(c)).astype(np.float32)
+    arrays["resnet/head/conv2d/kernel"] = (
+        rng.standard_normal((1, 1, c, head_size), dtype=np.float32) / np.sqrt(c)
+    ).astype(np.float32)
     arrays["resnet/head/conv2d/bias"] = (0.1 * rng.standard_normal(head_size)).astype(np.float32)
     with open(path, "wb") as f:
         np.savez(f, **arrays)

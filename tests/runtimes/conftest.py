@@ -25,12 +25,20 @@ RES = 32
 LABELS = [str(i) for i in range(10)]
 
 
-def make_manifest(backend: str, model_file: str, device: str, precision_used: str, params: int = 0, **extra: Any) -> dict[str, Any]:
+def make_manifest(
+    backend: str, model_file: str, device: str, precision_used: str, params: int = 0, **extra: Any
+) -> dict[str, Any]:
     manifest: dict[str, Any] = {
         "valid": True,
         "invalid_reason": None,
-        "model": {"name": "tiny", "num_classes": 10, "params": params, "resolution": RES,
-                  "weights": {"kind": "none", "source": None, "sha256": None}, "ws_eps": 1e-10},
+        "model": {
+            "name": "tiny",
+            "num_classes": 10,
+            "params": params,
+            "resolution": RES,
+            "weights": {"kind": "none", "source": None, "sha256": None},
+            "ws_eps": 1e-10,
+        },
         "target": {"backend": backend, "precision": "fp32", "device": device, "precision_used": precision_used},
         "model_file": model_file,
         "input": input_spec(RES),
@@ -39,7 +47,11 @@ def make_manifest(backend: str, model_file: str, device: str, precision_used: st
         "export": {"opset": 17, "max_abs_diff": None, "nodes": None, "simplifier": None},
         "accuracy": None,
         "calibration": None,
-        "provenance": {"bitdeploy": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": {}},
+        "provenance": {
+            "bitdeploy": __version__,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": {},
+        },
     }
     manifest.update(extra)
     return manifest
@@ -62,8 +74,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(folded, (torch.from_numpy(x),), str(path), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+        torch.onnx.export(
+            folded,
+            (torch.from_numpy(x),),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
     return {"onnx": path, "x": x, "ref": ref, "params": count_params(variant, 10)}
 
 
@@ -72,7 +92,9 @@ def ort_bundle(tiny_model: dict[str, Any], tmp_path_factory: pytest.TempPathFact
     out = tmp_path_factory.mktemp("bundles") / "tiny-onnx"
     with bundle_writer(out) as tmp:
         shutil.copy(tiny_model["onnx"], tmp / "model.onnx")
-        write_manifest(tmp, make_manifest("onnxruntime", "model.onnx", "cpu", "fp32", tiny_model["params"]), ["model.onnx"])
+        write_manifest(
+            tmp, make_manifest("onnxruntime", "model.onnx", "cpu", "fp32", tiny_model["params"]), ["model.onnx"]
+        )
     return out
 
 
@@ -82,7 +104,9 @@ def ov_bundle(tiny_model: dict[str, Any], tmp_path_factory: pytest.TempPathFacto
     out = tmp_path_factory.mktemp("bundles") / "tiny-openvino"
     with bundle_writer(out) as tmp:
         ov.save_model(ov.convert_model(str(tiny_model["onnx"])), str(tmp / "model.xml"), compress_to_fp16=False)
-        write_manifest(tmp, make_manifest("openvino", "model.xml", "CPU", "f32", tiny_model["params"]), ["model.xml", "model.bin"])
+        write_manifest(
+            tmp, make_manifest("openvino", "model.xml", "CPU", "f32", tiny_model["params"]), ["model.xml", "model.bin"]
+        )
     return out
 
 
@@ -148,5 +172,17 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
-VALID = ["digit0_L", "digit1_L", "photo_rgb", "photo_odd", "photo_small", "photo_rgba", "photo_p", "photo_cmyk", "gray16", "one_pixel", "rotated"]
+VALID = [
+    "digit0_L",
+    "digit1_L",
+    "photo_rgb",
+    "photo_odd",
+    "photo_small",
+    "photo_rgba",
+    "photo_p",
+    "photo_cmyk",
+    "gray16",
+    "one_pixel",
+    "rotated",
+]
 INVALID = ["truncated", "empty", "text", "folder"]

@@ -18,7 +18,15 @@ import pytest
 from bitdeploy.runtimes import trt as trt_rt
 
 # What the fake engine inspector reports when a test gives no layer JSON: one FP16 convolution.
-DEFAULT_LAYERS: dict[str, Any] = {"Layers": [{"Name": "conv", "LayerType": "CaskConvolution", "Inputs": [{"Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}]}]}
+DEFAULT_LAYERS: dict[str, Any] = {
+    "Layers": [
+        {
+            "Name": "conv",
+            "LayerType": "CaskConvolution",
+            "Inputs": [{"Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}],
+        }
+    ]
+}
 SAMPLE_SHAPE = (3, 4, 4)  # the fake engine's input, per row
 NUM_CLASSES = 10
 
@@ -225,7 +233,9 @@ def fake_tensorrt(cuda: FakeCuda, strongly_typed: bool = True, layer_json: dict[
     return m
 
 
-def install(monkeypatch: pytest.MonkeyPatch, strongly_typed: bool = True, layer_json: dict[str, Any] | None = None) -> tuple[Any, FakeCuda]:
+def install(
+    monkeypatch: pytest.MonkeyPatch, strongly_typed: bool = True, layer_json: dict[str, Any] | None = None
+) -> tuple[Any, FakeCuda]:
     """Make `bitdeploy.runtimes.trt` (and through it the TensorRT converter) use a fresh fake TensorRT and CUDA."""
     cuda = FakeCuda()
     trt = fake_tensorrt(cuda, strongly_typed, layer_json)

@@ -37,13 +37,16 @@ def running(predictor: Any, **options: Any) -> Iterator[HTTPServer]:
         assert not thread.is_alive(), "the server did not stop"
 
 
-def request(server: HTTPServer, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+def request(
+    server: HTTPServer, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
     status, data, _ = raw_request(server, method, path, body, headers)
     return status, json.loads(data)
 
 
-def raw_request(server: HTTPServer, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
+def raw_request(
+    server: HTTPServer, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes, dict[str, str]]:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
         conn.request(method, path, body=body, headers=headers or {})

@@ -56,7 +56,9 @@ class TestOpenVino(BackendConformance):
         from bitdeploy.runtimes.ov import OpenVinoBackend
 
         manifest = json.loads((ov_bundle / "manifest.json").read_text())
-        return Case(lambda: OpenVinoBackend(ov_bundle / "model.xml", manifest, threads=1), tiny_model["x"], reference, atol=1e-4)
+        return Case(
+            lambda: OpenVinoBackend(ov_bundle / "model.xml", manifest, threads=1), tiny_model["x"], reference, atol=1e-4
+        )
 
 
 class TestLiteRt(BackendConformance):
@@ -72,7 +74,12 @@ class TestLiteRt(BackendConformance):
         artifact = convert(tiny_model["onnx"], work, "fp32", None, ConvertOptions())
         manifest = make_manifest("litert", artifact.model_file, "cpu", "fp32")
         atol = 1e-4 * max(1.0, float(np.abs(reference).max()))
-        return Case(lambda: LiteRtBackend(work / artifact.model_file, manifest, threads=1), tiny_model["x"], reference, atol=atol)
+        return Case(
+            lambda: LiteRtBackend(work / artifact.model_file, manifest, threads=1),
+            tiny_model["x"],
+            reference,
+            atol=atol,
+        )
 
 
 class TestFakeTensorRT(BackendConformance):
@@ -84,7 +91,13 @@ class TestFakeTensorRT(BackendConformance):
 
         plan = tmp_path_factory.mktemp("trt-contract") / "model.plan"
         plan.write_bytes(b"PLAN")
-        target = {"backend": "tensorrt", "tensorrt_version": "10.9.0", "gpu_name": "NVIDIA Fake GPU", "compute_capability": "8.9", "precision_used": "fp16+fp32"}
+        target = {
+            "backend": "tensorrt",
+            "tensorrt_version": "10.9.0",
+            "gpu_name": "NVIDIA Fake GPU",
+            "compute_capability": "8.9",
+            "precision_used": "fp16+fp32",
+        }
         manifest = {"target": target, "input": {"shape": [-1, *fake_tensorrt.SAMPLE_SHAPE], "dtype": "float32"}}
 
         def factory() -> Backend:
@@ -104,7 +117,9 @@ class NumpyBackend(Backend):
 
     name = "numpy"
 
-    def __init__(self, manifest: dict[str, Any], classes: int = 5, rows_out: int | None = None, out_dtype: Any = np.float64) -> None:
+    def __init__(
+        self, manifest: dict[str, Any], classes: int = 5, rows_out: int | None = None, out_dtype: Any = np.float64
+    ) -> None:
         super().__init__(Path("numpy-model"), manifest, device="cpu")
         self.weights = np.linspace(-1, 1, 3 * classes).reshape(3, classes)
         self.rows_out, self.out_dtype = rows_out, out_dtype
@@ -122,7 +137,9 @@ MANIFEST_8PX = {"input": {"shape": [-1, 3, 8, 8], "dtype": "float32"}}
 
 
 def _numpy_logits(x: np.ndarray, classes: int = 5) -> np.ndarray:
-    return (x.astype(np.float64).mean(axis=(2, 3)) @ np.linspace(-1, 1, 3 * classes).reshape(3, classes)).astype(np.float32)
+    return (x.astype(np.float64).mean(axis=(2, 3)) @ np.linspace(-1, 1, 3 * classes).reshape(3, classes)).astype(
+        np.float32
+    )
 
 
 class TestNumpyBackend(BackendConformance):
@@ -145,7 +162,9 @@ class TestNumpyBackend(BackendConformance):
 )
 def test_bad_batches_never_reach_the_engine(bad: Any) -> None:
     backend = NumpyBackend(MANIFEST_8PX)
-    with pytest.raises(BitdeployError, match=r"^infer expects a float32 NCHW array of shape Nx3x8x8 \(got .+\); use predict\(\)") as err:
+    with pytest.raises(
+        BitdeployError, match=r"^infer expects a float32 NCHW array of shape Nx3x8x8 \(got .+\); use predict\(\)"
+    ) as err:
         backend.infer(bad)
     assert "\n" not in str(err.value) and backend.seen == []
 
@@ -172,7 +191,10 @@ def _expected(manifest: dict[str, Any]) -> tuple[tuple[int | None, ...], np.dtyp
 
 def test_the_manifest_input_spec_sets_what_is_checked() -> None:
     assert _expected({}) == ((None, None, None, None), np.dtype(np.float32))  # no input spec: 4-D, any size
-    assert _expected({"input": {"shape": [0, 3, "H", -1], "dtype": "float16"}}) == ((None, 3, None, None), np.dtype(np.float16))
+    assert _expected({"input": {"shape": [0, 3, "H", -1], "dtype": "float16"}}) == (
+        (None, 3, None, None),
+        np.dtype(np.float16),
+    )
     assert _expected({"input": {"shape": [1, 3, 8]}})[0] == (None, None, None, None)  # not NCHW: any size
     with pytest.raises(BundleError, match=r"manifest input dtype 'pixels' is unknown; rebuild the bundle"):
         _expected({"input": {"dtype": "pixels"}})
@@ -201,10 +223,14 @@ def test_the_predictor_adds_only_its_own_checks(ort_bundle: Path) -> None:
     model = load(ort_bundle)
     backend = model.backend
     assert backend is not None and backend.input_shape == (None, 3, 32, 32) and backend.input_dtype == np.float32
-    with pytest.raises(BitdeployError, match=r"^infer expects a float32 NCHW array of shape Nx3x32x32 \(got float32 \(1, 3, 8, 8\)\)"):
+    with pytest.raises(
+        BitdeployError, match=r"^infer expects a float32 NCHW array of shape Nx3x32x32 \(got float32 \(1, 3, 8, 8\)\)"
+    ):
         model.infer(np.zeros((1, 3, 8, 8), np.float32))
     backend._infer = lambda b: np.zeros((len(b), 7), np.float32)  # type: ignore[method-assign]
-    with pytest.raises(BundleError, match=r"the model returned shape \(2, 7\) but the manifest has 10 labels; rebuild the bundle"):
+    with pytest.raises(
+        BundleError, match=r"the model returned shape \(2, 7\) but the manifest has 10 labels; rebuild the bundle"
+    ):
         model.infer(np.zeros((2, 3, 32, 32), np.float32))
     model.close()
     with pytest.raises(BitdeployError, match="predictor is closed; load the bundle again"):

@@ -42,7 +42,9 @@ def test_concurrent_requests_share_engine_calls_and_get_their_rows() -> None:
             np.testing.assert_array_equal(fut.result(5).ravel(), rows(10 * i, 1 + i % 2).ravel())
     finally:
         batcher.close(5)
-    assert sum(engine.calls) == 9 and max(engine.calls) <= 8 and len(engine.calls) == 2  # 7 rows, then the request that did not fit
+    assert (
+        sum(engine.calls) == 9 and max(engine.calls) <= 8 and len(engine.calls) == 2
+    )  # 7 rows, then the request that did not fit
 
 
 def test_a_lone_request_does_not_wait_for_the_delay() -> None:

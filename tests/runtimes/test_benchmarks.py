@@ -13,7 +13,9 @@ from bitdeploy.runtimes import load
 
 
 def test_runtime_overhead_script(ort_bundle: Path, ov_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = runtime_overhead.main([str(ort_bundle), str(ov_bundle), "--rounds", "4", "--block", "5", "--warmup", "5", "--predict-iters", "5"])
+    code = runtime_overhead.main(
+        [str(ort_bundle), str(ov_bundle), "--rounds", "4", "--block", "5", "--warmup", "5", "--predict-iters", "5"]
+    )
     out = capsys.readouterr().out
     assert code == 0
     rows = [line for line in out.splitlines() if re.search(r"[+-]\d+\.\d\d%", line)]
@@ -24,7 +26,21 @@ def test_runtime_overhead_script(ort_bundle: Path, ov_bundle: Path, capsys: pyte
 
 
 def test_overhead_limit_fails_when_exceeded(ort_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = runtime_overhead.main([str(ort_bundle), "--rounds", "2", "--block", "3", "--warmup", "2", "--predict-iters", "2", "--max-overhead", "-100"])
+    code = runtime_overhead.main(
+        [
+            str(ort_bundle),
+            "--rounds",
+            "2",
+            "--block",
+            "3",
+            "--warmup",
+            "2",
+            "--predict-iters",
+            "2",
+            "--max-overhead",
+            "-100",
+        ]
+    )
     assert code == 1 and "FAIL" in capsys.readouterr().err
 
 

@@ -36,11 +36,17 @@ def test_predict_text(ort_bundle: Path, image_dir: dict[str, Path], capsys: pyte
     code, out, err = run(["predict", ort_bundle, image_dir["photo_rgb"], image_dir["digit0_L"], "--top-k", "3"], capsys)
     assert code == 0 and err == ""
     lines = out.splitlines()
-    assert lines[0] == str(image_dir["photo_rgb"]) and lines[1].lstrip().startswith("1. ") and lines[4] == str(image_dir["digit0_L"])
+    assert (
+        lines[0] == str(image_dir["photo_rgb"])
+        and lines[1].lstrip().startswith("1. ")
+        and lines[4] == str(image_dir["digit0_L"])
+    )
     assert "2 image(s) with onnxruntime on cpu: preprocess" in lines[-1] and "inference" in lines[-1]
 
 
-def test_predict_json_every_valid_mode(ort_bundle: Path, image_dir: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_json_every_valid_mode(
+    ort_bundle: Path, image_dir: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     paths = [image_dir[k] for k in VALID]
     code, out, err = run(["predict", ort_bundle, *paths, "--json", "-k", "2"], capsys)
     assert code == 0 and err == ""
@@ -52,7 +58,9 @@ def test_predict_json_every_valid_mode(ort_bundle: Path, image_dir: dict[str, Pa
 
 
 @pytest.mark.parametrize("key", INVALID)
-def test_predict_bad_image_names_the_file(ort_bundle: Path, image_dir: dict[str, Path], capsys: pytest.CaptureFixture[str], key: str) -> None:
+def test_predict_bad_image_names_the_file(
+    ort_bundle: Path, image_dir: dict[str, Path], capsys: pytest.CaptureFixture[str], key: str
+) -> None:
     code, out, err = run(["predict", ort_bundle, image_dir[key], image_dir["digit1_L"], "--json"], capsys)
     assert code == 1
     assert str(image_dir[key]) in one_error_line(err)
@@ -61,22 +69,30 @@ def test_predict_bad_image_names_the_file(ort_bundle: Path, image_dir: dict[str,
     assert data[1]["image"] == str(image_dir["digit1_L"]) and len(data[1]["predictions"]) == 5
 
 
-def test_predict_missing_image_and_bundle(ort_bundle: Path, tmp_path: Path, image_dir: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_missing_image_and_bundle(
+    ort_bundle: Path, tmp_path: Path, image_dir: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     code, _, err = run(["predict", ort_bundle, tmp_path / "nope.png"], capsys)
     assert code == 1 and "nope.png: no such file" in one_error_line(err)
     code, _, err = run(["predict", tmp_path / "nobundle", image_dir["digit0_L"]], capsys)
     assert code == 1 and "no such bundle" in one_error_line(err)
-    code, _, err = run(["predict", image_dir["digit0_L"], image_dir["digit0_L"]], capsys)  # an image passed as the bundle
+    code, _, err = run(
+        ["predict", image_dir["digit0_L"], image_dir["digit0_L"]], capsys
+    )  # an image passed as the bundle
     assert code == 1 and "not a bundle directory or a bitdeploy pack" in one_error_line(err)
 
 
-def test_predict_usage_errors_exit_2(ort_bundle: Path, image_dir: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_usage_errors_exit_2(
+    ort_bundle: Path, image_dir: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     assert run(["predict", ort_bundle], capsys)[0] == 2  # no image
     assert run(["predict", ort_bundle, image_dir["digit0_L"], "--top-k", "0"], capsys)[0] == 2
     assert run(["predict", ort_bundle, image_dir["digit0_L"], "--backend", "tflite"], capsys)[0] == 2
 
 
-def test_predict_modified_bundle(bundle_copy: Path, image_dir: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_modified_bundle(
+    bundle_copy: Path, image_dir: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     flip_byte(bundle_copy / "model.onnx")
     code, out, err = run(["predict", bundle_copy, image_dir["digit0_L"]], capsys)
     assert code == 1 and out == ""
@@ -85,7 +101,9 @@ def test_predict_modified_bundle(bundle_copy: Path, image_dir: dict[str, Path], 
     assert code == 0 and out.startswith(str(image_dir["digit0_L"]))
 
 
-def test_predict_backend_override(ort_bundle: Path, image_dir: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_backend_override(
+    ort_bundle: Path, image_dir: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     args = ["predict", ort_bundle, image_dir["photo_p"], "--json", "--threads", "1"]
     code, out_ort, _ = run(args, capsys)
     code2, out_ov, _ = run([*args, "--backend", "openvino", "--device", "CPU"], capsys)
@@ -99,7 +117,11 @@ def test_inspect(ort_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(["inspect", ort_bundle], capsys)
     assert code == 0 and err == ""
     rows = {line[:12].strip(): line[12:] for line in out.splitlines()}
-    assert rows["format"] == "bitdeploy-bundle v1" and rows["status"] == "valid" and rows["labels"] == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
+    assert (
+        rows["format"] == "bitdeploy-bundle v1"
+        and rows["status"] == "valid"
+        and rows["labels"] == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
+    )
     assert "tiny, 10 classes, 2.02M params, 32 px" in out
     assert "onnxruntime fp32 on cpu" in out and "ok (1 file(s) verified)" in out and rows["runs here"] == "yes"
     code, out, _ = run(["inspect", ort_bundle, "--json"], capsys)
@@ -108,7 +130,9 @@ def test_inspect(ort_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert data["manifest"]["model"]["name"] == "tiny" and data["manifest"]["labels"] == [str(i) for i in range(10)]
 
 
-def test_inspect_modified_invalid_and_unknown(bundle_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_modified_invalid_and_unknown(
+    bundle_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     edit_manifest(bundle_copy, valid=False, invalid_reason="top-1 dropped 2.0 points (limit 1.0)")
     # the manifest edit itself is not covered by a checksum; the model file is
     code, out, _ = run(["inspect", bundle_copy], capsys)
@@ -123,7 +147,9 @@ def test_inspect_modified_invalid_and_unknown(bundle_copy: Path, tmp_path: Path,
     assert code == 1 and "unknown bundle format version 7" in one_error_line(err)
 
 
-def test_pack_then_predict_and_inspect(ort_bundle: Path, tmp_path: Path, image_dir: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_pack_then_predict_and_inspect(
+    ort_bundle: Path, tmp_path: Path, image_dir: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     out_file = tmp_path / "tiny.bitpack"
     code, out, _ = run(["pack", ort_bundle, out_file], capsys)
     assert code == 0 and out.startswith(f"wrote {out_file}") and out_file.is_file()
@@ -162,7 +188,11 @@ def test_missing_backend_extra_exits_1_without_traceback(ort_bundle: Path, image
 
 def test_python_m_bitdeploy_exit_codes(bundle_copy: Path, image_dir: dict[str, Path]) -> None:
     flip_byte(bundle_copy / "model.onnx")
-    proc = subprocess.run([sys.executable, "-m", "bitdeploy", "predict", str(bundle_copy), str(image_dir["text"])],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bitdeploy", "predict", str(bundle_copy), str(image_dir["text"])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "checksum mismatch" in one_error_line(proc.stderr)
     shutil.rmtree(bundle_copy)

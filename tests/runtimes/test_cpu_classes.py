@@ -39,7 +39,12 @@ AVX2_ONLY = "x86-64 AVX2 (no VNNI)"
 
 def emulated(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """Run `python -m bitdeploy ARGS` as a Haswell (AVX2, no AVX-512/VNNI) CPU."""
-    return subprocess.run([QEMU, "-cpu", "Haswell", sys.executable, "-m", "bitdeploy", *args], capture_output=True, text=True, timeout=timeout)  # type: ignore[list-item]
+    return subprocess.run(
+        [QEMU, "-cpu", "Haswell", sys.executable, "-m", "bitdeploy", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )  # type: ignore[list-item]
 
 
 def calibration() -> CalibrationData:
@@ -54,14 +59,23 @@ def int8_bundle(tiny_model: dict[str, Any], out: Path, scheme: str) -> Path:
 
     work = out.with_name(out.name + "-work")
     work.mkdir(parents=True)
-    artifact = ort_convert.convert(tiny_model["onnx"], work, "int8", calibration(), ConvertOptions(extras=OrtOptions(int8_scheme=scheme)))
+    artifact = ort_convert.convert(
+        tiny_model["onnx"], work, "int8", calibration(), ConvertOptions(extras=OrtOptions(int8_scheme=scheme))
+    )
     x = normalize(golden_pixels())
     fp32 = ort.InferenceSession(str(tiny_model["onnx"]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     here = ort.InferenceSession(str(work / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     with bundle_writer(out) as tmp:
         shutil.copy(work / "model.onnx", tmp / "model.onnx")
         spec = selftest.write(tmp, x, fp32, None, here, "int8")
-        manifest = make_manifest("onnxruntime", "model.onnx", "cpu", artifact.target["precision_used"], self_test=spec, validated_on=fingerprint.host_fingerprint())
+        manifest = make_manifest(
+            "onnxruntime",
+            "model.onnx",
+            "cpu",
+            artifact.target["precision_used"],
+            self_test=spec,
+            validated_on=fingerprint.host_fingerprint(),
+        )
         manifest["target"].update(precision="int8", quantization=artifact.target["quantization"])
         write_manifest(tmp, manifest, ["model.onnx", selftest.GOLDEN_FILE])
     return out
@@ -69,7 +83,9 @@ def int8_bundle(tiny_model: dict[str, Any], out: Path, scheme: str) -> Path:
 
 def test_emulated_cpu_fingerprint_is_avx2_only(tmp_path: Path) -> None:
     code = "import json; from bitdeploy.runtimes.fingerprint import host_fingerprint; print(json.dumps(host_fingerprint()))"
-    proc = subprocess.run([QEMU, "-cpu", "Haswell", sys.executable, "-c", code], capture_output=True, text=True, timeout=120)  # type: ignore[list-item]
+    proc = subprocess.run(
+        [QEMU, "-cpu", "Haswell", sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )  # type: ignore[list-item]
     cpu = json.loads(proc.stdout)["cpu"]
     assert cpu["class"] == AVX2_ONLY and "avx512f" not in cpu["features"] and "avx_vnni" not in cpu["features"]
 
@@ -91,11 +107,15 @@ def test_default_int8_scheme_verifies_on_an_avx2_only_cpu(tiny_model: dict[str, 
 def test_full_range_u8s8_fails_verify_without_vnni(tiny_model: dict[str, Any], tmp_path: Path) -> None:
     """The failure the default scheme avoids, caught by the self-test: built on VNNI, run on AVX2."""
     if not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(fingerprint.host_fingerprint()["cpu"]["features"]):
-        pytest.skip("needs a build host with VNNI: without it this host saturates too, and the golden set already holds saturated logits")
+        pytest.skip(
+            "needs a build host with VNNI: without it this host saturates too, and the golden set already holds saturated logits"
+        )
     bundle = int8_bundle(tiny_model, tmp_path / "u8s8", "u8s8")
     proc = emulated(["verify", str(bundle)])
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 1 and len(lines) == 1 and "self-test failed on x86-64 AVX2 (no VNNI)" in lines[0], proc.stderr[-2000:]
+    assert proc.returncode == 1 and len(lines) == 1 and "self-test failed on x86-64 AVX2 (no VNNI)" in lines[0], (
+        proc.stderr[-2000:]
+    )
 
 
 def _session_infer(bundle: Path) -> Any:
@@ -103,7 +123,9 @@ def _session_infer(bundle: Path) -> Any:
     return lambda x: sess.run(None, {"input": x})[0]
 
 
-def test_openvino_int8_is_pinned_to_f32_and_verifies_on_an_avx2_only_cpu(tiny_model: dict[str, Any], tmp_path: Path) -> None:
+def test_openvino_int8_is_pinned_to_f32_and_verifies_on_an_avx2_only_cpu(
+    tiny_model: dict[str, Any], tmp_path: Path
+) -> None:
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
     from bitdeploy.converters import openvino_convert
@@ -115,7 +137,9 @@ def test_openvino_int8_is_pinned_to_f32_and_verifies_on_an_avx2_only_cpu(tiny_mo
     assert artifact.target["inference_precision"] == "f32"
     x = normalize(golden_pixels())
     fp32 = ort.InferenceSession(str(tiny_model["onnx"]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-    manifest = make_manifest("openvino", "model.xml", "CPU", artifact.target["precision_used"], validated_on=fingerprint.host_fingerprint())
+    manifest = make_manifest(
+        "openvino", "model.xml", "CPU", artifact.target["precision_used"], validated_on=fingerprint.host_fingerprint()
+    )
     manifest["target"].update(artifact.target)
     backend = OpenVinoBackend(work / "model.xml", manifest)
     here = backend.infer(x)

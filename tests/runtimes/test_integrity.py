@@ -158,9 +158,11 @@ def test_hostile_packs_are_refused_and_write_nothing_outside(tmp_path: Path, cas
 
 def test_unlisted_member_and_total_limit(ort_bundle: Path, tmp_path: Path) -> None:
     root = ort_bundle
-    members = [(tarfile.TarInfo("manifest.json"), (root / MANIFEST).read_bytes()),
-               (tarfile.TarInfo("model.onnx"), (root / "model.onnx").read_bytes()),
-               (tarfile.TarInfo("extra.py"), b"print('hi')\n")]
+    members = [
+        (tarfile.TarInfo("manifest.json"), (root / MANIFEST).read_bytes()),
+        (tarfile.TarInfo("model.onnx"), (root / "model.onnx").read_bytes()),
+        (tarfile.TarInfo("extra.py"), b"print('hi')\n"),
+    ]
     evil = _tar(tmp_path / "extra.bitpack", members)
     with pytest.raises(BundleError, match=r"'extra\.py' is not listed in the manifest"):
         unpack(evil, tmp_path / "t1")
@@ -202,7 +204,15 @@ def test_unpack_target_must_be_new(ort_bundle: Path, tmp_path: Path) -> None:
     assert manifest["model"]["name"] == "tiny" and (tmp_path / "fresh" / "model.onnx").is_file()
 
 
-@pytest.mark.parametrize("spec", [None, {"shape": [1, 3, 32]}, {"shape": [-1, 3, 32, 32]}, {"shape": [-1, 3, 32, 32], "resize": [32, 32], "dtype": "float99"}])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        None,
+        {"shape": [1, 3, 32]},
+        {"shape": [-1, 3, 32, 32]},
+        {"shape": [-1, 3, 32, 32], "resize": [32, 32], "dtype": "float99"},
+    ],
+)
 def test_broken_input_spec_is_one_line(bundle_copy: Path, spec: object) -> None:
     edit_manifest(bundle_copy, input=spec)
     with pytest.raises(BundleError, match="rebuild the bundle") as err:

@@ -24,7 +24,9 @@ from tests.runtimes.conftest import RES, make_manifest
 
 @pytest.fixture(scope="module")
 def litert_bundle(tiny_model: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("litert_torch", reason='building the test bundle needs litert-torch: pip install "bitdeploy[litert-convert]"')
+    pytest.importorskip(
+        "litert_torch", reason='building the test bundle needs litert-torch: pip install "bitdeploy[litert-convert]"'
+    )
     from bitdeploy.converters.base import ConvertOptions
     from bitdeploy.converters.litert_convert import convert
 
@@ -33,7 +35,11 @@ def litert_bundle(tiny_model: dict[str, Any], tmp_path_factory: pytest.TempPathF
     out = tmp_path_factory.mktemp("bundles") / "tiny-litert"
     with bundle_writer(out) as tmp:
         (tmp / artifact.model_file).write_bytes((work / artifact.model_file).read_bytes())
-        write_manifest(tmp, make_manifest("litert", artifact.model_file, "cpu", "fp32", tiny_model["params"]), [artifact.model_file])
+        write_manifest(
+            tmp,
+            make_manifest("litert", artifact.model_file, "cpu", "fp32", tiny_model["params"]),
+            [artifact.model_file],
+        )
     return out
 
 
@@ -86,9 +92,15 @@ def test_bad_device_and_bad_model_fail_in_one_line(litert_bundle: Path, tmp_path
 
 def test_wrong_input_shape_is_a_one_line_error(litert_bundle: Path) -> None:
     bad = np.zeros((1, 3, RES + 1, RES + 1), np.float32)
-    with _backend(litert_bundle) as b, pytest.raises(BitdeployError, match=f"infer expects a float32 NCHW array of shape Nx3x{RES}x{RES}"):
+    with (
+        _backend(litert_bundle) as b,
+        pytest.raises(BitdeployError, match=f"infer expects a float32 NCHW array of shape Nx3x{RES}x{RES}"),
+    ):
         b.infer(bad)  # the manifest's input spec, checked by Backend.infer
-    with LiteRtBackend(litert_bundle / "model.tflite", {"target": {}}) as b, pytest.raises(BundleError, match="cannot run a batch"):
+    with (
+        LiteRtBackend(litert_bundle / "model.tflite", {"target": {}}) as b,
+        pytest.raises(BundleError, match="cannot run a batch"),
+    ):
         b.infer(bad)  # no input spec: the interpreter itself refuses the shape, in one line
 
 

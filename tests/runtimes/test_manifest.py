@@ -27,7 +27,19 @@ def _set(bundle: Path, **fields: object) -> None:
     (bundle / MANIFEST).write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize(("raw", "parsed"), [(1, (1, 0)), ("1", (1, 0)), ("1.7", (1, 7)), ("2.0", (2, 0)), ("x", None), (True, None), (None, None), ("1.x", None)])
+@pytest.mark.parametrize(
+    ("raw", "parsed"),
+    [
+        (1, (1, 0)),
+        ("1", (1, 0)),
+        ("1.7", (1, 7)),
+        ("2.0", (2, 0)),
+        ("x", None),
+        (True, None),
+        (None, None),
+        ("1.x", None),
+    ],
+)
 def test_parse_version(raw: object, parsed: tuple[int, int] | None) -> None:
     assert parse_version(raw) == parsed
 
@@ -53,17 +65,30 @@ def test_typed_fields_and_mapping_view(tmp_path: Path) -> None:
     assert isinstance(m.target, TargetInfo) and m.target.backend == "onnxruntime" and m.target.device == "cpu"
     assert m.labels == [str(i) for i in range(10)] and m.model_file == "model.onnx" and m.valid and m.num_classes == 10
     assert m.accuracy == {"top1": 0.9} and m.self_test is None and set(m.files) == {"model.onnx"}
-    assert m["labels"] == m.labels and m.get("target") == m.target.as_dict() and "model_file" in m  # code written against dicts
+    assert (
+        m["labels"] == m.labels and m.get("target") == m.target.as_dict() and "model_file" in m
+    )  # code written against dicts
 
 
 def test_target_details_hold_backend_specific_fields() -> None:
-    t = TargetInfo.from_dict({"backend": "tensorrt", "precision": "int8", "tensorrt_version": "10.3", "profile": {"max": 8}})
+    t = TargetInfo.from_dict(
+        {"backend": "tensorrt", "precision": "int8", "tensorrt_version": "10.3", "profile": {"max": 8}}
+    )
     assert t.get("tensorrt_version") == "10.3" and t.get("profile") == {"max": 8} and t.get("missing", 1) == 1
-    assert t.as_dict() == {"backend": "tensorrt", "precision": "int8", "tensorrt_version": "10.3", "profile": {"max": 8}}
+    assert t.as_dict() == {
+        "backend": "tensorrt",
+        "precision": "int8",
+        "tensorrt_version": "10.3",
+        "profile": {"max": 8},
+    }
 
 
-@pytest.mark.parametrize(("field", "value"), [("labels", {"a": 1}), ("target", ["onnxruntime"]), ("input", "32x32"), ("self_test", 3)])
-def test_a_field_of_the_wrong_type_fails_the_write_and_leaves_nothing(tmp_path: Path, field: str, value: object) -> None:
+@pytest.mark.parametrize(
+    ("field", "value"), [("labels", {"a": 1}), ("target", ["onnxruntime"]), ("input", "32x32"), ("self_test", 3)]
+)
+def test_a_field_of_the_wrong_type_fails_the_write_and_leaves_nothing(
+    tmp_path: Path, field: str, value: object
+) -> None:
     with pytest.raises(BundleError, match="must be") as info, bundle_writer(tmp_path / "b") as tmp:
         (tmp / "model.onnx").write_bytes(b"onnx")
         write_manifest(tmp, make_manifest("onnxruntime", "model.onnx", "cpu", "fp32", **{field: value}), ["model.onnx"])

@@ -39,17 +39,40 @@ def trt_bundle(tmp_path: Path) -> Path:
 
 def test_triton_repo_for_onnxruntime_and_openvino(ort_bundle: Path, ov_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "repo"
-    result = CliRunner().invoke(cli, ["export-repo", str(ort_bundle), str(ov_bundle), "--name", "tiny-ort", "--name", "tiny-ov",
-                                      "--format", "triton", "--out", str(out), "--max-batch", "16", "--max-delay-ms", "2.5"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "export-repo",
+            str(ort_bundle),
+            str(ov_bundle),
+            "--name",
+            "tiny-ort",
+            "--name",
+            "tiny-ov",
+            "--format",
+            "triton",
+            "--out",
+            str(out),
+            "--max-batch",
+            "16",
+            "--max-delay-ms",
+            "2.5",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    for name, backend, files in (("tiny-ort", "onnxruntime", ["model.onnx"]), ("tiny-ov", "openvino", ["model.bin", "model.xml"])):
+    for name, backend, files in (
+        ("tiny-ort", "onnxruntime", ["model.onnx"]),
+        ("tiny-ov", "openvino", ["model.bin", "model.xml"]),
+    ):
         config = parse_config(out / name / "config.pbtxt")
         assert config.name == name and config.backend == backend and config.max_batch_size == 16
         assert config.dynamic_batching.max_queue_delay_microseconds == 2500
         (inp,) = config.input
         assert inp.name == "input" and inp.data_type == model_config_pb2.TYPE_FP32 and list(inp.dims) == [3, 32, 32]
         (outp,) = config.output
-        assert outp.name == "logits" and outp.data_type == model_config_pb2.TYPE_FP32 and list(outp.dims) == [len(LABELS)]
+        assert (
+            outp.name == "logits" and outp.data_type == model_config_pb2.TYPE_FP32 and list(outp.dims) == [len(LABELS)]
+        )
         assert (out / name / outp.label_filename).read_text().splitlines() == LABELS
         assert sorted(p.name for p in (out / name / "1").iterdir()) == files
         default = config.default_model_filename or {"onnxruntime": "model.onnx", "openvino": "model.xml"}[backend]
@@ -75,7 +98,11 @@ def test_fixed_batch_engine_has_no_dynamic_batching(tmp_path: Path, tiny_model: 
         write_manifest(tmp, manifest, ["model.onnx"])
     export_repo([src], "triton", tmp_path / "repo")
     config = parse_config(tmp_path / "repo" / "tiny" / "config.pbtxt")
-    assert config.max_batch_size == 0 and list(config.input[0].dims) == [2, 3, 32, 32] and list(config.output[0].dims) == [2, 10]
+    assert (
+        config.max_batch_size == 0
+        and list(config.input[0].dims) == [2, 3, 32, 32]
+        and list(config.output[0].dims) == [2, 10]
+    )
     assert not config.HasField("dynamic_batching")
 
 
@@ -86,7 +113,9 @@ def test_ovms_repo(ort_bundle: Path, ov_bundle: Path, tmp_path: Path) -> None:
     entries = [e["config"] for e in config["model_config_list"]]
     assert [e["name"] for e in entries] == ["tiny-ov", "tiny-ort"]
     for e in entries:
-        assert not Path(e["base_path"]).is_absolute() and (out / e["base_path"] / "1").is_dir()  # relative to config.json
+        assert (
+            not Path(e["base_path"]).is_absolute() and (out / e["base_path"] / "1").is_dir()
+        )  # relative to config.json
     assert sorted(p.name for p in (out / "tiny-ov" / "1").iterdir()) == ["model.bin", "model.xml"]
     assert [p.name for p in (out / "tiny-ort" / "1").iterdir()] == ["model.onnx"]
 
@@ -125,8 +154,22 @@ def test_pack_input_and_name_collisions(ort_bundle: Path, tmp_path: Path) -> Non
 
 def test_cli_errors_are_one_line(bundle_copy: Path, tmp_path: Path) -> None:
     (bundle_copy / "model.onnx").write_bytes(b"tampered")
-    proc = subprocess.run([sys.executable, "-m", "bitdeploy", "export-repo", str(bundle_copy), "--format", "triton", "--out", str(tmp_path / "r")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bitdeploy",
+            "export-repo",
+            str(bundle_copy),
+            "--format",
+            "triton",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "checksum mismatch" in lines[0]

@@ -41,18 +41,21 @@ def test_unavailable_device_is_one_line(ov_bundle: Path) -> None:
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize(("target", "expect"), [
-    ({"precision": "fp32", "precision_used": "f32"}, "f32"),
-    ({"precision": "fp32"}, "f32"),  # fp32 bundles are pinned even without a record
-    ({"precision": "fp16", "precision_used": "bf16"}, "bf16"),
-    ({"precision": "fp16", "precision_used": "f16"}, "f16"),
-    ({"precision": "int8", "precision_used": "int8+f32"}, "f32"),
-    ({"precision": "int8", "precision_used": "int8 + bf16"}, "bf16"),
-    ({"precision": "int8", "precision_used": "int8"}, None),  # nothing recorded: the device decides
-    ({"precision": "fp16"}, None),
-    ({"precision": "int8", "precision_used": "int8+bf16", "inference_precision": "f32"}, "f32"),  # the pin wins
-    ({"precision": "fp16", "inference_precision": "bf16"}, "bf16"),
-])
+@pytest.mark.parametrize(
+    ("target", "expect"),
+    [
+        ({"precision": "fp32", "precision_used": "f32"}, "f32"),
+        ({"precision": "fp32"}, "f32"),  # fp32 bundles are pinned even without a record
+        ({"precision": "fp16", "precision_used": "bf16"}, "bf16"),
+        ({"precision": "fp16", "precision_used": "f16"}, "f16"),
+        ({"precision": "int8", "precision_used": "int8+f32"}, "f32"),
+        ({"precision": "int8", "precision_used": "int8 + bf16"}, "bf16"),
+        ({"precision": "int8", "precision_used": "int8"}, None),  # nothing recorded: the device decides
+        ({"precision": "fp16"}, None),
+        ({"precision": "int8", "precision_used": "int8+bf16", "inference_precision": "f32"}, "f32"),  # the pin wins
+        ({"precision": "fp16", "inference_precision": "bf16"}, "bf16"),
+    ],
+)
 def test_precision_hint_from_manifest(target: dict[str, str], expect: str | None) -> None:
     assert precision_hint(target) == expect
 

@@ -90,16 +90,22 @@ def test_timing_is_reported_separately(ort_bundle: Path, image_dir: dict[str, Pa
     assert set(timing.as_dict()) == {"images", "preprocess_ms", "infer_ms", "postprocess_ms", "total_ms"}
 
 
-@pytest.mark.parametrize("bad", [
-    np.zeros((1, 3, 32, 32), np.float64),  # dtype
-    np.zeros((3, 32, 32), np.float32),  # no batch axis
-    np.zeros((1, 3, 64, 64), np.float32),  # resolution
-    np.zeros((1, 32, 32, 3), np.float32),  # NHWC
-    np.zeros((0, 3, 32, 32), np.float32),  # empty
-    [[0.0]],  # not an array
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((1, 3, 32, 32), np.float64),  # dtype
+        np.zeros((3, 32, 32), np.float32),  # no batch axis
+        np.zeros((1, 3, 64, 64), np.float32),  # resolution
+        np.zeros((1, 32, 32, 3), np.float32),  # NHWC
+        np.zeros((0, 3, 32, 32), np.float32),  # empty
+        [[0.0]],  # not an array
+    ],
+)
 def test_infer_checks_shape_and_dtype(ort_bundle: Path, bad: Any) -> None:
-    with load(ort_bundle) as model, pytest.raises(BitdeployError, match="infer expects a float32 NCHW array of shape Nx3x32x32"):
+    with (
+        load(ort_bundle) as model,
+        pytest.raises(BitdeployError, match="infer expects a float32 NCHW array of shape Nx3x32x32"),
+    ):
         model.infer(bad)
 
 
@@ -129,7 +135,12 @@ def test_close_frees_and_refuses_further_use(ort_bundle: Path, tiny_model: dict[
 def test_describe(ort_bundle: Path) -> None:
     with load(ort_bundle, threads=1) as model:
         info = model.describe()
-    assert info["model"] == "tiny" and info["backend"] == "onnxruntime" and info["device"] == "cpu" and info["threads"] == 1
+    assert (
+        info["model"] == "tiny"
+        and info["backend"] == "onnxruntime"
+        and info["device"] == "cpu"
+        and info["threads"] == 1
+    )
     assert info["providers"] == ["CPUExecutionProvider"]
 
 

@@ -73,7 +73,9 @@ def test_in_memory_inputs_match_reference() -> None:
 def test_rgba_alpha_is_composited_not_dropped(image_dir: dict[str, Path]) -> None:
     got = preprocess(image_dir["photo_rgba"], input_spec(32))
     with Image.open(image_dir["photo_rgba"]) as img:
-        dropped = np.asarray(img.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)).astype(np.float64) / 127.5 - 1
+        dropped = (
+            np.asarray(img.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)).astype(np.float64) / 127.5 - 1
+        )
     assert np.abs(got - dropped.transpose(2, 0, 1)).max() > 0.5  # the transparent left edge is black, not the colour
 
 

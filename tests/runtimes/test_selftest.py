@@ -30,10 +30,14 @@ def golden_pixels(n: int = 12) -> np.ndarray:
     """Real digits as the uint8 HWC images preprocessing produces (resized to RES)."""
     from PIL import Image
 
-    return np.stack([np.asarray(Image.fromarray(d, "L").convert("RGB").resize((RES, RES), Image.BILINEAR)) for d in digit_images(n)])
+    return np.stack(
+        [np.asarray(Image.fromarray(d, "L").convert("RGB").resize((RES, RES), Image.BILINEAR)) for d in digit_images(n)]
+    )
 
 
-def make_bundle(onnx_path: Path, out: Path, precision: str = "fp32", inputs: np.ndarray | None = None, **target: Any) -> Path:
+def make_bundle(
+    onnx_path: Path, out: Path, precision: str = "fp32", inputs: np.ndarray | None = None, **target: Any
+) -> Path:
     """An ONNX Runtime bundle whose golden set holds this host's logits as the 'FP32 reference'."""
     x = normalize(golden_pixels()) if inputs is None else inputs
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -42,7 +46,9 @@ def make_bundle(onnx_path: Path, out: Path, precision: str = "fp32", inputs: np.
     with bundle_writer(out) as tmp:
         shutil.copy(onnx_path, tmp / "model.onnx")
         spec = selftest.write(tmp, x, logits, labels, logits, precision)
-        manifest = make_manifest("onnxruntime", "model.onnx", "cpu", precision, self_test=spec, validated_on=fingerprint.host_fingerprint())
+        manifest = make_manifest(
+            "onnxruntime", "model.onnx", "cpu", precision, self_test=spec, validated_on=fingerprint.host_fingerprint()
+        )
         manifest["target"].update(precision=precision, **target)
         write_manifest(tmp, manifest, ["model.onnx", selftest.GOLDEN_FILE])
     return out
@@ -96,7 +102,9 @@ def test_select_caps_the_golden_set_by_count_and_bytes() -> None:
     assert np.array_equal(selftest.select(500, 64, seed=3), selftest.select(500, 64, seed=3))
 
 
-def test_verify_passes_and_reports_fingerprint(golden_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_passes_and_reports_fingerprint(
+    golden_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, err = run(["verify", golden_bundle], capsys)
     assert code == 0 and err == "", err
     assert out.startswith("self-test   PASS: 12 golden inputs, top-1 agreement with FP32 100.0%")
@@ -112,11 +120,17 @@ def test_verify_passes_and_reports_fingerprint(golden_bundle: Path, tmp_path: Pa
     assert len(log) == 2 and all(entry["passed"] for entry in log)
 
 
-def test_verify_fails_in_one_line_when_the_device_computes_something_else(golden_bundle: Path, wrong_numerics: None, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_fails_in_one_line_when_the_device_computes_something_else(
+    golden_bundle: Path, wrong_numerics: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, err = run(["verify", golden_bundle], capsys)
     assert code == 1 and "self-test   FAIL" in out
     line = one_error_line(err)
-    assert "self-test failed on" in line and "top-1 agreement with FP32 0.0% < 91.7%" in line and "relative logit error" in line
+    assert (
+        "self-test failed on" in line
+        and "top-1 agreement with FP32 0.0% < 91.7%" in line
+        and "relative logit error" in line
+    )
 
 
 def test_load_with_self_test(golden_bundle: Path, monkeypatch: pytest.MonkeyPatch, wrong_numerics: None) -> None:
@@ -134,7 +148,9 @@ def test_describe_has_both_fingerprints_and_the_self_test(golden_bundle: Path) -
     assert info["device_fingerprint"]["cpu"]["class"] == info["validated_on"]["cpu"]["class"]
 
 
-def test_verify_bad_inputs_are_one_line(ort_bundle: Path, golden_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_bad_inputs_are_one_line(
+    ort_bundle: Path, golden_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, _, err = run(["verify", ort_bundle], capsys)  # a bundle without a golden set
     assert code == 1 and "carries no self-test" in one_error_line(err)
     bad_log = tmp_path / "log.json"
@@ -148,20 +164,25 @@ def test_inspect_shows_where_it_was_validated(golden_bundle: Path, capsys: pytes
     code, out, _ = run(["inspect", golden_bundle], capsys)
     assert code == 0
     rows = {line[:12].strip(): line[12:] for line in out.splitlines()}
-    assert fingerprint.host_fingerprint()["cpu"]["class"] in rows["validated on"] and "(same class)" in rows["this device"]
+    assert (
+        fingerprint.host_fingerprint()["cpu"]["class"] in rows["validated on"] and "(same class)" in rows["this device"]
+    )
     assert "12 golden inputs" in rows["self-test"]
 
 
-@pytest.mark.parametrize(("arch", "features", "expect"), [
-    ("x86_64", ["avx2", "fma"], "x86-64 AVX2 (no VNNI)"),
-    ("x86_64", ["avx2", "avx_vnni"], "x86-64 AVX2 AVX-VNNI"),
-    ("x86_64", ["avx2", "avx512f"], "x86-64 AVX-512 (no VNNI)"),
-    ("x86_64", ["avx2", "avx512f", "avx512_vnni"], "x86-64 AVX-512 VNNI"),
-    ("x86_64", ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"], "x86-64 AVX-512 VNNI BF16"),
-    ("x86_64", ["avx512_vnni", "amx_tile", "amx_int8"], "x86-64 AMX"),
-    ("aarch64", ["asimd", "dotprod", "i8mm"], "arm64 dotprod i8mm"),
-    ("aarch64", ["asimd"], "arm64 (no dotprod)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("arch", "features", "expect"),
+    [
+        ("x86_64", ["avx2", "fma"], "x86-64 AVX2 (no VNNI)"),
+        ("x86_64", ["avx2", "avx_vnni"], "x86-64 AVX2 AVX-VNNI"),
+        ("x86_64", ["avx2", "avx512f"], "x86-64 AVX-512 (no VNNI)"),
+        ("x86_64", ["avx2", "avx512f", "avx512_vnni"], "x86-64 AVX-512 VNNI"),
+        ("x86_64", ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"], "x86-64 AVX-512 VNNI BF16"),
+        ("x86_64", ["avx512_vnni", "amx_tile", "amx_int8"], "x86-64 AMX"),
+        ("aarch64", ["asimd", "dotprod", "i8mm"], "arm64 dotprod i8mm"),
+        ("aarch64", ["asimd"], "arm64 (no dotprod)"),
+    ],
+)
 def test_cpu_class(arch: str, features: list[str], expect: str) -> None:
     assert fingerprint.cpu_class(arch, features) == expect
 
@@ -173,11 +194,15 @@ def test_host_fingerprint_is_consistent_with_cpuid() -> None:
     assert cpu["class"] == fingerprint.cpu_class(cpu["arch"], cpu["features"])
     from numpy._core._multiarray_umath import __cpu_features__ as cpuid
 
-    assert ("avx2" in cpu["features"]) == bool(cpuid.get("AVX2")) and ("avx512_vnni" in cpu["features"]) == bool(cpuid.get("AVX512VNNI"))
+    assert ("avx2" in cpu["features"]) == bool(cpuid.get("AVX2")) and ("avx512_vnni" in cpu["features"]) == bool(
+        cpuid.get("AVX512VNNI")
+    )
     assert fingerprint.device_class(fp).startswith(cpu["class"])
 
 
-def test_serve_self_test_refuses_to_listen_when_it_fails(golden_bundle: Path, wrong_numerics: None, capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_self_test_refuses_to_listen_when_it_fails(
+    golden_bundle: Path, wrong_numerics: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     pytest.importorskip("starlette")
     code, out, err = run(["serve", golden_bundle, "--port", "0", "--self-test"], capsys)
     assert code == 1 and "serving" not in out

@@ -35,24 +35,31 @@ def test_predict_matches_library(server: HTTPServer, image_dir: dict[str, Path])
     status, body = request(server, "POST", "/v1/predict?top_k=3", data)
     assert status == 200 and body["model"] == "tiny" and len(body["predictions"]) == 3
     expect = server.service.predictor.predict(data, top_k=3)[0]
-    assert [(p["label"], p["probability"]) for p in body["predictions"]] == [(label, pytest.approx(p, abs=1e-7)) for label, p in expect]
+    assert [(p["label"], p["probability"]) for p in body["predictions"]] == [
+        (label, pytest.approx(p, abs=1e-7)) for label, p in expect
+    ]
     assert body["timing"]["preprocess_ms"] > 0 and body["timing"]["infer_ms"] > 0
     status, body = request(server, "POST", "/v1/predict", data)
     assert status == 200 and len(body["predictions"]) == 5  # default top_k
 
 
-@pytest.mark.parametrize(("name", "method", "path", "body", "status", "message"), [
-    ("text", "POST", "/v1/predict", b"not an image", 400, "cannot decode image"),
-    ("empty", "POST", "/v1/predict", b"", 400, "empty request body"),
-    ("top_k", "POST", "/v1/predict?top_k=x", b"x", 400, "top_k must be a positive integer"),
-    ("top_k0", "POST", "/v1/predict?top_k=0", b"x", 400, "top_k must be a positive integer"),
-    ("too big", "POST", "/v1/predict", b"0" * (MAX_BODY + 1), 413, f"over the {MAX_BODY}-byte limit"),
-    ("route", "POST", "/v1/other", b"abc", 404, "no route /v1/other"),
-    ("get", "GET", "/v1/predict", None, 405, "use POST"),
-    ("unknown", "GET", "/", None, 404, "no route /"),
-    ("put", "PUT", "/v1/predict", b"abc", 405, "method PUT not allowed"),
-])
-def test_errors_are_json(server: HTTPServer, name: str, method: str, path: str, body: bytes | None, status: int, message: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "method", "path", "body", "status", "message"),
+    [
+        ("text", "POST", "/v1/predict", b"not an image", 400, "cannot decode image"),
+        ("empty", "POST", "/v1/predict", b"", 400, "empty request body"),
+        ("top_k", "POST", "/v1/predict?top_k=x", b"x", 400, "top_k must be a positive integer"),
+        ("top_k0", "POST", "/v1/predict?top_k=0", b"x", 400, "top_k must be a positive integer"),
+        ("too big", "POST", "/v1/predict", b"0" * (MAX_BODY + 1), 413, f"over the {MAX_BODY}-byte limit"),
+        ("route", "POST", "/v1/other", b"abc", 404, "no route /v1/other"),
+        ("get", "GET", "/v1/predict", None, 405, "use POST"),
+        ("unknown", "GET", "/", None, 404, "no route /"),
+        ("put", "PUT", "/v1/predict", b"abc", 405, "method PUT not allowed"),
+    ],
+)
+def test_errors_are_json(
+    server: HTTPServer, name: str, method: str, path: str, body: bytes | None, status: int, message: str
+) -> None:
     got, payload = request(server, method, path, body)
     assert got == status and message in payload["error"], (name, payload)
 
@@ -78,7 +85,10 @@ def test_malformed_then_still_serving(server: HTTPServer, image_dir: dict[str, P
 
 def test_chunked_body_is_accepted_and_limited(server: HTTPServer, image_dir: dict[str, Path]) -> None:
     data = image_dir["digit0_L"].read_bytes()
-    chunked = b"".join(b"%x\r\n%s\r\n" % (len(data[i : i + 50]), data[i : i + 50]) for i in range(0, len(data), 50)) + b"0\r\n\r\n"
+    chunked = (
+        b"".join(b"%x\r\n%s\r\n" % (len(data[i : i + 50]), data[i : i + 50]) for i in range(0, len(data), 50))
+        + b"0\r\n\r\n"
+    )
     head = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     assert serve_load._raw(server.url, head + chunked, 30) == 200
     big = b"%x\r\n%s\r\n0\r\n\r\n" % (MAX_BODY + 1, b"0" * (MAX_BODY + 1))
@@ -109,7 +119,9 @@ def test_connection_limit_answers_503(ort_bundle: Path) -> None:
             time.sleep(0.05)
 
 
-def test_engine_failure_is_500_and_server_survives(ort_bundle: Path, image_dir: dict[str, Path], capfd: pytest.CaptureFixture[str]) -> None:
+def test_engine_failure_is_500_and_server_survives(
+    ort_bundle: Path, image_dir: dict[str, Path], capfd: pytest.CaptureFixture[str]
+) -> None:
     with load(ort_bundle) as model:
         broken = SlowPredictor(model, fail=RuntimeError("engine exploded"))
         with running(broken) as srv:
@@ -127,7 +139,11 @@ def test_stop_drains_requests_in_flight(ort_bundle: Path, image_dir: dict[str, P
         slow = SlowPredictor(model, delay=1.0)
         results: list[int] = []
         with running(slow) as srv:
-            client = threading.Thread(target=lambda: results.append(request(srv, "POST", "/v1/predict", image_dir["digit0_L"].read_bytes())[0]))
+            client = threading.Thread(
+                target=lambda: results.append(
+                    request(srv, "POST", "/v1/predict", image_dir["digit0_L"].read_bytes())[0]
+                )
+            )
             client.start()
             deadline = time.monotonic() + 10
             while not slow.calls and time.monotonic() < deadline:
@@ -168,7 +184,12 @@ def test_acceptance_load_through_the_cli(ort_bundle: Path) -> None:
         infer = "/v2/models/{name}/infer"
         assert serve_load.counted(samples, "bitdeploy_requests_total", route=infer, code="200") == 1040
         cases = serve_load.malformed_cases(1 << 20)
-        not_the_apps = {"garbage request line", "negative length", "hang up mid-body", "body shorter than length"}  # h11's or gone
+        not_the_apps = {
+            "garbage request line",
+            "negative length",
+            "hang up mid-body",
+            "body shorter than length",
+        }  # h11's or gone
         reached_app = sum(1 for i in range(50) if cases[i % len(cases)][0] not in not_the_apps)
         assert serve_load.counted(samples, "bitdeploy_request_errors_total") >= reached_app
         assert serve_load.counted(samples, "bitdeploy_batch_size_sum") == 1040

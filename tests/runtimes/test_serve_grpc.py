@@ -39,7 +39,12 @@ def fp32(x: np.ndarray) -> Any:
 
 
 def test_health_and_metadata(client: Any) -> None:
-    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny") and client.is_model_ready("tiny", "1")
+    assert (
+        client.is_server_live()
+        and client.is_server_ready()
+        and client.is_model_ready("tiny")
+        and client.is_model_ready("tiny", "1")
+    )
     meta = client.get_model_metadata("tiny", as_json=True)
     assert meta["name"] == "tiny" and meta["versions"] == ["1"]
     assert {"name": "input", "datatype": "FP32", "shape": ["-1", "3", "32", "32"]} in meta["inputs"]

@@ -65,7 +65,9 @@ def test_health_and_metadata(client: Any) -> None:
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_fp32_inference_equals_infer(client: Any, ort_bundle: Path, tiny_model: dict[str, Any], binary: bool) -> None:
     x = tiny_model["x"]
-    result = client.infer("tiny", [fp32(x, binary)], outputs=[th.InferRequestedOutput("logits", binary_data=binary)], request_id="r-7")
+    result = client.infer(
+        "tiny", [fp32(x, binary)], outputs=[th.InferRequestedOutput("logits", binary_data=binary)], request_id="r-7"
+    )
     got = result.as_numpy("logits")
     with load(ort_bundle) as model:
         np.testing.assert_allclose(got, model.infer(x), atol=1e-5, rtol=0)
@@ -75,7 +77,9 @@ def test_fp32_inference_equals_infer(client: Any, ort_bundle: Path, tiny_model: 
 
 
 def test_default_outputs_are_binary(client: Any, tiny_model: dict[str, Any]) -> None:
-    result = client.infer("tiny", [fp32(tiny_model["x"][:1], True)])  # no outputs named: tritonclient asks for binary_data_output
+    result = client.infer(
+        "tiny", [fp32(tiny_model["x"][:1], True)]
+    )  # no outputs named: tritonclient asks for binary_data_output
     assert result.as_numpy("logits").shape == (1, 10)
     assert result.get_output("logits")["parameters"]["binary_data_size"] == 40
 
@@ -97,7 +101,9 @@ def test_image_classification_matches_predict(client: Any, ort_bundle: Path, ima
     for i, row in enumerate(rows):
         for cell in row:
             score, index, label = cell.decode().split(":")
-            assert model.labels[int(index)] == label and float(score) == pytest.approx(float(logits[i, int(index)]), abs=1e-5)
+            assert model.labels[int(index)] == label and float(score) == pytest.approx(
+                float(logits[i, int(index)]), abs=1e-5
+            )
 
 
 def test_image_logits_equal_predict_path(client: Any, ort_bundle: Path, image_dir: dict[str, Path]) -> None:
@@ -124,8 +130,16 @@ def test_raw_errors_are_json(server: HTTPServer) -> None:
     path = "/v2/models/tiny/infer"
     status, body = request(server, "POST", path, b"{broken")
     assert status == 400 and "not valid JSON" in body["error"]
-    head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "parameters": {"binary_data_size": 4}}]}).encode()
-    status, body = request(server, "POST", path, head + b"\0" * 4, headers={"Inference-Header-Content-Length": str(len(head))})
+    head = json.dumps(
+        {
+            "inputs": [
+                {"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "parameters": {"binary_data_size": 4}}
+            ]
+        }
+    ).encode()
+    status, body = request(
+        server, "POST", path, head + b"\0" * 4, headers={"Inference-Header-Content-Length": str(len(head))}
+    )
     assert status == 400 and "needs 12288 bytes of FP32 data (got 4)" in body["error"]
     status, body = request(server, "GET", "/v2/models/tiny/versions/3")
     assert status == 404 and "no version '3'" in body["error"]
@@ -178,7 +192,9 @@ def test_concurrent_requests_are_batched_and_split_back(ort_bundle: Path) -> Non
     images = serve_load.counted(samples, "bitdeploy_batch_size_sum")
     assert images == sum(len(x) for x in inputs)
     assert calls < len(inputs)  # at least one engine call served several requests
-    assert serve_load.counted(samples, "bitdeploy_batch_size_bucket", le="8.0") == calls  # and none exceeded --max-batch
+    assert (
+        serve_load.counted(samples, "bitdeploy_batch_size_bucket", le="8.0") == calls
+    )  # and none exceeded --max-batch
 
 
 def test_metrics_count_requests_by_route_and_code(server: HTTPServer, client: Any, tiny_model: dict[str, Any]) -> None:

@@ -34,7 +34,9 @@ print(json.dumps({{"preds": preds, "heavy": heavy}}))
 
 
 def test_runtime_without_torch(ort_bundle: Path, image_dir: dict[str, Path], tmp_path: Path) -> None:
-    code = SCRIPT.format(blocked=BLOCKED, bundle=str(ort_bundle), image=str(image_dir["photo_rgb"]), pack=str(tmp_path / "t.bitpack"))
+    code = SCRIPT.format(
+        blocked=BLOCKED, bundle=str(ort_bundle), image=str(image_dir["photo_rgb"]), pack=str(tmp_path / "t.bitpack")
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -46,6 +48,14 @@ def test_runtime_without_torch(ort_bundle: Path, image_dir: dict[str, Path], tmp
 
 def test_blocking_works() -> None:
     """The mechanism the test above relies on: a None entry in sys.modules makes the import fail."""
-    proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None\ntry:\n import torch\nexcept ImportError:\n print('blocked')"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.modules['torch'] = None\ntry:\n import torch\nexcept ImportError:\n print('blocked')",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.stdout.strip() == "blocked"

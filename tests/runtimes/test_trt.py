@@ -40,10 +40,17 @@ def _gpu() -> bool:
         return False
 
 
-NEEDS_GPU = pytest.mark.skipif(not _gpu(), reason='needs TensorRT and an NVIDIA GPU: pip install "bitdeploy[tensorrt]" on a machine with one')
+NEEDS_GPU = pytest.mark.skipif(
+    not _gpu(), reason='needs TensorRT and an NVIDIA GPU: pip install "bitdeploy[tensorrt]" on a machine with one'
+)
 NO_TRT = pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here; this checks the error where it is missing")
 
-TARGET = {"backend": "tensorrt", "tensorrt_version": "10.3.0", "gpu_name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
+TARGET = {
+    "backend": "tensorrt",
+    "tensorrt_version": "10.3.0",
+    "gpu_name": "NVIDIA A100-SXM4-80GB",
+    "compute_capability": "8.0",
+}
 
 
 def test_engine_compat_same_build_machine_is_accepted() -> None:
@@ -53,8 +60,18 @@ def test_engine_compat_same_build_machine_is_accepted() -> None:
 @pytest.mark.parametrize(
     ("version", "gpu", "cc", "expect"),
     [
-        ("10.5.0", "NVIDIA A100-SXM4-80GB", "8.0", r"built with TensorRT 10\.3\.0 but TensorRT 10\.5\.0 is installed; rebuild the bundle"),
-        ("10.3.0", "NVIDIA H100 80GB HBM3", "9.0", r"built for NVIDIA A100-SXM4-80GB \(compute capability 8\.0\) but this GPU is NVIDIA H100 80GB HBM3 \(compute capability 9\.0\); rebuild"),
+        (
+            "10.5.0",
+            "NVIDIA A100-SXM4-80GB",
+            "8.0",
+            r"built with TensorRT 10\.3\.0 but TensorRT 10\.5\.0 is installed; rebuild the bundle",
+        ),
+        (
+            "10.3.0",
+            "NVIDIA H100 80GB HBM3",
+            "9.0",
+            r"built for NVIDIA A100-SXM4-80GB \(compute capability 8\.0\) but this GPU is NVIDIA H100 80GB HBM3 \(compute capability 9\.0\); rebuild",
+        ),
         ("10.3.0", "NVIDIA A100-PCIE-40GB", "8.0", r"but this GPU is NVIDIA A100-PCIE-40GB"),
     ],
 )
@@ -96,10 +113,15 @@ def test_backend_refuses_a_foreign_engine_before_deserialising(tmp_path: Path, m
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"not an engine")
     manifest = {"target": {**TARGET}}
-    with pytest.raises(BundleError, match=r"model\.plan: the engine was built with TensorRT 10\.3\.0 but TensorRT 10\.7\.0 is installed; rebuild"):
+    with pytest.raises(
+        BundleError,
+        match=r"model\.plan: the engine was built with TensorRT 10\.3\.0 but TensorRT 10\.7\.0 is installed; rebuild",
+    ):
         trt_rt.TensorRTBackend(plan, manifest)
     manifest["target"]["tensorrt_version"] = "10.7.0"
-    with pytest.raises(BundleError, match=r"built for NVIDIA A100-SXM4-80GB \(compute capability 8\.0\) but this GPU is NVIDIA L4"):
+    with pytest.raises(
+        BundleError, match=r"built for NVIDIA A100-SXM4-80GB \(compute capability 8\.0\) but this GPU is NVIDIA L4"
+    ):
         trt_rt.TensorRTBackend(plan, manifest)
     assert calls == []  # refused from the manifest alone
 
@@ -122,19 +144,48 @@ def test_profile_parsing() -> None:
 
 TRT10_JSON = {
     "Layers": [
-        {"Name": "Reformatting CopyNode for Input Tensor 0", "LayerType": "Reformat", "Inputs": [{"Format/Datatype": "Row major linear FP32 format"}]},
-        {"Name": "conv1", "LayerType": "CaskConvolution", "Inputs": [{"Name": "x", "Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format"}], "Outputs": [{"Format/Datatype": "Row major linear FP32 format"}]},
-        {"Name": "conv2", "LayerType": "CaskConvolution", "Inputs": [{"Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}]},
-        {"Name": "norm", "LayerType": "Normalization", "Inputs": [{"Format/Datatype": "Row major linear FP32 format"}, {"Format/Datatype": "Int32"}]},
+        {
+            "Name": "Reformatting CopyNode for Input Tensor 0",
+            "LayerType": "Reformat",
+            "Inputs": [{"Format/Datatype": "Row major linear FP32 format"}],
+        },
+        {
+            "Name": "conv1",
+            "LayerType": "CaskConvolution",
+            "Inputs": [{"Name": "x", "Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format"}],
+            "Outputs": [{"Format/Datatype": "Row major linear FP32 format"}],
+        },
+        {
+            "Name": "conv2",
+            "LayerType": "CaskConvolution",
+            "Inputs": [{"Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}],
+        },
+        {
+            "Name": "norm",
+            "LayerType": "Normalization",
+            "Inputs": [{"Format/Datatype": "Row major linear FP32 format"}, {"Format/Datatype": "Int32"}],
+        },
         {"Name": "shape", "LayerType": "Shuffle", "Inputs": [{"Format/Datatype": "Row major linear FP32 format"}]},
     ],
     "Bindings": ["input", "logits"],
 }
 TRT11_JSON = {
     "Layers": [
-        {"Name": "conv1", "LayerType": "CaskConvolution", "Inputs": [{"Name": "x", "DataType": "Int8", "Format": "kCHW32"}]},
-        {"Name": "conv2", "LayerType": "CaskConvolution", "Inputs": [{"Name": "y", "DataType": "Int8", "Format": "kCHW32"}]},
-        {"Name": "gn", "LayerType": "Normalization", "Inputs": [{"Name": "z", "DataType": "Float", "Format": "kLINEAR"}]},
+        {
+            "Name": "conv1",
+            "LayerType": "CaskConvolution",
+            "Inputs": [{"Name": "x", "DataType": "Int8", "Format": "kCHW32"}],
+        },
+        {
+            "Name": "conv2",
+            "LayerType": "CaskConvolution",
+            "Inputs": [{"Name": "y", "DataType": "Int8", "Format": "kCHW32"}],
+        },
+        {
+            "Name": "gn",
+            "LayerType": "Normalization",
+            "Inputs": [{"Name": "z", "DataType": "Float", "Format": "kLINEAR"}],
+        },
     ],
     "I/O Tensors": [{"Name": "input", "IOMode": "Input", "DataType": "Float"}],
 }
@@ -151,7 +202,9 @@ def test_layer_summary_reads_tensorrt_10_and_11_inspector_json() -> None:
 
 
 def test_silent_fp32_engine_is_refused() -> None:
-    fp32_only = trt_engine.summarize_layers({"Layers": [{"LayerType": "CaskConvolution", "Inputs": [{"Format/Datatype": "Row major linear FP32 format"}]}]})
+    fp32_only = trt_engine.summarize_layers(
+        {"Layers": [{"LayerType": "CaskConvolution", "Inputs": [{"Format/Datatype": "Row major linear FP32 format"}]}]}
+    )
     with pytest.raises(ConversionError, match=r"TensorRT built no INT8 layers for --precision int8 \(it ran fp32\)"):
         trt_engine.check_realised("int8", fp32_only)
     with pytest.raises(ConversionError, match=r"no FP16 layers"):
@@ -183,9 +236,24 @@ def test_build_target_trt_exits_1_with_one_line(tmp_path: Path) -> None:
 
     out = tmp_path / "D"
     proc = subprocess.run(
-        [sys.executable, "-m", "bitdeploy", "build", "--model", "m-r50x1", "--weights", "none", "--target", "trt", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bitdeploy",
+            "build",
+            "--model",
+            "m-r50x1",
+            "--weights",
+            "none",
+            "--target",
+            "trt",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "TensorRT" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
@@ -197,7 +265,9 @@ def test_runtime_module_is_torch_free() -> None:
 
     tree = ast.parse(Path(trt_rt.__file__).read_text())
     top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    names = {a.name.split(".")[0] for n in top for a in n.names} | {(n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)}
+    names = {a.name.split(".")[0] for n in top for a in n.names} | {
+        (n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)
+    }
     assert not names & {"torch", "onnx", "nncf", "tensorrt"}
 
 
@@ -214,7 +284,13 @@ def tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     built = {}
     for precision in ("fp16", "int8"):
         work = tmp_path_factory.mktemp(precision)
-        art = trt_engine.convert(t.onnx, work, precision, cal, ConvertOptions(cache_dir=tmp_path_factory.getbasetemp(), extras=TensorRTOptions(batch="1,8,64")))
+        art = trt_engine.convert(
+            t.onnx,
+            work,
+            precision,
+            cal,
+            ConvertOptions(cache_dir=tmp_path_factory.getbasetemp(), extras=TensorRTOptions(batch="1,8,64")),
+        )
         built[precision] = (work, art)
     return {"tiny": t, "built": built}
 
@@ -225,8 +301,16 @@ def test_engine_builds_records_precision_and_passes_the_gate(tiny_engines: dict[
     t = tiny_engines["tiny"]
     work, art = tiny_engines["built"][precision]
     tgt = art.target
-    assert tgt["precision_used"].startswith("int8" if precision == "int8" else "fp16") or precision in tgt["precision_used"]
-    assert tgt["tensorrt_version"] and tgt["gpu_name"] and tgt["compute_capability"] and tgt["profile"] == {"min": 1, "opt": 8, "max": 64}
+    assert (
+        tgt["precision_used"].startswith("int8" if precision == "int8" else "fp16")
+        or precision in tgt["precision_used"]
+    )
+    assert (
+        tgt["tensorrt_version"]
+        and tgt["gpu_name"]
+        and tgt["compute_capability"]
+        and tgt["profile"] == {"min": 1, "opt": 8, "max": 64}
+    )
     backend = trt_rt.TensorRTBackend(work / art.model_file, {"target": tgt})
     try:
         logits = backend.infer(t.val_x)  # 359 images: several chunks of the profile's max (64)
@@ -279,19 +363,36 @@ def test_engine_build_orchestration_strongly_typed_int8(fake: Any, tmp_path: Pat
     cal = calib_mod.from_image_set(t.train, RESOLUTION, size=32)
     work, cache = tmp_path / "w", tmp_path / "cache"
     work.mkdir()
-    art = trt_engine.convert(t.onnx, work, "int8", cal, ConvertOptions(cache_dir=cache, extras=TensorRTOptions(batch="1,8,64", workspace_gb=2)))
+    art = trt_engine.convert(
+        t.onnx,
+        work,
+        "int8",
+        cal,
+        ConvertOptions(cache_dir=cache, extras=TensorRTOptions(batch="1,8,64", workspace_gb=2)),
+    )
     log = trt.log
     assert log["network_flags"] == 1 << 1 and log["flags"] == []  # strongly typed: precision from the graph, no flags
     assert log["profile"] == ("input", (1, 3, 32, 32), (8, 3, 32, 32), (64, 3, 32, 32)) and log["workspace"] == 2 << 30
     assert Path(log["parsed"]).name == "model.trt.onnx" and (work / "model.plan").read_bytes() == b"PLAN"
     assert art.files == ["model.plan", "model.trt.onnx"] and art.eval_model_file == "model.trt.onnx"
     tgt = art.target
-    assert (tgt["tensorrt_version"], tgt["gpu_name"], tgt["compute_capability"], tgt["device"]) == ("10.9.0", "NVIDIA Fake GPU", "8.9", "cuda:0")
-    assert tgt["precision_used"] == "int8+fp16+fp32" and tgt["layers"]["by_precision"]["int8"] == 1 and tgt["strongly_typed"] is True
+    assert (tgt["tensorrt_version"], tgt["gpu_name"], tgt["compute_capability"], tgt["device"]) == (
+        "10.9.0",
+        "NVIDIA Fake GPU",
+        "8.9",
+        "cuda:0",
+    )
+    assert (
+        tgt["precision_used"] == "int8+fp16+fp32"
+        and tgt["layers"]["by_precision"]["int8"] == 1
+        and tgt["strongly_typed"] is True
+    )
     assert tgt["profile"] == {"min": 1, "opt": 8, "max": 64} and tgt["onnx"]["format"] == "qdq"
     cache_file = trt_engine.timing_cache_path(cache, "10.9.0", "NVIDIA Fake GPU", "8.9")
     assert cache_file is not None and cache_file.read_bytes() == b"+timed" and log["cache_in"] == b""
-    art2 = trt_engine.convert(t.onnx, tmp_path, "int8", cal, ConvertOptions(cache_dir=cache))  # second build reuses the cache
+    art2 = trt_engine.convert(
+        t.onnx, tmp_path, "int8", cal, ConvertOptions(cache_dir=cache)
+    )  # second build reuses the cache
     assert trt.log["cache_in"] == b"+timed" and any("reused" in n for n in art2.notes)
 
 
@@ -301,8 +402,12 @@ def test_engine_build_weakly_typed_uses_builder_flags_and_refuses_silent_fp32(fa
     t = tiny_digits()
     trt, _ = fake(strongly_typed=False)
     art = trt_engine.convert(t.onnx, tmp_path, "fp16", None, ConvertOptions(cache=False))
-    assert trt.log["network_flags"] == 1 << 0 and trt.log["flags"] == ["FP16"] and art.target["builder_flags"] == ["FP16"]
-    fp32_only = {"Layers": [{"LayerType": "CaskConvolution", "Inputs": [{"Format/Datatype": "Row major linear FP32 format"}]}]}
+    assert (
+        trt.log["network_flags"] == 1 << 0 and trt.log["flags"] == ["FP16"] and art.target["builder_flags"] == ["FP16"]
+    )
+    fp32_only = {
+        "Layers": [{"LayerType": "CaskConvolution", "Inputs": [{"Format/Datatype": "Row major linear FP32 format"}]}]
+    }
     fake(strongly_typed=True, layer_json=fp32_only)
     (tmp_path / "x").mkdir()
     with pytest.raises(ConversionError, match=r"TensorRT built no FP16 layers"):
@@ -313,16 +418,25 @@ def test_runtime_buffers_chunks_and_thread_local_contexts(fake: Any, tmp_path: P
     trt, cuda = fake()
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"PLAN")
-    target = {"tensorrt_version": "10.9.0", "gpu_name": "NVIDIA Fake GPU", "compute_capability": "8.9", "precision_used": "fp16+fp32"}
+    target = {
+        "tensorrt_version": "10.9.0",
+        "gpu_name": "NVIDIA Fake GPU",
+        "compute_capability": "8.9",
+        "precision_used": "fp16+fp32",
+    }
     backend = trt_rt.TensorRTBackend(plan, {"target": target})
     assert (backend.min_batch, backend.max_batch, backend.num_classes) == (1, 4, 10)
     x = np.random.default_rng(0).standard_normal((10, 3, 4, 4)).astype(np.float32)
     out = backend.infer(x)  # 10 > profile max 4: chunks of 4, 4, 2
     np.testing.assert_array_equal(out, x.reshape(10, -1)[:, :10] * 2)
     assert out.dtype == np.float32
-    with pytest.raises(BitdeployError, match=r"infer expects a float32 NCHW array of shape NxNxNxN \(got float32 \(0, 3, 4, 4\)\)"):
+    with pytest.raises(
+        BitdeployError, match=r"infer expects a float32 NCHW array of shape NxNxNxN \(got float32 \(0, 3, 4, 4\)\)"
+    ):
         backend.infer(x[:0])  # the Backend contract: at least one row
-    with pytest.raises(BundleError, match=r"input must be \(N, 3, 4, 4\) for this TensorRT engine"):  # the engine's own profile
+    with pytest.raises(
+        BundleError, match=r"input must be \(N, 3, 4, 4\) for this TensorRT engine"
+    ):  # the engine's own profile
         backend.infer(x[:, :, :2])
     results: dict[int, np.ndarray] = {}
 
@@ -348,6 +462,12 @@ def test_runtime_buffers_chunks_and_thread_local_contexts(fake: Any, tmp_path: P
 def test_gpu_benchmark_exits_1_with_one_line_without_tensorrt() -> None:
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "bitdeploy.benchmarks.trt_gpu"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bitdeploy.benchmarks.trt_gpu"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 1
-    assert proc.stderr.strip().count("\n") == 0 and "TensorRT is not installed" in proc.stderr and "bitdeploy[tensorrt]" in proc.stderr
+    assert (
+        proc.stderr.strip().count("\n") == 0
+        and "TensorRT is not installed" in proc.stderr
+        and "bitdeploy[tensorrt]" in proc.stderr
+    )

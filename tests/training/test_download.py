@@ -115,7 +115,9 @@ def test_http_404_names_url_and_fix(served: Path) -> None:
     with pytest.raises(WeightsError) as err:
         download.fetch_official(R50)
     msg = str(err.value)
-    assert "HTTP 404" in msg and download.weights_url(R50) in msg and "--weights PATH" in msg and "--weights none" in msg
+    assert (
+        "HTTP 404" in msg and download.weights_url(R50) in msg and "--weights PATH" in msg and "--weights none" in msg
+    )
     assert "\n" not in msg
     assert list(download.cache_dir().iterdir()) == []  # no partial file left behind
 

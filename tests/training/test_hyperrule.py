@@ -12,7 +12,9 @@ import pytest
 from bitdeploy.training import hyperrule as hr
 
 
-@pytest.mark.parametrize(("size", "bucket"), [(1, "small"), (19_999, "small"), (20_000, "medium"), (499_999, "medium"), (500_000, "large")])
+@pytest.mark.parametrize(
+    ("size", "bucket"), [(1, "small"), (19_999, "small"), (20_000, "medium"), (499_999, "medium"), (500_000, "large")]
+)
 def test_buckets(size: int, bucket: str) -> None:
     assert hr.bucket(size) == bucket
     assert hr.get_mixup(size) == (0.0 if bucket == "small" else 0.1)
@@ -43,7 +45,18 @@ def test_lr_warmup_and_decay_boundary_quirk() -> None:
     assert hr.get_lr(10_000, 50_000) is None
 
 
-@pytest.mark.parametrize(("hw", "expected"), [((8, 8), (160, 128)), ((32, 32), (160, 128)), ((95, 96), (160, 128)), ((96, 96), (512, 480)), ((40, 40), (160, 128)), ((300, 300), (512, 480)), ((224, 224), (512, 480))])
+@pytest.mark.parametrize(
+    ("hw", "expected"),
+    [
+        ((8, 8), (160, 128)),
+        ((32, 32), (160, 128)),
+        ((95, 96), (160, 128)),
+        ((96, 96), (512, 480)),
+        ((40, 40), (160, 128)),
+        ((300, 300), (512, 480)),
+        ((224, 224), (512, 480)),
+    ],
+)
 def test_resolution_by_area(hw: tuple[int, int], expected: tuple[int, int]) -> None:
     assert hr.get_resolution(hw) == expected
 
@@ -58,7 +71,13 @@ def test_scale_schedule_keeps_fractions_and_order() -> None:
 def test_plan_digits_is_the_rule() -> None:
     plan = hr.make_plan(1438, 10, (8, 8))
     assert (plan["steps"], plan["warmup_steps"], plan["lr_decay_steps"]) == (500, 100, [200, 300, 400])
-    assert (plan["base_lr"], plan["batch_size"], plan["resize"], plan["crop"], plan["mixup_alpha"]) == (0.003, 512, 160, 128, 0.0)
+    assert (plan["base_lr"], plan["batch_size"], plan["resize"], plan["crop"], plan["mixup_alpha"]) == (
+        0.003,
+        512,
+        160,
+        128,
+        0.0,
+    )
     assert plan["overrides"] == {} and plan["notes"] == []
     assert plan["momentum"] == 0.9 and plan["weight_decay"] == 0.0 and plan["zero_head"] is True
     json.dumps(plan)
@@ -87,7 +106,16 @@ def test_lr_override_is_used_as_is() -> None:
     assert (plan["resize"], plan["crop"]) == (40, 32)
     assert plan["mixup_alpha"] == 0.2
     assert plan["rule"]["crop"] == 128 and plan["rule"]["steps"] == 500
-    assert set(plan["overrides"]) == {"steps", "warmup_steps", "lr_decay_steps", "base_lr", "batch_size", "resize", "crop", "mixup_alpha"}
+    assert set(plan["overrides"]) == {
+        "steps",
+        "warmup_steps",
+        "lr_decay_steps",
+        "base_lr",
+        "batch_size",
+        "resize",
+        "crop",
+        "mixup_alpha",
+    }
     assert len(plan["notes"]) == 4
 
 

@@ -30,8 +30,36 @@ from bitdeploy.training.weights import load_model  # noqa: E402
 BIN = Path(sys.executable).parent
 # A low peak lr: with 1x1 feature maps at 32px, max-pool/ReLU gradient routing can flip on float-rounding
 # differences and make unrelated runs diverge chaotically; equality tests need a run that stays smooth.
-RUN = dict(model="tiny", weights="none", dataset="digits", resolution=32, steps=12, batch_size=16, lr=0.001, checkpoint_every=4, progress=False)
-RUN_ARGS = ["--model", "tiny", "--weights", "none", "--dataset", "digits", "--resolution", "32", "--steps", "12", "--batch-size", "16", "--lr", "0.001", "--checkpoint-every", "4", "--quiet"]
+RUN = dict(
+    model="tiny",
+    weights="none",
+    dataset="digits",
+    resolution=32,
+    steps=12,
+    batch_size=16,
+    lr=0.001,
+    checkpoint_every=4,
+    progress=False,
+)
+RUN_ARGS = [
+    "--model",
+    "tiny",
+    "--weights",
+    "none",
+    "--dataset",
+    "digits",
+    "--resolution",
+    "32",
+    "--steps",
+    "12",
+    "--batch-size",
+    "16",
+    "--lr",
+    "0.001",
+    "--checkpoint-every",
+    "4",
+    "--quiet",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -76,7 +104,13 @@ def test_plan_digits_acceptance() -> None:
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     assert (plan["steps"], plan["warmup_steps"], plan["lr_decay_steps"]) == (500, 100, [200, 300, 400])
-    assert (plan["base_lr"], plan["batch_size"], plan["resize"], plan["crop"], plan["mixup_alpha"]) == (0.003, 512, 160, 128, 0.0)
+    assert (plan["base_lr"], plan["batch_size"], plan["resize"], plan["crop"], plan["mixup_alpha"]) == (
+        0.003,
+        512,
+        160,
+        128,
+        0.0,
+    )
     assert (plan["dataset_size"], plan["num_classes"]) == (1438, 10)
 
 
@@ -96,7 +130,9 @@ def linked_folder(root: Path, size: int, per_class: int) -> Path:
 def test_plan_imagefolder_25k(tmp_path: Path, size: int, resize: int, crop: int) -> None:
     # 25,000 files, 20% held out by the seeded split -> 20,000 training images: the medium bucket.
     root = linked_folder(tmp_path / "ds", size, 15_625)
-    result = CliRunner().invoke(cli, ["train", "--model", "m-r50x1", "--dataset", str(root), "--val-split", "0.2", "--plan"])
+    result = CliRunner().invoke(
+        cli, ["train", "--model", "m-r50x1", "--dataset", str(root), "--val-split", "0.2", "--plan"]
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     assert plan["dataset_size"] == 25_000 and plan["val_size"] == 6_250
@@ -105,7 +141,10 @@ def test_plan_imagefolder_25k(tmp_path: Path, size: int, resize: int, crop: int)
 
 
 def test_plan_shows_overrides_beside_rule() -> None:
-    result = CliRunner().invoke(cli, ["train", "--model", "m-r50x1", "--dataset", "digits", "--batch-size", "64", "--resolution", "32", "--plan"])
+    result = CliRunner().invoke(
+        cli,
+        ["train", "--model", "m-r50x1", "--dataset", "digits", "--batch-size", "64", "--resolution", "32", "--plan"],
+    )
     plan = json.loads(result.output)
     assert plan["base_lr"] == pytest.approx(0.000375) and plan["rule"]["base_lr"] == 0.003
     assert plan["overrides"]["crop"] == {"rule": 128, "value": 32}
@@ -159,11 +198,26 @@ def test_resume_after_sigkill_is_exact(reference: Path, tmp_path: Path) -> None:
     assert summary["resumed_from_step"] == killed_at
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None and shutil.which("torchrun") is None, reason="torchrun is not installed")
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=str(BIN)) is None and shutil.which("torchrun") is None,
+    reason="torchrun is not installed",
+)
 def test_torchrun_two_processes_match_one(reference: Path, tmp_path: Path) -> None:
     torchrun = shutil.which("torchrun", path=str(BIN)) or shutil.which("torchrun")
-    cmd = [str(torchrun), "--nproc-per-node", "2", "--no-python", str(BIN / "bitdeploy"), "train", *RUN_ARGS, "--out", str(tmp_path)]
-    done = subprocess.run(cmd, env={**ENV, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}, capture_output=True, text=True, timeout=300)
+    cmd = [
+        str(torchrun),
+        "--nproc-per-node",
+        "2",
+        "--no-python",
+        str(BIN / "bitdeploy"),
+        "train",
+        *RUN_ARGS,
+        "--out",
+        str(tmp_path),
+    ]
+    done = subprocess.run(
+        cmd, env={**ENV, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2
@@ -209,7 +263,9 @@ def test_batches_are_a_function_of_seed_and_step() -> None:
         (["--batch-size", "10", "--batch-split", "3"], "does not split"),
     ],
 )
-def test_bad_settings_are_one_line_errors(extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_settings_are_one_line_errors(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     if "cuda" in extra and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     if "xla" in extra and __import__("importlib").util.find_spec("torch_xla") is not None:
@@ -222,7 +278,9 @@ def test_bad_settings_are_one_line_errors(extra: list[str], message: str, tmp_pa
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_resume_refuses_another_model_or_config(reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_refuses_another_model_or_config(
+    reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "o"
     shutil.copytree(reference, out)
     args = [a if a != "tiny" else "tiny-s" for a in RUN_ARGS]
@@ -246,7 +304,9 @@ def test_out_of_memory_names_the_flag(tmp_path: Path, monkeypatch: pytest.Monkey
         train(TrainConfig(out=tmp_path, **RUN))  # type: ignore[arg-type]
 
 
-def test_imagefolder_run_skips_unreadable_or_stops_with_strict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_imagefolder_run_skips_unreadable_or_stops_with_strict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = tmp_path / "ds"
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
@@ -254,7 +314,22 @@ def test_imagefolder_run_skips_unreadable_or_stops_with_strict(tmp_path: Path, c
         for i in range(6):
             Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
     (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    args = ["train", "--model", "tiny", "--weights", "none", "--dataset", str(root), "--resolution", "16", "--steps", "2", "--batch-size", "4", "--quiet"]
+    args = [
+        "train",
+        "--model",
+        "tiny",
+        "--weights",
+        "none",
+        "--dataset",
+        str(root),
+        "--resolution",
+        "16",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--quiet",
+    ]
     code, _out, err = run_cli([*args, "--out", str(tmp_path / "o1")], capsys)
     assert code == 0, err
     summary = json.loads((tmp_path / "o1" / "summary.json").read_text())
@@ -267,8 +342,22 @@ def test_imagefolder_run_skips_unreadable_or_stops_with_strict(tmp_path: Path, c
 
 def test_tiny_model_learns_digits(tmp_path: Path) -> None:
     # A broken label/augmentation pairing or schedule stays near chance (0.1); 40 steps of tiny reach ~0.45.
-    train(TrainConfig(model="tiny", weights="none", dataset="digits", resolution=16, steps=40, batch_size=32, lr=0.02, out=tmp_path, progress=False))
+    train(
+        TrainConfig(
+            model="tiny",
+            weights="none",
+            dataset="digits",
+            resolution=16,
+            steps=40,
+            batch_size=32,
+            lr=0.02,
+            out=tmp_path,
+            progress=False,
+        )
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["val_top1"] > 0.3, summary["val_top1"]
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    losses = [
+        json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
+    ]
     assert losses[-1] < losses[0]

@@ -115,13 +115,22 @@ def test_missing_key_is_named(tiny_npz: Path, tmp_path: Path) -> None:
 
 
 def test_unexpected_key_is_named(tiny_npz: Path, tmp_path: Path) -> None:
-    bad = _rewrite(tiny_npz, tmp_path / "extra.npz", **{"resnet__block4__unit02__a__group_norm__gamma": np.ones(1024, np.float32)})
+    bad = _rewrite(
+        tiny_npz, tmp_path / "extra.npz", **{"resnet__block4__unit02__a__group_norm__gamma": np.ones(1024, np.float32)}
+    )
     _one_line_error(bad, r"unexpected key 'resnet/block4/unit02/a/group_norm/gamma'")
 
 
 def test_misshaped_key_is_named(tiny_npz: Path, tmp_path: Path) -> None:
-    bad = _rewrite(tiny_npz, tmp_path / "shape.npz", **{"resnet__block1__unit01__b__standardized_conv2d__kernel": np.ones((1, 1, 32, 32), np.float32)})
-    _one_line_error(bad, r"key 'resnet/block1/unit01/b/standardized_conv2d/kernel' has shape \(1, 1, 32, 32\), but tiny needs \(3, 3, 32, 32\)")
+    bad = _rewrite(
+        tiny_npz,
+        tmp_path / "shape.npz",
+        **{"resnet__block1__unit01__b__standardized_conv2d__kernel": np.ones((1, 1, 32, 32), np.float32)},
+    )
+    _one_line_error(
+        bad,
+        r"key 'resnet/block1/unit01/b/standardized_conv2d/kernel' has shape \(1, 1, 32, 32\), but tiny needs \(3, 3, 32, 32\)",
+    )
 
 
 def test_file_of_another_model(tiny_npz: Path) -> None:
@@ -131,9 +140,15 @@ def test_file_of_another_model(tiny_npz: Path) -> None:
 def test_non_finite_and_integer_values(tiny_npz: Path, tmp_path: Path) -> None:
     nan = np.ones(1024, np.float32)
     nan[5] = np.nan
-    _one_line_error(_rewrite(tiny_npz, tmp_path / "nan.npz", **{"resnet__group_norm__beta": nan}), r"'resnet/group_norm/beta' contains NaN")
+    _one_line_error(
+        _rewrite(tiny_npz, tmp_path / "nan.npz", **{"resnet__group_norm__beta": nan}),
+        r"'resnet/group_norm/beta' contains NaN",
+    )
     ints = np.ones(1024, np.int64)
-    _one_line_error(_rewrite(tiny_npz, tmp_path / "int.npz", **{"resnet__group_norm__beta": ints}), r"'resnet/group_norm/beta' holds int64")
+    _one_line_error(
+        _rewrite(tiny_npz, tmp_path / "int.npz", **{"resnet__group_norm__beta": ints}),
+        r"'resnet/group_norm/beta' holds int64",
+    )
 
 
 @pytest.mark.parametrize("cut", [0.5, 0.98])
@@ -190,7 +205,18 @@ def test_none_is_random_with_upstream_or_given_head() -> None:
 
 def _write_checkpoint(out: Path, net: torch.nn.Module, **overrides: object) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"format": CHECKPOINT_FORMAT, "version": 1, "model_name": "tiny", "num_classes": 4, "labels": ["a", "b", "c", "d"], "resolution": 32, "step": 7, "model": net.state_dict(), "optimizer": {"state": {}}, "rng": {"torch": torch.get_rng_state()}}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": 1,
+        "model_name": "tiny",
+        "num_classes": 4,
+        "labels": ["a", "b", "c", "d"],
+        "resolution": 32,
+        "step": 7,
+        "model": net.state_dict(),
+        "optimizer": {"state": {}},
+        "rng": {"torch": torch.get_rng_state()},
+    }
     payload.update(overrides)
     torch.save(payload, out / CHECKPOINT_NAME)
     return out
@@ -227,7 +253,9 @@ def test_checkpoint_of_another_model(trained: torch.nn.Module, tmp_path: Path) -
 def test_checkpoint_missing_weights(trained: torch.nn.Module, tmp_path: Path) -> None:
     state = dict(trained.state_dict())
     del state["body.block3.unit01.gn2.bias"]
-    _one_line_error(_write_checkpoint(tmp_path / "partial", trained, model=state), "missing weights 'body.block3.unit01.gn2.bias'")
+    _one_line_error(
+        _write_checkpoint(tmp_path / "partial", trained, model=state), "missing weights 'body.block3.unit01.gn2.bias'"
+    )
 
 
 class Payload:  # not a tensor or plain data: weights_only loading must refuse it
@@ -235,7 +263,9 @@ class Payload:  # not a tensor or plain data: weights_only loading must refuse i
         return (print, ("this must never run",))
 
 
-def test_checkpoint_with_arbitrary_objects_is_refused(trained: torch.nn.Module, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_checkpoint_with_arbitrary_objects_is_refused(
+    trained: torch.nn.Module, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = _write_checkpoint(tmp_path / "evil", trained, extra=Payload())
     _one_line_error(run, "refused")
     assert "must never run" not in capsys.readouterr().out
@@ -267,8 +297,15 @@ def test_debug_shows_the_original_error_and_plain_runs_stay_one_line(tiny_npz: P
     args = ["export", "--model", "tiny", "--weights", str(bad), "--out", str(tmp_path / "x.onnx")]
     plain = subprocess.run([sys.executable, "-m", "bitdeploy", *args], capture_output=True, text=True, timeout=300)
     lines = [line for line in plain.stderr.splitlines() if line.strip()]
-    assert plain.returncode == 1 and len(lines) == 1 and "truncated or corrupt" in lines[0] and "Traceback" not in plain.stderr
-    debug = subprocess.run([sys.executable, "-m", "bitdeploy", "--debug", *args], capture_output=True, text=True, timeout=300)
+    assert (
+        plain.returncode == 1
+        and len(lines) == 1
+        and "truncated or corrupt" in lines[0]
+        and "Traceback" not in plain.stderr
+    )
+    debug = subprocess.run(
+        [sys.executable, "-m", "bitdeploy", "--debug", *args], capture_output=True, text=True, timeout=300
+    )
     assert debug.returncode == 1 and "Traceback" in debug.stderr
     assert "The above exception was the direct cause of the following exception" in debug.stderr
     assert "zipfile.BadZipFile" in debug.stderr or "EOFError" in debug.stderr  # the reader's own error, not only ours
