@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from bitdeploy.errors import DatasetError
+from bitdeploy.runtimes import compare
+from bitdeploy.runtimes.manifest import InputSpec
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -93,16 +95,18 @@ def load_eval_set(spec: str, seed: int = 0) -> EvalSet:
     return EvalSet(folder, folder.classes, str(root), split)
 
 
-def batches(eval_set: EvalSet, input_spec: dict[str, Any], batch_size: int = 32, limit: int | None = None) -> Any:
+def batches(eval_set: EvalSet, input_spec: InputSpec, batch_size: int = 32, limit: int | None = None) -> Any:
     """Yield (float32 NCHW, int64 labels), preprocessed exactly as the bundle's manifest says."""
     from PIL import Image
 
     from bitdeploy.runtimes.preprocess import mean_std, normalize, resize_to_array, to_rgb
 
     n = len(eval_set) if limit is None else min(limit, len(eval_set))
-    h, w = input_spec["resize"]
+    if input_spec.resize is None:
+        raise DatasetError("the bundle's input spec has no resize; rebuild the bundle")
+    h, w = input_spec.resize
     mean, std = mean_std(input_spec)
-    interp = input_spec.get("interpolation", "bilinear")
+    interp = input_spec.interpolation
     for start in range(0, n, batch_size):
         xs, ys = [], []
         for i in range(start, min(n, start + batch_size)):
@@ -116,7 +120,7 @@ def batches(eval_set: EvalSet, input_spec: dict[str, Any], batch_size: int = 32,
 def run_logits(
     infer: Callable[[np.ndarray], np.ndarray],
     eval_set: EvalSet,
-    input_spec: dict[str, Any],
+    input_spec: InputSpec,
     batch_size: int = 32,
     limit: int | None = None,
     progress: bool = False,
@@ -154,24 +158,15 @@ def label_map(bundle_labels: Sequence[str] | None, classes: Sequence[str]) -> tu
     )
 
 
-def topk(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    k = min(k, logits.shape[1])
-    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    return float(np.mean(np.any(top == labels[:, None], axis=1)))
-
-
-def agreement(logits: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    diff = np.abs(logits.astype(np.float64) - ref.astype(np.float64))
-    return {
-        "agreement": float(np.mean(np.argmax(logits, 1) == np.argmax(ref, 1))),
-        "max_abs_logit_diff": float(diff.max()),
-        "mean_abs_logit_diff": float(diff.mean()),
-    }
+def agreement(logits: np.ndarray, ref: np.ndarray) -> dict[str, float | None]:
+    """The reference comparison `bench` reports (`bitdeploy.runtimes.compare`, as the build's gate computes it)."""
+    d = compare.logit_diff(logits, ref)
+    return {"agreement": d.agreement, "max_abs_logit_diff": d.max_abs, "mean_abs_logit_diff": d.mean_abs}
 
 
 def measure(
     infer: Callable[[np.ndarray], np.ndarray],
-    input_spec: dict[str, Any],
+    input_spec: InputSpec,
     bundle_labels: Sequence[str] | None,
     eval_set: EvalSet,
     reference: tuple[str, Callable[[np.ndarray], np.ndarray]] | None = None,
@@ -187,8 +182,8 @@ def measure(
         "dataset": eval_set.source,
         "split": eval_set.split,
         "samples": int(labels.size),
-        "top1": topk(logits, target, 1),
-        "top5": topk(logits, target, 5),
+        "top1": compare.topk(logits, target, 1),
+        "top5": compare.topk(logits, target, 5),
         "label_mapping": how,
         "reference": None,
     }
@@ -199,5 +194,5 @@ def measure(
             raise DatasetError(
                 f"reference {name} gives logits of shape {ref_logits.shape}, the bundle {logits.shape}; pass a reference built for the same classes"
             )
-        out["reference"] = {"name": name, "top1": topk(ref_logits, target, 1), **agreement(logits, ref_logits)}
+        out["reference"] = {"name": name, "top1": compare.topk(ref_logits, target, 1), **agreement(logits, ref_logits)}
     return out

@@ -8,7 +8,7 @@
 
 The report's speed-up column divides by the fastest of them. Eager forms run in the calling process, which must
 time them before any engine session has run: ONNX Runtime's spinning intra-op threads slow PyTorch's OpenMP
-threads in the same process (REFERENCE E). torch.compile runs in a child process whose compile step is bounded
+threads in the same process. torch.compile runs in a child process whose compile step is bounded
 by `compile_timeout` seconds, so a compiler that is missing, fails or hangs becomes a labelled `skipped:` row,
 never a crash. torch is optional: it is imported only when a baseline is built.
 
@@ -24,14 +24,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bitdeploy.errors import require
-from bitdeploy.runtimes.manifest import as_manifest
+from bitdeploy.runtimes.manifest import Manifest
 
 FORMS = ("eager-ws", "eager-folded", "compiled-folded")
 LABELS = {
@@ -117,12 +117,12 @@ class PytorchBaseline:
         self.__dict__.pop("module", None)
 
 
-def baseline_weights(choice: str, manifest: Mapping[str, Any]) -> str:
+def baseline_weights(choice: str, manifest: Manifest) -> str:
     """Resolve --baseline-weights: "auto" uses the bundle's own weights when they are a local file
     (an .npz or a training checkpoint), else random weights ("none": latency only, accuracy is meaningless)."""
     if choice != "auto":
         return choice
-    weights = as_manifest(manifest).model.get("weights") or {}
+    weights = manifest.model.weights
     source = weights.get("source")
     if (
         weights.get("kind") in ("npz", "checkpoint")

@@ -22,7 +22,7 @@ from bitdeploy.benchmarks.baseline import COMPILE_TIMEOUT_S
 from bitdeploy.benchmarks.env import collect, device_label
 from bitdeploy.benchmarks.schema import new_document, new_entry
 from bitdeploy.errors import BitdeployError
-from bitdeploy.runtimes.manifest import Manifest, TargetInfo
+from bitdeploy.runtimes.manifest import InputSpec, Manifest, TargetInfo
 
 SCENARIOS = ("single-stream", "offline", "both")
 E2E_IMAGES = 32  # distinct encoded images cycled through the end-to-end loop
@@ -110,8 +110,9 @@ def _open(bundle: str, opts: BenchOptions) -> tuple[Any, Manifest, Any]:
 
 
 def _shape_chw(manifest: Manifest) -> tuple[int, int, int]:
-    shape = manifest.input.get("shape") or [-1, 3, manifest.model["resolution"], manifest.model["resolution"]]
-    return int(shape[1]), int(shape[2]), int(shape[3])
+    res = manifest.model.resolution or 0
+    shape = manifest.input.shape or (-1, 3, res, res)
+    return int(shape[1] or 3), int(shape[2] or res), int(shape[3] or res)
 
 
 def _precision_used(target: TargetInfo, desc: dict[str, Any]) -> str | None:
@@ -137,7 +138,7 @@ def measure_latency(
     shape: tuple[int, int, int],
     opts: BenchOptions,
     images: list[bytes] | None,
-    input_spec: dict[str, Any] | None,
+    input_spec: InputSpec | None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if opts.scenario in ("single-stream", "both"):
@@ -224,9 +225,9 @@ class Bench:
                 name=name,
                 kind="bundle",
                 bundle=str(bundle),
-                model=model.get("name"),
-                resolution=model.get("resolution"),
-                num_classes=model.get("num_classes"),
+                model=model.name,
+                resolution=model.resolution,
+                num_classes=model.num_classes,
                 target=target.backend or desc.get("backend"),
                 precision=target.precision,
                 precision_used=_precision_used(target, desc),
@@ -236,7 +237,7 @@ class Bench:
                 files_sha256=files,
                 load_s=load_s,
                 first_infer_ms=first_ms,
-                build_accuracy=manifest.accuracy,
+                build_accuracy=manifest.accuracy.to_dict() if manifest.accuracy is not None else None,
                 describe=desc,
             )
             entry["device"] = device_label(self.env, entry["backend_device"])
@@ -269,9 +270,9 @@ class Bench:
         model = manifest_like.model
         common = {
             "kind": "pytorch",
-            "model": model.get("name"),
-            "resolution": model.get("resolution"),
-            "num_classes": model.get("num_classes"),
+            "model": model.name,
+            "resolution": model.resolution,
+            "num_classes": model.num_classes,
             "target": "pytorch",
             "precision": "fp32",
         }
@@ -279,11 +280,11 @@ class Bench:
         rss_method = _reset_peak_rss()
         try:
             weights = baseline_weights(opts.pytorch_baseline or "auto", manifest_like)
-            loaded = PytorchBaseline.load(model["name"], model.get("num_classes"), weights, opts.threads, opts.seed)
+            loaded = PytorchBaseline.load(model.name, model.num_classes, weights, opts.threads, opts.seed)
         except BitdeployError as exc:
             return [
                 new_entry(
-                    name=entry_name(f, model.get("name"), model.get("resolution")),
+                    name=entry_name(f, model.name, model.resolution or 0),
                     status=f"failed: {exc}",
                     error=str(exc),
                     **common,
@@ -335,7 +336,7 @@ class Bench:
         for r in results:
             measured = dict(r.get("measured") or {})
             entry = new_entry(
-                name=entry_name(r["form"], model["name"], model["resolution"]),
+                name=entry_name(r["form"], model.name, model.resolution or 0),
                 precision_used="f32",
                 backend_device="cpu",
                 status=r["status"],
@@ -366,7 +367,7 @@ def _baseline_keys(bundles: list[str]) -> list[Manifest]:
             continue  # its own entry will say why
         opened.cleanup()
         model = opened.manifest.model
-        key = (model.get("name"), model.get("resolution"), model.get("num_classes"))
+        key = (model.name or None, model.resolution, model.num_classes)
         if None not in key[:2] and key not in seen:
             seen.add(key)
             out.append(opened.manifest)

@@ -7,11 +7,11 @@ Batch 1, one process, every engine timed in interleaved rounds (A B C ... A B C 
 slows down or speeds up mid-run shifts all of them alike: trust the ratios more than the absolute times.
 The INT8 models are built by bitdeploy's own converters, calibrated on the digits training split through
 the inference preprocessing, and run through bitdeploy's runtime backends. The interleaved PyTorch eager engine
-is the model as Google's and timm's code run it: weight standardisation computed on every call (the issue-4
-targets are defined against it). Before any engine session exists, the three PyTorch baselines of
+is the model as Google's and timm's code run it: weight standardisation computed on every call (the speed-up
+goals in TARGETS are defined against it). Before any engine session exists, the three PyTorch baselines of
 `benchmarks.baseline` (Google's form, folded, torch.compile of the folded model) are also timed on their own,
 and each engine's p50 is divided by the fastest of them too: in the same process ONNX Runtime's spinning
-threads slow PyTorch (REFERENCE E), so the interleaved PyTorch figure flatters the engines.
+threads slow PyTorch, so the interleaved PyTorch figure flatters the engines.
 
 With `--weights none` the weights are random, and the GroupNorm scale/shift are randomised too: at their
 initial values (1 and 0) both ONNX Runtime and OpenVINO delete the per-channel Mul/Add, which would time a
@@ -26,12 +26,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-# (faster, slower, minimum speed-up) pairs checked at the end; from issue 4.
+# (faster, slower, minimum speed-up) pairs checked at the end: the project's speed-up goals.
 TARGETS = (("ov-int8", "torch-fp32", 6.0), ("ov-int8", "ov-fp32", 2.2), ("ort-int8", "ort-fp32", 1.6))
 
 
@@ -58,6 +59,7 @@ def build_engines(
     from bitdeploy.converters.base import ConvertOptions
     from bitdeploy.converters.onnx_export import export_onnx
     from bitdeploy.runtimes.base import open_backend
+    from bitdeploy.runtimes.manifest import Manifest
     from bitdeploy.training.data import eval_batch, load_dataset
     from bitdeploy.training.weights import load_model
 
@@ -103,16 +105,16 @@ def build_engines(
         out.mkdir()
         log(f"building {name}")
         art = fn(onnx_path, out, precision, calibration if precision == "int8" else None, opts)
-        target = {**art.target, "precision": precision}
-        b = open_backend(backend, out / art.model_file, {"target": target}, threads=args.threads)
-        engines[name], what[name] = b.infer, f"{backend} {target.get('precision_used')}"
+        target = replace(art.target, precision=precision)
+        b = open_backend(backend, out / art.model_file, Manifest(target=target), threads=args.threads)
+        engines[name], what[name] = b.infer, f"{backend} {target.precision_used}"
         if backend == "openvino":
             # The same IR with the device's default float precision (bf16 on CPUs with AVX512-BF16 or AMX): what
             # `--inference-precision bf16` opts into; bundles are pinned to f32 by default.
             d = open_backend(
                 "openvino",
                 out / art.model_file,
-                {"target": {**target, "precision": "fp16", "precision_used": "", "inference_precision": None}},
+                Manifest(target=replace(target, precision="fp16", precision_used="", details={})),
                 threads=args.threads,
             )
             engines[f"{name}-devdef"], what[f"{name}-devdef"] = (

@@ -99,7 +99,7 @@ def _ov_compile(path: Path, threads: int) -> Any:
     import openvino as ov
 
     core = ov.Core()
-    # f32 pinned: this CPU would otherwise run bf16 (REFERENCE D); LATENCY = one stream, MLPerf single-stream.
+    # f32 pinned: a CPU with bf16 units would otherwise run bf16; LATENCY = one stream, MLPerf single-stream.
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
     return core.compile_model(core.read_model(str(path)), "CPU", config)
 
@@ -133,7 +133,7 @@ def interleaved(runners: dict[str, Any], rounds: int, chunk: int, warmup: int) -
 
 
 def quantize_int8(src: Path, dst: Path, shape: tuple[int, ...], samples: int) -> dict[str, Any]:
-    """ONNX Runtime static QDQ INT8 (S8S8, per-channel, Conv only: REFERENCE D), calibrated on random inputs."""
+    """ONNX Runtime static QDQ INT8 (S8S8, per-channel, Conv only), calibrated on random inputs."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):

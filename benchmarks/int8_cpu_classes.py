@@ -30,16 +30,14 @@ SCHEMES = ("u8s8-7bit", "u8s8", "s8s8")
 
 def _backend(path: Path, threads: int) -> Any:
     from bitdeploy.runtimes.base import open_backend
+    from bitdeploy.runtimes.manifest import Manifest, TargetInfo
 
     if path.suffix == ".xml":
-        return open_backend(
-            "openvino",
-            path,
-            {"target": {"precision": "int8", "inference_precision": "f32"}},
-            device="CPU",
-            threads=threads,
-        )
-    return open_backend("onnxruntime", path, {"target": {"precision": "int8"}}, device="cpu", threads=threads)
+        target = TargetInfo("openvino", "int8", details={"inference_precision": "f32"})
+        return open_backend("openvino", path, Manifest(target=target), device="CPU", threads=threads)
+    return open_backend(
+        "onnxruntime", path, Manifest(target=TargetInfo("onnxruntime", "int8")), device="cpu", threads=threads
+    )
 
 
 def _logits(paths: dict[str, Path], x: np.ndarray, threads: int) -> dict[str, np.ndarray]:
@@ -52,7 +50,7 @@ def _logits(paths: dict[str, Path], x: np.ndarray, threads: int) -> dict[str, np
 
 
 def _scores(logits: np.ndarray, fp32: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    from bitdeploy.runtimes.selftest import rel_error
+    from bitdeploy.runtimes.compare import rel_error
 
     return {
         "top1": float((logits.argmax(1) == labels).mean()),
@@ -129,9 +127,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from bitdeploy.converters import accuracy, calibration, openvino_convert, ort_convert
-    from bitdeploy.converters.base import ConvertOptions, OrtOptions
+    from bitdeploy.converters import calibration, openvino_convert, ort_convert
+    from bitdeploy.converters import gate as accuracy
+    from bitdeploy.converters.base import ConvertOptions
     from bitdeploy.converters.onnx_export import export_onnx
+    from bitdeploy.converters.ort_convert import OrtOptions
     from bitdeploy.runtimes.fingerprint import host_fingerprint
     from bitdeploy.training.data import load_dataset
     from bitdeploy.training.weights import load_model

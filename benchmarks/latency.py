@@ -19,9 +19,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from bitdeploy.runtimes.manifest import InputSpec
 
 DEFAULT_ITERATIONS = 1000  # single-stream queries when neither iterations nor duration is given
 DEFAULT_WARMUP = 20
@@ -225,7 +228,7 @@ def offline(
 def end_to_end(
     predictor: Any,
     images: Sequence[bytes],
-    input_spec: dict[str, Any],
+    input_spec: InputSpec,
     iterations: int | None = None,
     duration: float | None = None,
     warmup: int = 5,

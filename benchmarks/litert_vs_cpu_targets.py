@@ -24,14 +24,12 @@ import numpy as np
 
 def _open(bundle: Path, threads: int) -> tuple[Any, dict[str, Any]]:
     from bitdeploy.runtimes.base import open_backend
+    from bitdeploy.runtimes.bundle import read_manifest
 
     manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    typed = read_manifest(bundle)
     backend = open_backend(
-        manifest["target"]["backend"],
-        bundle / manifest["model_file"],
-        manifest,
-        device=manifest["target"].get("device"),
-        threads=threads,
+        typed.target.backend, bundle / typed.model_file, typed, device=typed.target.device, threads=threads
     )
     return backend, manifest
 

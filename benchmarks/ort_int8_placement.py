@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from bitdeploy.converters import accuracy, calibration
+    from bitdeploy.converters import calibration
+    from bitdeploy.converters import gate as accuracy
     from bitdeploy.converters.onnx_export import export_onnx
     from bitdeploy.training.weights import load_model
 

@@ -1,4 +1,4 @@
-"""Parity of `bitdeploy export` with Google's official BiT PyTorch code (issue 2 acceptance).
+"""Parity of `bitdeploy export` with Google's official BiT PyTorch code (docs/models.md).
 
 For official-format `.npz` files (Google's key names, random weights, each head size asked for), runs the real
 CLI, `bitdeploy export --model M --weights FILE.npz --resolution R --out m.onnx`, then compares the file's

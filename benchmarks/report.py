@@ -285,6 +285,20 @@ def grouped(rows: list[dict[str, Any]]) -> list[tuple[str | None, list[dict[str,
     return [(c, [r for r in rows if r["device_class"] == c]) for c in classes]
 
 
+def device_matrix(docs: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the device x bundle matrix a `build --verify-on` stored in its settings: one row per
+    bundle, one column per emulated CPU, each cell pass / FAIL: why. Empty when no build verified on devices."""
+    matrix: dict[str, dict[str, str]] = {}
+    for doc in docs:
+        for bundle, cells_ in ((doc.get("settings") or {}).get("verified_on") or {}).items():
+            matrix.setdefault(str(bundle), {}).update({str(k): str(v) for k, v in cells_.items()})
+    cpus = list(dict.fromkeys(cpu for cells_ in matrix.values() for cpu in cells_))
+    if not cpus:
+        return [], []
+    header = ["bundle", *(f"{cpu} (emulated)" for cpu in cpus)]
+    return header, [[bundle, *(cells_.get(cpu, "-") for cpu in cpus)] for bundle, cells_ in matrix.items()]
+
+
 def markdown(docs: Sequence[dict[str, Any]], rows: list[dict[str, Any]], selected: dict[str, str] | None) -> str:
     out = ["# bitdeploy benchmark report", ""]
     for cls, group in grouped(rows):
@@ -295,6 +309,11 @@ def markdown(docs: Sequence[dict[str, Any]], rows: list[dict[str, Any]], selecte
         out.append("")
     if selected:
         out += [f"**Selected: {selected['name']}** - {selected.get('reason', '')}", ""]
+    header, matrix = device_matrix(docs)
+    if matrix:
+        out += ["## Self-test on emulated devices (numerics, not speed)", "", "| " + " | ".join(header) + " |"]
+        out += ["|" + "---|" * len(header), *("| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in matrix)]
+        out.append("")
     out += [
         "p50/p90/p99: single-stream latency (batch 1, next query when the previous returns), pure inference, ms. "
         "images/s: offline throughput at the best batch size. Δ top-1: percentage points against the FP32 reference "
@@ -346,6 +365,15 @@ def render_html(
     if selected:
         parts.append(
             f'<p id="selected"><b>Selected: {_defang(selected["name"])}</b>: {_defang(selected.get("reason", ""))}</p>'
+        )
+    header, matrix = device_matrix(docs)
+    if matrix:
+        parts.append(
+            '<h2>Self-test on emulated devices (numerics, not speed)</h2><table id="devices"><thead><tr>'
+            + "".join(f"<th>{html.escape(c)}</th>" for c in header)
+            + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(f"<td>{_defang(c)}</td>" for c in r) + "</tr>" for r in matrix)
+            + "</tbody></table>"
         )
     parts.append(
         '<p class="note">p50/p90/p99: single-stream latency, batch 1, pure inference (ms). images/s: offline throughput at the best batch size. Δ top-1 in percentage points against the FP32 reference on the same data. '

@@ -30,6 +30,7 @@ import numpy as np
 from bitdeploy.errors import BitdeployError
 from bitdeploy.runtimes import load
 from bitdeploy.runtimes.base import Backend
+from bitdeploy.runtimes.manifest import Manifest
 from bitdeploy.runtimes.predictor import Predictor
 
 
@@ -67,7 +68,7 @@ class _NullBackend(Backend):
 
     name = "null"
 
-    def __init__(self, logits: np.ndarray, manifest: dict[str, Any]) -> None:
+    def __init__(self, logits: np.ndarray, manifest: Manifest) -> None:
         super().__init__(Path("null"), manifest)
         self.logits = logits
 
@@ -104,7 +105,7 @@ def measure(
     bundle: str, threads: int | None, backend: str | None, rounds: int, block: int, warmup: int, predict_iters: int
 ) -> dict[str, Any]:
     with load(bundle, backend=backend, threads=threads) as model:
-        spec = model.input_spec["shape"]
+        spec = [d or -1 for d in model.input_spec.shape or (-1, 3, -1, -1)]
         x = np.random.default_rng(0).uniform(-1, 1, (1, *spec[1:])).astype(np.float32)
         name, raw = raw_call(model)
         np.testing.assert_allclose(model.infer(x), raw(x), atol=1e-5)  # same model, same answer

@@ -14,7 +14,7 @@ Engine side, in child processes:
     threads, 1 inter-op thread, all graph optimisations) timed the same way.
 
 Each round runs every side once, in an order that reverses every round, so a machine that drifts between fast
-and slow states (25-40 % here, REFERENCE D) hits all sides alike. Per mode it prints the ratio of medians
+and slow states (25-40 % here, docs/measurements.md) hits all sides alike. Per mode it prints the ratio of medians
 (bitdeploy / engine), the min-max of the per-round ratios (the spread) and their median (each round's pair ran
 seconds apart, so it is the figure least moved by a drifting machine), which mode bitdeploy's single-stream
 matches (ratio closest to 1), and exits 1 when bitdeploy is more than `--tolerance` slower than the faster mode
@@ -90,18 +90,18 @@ def open_target(path: Path, threads: int) -> tuple[Any, str, Path, tuple[int, in
     """(something with infer(), backend name, model file, CHW shape, input name) for a bundle, .xml or .onnx."""
     from bitdeploy import runtimes
     from bitdeploy.runtimes.base import open_backend
+    from bitdeploy.runtimes.manifest import Manifest, TargetInfo
     from bitdeploy.runtimes.preprocess import input_spec
 
     if path.is_dir():
         pred = runtimes.load(path, threads=threads)
-        backend = str(pred.manifest["target"]["backend"])
-        shape = pred.manifest["input"]["shape"]
+        shape = pred.manifest.input.shape or (-1, 3, -1, -1)
         return (
             pred,
-            backend,
-            path / pred.manifest["model_file"],
-            (int(shape[1]), int(shape[2]), int(shape[3])),
-            str(pred.manifest["input"].get("name", "input")),
+            pred.manifest.target.backend,
+            path / pred.manifest.model_file,
+            (int(shape[1] or -1), int(shape[2] or -1), int(shape[3] or -1)),
+            pred.manifest.input.name,
         )
     backend = {".xml": "openvino", ".onnx": "onnxruntime"}.get(path.suffix)
     if backend is None or not path.is_file():
@@ -117,10 +117,7 @@ def open_target(path: Path, threads: int) -> tuple[Any, str, Path, tuple[int, in
 
         meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0]
         dims, name = [d if isinstance(d, int) else -1 for d in meta.shape], meta.name
-    manifest = {
-        "target": {"backend": backend, "precision": "fp32", "precision_used": "f32"},
-        "input": input_spec(dims[2]),
-    }
+    manifest = Manifest(target=TargetInfo(backend, "fp32", "f32"), input=input_spec(dims[2]))
     return (
         open_backend(backend, path, manifest, device="CPU" if backend == "openvino" else "cpu", threads=threads),
         backend,

@@ -78,8 +78,10 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dic
     from bitdeploy.benchmarks.cpu_targets import randomise_norms
     from bitdeploy.converters import calibration as calib_mod
     from bitdeploy.converters import trt_engine
-    from bitdeploy.converters.base import ConvertOptions, TensorRTOptions
+    from bitdeploy.converters.base import ConvertOptions
     from bitdeploy.converters.onnx_export import export_onnx
+    from bitdeploy.converters.trt_engine import TensorRTOptions
+    from bitdeploy.runtimes.manifest import Manifest
     from bitdeploy.runtimes.trt import TensorRTBackend, parse_device
     from bitdeploy.training.data import eval_batch, load_dataset
     from bitdeploy.training.weights import load_model
@@ -112,9 +114,12 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dic
             log(f"building TensorRT {precision} {kind} engine (profile {profile})")
             options = ConvertOptions(device=args.device, cache_dir=cache, extras=TensorRTOptions(batch=profile))
             art = trt_engine.convert(onnx_path, out, precision, calibration if precision == "int8" else None, options)
-            backends.setdefault(precision, {})[kind] = TensorRTBackend(out / art.model_file, {"target": art.target})
+            backends.setdefault(precision, {})[kind] = TensorRTBackend(
+                out / art.model_file, Manifest(target=art.target)
+            )
             results["engines"][f"{precision}-{kind}"] = {
-                k: art.target[k] for k in ("precision_used", "layers", "build_seconds", "tensorrt_version")
+                k: art.target.to_dict().get(k)
+                for k in ("precision_used", "layers", "build_seconds", "tensorrt_version")
             }
 
     torch.cuda.set_device(index)

@@ -7,47 +7,108 @@ A converter is a plain function, named "module:function" in its target's record 
 
 It reads the folded FP32 ONNX export, writes its files only inside `work_dir` (an empty directory that becomes
 the bundle) and raises `bitdeploy.errors.ConversionError` (one line) on failure. Options shared by every target
-are fields of `ConvertOptions`; what only one target reads travels in `options.extras`, a frozen dataclass of
-that target's own (`OrtOptions`, `OpenVinoOptions`, `TensorRTOptions`), read with `options.extras_for(cls)`.
+are fields of `ConvertOptions`. What only one target reads is that target's own frozen `TargetOptions` subclass
+(named by its record, living beside its converter), read with `options.extras_for(cls)`; each of its fields
+declared with `option(...)` becomes a `bitdeploy build` flag.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from bitdeploy.errors import ConversionError
+from bitdeploy.runtimes.manifest import TargetInfo
 
 if TYPE_CHECKING:
     from bitdeploy.converters.calibration import CalibrationData, ValidationData
 
-
-@dataclass(frozen=True)
-class OrtOptions:
-    """ONNX Runtime: the INT8 integer scheme (`bitdeploy.converters.ort_convert.SCHEMES`, or "auto")."""
-
-    int8_scheme: str = "auto"
+PRECISIONS = ("fp32", "fp16", "int8")
+NO_CALIBRATION = "--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)"
 
 
 @dataclass(frozen=True)
-class OpenVinoOptions:
-    """OpenVINO: the float precision to validate and pin, and NNCF's accuracy-controlled INT8."""
+class Flag:
+    """How one field of a target's options appears on `bitdeploy build`."""
 
-    inference_precision: str = "f32"
-    accuracy_control: bool = False
-    max_accuracy_drop: float = 1.0  # percentage points of top-1, for accuracy control
-    validation: ValidationData | None = None  # the labelled split accuracy control measures on
+    flag: str  # e.g. "--int8-scheme"
+    help: str
+    choices: tuple[str, ...] = ()
+    precisions: tuple[str, ...] = PRECISIONS  # the rows it changes; given for a build with none of them: an error
+    metavar: str | None = None
+    minimum: float | None = None  # numbers: the smallest value accepted
+
+
+def option(
+    flag: str,
+    help: str,
+    default: Any,
+    *,
+    choices: tuple[str, ...] = (),
+    precisions: tuple[str, ...] = PRECISIONS,
+    metavar: str | None = None,
+    minimum: float | None = None,
+) -> Any:
+    """A field of a `TargetOptions` class that `bitdeploy build` offers as `flag` (a bool default: an on/off flag;
+    a float or int default, or `minimum`: a number; otherwise a string)."""
+    return field(default=default, metadata={"flag": Flag(flag, help, choices, precisions, metavar, minimum)})
 
 
 @dataclass(frozen=True)
-class TensorRTOptions:
-    """TensorRT: the dynamic-batch profile ("MIN,OPT,MAX") and the builder's workspace limit."""
+class RowInputs:
+    """What the build knows when it hands one row its target's options."""
 
-    batch: str | None = None
-    workspace_gb: float | None = None
+    max_accuracy_drop: float  # the gate's allowance, in top-1 percentage points
+    validation: ValidationData | None = None  # the labelled split, when some target asked for it
+    dataset: str | None = None
+    verify_on: tuple[str, ...] = ()  # the architectures (arm64, x86_64) of the --verify-on CPUs
 
 
-TargetExtras = OrtOptions | OpenVinoOptions | TensorRTOptions
-E = TypeVar("E", OrtOptions, OpenVinoOptions, TensorRTOptions)
+@dataclass(frozen=True)
+class TargetOptions:
+    """Base of a target's own options: a frozen dataclass whose `option(...)` fields are build flags.
+
+    The hooks have safe defaults; a target overrides the ones it needs."""
+
+    @classmethod
+    def flags(cls) -> list[tuple[str, Flag, Any]]:
+        """(field name, flag, default) of every field that is a build flag, in declaration order."""
+        return [(f.name, f.metadata["flag"], f.default) for f in fields(cls) if "flag" in f.metadata]
+
+    def given(self) -> list[tuple[str, Flag, Any]]:
+        """The flags whose value differs from the default: (field name, flag, value)."""
+        return [
+            (name, flag, getattr(self, name)) for name, flag, default in self.flags() if getattr(self, name) != default
+        ]
+
+    def validate(self, precisions: Sequence[str], dataset: str | None) -> None:
+        """Refuse a combination the converter would refuse, before any heavy work (raise a BitdeployError)."""
+
+    def needs_validation(self, precisions: Sequence[str]) -> bool:
+        """True: the build should give `for_row` the labelled validation split as `RowInputs.validation`."""
+        return False
+
+    def for_row(self, precision: str, row: RowInputs) -> TargetOptions:
+        """The options one (target, precision) row's converter is handed."""
+        return self
+
+    def gate_hint(self, precision: str) -> str | None:
+        """What to try when a row of this target fails the accuracy gate, when the target knows better than
+        the generic advice (e.g. "try --accuracy-control")."""
+        return None
+
+    def cache_key(self) -> dict[str, Any]:
+        """What of these options changes a conversion's result (data as digests), for its cache key."""
+        out: dict[str, Any] = {"type": type(self).__name__}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = getattr(value, "sha256", value) if value is not None else None
+        return out
+
+
+OptionsT = TypeVar("OptionsT", bound=TargetOptions)
 
 
 @dataclass(frozen=True)
@@ -59,11 +120,19 @@ class ConvertOptions:
     calib_method: str | None = None  # INT8 range estimation; None: the quantizer's default
     cache: bool = True  # False: neither read nor write tool caches (TensorRT's timing cache)
     cache_dir: Path | None = None  # where tool caches live; None: bitdeploy's cache root
-    extras: TargetExtras | None = None  # the target's own options
+    extras: TargetOptions | None = None  # the target's own options
 
-    def extras_for(self, kind: type[E]) -> E:
+    def extras_for(self, kind: type[OptionsT]) -> OptionsT:
         """The target's own options, or that target's defaults when the build gave none (or another target's)."""
         return self.extras if isinstance(self.extras, kind) else kind()
+
+
+def check_request(title: str, precision: str, calibration: CalibrationData | None) -> None:
+    """The guards every converter starts with: a precision it has a route for, and calibration data for INT8."""
+    if precision not in PRECISIONS:
+        raise ConversionError(f"{title} precision must be fp32, fp16 or int8, got {precision!r}")
+    if precision == "int8" and (calibration is None or len(calibration) == 0):
+        raise ConversionError(NO_CALIBRATION)
 
 
 @dataclass
@@ -72,8 +141,8 @@ class Artifact:
 
     files: every file of the artifact, names relative to the work dir (they all go into the bundle).
     model_file: the file a runtime opens (e.g. "model.onnx", "model.xml", "model.plan").
-    backend: the runtime backend that loads it (a record's `backend` in `bitdeploy.targets`).
-    target: manifest "target" keys: precision, precision_used, device, plus backend-specific info.
+    target: the manifest's `target` record: backend (a record's `backend` in `bitdeploy.targets`), precision,
+        precision_used, device, quantization, plus backend-specific details.
     notes: short human-readable remarks (what stayed in float, fallbacks taken) shown by build.
     eval_model_file: optional ONNX file (relative to the work dir) that ONNX Runtime can evaluate on the CPU
         when the artifact's own backend cannot run here (e.g. the TensorRT QDQ ONNX). It is evaluated instead
@@ -82,8 +151,7 @@ class Artifact:
 
     files: list[str]
     model_file: str
-    backend: str
-    target: dict[str, Any]
+    target: TargetInfo
     notes: list[str] = field(default_factory=list)
     eval_model_file: str | None = None
 
@@ -96,6 +164,32 @@ class Artifact:
             self.files = [self.model_file, *self.files]
         if self.eval_model_file is not None and self.eval_model_file not in self.files:
             self.files = [*self.files, self.eval_model_file]
+
+    @property
+    def backend(self) -> str:
+        return self.target.backend
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able, for the stage cache."""
+        return {
+            "files": list(self.files),
+            "model_file": self.model_file,
+            "target": self.target.to_dict(),
+            "notes": list(self.notes),
+            "eval_model_file": self.eval_model_file,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Artifact:
+        target = dict(data["target"])
+        target.setdefault("backend", data.get("backend", ""))  # cached before the backend moved into the target
+        return cls(
+            files=list(data["files"]),
+            model_file=data["model_file"],
+            target=TargetInfo.from_dict(target),
+            notes=list(data.get("notes") or []),
+            eval_model_file=data.get("eval_model_file"),
+        )
 
 
 class ConvertFn(Protocol):

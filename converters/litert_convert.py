@@ -3,7 +3,7 @@
 FP32: the model as is. FP16: float16 conv weights, dequantized to float32 at load (ai-edge-quantizer's float
 casting). INT8: PT2E static quantization of the bottleneck convolutions (per-channel symmetric int8 weights, int8
 activations), calibrated on the build's CalibrationData; the stem conv, GroupNorm, residual adds, pooling and the
-head stay float32, so the graph's input and logits are float32 (README "LiteRT target").
+head stay float32, so the graph's input and logits are float32 (docs/targets.md, LiteRT target).
 
 The PyTorch module is rebuilt from the checked ONNX export (the converter contract's input), by parameter
 name, and must reproduce it before anything is converted. Two rewrites keep the batch dynamic, since the
@@ -22,14 +22,16 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from bitdeploy.converters.base import Artifact, ConvertOptions
+from bitdeploy.converters.base import Artifact, ConvertOptions, check_request
 from bitdeploy.converters.calibration import CalibrationData
 from bitdeploy.errors import ConversionError, first_line, require
+from bitdeploy.runtimes.manifest import Manifest, Quantization, TargetInfo
 
 MODEL_FILE = "model.tflite"
 CHECK_TOLERANCE = 1e-4  # rebuilt PyTorch vs the ONNX export, and FP32 .tflite vs PyTorch, x max(1, max |logit|)
@@ -243,7 +245,7 @@ def _convert_int8(
         "activations": "int8 per-tensor symmetric",
         "op_types": ["CONV_2D"],
         "float": ["stem conv", "GroupNorm", "residual add", "pooling", "head conv"],
-        "calibration_samples": len(calibration),
+        "samples": len(calibration),
     }
 
 
@@ -269,7 +271,7 @@ def run_tflite(path: Path, x: np.ndarray) -> np.ndarray:
     """Logits (N, classes) of a .tflite on `x` through the bitdeploy runtime backend."""
     from bitdeploy.runtimes.litert import LiteRtBackend
 
-    backend = LiteRtBackend(path, {"target": {}})
+    backend = LiteRtBackend(path, Manifest())
     try:
         return backend.infer(x)
     finally:
@@ -280,12 +282,7 @@ def convert(
     onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions
 ) -> Artifact:
     """Reads options.device (only "cpu": XNNPACK). litert-torch's own output shows when BITDEPLOY_LITERT_LOG is set."""
-    if precision not in ("fp32", "fp16", "int8"):
-        raise ConversionError(f"LiteRT precision must be fp32, fp16 or int8, got {precision!r}")
-    if precision == "int8" and calibration is None:
-        raise ConversionError(
-            "--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)"
-        )
+    check_request("LiteRT", precision, calibration)
     device = (options.device or "cpu").lower()
     if device != "cpu":
         raise ConversionError(f"--device {device!r} is not a LiteRT device here; use --device cpu (XNNPACK)")
@@ -303,14 +300,20 @@ def convert(
         os.replace(tmp / MODEL_FILE, work_dir / MODEL_FILE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    target["versions"] = {"litert_torch": litert_torch.__version__, "torch": torch.__version__.split("+")[0]}
-    return Artifact(files=[MODEL_FILE], model_file=MODEL_FILE, backend="litert", target=target, notes=notes)
+    target = replace(
+        target,
+        details={
+            **target.details,
+            "versions": {"litert_torch": litert_torch.__version__, "torch": torch.__version__.split("+")[0]},
+        },
+    )
+    return Artifact(files=[MODEL_FILE], model_file=MODEL_FILE, target=target, notes=notes)
 
 
 def _convert(
     folded: Any, sample: Any, precision: str, calibration: CalibrationData | None, tmp: Path
-) -> tuple[dict[str, Any], list[str]]:
-    """Write tmp/model.tflite; returns (manifest target keys, notes)."""
+) -> tuple[TargetInfo, list[str]]:
+    """Write tmp/model.tflite; returns (the manifest's target record, notes)."""
     group_norm_type, bitlite, float_stem = _lite_modules()
     stem = folded.root.conv
     folded.root.conv = float_stem(
@@ -318,32 +321,35 @@ def _convert(
     )
     folded.root.conv.load_state_dict(stem.state_dict())
     lite = bitlite(folded).eval()
-    target: dict[str, Any] = {"precision": precision, "device": "cpu", "input_layout": "NCHW", "delegate": "XNNPACK"}
+    quantization = None
     notes = ["GroupNorm rewritten without reshapes (grouped-mean convs) so the batch stays dynamic"]
     out = tmp / MODEL_FILE
     try:
         if precision == "int8":
             assert calibration is not None
-            target["quantization"] = _convert_int8(lite, (group_norm_type, float_stem), sample, calibration, out)
-            target["precision_used"] = "int8 CONV_2D + fp32"
+            quantization = Quantization.from_dict(
+                _convert_int8(lite, (group_norm_type, float_stem), sample, calibration, out)
+            )
+            used = "int8 CONV_2D + fp32"
             notes.append(
                 "INT8 on the bottleneck convolutions (per-channel weights); the 3-channel stem, GroupNorm, residual adds, pooling and the head stay FP32"
             )
         elif precision == "fp16":
             _convert_float(lite, sample, tmp / "fp32.tflite")
             _cast_fp16(tmp / "fp32.tflite", out)
-            target["precision_used"] = "fp16 weights, fp32 compute"
+            used = "fp16 weights, fp32 compute"
             notes.append("FP16 conv weights, dequantized to FP32 at load: half the file, FP32 arithmetic")
         else:
             _convert_float(lite, sample, out)
-            target["precision_used"] = "fp32"
+            used = "fp32"
     except (ConversionError, MemoryError):
         raise
     except Exception as exc:  # litert-torch / jax / MLIR raise their own types with long traces
         raise ConversionError(
             f"litert-torch could not convert the model to {precision} ({type(exc).__name__}: {first_line(exc)}); set {LOG_ENV}=1 to see its log"
         ) from exc
-    return target, notes
+    details = {"input_layout": "NCHW", "delegate": "XNNPACK"}
+    return TargetInfo("litert", precision, used, "cpu", quantization, details), notes
 
 
 def _check_fp32(folded: Any, path: Path, res: int) -> None:

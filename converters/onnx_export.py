@@ -1,10 +1,10 @@
 """Folded ONNX export of a BiT model, checked against PyTorch before anything is written.
 
-Weight standardisation is folded into plain conv weights first (REFERENCE C1.3). The TorchScript exporter is
+Weight standardisation is folded into plain conv weights first, so they are constants. The TorchScript exporter is
 used on purpose: at opset 17 it writes GroupNorm as Reshape -> InstanceNormalization -> Reshape -> Mul -> Add,
-the form every backend accepts (REFERENCE C2-C3), while torch 2.13's dynamo exporter writes opset 18 whatever
-opset it is asked for (REFERENCE D). The graph is simplified with onnxslim, and the result must still hold the
-root's zero Pad + MaxPool(pad 0) (REFERENCE C6), conv weights as initializers, and match PyTorch.
+the form every backend accepts, while torch 2.13's dynamo exporter writes opset 18 whatever
+opset it is asked for. The graph is simplified with onnxslim, and the result must still hold the
+root's zero Pad + MaxPool(pad 0) (MaxPool's own padding is -inf), conv weights as initializers, and match PyTorch.
 """
 
 from __future__ import annotations
@@ -84,12 +84,12 @@ def _check_root_pool(graph: Any) -> None:
     auto_pad = _attr(pool, "auto_pad", b"NOTSET")
     if any(pads) or auto_pad not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
         raise ConversionError(
-            f"the root MaxPool pads implicitly (pads={pads}, auto_pad={auto_pad!r}); its zero padding was fused into it, which changes the outputs (REFERENCE C6)"
+            f"the root MaxPool pads implicitly (pads={pads}, auto_pad={auto_pad!r}); its zero padding was fused into it, which changes the outputs (BiT's root must zero-pad, then max-pool with pad 0)"
         )
     producer = next((n for n in graph.node if pool.input[0] in n.output), None)
     if producer is None or producer.op_type != "Pad":
         raise ConversionError(
-            "the root MaxPool is not preceded by its zero Pad; the simplifier changed the root (REFERENCE C6)"
+            "the root MaxPool is not preceded by its zero Pad; the simplifier changed the root (BiT's root must zero-pad, then max-pool with pad 0)"
         )
     mode = _attr(producer, "mode", b"constant")
     pad_values = _const_values(graph, producer.input[1]) if len(producer.input) > 1 else None
@@ -102,7 +102,7 @@ def _check_root_pool(graph: Any) -> None:
         or float(np.asarray(fill).ravel()[0]) != 0.0
     ):
         raise ConversionError(
-            f"the root Pad is not a constant zero pad of 1 (mode={mode!r}, pads={None if pad_values is None else pad_values.tolist()}) (REFERENCE C6)"
+            f"the root Pad is not a constant zero pad of 1 (mode={mode!r}, pads={None if pad_values is None else pad_values.tolist()}) (BiT's root must zero-pad, then max-pool with pad 0)"
         )
 
 

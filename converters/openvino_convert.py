@@ -8,14 +8,24 @@ f32 unless `--inference-precision bf16|f16` asks otherwise) and the runtime comp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bitdeploy.converters.base import Artifact, ConvertOptions, OpenVinoOptions
+from bitdeploy.converters.base import (
+    Artifact,
+    ConvertOptions,
+    RowInputs,
+    TargetOptions,
+    check_request,
+    option,
+)
 from bitdeploy.converters.calibration import CalibrationData, ValidationData, nncf_dataset
-from bitdeploy.errors import ConversionError, first_line, require
+from bitdeploy.errors import BitdeployError, ConversionError, first_line, require
+from bitdeploy.runtimes.manifest import Quantization, TargetInfo
 
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
 DEFAULT_DEVICE = "CPU"
@@ -24,6 +34,47 @@ MODEL_XML = "model.xml"
 MODEL_BIN = "model.bin"
 # NNCF range estimators by --calib-method (NNCF's own default is mean_minmax for per-tensor activations).
 CALIB_METHODS = ("mean_minmax", "minmax", "mean_quantile", "histogram")
+
+
+@dataclass(frozen=True)
+class OpenVinoOptions(TargetOptions):
+    """OpenVINO's own options: the float precision to validate and pin, and NNCF's accuracy-controlled INT8."""
+
+    inference_precision: str = option(
+        "--inference-precision",
+        "OpenVINO: the precision float layers are validated and pinned in on every device (bf16/f16 only where the device has it).",
+        "f32",
+        choices=INFERENCE_PRECISIONS,
+        precisions=("fp16", "int8"),
+    )
+    accuracy_control: bool = option(
+        "--accuracy-control",
+        "OpenVINO INT8: NNCF accuracy-controlled quantization within --max-accuracy-drop.",
+        False,
+        precisions=("int8",),
+    )
+    max_accuracy_drop: float = 1.0  # percentage points of top-1, for accuracy control (the build's gate)
+    validation: ValidationData | None = None  # the labelled split accuracy control measures on
+
+    def validate(self, precisions: Sequence[str], dataset: str | None) -> None:
+        if self.accuracy_control and dataset is None:
+            raise BitdeployError("--accuracy-control needs --dataset (its validation split measures the accuracy)")
+
+    def needs_validation(self, precisions: Sequence[str]) -> bool:
+        return self.accuracy_control and "int8" in precisions
+
+    def for_row(self, precision: str, row: RowInputs) -> OpenVinoOptions:
+        control = self.accuracy_control and precision == "int8"
+        return replace(
+            self,
+            inference_precision="f32" if precision == "fp32" else self.inference_precision,  # fp32 computes in f32
+            accuracy_control=control,
+            max_accuracy_drop=row.max_accuracy_drop,
+            validation=row.validation if control else None,
+        )
+
+    def gate_hint(self, precision: str) -> str | None:
+        return "try --accuracy-control" if precision == "int8" and not self.accuracy_control else None
 
 
 def parse_device(device: str | None) -> str:
@@ -78,10 +129,13 @@ def _range_estimator(method: str | None) -> Any:
         raise ConversionError(
             f"--calib-method {method!r} is not available for OpenVINO; choose one of: {', '.join(CALIB_METHODS)}"
         )
+    # 7-bit weights in every layer (NNCF's default fixes only the first): x86 CPUs without VNNI multiply u8 x s8
+    # pairs into saturating int16, and a bundle built on a VNNI host failed its self-test on Haswell/SandyBridge.
+    overflow = {"overflow_fix": nncf.OverflowFix.ENABLE}
     if name == "mean_minmax":
-        return None
+        return nncf.AdvancedQuantizationParameters(**overflow)
     params = getattr(RangeEstimatorParametersSet, name.upper())
-    return nncf.AdvancedQuantizationParameters(activations_range_estimator_params=params)
+    return nncf.AdvancedQuantizationParameters(activations_range_estimator_params=params, **overflow)
 
 
 SCOPES = ("norms-residual-head", "head", "none")
@@ -113,7 +167,7 @@ def _residual_adds(model: Any) -> list[str]:
 
 
 def ignored_scope(model: Any, mode: str) -> tuple[Any, list[str]]:
-    """What NNCF must leave in float, as an IgnoredScope plus a note. README "OpenVINO INT8" has the data.
+    """What NNCF must leave in float, as an IgnoredScope plus a note. docs/targets.md has the data.
 
     "norms-residual-head" (default): GroupNorm's statistics (MVN input), the residual Adds and the classifier
     head stay float; the convolutions' inputs and weights are INT8 (NNCF still quantizes the normalised tensor
@@ -149,10 +203,6 @@ def quantize_int8(
 
     nncf.set_log_level(40)  # errors only: the build prints its own progress
     ov_options = options.extras_for(OpenVinoOptions)
-    if len(calibration) == 0:
-        raise ConversionError(
-            "--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)"
-        )
     calib = nncf_dataset(calibration)  # single images: NNCF feeds the model one item at a time
     scope_mode = DEFAULT_SCOPE
     scope, notes = ignored_scope(model, scope_mode)
@@ -167,7 +217,8 @@ def quantize_int8(
     info: dict[str, Any] = {
         "tool": f"nncf {nncf.__version__}",
         "preset": "performance",
-        "calib_method": options.calib_method or "mean_minmax",
+        "overflow_fix": "all layers (7-bit weights: exact on x86 without VNNI)",
+        "method": options.calib_method or "mean_minmax",
         "samples": len(calibration),
         "float_scope": scope_mode,
         "accuracy_control": False,
@@ -220,12 +271,7 @@ def convert(
 ) -> Artifact:
     """Reads options.device, options.threads (the validation compile), options.calib_method and `OpenVinoOptions`."""
     ov = require("openvino", "openvino", "OpenVINO")
-    if precision not in ("fp32", "fp16", "int8"):
-        raise ConversionError(f"OpenVINO precision must be fp32, fp16 or int8, got {precision!r}")
-    if precision == "int8" and calibration is None:
-        raise ConversionError(
-            "--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)"
-        )
+    check_request("OpenVINO", precision, calibration)
     ov_options = options.extras_for(OpenVinoOptions)
     if ov_options.accuracy_control and precision != "int8":
         raise ConversionError("--accuracy-control applies to --precision int8 only")
@@ -274,15 +320,7 @@ def convert(
     notes.append(
         f"float layers pinned to {hint} on every device" + (" (weights stored as f16)" if precision == "fp16" else "")
     )
-    target: dict[str, Any] = {
-        "backend": "openvino",
-        "precision": precision,
-        "precision_used": used,
-        "device": device,
-        "inference_precision": hint,
-        "performance_hint": "LATENCY",
-        "openvino_version": ov.get_version(),
-    }
-    if quant is not None:
-        target["quantization"] = quant
-    return Artifact(files=[MODEL_XML, MODEL_BIN], model_file=MODEL_XML, backend="openvino", target=target, notes=notes)
+    details = {"inference_precision": hint, "performance_hint": "LATENCY", "openvino_version": ov.get_version()}
+    quantization = Quantization.from_dict(quant) if quant is not None else None
+    target = TargetInfo("openvino", precision, used, device, quantization, details)
+    return Artifact(files=[MODEL_XML, MODEL_BIN], model_file=MODEL_XML, target=target, notes=notes)

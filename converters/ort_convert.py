@@ -4,7 +4,7 @@ INT8 is Conv-only QDQ with per-channel symmetric INT8 weights; GroupNorm, the re
 stay FP32 (see `bitdeploy.converters.ort_quant`). The integer scheme must hold on every CPU class a bundle may
 meet, not only the build host's: x86 without VNNI multiplies u8 x s8 pairs into saturating int16, so full-range
 weights overflow there. SCHEMES lists the choices; `auto` takes U8S8 with 7-bit weights on x86 CPUs (exact on
-CPUs with and without VNNI, no slower: README "ONNX Runtime INT8 on every CPU class") and S8S8 elsewhere (ARM,
+CPUs with and without VNNI, no slower: docs/targets.md, "ONNX Runtime INT8 on every CPU class") and S8S8 elsewhere (ARM,
 CUDA: symmetric, what those kernels prefer).
 """
 
@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import platform
 import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.converters.base import Artifact, ConvertOptions, OrtOptions
+from bitdeploy.converters.base import Artifact, ConvertOptions, RowInputs, TargetOptions, check_request, option
 from bitdeploy.converters.calibration import CalibrationData
 from bitdeploy.errors import ConversionError
+from bitdeploy.runtimes.manifest import Quantization, TargetInfo
 
 MODEL_FILE = "model.onnx"
 DEVICES = ("cpu", "cuda")
@@ -45,9 +47,38 @@ SCHEMES: dict[str, tuple[str, bool, str]] = {
 INT8_SCHEMES = ("auto", *SCHEMES)
 
 
+@dataclass(frozen=True)
+class OrtOptions(TargetOptions):
+    """ONNX Runtime's own build options."""
+
+    int8_scheme: str = option(
+        "--int8-scheme",
+        "ONNX Runtime INT8 integer scheme; auto: u8s8-7bit on x86 CPUs (exact with and without VNNI), s8s8 elsewhere.",
+        "auto",
+        choices=INT8_SCHEMES,
+        precisions=("int8",),
+    )
+    verify_on: tuple[str, ...] = ()  # not a flag: the --verify-on CPUs' architectures, which `auto` must hold on
+
+    def for_row(self, precision: str, row: RowInputs) -> OrtOptions:
+        return replace(self, verify_on=row.verify_on) if self.int8_scheme == "auto" else self
+
+
 def default_scheme(device: str) -> str:
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
     return "u8s8-7bit" if _on_cpu(device) and x86 else "s8s8"
+
+
+def auto_scheme(device: str, verify_on: tuple[str, ...]) -> tuple[str, str]:
+    """`auto`: (scheme, why). A bundle must be accurate here and on every --verify-on CPU: wherever an x86 CPU
+    is among them U8S8 with 7-bit weights (never saturates without VNNI; ARM computes it exactly), else S8S8."""
+    if not verify_on:
+        scheme = default_scheme(device)
+        return scheme, SCHEMES[scheme][2]
+    here = "x86_64" if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86") else "arm64"
+    scheme = "u8s8-7bit" if _on_cpu(device) and "x86_64" in (here, *verify_on) else "s8s8"
+    where = ", ".join(dict.fromkeys((here, *verify_on)))
+    return scheme, f"{SCHEMES[scheme][2]}; chosen to hold on every CPU it is verified on ({where})"
 
 
 def _on_cpu(device: str) -> bool:
@@ -94,41 +125,40 @@ def convert(
     """Reads options.device ("cpu" | "cuda[:N]"), options.calib_method and `OrtOptions.int8_scheme`."""
     from bitdeploy.converters import ort_quant
 
+    check_request("ONNX Runtime", precision, calibration)
     device = parse_device(options.device)
     work_dir = Path(work_dir)
     out = work_dir / MODEL_FILE
-    target: dict[str, Any] = {"precision": precision, "device": device}
+    details: dict[str, Any] = {}
+    quantization = None
     notes: list[str] = []
     if precision == "fp32":
         files = _copy_model(Path(onnx_fp32), out)
-        target["precision_used"] = "fp32"
+        used = "fp32"
     elif precision == "fp16":
         info = ort_quant.convert_fp16(onnx_fp32, out)
         files = [MODEL_FILE]
         if _on_cpu(device) and not cpu_computes_fp16(out):
-            target["precision_used"] = "fp16 storage, fp32 compute"
+            used = "fp16 storage, fp32 compute"
             notes.append(
                 "ONNX Runtime's CPU provider casts FP16 nodes to FP32 here: smaller file, no speed-up; FP16 pays off on CUDA"
             )
         else:
-            target["precision_used"] = "fp16 + fp32 normalisations"
-        target["fp16"] = info
+            used = "fp16 + fp32 normalisations"
+        details["fp16"] = info
         notes.append(
             f"kept in FP32: {', '.join(info['kept_fp32_op_types']) or 'nothing'} ({info['kept_fp32_nodes']} nodes), graph I/O float32"
         )
-    elif precision == "int8":
-        if calibration is None:
-            raise ConversionError(
-                "--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)"
-            )
-        scheme = options.extras_for(OrtOptions).int8_scheme or "auto"
-        if scheme == "auto":
-            scheme = default_scheme(device)
-        if scheme not in SCHEMES:
+    else:
+        assert calibration is not None  # check_request refused int8 without it
+        ort_options = options.extras_for(OrtOptions)
+        scheme = ort_options.int8_scheme or "auto"
+        if scheme not in INT8_SCHEMES:
             raise ConversionError(
                 f"--int8-scheme {scheme!r} is not an ONNX Runtime INT8 scheme; choose one of: {', '.join(INT8_SCHEMES)}"
             )
-        activation_type, reduce_range, why = SCHEMES[scheme]
+        scheme, why = auto_scheme(device, ort_options.verify_on) if scheme == "auto" else (scheme, SCHEMES[scheme][2])
+        activation_type, reduce_range, _ = SCHEMES[scheme]
         info = ort_quant.quantize_qdq(
             onnx_fp32,
             out,
@@ -140,12 +170,11 @@ def convert(
         )
         files = [MODEL_FILE]
         info.update(scheme=scheme, scheme_reason=why)
-        target["precision_used"] = f"int8 {'+'.join(info['op_types'])} ({scheme.upper()}) + fp32"
-        target["quantization"] = info
+        used = f"int8 {'+'.join(info['op_types'])} ({scheme.upper()}) + fp32"
+        quantization = Quantization.from_dict(info)
         notes.append(f"INT8 scheme {scheme}: {why}")
         notes.append(
             f"INT8 Q/DQ on {info['quantized_nodes']} {'/'.join(info['op_types'])} nodes; float: {', '.join(info['float_op_types'])}"
         )
-    else:
-        raise ConversionError(f"ONNX Runtime precision must be fp32, fp16 or int8, got {precision!r}")
-    return Artifact(files=files, model_file=MODEL_FILE, backend="onnxruntime", target=target, notes=notes)
+    target = TargetInfo("onnxruntime", precision, used, device, quantization, details)
+    return Artifact(files=files, model_file=MODEL_FILE, target=target, notes=notes)

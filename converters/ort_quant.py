@@ -1,6 +1,6 @@
 """ONNX graph precision transforms built on ONNX Runtime's tools: static INT8 (QDQ) and FP16.
 
-Both keep BiT's GroupNorm in float (REFERENCE C2-C5). The export decomposes each GroupNorm into
+Both keep BiT's GroupNorm in float (no backend runs it well in INT8 or FP16). The export decomposes each GroupNorm into
 Reshape -> InstanceNormalization -> Reshape -> Mul -> Add, and all 49 of them share one InstanceNorm scale
 tensor: ORT's default op set then fails ("Quantization parameter shared mode is not supported for weight"),
 and no backend has an INT8 normalisation anyway. So only Conv is quantized by default: Q/DQ on every conv
@@ -20,13 +20,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bitdeploy.converters.base import check_request
 from bitdeploy.converters.calibration import CalibrationData, ort_reader
 from bitdeploy.errors import ConversionError, first_line
 from bitdeploy.stdio import stdout_to_stderr
 
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_OP_TYPES: tuple[str, ...] = ("Conv",)
-# Normalisations and everything that computes their statistics stay FP32 in FP16 graphs (REFERENCE C4).
+# Normalisations and everything that computes their statistics stay FP32 in FP16 graphs (x² overflows FP16).
 FP32_OP_TYPES: tuple[str, ...] = (
     "InstanceNormalization",
     "GroupNormalization",
@@ -115,13 +116,13 @@ def quantize_qdq(
     """Static INT8 QDQ quantization of `onnx_in` into `onnx_out`; returns what was done (for the manifest).
 
     Weights: INT8, symmetric, per output channel (per_channel=True). Activations: `activation_type` int8
-    (S8S8, TensorRT and ARM) or uint8 (U8S8: faster on x86 VNNI, see the README measurements), per tensor,
+    (S8S8, TensorRT and ARM) or uint8 (U8S8: faster on x86 VNNI, measured in docs/targets.md), per tensor,
     asymmetric unless `symmetric_activations` (TensorRT needs symmetric int8: zero points of 0). `reduce_range`:
     7-bit weights, so x86 CPUs without VNNI, whose U8S8 kernels sum u8 x s8 pairs into saturating int16, compute
     exactly what VNNI CPUs do (see SCHEMES). `quantize_outputs`: Q/DQ on the quantized nodes' outputs too;
     ONNX Runtime's CPU kernels need the output Q to fuse QLinearConv, while TensorRT keeps the conv output float
-    for the GroupNorm that reads it (REFERENCE C5), so its route passes False. No argument overrides another:
-    the file is what the arguments say. `method`: minmax | entropy | percentile.
+    for the GroupNorm that reads it (TensorRT has no INT8 normalisation), so its route passes False. No argument
+    overrides another: the file is what the arguments say. `method`: minmax | entropy | percentile.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -133,8 +134,7 @@ def quantize_qdq(
         )
     if activation_type not in ACTIVATION_TYPES:
         raise ConversionError(f"activation type must be one of {ACTIVATION_TYPES}, got {activation_type!r}")
-    if calibration is None or len(calibration) == 0:
-        raise ConversionError("INT8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)")
+    check_request("ONNX Runtime", "int8", calibration)
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
     model = onnx.load(str(onnx_in), load_external_data=False)
     input_name = model.graph.input[0].name
@@ -158,7 +158,7 @@ def quantize_qdq(
         # Histogram methods keep every activation of every batch until the end; collect one batch at a time.
         **({"CalibStridedMinMax": 1} if method != "minmax" else {}),
         # False (TensorRT): Q/DQ on the inputs and weights only; the output stays float for the GroupNorm that
-        # reads it (REFERENCE C5). ONNX Runtime's CPU kernels need the output Q to fuse QLinearConv.
+        # reads it (TensorRT has no INT8 norm). ONNX Runtime's CPU kernels need the output Q to fuse QLinearConv.
         **({} if quantize_outputs else {"OpTypesToExcludeOutputQuantization": list(op_types)}),
         **(extra_options or {}),
     }

@@ -1,6 +1,6 @@
 """ONNX -> TensorRT engine (`model.plan`) for backend "tensorrt".
 
-Precision lives in the ONNX graph (REFERENCE B6): TensorRT 11 only builds strongly typed networks, so FP16 is
+Precision lives in the ONNX graph: TensorRT 11 only builds strongly typed networks, so FP16 is
 written as casts (normalisations and their statistics stay FP32) and INT8 as explicit Q/DQ (`trt_qdq`). Where
 the installed TensorRT has the STRONGLY_TYPED flag (10.x, 11.x) the network is strongly typed and no precision
 flag is set; only an older TensorRT without it gets the FP16/INT8 builder flags. TensorRT can still build
@@ -14,13 +14,16 @@ import json
 import os
 import re
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.converters.base import Artifact, ConvertOptions, TensorRTOptions
+from bitdeploy.converters.base import Artifact, ConvertOptions, TargetOptions, check_request, option
 from bitdeploy.converters.calibration import CalibrationData
 from bitdeploy.errors import BitdeployError, ConversionError, first_line
 from bitdeploy.fsutil import atomic_write
+from bitdeploy.runtimes.manifest import Quantization, TargetInfo
 
 PLAN = "model.plan"
 DEFAULT_PROFILE = (1, 1, 32)  # batch min, opt, max: tuned for batch-1 latency, accepts batches up to 32
@@ -28,6 +31,21 @@ DEFAULT_WORKSPACE_GB = 4.0
 # Lowest precision first: a layer's compute precision is the lowest among its input tensors.
 PRECISION_ORDER = ("int8", "fp8", "fp16", "bf16", "fp32")
 BOOKKEEPING = {"Reformat", "NoOp", "Shuffle", "Constant"}
+
+
+@dataclass(frozen=True)
+class TensorRTOptions(TargetOptions):
+    """TensorRT's own options: the dynamic-batch profile and the builder's workspace limit."""
+
+    batch: str | None = option(
+        "--batch", "TensorRT: dynamic-batch optimisation profile [default 1,1,32].", None, metavar="MIN,OPT,MAX"
+    )
+    workspace_gb: float | None = option(
+        "--workspace", "TensorRT: builder workspace limit in GiB [default 4].", None, metavar="GB", minimum=0.0625
+    )
+
+    def validate(self, precisions: Sequence[str], dataset: str | None) -> None:
+        parse_profile(self.batch)  # a malformed profile fails before any export
 
 
 def parse_profile(spec: Any) -> tuple[int, int, int]:
@@ -109,7 +127,7 @@ def summarize_layers(engine_info: str | dict[str, Any]) -> dict[str, Any]:
 
 
 def check_realised(requested: str, summary: dict[str, Any]) -> None:
-    """Refuse an engine that silently fell back to FP32 (REFERENCE B6, rf-detr #1453)."""
+    """Refuse an engine that silently fell back to FP32 (a TensorRT build can do so without an error)."""
     wanted = {"fp16": "fp16", "int8": "int8"}.get(requested)
     by = summary.get("by_precision", {})
     if wanted and not by.get(wanted) and summary.get("precision_used") != "unknown":
@@ -254,8 +272,7 @@ def convert(
     from bitdeploy.converters import trt_qdq
     from bitdeploy.runtimes.trt import parse_device
 
-    if precision not in ("fp32", "fp16", "int8"):
-        raise ConversionError(f"TensorRT precision must be fp32, fp16 or int8, got {precision!r}")
+    check_request("TensorRT", precision, calibration)
     trt, api = check_available()
     try:
         index = parse_device(options.device)
@@ -284,11 +301,7 @@ def convert(
     summary = inspect_engine(trt, plan, facts["input"], (profile[1], *facts["sample_shape"]))
     check_realised(precision, summary)
 
-    target = {
-        "backend": "tensorrt",
-        "precision": precision,
-        "precision_used": summary["precision_used"],
-        "device": f"cuda:{index}",
+    details = {
         "tensorrt_version": trt_version,
         "gpu_name": gpu_name,
         "compute_capability": cc,
@@ -305,6 +318,6 @@ def convert(
         notes.append(f"timing cache {'reused' if facts['timing_cache_reused'] else 'created'}: {facts['timing_cache']}")
     notes.extend(onnx_info.get("notes", []))
     files = [PLAN, onnx_name, *onnx_info.pop("extra_files", [])]
-    return Artifact(
-        files=files, model_file=PLAN, backend="tensorrt", target=target, notes=notes, eval_model_file=onnx_name
-    )
+    quantization = Quantization.from_dict(details["onnx"]) if precision == "int8" else None
+    target = TargetInfo("tensorrt", precision, summary["precision_used"], f"cuda:{index}", quantization, details)
+    return Artifact(files=files, model_file=PLAN, target=target, notes=notes, eval_model_file=onnx_name)

@@ -1,4 +1,4 @@
-"""The TensorRT-ready ONNX: explicit INT8 (Q/DQ) or FP16 casts, written into the graph (REFERENCE B6, C4, C5).
+"""The TensorRT-ready ONNX: explicit INT8 (Q/DQ) or FP16 casts, written into the graph (TensorRT 11 has no precision flags).
 
 INT8 follows TensorRT's explicit-quantization rules: signed INT8, zero points of 0 (TensorRT rejects others),
 symmetric per-tensor activation scales, symmetric per-output-channel weight scales (axis 0), and Q/DQ only on
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bitdeploy.converters.base import ConvertOptions
+from bitdeploy.converters.base import ConvertOptions, check_request
 from bitdeploy.converters.calibration import CalibrationData
 from bitdeploy.errors import ConversionError
 
@@ -183,10 +183,8 @@ def build_qdq(
 
     from bitdeploy.converters import ort_quant
 
-    if calibration is None:
-        raise ConversionError(
-            "--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)"
-        )
+    check_request("TensorRT", "int8", calibration)
+    assert calibration is not None
     info = ort_quant.quantize_qdq(
         onnx_fp32,
         out,
@@ -255,6 +253,7 @@ def prepare_onnx(
     onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions
 ) -> tuple[str, dict[str, Any]]:
     """Write `model.trt.onnx` (the graph TensorRT builds; it also lets the bundle be rebuilt for another GPU)."""
+    check_request("TensorRT", precision, calibration)
     out = Path(work_dir) / ONNX_NAME
     if precision == "fp32":
         shutil.copyfile(onnx_fp32, out)
@@ -265,6 +264,4 @@ def prepare_onnx(
         }
     if precision == "fp16":
         return ONNX_NAME, build_fp16(onnx_fp32, out)
-    if precision == "int8":
-        return ONNX_NAME, build_qdq(onnx_fp32, out, calibration, options)
-    raise ConversionError(f"TensorRT precision must be fp32, fp16 or int8, got {precision!r}")
+    return ONNX_NAME, build_qdq(onnx_fp32, out, calibration, options)

@@ -12,13 +12,15 @@ written, with `"valid": false` and the reason, so it can be inspected; runtimes 
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitdeploy import build_output
+from bitdeploy import build_output, build_verify_on
 from bitdeploy.build_context import (
     BUILD_BATCH_SIZES,
     BUILD_THROUGHPUT_IMAGES,
@@ -31,8 +33,11 @@ from bitdeploy.build_context import (
 from bitdeploy.build_output import RowResult
 from bitdeploy.build_row import build_row
 from bitdeploy.cache import StageCache
-from bitdeploy.errors import AccuracyGateError, BitdeployError, require
-from bitdeploy.targets import TARGETS, Target, check_available, plan_rows, unavailable_reason
+from bitdeploy.errors import AccuracyGateError, BitdeployError, ResourceError, require
+from bitdeploy.fsutil import remove_stale_temps, replace_dir
+from bitdeploy.resources import guarded
+from bitdeploy.runtimes.manifest import ModelInfo
+from bitdeploy.targets import TARGETS, Target, check_available, get_target, plan_rows, unavailable_reason
 
 
 @dataclass
@@ -85,19 +90,12 @@ def check_options(opts: BuildOptions) -> list[tuple[Target, str, str | None]]:
             raise BitdeployError(
                 f"--calib-method {opts.calib_method!r} is not available for {t.title}; choose one of: {', '.join(t.calib_methods)}"
             )
-        hint = opts.inference_precision
-        if hint != "f32" and not (t.name == "openvino" and any(p != "fp32" for _, p in rows)):
-            raise BitdeployError(
-                f"--inference-precision {hint} applies to --target openvino --precision fp16 or int8 (fp32 computes in f32)"
-            )
-        if opts.accuracy_control and not (t.name == "openvino" and any(p == "int8" for _, p in rows)):
-            raise BitdeployError("--accuracy-control applies to --target openvino --precision int8 only")
-    if opts.accuracy_control and opts.dataset is None:
-        raise BitdeployError("--accuracy-control needs --dataset (its validation split measures the accuracy)")
+    _check_target_options(opts, rows, single)
     if opts.select and single and len(rows) < 2:
         raise BitdeployError(
             "--select fastest picks among several bundles; use --target all or several --precision values"
         )
+    build_verify_on.check(opts.verify_on)  # no QEMU or kit: one line now, not after the build
     if len(rows) > 1 and (Path(opts.out) / "manifest.json").is_file():
         raise BitdeployError(f"{opts.out} is a bundle; a build of several bundles needs a new or empty --out directory")
     out = []
@@ -107,6 +105,26 @@ def check_options(opts: BuildOptions) -> list[tuple[Target, str, str | None]]:
             reason = "int8 needs --dataset for calibration"
         out.append((t, p, reason))
     return out
+
+
+def _check_target_options(opts: BuildOptions, rows: list[tuple[Target, str]], single: bool) -> None:
+    """Each target's own options: a flag given for rows this build does not make is refused (for one target),
+    then the target's validate hook sees its rows' precisions."""
+    for name in dict.fromkeys([*(t.name for t, _ in rows), *opts.target_options]):
+        target = get_target(name)
+        own = opts.options_for(target)
+        if own is None:
+            continue
+        precisions = [p for t, p in rows if t.name == name]
+        if single:
+            for _, flag, value in own.given():
+                if not set(precisions) & set(flag.precisions):
+                    given = flag.flag if isinstance(value, bool) else f"{flag.flag} {value}"
+                    raise BitdeployError(
+                        f"{given} applies to --target {name} --precision {' or '.join(flag.precisions)}"
+                    )
+        if precisions:
+            own.validate(precisions, opts.dataset)
 
 
 def run_build(
@@ -133,6 +151,8 @@ def run_build(
         cache.close()
         for scratch in ctx.scratch if ctx is not None else []:
             scratch.close()
+    if opts.verify_on:
+        build_verify_on.run(rows, opts.verify_on, opts.threads, log)
 
     selected = None
     if opts.select == "fastest":
@@ -155,18 +175,49 @@ def run_build(
                 "batch_sizes": list(BUILD_BATCH_SIZES),
                 "dataset": opts.dataset,
                 "scenario": "build quick timing (use `bitdeploy bench` for full runs)",
+                "verified_on": {r.name: r.devices for r in rows if r.devices},  # the report's device matrix
             }
-            paths = build_output.write_report(rows, ctx.model_info, ctx.baseline, rdir, selected, settings)
-            show(f"report: {paths['html']}")
+            with guarded(rdir.parent, "pass --out DIR", "build report"):
+                html = _write_report(rows, ctx, rdir, selected, settings)
+            show(f"report: {html}")
+        except ResourceError:
+            raise  # the disk is full or read-only: the line says which and what to do
         except Exception as exc:  # a report problem must not turn a good build into a failure
             log(
                 f"warning: the build report could not be written ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
             )
             rdir = None
     result = BuildResult(rows, selected, rdir, list(cache.hits), time.perf_counter() - started)
-    show(f"done in {result.seconds:.1f} s" + (f" (cache hits: {', '.join(cache.hits)})" if cache.hits else ""))
+    show(status_line(rows, result.seconds, cache.hits))
     _raise_for_failures(opts, rows)
+    build_verify_on.raise_for_devices(rows, selected is not None)
     return result
+
+
+def status_line(rows: list[RowResult], seconds: float, hits: list[str]) -> str:
+    """The build's last line: `done` only when every row that ran is valid, else which rows failed."""
+    cached = f" (cache hits: {', '.join(hits)})" if hits else ""
+    failed = [r for r in rows if not r.valid and not r.status.startswith("skipped")]
+    if not failed:
+        return f"done in {seconds:.1f} s{cached}"
+    ran = sum(1 for r in rows if not r.status.startswith("skipped"))
+    named = ", ".join(f"{r.name} ({'failed gate' if r.status == 'failed gate' else 'error'})" for r in failed)
+    return f"finished in {seconds:.1f} s{cached}: {len(failed)} of {ran} bundles failed: {named}"
+
+
+def _write_report(
+    rows: list[RowResult], ctx: BuildContext, rdir: Path, selected: dict[str, str] | None, settings: dict[str, Any]
+) -> Path:
+    """The report, written beside `rdir` and renamed into place: a failure leaves the old report or none."""
+    remove_stale_temps(rdir.parent, f".{rdir.name}.tmp-")
+    tmp = rdir.parent / f".{rdir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        paths = build_output.write_report(rows, ctx.model_info.to_dict(), ctx.baseline, tmp, selected, settings)
+        replace_dir(tmp, rdir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rdir / paths["html"].name
 
 
 def _raise_for_failures(opts: BuildOptions, rows: list[RowResult]) -> None:
@@ -187,15 +238,12 @@ def _raise_for_failures(opts: BuildOptions, rows: list[RowResult]) -> None:
         acc = first.accuracy or {}
         what = (
             f"top-1 dropped {acc.get('top1_drop_pp', 0):.2f} pp (allowed {opts.max_accuracy_drop:g})"
-            if acc
+            if acc.get("top1_drop_pp") is not None
             else "outputs differ from the FP32 reference beyond tolerance"
         )
-        ov_int8 = first.target == "openvino" and first.precision == "int8" and not opts.accuracy_control
-        fix = (
-            "; try --accuracy-control"
-            if ov_int8
-            else "; raise --max-accuracy-drop or calibrate with more images (--calib-size)"
-        )
+        own = opts.options_for(get_target(first.target))
+        hint = own.gate_hint(first.precision) if own is not None else None
+        fix = f"; {hint}" if hint else "; raise --max-accuracy-drop or calibrate with more images (--calib-size)"
         raise AccuracyGateError(
             f"{first.name} failed the accuracy gate: {what}; bundle {first.bundle} is marked invalid{fix}"
         )
@@ -211,7 +259,7 @@ def _prepare(
     """Target-independent steps: dataset, weights/fine-tune, export, reference logits, calibration."""
     from bitdeploy import build_stages
     from bitdeploy.catalog import WS_EPS, count_params
-    from bitdeploy.converters import accuracy
+    from bitdeploy.converters import gate
     from bitdeploy.converters.calibration import ValidationData
 
     splits = None
@@ -231,31 +279,32 @@ def _prepare(
     )
 
     if splits is not None:
-        data = accuracy.from_image_set(splits.val, resolution, opts.eval_limit, opts.seed, f"{opts.dataset}:val")
+        data = gate.from_image_set(splits.val, resolution, opts.eval_limit, opts.seed, f"{opts.dataset}:val")
     else:
-        data = accuracy.random_inputs(resolution)
+        data = gate.random_inputs(resolution)
     label_ids = data.labels()
     reference = build_stages.reference(state, data, build_stages.data_identity(opts), cache)
     calib = None
     if splits is not None and any(p == "int8" and skip is None for _, p, skip in planned):
         calib = build_stages.calibration(opts, splits, resolution, cache)
     validation = None
-    if opts.accuracy_control and splits is not None and label_ids is not None:
+    if _wants_validation(opts, planned) and splits is not None and label_ids is not None:
         import numpy as np
 
         validation = ValidationData.from_arrays(np.concatenate([x for x, _ in data.batches()]), label_ids)
 
-    model_info = {
-        "name": opts.model,
-        "num_classes": loaded.num_classes,
-        "params": count_params(loaded.variant, loaded.num_classes),
-        "resolution": resolution,
-        "weights": {k: loaded.weights_info.get(k) for k in ("kind", "source", "sha256")},
-        "ws_eps": WS_EPS,
-        "state_sha256": state.state_sha256,
-    }
+    weights = {k: loaded.weights_info.get(k) for k in ("kind", "source", "sha256")}
     if state.training:
-        model_info["weights"]["fine_tuned"] = state.training
+        weights["fine_tuned"] = state.training
+    model_info = ModelInfo(
+        name=opts.model,
+        num_classes=loaded.num_classes,
+        params=count_params(loaded.variant, loaded.num_classes),
+        resolution=resolution,
+        weights=weights,
+        ws_eps=WS_EPS,
+        state_sha256=state.state_sha256,
+    )
     building = sum(1 for _, _, s in planned if s is None)
     return BuildContext(
         onnx=onnx_path,
@@ -276,6 +325,16 @@ def _prepare(
         training=state.training,
         baseline=_baseline_latency(loaded.model, resolution, opts, log) if building > 1 else None,
     )
+
+
+def _wants_validation(opts: BuildOptions, planned: list[tuple[Target, str, str | None]]) -> bool:
+    """Some target's options ask for the labelled validation split (OpenVINO's accuracy control)."""
+    for name in dict.fromkeys(t.name for t, _, skip in planned if skip is None):
+        own = opts.options_for(get_target(name))
+        precisions = [p for t, p, skip in planned if t.name == name and skip is None]
+        if own is not None and own.needs_validation(precisions):
+            return True
+    return False
 
 
 def _baseline_latency(

@@ -9,14 +9,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bitdeploy.converters.base import ConvertOptions, OpenVinoOptions, OrtOptions, TargetExtras, TensorRTOptions
+from bitdeploy.converters.base import ConvertOptions, RowInputs, TargetOptions
+from bitdeploy.devices import find as find_cpus
+from bitdeploy.runtimes.manifest import ModelInfo
+from bitdeploy.targets import options_class
 
 if TYPE_CHECKING:
     import numpy as np
 
     from bitdeploy.cache import StageCache
-    from bitdeploy.converters.accuracy import EvalData
     from bitdeploy.converters.calibration import CalibrationData, ValidationData
+    from bitdeploy.converters.gate import EvalData
     from bitdeploy.targets import Target
 
 DEFAULT_RESOLUTION = 128  # the BiT-HyperRule's crop for small images, used when nothing says otherwise
@@ -26,6 +29,8 @@ BUILD_THROUGHPUT_IMAGES = 32  # images per batch size in that sweep
 
 @dataclass
 class BuildOptions:
+    """The shared options of a build, plus each target's own (`target_options`, by target name)."""
+
     model: str
     out: Path
     weights: str = "auto"
@@ -44,10 +49,10 @@ class BuildOptions:
     calib_size: int = 300
     calib_method: str | None = None
     max_accuracy_drop: float = 1.0
-    accuracy_control: bool = False
     device: str | None = None
     threads: int | None = None
     select: str | None = None
+    verify_on: str | None = None  # CPU[,CPU...]: each valid bundle's self-test, emulated (bitdeploy devices)
     eval_limit: int | None = None
     seed: int = 0
     opset: int = 17
@@ -57,10 +62,15 @@ class BuildOptions:
     bench_iterations: int = 100
     progress: bool = True
     debug: bool = False
-    int8_scheme: str = "auto"  # ONNX Runtime INT8 scheme
-    inference_precision: str = "f32"  # OpenVINO float precision of fp16/int8 rows
-    trt_batch: str | None = None  # TensorRT dynamic-batch profile MIN,OPT,MAX
-    trt_workspace_gb: float | None = None  # TensorRT builder workspace
+    target_options: dict[str, TargetOptions] = field(default_factory=dict)  # absent: that target's defaults
+
+    def options_for(self, target: Target) -> TargetOptions | None:
+        """The target's own options as given, its defaults when none were, None for a target without options."""
+        given = self.target_options.get(target.name)
+        if given is not None:
+            return given
+        cls = options_class(target)
+        return cls() if cls is not None else None
 
     def has_training_flags(self) -> bool:
         return any(v is not None for v in (self.shots, self.steps, self.batch_size, self.lr))
@@ -93,7 +103,7 @@ class BuildContext:
     reference: np.ndarray  # FP32 PyTorch logits on `data`
     labels: list[str]  # class names, in logit order
     resolution: int
-    model_info: dict[str, Any]  # the manifest's `model` object
+    model_info: ModelInfo  # the manifest's `model` record
     row_count: int
     dataset: str | None = None  # --dataset; None: the gate compares logits on random inputs
     calibration: CalibrationData | None = None  # INT8 rows only
@@ -106,17 +116,11 @@ class BuildContext:
 def convert_options(
     opts: BuildOptions, target: Target, precision: str, validation: ValidationData | None
 ) -> ConvertOptions:
-    """What the converter of (target, precision) is told; extras go to the target they belong to."""
-    extras: TargetExtras | None = None
-    if target.name == "onnx":
-        extras = OrtOptions(int8_scheme=opts.int8_scheme)
-    elif target.name == "openvino":
-        # --inference-precision picks the float arithmetic of fp16/int8 rows; fp32 means f32
-        precision_hint = "f32" if precision == "fp32" else opts.inference_precision
-        control = opts.accuracy_control and precision == "int8"
-        extras = OpenVinoOptions(precision_hint, control, opts.max_accuracy_drop, validation if control else None)
-    elif target.name == "trt":
-        extras = TensorRTOptions(batch=opts.trt_batch, workspace_gb=opts.trt_workspace_gb)
+    """What the converter of (target, precision) is told: the shared options, and the target's own bound to the row."""
+    own = opts.options_for(target)
+    arches = tuple(dict.fromkeys(c.arch for c in find_cpus(opts.verify_on))) if opts.verify_on else ()
+    row = RowInputs(opts.max_accuracy_drop, validation, opts.dataset, arches)
+    extras = own.for_row(precision, row) if own is not None else None
     method = opts.calib_method if opts.calib_method in target.calib_methods else None
     return ConvertOptions(
         device=opts.device,

@@ -14,6 +14,7 @@ from typing import Any
 
 from bitdeploy import __version__
 from bitdeploy.runtimes.fingerprint import LIBRARIES, package_versions
+from bitdeploy.runtimes.manifest import Provenance
 
 
 @dataclass
@@ -43,6 +44,7 @@ class RowResult:
     error: str | None = None
     accuracy: dict[str, Any] | None = None
     selected: bool = False
+    devices: dict[str, str] = field(default_factory=dict)  # --verify-on CPU -> "pass" | "FAIL: why"
 
     @property
     def name(self) -> str:
@@ -52,19 +54,24 @@ class RowResult:
     def valid(self) -> bool:
         return self.status == "valid"
 
+    @property
+    def passes_devices(self) -> bool:
+        """Its self-test passed on every --verify-on CPU (true when none was named)."""
+        return all(v == "pass" for v in self.devices.values())
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["name"] = self.name
         return d
 
 
-def provenance(extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "bitdeploy": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": package_versions(LIBRARIES),
-        **(extra or {}),
-    }
+def provenance(extra: dict[str, Any] | None = None) -> Provenance:
+    return Provenance(
+        bitdeploy=__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        versions=package_versions(LIBRARIES),
+        details=extra or {},
+    )
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -73,7 +80,8 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def table(rows: list[RowResult]) -> str:
     """The Ultralytics-style summary: one line per target x precision."""
-    header = ["target", "precision", "status", "size MB", "top-1", "Δ top-1 pp", "p50 ms (bs1)", "images/s"]
+    cpus = list(dict.fromkeys(c for r in rows for c in r.devices))  # --verify-on: one column per CPU
+    header = ["target", "precision", "status", "size MB", "top-1", "Δ top-1 pp", "p50 ms (bs1)", "images/s", *cpus]
     lines = [header]
     for r in rows:
         status = (r.status if len(r.status) <= 64 else r.status[:63] + "…") + ("  <- selected" if r.selected else "")
@@ -91,6 +99,7 @@ def table(rows: list[RowResult]) -> str:
                 _fmt(r.delta_pp, "+.2f"),
                 _fmt(r.p50_ms, ".2f"),
                 ips,
+                *(r.devices[c].split(":")[0] if c in r.devices else "-" for c in cpus),
             ]
         )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
@@ -108,7 +117,9 @@ def table(rows: list[RowResult]) -> str:
 
 def select_fastest(rows: list[RowResult]) -> tuple[RowResult, str] | None:
     """The valid row with the lowest batch-1 p50; every valid row already passed the accuracy gate."""
-    valid = sorted((r for r in rows if r.valid and r.p50_ms is not None), key=lambda r: r.p50_ms or 0.0)
+    valid = sorted(
+        (r for r in rows if r.valid and r.passes_devices and r.p50_ms is not None), key=lambda r: r.p50_ms or 0.0
+    )
     if not valid:
         return None
     best = valid[0]
@@ -120,6 +131,8 @@ def select_fastest(rows: list[RowResult]) -> tuple[RowResult, str] | None:
     nxt = f"; next: {valid[1].name} at {valid[1].p50_ms:.2f} ms" if len(valid) > 1 else ""
     failed = [r.name for r in rows if r.status == "failed gate"]
     excl = f"; excluded by the accuracy gate: {', '.join(failed)}" if failed else ""
+    elsewhere = [r.name for r in rows if r.valid and not r.passes_devices]
+    excl += f"; excluded, failing on a --verify-on CPU: {', '.join(elsewhere)}" if elsewhere else ""
     return best, f"fastest valid bundle: p50 {best.p50_ms:.2f} ms at batch 1, {acc}{nxt}{excl}"
 
 

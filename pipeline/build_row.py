@@ -1,13 +1,15 @@
 """One (target, precision) of a build: convert -> evaluate against the FP32 reference -> time -> bundle.
 
-Every failure is caught here and recorded in the row (`failed: <reason>`), so `--target all` goes on.
+Every failure is caught here and recorded in the row (`failed: <reason>`), so `--target all` goes on. The row's
+manifest is one typed record (`bitdeploy.runtimes.manifest.Manifest`), drafted after the conversion and completed
+after the gate; `bitdeploy.runtimes.bundle.write_manifest` writes it.
 """
 
 from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,12 @@ from bitdeploy.build_context import BuildContext, BuildOptions, bundle_path, con
 from bitdeploy.build_output import RowResult, provenance
 from bitdeploy.cache import StageCache, file_sha256, stage_key
 from bitdeploy.converters.base import Artifact, ConvertOptions
-from bitdeploy.errors import BitdeployError, first_line
+from bitdeploy.errors import BitdeployError, ResourceError, first_line
 from bitdeploy.fsutil import copy_files
+from bitdeploy.resources import guarded
 from bitdeploy.runtimes import selftest
 from bitdeploy.runtimes.fingerprint import host_fingerprint
+from bitdeploy.runtimes.manifest import GateResult, InputSpec, Manifest, SelfTestSpec
 from bitdeploy.targets import Target, load_converter
 
 EVAL_BATCH = 32
@@ -32,10 +36,7 @@ def _cache_settings(options: ConvertOptions) -> dict[str, Any]:
         f.name: getattr(options, f.name) for f in fields(options) if f.name not in ("cache_dir", "extras")
     }
     if options.extras is not None:
-        extras = {f.name: getattr(options.extras, f.name) for f in fields(options.extras)}
-        if extras.get("validation") is not None:
-            extras["validation"] = extras["validation"].sha256
-        keyed["extras"] = {"type": type(options.extras).__name__, **extras}
+        keyed["extras"] = options.extras.cache_key()
     return keyed
 
 
@@ -52,8 +53,8 @@ def convert(
     fn = load_converter(target)
 
     def step(work: Path) -> dict[str, Any]:
-        artifact = fn(Path(ctx.onnx), work, precision, calib, options)
-        return asdict(artifact)
+        artifact: Artifact = fn(Path(ctx.onnx), work, precision, calib, options)
+        return artifact.to_dict()
 
     if not target.cache_conversions:
         stage_cache = StageCache(enabled=False)
@@ -63,15 +64,15 @@ def convert(
         work, meta, _ = cache.run(
             f"convert-{target.name}-{precision}", key, step, what=f"{target.title} {precision} conversion"
         )
-    return work, Artifact(**meta)
+    return work, Artifact.from_dict(meta)
 
 
 def evaluate(
-    artifact: Artifact, work: Path, manifest: dict[str, Any], ctx: BuildContext, opts: BuildOptions, precision: str
-) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any], np.ndarray]:
-    """(accuracy or validation object, latency figures or None, what ran, the artifact's logits) for the artifact."""
+    artifact: Artifact, work: Path, manifest: Manifest, ctx: BuildContext, opts: BuildOptions, precision: str
+) -> tuple[GateResult, dict[str, Any] | None, dict[str, Any], np.ndarray]:
+    """(the gate's result, latency figures or None, what ran, the artifact's logits) for the artifact."""
     from bitdeploy.benchmarks.latency import quick
-    from bitdeploy.converters import accuracy
+    from bitdeploy.converters import gate
     from bitdeploy.runtimes.base import backend_available, open_backend
 
     backend_name, model_file, evaluated = artifact.backend, artifact.model_file, "artifact"
@@ -81,19 +82,17 @@ def evaluate(
             artifact.eval_model_file,
             f"{artifact.eval_model_file} on ONNX Runtime CPU",
         )
-    device = (artifact.target.get("device") or opts.device) if backend_name == artifact.backend else "cpu"
+    device = (artifact.target.device or opts.device) if backend_name == artifact.backend else "cpu"
     backend = open_backend(backend_name, work / model_file, manifest, device=device, threads=opts.threads)
     try:
-        batch = EVAL_BATCH
-        logits = accuracy.run_logits(backend.infer, ctx.data, batch)
+        logits = gate.run_logits(backend.infer, ctx.data, EVAL_BATCH)
         if ctx.dataset is not None and ctx.label_ids is not None:
-            result = accuracy.gate(logits, ctx.reference, ctx.label_ids, opts.max_accuracy_drop)
-            result.update(dataset=ctx.dataset, split="val")
+            result = gate.gate(logits, ctx.reference, ctx.label_ids, opts.max_accuracy_drop)
+            result = replace(result, dataset=ctx.dataset, split="val")
         else:
-            result = accuracy.validate_unlabelled(logits, ctx.reference, precision, ctx.data.source)
-        result["evaluated_with"] = (
-            evaluated if evaluated != "artifact" else f"{backend_name} ({backend.describe().get('device')})"
-        )
+            result = gate.validate_unlabelled(logits, ctx.reference, precision, ctx.data.source)
+        ran = evaluated if evaluated != "artifact" else f"{backend_name} ({backend.describe().get('device')})"
+        result = replace(result, evaluated_with=ran)
         timing = None
         if evaluated == "artifact":
             res = ctx.resolution
@@ -104,29 +103,26 @@ def evaluate(
     return result, timing, described, logits
 
 
-def base_manifest(artifact: Artifact, ctx: BuildContext, precision: str) -> dict[str, Any]:
+def draft_manifest(artifact: Artifact, ctx: BuildContext, precision: str) -> Manifest:
+    """The row's manifest before the gate: invalid until `build_row` records the result."""
     from bitdeploy.runtimes.preprocess import input_spec
 
     calib = ctx.calibration if precision == "int8" else None
-    method = (artifact.target.get("quantization") or {}).get("method") or (
-        artifact.target.get("quantization") or {}
-    ).get("calib_method")
-    return {
-        "valid": False,
-        "invalid_reason": "not validated yet",
-        "model": ctx.model_info,
-        "target": {"backend": artifact.backend, **artifact.target, "precision": precision},
-        "model_file": artifact.model_file,
-        "input": input_spec(ctx.resolution),
-        "output": {"name": "logits", "kind": "logits"},
-        "labels": ctx.labels,
-        "export": ctx.export,
-        "accuracy": None,
-        "validation": None,
-        "calibration": calib.manifest(method) if calib is not None else None,
-        "notes": artifact.notes,
-        "provenance": provenance(),
-    }
+    quantization = artifact.target.quantization
+    method = quantization.method if quantization is not None else None
+    return Manifest(
+        valid=False,
+        invalid_reason="not validated yet",
+        model=ctx.model_info,
+        target=replace(artifact.target, precision=precision),
+        model_file=artifact.model_file,
+        input=input_spec(ctx.resolution),
+        labels=list(ctx.labels),
+        export=ctx.export,
+        calibration=calib.manifest(method) if calib is not None else None,
+        notes=list(artifact.notes),
+        provenance=provenance(),
+    )
 
 
 def build_row(
@@ -144,21 +140,18 @@ def build_row(
     log(f"[{row.name}] converting with {target.title}")
     try:
         work, artifact = convert(target, precision, ctx, opts, cache)
-        manifest = base_manifest(artifact, ctx, precision)
+        manifest = draft_manifest(artifact, ctx, precision)
         log(f"[{row.name}] evaluating, then timing batch 1 and a batch-size sweep")
-        result, timing, described, logits = evaluate(artifact, work, manifest, ctx, opts, precision)
-        if "top1" in result:
-            manifest["accuracy"] = result
-            row.top1, row.reference_top1 = result["top1"], result["reference_top1"]
-            row.delta_pp = (result["top1"] - result["reference_top1"]) * 100.0
-            what = f"top-1 {result['top1'] * 100:.2f}% vs FP32 {result['reference_top1'] * 100:.2f}% ({row.delta_pp:+.2f} pp, agreement {result['agreement'] * 100:.1f}%)"
+        with guarded(Path(opts.out), "pass --out DIR", f"{row.name} evaluation", "evaluate"):
+            result, timing, described, logits = evaluate(artifact, work, manifest, ctx, opts, precision)
+        if result.top1 is not None and result.reference_top1 is not None:
+            row.top1, row.reference_top1 = result.top1, result.reference_top1
+            row.delta_pp = (result.top1 - result.reference_top1) * 100.0
+            what = f"top-1 {result.top1 * 100:.2f}% vs FP32 {result.reference_top1 * 100:.2f}% ({row.delta_pp:+.2f} pp, agreement {(result.agreement or 0) * 100:.1f}%)"
         else:
-            manifest["validation"] = result
-            what = f"no dataset: max |logit diff| {result['max_abs_logit_diff']} vs FP32 on random inputs (tolerance {result['tolerance']:.3g})"
-        row.accuracy = result
-        passed = bool(result["passed"])
-        manifest["valid"] = passed
-        manifest["invalid_reason"] = None if passed else _invalid_reason(result, opts)
+            what = f"no dataset: max |logit diff| {result.max_abs_logit_diff} vs FP32 on random inputs (tolerance {result.tolerance or 0:.3g})"
+        row.accuracy = result.to_dict()
+        build_latency = None
         if timing is not None:
             row.p50_ms, row.p90_ms, row.p99_ms, row.mean_ms = (
                 timing["p50_ms"],
@@ -172,7 +165,7 @@ def build_row(
                 timing["throughput_batch"],
             )
             row.throughput = timing["throughput"]
-            manifest["build_latency"] = {
+            build_latency = {
                 "batch1_p50_ms": row.p50_ms,
                 "batch1_p90_ms": row.p90_ms,
                 "queries": row.latency_n,
@@ -181,20 +174,29 @@ def build_row(
                 "threads": opts.threads,
                 "note": "quick build-time figure; use `bitdeploy bench` for publishable numbers",
             }
-        row.precision_used = artifact.target.get("precision_used")
-        row.device = str(described.get("device") or artifact.target.get("device") or "")
+        row.precision_used = artifact.target.precision_used
+        row.device = str(described.get("device") or artifact.target.device or "")
         row.notes = list(artifact.notes)
         path = bundle_path(opts, ctx.row_count, row.name)
-        manifest["validated_on"] = {**host_fingerprint(), "evaluated_with": result.get("evaluated_with")}
-        with bundle_writer(path) as tmp:
+        manifest = replace(
+            manifest,
+            valid=result.passed,
+            invalid_reason=None if result.passed else _invalid_reason(result, opts),
+            gate=result,
+            build_latency=build_latency,
+            validated_on={**host_fingerprint(), "evaluated_with": result.evaluated_with},
+        )
+        with guarded(path.parent, "pass --out DIR", f"{row.name} bundle"), bundle_writer(path) as tmp:
             copy_files(work, tmp, artifact.files)
-            manifest["self_test"] = _write_golden(tmp, ctx, logits, precision, manifest["input"])
+            manifest = replace(manifest, self_test=_write_golden(tmp, ctx, logits, precision, manifest.input))
             write_manifest(tmp, manifest, [*artifact.files, selftest.GOLDEN_FILE])
         row.bundle = str(path)
         row.size_mb = sum((path / f).stat().st_size for f in artifact.files) / 1e6
-        row.status = "valid" if passed else "failed gate"
-        log(f"[{row.name}] {what}; {'valid' if passed else 'FAILED the gate'}; bundle {path}")
+        row.status = "valid" if result.passed else "failed gate"
+        log(f"[{row.name}] {what}; {'valid' if result.passed else 'FAILED the gate'}; bundle {path}")
     except BitdeployError as exc:
+        if isinstance(exc, ResourceError) and exc.kind != "memory":
+            raise  # a full, read-only or failing disk fails every row alike: stop the build with its fix
         if opts.debug:  # the row still fails alone, but --debug shows the chain that led here
             traceback.print_exception(exc)
         row.status, row.error = f"failed: {first_line(exc)}", first_line(exc)
@@ -210,8 +212,8 @@ def build_row(
 
 
 def _write_golden(
-    bundle_dir: Path, ctx: BuildContext, logits: np.ndarray, precision: str, input_spec: dict[str, Any]
-) -> dict[str, Any]:
+    bundle_dir: Path, ctx: BuildContext, logits: np.ndarray, precision: str, input_spec: InputSpec
+) -> SelfTestSpec:
     """The bundle's self-test: a seeded subset of the validation inputs, their FP32 logits and labels."""
     data, reference, labels = ctx.data, ctx.reference, ctx.label_ids
     idx = selftest.select(data.samples, ctx.resolution)
@@ -231,7 +233,9 @@ def _write_golden(
     )
 
 
-def _invalid_reason(result: dict[str, Any], opts: BuildOptions) -> str:
-    if "top1_drop_pp" in result:
-        return f"accuracy gate: top-1 dropped {result['top1_drop_pp']:.2f} pp vs FP32 PyTorch (allowed {opts.max_accuracy_drop:g} pp)"
-    return f"validation: max |logit diff| {result.get('max_abs_logit_diff')} vs FP32 PyTorch exceeds {result.get('tolerance'):.3g}"
+def _invalid_reason(result: GateResult, opts: BuildOptions) -> str:
+    if result.top1_drop_pp is not None:
+        return f"accuracy gate: top-1 dropped {result.top1_drop_pp:.2f} pp vs FP32 PyTorch (allowed {opts.max_accuracy_drop:g} pp)"
+    return (
+        f"validation: max |logit diff| {result.max_abs_logit_diff} vs FP32 PyTorch exceeds {result.tolerance or 0:.3g}"
+    )

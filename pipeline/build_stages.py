@@ -20,8 +20,8 @@ from bitdeploy.cache import StageCache, canonical, file_sha256, stage_key
 from bitdeploy.errors import BitdeployError, DatasetError
 
 if TYPE_CHECKING:
-    from bitdeploy.converters.accuracy import EvalData
     from bitdeploy.converters.calibration import CalibrationData
+    from bitdeploy.converters.gate import EvalData
     from bitdeploy.training.data import Splits
 
 EXPORT_FILE = "model.onnx"
@@ -189,7 +189,7 @@ def export(state: ModelState, resolution: int, opset: int, cache: StageCache) ->
 
 def reference(state: ModelState, data: EvalData, data_id: str, cache: StageCache) -> np.ndarray:
     """FP32 PyTorch logits on the gate's inputs (cached by weights and data)."""
-    from bitdeploy.converters.accuracy import torch_logits
+    from bitdeploy.converters.gate import torch_logits
 
     key = stage_key(
         "reference",

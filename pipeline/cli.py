@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 import traceback
 from typing import Any
 
 import click
 
 from bitdeploy import __version__
+from bitdeploy.devices import exit_if_below_floor
 from bitdeploy.errors import BitdeployError
+from bitdeploy.resources import resource_error
 
 # command name -> "module:attribute"; each module imports its heavy dependencies inside the command body.
 COMMANDS: dict[str, str] = {
@@ -26,6 +30,8 @@ COMMANDS: dict[str, str] = {
     "export-repo": "bitdeploy.cmd_export_repo:export_repo",
     "bench": "bitdeploy.cmd_bench:bench",
     "report": "bitdeploy.cmd_bench:report",
+    "cache": "bitdeploy.cmd_cache:cache",
+    "devices": "bitdeploy.cmd_devices:devices",
 }
 
 
@@ -60,17 +66,37 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every `finally` removes its temporary files before the exit."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> Any:
+    exit_if_below_floor()  # before anything imports numpy: one line, not an Illegal instruction
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main else None
+    try:
+        return _run(argv, debug)
+    finally:
+        if on_main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None, debug: bool) -> Any:
     try:
         rv = cli.main(args=argv, prog_name="bitdeploy", standalone_mode=False)
         # Without standalone mode click returns ctx.exit(n)'s code instead of exiting with it.
         if isinstance(rv, int) and rv:
             sys.exit(rv)
         return rv
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as exc:  # click turns Ctrl-C (and SIGTERM, above) into Abort
+        terminated = isinstance(exc.__cause__, Terminated)
+        click.echo("Terminated." if terminated else "Aborted.", err=True)
+        sys.exit(143 if terminated else 130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:  # usage errors: exit 2
@@ -81,17 +107,19 @@ def main(argv: list[str] | None = None) -> Any:
             traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except Terminated:
+        click.echo("Terminated.", err=True)
+        sys.exit(143)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
-    except MemoryError:
-        if debug:
-            traceback.print_exc()
-        click.echo("error: out of memory; lower --batch-size or raise --batch-split", err=True)
-        sys.exit(1)
     except Exception as exc:  # a bug, not a user error: still one line unless --debug
         if debug:
             traceback.print_exc()
+        fault = resource_error(exc, None, "free space, or write to another disk", "output")
+        if fault is not None:  # a fault no command anticipated: still the directory and a fix
+            click.echo(f"error: {fault}", err=True)
+            sys.exit(1)
         first = str(exc).splitlines()[0] if str(exc) else ""
         click.echo(
             f"error: unexpected {type(exc).__name__}: {first} (rerun with --debug for the traceback and report it)",

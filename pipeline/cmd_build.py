@@ -1,21 +1,79 @@
-"""`bitdeploy build`: weights [-> fine-tune] -> ONNX -> bundle(s) for ONNX Runtime, OpenVINO, TensorRT."""
+"""`bitdeploy build`: weights [-> fine-tune] -> ONNX -> bundle(s) for every registered target.
+
+The shared flags are written out here; each target's own flags come from its record's options class
+(`bitdeploy.converters.base.option` fields), read when the command runs (as `choices` reads --target), so a target
+registered at any time brings its flags without an edit to this module.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from bitdeploy import choices
-from bitdeploy.converters.openvino_convert import INFERENCE_PRECISIONS
-from bitdeploy.converters.ort_convert import INT8_SCHEMES
-from bitdeploy.targets import PRECISIONS, TARGETS
+from bitdeploy.converters.base import Flag, TargetOptions
+from bitdeploy.targets import PRECISIONS, TARGETS, Target, options_class
 
 CALIB_HELP = "; ".join(
-    f"{t.name}: {'|'.join(t.calib_methods)} (default {t.calib_methods[0]})" for t in TARGETS.values()
+    f"{t.name}: {'|'.join(t.calib_methods)} (default {t.calib_methods[0]})" for t in TARGETS.values() if t.calib_methods
 )
 TARGET_HELP = ", ".join(f"{t.name} ({t.title})" for t in TARGETS.values())
 DEVICE_HELP = "; ".join(f"{t.name}: {t.devices}" for t in TARGETS.values() if t.devices)
+
+
+def _param(target: Target, field: str) -> str:
+    """The click parameter name of a target's option field (unique across targets)."""
+    return f"{target.name}_{field}".replace("-", "_").replace(".", "_")
+
+
+def _click_kwargs(flag: Flag, default: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"help": flag.help, "metavar": flag.metavar}
+    if isinstance(default, bool):
+        return {**kwargs, "is_flag": True, "default": default}
+    if flag.choices:
+        kind: Any = click.Choice(flag.choices)
+    elif isinstance(default, int):
+        kind = click.IntRange(min=None if flag.minimum is None else int(flag.minimum))
+    elif isinstance(default, float) or flag.minimum is not None:
+        kind = click.FloatRange(min=flag.minimum)
+    else:
+        kind = str
+    return {**kwargs, "type": kind, "default": default, "show_default": default is not None}
+
+
+def target_params(taken: set[str]) -> list[click.Parameter]:
+    """Every registered target's own flags, in record order (`taken`: the shared flags, which none may reuse)."""
+    owner = dict.fromkeys(taken, "build")
+    params: list[click.Parameter] = []
+    for target in TARGETS.values():
+        cls = options_class(target)
+        for name, flag, default in cls.flags() if cls is not None else []:
+            if flag.flag in owner:
+                raise ValueError(f"{flag.flag} of target {target.name!r} is already a flag of {owner[flag.flag]!r}")
+            owner[flag.flag] = target.name
+            params.append(click.Option([flag.flag, _param(target, name)], **_click_kwargs(flag, default)))
+    return params
+
+
+class BuildCommand(click.Command):
+    """`build`: its shared flags, then each registered target's own, collected when the command is used."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = [*self.params, *target_params({o for p in self.params for o in p.opts})]
+        help_option = self.get_help_option(ctx)
+        return [*params, help_option] if help_option is not None else params
+
+
+def target_options(values: dict[str, Any]) -> dict[str, TargetOptions]:
+    """Each target's options object from the parsed flags (its defaults where a flag was not given)."""
+    out = {}
+    for target in TARGETS.values():
+        cls = options_class(target)
+        if cls is not None:
+            out[target.name] = cls(**{name: values[_param(target, name)] for name, _, _ in cls.flags()})
+    return out
 
 
 def _precisions(values: tuple[str, ...]) -> list[str] | None:
@@ -32,7 +90,7 @@ def _precisions(values: tuple[str, ...]) -> list[str] | None:
     return out or None
 
 
-@click.command("build")
+@click.command("build", cls=BuildCommand)
 @click.option("--model", "model_name", required=True, help="Model name (see `bitdeploy models`), e.g. m-r50x1.")
 @click.option(
     "--weights",
@@ -112,11 +170,6 @@ def _precisions(values: tuple[str, ...]) -> list[str] | None:
     show_default=True,
     help="Largest top-1 drop vs the FP32 PyTorch model, in percentage points, for a bundle to be valid.",
 )
-@click.option(
-    "--accuracy-control",
-    is_flag=True,
-    help="OpenVINO INT8: NNCF accuracy-controlled quantization within --max-accuracy-drop.",
-)
 @click.option("--device", default=None, help=f"Deployment device; {DEVICE_HELP}.")
 @click.option(
     "--threads",
@@ -125,38 +178,17 @@ def _precisions(values: tuple[str, ...]) -> list[str] | None:
     help="Inference threads for evaluation and timing [default: the runtime's].",
 )
 @click.option(
-    "--int8-scheme",
-    type=click.Choice(INT8_SCHEMES),
-    default="auto",
-    show_default=True,
-    help="ONNX Runtime INT8 integer scheme; auto: u8s8-7bit on x86 CPUs (exact with and without VNNI), s8s8 elsewhere.",
-)
-@click.option(
-    "--inference-precision",
-    type=click.Choice(INFERENCE_PRECISIONS),
-    default="f32",
-    show_default=True,
-    help="OpenVINO: the precision float layers are validated and pinned in on every device (bf16/f16 only where the device has it).",
-)
-@click.option(
-    "--batch",
-    "trt_batch",
-    default=None,
-    metavar="MIN,OPT,MAX",
-    help="TensorRT: dynamic-batch optimisation profile [default 1,1,32].",
-)
-@click.option(
-    "--workspace",
-    type=click.FloatRange(min=0.0625),
-    default=None,
-    metavar="GB",
-    help="TensorRT: builder workspace limit in GiB [default 4].",
-)
-@click.option(
     "--select",
     type=click.Choice(["fastest"]),
     default=None,
-    help="Pick the fastest bundle that passed the accuracy gate and mark it in the report.",
+    help="Pick the fastest bundle that passed the accuracy gate (and every --verify-on CPU) and mark it in the report.",
+)
+@click.option(
+    "--verify-on",
+    default=None,
+    metavar="CPU[,CPU...]",
+    help="After the gate, run each valid bundle's self-test on each emulated CPU, e.g. cortex-a72,neoverse-n1,haswell "
+    "(`bitdeploy devices` lists them; the kit: `bitdeploy devices setup`, $BITDEPLOY_KIT).",
 )
 @click.option(
     "--eval-limit",
@@ -207,10 +239,10 @@ def build(
     calib_size: int,
     calib_method: str | None,
     max_accuracy_drop: float,
-    accuracy_control: bool,
     device: str | None,
     threads: int | None,
     select: str | None,
+    verify_on: str | None,
     eval_limit: int | None,
     seed: int,
     opset: int,
@@ -219,10 +251,7 @@ def build(
     no_report: bool,
     bench_iterations: int,
     hflip: bool,
-    int8_scheme: str,
-    inference_precision: str,
-    trt_batch: str | None,
-    workspace: float | None,
+    **flags: Any,
 ) -> None:
     """Build deployment bundles: weights [-> fine-tune] -> ONNX -> convert -> accuracy gate -> bundle.
 
@@ -264,10 +293,10 @@ def build(
         calib_size=calib_size,
         calib_method=calib_method,
         max_accuracy_drop=max_accuracy_drop,
-        accuracy_control=accuracy_control,
         device=device,
         threads=threads,
         select=select,
+        verify_on=verify_on,
         eval_limit=eval_limit,
         seed=seed,
         opset=opset,
@@ -276,9 +305,6 @@ def build(
         report=not no_report,
         bench_iterations=bench_iterations,
         debug=debug,
-        int8_scheme=int8_scheme,
-        inference_precision=inference_precision,
-        trt_batch=trt_batch,
-        trt_workspace_gb=workspace,
+        target_options=target_options(flags),
     )
     run_build(opts, log=lambda msg: click.echo(msg, err=True), show=click.echo)

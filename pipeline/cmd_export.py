@@ -71,13 +71,15 @@ def export(
 
     require("torch", "train")
     from bitdeploy.converters.onnx_export import export_onnx
+    from bitdeploy.resources import guarded
     from bitdeploy.training.weights import load_model
 
     _progress(f"loading {model_name} weights ({weights})...")
     loaded = load_model(model_name, weights, num_classes=num_classes)
     res = resolution or loaded.resolution or DEFAULT_RESOLUTION
     _progress(f"exporting at {res}x{res}, opset {opset}...")
-    info = export_onnx(loaded.model, res, out, opset=opset)
+    with guarded(out.absolute().parent, "pass --out FILE", "ONNX export", "export"):
+        info = export_onnx(loaded.model, res, out, opset=opset)
     record = {"model": model_name, "num_classes": loaded.num_classes, "weights": loaded.weights_info, **info}
     if as_json:
         click.echo(json.dumps(record, indent=2, default=str))

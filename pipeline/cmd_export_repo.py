@@ -60,9 +60,11 @@ def export_repo(
       bitdeploy export-repo runs/digits/onnx-fp32 runs/digits/openvino-int8 --name digits-ort --name digits-ov --format triton --out repo
       docker run --rm -p 8000:8000 -v $PWD/repo:/models nvcr.io/nvidia/tritonserver:24.08-py3 tritonserver --model-repository=/models
     """
+    from bitdeploy.resources import guarded
     from bitdeploy.runtimes.model_repo import export_repo as write
 
-    written = write(list(bundles), fmt, out, list(names) or None, max_batch, round(max_delay_ms * 1000), force)
+    with guarded(out.absolute().parent, "pass --out DIR", "model repository"):
+        written = write(list(bundles), fmt, out, list(names) or None, max_batch, round(max_delay_ms * 1000), force)
     for m in written:
         click.echo(f"{m.name}: {m.backend} {', '.join(m.model_files)}")
     click.echo(f"wrote a {fmt} repository of {len(written)} model(s) to {out}")

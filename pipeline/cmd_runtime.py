@@ -190,17 +190,15 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
 
 def summary_rows(m: Manifest, root: Path, is_pack: bool, checksums: str) -> list[tuple[str, str]]:
     """The human-readable manifest summary, as (field, text) rows."""
+    from bitdeploy.runtimes.manifest import FORMAT, Provenance
+
     model, target, spec, labels = m.model, m.target, m.input, m.labels
-    rows = [
-        ("format", f"{m.raw.get('format')} v{m.raw.get('format_version')}" + (" (single-file pack)" if is_pack else ""))
-    ]
+    rows = [("format", f"{FORMAT} v{m.to_dict()['format_version']}" + (" (single-file pack)" if is_pack else ""))]
     status = "valid" if m.valid else f"INVALID: {m.invalid_reason or 'did not pass validation'}"
     rows.append(("status", status))
-    params = f", {model['params'] / 1e6:.2f}M params" if isinstance(model.get("params"), (int, float)) else ""
-    rows.append(
-        ("model", f"{model.get('name')}, {model.get('num_classes')} classes{params}, {model.get('resolution')} px")
-    )
-    weights = model.get("weights") or {}
+    params = f", {model.params / 1e6:.2f}M params" if model.params is not None else ""
+    rows.append(("model", f"{model.name}, {model.num_classes} classes{params}, {model.resolution} px"))
+    weights = model.weights
     if weights:
         rows.append(
             (
@@ -210,7 +208,7 @@ def summary_rows(m: Manifest, root: Path, is_pack: bool, checksums: str) -> list
         )
     used = f" (runs {target.precision_used})" if target.precision_used else ""
     extras = {
-        k: v for k, v in target.as_dict().items() if k not in ("backend", "precision", "device", "precision_used")
+        k: v for k, v in target.to_dict().items() if k not in ("backend", "precision", "device", "precision_used")
     }
     rows.append(
         (
@@ -221,12 +219,13 @@ def summary_rows(m: Manifest, root: Path, is_pack: bool, checksums: str) -> list
     )
     size = sum((root / n).stat().st_size for n in m.files if (root / n).is_file())
     rows.append(("model file", f"{m.model_file} ({size / 1e6:.2f} MB in {len(m.files)} file(s))"))
-    mean, std = spec.get("mean"), spec.get("std")
+    shape = None if spec.shape is None else [-1 if d is None else d for d in spec.shape]
+    resize = None if spec.resize is None else list(spec.resize)
     rows.append(
         (
             "input",
-            f"{spec.get('name')} {spec.get('dtype')} {spec.get('shape')} {spec.get('layout')} {spec.get('color')}, "
-            f"resize {spec.get('resize')} {spec.get('interpolation')}, mean {mean} std {std}",
+            f"{spec.name} {spec.dtype} {shape} {spec.layout} {spec.color}, "
+            f"resize {resize} {spec.interpolation}, mean {list(spec.mean)} std {list(spec.std)}",
         )
     )
     rows.append(("output", f"{m.output.get('name')} ({m.output.get('kind')})"))
@@ -238,12 +237,12 @@ def summary_rows(m: Manifest, root: Path, is_pack: bool, checksums: str) -> list
         def pct(x: Any) -> str:
             return f"{x * 100:.2f}%" if isinstance(x, (int, float)) else "?"
 
-        gate = {True: "passed", False: "FAILED"}.get(bool(acc["passed"]), "n/a") if "passed" in acc else "n/a"
+        gate = "passed" if acc.passed else "FAILED"
         rows.append(
             (
                 "accuracy",
-                f"top-1 {pct(acc.get('top1'))} vs reference {pct(acc.get('reference_top1'))}, agreement {pct(acc.get('agreement'))}, "
-                f"{acc.get('samples')} samples, max |dlogit| {acc.get('max_abs_logit_diff')}, gate {gate}",
+                f"top-1 {pct(acc.top1)} vs reference {pct(acc.reference_top1)}, agreement {pct(acc.agreement)}, "
+                f"{acc.samples} samples, max |dlogit| {acc.max_abs_logit_diff}, gate {gate}",
             )
         )
     else:
@@ -254,12 +253,13 @@ def summary_rows(m: Manifest, root: Path, is_pack: bool, checksums: str) -> list
     cal = m.calibration
     if cal:
         rows.append(("calibration", ", ".join(f"{k} {v}" for k, v in cal.items() if k != "sha256")))
-    prov = m.provenance or {}
-    versions = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items())
+    prov = m.provenance or Provenance()
+    versions = ", ".join(f"{k} {v}" for k, v in prov.versions.items())
     rows.append(
         (
             "provenance",
-            f"bitdeploy {prov.get('bitdeploy')}, created {prov.get('created')}" + (f"; {versions}" if versions else ""),
+            f"bitdeploy {prov.bitdeploy or None}, created {prov.created or None}"
+            + (f"; {versions}" if versions else ""),
         )
     )
     rows.extend(device_rows(m))
@@ -283,12 +283,11 @@ def device_rows(m: Manifest) -> list[tuple[str, str]]:
     ]
     st = m.self_test
     if st:
-        crit = st.get("criteria") or {}
         rows.append(
             (
                 "self-test",
-                f"{st.get('images')} golden inputs ({st.get('stored_as')}); pass: agreement >= {crit.get('min_agreement', 0) * 100:.1f}%, "
-                f"relative logit error <= {crit.get('max_rel_error', 0):.3g}; run `bitdeploy verify`",
+                f"{st.images} golden inputs ({st.stored_as}); pass: agreement >= {st.min_agreement * 100:.1f}%, "
+                f"relative logit error <= {st.max_rel_error:.3g}; run `bitdeploy verify`",
             )
         )
     else:
@@ -313,10 +312,12 @@ def pack(bundle: Path, out: Path, compress: bool | None) -> None:
     Example:
       bitdeploy pack runs/digits digits.bitpack && bitdeploy predict digits.bitpack img.png
     """
+    from bitdeploy.resources import guarded
     from bitdeploy.runtimes.bundle import sha256_file
     from bitdeploy.runtimes.pack import pack as write_pack
 
-    path = write_pack(bundle, out, compress=compress)
+    with guarded(out.absolute().parent, "write OUT", "pack"):
+        path = write_pack(bundle, out, compress=compress)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, sha256 {sha256_file(path)[:16]})")
 
 
@@ -416,7 +417,7 @@ def serve(
     """Serve BUNDLE with the Open Inference Protocol (KServe v2) over HTTP, plus POST /v1/predict and GET /healthz.
 
     Needs the serve extra: pip install "bitdeploy[serve]". Triton's client (tritonclient.http) works
-    against it; see the README for the routes, batching and GET /metrics. SIGTERM drains the requests in
+    against it; docs/serving.md describes the routes, batching and GET /metrics. SIGTERM drains the requests in
     flight, then exits 0.
 
     \b

@@ -194,6 +194,8 @@ def train(
 
     require("torch", "train")
     require("tqdm", "train")
+    from bitdeploy.resources import guarded
     from bitdeploy.training.trainer import train as run
 
-    run(config)
+    with guarded(out, "pass --out DIR", "training run", "finetune"):
+        run(config)

@@ -43,6 +43,15 @@ class AccuracyGateError(BitdeployError):
     """A built artifact lost more accuracy than --max-accuracy-drop allows."""
 
 
+class ResourceError(BitdeployError):
+    """The machine ran out of something the command needs (disk space, write permission, memory); the message
+    names the directory or stage and the option that fixes it (`bitdeploy.resources`)."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # space | read-only | denied | io | memory
+
+
 def require(module: str, extra: str, what: str | None = None) -> Any:
     """Import an optional module or raise MissingDependencyError naming the extra."""
     import importlib

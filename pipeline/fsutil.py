@@ -43,9 +43,39 @@ def replace_dir(tmp: str | os.PathLike[str], out: str | os.PathLike[str]) -> Non
         shutil.rmtree(old, ignore_errors=True)
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(directory: Path, prefix: str) -> None:
+    """Remove `<prefix><pid>-...` entries of `directory` whose process is gone: what a write killed with -9 leaves."""
+    for path in directory.glob(f"{prefix}*"):
+        pid = path.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
 def copy_files(src_dir: Path, dst_dir: Path, names: list[str]) -> None:
     """Copy the files `names` (relative paths) from src_dir into dst_dir, creating subdirectories."""
     for name in names:
         dst = dst_dir / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src_dir / name, dst)
+
+
+def human_bytes(n: float) -> str:
+    """'512 B', '12.3 MB', '1.5 GB' (powers of 1000, as `df -H` and disk vendors count)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -6,8 +6,11 @@ names, model-file formats and devices of each. Both are imported only when used:
 `importlib.util.find_spec` (and a look at the NVIDIA driver), so a build fails fast, before weights are loaded,
 and `bitdeploy.runtimes` imports with only numpy and Pillow installed.
 
-Adding a target is a converter module, a runtime backend module and one `register(Target(...))`: the CLI's
---target and --backend choices, the bundle reader and the build all read `TARGETS`.
+A target's own build options are a frozen `bitdeploy.converters.base.TargetOptions` subclass beside its converter,
+named by the record ("module:Class"); each of its `option(...)` fields is a `bitdeploy build` flag, and its hooks
+validate, bind and explain them. Adding a target is a converter module, a runtime backend module, one
+`register(Target(...))`, one pip extra and its tests: the CLI's --target and --backend choices and flags, the
+bundle reader, the build, the device fingerprint and `export-repo` all read `TARGETS`; none names a target.
 """
 
 from __future__ import annotations
@@ -18,11 +21,24 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bitdeploy.errors import BitdeployError
 
+if TYPE_CHECKING:
+    from bitdeploy.converters.base import TargetOptions
+
 PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class TritonEngine:
+    """How Triton runs a target's model file: `config.pbtxt`'s `key: "value"`, its default file name, and where."""
+
+    key: str  # "backend" or "platform"
+    value: str  # e.g. "onnxruntime", "tensorrt_plan"
+    default_file: str  # the model file name Triton looks for without default_model_filename
+    kind: str = "KIND_CPU"  # instance_group kind: KIND_CPU | KIND_GPU
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,11 @@ class Target:
     calib_methods: tuple[str, ...] = ()  # --calib-method values the quantizer offers (first = default)
     devices: str = ""  # what --device accepts, for help and messages
     cache_conversions: bool = True  # False: artifacts tied to the build machine (TensorRT engines) are rebuilt
+    options: str = ""  # "module:Class", a frozen bitdeploy.converters.base.TargetOptions: its flags and hooks
+    engines: tuple[str, ...] = ()  # distributions whose versions decide the numerics (the device fingerprint)
+    companions: tuple[str, ...] = ()  # suffixes of files that travel with the model file (OpenVINO's .bin)
+    triton: TritonEngine | None = None  # None: Triton cannot serve it
+    ovms: bool = False  # OpenVINO Model Server can serve its model file
 
 
 TARGETS: dict[str, Target] = {}
@@ -73,6 +94,10 @@ register(
         runtime_module="onnxruntime",
         calib_methods=("minmax", "entropy", "percentile"),
         devices="cpu (default), cuda",
+        options="bitdeploy.converters.ort_convert:OrtOptions",
+        engines=("onnxruntime",),
+        triton=TritonEngine("backend", "onnxruntime", "model.onnx"),
+        ovms=True,
     )
 )
 register(
@@ -90,6 +115,11 @@ register(
         int8_modules=("nncf",),
         calib_methods=("mean_minmax", "minmax", "mean_quantile", "histogram"),
         devices="CPU (default), GPU, NPU, AUTO",
+        options="bitdeploy.converters.openvino_convert:OpenVinoOptions",
+        engines=("openvino",),
+        companions=(".bin",),
+        triton=TritonEngine("backend", "openvino", "model.xml"),
+        ovms=True,
     )
 )
 register(
@@ -108,6 +138,9 @@ register(
         calib_methods=("minmax", "entropy", "percentile"),  # through ONNX Runtime's QDQ quantizer
         devices="cuda:N (default cuda:0)",
         cache_conversions=False,  # engines are tied to the GPU and TensorRT version
+        options="bitdeploy.converters.trt_engine:TensorRTOptions",
+        engines=("tensorrt",),
+        triton=TritonEngine("platform", "tensorrt_plan", "model.plan", kind="KIND_GPU"),
     )
 )
 register(
@@ -125,6 +158,7 @@ register(
         int8_modules=("torchao",),
         calib_methods=("histogram",),  # PT2E static: HistogramObserver on activations, min/max per channel on weights
         devices="cpu (XNNPACK; default)",
+        engines=("ai-edge-litert",),
     )
 )
 
@@ -216,6 +250,14 @@ def check_available(target: Target, precision: str) -> None:
 def load_converter(target: Target) -> Callable[..., Any]:
     fn: Callable[..., Any] = import_object(target.converter)
     return fn
+
+
+def options_class(target: Target) -> type[TargetOptions] | None:
+    """The record's own build-options class (imported: the build and the CLI only, never the runtime)."""
+    if not target.options:
+        return None
+    cls: type[TargetOptions] = import_object(target.options)
+    return cls
 
 
 def plan_rows(target: str, precisions: list[str] | None) -> list[tuple[Target, str]]:

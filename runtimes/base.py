@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import numpy as np
 
 from bitdeploy import targets
 from bitdeploy.errors import BitdeployError, BundleError, MissingDependencyError
-from bitdeploy.runtimes.manifest import Manifest, as_manifest
+from bitdeploy.runtimes.manifest import Manifest
 
 
 def expected_input(manifest: Manifest) -> tuple[tuple[int | None, ...], np.dtype[Any]]:
@@ -30,14 +29,13 @@ def expected_input(manifest: Manifest) -> tuple[tuple[int | None, ...], np.dtype
     float32. An unknown dtype is a one-line BundleError.
     """
     spec = manifest.input
-    shape = spec.get("shape")
     dims: tuple[int | None, ...] = (None,) * 4
-    if isinstance(shape, (list, tuple)) and len(shape) == 4:
-        dims = tuple(d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None for d in shape)
+    if spec.shape is not None and len(spec.shape) == 4:
+        dims = tuple(d if d is not None and d > 0 else None for d in spec.shape)
     try:
-        dtype = np.dtype(spec.get("dtype") or "float32")
+        dtype = np.dtype(spec.dtype)
     except TypeError as exc:
-        raise BundleError(f"manifest input dtype {spec.get('dtype')!r} is unknown; rebuild the bundle") from exc
+        raise BundleError(f"manifest input dtype {spec.dtype!r} is unknown; rebuild the bundle") from exc
     return dims, dtype
 
 
@@ -49,12 +47,12 @@ class Backend(ABC):
     def __init__(
         self,
         model_path: Path,
-        manifest: Manifest | Mapping[str, Any],
+        manifest: Manifest,
         device: str | None = None,
         threads: int | None = None,
     ) -> None:
         self.model_path = Path(model_path)
-        self.manifest = as_manifest(manifest)  # a plain mapping (a script, a test) is read into a Manifest
+        self.manifest = manifest
         self.device = device
         self.threads = threads
         self.input_shape, self.input_dtype = expected_input(self.manifest)
@@ -128,7 +126,7 @@ def backend_class(name: str) -> type[Backend]:
 def open_backend(
     name: str,
     model_path: Path,
-    manifest: Manifest | Mapping[str, Any],
+    manifest: Manifest,
     device: str | None = None,
     threads: int | None = None,
 ) -> Backend:

@@ -12,12 +12,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from bitdeploy.errors import BundleError
-from bitdeploy.fsutil import replace_dir, sha256_file
-from bitdeploy.runtimes.manifest import FORMAT, FORMAT_VERSION, Manifest, check_format
+from bitdeploy.fsutil import remove_stale_temps, replace_dir, sha256_file
+from bitdeploy.runtimes.manifest import FORMAT_VERSION, Manifest, check_format
 
 MANIFEST = "manifest.json"
 
@@ -84,7 +84,8 @@ def bundle_writer(out: str | os.PathLike[str]) -> Iterator[Path]:
         raise BundleError(f"{out}: exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise BundleError(f"{out}: directory exists and is not a bundle; choose an empty or new --out")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temps(out.parent, f".{out.name}.tmp-")  # a build killed (-9) while writing this bundle
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         if not (tmp / MANIFEST).is_file():
@@ -95,13 +96,17 @@ def bundle_writer(out: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-def write_manifest(bundle_dir: str | os.PathLike[str], manifest: dict[str, Any], files: list[str]) -> Manifest:
-    """Fill in format fields and checksums of `files` (relative names), check it reads back as a Manifest, then
-    write manifest.json atomically."""
+def write_manifest(bundle_dir: str | os.PathLike[str], manifest: Manifest, files: list[str]) -> Manifest:
+    """The one writer of manifest.json: fill in the format version and the checksums of `files` (relative names),
+    check the JSON reads back as the same record, then write it atomically. Returns what was written."""
     root = Path(bundle_dir)
-    data = {**manifest, "format": FORMAT, "format_version": FORMAT_VERSION}
-    data["files"] = {name: sha256_file(root / name) for name in sorted(files)}
-    typed = Manifest.from_dict(data)  # a field of the wrong type fails the build, not the first load
+    typed = replace(
+        manifest,
+        version=(FORMAT_VERSION, 0),
+        files={name: sha256_file(root / name) for name in sorted(files)},
+    )
+    data = typed.to_dict()
+    Manifest.from_dict(data)  # a field of the wrong type fails the build, not the first load
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, root / MANIFEST)

@@ -17,7 +17,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-# numpy CPUID feature name -> the /proc/cpuinfo flag name the README and REFERENCE use.
+from bitdeploy.devices import emulated_as
+
+# numpy CPUID feature name -> the /proc/cpuinfo flag name the docs use.
 _NUMPY_FEATURES = {
     "AVX2": "avx2",
     "FMA3": "fma",
@@ -34,7 +36,6 @@ _NUMPY_FEATURES = {
 }
 # Flags only /proc/cpuinfo reports; trusted when its AVX2/AVX-512 flags match CPUID (not emulated).
 _PROC_ONLY = ("avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "i8mm", "bf16", "sve2")
-ENGINES = ("onnxruntime", "openvino", "tensorrt", "ai-edge-litert", "numpy")
 # What manifests' provenance and bench environments record (one list, so the two agree).
 LIBRARIES = (
     "bitdeploy",
@@ -64,6 +65,28 @@ def _cpuid_features() -> set[str]:
     return {flag for name, flag in _NUMPY_FEATURES.items() if features.get(name)}
 
 
+# Linux arm64 hwcap bits (arch/arm64/include/uapi/asm/hwcap.h): what the kernel, or QEMU for the CPU model it
+# emulates, says the CPU has. numpy probes none of i8mm, bf16, sve2, and /proc/cpuinfo may not exist.
+_ARM_HWCAP = {1: "asimd", 10: "fphp", 20: "asimddp", 22: "sve"}
+_ARM_HWCAP2 = {1: "sve2", 13: "i8mm", 14: "bf16"}
+_AT_HWCAP, _AT_HWCAP2 = 16, 26
+
+
+def _arm_hwcaps() -> set[str]:
+    """ARM features from the auxiliary vector (getauxval); empty off Linux arm64."""
+    if platform.system() != "Linux" or platform.machine().lower() not in ("aarch64", "arm64"):
+        return set()
+    import ctypes
+
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):
+        return set()
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    words = ((getauxval(_AT_HWCAP), _ARM_HWCAP), (getauxval(_AT_HWCAP2), _ARM_HWCAP2))
+    return {name for word, bits in words for bit, name in bits.items() if word >> bit & 1}
+
+
 def _proc_cpuinfo() -> tuple[dict[str, str], set[str]]:
     """(first processor's fields, its flags) from /proc/cpuinfo; empty where there is none."""
     try:
@@ -80,7 +103,7 @@ def _proc_cpuinfo() -> tuple[dict[str, str], set[str]]:
 
 def cpu_features() -> tuple[list[str], bool]:
     """(sorted numerics-relevant ISA features, whether /proc/cpuinfo disagrees with CPUID, i.e. emulated)."""
-    cpuid = _cpuid_features()
+    cpuid = _cpuid_features() | _arm_hwcaps()
     _, proc = _proc_cpuinfo()
     probed = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}
     emulated = bool(proc) and platform.machine().lower() in ("x86_64", "amd64") and (proc & probed) != (cpuid & probed)
@@ -133,6 +156,13 @@ def _gpus() -> list[dict[str, str]]:
     return gpus
 
 
+def engine_distributions() -> tuple[str, ...]:
+    """The distributions whose versions decide a bundle's numerics: every target record's engines, and numpy."""
+    from bitdeploy import targets
+
+    return (*dict.fromkeys(d for t in targets.TARGETS.values() for d in t.engines), "numpy")
+
+
 def package_versions(names: tuple[str, ...]) -> dict[str, str]:
     """Installed versions of `names` from package metadata (nothing is imported); missing ones are left out."""
     out = {}
@@ -159,10 +189,13 @@ def host_fingerprint() -> dict[str, Any]:
     }
     if emulated:
         cpu["note"] = "ISA from CPUID differs from /proc/cpuinfo: running under emulation; the model name is the host's"
+    row = emulated_as()
+    if row is not None:  # started by `verify --emulate`: name the model QEMU runs, not the host's
+        cpu.update(model=f"{row.name} ({row.board}), emulated by QEMU", emulated=row.name)
     return {
         "cpu": cpu,
         "gpus": _gpus(),
-        "engines": package_versions(ENGINES),
+        "engines": package_versions(engine_distributions()),
         "os": f"{platform.system()} {platform.release()}",
     }
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,7 @@ class LiteRtBackend(Backend):
     def __init__(
         self,
         model_path: Path,
-        manifest: Manifest | Mapping[str, Any],
+        manifest: Manifest,
         device: str | None = None,
         threads: int | None = None,
         max_interpreters: int = 4,

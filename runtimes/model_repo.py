@@ -23,17 +23,12 @@ from bitdeploy.errors import BitdeployError, BundleError
 from bitdeploy.fsutil import replace_dir
 from bitdeploy.runtimes.manifest import Manifest
 from bitdeploy.runtimes.pack import open_bundle
+from bitdeploy.targets import TARGETS, Target, find_backend
 
 FORMATS = ("triton", "ovms")
 LABELS = "labels.txt"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}
-# backend -> (config key, value, default model file, instance kind)
-TRITON_ENGINES = {
-    "onnxruntime": ("backend", "onnxruntime", "model.onnx", "KIND_CPU"),
-    "openvino": ("backend", "openvino", "model.xml", "KIND_CPU"),
-    "tensorrt": ("platform", "tensorrt_plan", "model.plan", "KIND_GPU"),
-}
 
 
 @dataclass(frozen=True)
@@ -42,6 +37,7 @@ class RepoModel:
 
     name: str
     backend: str
+    record: Target  # the target record: how Triton runs it, whether OVMS can
     model_files: list[str]  # names in the bundle: the model file first
     input_name: str
     input_dtype: str
@@ -55,33 +51,28 @@ class RepoModel:
 def describe_bundle(manifest: Manifest, source: Path, name: str | None) -> RepoModel:
     target = manifest.target
     backend = target.backend
-    if backend not in TRITON_ENGINES:
+    record = find_backend(backend)
+    if record is None or (record.triton is None and not record.ovms):
+        servable = [t.title for t in TARGETS.values() if t.triton is not None or t.ovms]
         raise BitdeployError(
             f"{source}: a {backend or 'backend-less'} bundle cannot go into a Triton or OVMS repository; "
-            f"export an ONNX Runtime, OpenVINO or TensorRT bundle"
+            f"export a bundle of {', '.join(servable)}"
         )
     model_file = manifest.model_file
     listed = list(manifest.files)
     if model_file not in listed:
         raise BundleError(f"{source}: manifest's model_file {model_file!r} is not among its files; rebuild the bundle")
-    if backend == "openvino":
-        weights = [f for f in listed if f == str(Path(model_file).with_suffix(".bin"))]
-        extra = weights if model_file.endswith(".xml") else []
-    elif backend == "onnxruntime":
-        extra = [
-            f for f in listed if f != model_file and f.startswith(model_file)
-        ]  # external data, e.g. model.onnx.data
-    else:
-        extra = []
-    spec = manifest.input
-    shape = spec.get("shape")
-    if not isinstance(shape, list) or len(shape) != 4:
+    companions = {str(Path(model_file).with_suffix(s)) for s in record.companions}
+    # companions (OpenVINO's weights) and external data named after the model file (model.onnx.data)
+    extra = [f for f in listed if f != model_file and (f in companions or f.startswith(model_file + "."))]
+    shape = manifest.input.shape
+    if shape is None or len(shape) != 4 or any(d is None or d <= 0 for d in shape[1:]):
         raise BundleError(f"{source}: manifest has no NCHW input shape; rebuild the bundle")
     model = manifest.model
-    labels = manifest.labels or [str(i) for i in range(int(model.get("num_classes") or 0))]
+    labels = list(manifest.labels) or [str(i) for i in range(model.num_classes)]
     if any("\n" in x or "\r" in x for x in labels):
         raise BundleError(f"{source}: a label contains a line break, which labels.txt cannot hold; rename the class")
-    name = name or str(model.get("name") or source.name)
+    name = name or model.name or source.name
     if not NAME_RE.match(name):
         raise BitdeployError(
             f"model name {name!r} cannot be a repository directory; pass --name with letters, digits, '.', '_' or '-'"
@@ -90,13 +81,14 @@ def describe_bundle(manifest: Manifest, source: Path, name: str | None) -> RepoM
     return RepoModel(
         name=name,
         backend=backend,
+        record=record,
         model_files=[model_file, *extra],
-        input_name=str(spec.get("name") or "input"),
-        input_dtype=str(spec.get("dtype") or "float32"),
-        dims=[int(d) for d in shape[1:]],
+        input_name=manifest.input.name,
+        input_dtype=manifest.input.dtype,
+        dims=[int(d or 0) for d in shape[1:]],
         output_name=str(manifest.output.get("name") or "logits"),
         labels=labels,
-        fixed_batch=int(shape[0]) if isinstance(shape[0], int) and shape[0] > 0 else None,
+        fixed_batch=shape[0] if shape[0] is not None and shape[0] > 0 else None,
         profile_max=int(profile["max"]) if isinstance(profile.get("max"), int) else None,
     )
 
@@ -104,7 +96,12 @@ def describe_bundle(manifest: Manifest, source: Path, name: str | None) -> RepoM
 # -- Triton ------------------------------------------------------------------------------------------------
 def triton_config(m: RepoModel, max_batch: int, max_delay_us: int, instances: int = 1) -> str:
     """config.pbtxt text (protobuf text format of Triton's ModelConfig)."""
-    key, value, default_file, kind = TRITON_ENGINES[m.backend]
+    engine = m.record.triton
+    if engine is None:
+        raise BitdeployError(
+            f"{m.name}: Triton cannot run a {m.record.title} model; export it with --format ovms, or another bundle"
+        )
+    key, value, default_file, kind = engine.key, engine.value, engine.default_file, engine.kind
     dtype = TRITON_DTYPES.get(m.input_dtype)
     if dtype is None:
         raise BundleError(f"input dtype {m.input_dtype!r} has no Triton type; rebuild the bundle as float32")
@@ -143,9 +140,9 @@ def _q(text: str) -> str:
 
 # -- OVMS ---------------------------------------------------------------------------------------------------
 def ovms_entry(m: RepoModel) -> dict[str, Any]:
-    if m.backend == "tensorrt":
+    if not m.record.ovms:
         raise BitdeployError(
-            f"{m.name}: OpenVINO Model Server cannot run a TensorRT plan; export an OpenVINO or ONNX Runtime bundle, or use --format triton"
+            f"{m.name}: OpenVINO Model Server cannot run a {m.record.title} model; export an OpenVINO or ONNX Runtime bundle, or use --format triton"
         )
     return {"config": {"name": m.name, "base_path": m.name, "target_device": "CPU"}}
 

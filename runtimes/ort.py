@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ class OrtBackend(Backend):
     def __init__(
         self,
         model_path: Path,
-        manifest: Manifest | Mapping[str, Any],
+        manifest: Manifest,
         device: str | None = None,
         threads: int | None = None,
     ) -> None:

@@ -11,7 +11,6 @@ of `target.precision_used`), never left to the device default.
 from __future__ import annotations
 
 import queue
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +33,10 @@ _FLOAT_TYPES = {
 }
 
 
-def precision_hint(target: TargetInfo | Mapping[str, Any]) -> str | None:
+def precision_hint(target: TargetInfo) -> str | None:
     """The float precision to pin: inference_precision, else the float part of precision_used ("int8+f32" -> "f32"),
     else f32 for fp32 bundles."""
-    target = target if isinstance(target, TargetInfo) else TargetInfo.from_dict(target)
-    pinned = _FLOAT_TYPES.get(str(target.inference_precision or "").lower())
+    pinned = _FLOAT_TYPES.get(str(target.get("inference_precision") or "").lower())
     if pinned:
         return pinned
     used = str(target.precision_used or "").lower().replace(" ", "")
@@ -54,7 +52,7 @@ class OpenVinoBackend(Backend):
     def __init__(
         self,
         model_path: Path,
-        manifest: Manifest | Mapping[str, Any],
+        manifest: Manifest,
         device: str | None = None,
         threads: int | None = None,
         hint: str | None = None,
@@ -64,7 +62,7 @@ class OpenVinoBackend(Backend):
         super().__init__(model_path, manifest, self.device, threads)
         target = self.manifest.target
         ov = require("openvino", "openvino", "OpenVINO (openvino)")
-        self.hint = (hint or target.performance_hint or "LATENCY").upper()
+        self.hint = (hint or target.get("performance_hint") or "LATENCY").upper()
         if self.hint not in HINTS:
             raise BundleError(f"unknown OpenVINO performance hint {self.hint!r}; choose one of: {', '.join(HINTS)}")
         core = ov.Core()

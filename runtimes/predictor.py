@@ -24,6 +24,7 @@ from bitdeploy.runtimes import preprocess as pre
 from bitdeploy.runtimes import selftest
 from bitdeploy.runtimes.base import Backend, backend_available, backend_class, expected_input
 from bitdeploy.runtimes.fingerprint import device_class, host_fingerprint
+from bitdeploy.runtimes.manifest import InputSpec
 from bitdeploy.runtimes.pack import OpenedBundle, open_bundle
 from bitdeploy.runtimes.selftest import SelfTestResult
 
@@ -80,7 +81,7 @@ class Predictor:
         self.backend: Backend | None = backend
         self.input_spec, self._shape, self._dtype = _check_input_spec(opened)
         self.max_batch = self._shape[0] or max(1, int(max_batch))
-        self.labels: list[str] = self.manifest.labels or [str(i) for i in range(self.manifest.num_classes)]
+        self.labels: list[str] = list(self.manifest.labels) or [str(i) for i in range(self.manifest.num_classes)]
         self.name: str = self.manifest.name or opened.source.name
         self.last_self_test: SelfTestResult | None = None
         self._local = threading.local()
@@ -242,12 +243,11 @@ def _release(backend: Backend, opened: OpenedBundle) -> None:
         opened.cleanup()
 
 
-def _check_input_spec(opened: OpenedBundle) -> tuple[dict[str, Any], list[int | None], np.dtype[Any]]:
+def _check_input_spec(opened: OpenedBundle) -> tuple[InputSpec, list[int | None], np.dtype[Any]]:
     """The manifest's `input` spec, its NCHW shape (None = any size) and dtype, or a one-line BundleError: a
     predictor also preprocesses, so it needs the resize a bare backend does not."""
     spec = opened.manifest.input
-    shape, resize = spec.get("shape"), spec.get("resize")
-    if not isinstance(shape, list) or len(shape) != 4 or not isinstance(resize, list) or len(resize) != 2:
+    if spec.shape is None or len(spec.shape) != 4 or spec.resize is None:
         raise BundleError(
             f"{opened.source}: manifest has no usable input spec (NCHW shape and resize); rebuild the bundle"
         )

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bitdeploy.errors import ImageError, first_line
+from bitdeploy.runtimes.manifest import BIT_MEAN, BIT_STD, InputSpec
 
 ImageInput = str | os.PathLike[str] | bytes | bytearray | Image.Image | np.ndarray
 
@@ -103,14 +104,13 @@ def resize_to_array(img: Image.Image, size: tuple[int, int], interpolation: str 
     return np.asarray(img, dtype=np.uint8)
 
 
-MEAN = (0.5, 0.5, 0.5)  # BiT's normalisation: x/255 in [0, 1] -> [-1, 1]
-STD = (0.5, 0.5, 0.5)
+MEAN = BIT_MEAN
+STD = BIT_STD
 
 
-def mean_std(spec: dict[str, Any] | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """A manifest `input` spec's mean and std (BiT's when the spec has none)."""
-    spec = spec or {}
-    return tuple(spec.get("mean") or MEAN), tuple(spec.get("std") or STD)
+def mean_std(spec: InputSpec | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """An input spec's mean and std (BiT's when there is no spec)."""
+    return (spec.mean, spec.std) if spec is not None else (MEAN, STD)
 
 
 def normalize(hwc_uint8: np.ndarray, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> np.ndarray:
@@ -120,24 +120,14 @@ def normalize(hwc_uint8: np.ndarray, mean: tuple[float, ...] = MEAN, std: tuple[
     return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
 
-def preprocess(image: ImageInput, spec: dict[str, Any]) -> np.ndarray:
+def preprocess(image: ImageInput, spec: InputSpec) -> np.ndarray:
     """One image -> float32 CHW tensor, following a manifest `input` spec."""
-    h, w = spec["resize"]
-    arr = resize_to_array(decode(image), (h, w), spec.get("interpolation", "bilinear"))
-    return normalize(arr, *mean_std(spec))
+    if spec.resize is None:
+        raise ImageError("the input spec has no resize; rebuild the bundle")
+    arr = resize_to_array(decode(image), spec.resize, spec.interpolation)
+    return normalize(arr, spec.mean, spec.std)
 
 
-def input_spec(resolution: int) -> dict[str, Any]:
+def input_spec(resolution: int) -> InputSpec:
     """The manifest `input` spec bitdeploy writes for a model evaluated at `resolution` pixels."""
-    return {
-        "name": "input",
-        "shape": [-1, 3, resolution, resolution],
-        "layout": "NCHW",
-        "dtype": "float32",
-        "color": "RGB",
-        "resize": [resolution, resolution],
-        "interpolation": "bilinear",
-        "scale": 1.0 / 255.0,
-        "mean": list(MEAN),
-        "std": list(STD),
-    }
+    return InputSpec.square(resolution)

@@ -10,8 +10,7 @@ Stdlib + numpy; the golden file is read with allow_pickle=False.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from bitdeploy.errors import BundleError
-from bitdeploy.runtimes.manifest import Manifest, as_manifest
+from bitdeploy.runtimes import compare
+from bitdeploy.runtimes.manifest import InputSpec, Manifest, SelfTestSpec
 from bitdeploy.runtimes.preprocess import mean_std, normalize
 
 GOLDEN_FILE = "golden.npz"
@@ -62,15 +62,7 @@ def select(samples: int, resolution: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(samples)[:n])
 
 
-def rel_error(logits: np.ndarray, reference: np.ndarray) -> float:
-    """max |logits - reference| / max(1, max |reference|): one number per set."""
-    if not np.isfinite(logits).all():
-        return math.inf
-    scale = max(1.0, float(np.abs(reference).max())) if reference.size else 1.0
-    return float(np.abs(logits.astype(np.float64) - reference).max()) / scale if reference.size else 0.0
-
-
-def _as_pixels(x: np.ndarray, input_spec: dict[str, Any] | None) -> np.ndarray | None:
+def _as_pixels(x: np.ndarray, input_spec: InputSpec | None) -> np.ndarray | None:
     """The uint8 HWC images `x` was normalised from, when `normalize` reproduces `x` exactly (real images)."""
     mean, std = mean_std(input_spec)
     pixels = np.clip(
@@ -86,9 +78,9 @@ def write(
     labels: np.ndarray | None,
     bundle_logits: np.ndarray,
     precision: str,
-    input_spec: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write golden.npz into `bundle_dir` and return the manifest's `self_test` object (`input_spec`: the
+    input_spec: InputSpec | None = None,
+) -> SelfTestSpec:
+    """Write golden.npz into `bundle_dir` and return the manifest's `self_test` record (`input_spec`: the
     manifest's `input`, whose mean/std turn stored pixels back into the exact inputs)."""
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
     reference = np.asarray(reference, dtype=np.float32)
@@ -102,39 +94,33 @@ def write(
     tmp.replace(bundle_dir / GOLDEN_FILE)
 
     n = len(inputs)
-    matches = int((bundle_logits.argmax(1) == reference.argmax(1)).sum())
-    measured = rel_error(bundle_logits, reference)
+    agreement = compare.agreement(bundle_logits, reference)
+    matches = round(agreement * n)
+    measured = compare.rel_error(bundle_logits, reference)
     flips = max(1, round(EXTRA_FLIPS_FRACTION * n))
-    return {
-        "file": GOLDEN_FILE,
-        "images": n,
-        "stored_as": "uint8 pixels (exact)" if pixels is not None else "float32 inputs",
-        "reference": "pytorch-fp32",
-        "labelled": labels is not None,
-        "measured": {
-            "agreement": matches / n if n else 1.0,
-            "max_rel_error": measured,
-            "top1": float((bundle_logits.argmax(1) == labels).mean()) if labels is not None and n else None,
-        },
-        "criteria": {
-            "min_agreement": max(0.0, (matches - flips) / n) if n else 0.0,
-            "max_rel_error": max(REL_ERROR_FLOOR.get(precision, REL_ERROR_FLOOR["int8"]), REL_ERROR_MARGIN * measured),
-        },
-        "rule": f"agreement >= the build's minus max(1, {EXTRA_FLIPS_FRACTION:.0%}) images; relative error <= max({REL_ERROR_FLOOR.get(precision)}, {REL_ERROR_MARGIN:g} x the build's)",
-    }
+    floor = REL_ERROR_FLOOR.get(precision, REL_ERROR_FLOOR["int8"])
+    return SelfTestSpec(
+        images=n,
+        min_agreement=max(0.0, (matches - flips) / n) if n else 0.0,
+        max_rel_error=max(floor, REL_ERROR_MARGIN * measured),
+        measured_agreement=agreement,
+        measured_rel_error=measured,
+        measured_top1=compare.top1(bundle_logits, labels) if labels is not None and n else None,
+        file=GOLDEN_FILE,
+        stored_as="uint8 pixels (exact)" if pixels is not None else "float32 inputs",
+        labelled=labels is not None,
+        rule=f"agreement >= the build's minus max(1, {EXTRA_FLIPS_FRACTION:.0%}) images; relative error <= max({floor}, {REL_ERROR_MARGIN:g} x the build's)",
+    )
 
 
-def load_golden(
-    bundle_dir: Path, manifest: Manifest | Mapping[str, Any]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def load_golden(bundle_dir: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(float32 NCHW inputs, reference logits, labels or None) of a bundle's golden set."""
-    manifest = as_manifest(manifest)
     spec = manifest.self_test
     if not spec:
         raise BundleError(
             f"{bundle_dir}: the bundle carries no self-test (built before bitdeploy 0.2); rebuild it to verify it on a device"
         )
-    path = Path(bundle_dir) / str(spec.get("file") or GOLDEN_FILE)
+    path = Path(bundle_dir) / spec.file
     try:
         with np.load(path, allow_pickle=False) as data:
             inputs = (
@@ -154,30 +140,28 @@ def load_golden(
 def run(
     infer: Callable[[np.ndarray], np.ndarray],
     bundle_dir: Path,
-    manifest: Manifest | Mapping[str, Any],
+    manifest: Manifest,
     batch_size: int = 8,
 ) -> SelfTestResult:
     """Run the golden set through `infer` and judge it by the manifest's criteria."""
-    manifest = as_manifest(manifest)
     inputs, reference, labels = load_golden(bundle_dir, manifest)
-    spec = manifest.self_test or {}
-    criteria = spec.get("criteria") or {}
+    spec = manifest.self_test
+    assert spec is not None  # load_golden refuses a bundle without one
     outs = [np.asarray(infer(inputs[i : i + batch_size]), np.float32) for i in range(0, len(inputs), batch_size)]
     logits = np.concatenate(outs) if outs else np.zeros_like(reference)
     if logits.shape != reference.shape:
         raise BundleError(
             f"{bundle_dir}: the engine returned logits of shape {logits.shape}, the golden set expects {reference.shape}; rebuild the bundle"
         )
-    agreement = float((logits.argmax(1) == reference.argmax(1)).mean()) if len(logits) else 1.0
-    err = rel_error(logits, reference)
-    min_agreement = float(criteria.get("min_agreement", 1.0))
-    allowed = float(criteria.get("max_rel_error", 0.0))
+    agreement = compare.agreement(logits, reference)
+    err = compare.rel_error(logits, reference)
+    min_agreement, allowed = spec.min_agreement, spec.max_rel_error
     failures = []
     if agreement < min_agreement - 1e-9:
         failures.append(f"top-1 agreement with FP32 {agreement * 100:.1f}% < {min_agreement * 100:.1f}%")
     if not err <= allowed:
         failures.append(f"max relative logit error {err:.3g} > {allowed:.3g}")
-    top1 = float((logits.argmax(1) == labels).mean()) if labels is not None and len(labels) else None
+    top1 = compare.top1(logits, labels) if labels is not None and len(labels) else None
     return SelfTestResult(
         passed=not failures,
         images=len(inputs),
@@ -186,6 +170,6 @@ def run(
         max_rel_error=err,
         allowed_rel_error=allowed,
         golden_top1=top1,
-        build_top1=(spec.get("measured") or {}).get("top1"),
+        build_top1=spec.measured_top1,
         failures=failures,
     )

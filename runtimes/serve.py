@@ -99,8 +99,8 @@ class Service:
         self.model = ModelInfo(
             name=options.model_name or predictor.name,
             platform=f"bitdeploy_{predictor.backend_name}",
-            input_name=str(spec.get("name") or "input"),
-            input_shape=tuple(int(d) for d in spec["shape"][1:]),
+            input_name=spec.name,
+            input_shape=tuple(int(d or -1) for d in (spec.shape or (None,) * 4)[1:]),
             output_name=str(predictor.manifest.output.get("name") or "logits"),
             labels=predictor.labels,
         )

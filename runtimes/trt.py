@@ -22,7 +22,7 @@ import numpy as np
 
 from bitdeploy.errors import BundleError, MissingDependencyError, first_line
 from bitdeploy.runtimes.base import Backend
-from bitdeploy.runtimes.manifest import Manifest, as_manifest
+from bitdeploy.runtimes.manifest import Manifest
 
 REBUILD = "rebuild the bundle on this machine with `bitdeploy build ... --target trt`"
 
@@ -260,11 +260,11 @@ class TensorRTBackend(Backend):
     def __init__(
         self,
         model_path: Path,
-        manifest: Manifest | Mapping[str, Any],
+        manifest: Manifest,
         device: str | None = None,
         threads: int | None = None,
     ) -> None:
-        target = as_manifest(manifest).target
+        target = manifest.target
         super().__init__(model_path, manifest, device or target.device or "cuda:0", threads)
         trt = import_tensorrt()
         self.trt = trt
@@ -278,7 +278,7 @@ class TensorRTBackend(Backend):
             raise BundleError(
                 f"no usable NVIDIA GPU cuda:{self.device_index} ({first}); TensorRT bundles need one, pass --device cuda:N"
             ) from exc
-        reason = check_engine_compat(target.as_dict(), str(trt.__version__), gpu_name, cc)
+        reason = check_engine_compat(target.details, str(trt.__version__), gpu_name, cc)
         if reason:
             raise BundleError(f"{model_path}: {reason}")
         self.gpu_name, self.compute_capability = gpu_name, cc

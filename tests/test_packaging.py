@@ -1,4 +1,4 @@
-"""The wheel must hold every package and every module on disk (the package-dir mapping has traps: STYLE §8.1)."""
+"""The wheel must hold every package and every module on disk (the package-dir mapping has traps)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""BiT ResNet-v2, exactly as Google's bit_pytorch/models.py (REFERENCE A4-A6).
+"""BiT ResNet-v2, exactly as Google's bit_pytorch/models.py (its npz key names, layers and epsilons).
 
 Weight-standardised convolutions (biased variance, eps 1e-10), GroupNorm(32, eps 1e-5), pre-activation
 bottlenecks with the stride on the 3x3, a root that zero-pads before a pad-0 max-pool, and a 1x1-conv head.
@@ -122,7 +122,7 @@ def fold_weight_standardization(model: ResNetV2) -> ResNetV2:
     """Return a copy whose StdConv2d layers are plain Conv2d holding the standardised weights.
 
     The computed weights are constants, so exporters see no per-inference weight statistics and quantizers
-    see real weights (REFERENCE C1.3).
+    see real weights.
     """
     import copy
 

@@ -7,12 +7,13 @@ The cache dir is `$BITDEPLOY_CACHE`, else `$XDG_CACHE_HOME/bitdeploy`, else `~/.
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -91,25 +92,25 @@ def _progress(total: int | None, name: str) -> Any:
     )
 
 
-def _stream(response: IO[bytes], out: IO[bytes], total: int | None, name: str) -> str:
-    h = hashlib.sha256()
-    bar = _progress(total, name)
-    done = 0
+def _stream(response: IO[bytes], out: IO[bytes], expected: int | None, name: str, done: int = 0) -> None:
+    """Append the response to `out`; `expected`: the bytes this response should carry (its Content-Length)."""
+    bar = _progress(None if expected is None else done + expected, name)
+    if bar is not None:
+        bar.update(done)
+    received = 0
     try:
         while block := response.read(CHUNK):
             out.write(block)
-            h.update(block)
-            done += len(block)
+            received += len(block)
             if bar is not None:
                 bar.update(len(block))
     finally:
         if bar is not None:
             bar.close()
-    if total is not None and done != total:
+    if expected is not None and received != expected:
         raise WeightsError(
-            f"download of {name} stopped after {done} of {total} bytes; run again, or pass --weights PATH"
+            f"download of {name} stopped after {done + received} of {done + expected} bytes; run again to resume it, or pass --weights PATH"
         )
-    return h.hexdigest()
 
 
 def _offline_error(url: str, reason: object) -> WeightsError:
@@ -118,8 +119,44 @@ def _offline_error(url: str, reason: object) -> WeightsError:
     )
 
 
+@contextmanager
+def _download_lock(directory: Path) -> Iterator[None]:
+    """One download at a time per cache directory (an flock on the directory itself: no lock file to leave)."""
+    import fcntl
+
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _part_paths(dest: Path) -> tuple[Path, Path]:
+    """The partial download and its record (URL and the server's validator, which a resume must match)."""
+    part = dest.with_name(f".{dest.name}.part")
+    return part, part.with_name(part.name + ".json")
+
+
+def _resume_from(part: Path, record: Path, url: str) -> tuple[int, str | None]:
+    """(bytes already downloaded, the validator to send as If-Range); (0, None) starts over."""
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        size = part.stat().st_size
+    except (OSError, ValueError):
+        return 0, None
+    if not isinstance(saved, dict) or saved.get("url") != url or not saved.get("validator"):
+        return 0, None
+    return size, str(saved["validator"])
+
+
 def download(variant: BitVariant, timeout: float = TIMEOUT_S) -> tuple[Path, str]:
-    """Download the official npz of `variant` into the cache (temp name, then rename) and record its sha256."""
+    """Download the official npz of `variant` into the cache and record its sha256.
+
+    The bytes go to `.<name>.part`, renamed into place when complete. An interrupted download keeps it when the
+    server named a validator (ETag or Last-Modified): the next run asks for the rest with `Range` and `If-Range`,
+    so a file changed on the server starts over. The complete file's sha256 is checked against the published
+    one when known, then recorded beside the file."""
     url = weights_url(variant)
     dest = cached_path(variant)
     try:
@@ -128,32 +165,54 @@ def download(variant: BitVariant, timeout: float = TIMEOUT_S) -> tuple[Path, str
         raise WeightsError(
             f"cannot create the weights cache {dest.parent} ({exc.strerror}); set {CACHE_ENV} to a writable directory"
         ) from exc
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        request = urllib.request.Request(url, headers={"User-Agent": "bitdeploy"})
-        with os.fdopen(fd, "wb") as out:
+    part, record = _part_paths(dest)
+    with _download_lock(dest.parent):
+        if dest.is_file():  # another process finished it while this one waited
+            return dest, verify_cached(dest)
+        done, validator = _resume_from(part, record, url)
+        headers = {"User-Agent": "bitdeploy"}
+        if done:
+            headers.update({"Range": f"bytes={done}-", "If-Range": validator or ""})
+        keep = done > 0  # a network failure before any byte arrives keeps what an earlier run downloaded
+        try:
             try:
-                with urllib.request.urlopen(request, timeout=timeout) as response:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+                    resumed = done > 0 and response.status == 206
+                    if not resumed:
+                        done = 0
+                    server_validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
+                    atomic_write(record, json.dumps({"url": url, "validator": server_validator}))
+                    keep = bool(server_validator)
                     length = response.headers.get("Content-Length")
-                    digest = _stream(response, out, int(length) if length and length.isdigit() else None, dest.name)
+                    with open(part, "ab" if resumed else "wb") as out:
+                        _stream(response, out, int(length) if length and length.isdigit() else None, dest.name, done)
             except urllib.error.HTTPError as exc:
+                if exc.code == 416:
+                    keep = False  # the part is not a prefix of the file any more: start over next time
+                    raise _offline_error(
+                        url, "HTTP 416 for the rest of a partial download; run again to start over"
+                    ) from exc
                 raise _offline_error(url, f"HTTP {exc.code} {exc.reason}") from exc
             except urllib.error.URLError as exc:
                 raise _offline_error(url, exc.reason) from exc
             except (TimeoutError, ConnectionError) as exc:
                 raise _offline_error(url, exc or type(exc).__name__) from exc
-        known = KNOWN_SHA256.get(variant.npz_name)
-        if known is not None and known != digest:
-            raise WeightsError(
-                f"{url}: downloaded file does not match the published sha256 ({digest[:12]}... != {known[:12]}...); run again, or download it yourself and pass --weights PATH"
-            )
-        # Record first, then publish the file: a crash in between leaves a record without a file, which re-downloads.
-        atomic_write(sidecar(dest), f"{digest}  {dest.name}\n")
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            digest = sha256_file(part)
+            known = KNOWN_SHA256.get(variant.npz_name)
+            if known is not None and known != digest:
+                keep = False
+                raise WeightsError(
+                    f"{url}: downloaded file does not match the published sha256 ({digest[:12]}... != {known[:12]}...); run again, or download it yourself and pass --weights PATH"
+                )
+            # Record first, then publish the file: a crash in between leaves a record without a file, which re-downloads.
+            atomic_write(sidecar(dest), f"{digest}  {dest.name}\n")
+            os.replace(part, dest)
+            record.unlink(missing_ok=True)
+        except BaseException:
+            if not keep:
+                part.unlink(missing_ok=True)
+                record.unlink(missing_ok=True)
+            raise
     return dest, digest
 
 

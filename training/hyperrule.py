@@ -1,4 +1,4 @@
-"""The BiT-HyperRule as Google's `bit_hyperrule.py` implements it (REFERENCE A2), plus bitdeploy's overrides.
+"""The BiT-HyperRule as Google's `bit_hyperrule.py` implements it, plus bitdeploy's overrides.
 
 Pure functions, no torch: the plan can be computed, printed and tested anywhere.
 

@@ -44,7 +44,7 @@ class LoadedModel:
     weights_info: dict[str, Any]
 
 
-# --- Google's key scheme (REFERENCE A4) ------------------------------------------------------------------
+# --- Google's key scheme (as bit_pytorch/models.py loads it) ----------------------------------------------
 
 _UNIT_RE = re.compile(r"body\.block(\d+)\.unit(\d+)\.(.+)")
 _UNIT_PARTS = {

@@ -4,38 +4,36 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from bitdeploy.runtimes.manifest import Manifest, ModelInfo, Provenance, TargetInfo
 
 RESOLUTION = 32
 LABELS = [str(i) for i in range(10)]
 
 
-def _manifest(backend: str, precision: str, model_file: str, precision_used: str, device: str) -> dict[str, Any]:
+def _manifest(backend: str, precision: str, model_file: str, precision_used: str, device: str) -> Manifest:
+    """A valid manifest of the tiny model, built with the typed record the build uses."""
     from bitdeploy.runtimes.preprocess import input_spec
 
-    return {
-        "valid": True,
-        "invalid_reason": None,
-        "model": {
-            "name": "tiny",
-            "num_classes": 10,
-            "params": 0,
-            "resolution": RESOLUTION,
-            "weights": {"kind": "none", "source": None, "sha256": None},
-            "ws_eps": 1e-10,
-        },
-        "target": {"backend": backend, "precision": precision, "device": device, "precision_used": precision_used},
-        "model_file": model_file,
-        "input": input_spec(RESOLUTION),
-        "output": {"name": "logits", "kind": "logits"},
-        "labels": LABELS,
-        "export": {"opset": 17},
-        "accuracy": None,
-        "calibration": None,
-        "provenance": {"bitdeploy": "test", "created": "2025-01-01T00:00:00+00:00", "versions": {}},
-    }
+    return Manifest(
+        valid=True,
+        model=ModelInfo(
+            name="tiny",
+            num_classes=10,
+            params=0,
+            resolution=RESOLUTION,
+            weights={"kind": "none", "source": None, "sha256": None},
+            ws_eps=1e-10,
+        ),
+        target=TargetInfo(backend, precision, precision_used, device),
+        model_file=model_file,
+        input=input_spec(RESOLUTION),
+        labels=list(LABELS),
+        export={"opset": 17},
+        provenance=Provenance("test", "2025-01-01T00:00:00+00:00"),
+    )
 
 
 @pytest.fixture(scope="session")

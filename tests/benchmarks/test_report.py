@@ -139,7 +139,7 @@ def test_speedup_is_against_the_fastest_baseline_and_every_baseline_is_labelled(
 
 
 def test_latency_axis_covers_the_bundles_own_spread() -> None:
-    # A baseline 5x slower than the slowest bundle must not set the bundles' axis (issue 12: boxes squashed at 0-120 ms).
+    # A baseline 5x slower than the slowest bundle must not set the bundles' axis (they were once squashed).
     rows = table_rows([_doc_with_three_baselines(slowest_ms=100.0)])
     fig = latency_distribution(rows)
     bundles = [r for r in rows if r["entry"]["kind"] == "bundle" and r["p99"]]

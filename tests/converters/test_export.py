@@ -135,12 +135,12 @@ def test_check_graph_catches_unfolded_weights(tmp_path: Path) -> None:
 
 
 def test_fused_root_pool_is_refused_and_nothing_written(tmp_path: Path) -> None:
-    """MaxPool(padding=1) pads with -inf instead of zeros (REFERENCE C6): the export must refuse it."""
+    """MaxPool(padding=1) pads with -inf instead of zeros: the export must refuse it."""
     model = load_model("tiny", "none", num_classes=3).model
     model.root.pad = torch.nn.Identity()
     model.root.pool = torch.nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
     out = tmp_path / "fused.onnx"
-    with pytest.raises(ConversionError, match="REFERENCE C6"):
+    with pytest.raises(ConversionError, match="must zero-pad, then max-pool"):
         export_onnx(model, 32, out)
     assert list(tmp_path.iterdir()) == []
 

@@ -19,11 +19,12 @@ from bitdeploy.converters import litert_convert
 from bitdeploy.converters.base import ConvertOptions
 from bitdeploy.errors import ConversionError
 from bitdeploy.runtimes.litert import LiteRtBackend
+from bitdeploy.runtimes.manifest import Manifest
 from tests.converters.tiny_digits import RESOLUTION, tiny_digits
 
 
 def _logits(path: Path, x: np.ndarray) -> np.ndarray:
-    with LiteRtBackend(path, {"target": {}}, threads=2) as backend:
+    with LiteRtBackend(path, Manifest(), threads=2) as backend:
         return backend.infer(x)
 
 
@@ -38,9 +39,7 @@ def test_fp32_matches_pytorch_at_every_batch(fp32: tuple[Path, Any]) -> None:
     work, artifact = fp32
     td = tiny_digits()
     assert (
-        artifact.backend == "litert"
-        and artifact.files == ["model.tflite"]
-        and artifact.target["precision_used"] == "fp32"
+        artifact.backend == "litert" and artifact.files == ["model.tflite"] and artifact.target.precision_used == "fp32"
     )
     assert sorted(p.name for p in work.iterdir()) == ["model.tflite"]  # no temp files left behind
     logits = _logits(work / "model.tflite", td.val_x)  # the whole split in one resized batch
@@ -76,7 +75,7 @@ def test_int8_passes_the_gate_with_float_io(tmp_path: Path) -> None:
     td = tiny_digits()
     calib = cal.from_image_set(td.train, RESOLUTION, size=64)
     artifact = litert_convert.convert(td.onnx, tmp_path, "int8", calib, ConvertOptions())
-    assert artifact.target["quantization"]["calibration_samples"] == 64
+    assert artifact.target.quantization is not None and artifact.target.quantization.samples == 64
     it = Interpreter(str(tmp_path / "model.tflite"))
     assert it.get_input_details()[0]["dtype"] == np.float32 and it.get_output_details()[0]["dtype"] == np.float32
     int8_weights = [t for t in it.get_tensor_details() if t["dtype"] == np.int8 and len(t["shape"]) == 4]

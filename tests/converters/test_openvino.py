@@ -15,8 +15,10 @@ pytest.importorskip("nncf")
 
 from bitdeploy.converters import calibration as calib_mod
 from bitdeploy.converters import openvino_convert
-from bitdeploy.converters.base import ConvertOptions, OpenVinoOptions
+from bitdeploy.converters.base import ConvertOptions
+from bitdeploy.converters.openvino_convert import OpenVinoOptions
 from bitdeploy.errors import ConversionError
+from bitdeploy.runtimes.manifest import Manifest, TargetInfo
 from bitdeploy.runtimes.ov import OpenVinoBackend
 from tests.converters.tiny_digits import RESOLUTION, TinyDigits, tiny_digits
 
@@ -38,8 +40,8 @@ def calibration(tiny: TinyDigits) -> calib_mod.CalibrationData:
     return calib_mod.from_image_set(tiny.train, RESOLUTION, size=128, seed=0, source="digits:train")
 
 
-def _logits(work: Path, target: dict[str, Any], x: np.ndarray) -> np.ndarray:
-    backend = OpenVinoBackend(work / openvino_convert.MODEL_XML, {"target": target}, threads=2)
+def _logits(work: Path, target: TargetInfo, x: np.ndarray) -> np.ndarray:
+    backend = OpenVinoBackend(work / openvino_convert.MODEL_XML, Manifest(target=target), threads=2)
     try:
         return np.concatenate([backend.infer(x[i : i + 32]) for i in range(0, len(x), 32)])
     finally:
@@ -54,7 +56,7 @@ def test_fp32_ir_runs_f32_and_matches_pytorch(tiny: TinyDigits, tmp_path: Path) 
     art = openvino_convert.convert(tiny.onnx, tmp_path, "fp32", None, OPTS)
     assert art.backend == "openvino" and art.model_file == "model.xml"
     assert set(art.files) == {"model.xml", "model.bin"} and all((tmp_path / f).is_file() for f in art.files)
-    t = art.target
+    t = art.target.to_dict()
     assert (t["precision"], t["precision_used"], t["inference_precision"], t["device"]) == ("fp32", "f32", "f32", "CPU")
     assert t["openvino_version"]
     logits = _logits(tmp_path, t, tiny.val_x)
@@ -72,7 +74,7 @@ def test_fp16_halves_the_weights_and_keeps_top1(tiny: TinyDigits, tmp_path: Path
     assert size16 < 0.55 * size32
     assert 'element_type="f16"' in (tmp_path / "b/model.xml").read_text()
     # Pinned to f32 on every CPU class: f16 storage only, so the device computes what the build validated.
-    assert (art.target["inference_precision"], art.target["precision_used"]) == ("f32", "f32")
+    assert (art.target.get("inference_precision"), art.target.precision_used) == ("f32", "f32")
     logits = _logits(tmp_path / "b", art.target, tiny.val_x)
     assert tiny.reference_top1 - _top1(logits, tiny.val_y) <= max(0.002, 1.0 / len(tiny.val_y) + 1e-9)
 
@@ -90,7 +92,7 @@ def test_bf16_is_opt_in_and_refused_where_the_cpu_has_none(tiny: TinyDigits, tmp
             openvino_convert.convert(tiny.onnx, tmp_path, "fp16", None, _ov(inference_precision="bf16"))
         return
     art = openvino_convert.convert(tiny.onnx, tmp_path, "fp16", None, _ov(inference_precision="bf16"))
-    assert (art.target["inference_precision"], art.target["precision_used"]) == ("bf16", "bf16")
+    assert (art.target.get("inference_precision"), art.target.precision_used) == ("bf16", "bf16")
 
 
 def _reads_fq(op: Any) -> bool:
@@ -105,7 +107,7 @@ def test_int8_quantizes_the_convs_keeps_norms_residuals_head_float_and_passes_th
     tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path: Path
 ) -> None:
     art = openvino_convert.convert(tiny.onnx, tmp_path, "int8", calibration, OPTS)
-    t = art.target
+    t = art.target.to_dict()
     assert t["precision_used"].startswith("int8+")
     assert (
         t["quantization"]["samples"] == len(calibration) and t["quantization"]["float_scope"] == "norms-residual-head"
@@ -142,7 +144,7 @@ def test_int8_float_scope_none_is_nncf_default(
 
     model = ov.Core().read_model(str(tmp_path / "model.xml"))
     ops = model.get_ordered_ops()
-    assert art.target["quantization"]["float_scope"] == "none"
+    assert art.target.to_dict()["quantization"]["float_scope"] == "none"
     assert any(_feeds_fq(op) for op in ops if op.get_type_name() == "MVN")  # NNCF quantizes GroupNorm's output
     with pytest.raises(ConversionError, match=r"unknown OpenVINO INT8 float scope 'all'"):
         openvino_convert.ignored_scope(model, "all")
@@ -154,7 +156,7 @@ def test_int8_with_accuracy_control(tiny: TinyDigits, calibration: calib_mod.Cal
     work.mkdir()
     opts = _ov(accuracy_control=True, validation=validation, max_accuracy_drop=1.0)
     art = openvino_convert.convert(tiny.onnx, work, "int8", calibration, opts)
-    q = art.target["quantization"]
+    q = art.target.to_dict()["quantization"]
     assert q["accuracy_control"] is True and q["max_drop_pp"] == 1.0 and q["validation_samples"] == 120
     top1 = _top1(_logits(work, art.target, tiny.val_x), tiny.val_y)
     assert top1 >= tiny.reference_top1 - 0.01

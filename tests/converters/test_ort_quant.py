@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bitdeploy.converters.base import ConvertOptions, OrtOptions
+from bitdeploy.converters.base import ConvertOptions
 from bitdeploy.converters.calibration import CalibrationData, digest
+from bitdeploy.converters.ort_convert import OrtOptions
 from bitdeploy.errors import ConversionError
 
 torch = pytest.importorskip("torch")
@@ -96,9 +97,9 @@ def test_int8_scheme_is_recorded(
     if scheme == "auto" and platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("auto picks u8s8-7bit on x86 only")
     art = ort_convert.convert(export, tmp_path, "int8", calib, ConvertOptions(extras=OrtOptions(int8_scheme=scheme)))
-    q = art.target["quantization"]
+    q = art.target.to_dict()["quantization"]
     assert q["scheme"] == ("u8s8-7bit" if scheme == "auto" else scheme) and q["scheme_reason"]
-    assert q["scheme"].upper() in art.target["precision_used"]
+    assert q["scheme"].upper() in (art.target.precision_used or "")
     values = inits(onnx.load(str(tmp_path / "model.onnx")))
     weights = [v for v in values.values() if v.dtype == np.int8 and v.ndim == 4]
     assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == weight_max
@@ -208,7 +209,7 @@ def test_ort_converter_artifacts(tmp_path: Path, export: Path, calib: Calibratio
         work.mkdir()
         art = convert(export, work, precision, calib if precision == "int8" else None, ConvertOptions(device="cpu"))
         assert art.backend == "onnxruntime" and art.model_file == "model.onnx" and (work / "model.onnx").is_file()
-        assert art.target["precision"] == precision and art.target["precision_used"]
+        assert art.target.precision == precision and art.target.precision_used
     with pytest.raises(ConversionError, match="--dataset"):
         convert(export, tmp_path, "int8", None, ConvertOptions())
     with pytest.raises(ConversionError, match="--device"):

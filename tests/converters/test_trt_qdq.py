@@ -206,7 +206,7 @@ def test_fp16_onnx_keeps_norms_fp32_and_io_fp32(tiny: TinyDigits, tmp_path: Path
     types = {vi.name: vi.type.tensor_type.elem_type for vi in [*model.graph.value_info, *model.graph.input]}
     types.update({k: onnx.helper.np_dtype_to_tensor_dtype(v.dtype) for k, v in inits.items()})
     for n in model.graph.node:
-        if n.op_type == "InstanceNormalization":  # statistics computed in FP32 (REFERENCE C4)
+        if n.op_type == "InstanceNormalization":  # statistics computed in FP32
             assert all(types.get(i) == onnx.TensorProto.FLOAT for i in n.input)
     logits = _run(tmp_path / name, tiny.val_x)
     top1 = float((logits.argmax(1) == tiny.val_y).mean())

@@ -100,7 +100,7 @@ def manifest(bundle: Path) -> dict[str, Any]:
 
 # The tiny model's head is a ridge fit on random features: its top-2 logits sit so close that INT8 noise flips
 # 1-3 of the 120 images (0.8-2.5 pp) whichever scheme is used. A 3 pp gate keeps these pipeline tests about the
-# pipeline; INT8 accuracy on a trained BiT is measured by `benchmarks/int8_cpu_classes.py` (README).
+# pipeline; INT8 accuracy on a trained BiT is measured by `benchmarks/int8_cpu_classes.py` (docs/targets.md).
 TINY_GATE_PP = "3"
 
 
@@ -134,7 +134,8 @@ def test_no_dataset_fp32_bundle_validated_on_random_inputs(
     out = tmp_path / "D"
     result = run(["--model", "tiny", "--weights", str(ckpt), "--target", "onnx", "--out", str(out), "--no-report"])
     assert result.exit_code == 0, result.output
-    m = load_manifest(out)  # verifies checksums, refuses invalid bundles
+    load_manifest(out)  # verifies checksums, refuses invalid bundles
+    m = manifest(out)  # the JSON as written
     assert m["valid"] is True and m["invalid_reason"] is None
     assert m["accuracy"] is None
     v = m["validation"]
@@ -227,6 +228,7 @@ def _broken_convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration
     from onnx import helper, numpy_helper
 
     from bitdeploy.converters.base import Artifact
+    from bitdeploy.runtimes.manifest import TargetInfo
 
     model = onnx.load(str(onnx_fp32))
     g = model.graph
@@ -239,10 +241,7 @@ def _broken_convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration
     g.node.append(helper.make_node("Add", ["raw_logits", "class0"], [out], name="break"))
     onnx.save(model, str(work_dir / "model.onnx"))
     return Artifact(
-        files=["model.onnx"],
-        model_file="model.onnx",
-        backend="onnxruntime",
-        target={"precision": precision, "precision_used": precision, "device": "cpu"},
+        files=["model.onnx"], model_file="model.onnx", target=TargetInfo("onnxruntime", precision, precision, "cpu")
     )
 
 
@@ -339,7 +338,7 @@ def test_target_all_continues_past_failure_and_selects_fastest(
     assert summary["selected"]["name"].startswith(("onnx-", "litert-")) and summary["selected"]["reason"]
     html = (out / "report" / "report.html").read_text()
     assert "onnx-int8" in html and "openvino-fp32" in html
-    # issue 12: three labelled PyTorch baselines, the speed-up against the fastest, a batch-size sweep per bundle
+    # Three labelled PyTorch baselines, the speed-up against the fastest, a batch-size sweep per bundle
     assert [b["form"] for b in summary["baseline"]] == ["eager-ws", "eager-folded", "compiled-folded"]
     md = (out / "report" / "report.md").read_text()
     assert "speed-up vs fastest PyTorch" in md and "(fastest PyTorch: the speed-up denominator)" in md

@@ -24,8 +24,8 @@ def test_json_lists_exactly_the_12_released_models(tmp_path: Path, monkeypatch: 
     assert len(rows) == 12 and {r["name"] for r in rows} == OFFICIAL
     by_name = {r["name"]: r for r in rows}
     r50 = by_name["s-r50x1"]
-    assert r50["params"] == 25_549_352  # timm's resnetv2_50x1_bit with the 1000-class head (REFERENCE A7)
-    assert abs(r50["gmacs_128"] - 1.337) < 0.01  # REFERENCE D
+    assert r50["params"] == 25_549_352  # timm's resnetv2_50x1_bit with the 1000-class head
+    assert abs(r50["gmacs_128"] - 1.337) < 0.01  # docs/measurements.md, quiet-machine figures
     assert (
         by_name["m-r50x1"]["params"] == count_params(get_variant("m-r50x1"))
         and by_name["m-r50x1"]["upstream_classes"] == 21843

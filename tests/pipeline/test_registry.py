@@ -1,11 +1,15 @@
-"""One record per target: every record resolves, every CLI choice comes from the records, and a new target
-registered with one record is usable end to end without editing any other module."""
+"""One record per target: every record resolves, every CLI choice comes from the records, every registered backend
+has a conformance test, and a new target registered with one record is usable end to end without editing any other
+module (the complete toy target, with a converter and build flags, is tests/pipeline/test_toy_target.py)."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import json
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,11 @@ from bitdeploy.cli import cli
 from bitdeploy.converters.base import Artifact
 from bitdeploy.runtimes.base import Backend, backend_available, backend_class
 from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
+from bitdeploy.runtimes.manifest import Manifest, ModelInfo, TargetInfo
 from bitdeploy.runtimes.preprocess import input_spec
+from tests.runtimes.backend_conformance import BackendConformance
+
+TESTS = Path(__file__).resolve().parents[1]
 
 RES = 16
 
@@ -52,9 +60,55 @@ DUMMY = targets.Target(
 
 
 @pytest.fixture
-def registered(monkeypatch: pytest.MonkeyPatch) -> targets.Target:
-    monkeypatch.setattr(targets, "TARGETS", dict(targets.TARGETS))  # the registration ends with the test
-    return targets.register(DUMMY)
+def registered() -> Iterator[targets.Target]:
+    before = dict(targets.TARGETS)
+    try:
+        yield targets.register(DUMMY)
+    finally:  # the registration ends with the test (the same dict: modules hold it by name)
+        targets.TARGETS.clear()
+        targets.TARGETS.update(before)
+
+
+def backends_without_conformance() -> list[str]:
+    """Registered backends that no `Test...` subclass of BackendConformance anywhere under tests/ covers."""
+    for path in sorted(TESTS.rglob("test_*.py")):
+        if "(BackendConformance)" in path.read_text(encoding="utf-8"):
+            importlib.import_module(".".join(path.relative_to(TESTS.parent).with_suffix("").parts))
+    found, todo = set(), list(BackendConformance.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__name__.startswith("Test") and cls.covers:
+            found.add(cls.covers)
+    return [b for b in targets.backend_names() if b not in found]
+
+
+def test_every_registered_backend_has_a_conformance_test() -> None:
+    assert backends_without_conformance() == []
+
+
+def test_a_record_without_calibration_methods_and_every_cli_module_import_in_a_fresh_interpreter() -> None:
+    """The default `calib_methods=()` once made importing `bitdeploy build` fail with IndexError."""
+    code = """
+import importlib
+from click.testing import CliRunner
+from bitdeploy import targets
+from bitdeploy.cli import COMMANDS, cli
+targets.register(targets.Target(name="bare", title="Bare", backend="bare", converter="bare:convert",
+    runtime="bare:Backend", formats=(".bare",), extra="bare", modules=("bare",), runtime_extra="bare",
+    runtime_module="bare"))
+for ref in COMMANDS.values():
+    importlib.import_module(ref.partition(":")[0])
+for command in COMMANDS:
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0, (command, result.output)
+assert "bare (Bare)" in CliRunner().invoke(cli, ["build", "--help"]).output
+print("ok")
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=TESTS.parent, check=False
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def _choices(command: str, option: str) -> list[str]:
@@ -98,9 +152,8 @@ def test_registered_target_appears_in_every_choice(registered: targets.Target) -
     assert "numpy-test" in _choices("predict", "backend") and "numpy-test" in _choices("build", "target")
     help_text = CliRunner().invoke(cli, ["predict", "--help"]).output
     assert "numpy-test" in help_text
-    assert (
-        Artifact(files=["model.npy"], model_file="model.npy", backend="numpy-test", target={}).backend == "numpy-test"
-    )
+    artifact = Artifact(files=["model.npy"], model_file="model.npy", target=TargetInfo(backend="numpy-test"))
+    assert artifact.backend == "numpy-test"
 
 
 def test_registered_backend_runs_a_bundle(registered: targets.Target, tmp_path: Path) -> None:
@@ -108,14 +161,14 @@ def test_registered_backend_runs_a_bundle(registered: targets.Target, tmp_path: 
     rng = np.random.default_rng(0)
     with bundle_writer(tmp_path / "b") as tmp:
         np.save(tmp / "model.npy", rng.standard_normal((3, 4)).astype(np.float32))
-        manifest = {
-            "valid": True,
-            "model": {"name": "dummy", "num_classes": 4},
-            "target": {"backend": "numpy-test", "precision": "fp32", "device": "cpu"},
-            "model_file": "model.npy",
-            "input": input_spec(RES),
-            "labels": ["a", "b", "c", "d"],
-        }
+        manifest = Manifest(
+            valid=True,
+            model=ModelInfo(name="dummy", num_classes=4),
+            target=TargetInfo(backend="numpy-test", device="cpu"),
+            model_file="model.npy",
+            input=input_spec(RES),
+            labels=["a", "b", "c", "d"],
+        )
         write_manifest(tmp, manifest, ["model.npy"])
     image = tmp_path / "x.png"
     Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(image)

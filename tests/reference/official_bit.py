@@ -1,5 +1,5 @@
 """Parity oracle: Google's BiT PyTorch model and its npz loader, transcribed from the description of
-google-research/big_transfer `bit_pytorch/models.py` (REFERENCE A4-A5).
+google-research/big_transfer `bit_pytorch/models.py`.
 
 Used only by tests and by `benchmarks/parity_official.py`. It deliberately imports nothing from bitdeploy, keeps
 the reference's structure (an optional `downsample` attribute, `load_from` that copies tensors named by the npz

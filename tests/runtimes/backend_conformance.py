@@ -48,7 +48,10 @@ def _one_line_error(backend: Backend, batch: Any) -> str:
 
 
 class BackendConformance:
-    """The tests; a subclass provides the `case` fixture (class scope)."""
+    """The tests; a subclass provides the `case` fixture (class scope) and names the registered backend it covers
+    (every registered backend needs one: tests/pipeline/test_registry.py checks)."""
+
+    covers: str | None = None  # the registered backend (its record's `backend`) this subclass tests
 
     @pytest.fixture(scope="class")
     def case(self) -> Case:  # pragma: no cover - every subclass overrides it

@@ -10,6 +10,7 @@ import datetime as dt
 import io
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from PIL import Image
 
 from bitdeploy import __version__
 from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
+from bitdeploy.runtimes.manifest import Manifest, ModelInfo, Provenance, TargetInfo
 from bitdeploy.runtimes.preprocess import input_spec
 
 RES = 32
@@ -26,35 +28,28 @@ LABELS = [str(i) for i in range(10)]
 
 
 def make_manifest(
-    backend: str, model_file: str, device: str, precision_used: str, params: int = 0, **extra: Any
-) -> dict[str, Any]:
-    manifest: dict[str, Any] = {
-        "valid": True,
-        "invalid_reason": None,
-        "model": {
-            "name": "tiny",
-            "num_classes": 10,
-            "params": params,
-            "resolution": RES,
-            "weights": {"kind": "none", "source": None, "sha256": None},
-            "ws_eps": 1e-10,
-        },
-        "target": {"backend": backend, "precision": "fp32", "device": device, "precision_used": precision_used},
-        "model_file": model_file,
-        "input": input_spec(RES),
-        "output": {"name": "logits", "kind": "logits"},
-        "labels": list(LABELS),
-        "export": {"opset": 17, "max_abs_diff": None, "nodes": None, "simplifier": None},
-        "accuracy": None,
-        "calibration": None,
-        "provenance": {
-            "bitdeploy": __version__,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "versions": {},
-        },
-    }
-    manifest.update(extra)
-    return manifest
+    backend: str, model_file: str, device: str, precision_used: str, params: int = 0, **changes: Any
+) -> Manifest:
+    """A valid FP32 manifest of the tiny model, built with the typed record the build uses (`changes`: fields to
+    replace)."""
+    manifest = Manifest(
+        valid=True,
+        model=ModelInfo(
+            name="tiny",
+            num_classes=10,
+            params=params,
+            resolution=RES,
+            weights={"kind": "none", "source": None, "sha256": None},
+            ws_eps=1e-10,
+        ),
+        target=TargetInfo(backend, "fp32", precision_used, device),
+        model_file=model_file,
+        input=input_spec(RES),
+        labels=list(LABELS),
+        export={"opset": 17, "max_abs_diff": None, "nodes": None, "simplifier": None},
+        provenance=Provenance(__version__, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")),
+    )
+    return replace(manifest, **changes)
 
 
 @pytest.fixture(scope="session")

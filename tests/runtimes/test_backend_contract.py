@@ -9,7 +9,6 @@ ONNX (for the fake TensorRT: what the fake computes).
 from __future__ import annotations
 
 import importlib.util
-import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import pytest
 
 from bitdeploy.errors import BitdeployError, BundleError
 from bitdeploy.runtimes.base import Backend, expected_input
+from bitdeploy.runtimes.bundle import read_manifest
 from bitdeploy.runtimes.manifest import Manifest
 from tests.runtimes import fake_tensorrt
 from tests.runtimes.backend_conformance import BackendConformance, Case
@@ -42,6 +42,8 @@ def reference(tiny_model: dict[str, Any]) -> np.ndarray:
 
 
 class TestOnnxRuntime(BackendConformance):
+    covers = "onnxruntime"
+
     @pytest.fixture(scope="class")
     def case(self, tiny_model: dict[str, Any], reference: np.ndarray) -> Case:
         from bitdeploy.runtimes.ort import OrtBackend
@@ -51,17 +53,21 @@ class TestOnnxRuntime(BackendConformance):
 
 
 class TestOpenVino(BackendConformance):
+    covers = "openvino"
+
     @pytest.fixture(scope="class")
     def case(self, ov_bundle: Path, tiny_model: dict[str, Any], reference: np.ndarray) -> Case:
         from bitdeploy.runtimes.ov import OpenVinoBackend
 
-        manifest = json.loads((ov_bundle / "manifest.json").read_text())
+        manifest = read_manifest(ov_bundle)
         return Case(
             lambda: OpenVinoBackend(ov_bundle / "model.xml", manifest, threads=1), tiny_model["x"], reference, atol=1e-4
         )
 
 
 class TestLiteRt(BackendConformance):
+    covers = "litert"
+
     @pytest.fixture(scope="class")
     def case(self, tiny_model: dict[str, Any], reference: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Case:
         _needs("ai_edge_litert", 'the LiteRT runtime needs ai-edge-litert: pip install "bitdeploy[litert]"')
@@ -85,6 +91,8 @@ class TestLiteRt(BackendConformance):
 class TestFakeTensorRT(BackendConformance):
     """The TensorRT backend's buffers, chunks and thread-local contexts, on the fake engine ((N, 3, 4, 4) -> (N, 10))."""
 
+    covers = "tensorrt"
+
     @pytest.fixture(scope="class")
     def case(self, tmp_path_factory: pytest.TempPathFactory) -> Case:
         from bitdeploy.runtimes.trt import TensorRTBackend
@@ -98,7 +106,9 @@ class TestFakeTensorRT(BackendConformance):
             "compute_capability": "8.9",
             "precision_used": "fp16+fp32",
         }
-        manifest = {"target": target, "input": {"shape": [-1, *fake_tensorrt.SAMPLE_SHAPE], "dtype": "float32"}}
+        manifest = Manifest.from_dict(
+            {"target": target, "input": {"shape": [-1, *fake_tensorrt.SAMPLE_SHAPE], "dtype": "float32"}}
+        )
 
         def factory() -> Backend:
             with pytest.MonkeyPatch.context() as mp:  # the backend keeps the fake it was built with
@@ -120,7 +130,7 @@ class NumpyBackend(Backend):
     def __init__(
         self, manifest: dict[str, Any], classes: int = 5, rows_out: int | None = None, out_dtype: Any = np.float64
     ) -> None:
-        super().__init__(Path("numpy-model"), manifest, device="cpu")
+        super().__init__(Path("numpy-model"), Manifest.from_dict(manifest), device="cpu")
         self.weights = np.linspace(-1, 1, 3 * classes).reshape(3, classes)
         self.rows_out, self.out_dtype = rows_out, out_dtype
         self.seen: list[tuple[tuple[int, ...], bool]] = []

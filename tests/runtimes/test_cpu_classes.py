@@ -12,16 +12,18 @@ import platform
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from bitdeploy.converters.base import ConvertOptions, OrtOptions
+from bitdeploy.converters.base import ConvertOptions
 from bitdeploy.converters.calibration import CalibrationData, digest
+from bitdeploy.converters.ort_convert import OrtOptions
 from bitdeploy.runtimes import fingerprint, selftest
-from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
+from bitdeploy.runtimes.bundle import bundle_writer, read_manifest, write_manifest
 from bitdeploy.runtimes.preprocess import normalize
 
 from .conftest import RES, make_manifest
@@ -72,11 +74,13 @@ def int8_bundle(tiny_model: dict[str, Any], out: Path, scheme: str) -> Path:
             "onnxruntime",
             "model.onnx",
             "cpu",
-            artifact.target["precision_used"],
+            artifact.target.precision_used or "",
             self_test=spec,
             validated_on=fingerprint.host_fingerprint(),
         )
-        manifest["target"].update(precision="int8", quantization=artifact.target["quantization"])
+        manifest = replace(
+            manifest, target=replace(manifest.target, precision="int8", quantization=artifact.target.quantization)
+        )
         write_manifest(tmp, manifest, ["model.onnx", selftest.GOLDEN_FILE])
     return out
 
@@ -92,8 +96,8 @@ def test_emulated_cpu_fingerprint_is_avx2_only(tmp_path: Path) -> None:
 
 def test_default_int8_scheme_verifies_on_an_avx2_only_cpu(tiny_model: dict[str, Any], tmp_path: Path) -> None:
     bundle = int8_bundle(tiny_model, tmp_path / "int8", "auto")
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["target"]["quantization"]["scheme"] == "u8s8-7bit"
+    manifest = read_manifest(bundle)
+    assert manifest.target.quantization is not None and manifest.target.quantization.details["scheme"] == "u8s8-7bit"
     proc = emulated(["verify", str(bundle), "--json"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
@@ -134,13 +138,17 @@ def test_openvino_int8_is_pinned_to_f32_and_verifies_on_an_avx2_only_cpu(
     work = tmp_path / "work"
     work.mkdir()
     artifact = openvino_convert.convert(tiny_model["onnx"], work, "int8", calibration(), ConvertOptions())
-    assert artifact.target["inference_precision"] == "f32"
+    assert artifact.target.get("inference_precision") == "f32"
     x = normalize(golden_pixels())
     fp32 = ort.InferenceSession(str(tiny_model["onnx"]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     manifest = make_manifest(
-        "openvino", "model.xml", "CPU", artifact.target["precision_used"], validated_on=fingerprint.host_fingerprint()
+        "openvino",
+        "model.xml",
+        "CPU",
+        artifact.target.precision_used or "",
+        validated_on=fingerprint.host_fingerprint(),
     )
-    manifest["target"].update(artifact.target)
+    manifest = replace(manifest, target=replace(artifact.target, device="CPU"))
     backend = OpenVinoBackend(work / "model.xml", manifest)
     here = backend.infer(x)
     backend.close()
@@ -148,7 +156,7 @@ def test_openvino_int8_is_pinned_to_f32_and_verifies_on_an_avx2_only_cpu(
     with bundle_writer(bundle) as tmp:
         for name in artifact.files:
             shutil.copy(work / name, tmp / name)
-        manifest["self_test"] = selftest.write(tmp, x, fp32, None, here, "int8")
+        manifest = replace(manifest, self_test=selftest.write(tmp, x, fp32, None, here, "int8"))
         write_manifest(tmp, manifest, [*artifact.files, selftest.GOLDEN_FILE])
     proc = emulated(["verify", str(bundle), "--json"])
     assert proc.returncode == 0, proc.stderr[-2000:]

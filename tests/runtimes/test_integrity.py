@@ -170,7 +170,7 @@ def test_unlisted_member_and_total_limit(ort_bundle: Path, tmp_path: Path) -> No
         unpack(evil, tmp_path / "t2", max_total_bytes=1000)
     with pytest.raises(BundleError, match="more than 2 members"):
         unpack(evil, tmp_path / "t3", max_members=2)
-    assert read_manifest(_unpacked(evil, tmp_path / "t4"))["format_version"] == 1
+    assert read_manifest(_unpacked(evil, tmp_path / "t4")).version == (1, 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["extra.bitpack", "t4"]
 
 
@@ -201,7 +201,7 @@ def test_unpack_target_must_be_new(ort_bundle: Path, tmp_path: Path) -> None:
         unpack(out, tmp_path / "exists")
     assert (tmp_path / "exists").is_dir()  # an existing directory is never removed
     manifest = unpack(out, tmp_path / "fresh")
-    assert manifest["model"]["name"] == "tiny" and (tmp_path / "fresh" / "model.onnx").is_file()
+    assert manifest.model.name == "tiny" and (tmp_path / "fresh" / "model.onnx").is_file()
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,9 @@ pytest.importorskip("ai_edge_litert", reason='the LiteRT runtime needs ai-edge-l
 
 from bitdeploy.errors import BitdeployError, BundleError
 from bitdeploy.runtimes import load
-from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
+from bitdeploy.runtimes.bundle import bundle_writer, read_manifest, write_manifest
 from bitdeploy.runtimes.litert import LiteRtBackend
+from bitdeploy.runtimes.manifest import Manifest
 from tests.runtimes.conftest import RES, make_manifest
 
 
@@ -44,8 +45,7 @@ def litert_bundle(tiny_model: dict[str, Any], tmp_path_factory: pytest.TempPathF
 
 
 def _backend(bundle: Path, **kw: Any) -> LiteRtBackend:
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    return LiteRtBackend(bundle / "model.tflite", manifest, **kw)
+    return LiteRtBackend(bundle / "model.tflite", read_manifest(bundle), **kw)
 
 
 def test_logits_match_pytorch_as_the_batch_changes(litert_bundle: Path, tiny_model: dict[str, Any]) -> None:
@@ -87,7 +87,7 @@ def test_bad_device_and_bad_model_fail_in_one_line(litert_bundle: Path, tmp_path
         _backend(litert_bundle, device="cuda")
     (tmp_path / "model.tflite").write_bytes(b"not a flatbuffer")
     with pytest.raises(BundleError, match="cannot load the model"):
-        LiteRtBackend(tmp_path / "model.tflite", {})
+        LiteRtBackend(tmp_path / "model.tflite", Manifest())
 
 
 def test_wrong_input_shape_is_a_one_line_error(litert_bundle: Path) -> None:
@@ -98,7 +98,7 @@ def test_wrong_input_shape_is_a_one_line_error(litert_bundle: Path) -> None:
     ):
         b.infer(bad)  # the manifest's input spec, checked by Backend.infer
     with (
-        LiteRtBackend(litert_bundle / "model.tflite", {"target": {}}) as b,
+        LiteRtBackend(litert_bundle / "model.tflite", Manifest()) as b,
         pytest.raises(BundleError, match="cannot run a batch"),
     ):
         b.infer(bad)  # no input spec: the interpreter itself refuses the shape, in one line

@@ -11,6 +11,7 @@ import pytest
 
 from bitdeploy.errors import BundleError
 from bitdeploy.runtimes import load
+from bitdeploy.runtimes.manifest import TargetInfo
 from bitdeploy.runtimes.ov import precision_hint
 
 pytest.importorskip("openvino")
@@ -57,7 +58,7 @@ def test_unavailable_device_is_one_line(ov_bundle: Path) -> None:
     ],
 )
 def test_precision_hint_from_manifest(target: dict[str, str], expect: str | None) -> None:
-    assert precision_hint(target) == expect
+    assert precision_hint(TargetInfo.from_dict(target)) == expect
 
 
 def test_bf16_manifest_is_honoured(ov_bundle: Path, tmp_path: Path) -> None:

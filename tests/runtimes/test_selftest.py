@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 
 from bitdeploy.errors import BundleError
 from bitdeploy.runtimes import fingerprint, load, selftest
-from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
+from bitdeploy.runtimes.bundle import bundle_writer, read_manifest, write_manifest
 from bitdeploy.runtimes.ort import OrtBackend
 from bitdeploy.runtimes.preprocess import normalize
 
@@ -35,9 +36,7 @@ def golden_pixels(n: int = 12) -> np.ndarray:
     )
 
 
-def make_bundle(
-    onnx_path: Path, out: Path, precision: str = "fp32", inputs: np.ndarray | None = None, **target: Any
-) -> Path:
+def make_bundle(onnx_path: Path, out: Path, precision: str = "fp32", inputs: np.ndarray | None = None) -> Path:
     """An ONNX Runtime bundle whose golden set holds this host's logits as the 'FP32 reference'."""
     x = normalize(golden_pixels()) if inputs is None else inputs
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -49,7 +48,7 @@ def make_bundle(
         manifest = make_manifest(
             "onnxruntime", "model.onnx", "cpu", precision, self_test=spec, validated_on=fingerprint.host_fingerprint()
         )
-        manifest["target"].update(precision=precision, **target)
+        manifest = replace(manifest, target=replace(manifest.target, precision=precision))
         write_manifest(tmp, manifest, ["model.onnx", selftest.GOLDEN_FILE])
     return out
 
@@ -76,21 +75,23 @@ def wrong_numerics(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_golden_set_stores_exact_pixels_and_derives_criteria(golden_bundle: Path) -> None:
-    manifest = json.loads((golden_bundle / "manifest.json").read_text())
-    spec = manifest["self_test"]
-    assert spec["stored_as"] == "uint8 pixels (exact)" and spec["images"] == 12 and spec["labelled"]
-    assert selftest.GOLDEN_FILE in manifest["files"]
+    manifest = read_manifest(golden_bundle)
+    spec = manifest.self_test
+    assert spec is not None and spec.stored_as == "uint8 pixels (exact)" and spec.images == 12 and spec.labelled
+    assert selftest.GOLDEN_FILE in manifest.files
     inputs, reference, labels = selftest.load_golden(golden_bundle, manifest)
     assert np.array_equal(inputs, normalize(golden_pixels())) and labels is not None and reference.shape == (12, 10)
     # The build host matched itself exactly: one extra flip allowed, the precision's floor for the error.
-    assert spec["criteria"] == {"min_agreement": 11 / 12, "max_rel_error": selftest.REL_ERROR_FLOOR["fp32"]}
+    assert (spec.min_agreement, spec.max_rel_error) == (11 / 12, selftest.REL_ERROR_FLOOR["fp32"])
+    criteria = json.loads((golden_bundle / "manifest.json").read_text())["self_test"]["criteria"]
+    assert criteria == {"min_agreement": 11 / 12, "max_rel_error": selftest.REL_ERROR_FLOOR["fp32"]}  # as written
 
 
 def test_float_inputs_are_kept_when_not_pixels(tiny_model: dict[str, Any], tmp_path: Path) -> None:
     x = np.random.default_rng(0).uniform(-1, 1, (8, 3, RES, RES)).astype(np.float32)
     bundle = make_bundle(tiny_model["onnx"], tmp_path / "b", inputs=x)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["self_test"]["stored_as"] == "float32 inputs"
+    manifest = read_manifest(bundle)
+    assert manifest.self_test is not None and manifest.self_test.stored_as == "float32 inputs"
     assert np.array_equal(selftest.load_golden(bundle, manifest)[0], x)
 
 

@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 
 from bitdeploy.converters import trt_engine
-from bitdeploy.converters.base import ConvertOptions, TensorRTOptions
+from bitdeploy.converters.base import ConvertOptions
+from bitdeploy.converters.trt_engine import TensorRTOptions
 from bitdeploy.errors import BitdeployError, BundleError, ConversionError, MissingDependencyError
 from bitdeploy.runtimes import trt as trt_rt
+from bitdeploy.runtimes.manifest import Manifest, TargetInfo
 from tests.runtimes import fake_tensorrt
 from tests.runtimes.fake_tensorrt import FakeCuda
 
@@ -112,13 +114,13 @@ def test_backend_refuses_a_foreign_engine_before_deserialising(tmp_path: Path, m
     monkeypatch.setattr(trt_rt, "cuda_api", lambda: _FakeApi("NVIDIA L4", "8.9"))
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"not an engine")
-    manifest = {"target": {**TARGET}}
+    manifest = Manifest(target=TargetInfo.from_dict(TARGET))
     with pytest.raises(
         BundleError,
         match=r"model\.plan: the engine was built with TensorRT 10\.3\.0 but TensorRT 10\.7\.0 is installed; rebuild",
     ):
         trt_rt.TensorRTBackend(plan, manifest)
-    manifest["target"]["tensorrt_version"] = "10.7.0"
+    manifest = Manifest(target=TargetInfo.from_dict({**TARGET, "tensorrt_version": "10.7.0"}))
     with pytest.raises(
         BundleError, match=r"built for NVIDIA A100-SXM4-80GB \(compute capability 8\.0\) but this GPU is NVIDIA L4"
     ):
@@ -227,7 +229,7 @@ def test_missing_tensorrt_is_one_line_naming_the_extra(tmp_path: Path) -> None:
     assert "TensorRT" in msg and 'pip install "bitdeploy[tensorrt]"' in msg and "NVIDIA GPU" in msg and "\n" not in msg
     assert not any(tmp_path.iterdir())
     with pytest.raises(MissingDependencyError, match="TensorRT"):
-        trt_rt.TensorRTBackend(tmp_path / "model.plan", {"target": TARGET})
+        trt_rt.TensorRTBackend(tmp_path / "model.plan", Manifest(target=TargetInfo.from_dict(TARGET)))
 
 
 @NO_TRT
@@ -301,17 +303,15 @@ def test_engine_builds_records_precision_and_passes_the_gate(tiny_engines: dict[
     t = tiny_engines["tiny"]
     work, art = tiny_engines["built"][precision]
     tgt = art.target
+    used = tgt.precision_used or ""
+    assert used.startswith("int8" if precision == "int8" else "fp16") or precision in used
     assert (
-        tgt["precision_used"].startswith("int8" if precision == "int8" else "fp16")
-        or precision in tgt["precision_used"]
+        tgt.get("tensorrt_version")
+        and tgt.get("gpu_name")
+        and tgt.get("compute_capability")
+        and tgt.get("profile") == {"min": 1, "opt": 8, "max": 64}
     )
-    assert (
-        tgt["tensorrt_version"]
-        and tgt["gpu_name"]
-        and tgt["compute_capability"]
-        and tgt["profile"] == {"min": 1, "opt": 8, "max": 64}
-    )
-    backend = trt_rt.TensorRTBackend(work / art.model_file, {"target": tgt})
+    backend = trt_rt.TensorRTBackend(work / art.model_file, Manifest(target=tgt))
     try:
         logits = backend.infer(t.val_x)  # 359 images: several chunks of the profile's max (64)
         assert logits.shape == (len(t.val_x), 10) and logits.dtype == np.float32
@@ -325,7 +325,7 @@ def test_engine_builds_records_precision_and_passes_the_gate(tiny_engines: dict[
 def test_backend_is_thread_safe(tiny_engines: dict[str, Any]) -> None:
     t = tiny_engines["tiny"]
     work, art = tiny_engines["built"]["fp16"]
-    backend = trt_rt.TensorRTBackend(work / art.model_file, {"target": art.target})
+    backend = trt_rt.TensorRTBackend(work / art.model_file, Manifest(target=art.target))
     expected = [backend.infer(t.val_x[i : i + 1]) for i in range(16)]
     results: dict[int, list[np.ndarray]] = {}
 
@@ -375,7 +375,7 @@ def test_engine_build_orchestration_strongly_typed_int8(fake: Any, tmp_path: Pat
     assert log["profile"] == ("input", (1, 3, 32, 32), (8, 3, 32, 32), (64, 3, 32, 32)) and log["workspace"] == 2 << 30
     assert Path(log["parsed"]).name == "model.trt.onnx" and (work / "model.plan").read_bytes() == b"PLAN"
     assert art.files == ["model.plan", "model.trt.onnx"] and art.eval_model_file == "model.trt.onnx"
-    tgt = art.target
+    tgt = art.target.to_dict()
     assert (tgt["tensorrt_version"], tgt["gpu_name"], tgt["compute_capability"], tgt["device"]) == (
         "10.9.0",
         "NVIDIA Fake GPU",
@@ -403,7 +403,9 @@ def test_engine_build_weakly_typed_uses_builder_flags_and_refuses_silent_fp32(fa
     trt, _ = fake(strongly_typed=False)
     art = trt_engine.convert(t.onnx, tmp_path, "fp16", None, ConvertOptions(cache=False))
     assert (
-        trt.log["network_flags"] == 1 << 0 and trt.log["flags"] == ["FP16"] and art.target["builder_flags"] == ["FP16"]
+        trt.log["network_flags"] == 1 << 0
+        and trt.log["flags"] == ["FP16"]
+        and art.target.get("builder_flags") == ["FP16"]
     )
     fp32_only = {
         "Layers": [{"LayerType": "CaskConvolution", "Inputs": [{"Format/Datatype": "Row major linear FP32 format"}]}]
@@ -424,7 +426,7 @@ def test_runtime_buffers_chunks_and_thread_local_contexts(fake: Any, tmp_path: P
         "compute_capability": "8.9",
         "precision_used": "fp16+fp32",
     }
-    backend = trt_rt.TensorRTBackend(plan, {"target": target})
+    backend = trt_rt.TensorRTBackend(plan, Manifest(target=TargetInfo.from_dict(target)))
     assert (backend.min_batch, backend.max_batch, backend.num_classes) == (1, 4, 10)
     x = np.random.default_rng(0).standard_normal((10, 3, 4, 4)).astype(np.float32)
     out = backend.infer(x)  # 10 > profile max 4: chunks of 4, 4, 2

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import http.server
+import os
 import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,3 +166,74 @@ def test_auto_refuses_test_variant() -> None:
 
     with pytest.raises(WeightsError, match="--weights none"):
         load_model("tiny", "auto")
+
+
+def _ranged(payload: bytes, etag: str, cut_after: int | None) -> type:
+    """A server of `payload` with an ETag and Range/If-Range; its first response stops after `cut_after` bytes."""
+    state: dict[str, Any] = {"payload": payload, "etag": etag, "cut": cut_after, "ranges": []}
+
+    class Ranged(_Quiet):
+        def do_GET(self) -> None:
+            rng, if_range = self.headers.get("Range"), self.headers.get("If-Range")
+            state["ranges"].append(rng or "")
+            start = int(rng.split("=")[1].rstrip("-")) if rng and if_range == state["etag"] else 0
+            body = state["payload"][start:]
+            self.send_response(206 if start else 200)
+            self.send_header("ETag", state["etag"])
+            self.send_header("Content-Length", str(len(body)))
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(state['payload']) - 1}/{len(state['payload'])}")
+            self.end_headers()
+            cut, state["cut"] = state["cut"], None
+            self.wfile.write(body if cut is None else body[:cut])
+
+    Ranged.state = state  # type: ignore[attr-defined]
+    return Ranged
+
+
+def test_interrupted_download_resumes_where_it_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = os.urandom(300_000)
+    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setitem(download.KNOWN_SHA256, R50.npz_name, hashlib.sha256(payload).hexdigest())
+    handler = _ranged(payload, '"v1"', cut_after=100_000)
+    with _serve(handler) as (url, _server):
+        monkeypatch.setenv(download.URL_ENV, url)
+        with pytest.raises(WeightsError, match="stopped after 100000 of 300000 bytes; run again to resume it"):
+            download.fetch_official(R50)
+        part = tmp_path / "cache" / f".{R50.npz_name}.part"
+        assert part.stat().st_size == 100_000 and not download.cached_path(R50).exists()
+        path, digest, _ = download.fetch_official(R50)
+    assert handler.state["ranges"] == ["", "bytes=100000-"]  # type: ignore[attr-defined]
+    assert path.read_bytes() == payload and digest == hashlib.sha256(payload).hexdigest()
+    assert sorted(p.name for p in path.parent.iterdir()) == [R50.npz_name, R50.npz_name + ".sha256"]
+
+
+def test_a_file_changed_on_the_server_starts_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
+    handler = _ranged(b"old" * 50_000, '"v1"', cut_after=1000)
+    with _serve(handler) as (url, _server):
+        monkeypatch.setenv(download.URL_ENV, url)
+        with pytest.raises(WeightsError, match="run again to resume"):
+            download.fetch_official(R50)
+        handler.state.update(payload=b"new" * 60_000, etag='"v2"')  # type: ignore[attr-defined]
+        path, _, _ = download.fetch_official(R50)
+    assert path.read_bytes() == b"new" * 60_000
+
+
+def test_a_resumed_download_that_fails_its_checksum_starts_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payload = os.urandom(50_000)
+    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setitem(download.KNOWN_SHA256, R50.npz_name, hashlib.sha256(payload).hexdigest())
+    with _serve(_ranged(payload, '"v1"', cut_after=20_000)) as (url, _server):
+        monkeypatch.setenv(download.URL_ENV, url)
+        with pytest.raises(WeightsError, match="resume"):
+            download.fetch_official(R50)
+        part = tmp_path / "cache" / f".{R50.npz_name}.part"
+        part.write_bytes(b"\0" * 20_000)  # the kept bytes went bad on disk
+        with pytest.raises(WeightsError, match=r"does not match the published sha256 .*; run again"):
+            download.fetch_official(R50)
+        assert not part.exists()
+        path, _, _ = download.fetch_official(R50)
+    assert path.read_bytes() == payload

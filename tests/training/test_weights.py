@@ -63,7 +63,7 @@ def test_key_scheme_matches_google_for_every_official_model() -> None:
         keys = {npz_key(k) for k in shapes}
         assert len(keys) == len(shapes)
         assert sum(int(np.prod(s)) for s in shapes.values()) == count_params(v)
-        # Google's naming: 1-based blocks, 2-digit units, a/b/c, proj only on unit01 (REFERENCE A4)
+        # Google's naming: 1-based blocks, 2-digit units, a/b/c, proj only on unit01
         units = v.block_units
         assert f"resnet/block3/unit{units[2]:02d}/c/standardized_conv2d/kernel" in keys
         assert "resnet/block4/unit01/a/proj/standardized_conv2d/kernel" in keys

@@ -1,6 +1,6 @@
 """The accuracy gate: an artifact's logits against the FP32 PyTorch reference, on the validation split.
 
-With a dataset, the gate is task accuracy (REFERENCE C7: tensor tolerances are for debugging): top-1 of
+With a dataset, the gate is task accuracy (tensor tolerances are for debugging): top-1 of
 both, top-1 agreement, max/mean abs logit difference; the build fails when the top-1 drop exceeds
 `--max-accuracy-drop` percentage points. Without a dataset there is no accuracy to gate, so the artifact is
 compared with the reference on seeded random inputs in [-1, 1] against a logit tolerance per precision,
@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from bitdeploy.runtimes import compare
+from bitdeploy.runtimes.manifest import GateResult
 
 DEFAULT_MAX_DROP_PP = 1.0
 # Without labels: allowed max |logit difference| / max(1, max |reference logit|), per precision.
@@ -99,56 +102,41 @@ def torch_logits(model: Any, data: EvalData, batch_size: int = 32) -> np.ndarray
         return run_logits(lambda x: model(torch.from_numpy(np.ascontiguousarray(x))).float().numpy(), data, batch_size)
 
 
-def _diffs(logits: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-    if logits.shape != reference.shape:
-        raise ValueError(f"logits shape {logits.shape} differs from the reference {reference.shape}")
-    finite = bool(np.isfinite(logits).all())
-    diff = np.abs(logits.astype(np.float64) - reference.astype(np.float64))
-    return {
-        "samples": int(logits.shape[0]),
-        "agreement": float(np.mean(logits.argmax(1) == reference.argmax(1))) if len(logits) else None,
-        "max_abs_logit_diff": float(diff.max()) if finite and diff.size else None,
-        "mean_abs_logit_diff": float(diff.mean()) if finite and diff.size else None,
-        "finite": finite,
-    }
-
-
 def gate(
     logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, max_drop_pp: float = DEFAULT_MAX_DROP_PP
-) -> dict[str, Any]:
-    """The manifest `accuracy` object: passed when top-1 drops by at most `max_drop_pp` points."""
-    d = _diffs(logits, reference)
-    top1 = float(np.mean(logits.argmax(1) == labels)) if d["finite"] else 0.0
-    ref_top1 = float(np.mean(reference.argmax(1) == labels))
+) -> GateResult:
+    """The manifest's `accuracy` record: passed when top-1 drops by at most `max_drop_pp` points."""
+    d = compare.logit_diff(logits, reference)
+    top1 = compare.top1(logits, labels) if d.finite else 0.0
+    ref_top1 = compare.top1(reference, labels)
     drop = (ref_top1 - top1) * 100.0
-    return {
-        "top1": top1,
-        "reference_top1": ref_top1,
-        "agreement": d["agreement"],
-        "samples": d["samples"],
-        "max_abs_logit_diff": d["max_abs_logit_diff"],
-        "mean_abs_logit_diff": d["mean_abs_logit_diff"],
-        "top1_drop_pp": round(drop, 6),
-        "max_accuracy_drop_pp": float(max_drop_pp),
-        "passed": bool(d["finite"] and drop <= max_drop_pp + 1e-9),
-        "reference": "pytorch-fp32",
-    }
+    return GateResult(
+        kind="accuracy",
+        passed=bool(d.finite and drop <= max_drop_pp + 1e-9),
+        samples=d.samples,
+        agreement=d.agreement,
+        max_abs_logit_diff=d.max_abs,
+        mean_abs_logit_diff=d.mean_abs,
+        top1=top1,
+        reference_top1=ref_top1,
+        top1_drop_pp=round(drop, 6),
+        max_accuracy_drop_pp=float(max_drop_pp),
+    )
 
 
-def validate_unlabelled(logits: np.ndarray, reference: np.ndarray, precision: str, source: str) -> dict[str, Any]:
-    """The manifest `validation` object for builds without a dataset (no accuracy can be measured)."""
-    d = _diffs(logits, reference)
+def validate_unlabelled(logits: np.ndarray, reference: np.ndarray, precision: str, source: str) -> GateResult:
+    """The manifest's `validation` record for builds without a dataset (no accuracy can be measured)."""
+    d = compare.logit_diff(logits, reference)
     scale = max(1.0, float(np.abs(reference).max())) if reference.size else 1.0
     tol = RANDOM_TOLERANCE.get(precision, RANDOM_TOLERANCE["int8"]) * scale
-    passed = bool(d["finite"] and d["max_abs_logit_diff"] is not None and d["max_abs_logit_diff"] <= tol)
-    return {
-        "inputs": source,
-        "reference": "pytorch-fp32",
-        "samples": d["samples"],
-        "agreement": d["agreement"],
-        "max_abs_logit_diff": d["max_abs_logit_diff"],
-        "mean_abs_logit_diff": d["mean_abs_logit_diff"],
-        "tolerance": tol,
-        "passed": passed,
-        "note": "no --dataset: compared with the FP32 PyTorch model on random inputs; accuracy not measured",
-    }
+    return GateResult(
+        kind="validation",
+        passed=bool(d.finite and d.max_abs is not None and d.max_abs <= tol),
+        samples=d.samples,
+        agreement=d.agreement,
+        max_abs_logit_diff=d.max_abs,
+        mean_abs_logit_diff=d.mean_abs,
+        inputs=source,
+        tolerance=tol,
+        note="no --dataset: compared with the FP32 PyTorch model on random inputs; accuracy not measured",
+    )
