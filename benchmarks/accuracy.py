@@ -76,9 +76,9 @@ def load_eval_set(spec: str, seed: int = 0) -> EvalSet:
     """The validation split of a dataset spec (digits, an ImageFolder, CIFAR), as the build's accuracy gate uses it."""
     try:
         from bitdeploy.training.data import load_dataset
-    except ImportError:
-        load_dataset = None  # type: ignore[assignment]
-    if load_dataset is not None:
+    except ImportError:  # without the training extra: ImageFolder directories only
+        pass
+    else:
         splits = load_dataset(spec, seed=seed)
         return EvalSet(splits.val, list(splits.classes), spec, "val")
     root = Path(spec)

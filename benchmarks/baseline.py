@@ -144,7 +144,7 @@ def time_target(target: Any, shape: Sequence[int], timing: dict[str, Any]) -> di
     from bitdeploy.benchmarks.bench import BenchOptions, measure_latency
 
     opts = BenchOptions(**{**timing.get("options", {}), "end_to_end": False, "progress": False})
-    return measure_latency(target, tuple(shape), opts, None, None)
+    return measure_latency(target, (int(shape[0]), int(shape[1]), int(shape[2])), opts, None, None)
 
 
 def timed_batch_sizes(timing: dict[str, Any]) -> list[int]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.benchmarks import latency
+from bitdeploy.benchmarks import interference, latency
 from bitdeploy.benchmarks.accuracy import EvalSet, load_eval_set, measure
 from bitdeploy.benchmarks.baseline import COMPILE_TIMEOUT_S
 from bitdeploy.benchmarks.env import collect, device_label
@@ -26,6 +26,7 @@ from bitdeploy.runtimes.manifest import InputSpec, Manifest, TargetInfo
 
 SCENARIOS = ("single-stream", "offline", "both")
 E2E_IMAGES = 32  # distinct encoded images cycled through the end-to-end loop
+QUIET_CHECKS = ("warn", "wait", "fail")
 
 
 @dataclass
@@ -47,6 +48,9 @@ class BenchOptions:
     keep_raw: bool = True
     progress: bool = True
     seed: int = 0
+    rounds: int = latency.DEFAULT_ROUNDS  # interleaved rounds per bundle; each figure is their median
+    quiet_check: str = "warn"  # warn | wait | fail: what a disturbed machine does (see QUIET_CHECKS)
+    quiet_wait: float = interference.QUIET_WAIT_S  # seconds `wait` waits for a quiet machine before each round
     extra: dict[str, Any] = field(default_factory=dict)
 
     def settings(self) -> dict[str, Any]:
@@ -67,6 +71,9 @@ class BenchOptions:
             "compile_timeout_s": self.compile_timeout if self.pytorch_baseline is not None else None,
             "end_to_end": self.end_to_end,
             "seed": self.seed,
+            "rounds": self.rounds,
+            "quiet_check": self.quiet_check,
+            "interference_limits": interference.limits(),
             "percentiles": "nearest-rank",
             "timer": "time.perf_counter_ns around infer(); gc paused while timing",
             **self.extra,
@@ -81,6 +88,16 @@ def _reset_peak_rss() -> str:
         return "VmHWM after clear_refs (per entry)"
     except OSError:
         return "ru_maxrss (process peak so far)"
+
+
+def _rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
 
 
 def _peak_rss_mb() -> float:
@@ -133,6 +150,42 @@ def _describe(obj: Any) -> dict[str, Any]:
         return {}
 
 
+def time_round(target: Any, shape: tuple[int, int, int], opts: BenchOptions) -> dict[str, Any]:
+    """One round: single-stream and offline with this round's share of the queries, inside one Window."""
+    rounds = max(1, opts.rounds)
+    iterations = opts.iterations if (opts.iterations or opts.duration) else latency.DEFAULT_ITERATIONS
+    per_round = None if iterations is None else max(1, -(-iterations // rounds))
+    duration = None if opts.duration is None else opts.duration / rounds
+    out: dict[str, Any] = {}
+    with interference.Window() as w:
+        if opts.scenario in ("single-stream", "both"):
+            out["single_stream"] = latency.single_stream(
+                target, shape, per_round, duration, opts.warmup, True, opts.progress, opts.seed
+            )
+        if opts.scenario in ("offline", "both"):
+            out["offline"] = latency.offline(
+                target, shape, opts.batch_sizes, per_round, duration, progress=opts.progress, seed=opts.seed
+            )
+    out["window"] = w.record
+    return out
+
+
+def combine(rounds: list[dict[str, Any]], opts: BenchOptions) -> dict[str, Any]:
+    """A row's figures from its rounds, with the interference verdict and the single-stream/offline check."""
+    out: dict[str, Any] = {}
+    if any("single_stream" in r for r in rounds):
+        out["single_stream"] = latency.combine_single_stream([r["single_stream"] for r in rounds], opts.keep_raw)
+    if any("offline" in r for r in rounds):
+        out["offline"] = latency.combine_offline([r["offline"] for r in rounds])
+    verdict = interference.judge([r["window"] for r in rounds])
+    flags = list(verdict["reasons"])
+    mismatch = latency.consistency(out.get("single_stream"), out.get("offline"))
+    if mismatch:
+        flags.append(mismatch)
+    out.update(interference=verdict, disturbed=bool(flags), flags=flags)
+    return out
+
+
 def measure_latency(
     target: Any,
     shape: tuple[int, int, int],
@@ -140,20 +193,32 @@ def measure_latency(
     images: list[bytes] | None,
     input_spec: InputSpec | None,
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if opts.scenario in ("single-stream", "both"):
-        out["single_stream"] = latency.single_stream(
-            target, shape, opts.iterations, opts.duration, opts.warmup, opts.keep_raw, opts.progress, opts.seed
-        )
-    if opts.scenario in ("offline", "both"):
-        out["offline"] = latency.offline(
-            target, shape, opts.batch_sizes, opts.iterations, opts.duration, progress=opts.progress, seed=opts.seed
-        )
+    """`opts.rounds` rounds back to back (the PyTorch baselines: nothing to interleave with), then end-to-end."""
+    out = combine([time_round(target, shape, opts) for _ in range(max(1, opts.rounds))], opts)
     if opts.end_to_end and images and input_spec is not None:
-        out["end_to_end"] = latency.end_to_end(
+        out["end_to_end"] = end_to_end(target, images, input_spec, opts)
+    return out
+
+
+def end_to_end(target: Any, images: list[bytes], input_spec: InputSpec, opts: BenchOptions) -> dict[str, Any]:
+    with interference.Window() as w:
+        out = latency.end_to_end(
             target, images, input_spec, opts.iterations, opts.duration, keep_raw=False, progress=opts.progress
         )
+    verdict = interference.judge([w.record])
+    out.update(interference=verdict, disturbed=verdict["disturbed"])
     return out
+
+
+@dataclass
+class Opened:
+    """A bundle held open between its interleaved rounds."""
+
+    entry: dict[str, Any]
+    pred: Any
+    manifest: Manifest
+    shape: tuple[int, int, int]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Bench:
@@ -162,6 +227,10 @@ class Bench:
     def __init__(self, opts: BenchOptions) -> None:
         if opts.scenario not in SCENARIOS:
             raise BitdeployError(f"unknown --scenario {opts.scenario!r}; choose one of: {', '.join(SCENARIOS)}")
+        if opts.quiet_check not in QUIET_CHECKS:
+            raise BitdeployError(
+                f"unknown --quiet-check {opts.quiet_check!r}; choose one of: {', '.join(QUIET_CHECKS)}"
+            )
         if opts.reference and not opts.dataset:
             raise BitdeployError(
                 "--reference needs --dataset (agreement is measured on its images); add --dataset SPEC"
@@ -171,6 +240,7 @@ class Bench:
         self.eval_set: EvalSet | None = load_eval_set(opts.dataset, opts.seed) if opts.dataset else None
         self.images, self.images_source = self._images()
         self._ref_pred: Any = None
+        self.waits: list[dict[str, Any]] = []
 
     def log(self, message: str) -> None:
         """A progress line on stderr, for a terminal only (like the bars): logs and pipes get just the results."""
@@ -206,8 +276,10 @@ class Bench:
         if self._ref_pred is not None:
             getattr(self._ref_pred, "close", lambda: None)()
 
-    def bundle(self, bundle: str) -> dict[str, Any]:
+    def open(self, bundle: str) -> Opened | dict[str, Any]:
+        """Load a bundle and make its first call; a failed entry when it cannot be opened."""
         opts, name = self.opts, Path(bundle).name or str(bundle)
+        rss_before = _rss_mb()
         rss_method = _reset_peak_rss()
         pred = None
         try:
@@ -241,26 +313,91 @@ class Bench:
                 describe=desc,
             )
             entry["device"] = device_label(self.env, entry["backend_device"])
-            entry.update(measure_latency(pred, shape, opts, self.images, manifest.input))
-            if entry.get("end_to_end"):
+        except BitdeployError as exc:
+            if pred is not None:
+                getattr(pred, "close", lambda: None)()
+            entry = new_entry(name=name, kind="bundle", bundle=str(bundle), status=f"failed: {exc}", error=str(exc))
+            entry.update(peak_rss_mb=_peak_rss_mb(), peak_rss_method=rss_method)
+            return entry
+        # Bundles stay open together for interleaved rounds: the ones opened before this are resident too.
+        entry.update(
+            peak_rss_mb=_peak_rss_mb(),
+            peak_rss_method=f"{rss_method}, over load and first call",
+            rss_before_mb=rss_before,
+        )
+        return Opened(entry, pred, manifest, shape)
+
+    def time_round(self, o: Opened) -> None:
+        o.rounds.append(time_round(o.pred, o.shape, self.opts))
+
+    def finish(self, o: Opened) -> dict[str, Any]:
+        """Combine the rounds, then end-to-end and accuracy (once each), and close the bundle."""
+        opts, entry = self.opts, o.entry
+        try:
+            entry.update(combine(o.rounds, opts))
+            if opts.end_to_end and self.images:
+                entry["end_to_end"] = end_to_end(o.pred, self.images, o.manifest.input, opts)
                 entry["end_to_end"]["images_source"] = self.images_source
             if self.eval_set is not None:
                 entry["accuracy"] = measure(
-                    pred.infer,
-                    manifest.input,
-                    manifest.labels,
+                    o.pred.infer,
+                    o.manifest.input,
+                    o.manifest.labels,
                     self.eval_set,
                     self.reference,
                     opts.samples,
                     progress=opts.progress,
                 )
         except BitdeployError as exc:
-            entry = new_entry(name=name, kind="bundle", bundle=str(bundle), status=f"failed: {exc}", error=str(exc))
+            entry.update(status=f"failed: {exc}", error=str(exc))
         finally:
-            if pred is not None:
-                getattr(pred, "close", lambda: None)()
-        entry.update(peak_rss_mb=_peak_rss_mb(), peak_rss_method=rss_method)
+            getattr(o.pred, "close", lambda: None)()
         return entry
+
+    def bundles(self, bundles: list[str]) -> list[dict[str, Any]]:
+        """Every bundle in `opts.rounds` interleaved rounds, each round starting one bundle later than the last,
+        so slow drift of the machine hits every bundle alike."""
+        opened: list[Opened | dict[str, Any]] = []
+        for i, b in enumerate(bundles, 1):
+            self.log(f"bundle {i}/{len(bundles)}: opening {b}")
+            opened.append(self.open(b))
+        live = [o for o in opened if isinstance(o, Opened)]
+        try:
+            for r in range(max(1, self.opts.rounds)):
+                self.before_round(r)
+                shift = r % len(live) if live else 0
+                for o in live[shift:] + live[:shift]:
+                    self.log(f"round {r + 1}/{self.opts.rounds}: {o.entry['name']}")
+                    try:
+                        self.time_round(o)
+                    except BitdeployError as exc:
+                        o.entry.update(status=f"failed: {exc}", error=str(exc))
+                live = [o for o in live if not str(o.entry["status"]).startswith("failed:")]
+        finally:
+            results: list[dict[str, Any]] = []
+            for item in opened:
+                if not isinstance(item, Opened):
+                    results.append(item)
+                elif item.rounds and not str(item.entry["status"]).startswith("failed:"):
+                    results.append(self.finish(item))
+                else:
+                    getattr(item.pred, "close", lambda: None)()
+                    results.append(item.entry)
+        return results
+
+    def before_round(self, r: int) -> None:
+        """`--quiet-check wait`: wait up to `quiet_wait` seconds for a quiet machine before each round."""
+        if self.opts.quiet_check != "wait":
+            return
+        quiet, waited, rec = interference.wait_for_quiet(self.opts.quiet_wait, log=self.log)
+        self.waits.append({"round": r + 1, "quiet": quiet, "waited_s": waited, "last_probe": rec})
+        if not quiet:
+            self.warn(
+                f"machine still busy after {waited:.0f} s ({'; '.join(interference.reasons(rec))}); timing round {r + 1} anyway"
+            )
+
+    def warn(self, message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def pytorch(self, manifest_like: Manifest) -> list[dict[str, Any]]:
         """The PyTorch FP32 baselines (every form of `baseline.FORMS`) for one (model, resolution, classes)."""
@@ -317,7 +454,7 @@ class Bench:
             "kind": "bench",
             "options": {
                 k: getattr(opts, k)
-                for k in ("batch_sizes", "scenario", "iterations", "duration", "warmup", "keep_raw", "seed")
+                for k in ("batch_sizes", "scenario", "iterations", "duration", "warmup", "keep_raw", "seed", "rounds")
             },
         }
         results = measure_forms(
@@ -382,14 +519,19 @@ def run(bundles: list[str], opts: BenchOptions) -> dict[str, Any]:
         if opts.pytorch_baseline is not None:
             for m in _baseline_keys(bundles):
                 results.extend(bench.pytorch(m))
-        for i, b in enumerate(bundles, 1):
-            bench.log(f"bundle {i}/{len(bundles)}: {b}")
-            results.append(bench.bundle(b))
+        results.extend(bench.bundles(bundles))
     finally:
         bench.close()
     settings = opts.settings()
     settings["end_to_end_images"] = bench.images_source
+    if bench.waits:
+        settings["quiet_waits"] = bench.waits
     return new_document(results, bench.env, settings)
+
+
+def disturbed(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Entries whose timing windows were disturbed or whose figures disagree with each other."""
+    return [e for e in doc["results"] if e.get("disturbed") or (e.get("end_to_end") or {}).get("disturbed")]
 
 
 def failed(doc: dict[str, Any]) -> list[dict[str, Any]]:

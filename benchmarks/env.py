@@ -35,6 +35,7 @@ def collect(threads: int | None = None) -> dict[str, Any]:
     """
     fp = host_fingerprint()
     cpu = {**fp["cpu"], "flags": fp["cpu"]["features"], "physical_cores": _physical_cores()}
+    usable: int | None
     try:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

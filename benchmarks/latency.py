@@ -31,6 +31,11 @@ DEFAULT_WARMUP = 20
 POOL = 4  # distinct random inputs cycled through the timed loop
 PERCENTILES = (50, 90, 99)
 
+DEFAULT_ROUNDS = 3  # interleaved rounds per bundle: each figure is their median, with the min-max spread
+# Single-stream and offline batch 1 run the same call; on a quiet machine their images/s agree within ~10%.
+# Beyond 1.3x apart, the machine changed between the two windows (or an engine batches differently at 1).
+CONSISTENCY_LIMIT = 1.3
+
 
 class Inferable(Protocol):
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
@@ -190,8 +195,12 @@ def offline(
             raise ValueError(f"batch size must be >= 1 (got {bs})")
         inputs = make_inputs((bs, *shape_chw), pool=2, seed=seed)
         n_batches = None if iterations is None else max(min_batches, math.ceil(iterations / bs))
+
+        def call(i: int, x: list[np.ndarray] = inputs) -> object:
+            return backend.infer(x[i % 2])
+
         lat = timed_loop(
-            lambda i, x=inputs: backend.infer(x[i % 2]),
+            call,
             n_batches,
             duration,
             warmup,
@@ -275,42 +284,159 @@ def quick(
     throughput_batches: Sequence[int] = (8,),
     throughput_images: int = 64,
     seed: int = 0,
+    rounds: int = DEFAULT_ROUNDS,
 ) -> dict[str, Any]:
     """A short measurement for build's summary table: batch-1 p50/p90 ms, and images/s per batch size of
-    `throughput_batches` (`throughput_images` images each, at least 2 batches) where memory allows: the first
-    batch size the engine cannot run ends the sweep, and `throughput_stopped` says why.
+    `throughput_batches` where memory allows: the first batch size the engine cannot run ends the sweep, and
+    `throughput_stopped` says why. `iterations` queries and `throughput_images` images are split over `rounds`
+    back-to-back rounds; each figure is the median of the rounds with its min-max spread, and `interference`
+    says whether the machine was busy meanwhile.
 
     Good for ranking targets, not for publishing: use `bitdeploy bench` (1000 queries) for the tail.
     """
-    ss = single_stream(backend, shape_chw, iterations=iterations, warmup=warmup, keep_raw=False, seed=seed)
-    rows: list[dict[str, Any]] = []
+    from bitdeploy.benchmarks.interference import Window, judge
+
+    rounds = max(1, rounds)
+    per_round = max(1, math.ceil(iterations / rounds))
+    ss_rounds: list[dict[str, Any]] = []
+    off_rounds: list[dict[str, Any]] = []
+    windows: list[dict[str, Any]] = []
     stopped = None
-    for bs in throughput_batches:
-        try:
-            off = offline(backend, shape_chw, (bs,), iterations=throughput_images, warmup=1, min_batches=2, seed=seed)
-        except Exception as exc:  # each engine has its own allocation-failure type (ORT's derive from Exception only)
-            stopped = (
-                f"batch {bs}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
-            )
-            break
-        res = off["results"][0]
-        rows.append(
-            {
-                "batch_size": bs,
-                "images_per_s": res["images_per_s"],
-                "batch_p50_ms": res["batch_p50_ms"],
-                "images": res["images"],
-            }
-        )
-    best = max(rows, key=lambda r: r["images_per_s"] or 0.0) if rows else None
+    sweep = list(throughput_batches)
+    for _ in range(rounds):
+        with Window() as w:
+            ss_rounds.append(single_stream(backend, shape_chw, iterations=per_round, warmup=warmup, seed=seed))
+            done: list[dict[str, Any]] = []
+            for bs in sweep:
+                images = max(2 * bs, math.ceil(throughput_images / rounds))
+                try:
+                    off = offline(backend, shape_chw, (bs,), iterations=images, warmup=1, min_batches=2, seed=seed)
+                except Exception as exc:  # each engine has its own allocation-failure type (ORT's: Exception only)
+                    text = str(exc).strip()
+                    stopped = f"batch {bs}: {text.splitlines()[0][:200] if text else type(exc).__name__}"
+                    sweep = sweep[: sweep.index(bs)]
+                    done = [x for x in done if x["batch_size"] in sweep]
+                    break
+                done.extend(off["results"])
+            off_rounds.append({"results": done})
+        windows.append(w.record)
+    ss = combine_single_stream(ss_rounds, keep_raw=False)
+    off_rounds = [{"results": [x for x in o["results"] if x["batch_size"] in sweep]} for o in off_rounds]
+    combined = combine_offline(off_rounds) if sweep else {"results": []}
+    rows = [
+        {
+            "batch_size": x["batch_size"],
+            "images_per_s": x["images_per_s"],
+            "images_per_s_spread": x["images_per_s_spread"],
+            "batch_p50_ms": x["batch_p50_ms"],
+            "images": x["images"],
+        }
+        for x in combined["results"]
+    ]
+    best = max(rows, key=lambda x: x["images_per_s"] or 0.0) if rows else None
+    verdict = judge(windows)
     return {
         "p50_ms": ss["p50_ms"],
         "p90_ms": ss["p90_ms"],
         "p99_ms": ss["p99_ms"],
         "mean_ms": ss["mean_ms"],
         "n": ss["n"],
+        "rounds": rounds,
+        "p50_spread": ss["spread"]["p50_ms"],
         "images_per_s": best["images_per_s"] if best else None,
+        "images_per_s_spread": best["images_per_s_spread"] if best else None,
         "throughput_batch": best["batch_size"] if best else None,
         "throughput": rows,
         "throughput_stopped": stopped,
+        "disturbed": verdict["disturbed"],
+        "interference": verdict,
     }
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(np.median(np.asarray(values, dtype=np.float64)))
+
+
+def _spread(values: Sequence[float]) -> list[float]:
+    return [float(min(values)), float(max(values))]
+
+
+def combine_single_stream(rounds: Sequence[dict[str, Any]], keep_raw: bool = True) -> dict[str, Any]:
+    """One single-stream result from rounds: p50, p90 and mean are medians of the rounds' figures with their
+    min-max `spread`; p99, max and `tail_samples` come from all queries pooled (one round's tail is too thin)."""
+    raw = [x for r in rounds for x in r["latencies_ms"]]
+    out = summarize(raw, keep_raw=keep_raw)
+    spread: dict[str, list[float]] = {}
+    for key in ("p50_ms", "p90_ms", "mean_ms"):
+        values = [float(r[key]) for r in rounds]
+        out[key] = _median(values)
+        spread[key] = _spread(values)
+    first = rounds[0]
+    out.update(
+        scenario="single-stream",
+        batch_size=1,
+        warmup=first.get("warmup"),
+        iterations=first.get("iterations"),
+        duration_s=first.get("duration_s"),
+        rounds=len(rounds),
+        spread=spread,
+        per_round=[{k: r[k] for k in ("n", "p50_ms", "p90_ms", "mean_ms")} for r in rounds],
+        p99_from="all rounds pooled",
+    )
+    out["images_per_s"] = 1000.0 / out["mean_ms"] if out["mean_ms"] > 0 else None
+    return out
+
+
+def combine_offline(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One offline result from rounds: per batch size, the median images/s of the rounds and its spread."""
+    by_bs: dict[int, list[dict[str, Any]]] = {}
+    for r in rounds:
+        for row in r["results"]:
+            by_bs.setdefault(int(row["batch_size"]), []).append(row)
+    rows = []
+    for bs, runs in by_bs.items():
+        ips = [float(x["images_per_s"]) for x in runs if x.get("images_per_s")]
+        rows.append(
+            {
+                "batch_size": bs,
+                "batches": sum(int(x["batches"]) for x in runs),
+                "images": sum(int(x["images"]) for x in runs),
+                "seconds": sum(float(x["seconds"]) for x in runs),
+                "images_per_s": _median(ips) if ips else None,
+                "images_per_s_spread": _spread(ips) if ips else None,
+                "batch_p50_ms": _median([float(x["batch_p50_ms"]) for x in runs]),
+                "batch_p90_ms": _median([float(x["batch_p90_ms"]) for x in runs]),
+                "batch_mean_ms": _median([float(x["batch_mean_ms"]) for x in runs]),
+                "rounds": len(runs),
+            }
+        )
+    best = max(rows, key=lambda r: r["images_per_s"] or 0.0) if rows else None
+    first = rounds[0]
+    return {
+        "scenario": "offline",
+        "warmup_batches": first.get("warmup_batches"),
+        "iterations": first.get("iterations"),
+        "duration_s": first.get("duration_s"),
+        "rounds": len(rounds),
+        "results": rows,
+        "best_images_per_s": best["images_per_s"] if best else None,
+        "best_batch_size": best["batch_size"] if best else None,
+        "best_images_per_s_spread": best["images_per_s_spread"] if best else None,
+    }
+
+
+def consistency(single: dict[str, Any] | None, offline_: dict[str, Any] | None) -> str | None:
+    """A flag when single-stream and offline batch 1 (the same call) disagree by more than CONSISTENCY_LIMIT."""
+    if not single or not offline_ or not single.get("mean_ms"):
+        return None
+    bs1 = next((r for r in offline_.get("results") or [] if r["batch_size"] == 1 and r.get("images_per_s")), None)
+    if bs1 is None:
+        return None
+    ss_ips = 1000.0 / float(single["mean_ms"])
+    ratio = max(ss_ips, bs1["images_per_s"]) / min(ss_ips, bs1["images_per_s"])
+    if ratio <= CONSISTENCY_LIMIT:
+        return None
+    return (
+        f"single-stream ({ss_ips:.1f} images/s from its mean) and offline batch 1 ({bs1['images_per_s']:.1f} images/s)"
+        f" are {ratio:.1f}x apart (limit {CONSISTENCY_LIMIT:g}x)"
+    )

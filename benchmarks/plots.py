@@ -59,11 +59,12 @@ def _plt() -> Any:
 
 def _plain_log_axis(axis: Any, set_scale: Any) -> None:
     """A log scale labelled in plain numbers (1, 2, 5, 10, 20, ...), without crowded minor-tick labels."""
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     set_scale("log")
     axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    axis.set_major_formatter(ScalarFormatter())
+    # ScalarFormatter rounds ticks below 1 (0.2, 0.5) to "0"; %g keeps every tick its own value.
+    axis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
     axis.set_minor_formatter(NullFormatter())
 
 
@@ -94,7 +95,13 @@ def _latency_panel(ax: Any, rows: list[dict[str, Any]], title: str, legend: bool
         for key, marker in (("p50_ms", "|"), ("p90_ms", "x"), ("p99_ms", "^")):
             if ss.get(key) is not None:
                 ax.plot(ss[key], i, marker, color="black", markersize=8, label=key[:3] if i == 0 and legend else None)
-    ax.set_yticks(range(len(rows)), [f"{r['label']} (n={r['entry']['single_stream'].get('n')})" for r in rows])
+    ax.set_yticks(
+        range(len(rows)),
+        [
+            f"{r['label']} (n={r['entry']['single_stream'].get('n')})" + (" DISTURBED" if r.get("disturbed") else "")
+            for r in rows
+        ],
+    )
     lo, hi, log = latency_axis_limits(rows)
     if log:
         _plain_log_axis(ax.xaxis, ax.set_xscale)
@@ -145,13 +152,17 @@ def throughput_vs_batch(rows: list[dict[str, Any]]) -> Any:
             (x for x in r["entry"]["offline"]["results"] if x.get("images_per_s")), key=lambda x: x["batch_size"]
         )
         style = "s--" if r["entry"].get("kind") == "pytorch" else "o-"  # baselines dashed
+        ys = [x["images_per_s"] for x in res]
+        spreads = [x.get("images_per_s_spread") or [y, y] for x, y in zip(res, ys)]
+        xs = [x["batch_size"] for x in res]
+        colour = PALETTE[i % len(PALETTE)]
+        alpha = 0.45 if r.get("disturbed") else 1.0
         ax.plot(
-            [x["batch_size"] for x in res],
-            [x["images_per_s"] for x in res],
-            style,
-            color=PALETTE[i % len(PALETTE)],
-            label=r["label"],
+            xs, ys, style, color=colour, alpha=alpha, label=r["label"] + (" (DISTURBED)" if r.get("disturbed") else "")
         )
+        low = [y - lo for y, (lo, _) in zip(ys, spreads)]
+        high = [hi - y for y, (_, hi) in zip(ys, spreads)]
+        ax.errorbar(xs, ys, yerr=[low, high], fmt="none", ecolor=colour, alpha=alpha, capsize=3)
     ax.set_xscale("log", base=2)
     sizes = sorted({x["batch_size"] for r in rows for x in r["entry"]["offline"]["results"]})
     ax.set_xticks(sizes, [str(b) for b in sizes])
@@ -188,10 +199,23 @@ def accuracy_vs_latency(rows: list[dict[str, Any]]) -> Any:
         return fig
     xy = [(r["p50"], r["top1"] * 100) for r in pts]
     front = pareto_front(xy)
+    # Points are keyed by colour in the legend, not labelled: 9 bundles within 1.5 ms make labels unreadable.
     for i, r in enumerate(pts):
         on = i in front
-        ax.scatter(*xy[i], s=60, color=PALETTE[i % len(PALETTE)], edgecolors="black" if on else "none", zorder=3)
-        ax.annotate(r["label"], xy[i], textcoords="offset points", xytext=(5, 4), fontsize=8)
+        lo, hi = r.get("p50_spread") or (r["p50"], r["p50"])
+        colour = PALETTE[i % len(PALETTE)]
+        ax.errorbar(
+            xy[i][0], xy[i][1], xerr=[[xy[i][0] - lo], [hi - xy[i][0]]], fmt="none", ecolor=colour, capsize=3, zorder=2
+        )
+        ax.scatter(
+            *xy[i],
+            s=60,
+            color=colour,
+            marker="X" if r.get("disturbed") else "o",
+            edgecolors="black" if on else "none",
+            zorder=3,
+            label=r["label"] + (" (DISTURBED)" if r.get("disturbed") else ""),
+        )
         if r["selected"]:
             ax.scatter(*xy[i], s=320, facecolors="none", edgecolors="red", linewidths=2, zorder=4, label="selected")
     # The front as a staircase, carried to the slowest point so a single-point front is still drawn.
@@ -199,7 +223,8 @@ def accuracy_vs_latency(rows: list[dict[str, Any]]) -> Any:
     fy = [xy[i][1] for i in front] + [xy[front[-1]][1]]
     ax.step(fx, fy, where="post", color="black", linestyle="--", alpha=0.7, label="Pareto front")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.set_size_inches(10, max(4.5, 0.25 * len(pts) + 1.5))
     fig.tight_layout()
     return fig
 

@@ -36,7 +36,7 @@ COLUMNS = (
 def as_documents(results: Any) -> list[dict[str, Any]]:
     """Accept a bench document, a list of documents, a list of entries, or paths of JSON files."""
     if isinstance(results, (str, os.PathLike)):
-        return load_documents([results])
+        return load_documents([Path(results)])
     if isinstance(results, dict):
         return [check_document(results)]
     items = list(results)
@@ -84,6 +84,32 @@ def _p(entry: dict[str, Any], key: str) -> float | None:
     return _num((entry.get("single_stream") or {}).get(key))
 
 
+def _spread(entry: dict[str, Any], key: str = "p50_ms") -> tuple[float, float] | None:
+    sp = ((entry.get("single_stream") or {}).get("spread") or {}).get(key)
+    return (float(sp[0]), float(sp[1])) if sp else None
+
+
+def _ips_spread(entry: dict[str, Any]) -> tuple[float, float] | None:
+    sp = (entry.get("offline") or {}).get("best_images_per_s_spread")
+    return (float(sp[0]), float(sp[1])) if sp else None
+
+
+def disturbance(entry: dict[str, Any]) -> str | None:
+    """Why a row's figures are not quotable (its flags, or its end-to-end window's), or None."""
+    flags = list(entry.get("flags") or [])
+    e2e = entry.get("end_to_end") or {}
+    if e2e.get("disturbed"):
+        flags += [f"end-to-end: {r}" for r in (e2e.get("interference") or {}).get("reasons") or []]
+    if not flags and entry.get("disturbed"):
+        flags = ["marked disturbed"]
+    return "; ".join(flags) or None
+
+
+def _agreement(entry: dict[str, Any]) -> float | None:
+    ref = (entry.get("accuracy") or {}).get("reference") or {}
+    return _num(ref.get("agreement")) if ref else _num((entry.get("build_accuracy") or {}).get("agreement"))
+
+
 def _throughput(entry: dict[str, Any]) -> tuple[float | None, int | None]:
     off = entry.get("offline") or {}
     if _num(off.get("best_images_per_s")) is not None:
@@ -115,6 +141,10 @@ def table_rows(docs: Sequence[dict[str, Any]], selected: dict[str, str] | None =
                     "p99": _p(e, "p99_ms"),
                     "ips": ips,
                     "ips_bs": bs,
+                    "p50_spread": _spread(e),
+                    "p90_spread": _spread(e, "p90_ms"),
+                    "ips_spread": _ips_spread(e),
+                    "disturbed": disturbance(e),
                 }
             )
     sel = (selected or {}).get("name")
@@ -174,26 +204,40 @@ def select_fastest(results: Any, max_accuracy_drop: float = 1.0) -> dict[str, st
     ok = [r for r in gated if r["delta_pp"] >= -max_accuracy_drop - 1e-9] if gated else rows
     if not ok:
         return None
-    ok.sort(key=lambda r: r["p50"])
-    best = ok[0]
+    from bitdeploy.benchmarks.ranking import Candidate, fastest
+
+    picked = fastest(
+        [
+            Candidate(r["label"], r["p50"], r["p50_spread"], _agreement(r["entry"]), _num(r["entry"].get("size_mb")), r)
+            for r in ok
+        ]
+    )
+    assert picked is not None
+    best, _, why = picked[0].item, picked[1], picked[2]
     acc = (
         f"top-1 {best['top1'] * 100:.2f}% ({best['delta_pp']:+.2f} pp, gate -{max_accuracy_drop:g} pp)"
         if best["delta_pp"] is not None
         else "no accuracy measured here (passed its build gate)"
     )
-    beaten = f"; next fastest within the gate: {ok[1]['label']} at {ok[1]['p50']:.2f} ms" if len(ok) > 1 else ""
     faster = [r for r in rows if r["p50"] < best["p50"] and r not in ok]
     excluded = "".join(
         f"; {r['label']} is faster ({r['p50']:.2f} ms) but fails the gate ({r['delta_pp']:+.2f} pp)" for r in faster
     )
-    reason = (
-        f"fastest valid bundle within the accuracy gate: p50 {best['p50']:.2f} ms at batch 1, {acc}{beaten}{excluded}"
-    )
+    noisy = [c.name for c in picked[1] if c.item["disturbed"]]
+    caveat = f"; disturbed timing, not a firm ranking: {', '.join(noisy)}" if noisy else ""
+    reason = f"within the accuracy gate, {why}; {acc}{excluded}{caveat}"
     return {"name": best["entry"]["name"], "reason": reason}
 
 
 def _f(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
+
+
+def _with_spread(x: float | None, spread: tuple[float, float] | None, fmt: str) -> str:
+    """`1.23 [1.20-1.31]`: the median of the rounds and their min-max."""
+    if x is None:
+        return "-"
+    return format(x, fmt) + (f" [{format(spread[0], fmt)}-{format(spread[1], fmt)}]" if spread else "")
 
 
 def cells(r: dict[str, Any]) -> list[str]:
@@ -202,18 +246,19 @@ def cells(r: dict[str, Any]) -> list[str]:
     used = e.get("precision_used")
     if used and str(used).lower() not in (prec.lower(), prec.lower().replace("fp", "f")):
         prec = f"{prec} ({used})"
-    ips = "-" if r["ips"] is None else f"{r['ips']:.1f}" + (f" (bs {r['ips_bs']})" if r["ips_bs"] else "")
+    ips = "-" if r["ips"] is None else _with_spread(r["ips"], r["ips_spread"], ".1f")
+    ips += f" (bs {r['ips_bs']})" if r["ips"] is not None and r["ips_bs"] else ""
     return [
         r["label"] + (" (selected)" if r["selected"] else ""),
         str(e.get("target") or "-"),
         prec,
         str(e.get("device") or "-"),
-        str(e.get("status") or "-"),
+        str(e.get("status") or "-") + (" DISTURBED" if r["disturbed"] else ""),
         _f(_num(e.get("size_mb")), ".1f"),
         "-" if r["top1"] is None else f"{r['top1'] * 100:.2f}%",
         _f(r["delta_pp"], "+.2f"),
-        _f(r["p50"], ".2f"),
-        _f(r["p90"], ".2f"),
+        _with_spread(r["p50"], r["p50_spread"], ".2f"),
+        _with_spread(r["p90"], r["p90_spread"], ".2f"),
         _f(r["p99"], ".2f"),
         ips,
         "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
@@ -250,9 +295,7 @@ def _methodology(docs: Sequence[dict[str, Any]]) -> list[str]:
     for doc in docs:
         s, env = doc.get("settings") or {}, doc.get("environment") or {}
         cpu = env.get("cpu") or {}
-        ns = sorted(
-            {(e.get("single_stream") or {}).get("n") for e in doc["results"] if e.get("single_stream")} - {None}
-        )
+        ns = sorted({int(n) for e in doc["results"] if (n := (e.get("single_stream") or {}).get("n")) is not None})
         machine = [
             f"CPU {cpu.get('model')} [{' '.join(cpu.get('flags') or [])}]",
             f"{cpu['usable_cores']} usable cores" if cpu.get("usable_cores") else None,
@@ -265,13 +308,22 @@ def _methodology(docs: Sequence[dict[str, Any]]) -> list[str]:
         method = [
             f"single-stream: batch 1, {', '.join(map(str, ns)) or '-'} queries after {s.get('warmup', '-')} warm-up, nearest-rank percentiles",
             f"offline batch sizes {s.get('batch_sizes', '-')}",
+            f"{s['rounds']} interleaved rounds in rotating order, figures the median of the rounds [min-max]"
+            if s.get("rounds")
+            else "one round, no spread",
+            "disturbed: "
+            + ", ".join(
+                f"{k} > {v:g}" for k, v in (s.get("interference_limits") or {}).items() if k != "min_judged_window_s"
+            )
+            if s.get("interference_limits")
+            else None,
             f"end-to-end images: {s.get('end_to_end_images') or '-'}",
         ]
         lines.append(
             f"{_host(doc)}, {device_class(doc)} ({doc.get('created')}): "
             + "; ".join(x for x in machine if x)
             + ". "
-            + "; ".join(method)
+            + "; ".join(x for x in method if x)
             + "."
         )
     return lines
@@ -299,8 +351,23 @@ def device_matrix(docs: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[
     return header, [[bundle, *(cells_.get(cpu, "-") for cpu in cpus)] for bundle, cells_ in matrix.items()]
 
 
+def banner(rows: list[dict[str, Any]]) -> list[str]:
+    """The report's warning lines when any row's timing was disturbed (empty otherwise)."""
+    noisy = [r for r in rows if r["disturbed"]]
+    if not noisy:
+        return []
+    return [
+        f"WARNING: {len(noisy)} of {len(rows)} rows were timed while the machine was busy or gave inconsistent "
+        "figures (DISTURBED below): do not quote them; see docs/measuring.md.",
+        *(f"{r['label']}: {r['disturbed']}" for r in noisy),
+    ]
+
+
 def markdown(docs: Sequence[dict[str, Any]], rows: list[dict[str, Any]], selected: dict[str, str] | None) -> str:
     out = ["# bitdeploy benchmark report", ""]
+    warn = banner(rows)
+    if warn:
+        out += [f"> **{warn[0]}**", ">", *(f"> - {line}" for line in warn[1:]), ""]
     for cls, group in grouped(rows):
         if cls is not None:
             out += [f"## {cls}", ""]
@@ -315,7 +382,8 @@ def markdown(docs: Sequence[dict[str, Any]], rows: list[dict[str, Any]], selecte
         out += ["|" + "---|" * len(header), *("| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in matrix)]
         out.append("")
     out += [
-        "p50/p90/p99: single-stream latency (batch 1, next query when the previous returns), pure inference, ms. "
+        "p50/p90/p99: single-stream latency (batch 1, next query when the previous returns), pure inference, ms; "
+        "p50 and images/s are medians of interleaved rounds, [min-max] over the rounds. "
         "images/s: offline throughput at the best batch size. Δ top-1: percentage points against the FP32 reference "
         "on the same data. " + SPEEDUP_NOTE,
         "",
@@ -336,7 +404,8 @@ def _defang(text: str) -> str:
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:0.9em}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f0f0f0}td:nth-child(-n+5),th:nth-child(-n+5){text-align:left}
 tr.selected{background:#fff4c2;font-weight:bold}tr.device-class th{text-align:left;background:#e4ecf7}figure{display:inline-block;margin:1em}img{max-width:100%}
-.note{color:#555;font-size:0.9em;max-width:70em}"""
+.note{color:#555;font-size:0.9em;max-width:70em}
+tr.disturbed td{color:#a33}.banner{border:2px solid #c33;background:#fdecea;padding:0.5em 1em;margin:1em 0;max-width:70em}"""
 
 
 def render_html(
@@ -352,7 +421,7 @@ def render_html(
         if cls is not None:
             body += f'<tr class="device-class"><th colspan="{len(COLUMNS)}">{_defang(cls)}</th></tr>'
         body += "".join(
-            f'<tr class="{"selected" if r["selected"] else ""}">'
+            f'<tr class="{" ".join(c for c, on in (("selected", r["selected"]), ("disturbed", r["disturbed"])) if on)}">'
             + "".join(f"<td>{_defang(c)}</td>" for c in cells(r))
             + "</tr>"
             for r in group
@@ -360,6 +429,15 @@ def render_html(
     parts = [
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>bitdeploy benchmark report</title>',
         f"<style>{CSS}</style></head><body><h1>bitdeploy benchmark report</h1>",
+        *(
+            [
+                f'<div id="disturbed" class="banner"><b>{_defang(warn[0])}</b><ul>'
+                + "".join(f"<li>{_defang(x)}</li>" for x in warn[1:])
+                + "</ul></div>"
+            ]
+            if (warn := banner(rows))
+            else []
+        ),
         f'<table id="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>',
     ]
     if selected:
@@ -376,7 +454,7 @@ def render_html(
             + "</tbody></table>"
         )
     parts.append(
-        '<p class="note">p50/p90/p99: single-stream latency, batch 1, pure inference (ms). images/s: offline throughput at the best batch size. Δ top-1 in percentage points against the FP32 reference on the same data. '
+        '<p class="note">p50/p90/p99: single-stream latency, batch 1, pure inference (ms); p50 and images/s are medians of interleaved rounds, [min-max] over the rounds. images/s: offline throughput at the best batch size. Δ top-1 in percentage points against the FP32 reference on the same data. '
         + html.escape(SPEEDUP_NOTE)
         + "</p>"
     )

@@ -36,6 +36,14 @@ ENTRY (one bundle, or one PyTorch FP32 baseline):
     build_accuracy  the bundle manifest's `accuracy` object (the build's gate), or null
     describe        backend.describe(); PyTorch baselines: {form, label, compile_s (torch.compile), threads, ...}
     error           null | one-line message when status is "failed: ..."
+    interference    interference.judge() over the row's timing windows: {disturbed, reasons, overall, windows};
+                    each window: wall_s, own_cpu_s, own_cores, others_cores, steal_share, involuntary_switches(_per_s),
+                    source ("/proc/stat" or "loadavg")
+    disturbed       true when a window crossed a limit of benchmarks.interference or single-stream and offline
+                    batch 1 disagree (latency.CONSISTENCY_LIMIT); `flags` says which, one sentence each
+
+Rounds: single_stream p50_ms/p90_ms/mean_ms and offline images_per_s are medians of `rounds` interleaved rounds,
+with [min, max] in single_stream.spread and offline results[].images_per_s_spread; p99 pools all rounds' queries.
 
 Percentiles are nearest-rank; all times are milliseconds unless the key ends in `_s`.
 """
@@ -81,6 +89,9 @@ ENTRY_KEYS = (
     "build_accuracy",
     "describe",
     "error",
+    "interference",
+    "disturbed",
+    "flags",
 )
 
 
@@ -149,7 +160,7 @@ def finite(obj: Any) -> Any:
 
 
 def load_documents(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    docs = []
+    docs: list[dict[str, Any]] = []
     for p in paths:
         path = Path(p)
         if not path.is_file():

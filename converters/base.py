@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from bitdeploy.errors import ConversionError
 from bitdeploy.runtimes.manifest import TargetInfo
+from bitdeploy.targets import Target, backend_names, import_object
 
 if TYPE_CHECKING:
     from bitdeploy.converters.calibration import CalibrationData, ValidationData
@@ -111,6 +112,14 @@ class TargetOptions:
 OptionsT = TypeVar("OptionsT", bound=TargetOptions)
 
 
+def options_class(target: Target) -> type[TargetOptions] | None:
+    """The record's own build-options class (imported: the build and the CLI only, never the runtime)."""
+    if not target.options:
+        return None
+    cls: type[TargetOptions] = import_object(target.options)
+    return cls
+
+
 @dataclass(frozen=True)
 class ConvertOptions:
     """What every converter may read. Frozen: a converter can never change what the next one sees."""
@@ -156,8 +165,6 @@ class Artifact:
     eval_model_file: str | None = None
 
     def __post_init__(self) -> None:
-        from bitdeploy.targets import backend_names
-
         if self.backend not in backend_names():
             raise ValueError(f"unknown backend {self.backend!r}; expected one of {backend_names()}")
         if self.model_file not in self.files:

@@ -163,6 +163,7 @@ def run_build(
     show(build_output.table(rows))
     if selected:
         show(f"selected: {selected['name']} ({selected['reason']})")
+    _check_quiet(opts, rows, log)
     rdir = None
     if opts.report and any(r.p50_ms is not None for r in rows):
         rdir = report_dir(opts, len(rows))
@@ -192,6 +193,20 @@ def run_build(
     _raise_for_failures(opts, rows)
     build_verify_on.raise_for_devices(rows, selected is not None)
     return result
+
+
+def _check_quiet(opts: BuildOptions, rows: list[RowResult], log: Callable[[str], None]) -> None:
+    """Say which rows were timed on a busy machine; with --quiet-check fail, stop before the report."""
+    noisy = [r for r in rows if r.disturbed]
+    if noisy and opts.quiet_check == "fail":
+        raise BitdeployError(
+            f"{len(noisy)} of {len(rows)} rows timed while the machine was busy ({noisy[0].name}: "
+            f"{noisy[0].disturbed[0]}); the bundles are built, no report written; rerun on a quiet machine"
+        )
+    for r in noisy:
+        log(f"warning: {r.name}: timing disturbed: {'; '.join(r.disturbed)}")
+    if noisy:
+        log("warning: disturbed timings are not quotable and may change --select fastest (docs/measuring.md)")
 
 
 def status_line(rows: list[RowResult], seconds: float, hits: list[str]) -> str:
@@ -376,6 +391,9 @@ def _baseline_latency(
                 "p99_ms": t.get("p99_ms"),
                 "mean_ms": t.get("mean_ms"),
                 "latency_n": t.get("n"),
+                "p50_spread": t.get("p50_spread"),
+                "images_per_s_spread": t.get("images_per_s_spread"),
+                "disturbed": list((t.get("interference") or {}).get("reasons") or []),
             }
         )
         row.update(

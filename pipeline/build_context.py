@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bitdeploy.converters.base import ConvertOptions, RowInputs, TargetOptions
+from bitdeploy.converters.base import ConvertOptions, RowInputs, TargetOptions, options_class
 from bitdeploy.devices import find as find_cpus
 from bitdeploy.runtimes.manifest import ModelInfo
-from bitdeploy.targets import options_class
 
 if TYPE_CHECKING:
     import numpy as np
@@ -60,6 +59,7 @@ class BuildOptions:
     cache: bool = True
     report: bool = True
     bench_iterations: int = 100
+    quiet_check: str = "warn"  # warn | wait | fail: a busy machine while timing (benchmarks.interference)
     progress: bool = True
     debug: bool = False
     target_options: dict[str, TargetOptions] = field(default_factory=dict)  # absent: that target's defaults

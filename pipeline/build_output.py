@@ -38,6 +38,9 @@ class RowResult:
     images_per_s: float | None = None
     throughput_batch: int | None = None
     throughput: list[dict[str, Any]] | None = None  # [{batch_size, images_per_s, ...}] of the build's sweep
+    p50_spread: list[float] | None = None  # [min, max] of the timing rounds' p50
+    images_per_s_spread: list[float] | None = None
+    disturbed: list[str] = field(default_factory=list)  # why the timing is not quotable (benchmarks.interference)
     precision_used: str | None = None
     device: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -85,6 +88,10 @@ def table(rows: list[RowResult]) -> str:
     lines = [header]
     for r in rows:
         status = (r.status if len(r.status) <= 64 else r.status[:63] + "…") + ("  <- selected" if r.selected else "")
+        status += "  DISTURBED" if r.disturbed else ""
+        p50 = _fmt(r.p50_ms, ".2f") + (
+            f" [{r.p50_spread[0]:.2f}-{r.p50_spread[1]:.2f}]" if r.p50_ms is not None and r.p50_spread else ""
+        )
         top1 = None if r.top1 is None else r.top1 * 100
         ips = _fmt(r.images_per_s, ".1f") + (
             f" (bs{r.throughput_batch})" if r.images_per_s is not None and r.throughput_batch else ""
@@ -97,7 +104,7 @@ def table(rows: list[RowResult]) -> str:
                 _fmt(r.size_mb, ".2f"),
                 _fmt(top1, ".2f"),
                 _fmt(r.delta_pp, "+.2f"),
-                _fmt(r.p50_ms, ".2f"),
+                p50,
                 ips,
                 *(r.devices[c].split(":")[0] if c in r.devices else "-" for c in cpus),
             ]
@@ -116,24 +123,39 @@ def table(rows: list[RowResult]) -> str:
 
 
 def select_fastest(rows: list[RowResult]) -> tuple[RowResult, str] | None:
-    """The valid row with the lowest batch-1 p50; every valid row already passed the accuracy gate."""
-    valid = sorted(
-        (r for r in rows if r.valid and r.passes_devices and r.p50_ms is not None), key=lambda r: r.p50_ms or 0.0
+    """The valid row with the lowest batch-1 p50, unless rows whose round spreads overlap tie with it
+    (`benchmarks.ranking`); every valid row already passed the accuracy gate."""
+    from bitdeploy.benchmarks.ranking import Candidate, fastest
+
+    valid = [r for r in rows if r.valid and r.passes_devices and r.p50_ms is not None]
+    picked = fastest(
+        [
+            Candidate(
+                r.name,
+                r.p50_ms or 0.0,
+                (r.p50_spread[0], r.p50_spread[1]) if r.p50_spread else None,
+                (r.accuracy or {}).get("agreement"),
+                r.size_mb,
+                r,
+            )
+            for r in valid
+        ]
     )
-    if not valid:
+    if picked is None:
         return None
-    best = valid[0]
+    best: RowResult = picked[0].item
     acc = (
         f"top-1 {best.top1 * 100:.2f}% ({best.delta_pp:+.2f} pp vs FP32 PyTorch)"
         if best.top1 is not None and best.delta_pp is not None
         else "validated against FP32 PyTorch on random inputs"
     )
-    nxt = f"; next: {valid[1].name} at {valid[1].p50_ms:.2f} ms" if len(valid) > 1 else ""
     failed = [r.name for r in rows if r.status == "failed gate"]
     excl = f"; excluded by the accuracy gate: {', '.join(failed)}" if failed else ""
     elsewhere = [r.name for r in rows if r.valid and not r.passes_devices]
     excl += f"; excluded, failing on a --verify-on CPU: {', '.join(elsewhere)}" if elsewhere else ""
-    return best, f"fastest valid bundle: p50 {best.p50_ms:.2f} ms at batch 1, {acc}{nxt}{excl}"
+    noisy = [c.name for c in picked[1] if c.item.disturbed]
+    excl += f"; disturbed timing, not a firm ranking: {', '.join(noisy)}" if noisy else ""
+    return best, f"{picked[2]}; {acc}{excl}"
 
 
 def bench_entries(
@@ -153,11 +175,18 @@ def bench_entries(
             "p99_ms": r.get("p99_ms"),
             "mean_ms": r.get("mean_ms"),
         }
+        if r.get("p50_spread"):
+            ss["spread"] = {"p50_ms": r["p50_spread"]}
         ss["images_per_s"] = 1000.0 / r["mean_ms"] if r.get("mean_ms") else None
         bs = r.get("throughput_batch")
         sweep = r.get("throughput") or [{"batch_size": bs, "images_per_s": r.get("images_per_s")}]
         off = (
-            {"results": sweep, "best_images_per_s": r.get("images_per_s"), "best_batch_size": bs}
+            {
+                "results": sweep,
+                "best_images_per_s": r.get("images_per_s"),
+                "best_batch_size": bs,
+                "best_images_per_s_spread": r.get("images_per_s_spread"),
+            }
             if r.get("images_per_s")
             else None
         )
@@ -183,6 +212,8 @@ def bench_entries(
                 single_stream=ss,
                 offline=off,
                 describe=describe,
+                disturbed=bool(b.get("disturbed")),
+                flags=list(b.get("disturbed") or []),
                 **common,
             )
         )
@@ -204,6 +235,8 @@ def bench_entries(
                 offline=off,
                 build_accuracy=r.accuracy,
                 error=r.error,
+                disturbed=bool(r.disturbed),
+                flags=list(r.disturbed),
                 **common,
             )
         )

@@ -58,7 +58,9 @@ def convert(
 
     if not target.cache_conversions:
         stage_cache = StageCache(enabled=False)
-        work, meta, _ = stage_cache.run("convert", key, step)
+        work, meta, _ = stage_cache.run(
+            f"convert-{target.name}-{precision}", key, step, what=f"{target.title} {precision} conversion"
+        )
         ctx.scratch.append(stage_cache)
     else:
         work, meta, _ = cache.run(
@@ -96,6 +98,10 @@ def evaluate(
         timing = None
         if evaluated == "artifact":
             res = ctx.resolution
+            if opts.quiet_check == "wait":
+                from bitdeploy.benchmarks.interference import QUIET_WAIT_S, wait_for_quiet
+
+                wait_for_quiet(QUIET_WAIT_S)
             timing = quick(backend, (3, res, res), **quick_timing(opts.bench_iterations))
         described = backend.describe()
     finally:
@@ -165,6 +171,8 @@ def build_row(
                 timing["throughput_batch"],
             )
             row.throughput = timing["throughput"]
+            row.p50_spread, row.images_per_s_spread = timing.get("p50_spread"), timing.get("images_per_s_spread")
+            row.disturbed = list((timing.get("interference") or {}).get("reasons") or [])
             build_latency = {
                 "batch1_p50_ms": row.p50_ms,
                 "batch1_p90_ms": row.p90_ms,

@@ -184,7 +184,7 @@ class StageCache:
             except BlockingIOError:
                 fd.seek(0)
                 holder = fd.read().decode(errors="replace").strip() or "?"
-                self.log(f"waiting: another build (pid {holder}) is running the {label} ({stage}/{key[:12]})")
+                self.log(f"waiting: another build is running the {label} ({stage}/{key[:12]}, pid {holder})")
                 started = time.monotonic()
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 self.log(f"waited {time.monotonic() - started:.0f} s for the other build's {label}")

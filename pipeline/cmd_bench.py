@@ -14,6 +14,17 @@ from bitdeploy.errors import BitdeployError
 SCENARIOS = ("single-stream", "offline", "both")
 
 
+def quiet_check_option(fn: Any) -> Any:
+    """--quiet-check, shared by bench and build."""
+    return click.option(
+        "--quiet-check",
+        type=click.Choice(["warn", "wait", "fail"]),
+        default="warn",
+        show_default=True,
+        help="A busy machine during timing: warn (mark the rows disturbed), wait (for a quiet machine first, up to a limit), fail (exit 1, write nothing).",
+    )(fn)
+
+
 def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(v) for v in value.split(",") if v.strip())
@@ -110,6 +121,21 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs and the dataset split.")
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=3),
+    default=3,
+    show_default=True,
+    help="Interleaved rounds per bundle (queries are split between them); each figure is their median, with the min-max spread.",
+)
+@quiet_check_option
+@click.option(
+    "--quiet-wait",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds --quiet-check wait waits for a quiet machine before each round.",
+)
 def bench(
     bundles: tuple[str, ...],
     batch_sizes: tuple[int, ...],
@@ -132,6 +158,9 @@ def bench(
     report_dir: str | None,
     no_progress: bool,
     seed: int,
+    rounds: int,
+    quiet_check: str,
+    quiet_wait: float,
 ) -> None:
     """Measure latency, throughput and accuracy of BUNDLE... on this machine.
 
@@ -140,8 +169,8 @@ def bench(
     Offline: images/s per batch size. End-to-end: decode + preprocess + infer on encoded images.
     Example: bitdeploy bench runs/onnx runs/ov --threads 2 --dataset digits --pytorch-baseline --json bench.json
     """
-    from bitdeploy.benchmarks.bench import BenchOptions, failed, run
-    from bitdeploy.benchmarks.report import table_rows, write_report
+    from bitdeploy.benchmarks.bench import BenchOptions, disturbed, failed, run
+    from bitdeploy.benchmarks.report import disturbance, table_rows, write_report
     from bitdeploy.benchmarks.schema import write_json
 
     if iterations is not None and duration is not None:
@@ -164,8 +193,17 @@ def bench(
         keep_raw=not no_raw,
         progress=not no_progress,
         seed=seed,
+        rounds=rounds,
+        quiet_check=quiet_check,
+        quiet_wait=quiet_wait,
     )
     doc = run(list(bundles), opts)
+    noisy = disturbed(doc)
+    if noisy and quiet_check == "fail":
+        raise BitdeployError(
+            f"{len(noisy)} of {len(doc['results'])} rows disturbed ({noisy[0]['name']}: {disturbance(noisy[0])}), "
+            "nothing written; run again on a quiet machine, or use --quiet-check wait"
+        )
     table = format_table(table_rows([doc]))
     if json_out == "-":
         click.echo(table, err=True)
@@ -177,6 +215,12 @@ def bench(
     if report_dir:
         paths = write_report(doc, report_dir)
         click.echo(f"report: {paths['markdown']} {paths['html']}", err=True)
+    for e in noisy:
+        click.echo(f"warning: {e['name']}: disturbed: {disturbance(e)}", err=True)
+    if noisy:
+        click.echo(
+            f"warning: {len(noisy)} of {len(doc['results'])} rows disturbed: not quotable (docs/measuring.md)", err=True
+        )
     bad = failed(doc)
     if bad:
         raise BitdeployError(

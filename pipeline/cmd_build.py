@@ -13,8 +13,9 @@ from typing import Any
 import click
 
 from bitdeploy import choices
-from bitdeploy.converters.base import Flag, TargetOptions
-from bitdeploy.targets import PRECISIONS, TARGETS, Target, options_class
+from bitdeploy.cmd_bench import quiet_check_option
+from bitdeploy.converters.base import Flag, TargetOptions, options_class
+from bitdeploy.targets import PRECISIONS, TARGETS, Target
 
 CALIB_HELP = "; ".join(
     f"{t.name}: {'|'.join(t.calib_methods)} (default {t.calib_methods[0]})" for t in TARGETS.values() if t.calib_methods
@@ -219,6 +220,7 @@ def _precisions(values: tuple[str, ...]) -> list[str] | None:
     show_default=True,
     help="Batch-1 queries timed per bundle for the table (use `bitdeploy bench` for full runs).",
 )
+@quiet_check_option
 @click.pass_context
 def build(
     ctx: click.Context,
@@ -250,6 +252,7 @@ def build(
     no_cache: bool,
     no_report: bool,
     bench_iterations: int,
+    quiet_check: str,
     hflip: bool,
     **flags: Any,
 ) -> None:
@@ -304,6 +307,7 @@ def build(
         cache=not no_cache,
         report=not no_report,
         bench_iterations=bench_iterations,
+        quiet_check=quiet_check,
         debug=debug,
         target_options=target_options(flags),
     )

@@ -41,7 +41,7 @@ _SHRINK = {
 
 
 def shrink_option(stage: str) -> str:
-    if stage.startswith("convert-tensorrt"):
+    if stage.startswith("convert-trt-"):
         return "--workspace"
     if stage.startswith("convert-") and stage.endswith("-int8"):
         return "--calib-size"
@@ -110,7 +110,7 @@ def resource_error(
         reason = getattr(fault, "strerror", None) or type(fault).__name__
         return ResourceError(f"{reason} while writing the {what}; {move}", kind)
     if kind == "space":
-        directory = path if path.is_dir() else path.parent
+        directory = path if path == where or path.is_dir() else path.parent
         message = f"no space left on the disk of {directory} ({free_space(directory)} free) while writing the {what}; free space there or {move} on a disk with room"
     elif kind == "read-only":
         message = f"{path} is on a read-only file system ({what}); {move} on a writable disk"

@@ -21,12 +21,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bitdeploy.errors import BitdeployError
-
-if TYPE_CHECKING:
-    from bitdeploy.converters.base import TargetOptions
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -250,14 +247,6 @@ def check_available(target: Target, precision: str) -> None:
 def load_converter(target: Target) -> Callable[..., Any]:
     fn: Callable[..., Any] = import_object(target.converter)
     return fn
-
-
-def options_class(target: Target) -> type[TargetOptions] | None:
-    """The record's own build-options class (imported: the build and the CLI only, never the runtime)."""
-    if not target.options:
-        return None
-    cls: type[TargetOptions] = import_object(target.options)
-    return cls
 
 
 def plan_rows(target: str, precisions: list[str] | None) -> list[tuple[Target, str]]:

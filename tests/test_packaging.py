@@ -1,8 +1,11 @@
-"""The wheel must hold every package and every module on disk (the package-dir mapping has traps)."""
+"""The wheel must hold every package and every module on disk (the package-dir mapping has traps), and nothing
+from benchmarks/experiments/ or tests/."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,13 +21,20 @@ FOLDERS = {
     "runtimes": "bitdeploy/runtimes",
     "benchmarks": "bitdeploy/benchmarks",
 }
+# a path or an import of tests/ (the old parity_official.py: `Path(__file__).parents[1] / "tests" / ...`)
+READS_TESTS = re.compile(r"""["']tests["'/]|^\s*(from|import) tests\b""", re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # from a copy without build outputs: setuptools packs whatever its build/lib still holds, deleted modules too
+    src = out / "src"
+    shutil.copytree(
+        ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__")
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(src)],
         capture_output=True,
         text=True,
     )
@@ -42,6 +52,22 @@ def test_wheel_holds_every_module(wheel: Path) -> None:
     assert not any(n.startswith(("tests/", "training/", "pipeline/")) for n in names), (
         "stray top-level folders in the wheel"
     )
+
+
+def test_wheel_holds_no_experiments_and_nothing_reads_tests(wheel: Path) -> None:
+    """The experiment scripts run from a checkout only; an installed module that loads tests/ would break."""
+    archive = zipfile.ZipFile(wheel)
+    experiments = {p.name for p in (ROOT / "benchmarks" / "experiments").glob("*.py")}
+    assert experiments and not (ROOT / "benchmarks" / "experiments" / "__init__.py").exists()
+    modules = [n for n in archive.namelist() if n.endswith(".py")]
+    assert not [n for n in modules if "experiments" in n or n.rsplit("/", 1)[-1] in experiments]
+    assert not [n for n in modules if READS_TESTS.search(archive.read(n).decode())]
+
+
+def test_checker_of_tests_references_sees_a_path_and_an_import() -> None:
+    for source in ('ROOT / "tests" / "reference"', "open('tests/reference/x.py')", "    from tests.reference import x"):
+        assert READS_TESTS.search(source), source
+    assert not READS_TESTS.search("# Tiny configurations for tests: same unit structure\nself-tests")
 
 
 def test_folders_are_flat() -> None:

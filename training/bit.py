@@ -104,12 +104,25 @@ class ResNetV2(nn.Module):
         self.num_features = cin
         self.head_size = head_size
         if zero_head:
-            nn.init.zeros_(self.head.conv.weight)
-            nn.init.zeros_(self.head.conv.bias)
+            self.zero_head()
+
+    def zero_head(self) -> None:
+        """Zero the classifier's weight and bias (BiT-HyperRule fine-tunes from a zero head)."""
+        conv = self.head.conv
+        assert isinstance(conv, nn.Conv2d) and conv.bias is not None
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.head(self.body(self.root(x)))
         return x.flatten(1)
+
+
+def _pair(size: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's stored (h, w) size, typed as its constructor takes it."""
+    h, w = size
+    return h, w
 
 
 def create_model(variant: BitVariant, num_classes: int | None = None, zero_head: bool = False) -> ResNetV2:
@@ -131,17 +144,18 @@ def fold_weight_standardization(model: ResNetV2) -> ResNetV2:
     def swap(parent: nn.Module) -> None:
         for name, child in parent.named_children():
             if isinstance(child, StdConv2d):
+                padding = child.padding
                 conv = nn.Conv2d(
                     child.in_channels,
                     child.out_channels,
-                    child.kernel_size,
-                    child.stride,
-                    child.padding,
+                    _pair(child.kernel_size),
+                    _pair(child.stride),
+                    padding if isinstance(padding, str) else _pair(padding),
                     bias=child.bias is not None,
                 )
                 with torch.no_grad():
                     conv.weight.copy_(child.standardized_weight())
-                    if child.bias is not None:
+                    if child.bias is not None and conv.bias is not None:
                         conv.bias.copy_(child.bias)
                 setattr(parent, name, conv)
             else:

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bitdeploy.errors import DatasetError
+
+if TYPE_CHECKING:
+    from bitdeploy.training.data import Splits
 
 PIXELS = 32 * 32 * 3
 MAX_MEMBER = 256 << 20  # the largest official file is 150 MB (CIFAR-100 train.bin)
@@ -68,12 +72,14 @@ def read_members(path: Path) -> dict[str, bytes]:
             raise DatasetError(f"{path}: unreadable tarball ({exc}); download it again ({BINARY_HINT})") from exc
     else:
         for d in (path, *sorted(c for c in path.iterdir() if c.is_dir())):
-            for f in d.iterdir():
-                seen.add(f.name)
-                if f.name in wanted and f.is_file() and not f.is_symlink() and f.name not in found:
-                    if f.stat().st_size > MAX_MEMBER:
-                        raise DatasetError(f"{f}: {f.stat().st_size} bytes, larger than any CIFAR file; {BINARY_HINT}")
-                    found[f.name] = f.read_bytes()
+            for entry in d.iterdir():
+                seen.add(entry.name)
+                if entry.name in wanted and entry.is_file() and not entry.is_symlink() and entry.name not in found:
+                    if entry.stat().st_size > MAX_MEMBER:
+                        raise DatasetError(
+                            f"{entry}: {entry.stat().st_size} bytes, larger than any CIFAR file; {BINARY_HINT}"
+                        )
+                    found[entry.name] = entry.read_bytes()
     if not any(n in found for n in DATA):
         if seen & PICKLED:
             raise DatasetError(
@@ -100,7 +106,7 @@ def label_names(text: bytes | None, count: int) -> list[str]:
     return names if len(names) == count else [str(i) for i in range(count)]
 
 
-def load(path: Path, val_split: float, seed: int):  # type: ignore[no-untyped-def]
+def load(path: Path, val_split: float, seed: int) -> Splits:
     """CIFAR binary -> Splits: the official test set is the validation split (seeded split if it is missing)."""
     from bitdeploy.training.data import ArrayImageSet, Splits, stratified_split
 

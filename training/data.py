@@ -270,7 +270,9 @@ def verify_images(image_set: ImageSet, strict: bool, threads: int = 4) -> tuple[
 
     def check(i: int) -> str | None:
         try:
-            decode(image_set.path(i))  # type: ignore[arg-type]
+            path = image_set.path(i)
+            assert path is not None  # a set of files, as path(0) showed
+            decode(path)
             return None
         except ImageError as exc:
             return str(exc)

@@ -7,6 +7,7 @@ The cache dir is `$BITDEPLOY_CACHE`, else `$XDG_CACHE_HOME/bitdeploy`, else `~/.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import sys
@@ -195,7 +196,7 @@ def download(variant: BitVariant, timeout: float = TIMEOUT_S) -> tuple[Path, str
                 raise _offline_error(url, f"HTTP {exc.code} {exc.reason}") from exc
             except urllib.error.URLError as exc:
                 raise _offline_error(url, exc.reason) from exc
-            except (TimeoutError, ConnectionError) as exc:
+            except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:  # a dropped connection
                 raise _offline_error(url, exc or type(exc).__name__) from exc
             digest = sha256_file(part)
             known = KNOWN_SHA256.get(variant.npz_name)

@@ -9,7 +9,7 @@ than the batch simply repeats, like BiT's sampling with replacement for few-shot
 from __future__ import annotations
 
 import random
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +55,7 @@ class Feeder:
             self.cache = resized_images(image_set, resize, threads=self.threads)
         self._perms: dict[int, np.ndarray] = {}
         self._pool = ThreadPoolExecutor(1)
-        self._ahead: tuple[tuple[int, int, int, int], object] | None = None
+        self._ahead: tuple[tuple[int, int, int, int], Future[Batch]] | None = None
 
     @property
     def in_memory(self) -> bool:
@@ -116,7 +116,7 @@ class Feeder:
         """`build`, with the next step's slice prepared in a background thread meanwhile."""
         key = (step, batch, lo, hi)
         if self._ahead is not None and self._ahead[0] == key:
-            result = self._ahead[1].result()  # type: ignore[attr-defined]
+            result = self._ahead[1].result()
         else:
             result = self.build(*key)
         self._ahead = (

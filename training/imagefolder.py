@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bitdeploy.errors import DatasetError
+
+if TYPE_CHECKING:
+    from bitdeploy.training.data import Splits
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -58,7 +62,7 @@ def find_child(root: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-def load(root: Path, val_split: float | None, seed: int):  # type: ignore[no-untyped-def]
+def load(root: Path, val_split: float | None, seed: int) -> Splits:
     """ImageFolder -> Splits; an explicit val/ folder wins over --val-split."""
     from bitdeploy.training.data import DEFAULT_VAL_SPLIT, FileImageSet, Splits, stratified_split
 

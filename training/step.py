@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from bitdeploy.errors import BitdeployError
 from bitdeploy.training.distributed import Context
@@ -57,15 +58,13 @@ class Stepper:
         self.ctx, self.precision, self.split = ctx, precision, batch_split
         self.channels_last = ctx.kind == "cuda"
         use_fused_standardization(model)
-        self.model = model.to(
+        self.model = model.to(  # type: ignore[call-overload]  # Module.to takes memory_format; the stubs omit it
             ctx.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
         )
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         self.net: nn.Module = self.model
         if ctx.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
             self.net = DistributedDataParallel(
                 self.model,
                 device_ids=[ctx.local_rank] if ctx.kind == "cuda" else None,
@@ -110,7 +109,8 @@ class Stepper:
         for k in range(self.split):
             # DDP all-reduces on the last micro-batch only; each micro-batch loss is scaled so the sum is the mean.
             last = k == self.split - 1
-            sync = contextlib.nullcontext() if last or not self.ctx.distributed else self.net.no_sync()  # type: ignore[operator]
+            ddp = self.net if isinstance(self.net, DistributedDataParallel) else None
+            sync = contextlib.nullcontext() if last or ddp is None else ddp.no_sync()
             with sync:
                 loss = self.loss(b, k * micro, (k + 1) * micro)
                 self.scaler.scale(loss / self.split).backward()

@@ -74,9 +74,7 @@ def _build_model(
     if loaded.weights_info.get("kind") == "checkpoint" and loaded.labels == classes:
         head = "kept from the checkpoint (same classes)"
     else:
-        with torch.no_grad():  # BiT-HyperRule: fine-tune from a zero-initialised head
-            model.head.conv.weight.zero_()
-            model.head.conv.bias.zero_()
+        model.zero_head()  # BiT-HyperRule: fine-tune from a zero-initialised head
         head = "zero-initialised"
     return model, dict(loaded.weights_info), head
 

@@ -101,7 +101,8 @@ def save_npz(model: torch.nn.Module, path: str | os.PathLike[str]) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            # mypy maps **arrays onto savez's allow_pickle too; the keys are npz names, never that one
+            np.savez(f, **arrays)  # type: ignore[arg-type]
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

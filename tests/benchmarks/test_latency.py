@@ -99,7 +99,11 @@ class NoMemoryAbove(Sleeper):
 
 def test_quick_for_build_table() -> None:
     q = latency.quick(Sleeper(1.0), (3, 8, 8), iterations=10, warmup=1, throughput_batches=(4,), throughput_images=8)
-    assert q["n"] == 10 and q["p50_ms"] >= 0.9 and q["images_per_s"] > 0 and q["throughput_batch"] == 4
+    # 10 queries split over 3 rounds: 4 each; the p50 is the rounds' median, with their min-max
+    assert q["n"] == 12 and q["rounds"] == 3 and q["p50_ms"] >= 0.9 and q["throughput_batch"] == 4
+    lo, hi = q["p50_spread"]
+    assert lo <= q["p50_ms"] <= hi and q["images_per_s_spread"][0] <= q["images_per_s"] <= q["images_per_s_spread"][1]
+    assert len(q["interference"]["windows"]) == 3 and isinstance(q["disturbed"], bool)
 
 
 def test_quick_sweeps_batch_sizes_where_memory_allows() -> None:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bitdeploy.benchmarks import runtime_vs_benchmark_app as rvb
+from tests.experiments import load, script
+
+rvb = load("runtime_vs_benchmark_app")
 
 BENCHMARK_APP_OUTPUT = """[Step 10/11] Measuring performance (Start inference synchronously, limits: 50 iterations)
 [ INFO ]   INFERENCE_NUM_THREADS: 2
@@ -101,7 +103,7 @@ def test_runtime_vs_session_run_loop_on_tiny_onnx_bundle(
 
 def test_runtime_vs_benchmark_app_bad_target_is_one_line(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "bitdeploy.benchmarks.runtime_vs_benchmark_app", str(tmp_path / "missing.bin")],
+        [sys.executable, str(script("runtime_vs_benchmark_app")), str(tmp_path / "missing.bin")],
         capture_output=True,
         text=True,
     )
@@ -111,7 +113,7 @@ def test_runtime_vs_benchmark_app_bad_target_is_one_line(tmp_path: Path) -> None
 def test_export_naive_vs_folded_on_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("torch")
     pytest.importorskip("onnxslim")
-    from bitdeploy.benchmarks import export_naive_vs_folded as nvf
+    nvf = load("export_naive_vs_folded")
 
     out = tmp_path / "r.json"
     args = [

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitdeploy.converters.base import Artifact, ConvertOptions, RowInputs, TargetOptions, check_request
+from bitdeploy.converters.base import Artifact, ConvertOptions, RowInputs, TargetOptions, check_request, options_class
 from bitdeploy.converters.calibration import CalibrationData, ValidationData
 from bitdeploy.converters.openvino_convert import OpenVinoOptions
 from bitdeploy.converters.ort_convert import OrtOptions
 from bitdeploy.converters.trt_engine import TensorRTOptions
 from bitdeploy.errors import BitdeployError, ConversionError
 from bitdeploy.runtimes.manifest import Quantization, TargetInfo
-from bitdeploy.targets import TARGETS, options_class
+from bitdeploy.targets import TARGETS
 
 
 def test_convert_options_are_frozen() -> None:

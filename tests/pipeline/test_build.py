@@ -100,7 +100,8 @@ def manifest(bundle: Path) -> dict[str, Any]:
 
 # The tiny model's head is a ridge fit on random features: its top-2 logits sit so close that INT8 noise flips
 # 1-3 of the 120 images (0.8-2.5 pp) whichever scheme is used. A 3 pp gate keeps these pipeline tests about the
-# pipeline; INT8 accuracy on a trained BiT is measured by `benchmarks/int8_cpu_classes.py` (docs/targets.md).
+# pipeline; INT8 accuracy on a trained BiT is measured by `benchmarks/experiments/int8_cpu_classes.py`
+# (docs/targets.md).
 TINY_GATE_PP = "3"
 
 

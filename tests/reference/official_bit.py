@@ -1,9 +1,10 @@
 """Parity oracle: Google's BiT PyTorch model and its npz loader, transcribed from the description of
 google-research/big_transfer `bit_pytorch/models.py`.
 
-Used only by tests and by `benchmarks/parity_official.py`. It deliberately imports nothing from bitdeploy, keeps
-the reference's structure (an optional `downsample` attribute, `load_from` that copies tensors named by the npz
-tree through `tf2th`), and its only change is `int()` around the widths so fractional test widths build.
+Used only by tests and by `benchmarks/experiments/parity_official.py`. It deliberately imports nothing from
+bitdeploy, keeps the reference's structure (an optional `downsample` attribute, `load_from` that copies tensors
+named by the npz tree through `tf2th`), and its only change is `int()` around the widths so fractional test widths
+build.
 """
 
 from __future__ import annotations

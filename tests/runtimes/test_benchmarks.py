@@ -8,8 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitdeploy.benchmarks import runtime_overhead, serve_load
 from bitdeploy.runtimes import load
+from tests.experiments import load as load_script
+
+runtime_overhead = load_script("runtime_overhead")
+serve_load = load_script("serve_load")
 
 
 def test_runtime_overhead_script(ort_bundle: Path, ov_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from bitdeploy.benchmarks import serve_load
 from bitdeploy.errors import BitdeployError
 from bitdeploy.runtimes import load
 from bitdeploy.runtimes.serve import HTTPServer, ServeOptions
+from tests.experiments import load as load_script
 from tests.runtimes.serving import SlowPredictor, raw_request, request, running
 
+serve_load = load_script("serve_load")
 MAX_BODY = 64 * 1024
 
 

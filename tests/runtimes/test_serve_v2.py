@@ -18,8 +18,10 @@ from tests.runtimes.serving import raw_request, request, running
 th = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from bitdeploy.benchmarks import serve_load  # noqa: E402
 from bitdeploy.runtimes.serve import HTTPServer  # noqa: E402
+from tests.experiments import load as load_script  # noqa: E402
+
+serve_load = load_script("serve_load")
 
 
 @pytest.fixture(scope="module")

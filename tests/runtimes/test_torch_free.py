@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.experiments import FOLDER
+
 BLOCKED = ("torch", "torchvision", "onnx", "onnxscript", "onnxslim", "nncf")
 
 SCRIPT = """
@@ -18,7 +20,8 @@ light = sorted(m for m in ("onnxruntime", "openvino", "numpy.testing") if m in s
 assert not light, f"importing bitdeploy.runtimes pulled in {{light}}"
 import bitdeploy.cli
 from bitdeploy.runtimes import load, serve, pack, predictor, ov, ort
-from bitdeploy.benchmarks import runtime_overhead, serve_load
+sys.path.insert(0, {experiments!r})
+import runtime_overhead, serve_load
 with load({bundle!r}) as model:
     preds = model.predict([{image!r}], top_k=2)
 from bitdeploy.cli import main
@@ -35,7 +38,11 @@ print(json.dumps({{"preds": preds, "heavy": heavy}}))
 
 def test_runtime_without_torch(ort_bundle: Path, image_dir: dict[str, Path], tmp_path: Path) -> None:
     code = SCRIPT.format(
-        blocked=BLOCKED, bundle=str(ort_bundle), image=str(image_dir["photo_rgb"]), pack=str(tmp_path / "t.bitpack")
+        blocked=BLOCKED,
+        experiments=str(FOLDER),
+        bundle=str(ort_bundle),
+        image=str(image_dir["photo_rgb"]),
+        pack=str(tmp_path / "t.bitpack"),
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]

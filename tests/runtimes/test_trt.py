@@ -25,6 +25,7 @@ from bitdeploy.converters.trt_engine import TensorRTOptions
 from bitdeploy.errors import BitdeployError, BundleError, ConversionError, MissingDependencyError
 from bitdeploy.runtimes import trt as trt_rt
 from bitdeploy.runtimes.manifest import Manifest, TargetInfo
+from tests.experiments import script
 from tests.runtimes import fake_tensorrt
 from tests.runtimes.fake_tensorrt import FakeCuda
 
@@ -464,9 +465,7 @@ def test_runtime_buffers_chunks_and_thread_local_contexts(fake: Any, tmp_path: P
 def test_gpu_benchmark_exits_1_with_one_line_without_tensorrt() -> None:
     import subprocess
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "bitdeploy.benchmarks.trt_gpu"], capture_output=True, text=True, timeout=120
-    )
+    proc = subprocess.run([sys.executable, str(script("trt_gpu"))], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert (
         proc.stderr.strip().count("\n") == 0

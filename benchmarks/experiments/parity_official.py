@@ -6,7 +6,7 @@ logits in ONNX Runtime with the official model (a transcription of `bit_pytorch/
 tree at tests/reference/official_bit.py) on inputs uniform in [-1, 1]. Also checks that every Conv weight in
 the exported graph is an initializer.
 
-    python -m bitdeploy.benchmarks.parity_official [--model m-r50x1] [--heads 21843,10] [--resolutions 128,224]
+    python benchmarks/experiments/parity_official.py [--model m-r50x1] [--heads 21843,10] [--resolutions 128,224]
 
 Exit status 1 when any case exceeds --atol or disagrees on a top-1.
 """
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_ORACLE = Path(__file__).resolve().parents[1] / "tests" / "reference" / "official_bit.py"
+DEFAULT_ORACLE = Path(__file__).resolve().parents[2] / "tests" / "reference" / "official_bit.py"
 
 
 def load_oracle(path: Path) -> ModuleType:

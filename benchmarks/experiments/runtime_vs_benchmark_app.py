@@ -1,6 +1,6 @@
 """bitdeploy's runtime against the engine's own minimal loop, on the same model file, interleaved in one run.
 
-    python -m bitdeploy.benchmarks.runtime_vs_benchmark_app BUNDLE|MODEL.xml|MODEL.onnx [--threads 2] [--rounds 6]
+    python benchmarks/experiments/runtime_vs_benchmark_app.py BUNDLE|MODEL.xml|MODEL.onnx [--threads 2] [--rounds 6]
 
 bitdeploy side: the bundle (or model file) opened through `bitdeploy.runtimes`, timed by `bitdeploy bench`'s
 single-stream loop (batch 1, median of N queries), in this process.
@@ -32,6 +32,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +183,7 @@ def run_session_loop(
         {"model": str(model), "shape": [1, *shape], "threads": threads, "iterations": iterations, "warmup": warmup}
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "bitdeploy.benchmarks.runtime_vs_benchmark_app", "--session-loop", spec],
+        [sys.executable, __file__, "--session-loop", spec],
         capture_output=True,
         text=True,
         timeout=1800,
@@ -198,7 +200,7 @@ def run_session_loop(
 def summarize_rounds(ours: list[float], theirs: dict[str, list[float]], tolerance: float) -> dict[str, Any]:
     """Per engine mode: ratio of medians (bitdeploy / engine) and the min-max of the per-round ratios; which mode
     bitdeploy matches (ratio closest to 1), the faster mode, and whether bitdeploy is within tolerance of it."""
-    modes = {}
+    modes: dict[str, dict[str, Any]] = {}
     for mode, times in theirs.items():
         rounds = [a / b for a, b in zip(ours, times)]
         modes[mode] = {
@@ -226,7 +228,7 @@ def summarize_rounds(ours: list[float], theirs: dict[str, list[float]], toleranc
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m bitdeploy.benchmarks.runtime_vs_benchmark_app", description=__doc__.split("\n\n")[0]
+        prog="python benchmarks/experiments/runtime_vs_benchmark_app.py", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("target", type=Path, help="a bundle directory, an OpenVINO .xml or an .onnx file")
     p.add_argument("--threads", type=int, default=2)
@@ -259,16 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     if backend == "openvino":
         if "int8" in precision:
             precision = precision.split("+")[-1]
-        sides = {
-            mode: (
-                lambda mode=mode: run_benchmark_app(
-                    model_file, shape, name, args.iterations, precision, args.threads, mode
-                )
-            )
+        sides: dict[str, Callable[[], dict[str, Any]]] = {
+            mode: partial(run_benchmark_app, model_file, shape, name, args.iterations, precision, args.threads, mode)
             for mode in OV_MODES
         }
     elif backend == "onnxruntime":
-        sides = {"session.run": lambda: run_session_loop(model_file, shape, args.iterations, args.warmup, args.threads)}
+        sides = {
+            "session.run": partial(run_session_loop, model_file, shape, args.iterations, args.warmup, args.threads)
+        }
     else:
         print(
             f"error: no engine-tool comparison for the {backend} backend; pass an OpenVINO or ONNX Runtime bundle",

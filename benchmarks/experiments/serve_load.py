@@ -1,6 +1,6 @@
 """Load test for `bitdeploy serve` through Triton's client on the v2 route, against `bitdeploy bench` of the same bundle.
 
-    python -m bitdeploy.benchmarks.serve_load BUNDLE [--clients 8] [--requests 1000] [--single 200] [--malformed 50]
+    python benchmarks/experiments/serve_load.py BUNDLE [--clients 8] [--requests 1000] [--single 200] [--malformed 50]
                                               [--input tensor|image] [--threads N] [--max-batch 8] [--max-delay-ms 5]
                                               [--rounds 1] [--bench-iterations 400] [--no-bench]
 
@@ -256,7 +256,7 @@ def _raw(url: str, payload: bytes, timeout: float, hang_up: bool = False, half_c
     """
     u = urlsplit(url)
     data = b""
-    with socket.create_connection((u.hostname, u.port), timeout=timeout) as s:
+    with socket.create_connection((u.hostname, u.port or 80), timeout=timeout) as s:
         try:
             s.sendall(payload)
             if hang_up:
@@ -427,7 +427,9 @@ def bench_offline(bundle: str, threads: int | None, iterations: int) -> tuple[fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bitdeploy.benchmarks.serve_load", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python benchmarks/experiments/serve_load.py", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("bundle")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=1000)

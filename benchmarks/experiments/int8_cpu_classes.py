@@ -1,6 +1,6 @@
 """Which INT8 scheme holds on every CPU class? Accuracy natively and as an AVX2-only CPU, and speed, in one run.
 
-    python -m bitdeploy.benchmarks.int8_cpu_classes --model m-r50x1 --weights RUN_OR_CHECKPOINT --dataset digits --resolution 32
+    python benchmarks/experiments/int8_cpu_classes.py --model m-r50x1 --weights RUN_OR_CHECKPOINT --dataset digits --resolution 32
 
 From one folded FP32 export and one calibration draw it builds ONNX Runtime INT8 in each scheme
 (`u8s8-7bit`, `u8s8`, `s8s8`) and OpenVINO INT8 (NNCF, float layers pinned to f32), then reports for each:
@@ -72,8 +72,7 @@ def _emulated(paths: dict[str, Path], x: np.ndarray, threads: int, work: Path) -
         "-cpu",
         "Haswell",
         sys.executable,
-        "-m",
-        "bitdeploy.benchmarks.int8_cpu_classes",
+        __file__,
         "--worker",
         str(work),
         "--threads",
@@ -87,7 +86,8 @@ def _emulated(paths: dict[str, Path], x: np.ndarray, threads: int, work: Path) -
 def _worker(work: Path, threads: int) -> None:
     paths = {k: Path(v) for k, v in json.loads((work / "paths.json").read_text()).items()}
     logits = _logits(paths, np.load(work / "x.npy", allow_pickle=False), threads)
-    np.savez(work / "emulated.npz", **logits)
+    # mypy maps **logits onto savez's allow_pickle too; the keys are variant names, never that one
+    np.savez(work / "emulated.npz", **logits)  # type: ignore[arg-type]
 
 
 def _latency(paths: dict[str, Path], x1: np.ndarray, threads: int, rounds: int, per_round: int) -> dict[str, float]:
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     calib = calibration.from_image_set(splits.train, res, args.calib_size, 0, f"{args.dataset}:train")
     data = accuracy.from_image_set(splits.val, res, args.eval_limit)
     x, labels = np.concatenate([b for b, _ in data.batches()]), data.labels()
+    assert labels is not None  # from_image_set keeps the split's labels
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         export_onnx(loaded.model, res, work / "fp32.onnx")

@@ -1,6 +1,6 @@
 """CPU targets side by side: PyTorch eager FP32 vs ONNX Runtime and OpenVINO in FP32 / bf16 / INT8.
 
-    python -m bitdeploy.benchmarks.cpu_targets [--model m-r50x1] [--resolution 128] [--threads 2]
+    python benchmarks/experiments/cpu_targets.py [--model m-r50x1] [--resolution 128] [--threads 2]
                                                [--weights none|PATH] [--rounds 15] [--iters 10]
 
 Batch 1, one process, every engine timed in interleaved rounds (A B C ... A B C ...), so a machine that
@@ -141,7 +141,9 @@ def time_interleaved(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bitdeploy.benchmarks.cpu_targets", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/experiments/cpu_targets.py", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--model", default="m-r50x1")
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)

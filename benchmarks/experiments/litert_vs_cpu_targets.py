@@ -1,6 +1,6 @@
 """LiteRT beside ONNX Runtime and OpenVINO on this CPU: accuracy from each bundle's gate, speed A/B interleaved.
 
-    python -m bitdeploy.benchmarks.litert_vs_cpu_targets BUNDLE... [--reference NAME] [--rounds 5] [--queries 40]
+    python benchmarks/experiments/litert_vs_cpu_targets.py BUNDLE... [--reference NAME] [--rounds 5] [--queries 40]
 
 Every bundle is opened once in this process; each round times `--queries` batch-1 calls and then `--batch` images
 as one batch on every bundle in turn (the order rotates each round), so load from other jobs hits all of them
@@ -53,8 +53,8 @@ def measure(bundles: list[Path], threads: int, rounds: int, queries: int, batch:
         for _ in range(3):
             backend.infer(x1)
         backend.infer(xb)
-    p50 = [[] for _ in opened]
-    batch_ms = [[] for _ in opened]
+    p50: list[list[float]] = [[] for _ in opened]
+    batch_ms: list[list[float]] = [[] for _ in opened]
     for r in range(rounds):
         order = list(range(len(opened)))
         order = order[r % len(order) :] + order[: r % len(order)]

@@ -1,6 +1,6 @@
 """TensorRT FP16 / INT8 engines against PyTorch CUDA eager FP16, in one run on one NVIDIA GPU.
 
-    python -m bitdeploy.benchmarks.trt_gpu [--model m-r50x1] [--resolution 128] [--weights none|PATH]
+    python benchmarks/experiments/trt_gpu.py [--model m-r50x1] [--resolution 128] [--weights none|PATH]
                                            [--device cuda:0] [--iters 300] [--json OUT]
 
 Builds, with bitdeploy's TensorRT converter, a latency engine (profile 1,1,1) and a throughput engine
@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,8 @@ def throughput(fn: Callable[[], Any], batch: int, seconds: float = 3.0, warmup: 
 
 def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
     import torch
+    from cpu_targets import randomise_norms
 
-    from bitdeploy.benchmarks.cpu_targets import randomise_norms
     from bitdeploy.converters import calibration as calib_mod
     from bitdeploy.converters import trt_engine
     from bitdeploy.converters.base import ConvertOptions
@@ -138,10 +139,10 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dic
     x1 = val_x[:1]
     for name, (lat_fn, tp_fn) in engines.items():
         log(f"timing {name}")
-        row: dict[str, Any] = latency(lambda f=lat_fn: f(x1), args.iters)
+        row: dict[str, Any] = latency(partial(lat_fn, x1), args.iters)
         for b in THROUGHPUT_BATCHES:
             xb = np.ascontiguousarray(np.resize(val_x, (b, *val_x.shape[1:])))
-            row[f"images_per_s_b{b}"] = throughput(lambda f=tp_fn, x=xb: f(x), b)
+            row[f"images_per_s_b{b}"] = throughput(partial(tp_fn, xb), b)
         preds = np.concatenate([lat_fn(val_x[i : i + 1]).argmax(1) for i in range(len(val_x))])
         row["top1_agreement_vs_fp32"] = float((preds == reference).mean())
         results["rows"][name] = row
@@ -176,7 +177,7 @@ def report(results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bitdeploy.benchmarks.trt_gpu", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/experiments/trt_gpu.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="m-r50x1")
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--weights", default="none")

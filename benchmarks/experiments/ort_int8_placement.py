@@ -1,7 +1,7 @@
 """What should stay in float for ONNX Runtime INT8? Latency (and accuracy) of QDQ placements, in one run.
 
-    python -m bitdeploy.benchmarks.ort_int8_placement --model m-r50x1 --resolution 128 --threads 2
-    python -m bitdeploy.benchmarks.ort_int8_placement --model m-r50x1 --weights RUN_DIR --dataset digits --resolution 32
+    python benchmarks/experiments/ort_int8_placement.py --model m-r50x1 --resolution 128 --threads 2
+    python benchmarks/experiments/ort_int8_placement.py --model m-r50x1 --weights RUN_DIR --dataset digits --resolution 32
 
 Variants (all from the same folded FP32 export, the same calibration samples):
   fp32            the export as is
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,10 @@ def _session(path: Path, threads: int) -> Any:
     o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     o.log_severity_level = 3
     return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+
+
+def _infer(session: Any, x: np.ndarray) -> np.ndarray:
+    return np.asarray(session.run(None, {"input": x})[0])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             data = accuracy.from_image_set(splits.val, res, args.eval_limit)
             labels = data.labels()
             for k, s in sessions.items():
-                logits = accuracy.run_logits(lambda b, s=s: s.run(None, {"input": b})[0], data)
+                logits = accuracy.run_logits(partial(_infer, s), data)
                 acc[k] = float(np.mean(logits.argmax(1) == labels))
         base = float(np.median(times["fp32"]))
         print(

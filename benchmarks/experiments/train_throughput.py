@@ -1,6 +1,6 @@
 """Training throughput: bitdeploy's trainer against a plain fp32 eager PyTorch loop, same model, same run.
 
-    python -m bitdeploy.benchmarks.train_throughput [--model m-r50x1] [--resolution 128] [--batch-size 32]
+    python benchmarks/experiments/train_throughput.py [--model m-r50x1] [--resolution 128] [--batch-size 32]
 
 Plain loop, as Google's bit_pytorch/train.py runs it: per-sample PIL resize to the precrop size, random crop,
 flip, to tensor, normalise, every step; StdConv2d standardising weights with var_mean; NCHW fp32.

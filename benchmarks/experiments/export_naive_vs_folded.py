@@ -1,6 +1,6 @@
 """bitdeploy's folded export against a naive one, in ONNX Runtime and OpenVINO, in one run.
 
-    python -m bitdeploy.benchmarks.export_naive_vs_folded [--model m-r50x1] [--resolution 128] [--threads 2]
+    python benchmarks/experiments/export_naive_vs_folded.py [--model m-r50x1] [--resolution 128] [--threads 2]
 
 folded: `bitdeploy.converters.onnx_export.export_onnx` (weight standardisation folded into plain conv weights,
 onnxslim). naive: `torch.onnx.export` of the model as written (StdConv2d computes mean/var of its weights on
@@ -300,7 +300,7 @@ def report(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m bitdeploy.benchmarks.export_naive_vs_folded", description=__doc__.split("\n\n")[0]
+        prog="python benchmarks/experiments/export_naive_vs_folded.py", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--model", default="m-r50x1")
     p.add_argument("--resolution", type=int, default=128)

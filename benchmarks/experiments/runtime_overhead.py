@@ -1,6 +1,6 @@
 """What the runtime adds over the raw engine call, and what preprocessing costs, in one run.
 
-    python -m bitdeploy.benchmarks.runtime_overhead BUNDLE... [--threads 2] [--rounds 40] [--block 25]
+    python benchmarks/experiments/runtime_overhead.py BUNDLE... [--threads 2] [--rounds 40] [--block 25]
 
 For each bundle, at batch 1:
   * `Predictor.infer(x)` against the raw engine call on the same loaded model (ONNX Runtime
@@ -139,7 +139,7 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m bitdeploy.benchmarks.runtime_overhead", description=__doc__.split("\n\n")[0]
+        prog="python benchmarks/experiments/runtime_overhead.py", description=__doc__.split("\n\n")[0]
     )
     ap.add_argument("bundles", nargs="+", metavar="BUNDLE")
     ap.add_argument("--threads", type=int, default=2, help="engine threads (default 2)")
