@@ -201,7 +201,8 @@ def bench(
     noisy = disturbed(doc)
     if noisy and quiet_check == "fail":
         raise BitdeployError(
-            f"{len(noisy)} of {len(doc['results'])} rows disturbed ({noisy[0]['name']}: {disturbance(noisy[0])}), "
+            f"{len(noisy)} of {len(doc['results'])} rows disturbed ({noisy[0]['name']}: "
+            f"{(disturbance(noisy[0]) or '').split('; ')[0]}), "
             "nothing written; run again on a quiet machine, or use --quiet-check wait"
         )
     table = format_table(table_rows([doc]))
