@@ -31,7 +31,7 @@ from bitdeploy.build_context import (
     report_dir,
 )
 from bitdeploy.build_output import RowResult
-from bitdeploy.build_row import build_row
+from bitdeploy.build_row import Timeable, build_row, time_rows
 from bitdeploy.cache import StageCache
 from bitdeploy.errors import AccuracyGateError, BitdeployError, ResourceError, require
 from bitdeploy.fsutil import remove_stale_temps, replace_dir
@@ -142,11 +142,15 @@ def run_build(
     ctx: BuildContext | None = None
     try:
         ctx = _prepare(opts, planned, cache, log)
+        timeable: list[tuple[RowResult, Timeable]] = []
         for (target, precision, skip), row in zip(planned, rows):
             if skip is not None:
                 row.status = f"skipped: {skip}"
                 continue
-            build_row(row, target, precision, ctx, opts, cache, log)
+            how = build_row(row, target, precision, ctx, opts, cache, log)
+            if how is not None:
+                timeable.append((row, how))
+        time_rows(timeable, ctx, opts, log)
     finally:
         cache.close()
         for scratch in ctx.scratch if ctx is not None else []:

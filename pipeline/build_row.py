@@ -1,4 +1,5 @@
-"""One (target, precision) of a build: convert -> evaluate against the FP32 reference -> time -> bundle.
+"""One (target, precision) of a build: convert -> evaluate against the FP32 reference -> bundle; then every
+bundle of the build is timed together (`time_rows`).
 
 Every failure is caught here and recorded in the row (`failed: <reason>`), so `--target all` goes on. The row's
 manifest is one typed record (`bitdeploy.runtimes.manifest.Manifest`), drafted after the conversion and completed
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,9 @@ def convert(
 
 def evaluate(
     artifact: Artifact, work: Path, manifest: Manifest, ctx: BuildContext, opts: BuildOptions, precision: str
-) -> tuple[GateResult, dict[str, Any] | None, dict[str, Any], np.ndarray]:
-    """(the gate's result, latency figures or None, what ran, the artifact's logits) for the artifact."""
-    from bitdeploy.benchmarks.latency import quick
+) -> tuple[GateResult, Timeable | None, dict[str, Any], np.ndarray]:
+    """(the gate's result, how to time the bundle or None when its own runtime cannot run here, what ran, the
+    artifact's logits) for the artifact."""
     from bitdeploy.converters import gate
     from bitdeploy.runtimes.base import backend_available, open_backend
 
@@ -95,18 +96,10 @@ def evaluate(
             result = gate.validate_unlabelled(logits, ctx.reference, precision, ctx.data.source)
         ran = evaluated if evaluated != "artifact" else f"{backend_name} ({backend.describe().get('device')})"
         result = replace(result, evaluated_with=ran)
-        timing = None
-        if evaluated == "artifact":
-            res = ctx.resolution
-            if opts.quiet_check == "wait":
-                from bitdeploy.benchmarks.interference import QUIET_WAIT_S, wait_for_quiet
-
-                wait_for_quiet(QUIET_WAIT_S)
-            timing = quick(backend, (3, res, res), **quick_timing(opts.bench_iterations))
         described = backend.describe()
     finally:
         backend.close()
-    return result, timing, described, logits
+    return result, Timeable(device) if evaluated == "artifact" else None, described, logits
 
 
 def draft_manifest(artifact: Artifact, ctx: BuildContext, precision: str) -> Manifest:
@@ -139,17 +132,18 @@ def build_row(
     opts: BuildOptions,
     cache: StageCache,
     log: Callable[[str], None],
-) -> None:
-    """Fill `row`; never raises for a per-target problem (the status says what happened)."""
+) -> Timeable | None:
+    """Fill `row`; never raises for a per-target problem (the status says what happened). Returns how to time the
+    bundle (`time_rows`, once every row is built), or None when it cannot be timed here."""
     from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
 
     log(f"[{row.name}] converting with {target.title}")
     try:
         work, artifact = convert(target, precision, ctx, opts, cache)
         manifest = draft_manifest(artifact, ctx, precision)
-        log(f"[{row.name}] evaluating, then timing batch 1 and a batch-size sweep")
+        log(f"[{row.name}] evaluating")
         with guarded(Path(opts.out), "pass --out DIR", f"{row.name} evaluation", "evaluate"):
-            result, timing, described, logits = evaluate(artifact, work, manifest, ctx, opts, precision)
+            result, timeable, described, logits = evaluate(artifact, work, manifest, ctx, opts, precision)
         if result.top1 is not None and result.reference_top1 is not None:
             row.top1, row.reference_top1 = result.top1, result.reference_top1
             row.delta_pp = (result.top1 - result.reference_top1) * 100.0
@@ -157,31 +151,6 @@ def build_row(
         else:
             what = f"no dataset: max |logit diff| {result.max_abs_logit_diff} vs FP32 on random inputs (tolerance {result.tolerance or 0:.3g})"
         row.accuracy = result.to_dict()
-        build_latency = None
-        if timing is not None:
-            row.p50_ms, row.p90_ms, row.p99_ms, row.mean_ms = (
-                timing["p50_ms"],
-                timing["p90_ms"],
-                timing["p99_ms"],
-                timing["mean_ms"],
-            )
-            row.latency_n, row.images_per_s, row.throughput_batch = (
-                timing["n"],
-                timing["images_per_s"],
-                timing["throughput_batch"],
-            )
-            row.throughput = timing["throughput"]
-            row.p50_spread, row.images_per_s_spread = timing.get("p50_spread"), timing.get("images_per_s_spread")
-            row.disturbed = list((timing.get("interference") or {}).get("reasons") or [])
-            build_latency = {
-                "batch1_p50_ms": row.p50_ms,
-                "batch1_p90_ms": row.p90_ms,
-                "queries": row.latency_n,
-                "images_per_s": row.images_per_s,
-                "throughput_batch": row.throughput_batch,
-                "threads": opts.threads,
-                "note": "quick build-time figure; use `bitdeploy bench` for publishable numbers",
-            }
         row.precision_used = artifact.target.precision_used
         row.device = str(described.get("device") or artifact.target.device or "")
         row.notes = list(artifact.notes)
@@ -191,7 +160,6 @@ def build_row(
             valid=result.passed,
             invalid_reason=None if result.passed else _invalid_reason(result, opts),
             gate=result,
-            build_latency=build_latency,
             validated_on={**host_fingerprint(), "evaluated_with": result.evaluated_with},
         )
         with guarded(path.parent, "pass --out DIR", f"{row.name} bundle"), bundle_writer(path) as tmp:
@@ -202,6 +170,7 @@ def build_row(
         row.size_mb = sum((path / f).stat().st_size for f in artifact.files) / 1e6
         row.status = "valid" if result.passed else "failed gate"
         log(f"[{row.name}] {what}; {'valid' if result.passed else 'FAILED the gate'}; bundle {path}")
+        return timeable
     except BitdeployError as exc:
         if isinstance(exc, ResourceError) and exc.kind != "memory":
             raise  # a full, read-only or failing disk fails every row alike: stop the build with its fix
@@ -209,6 +178,7 @@ def build_row(
             traceback.print_exception(exc)
         row.status, row.error = f"failed: {first_line(exc)}", first_line(exc)
         log(f"[{row.name}] failed: {row.error}")
+        return None
     except Exception as exc:  # an SDK's own error type: still only this row fails
         if opts.debug:
             raise
@@ -217,6 +187,7 @@ def build_row(
             f"{type(exc).__name__}: {first_line(exc)}",
         )
         log(f"[{row.name}] failed: {row.error}")
+        return None
 
 
 def _write_golden(
@@ -247,3 +218,77 @@ def _invalid_reason(result: GateResult, opts: BuildOptions) -> str:
     return (
         f"validation: max |logit diff| {result.max_abs_logit_diff} vs FP32 PyTorch exceeds {result.tolerance or 0:.3g}"
     )
+
+
+@dataclass(frozen=True)
+class Timeable:
+    """A built bundle whose own runtime runs here: the device it was evaluated on, to time it there."""
+
+    device: str | None
+
+
+def time_rows(
+    todo: list[tuple[RowResult, Timeable]], ctx: BuildContext, opts: BuildOptions, log: Callable[[str], None]
+) -> None:
+    """Time every built bundle together, in interleaved rounds of rotating order, so slow drift of the machine
+    hits every row alike; fill the rows' figures and record them in each bundle's manifest (`build_latency`)."""
+    from bitdeploy.benchmarks.latency import DEFAULT_ROUNDS, QuickTimer, quick_interleaved
+    from bitdeploy.runtimes.base import Backend, open_backend
+    from bitdeploy.runtimes.bundle import read_manifest, write_manifest
+
+    if not todo:
+        return
+    if opts.quiet_check == "wait":
+        from bitdeploy.benchmarks.interference import QUIET_WAIT_S, wait_for_quiet
+
+        wait_for_quiet(QUIET_WAIT_S)
+    log(f"timing {len(todo)} bundles in {DEFAULT_ROUNDS} interleaved rounds: batch 1 and a batch-size sweep")
+    res = ctx.resolution
+    opened: list[tuple[RowResult, Path, Manifest, Backend]] = []
+    try:
+        for row, how in todo:
+            path = Path(row.bundle or "")
+            manifest = read_manifest(path)
+            try:
+                backend = open_backend(
+                    row.backend or "", path / manifest.model_file, manifest, device=how.device, threads=opts.threads
+                )
+            except Exception as exc:  # an SDK's own error type: the row keeps its gate result, without a timing
+                log(f"warning: [{row.name}] not timed: {type(exc).__name__}: {first_line(exc)}")
+                continue
+            opened.append((row, path, manifest, backend))
+        timers = [QuickTimer(b, (3, res, res), **quick_timing(opts.bench_iterations)) for *_, b in opened]
+        results = quick_interleaved(timers)
+    finally:
+        for *_, backend in opened:
+            backend.close()
+    for (row, path, manifest, _), timing in zip(opened, results):
+        _apply_timing(row, timing)
+        build_latency = {
+            "batch1_p50_ms": row.p50_ms,
+            "batch1_p90_ms": row.p90_ms,
+            "queries": row.latency_n,
+            "images_per_s": row.images_per_s,
+            "throughput_batch": row.throughput_batch,
+            "threads": opts.threads,
+            "note": "quick build-time figure; use `bitdeploy bench` for publishable numbers",
+        }
+        with guarded(path.parent, "pass --out DIR", f"{row.name} bundle"):
+            write_manifest(path, replace(manifest, build_latency=build_latency), list(manifest.files))
+
+
+def _apply_timing(row: RowResult, timing: dict[str, Any]) -> None:
+    row.p50_ms, row.p90_ms, row.p99_ms, row.mean_ms = (
+        timing["p50_ms"],
+        timing["p90_ms"],
+        timing["p99_ms"],
+        timing["mean_ms"],
+    )
+    row.latency_n, row.images_per_s, row.throughput_batch = (
+        timing["n"],
+        timing["images_per_s"],
+        timing["throughput_batch"],
+    )
+    row.throughput = timing["throughput"]
+    row.p50_spread, row.images_per_s_spread = timing.get("p50_spread"), timing.get("images_per_s_spread")
+    row.disturbed = list((timing.get("interference") or {}).get("reasons") or [])

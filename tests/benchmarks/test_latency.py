@@ -106,6 +106,31 @@ def test_quick_for_build_table() -> None:
     assert len(q["interference"]["windows"]) == 3 and isinstance(q["disturbed"], bool)
 
 
+def test_quick_interleaved_rotates_the_order_every_round() -> None:
+    calls: list[str] = []
+
+    class Named(Sleeper):
+        def __init__(self, name: str, ms: float) -> None:
+            super().__init__(ms)
+            self.name = name
+
+        def infer(self, batch: np.ndarray) -> np.ndarray:
+            if not calls or calls[-1] != self.name:
+                calls.append(self.name)
+            return super().infer(batch)
+
+    timers = [
+        latency.QuickTimer(
+            Named(n, ms), (3, 8, 8), iterations=6, warmup=1, throughput_batches=(2,), throughput_images=6
+        )
+        for n, ms in (("a", 1.0), ("b", 8.0), ("c", 4.0))
+    ]
+    results = latency.quick_interleaved(timers)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # A B C, B C A, C A B
+    assert [r["rounds"] for r in results] == [3, 3, 3] and all(len(r["interference"]["windows"]) == 3 for r in results)
+    assert results[0]["p50_ms"] < results[2]["p50_ms"] < results[1]["p50_ms"]  # each result is its own backend's
+
+
 def test_quick_sweeps_batch_sizes_where_memory_allows() -> None:
     b = NoMemoryAbove(8)
     q = latency.quick(b, (3, 8, 8), iterations=5, warmup=1, throughput_batches=(1, 4, 8, 16), throughput_images=8)
