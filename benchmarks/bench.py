@@ -5,13 +5,19 @@ latency on encoded images, accuracy on a dataset, peak RSS. One failing bundle d
 entry says `failed: <reason>`. The PyTorch baselines (`baseline.FORMS`: eager with Google's standardisation,
 eager folded, torch.compile of the folded model) are timed first, before any engine session exists in this
 process (ONNX Runtime's spinning threads would slow them); a form that cannot run here is a `skipped:` entry.
+
+`bench DIR --all` benches every bundle under DIR (`find_bundles`), each named by its path relative to DIR; a bundle
+the build marked invalid is a `skipped:` entry. After the timing rounds, each valid bundle's serving memory is
+measured in a fresh process, one bundle at a time (`benchmarks.memory`).
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +26,18 @@ from bitdeploy.benchmarks import interference, latency
 from bitdeploy.benchmarks.accuracy import EvalSet, load_eval_set, measure
 from bitdeploy.benchmarks.baseline import COMPILE_TIMEOUT_S
 from bitdeploy.benchmarks.env import collect, device_label
+from bitdeploy.benchmarks.memory import DEFAULT_QUERIES, METHOD, input_chw, serving_memory
 from bitdeploy.benchmarks.schema import new_document, new_entry
 from bitdeploy.errors import BitdeployError
+from bitdeploy.runtimes.bundle import MANIFEST, read_manifest
 from bitdeploy.runtimes.manifest import InputSpec, Manifest, TargetInfo
+from bitdeploy.runtimes.pack import PACK_SUFFIX
 
 SCENARIOS = ("single-stream", "offline", "both")
 E2E_IMAGES = 32  # distinct encoded images cycled through the end-to-end loop
 QUIET_CHECKS = ("warn", "wait", "fail")
+SELECTED = "selected"  # DIR/selected (or DIR/selected.bitpack): `bitdeploy select`'s copy of one bundle under DIR
+GATE_SKIP = "skipped: failed the accuracy gate at build"
 
 
 @dataclass
@@ -51,6 +62,7 @@ class BenchOptions:
     rounds: int = latency.DEFAULT_ROUNDS  # interleaved rounds per bundle; each figure is their median
     quiet_check: str = "warn"  # warn | wait | fail: what a disturbed machine does (see QUIET_CHECKS)
     quiet_wait: float = interference.QUIET_WAIT_S  # seconds `wait` waits for a quiet machine before each round
+    memory: bool = True  # serving memory per bundle, in a fresh process after the timing rounds (benchmarks.memory)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def settings(self) -> dict[str, Any]:
@@ -74,10 +86,159 @@ class BenchOptions:
             "rounds": self.rounds,
             "quiet_check": self.quiet_check,
             "interference_limits": interference.limits(),
+            "serving_memory": {"queries": DEFAULT_QUERIES, "method": METHOD} if self.memory else None,
             "percentiles": "nearest-rank",
             "timer": "time.perf_counter_ns around infer(); gc paused while timing",
             **self.extra,
         }
+
+
+def find_bundles(root: Path) -> list[Path]:
+    """Every bundle under `root`, sorted by relative path: directories holding a manifest.json (not searched further)
+    and `*.bitpack` files. Hidden and temporary names (".x", as a killed build leaves them) are skipped, and so is
+    `root/selected` (`selected_copy`). `root` itself when it is a bundle or a pack; [] when it holds none."""
+    root = Path(root)
+    if root.is_file():
+        return [root] if root.name.endswith(PACK_SUFFIX) else []
+    if (root / MANIFEST).is_file():
+        return [root]
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):  # symlinked folders: a bundle is taken, nothing is descended
+        here = Path(dirpath)
+        descend = []
+        for d in dirnames:
+            if d.startswith(".") or (here == root and d == SELECTED):
+                continue
+            if (here / d / MANIFEST).is_file():
+                found.append(here / d)
+            else:
+                descend.append(d)
+        dirnames[:] = descend
+        found.extend(
+            here / f
+            for f in filenames
+            if f.endswith(PACK_SUFFIX) and not f.startswith(".") and not (here == root and f == SELECTED + PACK_SUFFIX)
+        )
+    return sorted(found, key=lambda p: p.relative_to(root).parts)
+
+
+def selected_copy(root: Path) -> Path | None:
+    """`root/selected` or `root/selected.bitpack` when present: a copy of another bundle under root, not benched."""
+    for path in (Path(root) / SELECTED, Path(root) / (SELECTED + PACK_SUFFIX)):
+        if (path / MANIFEST).is_file() or path.is_file():
+            return path
+    return None
+
+
+def bundles_to_bench(args: Sequence[str], every: bool, note: Callable[[str], None]) -> list[tuple[str, str]]:
+    """(path, entry name) per bundle to bench. Without `every` the arguments as given, named by their last part (a
+    folder of bundles is refused); with it, every bundle under each argument, named by its path relative to it."""
+    if not every:
+        for a in args:
+            p = Path(a)
+            if p.is_dir() and not (p / MANIFEST).is_file():
+                n = len(find_bundles(p))
+                if n:
+                    raise BitdeployError(
+                        f"{a} is a folder of {n} bundle{'s' if n != 1 else ''}, not a bundle; pass --all to bench every bundle under it"
+                    )
+        return [(a, Path(a).name or a) for a in args]
+    per_arg: list[tuple[str, list[tuple[Path, str]]]] = []
+    for a in args:
+        root = Path(a)
+        if not root.exists():
+            raise BitdeployError(f"{a}: no such folder; pass the folder of a build, e.g. runs/grid")
+        found = find_bundles(root)
+        if not found:
+            raise BitdeployError(
+                f"{a}: no bundle under this folder (no manifest.json, no {PACK_SUFFIX} file); pass the --out folder of a build, e.g. runs/grid"
+            )
+        sel = selected_copy(root) if root.is_dir() and not (root / MANIFEST).is_file() else None
+        if sel is not None:
+            note(f"skipping {sel}: `bitdeploy select`'s copy of one of the other bundles")
+        per_arg.append((a, [(f, f.relative_to(root).as_posix() if f != root else root.resolve().name) for f in found]))
+    names = [n for _, named in per_arg for _, n in named]
+    clash = len(set(names)) < len(names)  # two folders hold the same relative path: name entries by folder too
+    out: list[tuple[str, str]] = []
+    seen: set[Path] = set()
+    for a, named in per_arg:
+        for path, name in named:
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                out.append((str(path), f"{Path(a).as_posix()}/{name}" if clash else name))
+    return out
+
+
+def skipped_invalid(bundle: str, name: str) -> dict[str, Any] | None:
+    """The `skipped:` entry of a bundle directory the build marked invalid (`valid: false`), else None."""
+    try:
+        manifest = read_manifest(bundle) if Path(bundle).is_dir() else None
+    except BitdeployError:
+        return None  # unreadable: opening it will say why
+    if manifest is None or manifest.valid:
+        return None
+    reason = manifest.invalid_reason
+    if reason is None or reason.startswith(("accuracy gate", "validation")):
+        status = GATE_SKIP + (f" ({reason})" if reason else "")
+    else:
+        status = f"skipped: marked invalid at build ({reason})"
+    target, model = manifest.target, manifest.model
+    size_mb, files = _bundle_size(Path(bundle), manifest)
+    return new_entry(
+        name=name,
+        kind="bundle",
+        bundle=str(bundle),
+        model=model.name,
+        resolution=model.resolution,
+        num_classes=model.num_classes,
+        target=target.backend,
+        precision=target.precision,
+        precision_used=target.precision_used,
+        backend_device=target.device,
+        status=status,
+        size_mb=size_mb,
+        files_sha256=files,
+        build_accuracy=manifest.accuracy.to_dict() if manifest.accuracy is not None else None,
+    )
+
+
+def duration_text(seconds: float) -> str:
+    """40 s, 1 min 20 s, 2 h 05 min."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def eta_s(elapsed_s: float, done: int, total: int) -> float | None:
+    """Seconds left: the mean time per finished step times the steps left; None before a step finished."""
+    if done <= 0:
+        return None
+    return elapsed_s / done * max(0, total - done)
+
+
+def progress_line(step: int, total: int, what: str, elapsed_s: float) -> str:
+    """`[7/48] round 2/3 m-r50x1-32/onnx-int8, elapsed 40 s, ETA 1 min 20 s`: the line as step `step` starts (the
+    steps before it finished in `elapsed_s`)."""
+    left = eta_s(elapsed_s, step - 1, total)
+    eta = duration_text(left) if left is not None else "-"
+    return f"[{step}/{total}] {what}, elapsed {duration_text(elapsed_s)}, ETA {eta}"
+
+
+class Progress:
+    """Counts bench's steps (open, each round, end-to-end + accuracy, serving memory, per bundle) for the ETA line.
+    `total` shrinks when a bundle fails and its remaining steps will not run."""
+
+    def __init__(self, total: int, log: Callable[[str], None]) -> None:
+        self.total, self.done, self.log = total, 0, log
+        self.started = time.perf_counter()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        self.total = max(self.total, self.done)
+        self.log(progress_line(self.done, self.total, what, time.perf_counter() - self.started))
 
 
 def _reset_peak_rss() -> str:
@@ -126,10 +287,7 @@ def _open(bundle: str, opts: BenchOptions) -> tuple[Any, Manifest, Any]:
     return pred, pred.manifest, pred.backend
 
 
-def _shape_chw(manifest: Manifest) -> tuple[int, int, int]:
-    res = manifest.model.resolution or 0
-    shape = manifest.input.shape or (-1, 3, res, res)
-    return int(shape[1] or 3), int(shape[2] or res), int(shape[3] or res)
+_shape_chw = input_chw  # one input's (C, H, W), shared with the serving-memory child
 
 
 def _precision_used(target: TargetInfo, desc: dict[str, Any]) -> str | None:
@@ -241,6 +399,7 @@ class Bench:
         self.images, self.images_source = self._images()
         self._ref_pred: Any = None
         self.waits: list[dict[str, Any]] = []
+        self.progress: Progress | None = None
 
     def log(self, message: str) -> None:
         """A progress line on stderr, for a terminal only (like the bars): logs and pipes get just the results."""
@@ -276,9 +435,9 @@ class Bench:
         if self._ref_pred is not None:
             getattr(self._ref_pred, "close", lambda: None)()
 
-    def open(self, bundle: str) -> Opened | dict[str, Any]:
+    def open(self, bundle: str, name: str | None = None) -> Opened | dict[str, Any]:
         """Load a bundle and make its first call; a failed entry when it cannot be opened."""
-        opts, name = self.opts, Path(bundle).name or str(bundle)
+        opts, name = self.opts, name or Path(bundle).name or str(bundle)
         rss_before = _rss_mb()
         rss_method = _reset_peak_rss()
         pred = None
@@ -354,24 +513,42 @@ class Bench:
             getattr(o.pred, "close", lambda: None)()
         return entry
 
-    def bundles(self, bundles: list[str]) -> list[dict[str, Any]]:
+    def bundles(
+        self, bundles: list[str], names: Sequence[str] | None = None, skip_invalid: bool = False
+    ) -> list[dict[str, Any]]:
         """Every bundle in `opts.rounds` interleaved rounds, each round starting one bundle later than the last,
-        so slow drift of the machine hits every bundle alike."""
+        so slow drift of the machine hits every bundle alike; then end-to-end and accuracy per bundle, then (with
+        `opts.memory`) each valid bundle's serving memory in a fresh process, one at a time. `skip_invalid`: a
+        bundle the build marked invalid is a `skipped:` entry instead of a failure."""
+        names = list(names) if names is not None else [Path(b).name or b for b in bundles]
+        rounds = max(1, self.opts.rounds)
+        finishing = int(bool(self.opts.end_to_end and self.images) or self.eval_set is not None)
+        memory = int(self.opts.memory)
+        per = rounds + finishing + memory  # steps after opening, per bundle
+        skipped = {b: e for b, n in zip(bundles, names) if skip_invalid and (e := skipped_invalid(b, n)) is not None}
+        progress = self.progress = Progress((len(bundles) - len(skipped)) * (1 + per), self.log)
         opened: list[Opened | dict[str, Any]] = []
-        for i, b in enumerate(bundles, 1):
-            self.log(f"bundle {i}/{len(bundles)}: opening {b}")
-            opened.append(self.open(b))
+        for b, n in zip(bundles, names):
+            if b in skipped:
+                skipped[b]["device"] = device_label(self.env, skipped[b]["backend_device"])
+                opened.append(skipped[b])
+                continue
+            progress.step(f"opening {n}")
+            opened.append(self.open(b, n))
+            if not isinstance(opened[-1], Opened):
+                progress.total -= per
         live = [o for o in opened if isinstance(o, Opened)]
         try:
-            for r in range(max(1, self.opts.rounds)):
+            for r in range(rounds):
                 self.before_round(r)
                 shift = r % len(live) if live else 0
                 for o in live[shift:] + live[:shift]:
-                    self.log(f"round {r + 1}/{self.opts.rounds}: {o.entry['name']}")
+                    progress.step(f"round {r + 1}/{rounds} {o.entry['name']}")
                     try:
                         self.time_round(o)
                     except BitdeployError as exc:
                         o.entry.update(status=f"failed: {exc}", error=str(exc))
+                        progress.total -= rounds - r - 1 + finishing + memory
                 live = [o for o in live if not str(o.entry["status"]).startswith("failed:")]
         finally:
             results: list[dict[str, Any]] = []
@@ -379,11 +556,41 @@ class Bench:
                 if not isinstance(item, Opened):
                     results.append(item)
                 elif item.rounds and not str(item.entry["status"]).startswith("failed:"):
+                    if finishing:
+                        progress.step(f"{self._finish_label()} {item.entry['name']}")
                     results.append(self.finish(item))
+                    if str(item.entry["status"]).startswith("failed:"):
+                        progress.total -= memory
                 else:
                     getattr(item.pred, "close", lambda: None)()
                     results.append(item.entry)
+        if self.opts.memory:
+            self.serving_memory(results)
         return results
+
+    def _finish_label(self) -> str:
+        return " and ".join(
+            w
+            for w, on in (("end-to-end", self.opts.end_to_end and self.images), ("accuracy", self.eval_set is not None))
+            if on
+        )
+
+    def serving_memory(self, entries: list[dict[str, Any]]) -> None:
+        """Each benched bundle's serving memory, in a fresh process, one at a time: after every timing round, and
+        with this process's sessions closed, so it neither disturbs nor is disturbed by the timing. A failure is
+        recorded as {"error": ...} in that entry; the bundle's other figures stand."""
+        opts = self.opts
+        for e in entries:
+            if e.get("kind") != "bundle" or e.get("status") != "valid":
+                continue
+            if self.progress is not None:
+                self.progress.step(f"serving memory {e['name']}")
+            try:
+                e["serving_memory"] = serving_memory(
+                    e["bundle"], threads=opts.threads, backend=opts.backend, device=opts.device
+                )
+            except BitdeployError as exc:
+                e["serving_memory"] = {"error": str(exc)}
 
     def before_round(self, r: int) -> None:
         """`--quiet-check wait`: wait up to `quiet_wait` seconds for a quiet machine before each round."""
@@ -511,15 +718,20 @@ def _baseline_keys(bundles: list[str]) -> list[Manifest]:
     return out
 
 
-def run(bundles: list[str], opts: BenchOptions) -> dict[str, Any]:
-    """Benchmark every bundle (and the baseline when asked) and return one bench document."""
+def run(
+    bundles: list[str], opts: BenchOptions, names: Sequence[str] | None = None, skip_invalid: bool = False
+) -> dict[str, Any]:
+    """Benchmark every bundle (and the baseline when asked) and return one bench document.
+
+    `names`: each bundle's entry name (default: its last path part); `skip_invalid` (`--all`): a bundle the build
+    marked invalid becomes a `skipped:` entry rather than a failure."""
     bench = Bench(opts)
     results: list[dict[str, Any]] = []
     try:
         if opts.pytorch_baseline is not None:
             for m in _baseline_keys(bundles):
                 results.extend(bench.pytorch(m))
-        results.extend(bench.bundles(bundles))
+        results.extend(bench.bundles(bundles, names, skip_invalid))
     finally:
         bench.close()
     settings = opts.settings()

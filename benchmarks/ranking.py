@@ -64,3 +64,206 @@ def fastest(candidates: Sequence[Candidate]) -> tuple[Candidate, list[Candidate]
         tied,
         f"tied on speed (round spreads overlap): {winner.name} p50 {_span(winner)}{agree}{size} vs {others}; {TIE_RULE}",
     )
+
+
+OBJECTIVES = ("fastest", "most-accurate")
+
+
+class SelectionError(Exception):
+    """No bundle meets the constraints: one line naming the nearest miss (the CLI turns it into exit 1)."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One bundle as selection sees it: its gate verdict, accuracy from the build, speed and memory from where it ran."""
+
+    name: str
+    valid: bool  # passed the accuracy gate (and every --verify-on CPU)
+    top1: float | None  # fraction
+    p50_ms: float | None
+    spread: tuple[float, float] | None = None
+    rss_mb: float | None = None  # peak resident memory serving batch 1, in a fresh process
+    agreement: float | None = None
+    size_mb: float | None = None
+    item: Any = None
+
+    def candidate(self) -> Candidate:
+        return Candidate(self.name, self.p50_ms or 0.0, self.spread, self.agreement, self.size_mb, self)
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """What the user asked for: constraints, and what to optimise among the bundles that meet them.
+
+    Without --select the objective is the axis left free: a latency or memory budget asks for the most accurate
+    bundle, an accuracy floor alone for the fastest."""
+
+    objective: str = "fastest"
+    latency_budget_ms: float | None = None
+    min_top1: float | None = None  # fraction
+    memory_budget_mb: float | None = None
+
+    @classmethod
+    def from_flags(
+        cls,
+        select: str | None = None,
+        latency_budget_ms: float | None = None,
+        min_top1_pct: float | None = None,
+        memory_budget_mb: float | None = None,
+    ) -> Criteria | None:
+        """None when nothing was asked; `min_top1_pct` is in percent, as the tables show top-1."""
+        if select is None and latency_budget_ms is None and min_top1_pct is None and memory_budget_mb is None:
+            return None
+        if select is not None and select not in OBJECTIVES:
+            raise ValueError(f"--select must be one of {', '.join(OBJECTIVES)} (got {select!r})")
+        if min_top1_pct is not None and not 1.0 <= min_top1_pct <= 100.0:
+            raise ValueError(f"--min-top1 is a top-1 in percent, 1 to 100, e.g. 95 (got {min_top1_pct:g})")
+        objective = select or (
+            "fastest"
+            if min_top1_pct is not None and latency_budget_ms is None and memory_budget_mb is None
+            else "most-accurate"
+            if latency_budget_ms is not None or memory_budget_mb is not None
+            else "fastest"
+        )
+        return cls(
+            objective,
+            latency_budget_ms,
+            None if min_top1_pct is None else min_top1_pct / 100.0,
+            memory_budget_mb,
+        )
+
+    @property
+    def needs_accuracy(self) -> bool:
+        return self.objective == "most-accurate" or self.min_top1 is not None
+
+    def constraints(self) -> list[str]:
+        out = []
+        if self.latency_budget_ms is not None:
+            out.append(f"p50 <= {self.latency_budget_ms:g} ms")
+        if self.min_top1 is not None:
+            out.append(f"top-1 >= {self.min_top1 * 100:g}%")
+        if self.memory_budget_mb is not None:
+            out.append(f"peak RSS <= {self.memory_budget_mb:g} MB")
+        return out
+
+    def describe(self) -> str:
+        what = "most accurate" if self.objective == "most-accurate" else "fastest"
+        limits = self.constraints()
+        return f"{what} with {' and '.join(limits)}" if limits else what
+
+    def violation(self, o: Option) -> str | None:
+        """Why `o` misses a constraint (None: it meets them all)."""
+        if self.latency_budget_ms is not None and (o.p50_ms is None or o.p50_ms > self.latency_budget_ms):
+            return "no latency measured" if o.p50_ms is None else f"over the latency budget at p50 {o.p50_ms:.2f} ms"
+        if self.min_top1 is not None and (o.top1 is None or o.top1 < self.min_top1 - 1e-12):
+            return "no top-1 measured" if o.top1 is None else f"below the top-1 floor at {o.top1 * 100:.2f}%"
+        if self.memory_budget_mb is not None and (o.rss_mb is None or o.rss_mb > self.memory_budget_mb):
+            return "no peak RSS measured" if o.rss_mb is None else f"over the memory budget at {o.rss_mb:.0f} MB"
+        return None
+
+
+@dataclass(frozen=True)
+class Choice:
+    winner: Option
+    runner_up: Option | None
+    line: str  # the one-line explanation, naming the runner-up and why it lost
+    front: list[Option]  # the accuracy-latency Pareto front of the valid options, fastest first
+    fitting: int  # how many valid options met the constraints
+
+
+def pareto(options: Sequence[Option]) -> list[Option]:
+    """Options no other beats on both lower p50 and higher top-1, fastest first (ties on p50: the more accurate)."""
+    pts = sorted(
+        (o for o in options if o.p50_ms is not None and o.top1 is not None), key=lambda o: (o.p50_ms, -(o.top1 or 0))
+    )
+    front: list[Option] = []
+    for o in pts:
+        if not front or (o.top1 or 0.0) > (front[-1].top1 or 0.0):
+            front.append(o)
+    return front
+
+
+def _acc(o: Option) -> str:
+    return "-" if o.top1 is None else f"{o.top1 * 100:.2f}%"
+
+
+def _speed(o: Option) -> str:
+    return "no latency" if o.p50_ms is None else _span(o.candidate())
+
+
+def _ranked(options: Sequence[Option], objective: str) -> list[Option]:
+    """Best first by the objective; the fastest among equal top-1, the most accurate among equal p50."""
+    inf = float("inf")
+    if objective == "most-accurate":
+        return sorted(
+            options, key=lambda o: (-(o.top1 if o.top1 is not None else -1.0), o.p50_ms or inf, o.size_mb or inf)
+        )
+    return sorted(options, key=lambda o: (o.p50_ms if o.p50_ms is not None else inf, -(o.top1 or 0.0)))
+
+
+def _nearest_miss(valid: Sequence[Option], criteria: Criteria) -> str:
+    """The one line when nothing fits: for each constraint, the best bundle on its axis."""
+    parts = []
+    timed = [o for o in valid if o.p50_ms is not None]
+    if criteria.latency_budget_ms is not None and timed:
+        best = min(timed, key=lambda o: o.p50_ms or 0.0)
+        parts.append(f"the fastest is {best.name} at p50 {best.p50_ms:.2f} ms (top-1 {_acc(best)})")
+    scored = [o for o in valid if o.top1 is not None]
+    if criteria.min_top1 is not None and scored:
+        best = max(scored, key=lambda o: o.top1 or 0.0)
+        parts.append(f"the most accurate is {best.name} at top-1 {_acc(best)}")
+    measured = [o for o in valid if o.rss_mb is not None]
+    if criteria.memory_budget_mb is not None and measured:
+        best = min(measured, key=lambda o: o.rss_mb or 0.0)
+        parts.append(f"the leanest is {best.name} at {best.rss_mb:.0f} MB peak RSS")
+    if criteria.memory_budget_mb is not None and not measured:
+        parts.append("no bundle has a peak RSS measured (bench with --memory)")
+    return f"no valid bundle meets {' and '.join(criteria.constraints())}: " + ("; ".join(parts) or "nothing measured")
+
+
+def choose(options: Sequence[Option], criteria: Criteria) -> Choice:
+    """The selection: constraints first, then the objective, ties on speed as in `fastest`.
+
+    Raises SelectionError (one line) when no valid option meets the constraints, naming the nearest miss."""
+    valid = [o for o in options if o.valid]
+    if not valid:
+        raise SelectionError("no bundle passed the accuracy gate, nothing to select; see the table above")
+    if criteria.needs_accuracy and all(o.top1 is None for o in valid):
+        raise SelectionError(
+            f"--select {criteria.objective} / --min-top1 need a top-1 per bundle: build with --dataset "
+            "(without it the gate compares logits on random inputs)"
+        )
+    fitting = [o for o in valid if criteria.violation(o) is None]
+    if criteria.objective == "fastest" or criteria.latency_budget_ms is not None:
+        fitting = [o for o in fitting if o.p50_ms is not None]
+    if not fitting:
+        raise SelectionError(_nearest_miss(valid, criteria))
+    if criteria.objective == "fastest":
+        picked = fastest([o.candidate() for o in fitting])
+        assert picked is not None
+        winner: Option = picked[0].item
+        why = picked[2]
+    else:
+        winner = _ranked(fitting, criteria.objective)[0]
+        why = f"top-1 {_acc(winner)}, p50 {_speed(winner)}"
+    others = [o for o in _ranked(valid, criteria.objective) if o is not winner]
+    runner = others[0] if others else None
+    line = f"{winner.name}: {criteria.describe()} ({why})"
+    if runner is not None:
+        line += f"; runner-up {runner.name} {_lost(runner, winner, criteria)}"
+    line += f"; {len(fitting)} of {len(valid)} valid bundles met the constraints" if criteria.constraints() else ""
+    return Choice(winner, runner, line, pareto(valid), len(fitting))
+
+
+def _lost(runner: Option, winner: Option, criteria: Criteria) -> str:
+    """Why the runner-up lost, in a clause."""
+    missed = criteria.violation(runner)
+    if missed:
+        return f"({_acc(runner)}, {_speed(runner)}) is {missed}"
+    if criteria.objective == "most-accurate":
+        if runner.top1 is not None and winner.top1 is not None and runner.top1 < winner.top1:
+            return f"is less accurate: top-1 {_acc(runner)} ({(runner.top1 - winner.top1) * 100:+.2f} pp), p50 {_speed(runner)}"
+        return f"has the same top-1 {_acc(runner)} but is slower: p50 {_speed(runner)}"
+    if runner.candidate().low <= winner.candidate().high:
+        return f"is tied on speed at p50 {_speed(runner)} and lost the tie ({TIE_RULE})"
+    return f"is slower: p50 {_speed(runner)}, top-1 {_acc(runner)}"

@@ -30,6 +30,7 @@ COLUMNS = (
     "p99 ms",
     "images/s",
     "speed-up vs fastest PyTorch",
+    "peak RSS MB",
 )
 
 
@@ -117,8 +118,17 @@ def _throughput(entry: dict[str, Any]) -> tuple[float | None, int | None]:
     return _num((entry.get("single_stream") or {}).get("images_per_s")), 1 if entry.get("single_stream") else None
 
 
+def serving_rss(entry: dict[str, Any]) -> float | None:
+    """Peak resident memory (MB) serving this bundle at batch 1 in a fresh process, when it was measured."""
+    mem = entry.get("serving_memory")
+    return _num(mem.get("peak_rss_mb")) if isinstance(mem, dict) else None
+
+
 def table_rows(docs: Sequence[dict[str, Any]], selected: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """One row per entry with the derived columns (Δ top-1, speed-up), in document order."""
+    """One row per entry with the derived columns (Δ top-1, speed-up), in document order.
+
+    `selected` ({"name", "reason"}, optionally "device_class") marks the rows of that name; with a device class,
+    only the row measured on that class (the same bundle name recurs once per device in a merged report)."""
     multi = len({_host(d) for d in docs}) > 1
     classes = list(dict.fromkeys(device_class(d) for d in docs))
     rows = []
@@ -145,9 +155,10 @@ def table_rows(docs: Sequence[dict[str, Any]], selected: dict[str, str] | None =
                     "p90_spread": _spread(e, "p90_ms"),
                     "ips_spread": _ips_spread(e),
                     "disturbed": disturbance(e),
+                    "rss": serving_rss(e),
                 }
             )
-    sel = (selected or {}).get("name")
+    sel, sel_class = (selected or {}).get("name"), (selected or {}).get("device_class")
     for r in rows:
         e = r["entry"]
         same = [
@@ -179,7 +190,7 @@ def table_rows(docs: Sequence[dict[str, Any]], selected: dict[str, str] | None =
         r["delta_pp"] = (
             (r["top1"] - r["ref_top1"]) * 100.0 if r["top1"] is not None and r["ref_top1"] is not None else None
         )
-        r["selected"] = sel is not None and e["name"] == sel
+        r["selected"] = sel is not None and e["name"] == sel and sel_class in (None, r["device_class"])
     return rows
 
 
@@ -226,7 +237,10 @@ def select_fastest(results: Any, max_accuracy_drop: float = 1.0) -> dict[str, st
     noisy = [c.name for c in picked[1] if c.item["disturbed"]]
     caveat = f"; disturbed timing, not a firm ranking: {', '.join(noisy)}" if noisy else ""
     reason = f"within the accuracy gate, {why}; {acc}{excluded}{caveat}"
-    return {"name": best["entry"]["name"], "reason": reason}
+    picked_row = {"name": best["entry"]["name"], "reason": reason}
+    if len({r["device_class"] for r in rows}) > 1:  # the same name on another device is not the one picked
+        picked_row["device_class"] = best["device_class"]
+    return picked_row
 
 
 def _f(x: float | None, fmt: str) -> str:
@@ -262,6 +276,7 @@ def cells(r: dict[str, Any]) -> list[str]:
         _f(r["p99"], ".2f"),
         ips,
         "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+        _f(r["rss"], ".0f"),
     ]
 
 
@@ -351,6 +366,43 @@ def device_matrix(docs: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[
     return header, [[bundle, *(cells_.get(cpu, "-") for cpu in cpus)] for bundle, cells_ in matrix.items()]
 
 
+FRONT_COLUMNS = ("bundle", "top-1", "p50 ms", "peak RSS MB")
+FRONT_NOTE = (
+    "Per device class, the valid bundles no other valid bundle beats on both p50 and top-1, fastest first "
+    "(PyTorch baselines and failed bundles are not candidates); the plot draws the whole grid around it."
+)
+
+
+def front_sections(rows: list[dict[str, Any]]) -> list[tuple[str, list[tuple[list[str], bool]]]]:
+    """Per device class with accuracy figures: (heading "class (hosts)", for each Pareto-front row in front
+    order, fastest first: its FRONT_COLUMNS cells and whether it is the selected row)."""
+    from bitdeploy.benchmarks.plots import front_panels
+
+    out = []
+    for cls, panel, front in front_panels(rows):
+        hosts = ", ".join(dict.fromkeys(str(r["host"]) for r in panel))
+        table = [
+            (
+                [
+                    r["label"] + (" (selected)" if r["selected"] else ""),
+                    f"{r['top1'] * 100:.2f}%",
+                    _with_spread(r["p50"], r["p50_spread"], ".2f"),
+                    _f(r["rss"], ".0f"),
+                ],
+                bool(r["selected"]),
+            )
+            for r in (panel[i] for i in front)
+        ]
+        out.append((f"{cls} ({hosts})", table))
+    return out
+
+
+def _selected_line(selected: dict[str, str]) -> tuple[str, str]:
+    """(what was selected, why), the selection's device class named when it has one."""
+    where = f" on {selected['device_class']}" if selected.get("device_class") else ""
+    return f"Selected: {selected['name']}{where}", str(selected.get("reason", ""))
+
+
 def banner(rows: list[dict[str, Any]]) -> list[str]:
     """The report's warning lines when any row's timing was disturbed (empty otherwise)."""
     noisy = [r for r in rows if r["disturbed"]]
@@ -374,8 +426,10 @@ def markdown(docs: Sequence[dict[str, Any]], rows: list[dict[str, Any]], selecte
         out += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         out += ["| " + " | ".join(c.replace("|", "/") for c in cells(r)) + " |" for r in group]
         out.append("")
+    out += _front_markdown(rows)
     if selected:
-        out += [f"**Selected: {selected['name']}** - {selected.get('reason', '')}", ""]
+        what, why = _selected_line(selected)
+        out += [f"**{what}** - {why}", ""]
     header, matrix = device_matrix(docs)
     if matrix:
         out += ["## Self-test on emulated devices (numerics, not speed)", "", "| " + " | ".join(header) + " |"]
@@ -396,6 +450,35 @@ def markdown(docs: Sequence[dict[str, Any]], rows: list[dict[str, Any]], selecte
     return "\n".join(out) + "\n"
 
 
+def _front_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    sections = front_sections(rows)
+    if not sections:
+        return []
+    out = ["## Accuracy–latency front", "", FRONT_NOTE, ""]
+    for heading, table in sections:
+        out += [f"**{heading}**", "", "| " + " | ".join(FRONT_COLUMNS) + " |", "|" + "---|" * len(FRONT_COLUMNS)]
+        out += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r, _ in table]
+        out.append("")
+    return out
+
+
+def _front_html(rows: list[dict[str, Any]]) -> str:
+    sections = front_sections(rows)
+    if not sections:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in FRONT_COLUMNS)
+    parts = [f'<h2 id="front">Accuracy–latency front</h2><p class="note">{html.escape(FRONT_NOTE)}</p>']
+    for heading, table in sections:
+        body = "".join(
+            f'<tr class="{"selected" if on else ""}">' + "".join(f"<td>{_defang(c)}</td>" for c in r) + "</tr>"
+            for r, on in table
+        )
+        parts.append(
+            f'<h3>{_defang(heading)}</h3><table class="front"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        )
+    return "".join(parts)
+
+
 def _defang(text: str) -> str:
     """The report must hold no URL at all (it opens offline); text that quotes one (an error) is broken up."""
     return html.escape(text).replace("://", ":/&#8203;/")
@@ -404,7 +487,7 @@ def _defang(text: str) -> str:
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:0.9em}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f0f0f0}td:nth-child(-n+5),th:nth-child(-n+5){text-align:left}
 tr.selected{background:#fff4c2;font-weight:bold}tr.device-class th{text-align:left;background:#e4ecf7}figure{display:inline-block;margin:1em}img{max-width:100%}
-.note{color:#555;font-size:0.9em;max-width:70em}
+.note{color:#555;font-size:0.9em;max-width:70em}table.front td:nth-child(n+2),table.front th:nth-child(n+2){text-align:right}
 tr.disturbed td{color:#a33}.banner{border:2px solid #c33;background:#fdecea;padding:0.5em 1em;margin:1em 0;max-width:70em}"""
 
 
@@ -440,10 +523,12 @@ def render_html(
         ),
         f'<table id="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>',
     ]
+    front = _front_html(rows)
+    if front:
+        parts.append(front)
     if selected:
-        parts.append(
-            f'<p id="selected"><b>Selected: {_defang(selected["name"])}</b>: {_defang(selected.get("reason", ""))}</p>'
-        )
+        what, why = _selected_line(selected)
+        parts.append(f'<p id="selected"><b>{_defang(what)}</b>: {_defang(why)}</p>')
     header, matrix = device_matrix(docs)
     if matrix:
         parts.append(

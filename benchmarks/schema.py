@@ -10,7 +10,8 @@ One JSON document per `bitdeploy bench` run (one machine):
 
 ENTRY (one bundle, or one PyTorch FP32 baseline):
 
-    name            unique label in the document (bundle directory name, or "pytorch-fp32-<form>:<model>@<px>" with
+    name            unique label in the document (bundle directory name; with `bench DIR --all` its path relative
+                    to DIR, e.g. "m-r50x1-32/onnx-int8"; or "pytorch-fp32-<form>:<model>@<px>" with
                     form eager-ws | eager-folded | compiled-folded, see benchmarks/baseline.py; describe.label says it)
     kind            "bundle" | "pytorch"
     bundle          path of the bundle, or null
@@ -20,10 +21,16 @@ ENTRY (one bundle, or one PyTorch FP32 baseline):
     precision_used  what actually ran (manifest target.precision_used / backend.describe()), e.g. "f32", "bf16"
     backend_device  the runtime device ("cpu", "CPU", "GPU", "cuda:0")
     device          the report's device column (GPU name, or CPU model and threads)
-    status          "valid" | "failed gate" | "failed: <reason>" | "skipped: <reason>"
+    status          "valid" | "failed gate" | "failed: <reason>" | "skipped: <reason>" (`bench --all`: a bundle the
+                    build marked invalid is "skipped: failed the accuracy gate at build (<reason>)", not benched)
     size_mb         model files in MB (10^6 bytes), files_sha256 {file: sha256}
     load_s          open + verify + session creation, seconds; first_infer_ms: the first call after it
-    peak_rss_mb     peak resident memory of the process while this entry ran (see peak_rss_method)
+    peak_rss_mb     peak resident memory of the process while this entry ran (see peak_rss_method); bench keeps
+                    every bundle open for its rounds, so this is the process's, not the bundle's alone
+    serving_memory  null | the bundle's own serving memory, measured in a fresh process after the timing rounds
+                    (benchmarks.memory.serving_memory): {peak_rss_mb (VmHWM over import, load and `queries` batch-1
+                    queries), idle_rss_mb (interpreter + numpy + runtime, before the engine SDK), load_s, queries,
+                    backend, threads, method} | {error: one line} when it could not be measured
     single_stream   latency.single_stream(): n, p50_ms, p90_ms, p99_ms, mean_ms, std_ms, min_ms, max_ms,
                     tail_samples, warmup, images_per_s, latencies_ms (per query, in order)
     offline         latency.offline(): results [{batch_size, batches, images, seconds, images_per_s, batch_p50_ms}]
@@ -82,6 +89,7 @@ ENTRY_KEYS = (
     "first_infer_ms",
     "peak_rss_mb",
     "peak_rss_method",
+    "serving_memory",
     "single_stream",
     "offline",
     "end_to_end",

@@ -64,7 +64,18 @@ def check_options(opts: BuildOptions) -> list[tuple[Target, str, str | None]]:
             f"--resolution must be >= 16 pixels (got {opts.resolution})",
         ),
         (opts.threads is not None and opts.threads < 1, f"--threads must be >= 1 (got {opts.threads})"),
-        (opts.select not in (None, "fastest"), f"--select must be 'fastest' (got {opts.select!r})"),
+        (
+            opts.criteria() is not None and not opts.report,
+            "--select and the budgets rank timed bundles; drop --no-report so the build times them",
+        ),
+        (
+            opts.memory_budget is not None and opts.memory_budget <= 0,
+            f"--memory-budget is in MB and must be > 0 (got {opts.memory_budget})",
+        ),
+        (
+            opts.latency_budget is not None and opts.latency_budget <= 0,
+            f"--latency-budget is in ms and must be > 0 (got {opts.latency_budget})",
+        ),
         (opts.finetune and opts.dataset is None, "--finetune needs --dataset; pass the dataset to fine-tune on"),
         (
             opts.has_training_flags() and opts.dataset is None,
@@ -91,9 +102,9 @@ def check_options(opts: BuildOptions) -> list[tuple[Target, str, str | None]]:
                 f"--calib-method {opts.calib_method!r} is not available for {t.title}; choose one of: {', '.join(t.calib_methods)}"
             )
     _check_target_options(opts, rows, single)
-    if opts.select and single and len(rows) < 2:
+    if opts.select and single and len(rows) < 2 and not opts.cell:
         raise BitdeployError(
-            "--select fastest picks among several bundles; use --target all or several --precision values"
+            f"--select {opts.select} picks among several bundles; use --target all, several targets or several --precision values"
         )
     build_verify_on.check(opts.verify_on)  # no QEMU or kit: one line now, not after the build
     if len(rows) > 1 and (Path(opts.out) / "manifest.json").is_file():
@@ -127,6 +138,43 @@ def _check_target_options(opts: BuildOptions, rows: list[tuple[Target, str]], si
             own.validate(precisions, opts.dataset)
 
 
+@dataclass
+class CellBuild:
+    """One (model, resolution) of a build: its rows, the bundles to time, and what the report needs of it."""
+
+    rows: list[RowResult]
+    timeable: list[tuple[RowResult, Timeable]]
+    model_info: dict[str, Any] | None = None
+    baseline: list[dict[str, Any]] | None = None
+
+
+def build_cell(
+    opts: BuildOptions,
+    planned: list[tuple[Target, str, str | None]],
+    cache: StageCache,
+    log: Callable[[str], None],
+) -> CellBuild:
+    """Fine-tune/export once, then convert, gate and write every (target, precision) row; no timing yet."""
+    rows = [RowResult(t.name, p, backend=t.backend, cell=opts.cell, model=opts.model) for t, p, _ in planned]
+    cell = CellBuild(rows, [])
+    ctx: BuildContext | None = None
+    try:
+        ctx = _prepare(opts, planned, cache, log)
+        cell.model_info, cell.baseline = ctx.model_info.to_dict(), ctx.baseline
+        for (target, precision, skip), row in zip(planned, rows):
+            row.resolution = ctx.resolution
+            if skip is not None:
+                row.status = f"skipped: {skip}"
+                continue
+            how = build_row(row, target, precision, ctx, opts, cache, log)
+            if how is not None:
+                cell.timeable.append((row, how))
+    finally:
+        for scratch in ctx.scratch if ctx is not None else []:
+            scratch.close()
+    return cell
+
+
 def run_build(
     opts: BuildOptions, log: Callable[[str], None] = print, show: Callable[[str], None] = print
 ) -> BuildResult:
@@ -138,39 +186,48 @@ def run_build(
     planned = check_options(opts)
     require("torch", "train", "PyTorch (torch), needed to export the model")
     cache = StageCache(opts.cache_dir, enabled=opts.cache, log=log)
-    rows = [RowResult(t.name, p, backend=t.backend) for t, p, _ in planned]
-    ctx: BuildContext | None = None
     try:
-        ctx = _prepare(opts, planned, cache, log)
-        timeable: list[tuple[RowResult, Timeable]] = []
-        for (target, precision, skip), row in zip(planned, rows):
-            if skip is not None:
-                row.status = f"skipped: {skip}"
-                continue
-            how = build_row(row, target, precision, ctx, opts, cache, log)
-            if how is not None:
-                timeable.append((row, how))
-        time_rows(timeable, ctx, opts, log)
+        cell = build_cell(opts, planned, cache, log)
+        if opts.report:
+            time_rows(cell.timeable, opts, log)
     finally:
         cache.close()
-        for scratch in ctx.scratch if ctx is not None else []:
-            scratch.close()
+    return finish(opts, [cell], list(cache.hits), started, log, show)
+
+
+def finish(
+    opts: BuildOptions,
+    cells: list[CellBuild],
+    hits: list[str],
+    started: float,
+    log: Callable[[str], None],
+    show: Callable[[str], None],
+    grid: bool = False,
+    note: str | None = None,
+) -> BuildResult:
+    """After the rows are built and timed: --verify-on, the selection, the table, the report, the exit status."""
+    rows = [r for c in cells for r in c.rows]
     if opts.verify_on:
         build_verify_on.run(rows, opts.verify_on, opts.threads, log)
 
-    selected = None
-    if opts.select == "fastest":
-        pick = build_output.select_fastest(rows)
-        if pick is not None:
-            pick[0].selected = True
-            selected = {"name": pick[0].name, "reason": pick[1]}
+    selected, unmet = None, None
+    criteria = opts.criteria()
+    if criteria is not None:
+        from bitdeploy.benchmarks.ranking import SelectionError
+
+        try:
+            best, line = build_output.select(rows, criteria)
+            best.selected = True
+            selected = {"name": best.name, "reason": line}
+        except SelectionError as exc:
+            unmet = str(exc)
     show(build_output.table(rows))
     if selected:
-        show(f"selected: {selected['name']} ({selected['reason']})")
+        show(f"selected: {selected['reason']}")
     _check_quiet(opts, rows, log)
     rdir = None
     if opts.report and any(r.p50_ms is not None for r in rows):
-        rdir = report_dir(opts, len(rows))
+        rdir = report_dir(opts, 2 if grid else len(rows))
         try:
             settings = {
                 "threads": opts.threads,
@@ -181,9 +238,12 @@ def run_build(
                 "dataset": opts.dataset,
                 "scenario": "build quick timing (use `bitdeploy bench` for full runs)",
                 "verified_on": {r.name: r.devices for r in rows if r.devices},  # the report's device matrix
+                "selection": criteria.describe() if criteria is not None else None,
             }
+            model = next((c.model_info for c in cells if c.model_info), None)
+            baseline = [b for c in cells for b in c.baseline or []] or None
             with guarded(rdir.parent, "pass --out DIR", "build report"):
-                html = _write_report(rows, ctx, rdir, selected, settings)
+                html = _write_report(rows, model or {}, baseline, rdir, selected, settings)
             show(f"report: {html}")
         except ResourceError:
             raise  # the disk is full or read-only: the line says which and what to do
@@ -192,9 +252,13 @@ def run_build(
                 f"warning: the build report could not be written ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
             )
             rdir = None
-    result = BuildResult(rows, selected, rdir, list(cache.hits), time.perf_counter() - started)
-    show(status_line(rows, result.seconds, cache.hits))
-    _raise_for_failures(opts, rows)
+    result = BuildResult(rows, selected, rdir, hits, time.perf_counter() - started)
+    show(status_line(rows, result.seconds, hits))
+    if note:
+        show(note)
+    if unmet is not None:
+        raise BitdeployError(unmet)
+    _raise_for_failures(opts, rows, grid)
     build_verify_on.raise_for_devices(rows, selected is not None)
     return result
 
@@ -225,28 +289,29 @@ def status_line(rows: list[RowResult], seconds: float, hits: list[str]) -> str:
 
 
 def _write_report(
-    rows: list[RowResult], ctx: BuildContext, rdir: Path, selected: dict[str, str] | None, settings: dict[str, Any]
+    rows: list[RowResult],
+    model: dict[str, Any],
+    baseline: list[dict[str, Any]] | None,
+    rdir: Path,
+    selected: dict[str, str] | None,
+    settings: dict[str, Any],
 ) -> Path:
     """The report, written beside `rdir` and renamed into place: a failure leaves the old report or none."""
     remove_stale_temps(rdir.parent, f".{rdir.name}.tmp-")
     tmp = rdir.parent / f".{rdir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        paths = build_output.write_report(rows, ctx.model_info.to_dict(), ctx.baseline, tmp, selected, settings)
+        paths = build_output.write_report(rows, model, baseline, tmp, selected, settings)
         replace_dir(tmp, rdir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rdir / paths["html"].name
 
 
-def _raise_for_failures(opts: BuildOptions, rows: list[RowResult]) -> None:
+def _raise_for_failures(opts: BuildOptions, rows: list[RowResult], grid: bool = False) -> None:
     built = [r for r in rows if not r.status.startswith("skipped")]
     bad = [r for r in built if not r.valid]
-    if opts.target == "all":
-        if opts.select and not any(r.selected for r in rows):
-            raise BitdeployError(
-                f"no bundle passed the accuracy gate (--max-accuracy-drop {opts.max_accuracy_drop:g}), nothing to select; see the table above"
-            )
+    if opts.target == "all" or grid:  # exploring: failing rows are findings, only a build with none valid fails
         if not any(r.valid for r in rows):
             raise BitdeployError("no target produced a valid bundle; see the table above")
         return
@@ -362,7 +427,7 @@ def _baseline_latency(
     """The PyTorch FP32 baselines (`benchmarks.baseline.FORMS`: eager with Google's standardisation, eager folded,
     torch.compile of the folded model), timed briefly for the report's speed-up column of multi-bundle builds,
     before any row opens an engine session. Skipped when the report is off."""
-    if not opts.report:
+    if not opts.report or not opts.baseline:
         return None
     import torch
 

@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from bitdeploy.converters.base import ConvertOptions, RowInputs, TargetOptions, options_class
 from bitdeploy.devices import find as find_cpus
+from bitdeploy.errors import BitdeployError
 from bitdeploy.runtimes.manifest import ModelInfo
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from bitdeploy.benchmarks.ranking import Criteria
     from bitdeploy.cache import StageCache
     from bitdeploy.converters.calibration import CalibrationData, ValidationData
     from bitdeploy.converters.gate import EvalData
@@ -50,7 +52,12 @@ class BuildOptions:
     max_accuracy_drop: float = 1.0
     device: str | None = None
     threads: int | None = None
-    select: str | None = None
+    select: str | None = (
+        None  # fastest | most-accurate (default: the axis --latency/--memory-budget/--min-top1 leave free)
+    )
+    latency_budget: float | None = None  # ms, batch-1 p50
+    min_top1: float | None = None  # percent
+    memory_budget: float | None = None  # MB, peak RSS of a fresh runtime process serving batch 1
     verify_on: str | None = None  # CPU[,CPU...]: each valid bundle's self-test, emulated (bitdeploy devices)
     eval_limit: int | None = None
     seed: int = 0
@@ -58,11 +65,22 @@ class BuildOptions:
     cache_dir: Path | None = None
     cache: bool = True
     report: bool = True
+    baseline: bool = True  # time the PyTorch FP32 baselines for the report's speed-up column
     bench_iterations: int = 100
     quiet_check: str = "warn"  # warn | wait | fail: a busy machine while timing (benchmarks.interference)
     progress: bool = True
     debug: bool = False
     target_options: dict[str, TargetOptions] = field(default_factory=dict)  # absent: that target's defaults
+    cell: str | None = None  # a grid's (model, resolution) cell: its bundles go to <out>/<cell>/<target>-<precision>
+
+    def criteria(self) -> Criteria | None:
+        """What --select and the budgets ask for (None: no selection)."""
+        from bitdeploy.benchmarks.ranking import Criteria
+
+        try:
+            return Criteria.from_flags(self.select, self.latency_budget, self.min_top1, self.memory_budget)
+        except ValueError as exc:
+            raise BitdeployError(str(exc)) from None
 
     def options_for(self, target: Target) -> TargetOptions | None:
         """The target's own options as given, its defaults when none were, None for a target without options."""
@@ -142,9 +160,11 @@ def quick_timing(iterations: int) -> dict[str, Any]:
 
 
 def bundle_path(opts: BuildOptions, row_count: int, name: str) -> Path:
+    if opts.cell:
+        return Path(opts.out) / opts.cell / name
     return Path(opts.out) if row_count == 1 else Path(opts.out) / name
 
 
 def report_dir(opts: BuildOptions, row_count: int) -> Path:
     out = Path(opts.out)
-    return out.with_name(out.name + ".report") if row_count == 1 else out / "report"
+    return out.with_name(out.name + ".report") if row_count == 1 and not opts.cell else out / "report"

@@ -10,11 +10,14 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bitdeploy import __version__
 from bitdeploy.runtimes.fingerprint import LIBRARIES, package_versions
 from bitdeploy.runtimes.manifest import Provenance
+
+if TYPE_CHECKING:
+    from bitdeploy.benchmarks.ranking import Criteria, Option
 
 
 @dataclass
@@ -48,10 +51,18 @@ class RowResult:
     accuracy: dict[str, Any] | None = None
     selected: bool = False
     devices: dict[str, str] = field(default_factory=dict)  # --verify-on CPU -> "pass" | "FAIL: why"
+    serving_rss_mb: float | None = None  # peak RSS of a fresh runtime process serving batch 1
+    cell: str | None = None  # a grid build's (model, resolution) cell, e.g. "m-r50x1-64"
+    model: str | None = None
+    resolution: int | None = None
+
+    @property
+    def bundle_name(self) -> str:
+        return f"{self.target}-{self.precision}"
 
     @property
     def name(self) -> str:
-        return f"{self.target}-{self.precision}"
+        return f"{self.cell}/{self.bundle_name}" if self.cell else self.bundle_name
 
     @property
     def valid(self) -> bool:
@@ -82,9 +93,24 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def table(rows: list[RowResult]) -> str:
-    """The Ultralytics-style summary: one line per target x precision."""
+    """The Ultralytics-style summary: one line per target x precision (per model and resolution in a grid)."""
     cpus = list(dict.fromkeys(c for r in rows for c in r.devices))  # --verify-on: one column per CPU
-    header = ["target", "precision", "status", "size MB", "top-1", "Δ top-1 pp", "p50 ms (bs1)", "images/s", *cpus]
+    grid = any(r.cell for r in rows)
+    memory = any(r.serving_rss_mb is not None for r in rows)
+    header = [
+        *(["model", "px"] if grid else []),
+        "target",
+        "precision",
+        "status",
+        "size MB",
+        "top-1",
+        "Δ top-1 pp",
+        "p50 ms (bs1)",
+        "images/s",
+        *(["peak RSS MB"] if memory else []),
+        *cpus,
+    ]
+    left = 5 if grid else 3  # left-aligned text columns
     lines = [header]
     for r in rows:
         status = (r.status if len(r.status) <= 64 else r.status[:63] + "…") + ("  <- selected" if r.selected else "")
@@ -98,6 +124,7 @@ def table(rows: list[RowResult]) -> str:
         )
         lines.append(
             [
+                *([r.model or "-", str(r.resolution or "-")] if grid else []),
                 r.target,
                 r.precision,
                 status,
@@ -106,6 +133,7 @@ def table(rows: list[RowResult]) -> str:
                 _fmt(r.delta_pp, "+.2f"),
                 p50,
                 ips,
+                *([_fmt(r.serving_rss_mb, ".0f")] if memory else []),
                 *(r.devices[c].split(":")[0] if c in r.devices else "-" for c in cpus),
             ]
         )
@@ -114,7 +142,7 @@ def table(rows: list[RowResult]) -> str:
     for j, line in enumerate(lines):
         out.append(
             "  ".join(
-                str(c).ljust(w) if i in (0, 1, 2) else str(c).rjust(w) for i, (c, w) in enumerate(zip(line, widths))
+                str(c).ljust(w) if i < left else str(c).rjust(w) for i, (c, w) in enumerate(zip(line, widths))
             ).rstrip()
         )
         if j == 0:
@@ -122,40 +150,49 @@ def table(rows: list[RowResult]) -> str:
     return "\n".join(out)
 
 
-def select_fastest(rows: list[RowResult]) -> tuple[RowResult, str] | None:
-    """The valid row with the lowest batch-1 p50, unless rows whose round spreads overlap tie with it
-    (`benchmarks.ranking`); every valid row already passed the accuracy gate."""
-    from bitdeploy.benchmarks.ranking import Candidate, fastest
+def option(row: RowResult) -> Option:
+    """A row as selection sees it (`benchmarks.ranking.choose`)."""
+    from bitdeploy.benchmarks.ranking import Option
 
-    valid = [r for r in rows if r.valid and r.passes_devices and r.p50_ms is not None]
-    picked = fastest(
-        [
-            Candidate(
-                r.name,
-                r.p50_ms or 0.0,
-                (r.p50_spread[0], r.p50_spread[1]) if r.p50_spread else None,
-                (r.accuracy or {}).get("agreement"),
-                r.size_mb,
-                r,
-            )
-            for r in valid
-        ]
+    return Option(
+        row.name,
+        row.valid and row.passes_devices,
+        row.top1,
+        row.p50_ms,
+        (row.p50_spread[0], row.p50_spread[1]) if row.p50_spread else None,
+        row.serving_rss_mb,
+        (row.accuracy or {}).get("agreement"),
+        row.size_mb,
+        row,
     )
-    if picked is None:
-        return None
-    best: RowResult = picked[0].item
-    acc = (
-        f"top-1 {best.top1 * 100:.2f}% ({best.delta_pp:+.2f} pp vs FP32 PyTorch)"
-        if best.top1 is not None and best.delta_pp is not None
-        else "validated against FP32 PyTorch on random inputs"
-    )
+
+
+def select(rows: list[RowResult], criteria: Criteria) -> tuple[RowResult, str]:
+    """The row `criteria` picks among the valid ones, and the line explaining it (raises SelectionError when none
+    fits). Every valid row already passed the accuracy gate."""
+    from bitdeploy.benchmarks.ranking import choose
+
+    picked = choose([option(r) for r in rows], criteria)
+    best: RowResult = picked.winner.item
     failed = [r.name for r in rows if r.status == "failed gate"]
-    excl = f"; excluded by the accuracy gate: {', '.join(failed)}" if failed else ""
+    notes = f"; excluded by the accuracy gate: {', '.join(failed)}" if failed else ""
     elsewhere = [r.name for r in rows if r.valid and not r.passes_devices]
-    excl += f"; excluded, failing on a --verify-on CPU: {', '.join(elsewhere)}" if elsewhere else ""
-    noisy = [c.name for c in picked[1] if c.item.disturbed]
-    excl += f"; disturbed timing, not a firm ranking: {', '.join(noisy)}" if noisy else ""
-    return best, f"{picked[2]}; {acc}{excl}"
+    notes += f"; excluded, failing on a --verify-on CPU: {', '.join(elsewhere)}" if elsewhere else ""
+    noisy = [
+        r.name for r in (best, picked.runner_up.item if picked.runner_up else None) if r is not None and r.disturbed
+    ]
+    notes += f"; disturbed timing, not a firm ranking: {', '.join(noisy)}" if noisy else ""
+    return best, picked.line + notes
+
+
+def select_fastest(rows: list[RowResult]) -> tuple[RowResult, str] | None:
+    """`select` for the fastest valid row; None when no row can be picked."""
+    from bitdeploy.benchmarks.ranking import Criteria, SelectionError
+
+    try:
+        return select(rows, Criteria("fastest"))
+    except SelectionError:
+        return None
 
 
 def bench_entries(
@@ -192,7 +229,14 @@ def bench_entries(
         )
         return ss, off
 
-    common = {"model": model["name"], "resolution": model["resolution"], "num_classes": model["num_classes"]}
+    def common(name: str | None, resolution: int | None) -> dict[str, Any]:
+        """The entry's model fields: a grid row's own cell, else the build's one model."""
+        return {
+            "model": name or model["name"],
+            "resolution": resolution or model["resolution"],
+            "num_classes": model["num_classes"],
+        }
+
     entries = []
     for b in baseline or []:  # the PyTorch baselines, one per form (benchmarks.baseline)
         from bitdeploy.benchmarks.baseline import entry_name
@@ -201,7 +245,7 @@ def bench_entries(
         describe = {"form": b["form"], "label": b["label"], "compile_s": b.get("compile_s")}
         entries.append(
             new_entry(
-                name=entry_name(b["form"], model["name"], model["resolution"]),
+                name=entry_name(b["form"], b.get("model") or model["name"], b.get("resolution") or model["resolution"]),
                 kind="pytorch",
                 target="pytorch",
                 precision="fp32",
@@ -214,7 +258,7 @@ def bench_entries(
                 describe=describe,
                 disturbed=bool(b.get("disturbed")),
                 flags=list(b.get("disturbed") or []),
-                **common,
+                **common(b.get("model"), b.get("resolution")),
             )
         )
     for r in rows:
@@ -237,9 +281,11 @@ def bench_entries(
                 error=r.error,
                 disturbed=bool(r.disturbed),
                 flags=list(r.disturbed),
-                **common,
+                **common(r.model, r.resolution),
             )
         )
+        if r.serving_rss_mb is not None:
+            entries[-1]["serving_memory"] = {"peak_rss_mb": r.serving_rss_mb}
     return entries
 
 

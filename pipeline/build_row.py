@@ -99,7 +99,7 @@ def evaluate(
         described = backend.describe()
     finally:
         backend.close()
-    return result, Timeable(device) if evaluated == "artifact" else None, described, logits
+    return result, Timeable(device, ctx.resolution) if evaluated == "artifact" else None, described, logits
 
 
 def draft_manifest(artifact: Artifact, ctx: BuildContext, precision: str) -> Manifest:
@@ -154,7 +154,7 @@ def build_row(
         row.precision_used = artifact.target.precision_used
         row.device = str(described.get("device") or artifact.target.device or "")
         row.notes = list(artifact.notes)
-        path = bundle_path(opts, ctx.row_count, row.name)
+        path = bundle_path(opts, ctx.row_count, row.bundle_name)
         manifest = replace(
             manifest,
             valid=result.passed,
@@ -225,13 +225,13 @@ class Timeable:
     """A built bundle whose own runtime runs here: the device it was evaluated on, to time it there."""
 
     device: str | None
+    resolution: int
 
 
-def time_rows(
-    todo: list[tuple[RowResult, Timeable]], ctx: BuildContext, opts: BuildOptions, log: Callable[[str], None]
-) -> None:
+def time_rows(todo: list[tuple[RowResult, Timeable]], opts: BuildOptions, log: Callable[[str], None]) -> None:
     """Time every built bundle together, in interleaved rounds of rotating order, so slow drift of the machine
-    hits every row alike; fill the rows' figures and record them in each bundle's manifest (`build_latency`)."""
+    hits every row alike; then each valid bundle's serving memory in a fresh process, one at a time. Fill the
+    rows' figures and record them in each bundle's manifest (`build_latency`)."""
     from bitdeploy.benchmarks.latency import DEFAULT_ROUNDS, QuickTimer, quick_interleaved
     from bitdeploy.runtimes.base import Backend, open_backend
     from bitdeploy.runtimes.bundle import read_manifest, write_manifest
@@ -243,7 +243,6 @@ def time_rows(
 
         wait_for_quiet(QUIET_WAIT_S)
     log(f"timing {len(todo)} bundles in {DEFAULT_ROUNDS} interleaved rounds: batch 1 and a batch-size sweep")
-    res = ctx.resolution
     opened: list[tuple[RowResult, Path, Manifest, Backend]] = []
     try:
         for row, how in todo:
@@ -257,24 +256,43 @@ def time_rows(
                 log(f"warning: [{row.name}] not timed: {type(exc).__name__}: {first_line(exc)}")
                 continue
             opened.append((row, path, manifest, backend))
-        timers = [QuickTimer(b, (3, res, res), **quick_timing(opts.bench_iterations)) for *_, b in opened]
+        sizes = {row.name: how.resolution for row, how in todo}
+        timers = [
+            QuickTimer(b, (3, sizes[row.name], sizes[row.name]), **quick_timing(opts.bench_iterations))
+            for row, _, _, b in opened
+        ]
         results = quick_interleaved(timers)
     finally:
         for *_, backend in opened:
             backend.close()
     for (row, path, manifest, _), timing in zip(opened, results):
         _apply_timing(row, timing)
+        if row.valid:
+            row.serving_rss_mb = _serving_memory(row, path, opts, log)
         build_latency = {
             "batch1_p50_ms": row.p50_ms,
             "batch1_p90_ms": row.p90_ms,
             "queries": row.latency_n,
             "images_per_s": row.images_per_s,
             "throughput_batch": row.throughput_batch,
+            "batch1_p50_spread_ms": row.p50_spread,
+            "serving_peak_rss_mb": row.serving_rss_mb,
             "threads": opts.threads,
             "note": "quick build-time figure; use `bitdeploy bench` for publishable numbers",
         }
         with guarded(path.parent, "pass --out DIR", f"{row.name} bundle"):
             write_manifest(path, replace(manifest, build_latency=build_latency), list(manifest.files))
+
+
+def _serving_memory(row: RowResult, path: Path, opts: BuildOptions, log: Callable[[str], None]) -> float | None:
+    """Peak RSS of a fresh runtime process loading the bundle and serving batch 1 (`benchmarks.memory`)."""
+    from bitdeploy.benchmarks.memory import serving_memory
+
+    try:
+        return float(serving_memory(path, threads=opts.threads)["peak_rss_mb"])
+    except BitdeployError as exc:
+        log(f"warning: [{row.name}] serving memory not measured: {first_line(exc)}")
+        return None
 
 
 def _apply_timing(row: RowResult, timing: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "export-repo": "bitdeploy.cmd_export_repo:export_repo",
     "bench": "bitdeploy.cmd_bench:bench",
     "report": "bitdeploy.cmd_bench:report",
+    "select": "bitdeploy.cmd_select:select",
     "cache": "bitdeploy.cmd_cache:cache",
     "devices": "bitdeploy.cmd_devices:devices",
 }

@@ -48,6 +48,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 @click.command()
 @click.argument("bundles", nargs=-1, required=True, type=click.Path())
 @click.option(
+    "--all",
+    "all_bundles",
+    is_flag=True,
+    help="Bench every bundle under each DIR (folders with a manifest.json, .bitpack files; not DIR/selected), each "
+    "named by its path under DIR; a bundle the build marked invalid is listed as skipped.",
+)
+@click.option(
     "--batch-sizes",
     default="1,8,32",
     show_default=True,
@@ -106,6 +113,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     help="Seconds allowed for torch.compile of the baseline (0: skip that form); past it the row says so.",
 )
 @click.option("--no-e2e", is_flag=True, help="Skip the end-to-end (decode + preprocess + infer) measurement.")
+@click.option(
+    "--memory/--no-memory",
+    default=True,
+    show_default=True,
+    help="After the timing, each bundle's serving memory: peak RSS of a fresh process loading it and serving batch 1.",
+)
 @click.option("--no-raw", is_flag=True, help="Do not store every query's latency in the JSON.")
 @click.option(
     "--json",
@@ -138,6 +151,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 )
 def bench(
     bundles: tuple[str, ...],
+    all_bundles: bool,
     batch_sizes: tuple[int, ...],
     scenario: str,
     iterations: int | None,
@@ -153,6 +167,7 @@ def bench(
     baseline_weights: str,
     compile_timeout: float,
     no_e2e: bool,
+    memory: bool,
     no_raw: bool,
     json_out: str | None,
     report_dir: str | None,
@@ -167,14 +182,17 @@ def bench(
     \b
     Single-stream (MLPerf): batch 1, next query when the previous returns; p50/p90/p99 over 1000 queries by default.
     Offline: images/s per batch size. End-to-end: decode + preprocess + infer on encoded images.
+    Serving memory: peak RSS of a fresh process loading one bundle and serving batch 1.
     Example: bitdeploy bench runs/onnx runs/ov --threads 2 --dataset digits --pytorch-baseline --json bench.json
+    A grid build's folder: bitdeploy bench runs/grid --all --json device.json
     """
-    from bitdeploy.benchmarks.bench import BenchOptions, disturbed, failed, run
+    from bitdeploy.benchmarks.bench import BenchOptions, bundles_to_bench, disturbed, failed, run
     from bitdeploy.benchmarks.report import disturbance, table_rows, write_report
     from bitdeploy.benchmarks.schema import write_json
 
     if iterations is not None and duration is not None:
         raise click.UsageError("use either --iterations or --duration, not both")
+    planned = bundles_to_bench(bundles, all_bundles, lambda message: click.echo(f"bench: {message}", err=True))
     opts = BenchOptions(
         batch_sizes=batch_sizes,
         scenario=scenario,
@@ -196,8 +214,9 @@ def bench(
         rounds=rounds,
         quiet_check=quiet_check,
         quiet_wait=quiet_wait,
+        memory=memory,
     )
-    doc = run(list(bundles), opts)
+    doc = run([p for p, _ in planned], opts, [n for _, n in planned], skip_invalid=all_bundles)
     noisy = disturbed(doc)
     if noisy and quiet_check == "fail":
         raise BitdeployError(

@@ -77,6 +77,23 @@ def target_options(values: dict[str, Any]) -> dict[str, TargetOptions]:
     return out
 
 
+def _resolutions(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    out: list[int] = []
+    for v in str(value).split(","):
+        if not v.strip():
+            continue
+        try:
+            px = int(v)
+        except ValueError:
+            raise click.BadParameter(f"{v.strip()!r} is not a whole number of pixels, e.g. 64 or 64,96,128") from None
+        if not 16 <= px <= 2048:
+            raise click.BadParameter(f"{px} px is outside 16..2048")
+        out.append(px)
+    return list(dict.fromkeys(out)) or None
+
+
 def _precisions(values: tuple[str, ...]) -> list[str] | None:
     out: list[str] = []
     for v in values:
@@ -92,7 +109,13 @@ def _precisions(values: tuple[str, ...]) -> list[str] | None:
 
 
 @click.command("build", cls=BuildCommand)
-@click.option("--model", "model_name", required=True, help="Model name (see `bitdeploy models`), e.g. m-r50x1.")
+@click.option(
+    "--model",
+    "model_name",
+    required=True,
+    metavar="NAME[,NAME...]",
+    help="Model name (see `bitdeploy models`), e.g. m-r50x1; a comma list builds a grid (with --resolution lists).",
+)
 @click.option(
     "--weights",
     default="auto",
@@ -101,10 +124,10 @@ def _precisions(values: tuple[str, ...]) -> list[str] | None:
 )
 @click.option(
     "--target",
-    type=choices.targets_or_all(),
+    type=choices.TargetList(),
     default="onnx",
     show_default=True,
-    help=f"{TARGET_HELP}, or all (every target this machine supports).",
+    help=f"{TARGET_HELP}; a comma list, or all (every target this machine supports).",
 )
 @click.option(
     "--precision",
@@ -115,9 +138,10 @@ def _precisions(values: tuple[str, ...]) -> list[str] | None:
 )
 @click.option(
     "--resolution",
-    type=click.IntRange(16, 2048),
+    callback=_resolutions,
     default=None,
-    help="Square input size in px [default: the fine-tune's or checkpoint's, else 128].",
+    metavar="PX[,PX...]",
+    help="Square input size in px [default: the fine-tune's or checkpoint's, else 128]; a comma list builds a grid.",
 )
 @click.option(
     "--out",
@@ -180,9 +204,44 @@ def _precisions(values: tuple[str, ...]) -> list[str] | None:
 )
 @click.option(
     "--select",
-    type=click.Choice(["fastest"]),
+    type=click.Choice(["fastest", "most-accurate"]),
     default=None,
-    help="Pick the fastest bundle that passed the accuracy gate (and every --verify-on CPU) and mark it in the report.",
+    help="Pick among the bundles that passed the accuracy gate (and every --verify-on CPU) and mark it in the report "
+    "[default with a budget: most-accurate; with --min-top1 alone: fastest].",
+)
+@click.option(
+    "--latency-budget",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="MS",
+    help="Select the most accurate valid bundle whose batch-1 p50 fits; none fits: exit 1 naming the fastest.",
+)
+@click.option(
+    "--min-top1",
+    type=click.FloatRange(1, 100),
+    default=None,
+    metavar="PCT",
+    help="Select the fastest valid bundle with top-1 at least PCT percent (needs --dataset).",
+)
+@click.option(
+    "--memory-budget",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="MB",
+    help="Only bundles whose runtime process peaks within MB while serving batch 1 (measured per bundle).",
+)
+@click.option(
+    "--shard",
+    default=None,
+    metavar="I/N",
+    help="Grid: build only every N-th (model, resolution) cell from the I-th (0-based) over a shared --cache-dir; "
+    "then run the build without --shard to assemble (docs/choosing.md).",
+)
+@click.option(
+    "--max-hours",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Grid: stop before a cell that would end past this many hours, keeping what finished; rerun to continue.",
 )
 @click.option(
     "--verify-on",
@@ -214,6 +273,12 @@ def _precisions(values: tuple[str, ...]) -> list[str] | None:
 )
 @click.option("--no-report", is_flag=True, help="Do not time the bundles or write the report.")
 @click.option(
+    "--baseline/--no-baseline",
+    default=True,
+    show_default=True,
+    help="Time the PyTorch FP32 baselines (eager and torch.compile) for the report's speed-up column.",
+)
+@click.option(
     "--bench-iterations",
     type=click.IntRange(min=5),
     default=100,
@@ -228,7 +293,7 @@ def build(
     weights: str,
     target: str,
     precision: tuple[str, ...],
-    resolution: int | None,
+    resolution: list[int] | None,
     out: Path | None,
     dataset: str | None,
     val_split: float | None,
@@ -244,6 +309,11 @@ def build(
     device: str | None,
     threads: int | None,
     select: str | None,
+    latency_budget: float | None,
+    min_top1: float | None,
+    memory_budget: float | None,
+    shard: str | None,
+    max_hours: float | None,
     verify_on: str | None,
     eval_limit: int | None,
     seed: int,
@@ -251,6 +321,7 @@ def build(
     cache_dir: Path | None,
     no_cache: bool,
     no_report: bool,
+    baseline: bool,
     bench_iterations: int,
     quiet_check: str,
     hflip: bool,
@@ -269,21 +340,32 @@ def build(
       bitdeploy build --model m-r50x1 --weights none --dataset digits --resolution 32 --steps 600 \\
           --batch-size 64 --lr 0.1 --target onnx --precision int8 --out runs/digits-int8
       bitdeploy build --model m-r50x1 --weights runs/digits-train --dataset digits --target all --select fastest --out runs/all
+      bitdeploy build --model m-r50x1,m-r101x1 --resolution 64,96,128 --weights none --dataset digits \
+          --target openvino,onnx --precision fp32,int8 --latency-budget 5 --out runs/grid
     """
     from bitdeploy.build import BuildOptions, run_build
+    from bitdeploy.grid import parse_shard, plan_cells, run_grid
 
     precisions = _precisions(precision)
-    if out is None:
+    models = list(dict.fromkeys(m.strip() for m in model_name.split(",") if m.strip()))
+    if not models:
+        raise click.BadParameter("give a model name, e.g. m-r50x1", param_hint="--model")
+    sizes: list[int | None] = list(resolution) if resolution else [None]
+    cells = plan_cells(models, sizes)
+    grid = len(cells) > 1 or shard is not None or max_hours is not None
+    if out is None and grid:
+        out = Path("runs") / "grid"
+    elif out is None:
         tail = f"-{precisions[0]}" if precisions and len(precisions) == 1 and target != "all" else ""
-        out = Path("runs") / f"{model_name}-{target}{tail}"
+        out = Path("runs") / f"{models[0]}-{target.replace(',', '-')}{tail}"
     debug = bool((ctx.find_root().obj or {}).get("debug"))
     opts = BuildOptions(
-        model=model_name,
+        model=models[0],
         out=out,
         weights=weights,
         target=target,
         precisions=precisions,
-        resolution=resolution,
+        resolution=resolution[0] if resolution else None,
         dataset=dataset,
         val_split=val_split,
         shots=shots,
@@ -299,6 +381,9 @@ def build(
         device=device,
         threads=threads,
         select=select,
+        latency_budget=latency_budget,
+        min_top1=min_top1,
+        memory_budget=memory_budget,
         verify_on=verify_on,
         eval_limit=eval_limit,
         seed=seed,
@@ -306,9 +391,14 @@ def build(
         cache_dir=cache_dir,
         cache=not no_cache,
         report=not no_report,
+        baseline=baseline,
         bench_iterations=bench_iterations,
         quiet_check=quiet_check,
         debug=debug,
         target_options=target_options(flags),
     )
-    run_build(opts, log=lambda msg: click.echo(msg, err=True), show=click.echo)
+    log = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    if grid:
+        run_grid(opts, cells, parse_shard(shard) if shard else None, max_hours, log=log, show=click.echo)
+    else:
+        run_build(opts, log=log, show=click.echo)

@@ -250,8 +250,12 @@ def load_converter(target: Target) -> Callable[..., Any]:
 
 
 def plan_rows(target: str, precisions: list[str] | None) -> list[tuple[Target, str]]:
-    """The (target, precision) pairs a build runs, in table order. `target` may be "all"."""
-    targets = list(TARGETS.values()) if target == "all" else [get_target(target)]
+    """The (target, precision) pairs a build runs, in table order. `target` may be "all" or a comma list."""
+    targets = (
+        list(TARGETS.values())
+        if target == "all"
+        else [get_target(name) for name in dict.fromkeys(n.strip() for n in target.split(",") if n.strip())]
+    )
     rows = []
     for t in targets:
         wanted = precisions or (list(t.precisions) if target == "all" else ["fp32"])

@@ -196,6 +196,7 @@ def test_report_files(tmp_path: Path) -> None:
         "p99 ms",
         "images/s",
         "speed-up",
+        "peak RSS MB",
     ):
         assert col in header
     assert "| ort-int8 (selected) | onnxruntime | int8 (int8+f32) |" in md and "**Selected: ort-int8**" in md
