@@ -39,8 +39,11 @@ TOP = {
     "build_stages",
     "build_verify_on",
     "cache_admin",
+    "choose",
+    "cmd_select",
     "emulation",
     "emulation_kit",
+    "grid",
 }
 # bottom to top; a module may import its own layer and those below it
 LAYERS = ("kernel", "runtimes", "training", "converters", "benchmarks", "top")
