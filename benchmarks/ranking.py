@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-TIE_RULE = "tie broken by higher agreement with FP32, then smaller size"
+TIE_RULE = "tie broken by higher top-1, then higher agreement with FP32, then smaller size"
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class Candidate:
     agreement: float | None = None
     size_mb: float | None = None
     item: Any = None
+    top1: float | None = None  # fraction; known only where a dataset scored the bundle
 
     @property
     def low(self) -> float:
@@ -39,7 +40,8 @@ def fastest(candidates: Sequence[Candidate]) -> tuple[Candidate, list[Candidate]
 
     The fastest by median p50 is only a winner when no other spread overlaps its own: a bundle whose slowest
     round is faster than the fastest's slowest round could win a second run. Tied bundles are ranked by higher
-    agreement with FP32, then smaller size, then median p50."""
+    top-1 (across models and resolutions the only comparable accuracy), then higher agreement with FP32, then
+    smaller size, then median p50."""
     if not candidates:
         return None
     ranked = sorted(candidates, key=lambda c: c.p50_ms)
@@ -51,18 +53,20 @@ def fastest(candidates: Sequence[Candidate]) -> tuple[Candidate, list[Candidate]
     winner = min(
         tied,
         key=lambda c: (
+            -(c.top1 if c.top1 is not None else -1.0),
             -(c.agreement if c.agreement is not None else -1.0),
             c.size_mb if c.size_mb is not None else float("inf"),
             c.p50_ms,
         ),
     )
     others = ", ".join(f"{c.name} {_span(c)}" for c in tied if c is not winner)
+    top1 = f", top-1 {winner.top1 * 100:.2f}%" if winner.top1 is not None else ""
     agree = f", agreement {winner.agreement * 100:.1f}%" if winner.agreement is not None else ""
     size = f", {winner.size_mb:.1f} MB" if winner.size_mb is not None else ""
     return (
         winner,
         tied,
-        f"tied on speed (round spreads overlap): {winner.name} p50 {_span(winner)}{agree}{size} vs {others}; {TIE_RULE}",
+        f"tied on speed (round spreads overlap): {winner.name} p50 {_span(winner)}{top1}{agree}{size} vs {others}; {TIE_RULE}",
     )
 
 
@@ -88,7 +92,7 @@ class Option:
     item: Any = None
 
     def candidate(self) -> Candidate:
-        return Candidate(self.name, self.p50_ms or 0.0, self.spread, self.agreement, self.size_mb, self)
+        return Candidate(self.name, self.p50_ms or 0.0, self.spread, self.agreement, self.size_mb, self, self.top1)
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,19 @@ def pareto(options: Sequence[Option]) -> list[Option]:
     return front
 
 
+def _not_beaten(options: Sequence[Option]) -> list[Option]:
+    """Drop each option another beats outright: more accurate and at least as fast (median p50). A spread tie must
+    not hand the win to a slower, less accurate model; equal top-1 is left to the tie rule."""
+    scored = [o for o in options if o.top1 is not None and o.p50_ms is not None]
+    return [
+        o
+        for o in options
+        if not any((q.top1 or 0.0) > (o.top1 or 0.0) and (q.p50_ms or 0.0) <= (o.p50_ms or 0.0) for q in scored)
+        or o.top1 is None
+        or o.p50_ms is None
+    ]
+
+
 def _acc(o: Option) -> str:
     return "-" if o.top1 is None else f"{o.top1 * 100:.2f}%"
 
@@ -239,7 +256,7 @@ def choose(options: Sequence[Option], criteria: Criteria) -> Choice:
     if not fitting:
         raise SelectionError(_nearest_miss(valid, criteria))
     if criteria.objective == "fastest":
-        picked = fastest([o.candidate() for o in fitting])
+        picked = fastest([o.candidate() for o in _not_beaten(fitting)])
         assert picked is not None
         winner: Option = picked[0].item
         why = picked[2]

@@ -219,7 +219,15 @@ def select_fastest(results: Any, max_accuracy_drop: float = 1.0) -> dict[str, st
 
     picked = fastest(
         [
-            Candidate(r["label"], r["p50"], r["p50_spread"], _agreement(r["entry"]), _num(r["entry"].get("size_mb")), r)
+            Candidate(
+                r["label"],
+                r["p50"],
+                r["p50_spread"],
+                _agreement(r["entry"]),
+                _num(r["entry"].get("size_mb")),
+                r,
+                r.get("top1"),
+            )
             for r in ok
         ]
     )

@@ -131,10 +131,14 @@ def device_options(found: Sequence[Found], docs: Sequence[dict[str, Any]]) -> tu
 
 
 def front_table(options: Sequence[Option], choice: Choice | None) -> str:
-    """The accuracy-latency front as aligned text, the selection marked."""
+    """The accuracy-latency front as aligned text, the selection marked (and listed, fastest first, where a tie
+    on speed picked a bundle off the front)."""
     header = ["bundle", "model", "px", "target", "precision", "top-1 %", "p50 ms", "peak RSS MB", ""]
     lines = [header]
-    for o in choice.front if choice is not None else []:
+    shown = list(choice.front) if choice is not None else []
+    if choice is not None and all(o is not choice.winner for o in shown):
+        shown = sorted([*shown, choice.winner], key=lambda o: o.p50_ms if o.p50_ms is not None else float("inf"))
+    for o in shown:
         m: Manifest = o.item.manifest
         lines.append(
             [
@@ -154,7 +158,7 @@ def front_table(options: Sequence[Option], choice: Choice | None) -> str:
         "  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
         for r in lines
     ]
-    return "\n".join([text[0], "  ".join("-" * w for w in widths), *text[1:]])
+    return "\n".join([text[0], "  ".join("-" * w for w in widths[:-1]), *text[1:]])
 
 
 def write_selected(root: Path, found: Found, pack: bool) -> Path:

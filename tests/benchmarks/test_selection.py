@@ -57,6 +57,19 @@ def test_accuracy_floor_picks_the_fastest_above_it() -> None:
     assert "below the top-1 floor" in choice.line  # the faster runner-up, m-r50x1-32
 
 
+def test_a_noisy_tie_never_hands_the_win_to_a_slower_less_accurate_bundle() -> None:
+    """Seen in a grid: a disturbed FP32 round spread [3.5-16] ms overlapped a steady INT8 at 3.8 ms that was also
+    more accurate; agreement with FP32 (100% for the FP32 itself) must not decide across models."""
+    noisy = Option("m-r50x1-32/onnx-fp32", True, 0.9304, 5.71, (3.48, 16.04), agreement=1.0, size_mb=94.0)
+    steady = Option("m-r50x1-64/openvino-int8", True, 0.9471, 3.80, (3.79, 3.89), agreement=0.99, size_mb=24.0)
+    choice = choose([noisy, steady], Criteria.from_flags(min_top1_pct=93))  # type: ignore[arg-type]
+    assert choice.winner is steady
+    # tied on speed with neither beaten outright: the higher top-1 decides before agreement
+    fast = Option("m-r50x1-32/onnx-int8", True, 0.9304, 3.70, (3.50, 4.00), agreement=0.995, size_mb=24.0)
+    choice = choose([fast, steady], Criteria.from_flags(min_top1_pct=93))  # type: ignore[arg-type]
+    assert choice.winner is steady and "higher top-1" in choice.line
+
+
 def test_memory_budget_excludes_bundles_that_peak_above_it() -> None:
     choice = choose(grid(), Criteria.from_flags(memory_budget_mb=200))  # type: ignore[arg-type]
     assert choice.winner.name == "m-r50x1-32/onnx-fp32"  # 164 MB; m-r50x1-64 peaks at 260 MB
