@@ -35,16 +35,28 @@ def _span(c: Candidate) -> str:
     return f"{c.p50_ms:.2f} ms [{c.low:.2f}-{c.high:.2f}]" if c.spread else f"{c.p50_ms:.2f} ms (no spread)"
 
 
+def _not_beaten(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates no other beats on both higher top-1 and median p50 at least as low; equal top-1 is left to
+    the tie rule, and a candidate without a top-1 is never dropped."""
+    scored = [c for c in candidates if c.top1 is not None]
+    return [
+        c
+        for c in candidates
+        if c.top1 is None or not any((q.top1 or 0.0) > c.top1 and q.p50_ms <= c.p50_ms for q in scored)
+    ]
+
+
 def fastest(candidates: Sequence[Candidate]) -> tuple[Candidate, list[Candidate], str] | None:
     """(winner, the candidates tied with the fastest, a sentence saying why).
 
     The fastest by median p50 is only a winner when no other spread overlaps its own: a bundle whose slowest
     round is faster than the fastest's slowest round could win a second run. Tied bundles are ranked by higher
     top-1 (across models and resolutions the only comparable accuracy), then higher agreement with FP32, then
-    smaller size, then median p50."""
+    smaller size, then median p50. A bundle another beats outright (higher top-1 and no slower median) is dropped
+    first, so a noisy spread cannot hand the win to a slower, less accurate model."""
     if not candidates:
         return None
-    ranked = sorted(candidates, key=lambda c: c.p50_ms)
+    ranked = sorted(_not_beaten(candidates), key=lambda c: c.p50_ms)
     lead = ranked[0]
     tied = [c for c in ranked if c.low <= lead.high]
     if len(tied) == 1:
@@ -187,19 +199,6 @@ def pareto(options: Sequence[Option]) -> list[Option]:
     return front
 
 
-def _not_beaten(options: Sequence[Option]) -> list[Option]:
-    """Drop each option another beats outright: more accurate and at least as fast (median p50). A spread tie must
-    not hand the win to a slower, less accurate model; equal top-1 is left to the tie rule."""
-    scored = [o for o in options if o.top1 is not None and o.p50_ms is not None]
-    return [
-        o
-        for o in options
-        if not any((q.top1 or 0.0) > (o.top1 or 0.0) and (q.p50_ms or 0.0) <= (o.p50_ms or 0.0) for q in scored)
-        or o.top1 is None
-        or o.p50_ms is None
-    ]
-
-
 def _acc(o: Option) -> str:
     return "-" if o.top1 is None else f"{o.top1 * 100:.2f}%"
 
@@ -256,7 +255,7 @@ def choose(options: Sequence[Option], criteria: Criteria) -> Choice:
     if not fitting:
         raise SelectionError(_nearest_miss(valid, criteria))
     if criteria.objective == "fastest":
-        picked = fastest([o.candidate() for o in _not_beaten(fitting)])
+        picked = fastest([o.candidate() for o in fitting])
         assert picked is not None
         winner: Option = picked[0].item
         why = picked[2]
