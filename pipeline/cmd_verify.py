@@ -195,6 +195,9 @@ def _print_emulated(cpu: Any, reports: list[dict[str, Any]]) -> None:
     from bitdeploy.runtimes.fingerprint import summary
 
     click.echo(f"{cpu.name}: {cpu.board}, emulated by QEMU -cpu {cpu.qemu_cpu}")
+    dropped = reports[0]["emulated"].get("dropped_env") if reports else None
+    if dropped:
+        click.echo(f"  guest started without {', '.join(dropped)} (host settings that pin CPU kernels)")
     for r in reports:
         click.echo(f"  {r['bundle']}")
         if r.get("error"):

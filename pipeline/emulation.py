@@ -25,6 +25,23 @@ from bitdeploy.errors import BitdeployError
 
 GUEST_TIMEOUT_S = 3600.0  # an FP16 ONNX Runtime bundle of R50x1 takes minutes emulated
 
+# Variables that pin CPU kernels or engine paths to this host (OPENBLAS_CORETYPE=Haswell makes numpy run AVX2
+# on an emulated SSE4.2 CPU): the device would not have them, so the guest must not inherit them.
+KERNEL_PINNING_PREFIXES = ("OPENBLAS_", "GOTO", "MKL_", "DNNL_", "ONEDNN_", "ORT_", "OV_", "OPENVINO_", "NPY_", "ATEN_")
+KERNEL_PINNING_NAMES = frozenset({"OMP_PLACES", "OMP_PROC_BIND", "KMP_AFFINITY", "LD_PRELOAD", "TF_ENABLE_ONEDNN_OPTS"})
+
+
+def is_kernel_pinning(name: str) -> bool:
+    """Whether a host variable selects CPU kernels or engine paths (so a guest must start without it)."""
+    return name in KERNEL_PINNING_NAMES or name.startswith(KERNEL_PINNING_PREFIXES)
+
+
+def guest_environment(host: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """(environment for a guest, sorted names dropped): the host's, less QEMU's and the kernel-pinning ones."""
+    dropped = sorted(k for k in host if is_kernel_pinning(k))
+    env = {k: v for k, v in host.items() if not k.startswith("QEMU_") and k not in dropped}
+    return env, dropped
+
 
 def check_ready(cpus: Sequence[CpuModel], kit: Path | None = None) -> None:
     """Fail with one line (what to install) unless every architecture of `cpus` can be emulated here."""
@@ -50,7 +67,7 @@ def _stage_runtime(dst: Path) -> None:
 def guest_command(cpu: CpuModel, args: list[str], root: Path, stage: Path) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) that run `python -m bitdeploy ARGS` as `cpu`."""
     qemu = require_ready(cpu.arch, root)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QEMU_")}
+    env, _ = guest_environment(dict(os.environ))
     env[EMULATED_ENV] = cpu.name
     if cpu.arch == "arm64":  # the kit's Python and site only: nothing of this host's Python leaks in
         env = {k: v for k, v in env.items() if not k.startswith("PYTHON")}
@@ -100,6 +117,7 @@ def verify_on(
         if threads:
             args += ["--threads", str(threads)]
         argv, env = guest_command(cpu, args, root, stage)
+        dropped = guest_environment(dict(os.environ))[1]
         try:
             proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
             rc, stderr = proc.returncode, proc.stderr
@@ -115,7 +133,15 @@ def verify_on(
         report = by_bundle.get(str(Path(b).resolve()))
         if report is None:
             report = {"bundle": str(Path(b).resolve()), "passed": False, "error": _death(rc, stderr)}
-        report.update(emulated={"cpu": cpu.name, "board": cpu.board, "arch": cpu.arch, "qemu_cpu": cpu.qemu_cpu})
+        report.update(
+            emulated={
+                "cpu": cpu.name,
+                "board": cpu.board,
+                "arch": cpu.arch,
+                "qemu_cpu": cpu.qemu_cpu,
+                "dropped_env": dropped,
+            }
+        )
         reports.append(report)
     return reports
 

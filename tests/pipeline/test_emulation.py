@@ -206,3 +206,30 @@ def test_a_guest_that_dies_becomes_one_line() -> None:
     )
     assert _death(139, "") == "the guest died (SIGSEGV)"
     assert _death(1, "noise\nerror: lacks SSE4.2; fix\n") == "lacks SSE4.2; fix"
+
+
+def test_the_guest_starts_without_host_variables_that_pin_cpu_kernels() -> None:
+    from bitdeploy.emulation import guest_environment
+
+    host = {
+        "OPENBLAS_CORETYPE": "Haswell",
+        "OPENBLAS_L2_SIZE": "1048576",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX",
+        "DNNL_MAX_CPU_ISA": "AVX2",
+        "QEMU_CPU": "max",
+        "PATH": "/usr/bin",
+        "HOME": "/root",
+        "OMP_NUM_THREADS": "2",
+    }
+    env, dropped = guest_environment(host)
+    pins = [
+        "DNNL_MAX_CPU_ISA",
+        "MKL_ENABLE_INSTRUCTIONS",
+        "ONEDNN_MAX_CPU_ISA",
+        "OPENBLAS_CORETYPE",
+        "OPENBLAS_L2_SIZE",
+    ]
+    assert dropped == pins
+    assert env == {"PATH": "/usr/bin", "HOME": "/root", "OMP_NUM_THREADS": "2"}
+    assert guest_environment({"PATH": "/bin"}) == ({"PATH": "/bin"}, [])
