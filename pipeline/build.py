@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitdeploy import build_output, build_verify_on
+from bitdeploy import build_output, build_verify_on, interrupts
 from bitdeploy.build_context import (
     BUILD_BATCH_SIZES,
     BUILD_THROUGHPUT_IMAGES,
@@ -162,6 +162,7 @@ def build_cell(
         ctx = _prepare(opts, planned, cache, log)
         cell.model_info, cell.baseline = ctx.model_info.to_dict(), ctx.baseline
         for (target, precision, skip), row in zip(planned, rows):
+            interrupts.check()
             row.resolution = ctx.resolution
             if skip is not None:
                 row.status = f"skipped: {skip}"

@@ -29,7 +29,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from bitdeploy import __version__
+from bitdeploy import __version__, interrupts
 from bitdeploy.errors import BitdeployError
 from bitdeploy.fsutil import sha256_file
 from bitdeploy.resources import guarded
@@ -232,6 +232,7 @@ class StageCache:
         """Return (directory, metadata, hit). On a miss `step(dir)` writes its files into dir and returns
         JSON-able metadata, which is stored with them. `resumable` steps run in a fixed directory that an
         interrupted run leaves behind, so the next run continues where it stopped."""
+        interrupts.check()  # a Ctrl-C that a finalizer swallowed stops the build at its next step
         label = what or stage
         move = "pass --cache-dir DIR" if self.enabled else "set TMPDIR to a directory"
         with guarded(self._base(), move, label, stage):

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import importlib
-import signal
 import sys
-import threading
 import traceback
 from typing import Any
 
 import click
 
-from bitdeploy import __version__
+from bitdeploy import __version__, interrupts
 from bitdeploy.devices import exit_if_below_floor
 from bitdeploy.errors import BitdeployError
+from bitdeploy.interrupts import Terminated
 from bitdeploy.resources import resource_error
 
 # command name -> "module:attribute"; each module imports its heavy dependencies inside the command body.
@@ -67,24 +66,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so every `finally` removes its temporary files before the exit."""
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> Any:
     exit_if_below_floor()  # before anything imports numpy: one line, not an Illegal instruction
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    on_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if on_main else None
-    try:
+    with interrupts.handled():
         return _run(argv, debug)
-    finally:
-        if on_main and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(argv: list[str] | None, debug: bool) -> Any:
@@ -93,8 +79,12 @@ def _run(argv: list[str] | None, debug: bool) -> Any:
         # Without standalone mode click returns ctx.exit(n)'s code instead of exiting with it.
         if isinstance(rv, int) and rv:
             sys.exit(rv)
+        swallowed = interrupts.pending()  # a Ctrl-C raised inside a finalizer is dropped by Python: never by us
+        if swallowed is not None:
+            raise click.exceptions.Abort() from swallowed()
         return rv
     except click.exceptions.Abort as exc:  # click turns Ctrl-C (and SIGTERM, above) into Abort
+        interrupts.clear()
         terminated = isinstance(exc.__cause__, Terminated)
         click.echo("Terminated." if terminated else "Aborted.", err=True)
         sys.exit(143 if terminated else 130)
@@ -109,9 +99,11 @@ def _run(argv: list[str] | None, debug: bool) -> Any:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     except Terminated:
+        interrupts.clear()
         click.echo("Terminated.", err=True)
         sys.exit(143)
     except KeyboardInterrupt:
+        interrupts.clear()
         click.echo("Interrupted.", err=True)
         sys.exit(130)
     except Exception as exc:  # a bug, not a user error: still one line unless --debug

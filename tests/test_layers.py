@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # pipeline/ holds both the bottom and the top layer: each of its modules is placed here
-KERNEL = {"__init__", "errors", "fsutil", "stdio", "catalog", "targets", "cache", "resources", "devices"}
+KERNEL = {"__init__", "interrupts", "errors", "fsutil", "stdio", "catalog", "targets", "cache", "resources", "devices"}
 TOP = {
     "__main__",
     "cli",

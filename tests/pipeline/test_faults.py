@@ -323,6 +323,10 @@ def test_read_only_output_names_the_path(clean_copy: Path, tmp_path: Path, capsy
     assert "pass --out DIR on a writable disk" in line, line
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(
     ("sig", "after", "code", "last"),
     [
@@ -340,7 +344,11 @@ def test_sigint_and_sigterm_clean_up(
     last: str,
 ) -> None:
     out, cache = tmp_path / "out", tmp_path / "cache"
-    proc = subprocess.Popen(subprocess_cmd(build_args(out, cache)), stderr=subprocess.PIPE, text=True)
+    # A shell's background job starts with SIGINT ignored, and the child would inherit that: Ctrl-C's disposition
+    # is reset here so the test does not depend on how the suite was started.
+    proc = subprocess.Popen(
+        subprocess_cmd(build_args(out, cache)), stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+    )
     assert proc.stderr is not None
     seen = []
     for line in proc.stderr:

@@ -1,0 +1,81 @@
+"""A Ctrl-C is never lost: not when a finalizer swallows it, not between build steps."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from bitdeploy import interrupts
+
+
+class _SignalsInFinalizer:
+    """Engines' sessions free themselves in finalizers; a SIGINT that lands there is printed and dropped."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop is the point
+def test_a_ctrl_c_a_finalizer_swallowed_is_raised_at_the_next_check() -> None:
+    with interrupts.handled():
+        _SignalsInFinalizer()  # Python prints "Exception ignored in ... KeyboardInterrupt" and goes on
+        assert interrupts.pending() is KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.check()
+        interrupts.clear()
+        interrupts.check()  # handled: nothing left to raise
+
+
+def test_the_handlers_are_put_back_after_the_command() -> None:
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with interrupts.handled():
+        assert signal.getsignal(signal.SIGTERM) is not before[1]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+_SWALLOWING_COMMAND = textwrap.dedent(
+    """
+    import os, signal, sys, click
+    from bitdeploy import cli
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    @click.command()
+    def swallow():
+        Finalized()
+        print("ran to the end")
+
+    sys.modules["swallowing"] = sys.modules[__name__]
+    cli.COMMANDS["swallow"] = "swallowing:swallow"
+    cli.main(["swallow"])
+    """
+)
+
+
+def _run_child(code: str, sigint: signal.Handlers) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
+    )
+
+
+def test_the_entry_point_exits_130_when_the_command_ran_on_past_a_swallowed_ctrl_c() -> None:
+    proc = _run_child(_SWALLOWING_COMMAND, signal.SIG_DFL)
+    assert proc.returncode == 130, (proc.stdout, proc.stderr)
+    assert proc.stderr.strip().splitlines()[-1] == "Aborted.", proc.stderr
+
+
+def test_a_ctrl_c_ignored_at_start_stays_ignored() -> None:
+    """A background job of a non-interactive shell starts with SIGINT ignored, as the shell meant."""
+    proc = _run_child(_SWALLOWING_COMMAND, signal.SIG_IGN)
+    assert proc.returncode == 0 and "ran to the end" in proc.stdout, (proc.stdout, proc.stderr)
