@@ -144,6 +144,20 @@ def test_numerics_that_do_not_hold_on_a_cpu_fail_there_in_one_line(
     assert entry["cpu"] == "sandybridge" and not entry["passed"] and entry["error"].startswith("max relative")
 
 
+def test_a_host_kernel_pin_does_not_reach_the_guest(built: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out, _ = built  # OPENBLAS_CORETYPE=Haswell on an SSE4.2 guest would make numpy die of Illegal instruction
+    pinned = {"OPENBLAS_CORETYPE": "Haswell"}
+    bundles = [str(out / "onnx-int8"), str(out / "litert-int8")]
+    proc = bitdeploy(["verify", *bundles, "--emulate", "nehalem", "--json"], env=pinned)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    checks = json.loads(proc.stdout)["checks"]
+    assert len(checks) == 2 and all(c["passed"] for c in checks), checks
+    assert all("OPENBLAS_CORETYPE" in c["emulated"]["dropped_env"] for c in checks)  # the host may pin more
+    text = bitdeploy(["verify", bundles[0], "--emulate", "nehalem"], env=pinned)
+    assert text.returncode == 0, text.stderr[-2000:]
+    assert "guest started without" in text.stdout and "OPENBLAS_CORETYPE" in text.stdout, text.stdout
+
+
 def test_a_cpu_below_the_floor_is_one_line_not_a_core_dump(
     built: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
