@@ -1,6 +1,6 @@
 """Accuracy of a bundle on a labelled dataset: top-1, top-5, and agreement with a reference bundle.
 
-Datasets come from `bitdeploy.training.data.load_dataset` (digits, ImageFolder, CIFAR; its validation split,
+Datasets come from `bitdeploy.training.datasets.load_dataset` (digits, ImageFolder, CIFAR; its validation split,
 preprocessed with the runtime's own functions). Without the training extra, an ImageFolder directory is read
 here, torch-free, and every file goes through the runtime's decode + preprocess, as `predict` would do it.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bitdeploy.errors import DatasetError
+from bitdeploy.core.errors import DatasetError
 from bitdeploy.runtimes import compare
 from bitdeploy.runtimes.manifest import InputSpec
 
@@ -75,7 +75,7 @@ class EvalSet:
 def load_eval_set(spec: str, seed: int = 0) -> EvalSet:
     """The validation split of a dataset spec (digits, an ImageFolder, CIFAR), as the build's accuracy gate uses it."""
     try:
-        from bitdeploy.training.data import load_dataset
+        from bitdeploy.training.datasets import load_dataset
     except ImportError:  # without the training extra: ImageFolder directories only
         pass
     else:

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from bitdeploy.errors import require
+from bitdeploy.benchmarks.measure import COMPILE_TIMEOUT_S, BenchOptions, measure_latency
+from bitdeploy.core.errors import require
 from bitdeploy.runtimes.manifest import Manifest
 
 FORMS = ("eager-ws", "eager-folded", "compiled-folded")
@@ -39,7 +40,6 @@ LABELS = {
     "eager-folded": "PyTorch eager FP32, weight standardisation folded into the weights",
     "compiled-folded": "torch.compile (inductor, CPU) of the folded model",
 }
-COMPILE_TIMEOUT_S = 300.0
 EXIT_COMPILE_TIMEOUT = 3
 
 
@@ -141,8 +141,6 @@ def time_target(target: Any, shape: Sequence[int], timing: dict[str, Any]) -> di
         from bitdeploy.benchmarks.latency import quick
 
         return quick(target, shape, **timing.get("kwargs", {}))
-    from bitdeploy.benchmarks.bench import BenchOptions, measure_latency
-
     opts = BenchOptions(**{**timing.get("options", {}), "end_to_end": False, "progress": False})
     return measure_latency(target, (int(shape[0]), int(shape[1]), int(shape[2])), opts, None, None)
 

@@ -13,232 +13,34 @@ measured in a fresh process, one bundle at a time (`benchmarks.memory`).
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bitdeploy.benchmarks import interference, latency
 from bitdeploy.benchmarks.accuracy import EvalSet, load_eval_set, measure
-from bitdeploy.benchmarks.baseline import COMPILE_TIMEOUT_S
+from bitdeploy.benchmarks.discovery import bundle_size, skipped_invalid
 from bitdeploy.benchmarks.env import collect, device_label
-from bitdeploy.benchmarks.memory import DEFAULT_QUERIES, METHOD, input_chw, serving_memory
+from bitdeploy.benchmarks.measure import (
+    QUIET_CHECKS,
+    SCENARIOS,
+    BenchOptions,
+    combine,
+    end_to_end,
+    measure_latency,
+    time_round,
+)
+from bitdeploy.benchmarks.memory import input_chw, serving_memory
+from bitdeploy.benchmarks.progress import Progress
 from bitdeploy.benchmarks.schema import new_document, new_entry
-from bitdeploy.errors import BitdeployError
-from bitdeploy.runtimes.bundle import MANIFEST, read_manifest
-from bitdeploy.runtimes.manifest import InputSpec, Manifest, TargetInfo
-from bitdeploy.runtimes.pack import PACK_SUFFIX
+from bitdeploy.core.errors import BitdeployError
+from bitdeploy.runtimes.manifest import Manifest, TargetInfo
 
-SCENARIOS = ("single-stream", "offline", "both")
 E2E_IMAGES = 32  # distinct encoded images cycled through the end-to-end loop
-QUIET_CHECKS = ("warn", "wait", "fail")
-SELECTED = "selected"  # DIR/selected (or DIR/selected.bitpack): `bitdeploy select`'s copy of one bundle under DIR
-GATE_SKIP = "skipped: failed the accuracy gate at build"
-
-
-@dataclass
-class BenchOptions:
-    batch_sizes: tuple[int, ...] = (1, 8, 32)
-    scenario: str = "both"
-    iterations: int | None = None
-    duration: float | None = None
-    warmup: int = latency.DEFAULT_WARMUP
-    threads: int | None = None
-    device: str | None = None
-    backend: str | None = None
-    dataset: str | None = None
-    samples: int | None = None
-    reference: str | None = None
-    pytorch_baseline: str | None = None  # None: no baseline; "auto" | "none" | PATH: its weights
-    compile_timeout: float = COMPILE_TIMEOUT_S  # seconds allowed for torch.compile of the baseline; 0: skip that form
-    end_to_end: bool = True
-    keep_raw: bool = True
-    progress: bool = True
-    seed: int = 0
-    rounds: int = latency.DEFAULT_ROUNDS  # interleaved rounds per bundle; each figure is their median
-    quiet_check: str = "warn"  # warn | wait | fail: what a disturbed machine does (see QUIET_CHECKS)
-    quiet_wait: float = interference.QUIET_WAIT_S  # seconds `wait` waits for a quiet machine before each round
-    memory: bool = True  # serving memory per bundle, in a fresh process after the timing rounds (benchmarks.memory)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def settings(self) -> dict[str, Any]:
-        iterations = self.iterations if (self.iterations or self.duration) else latency.DEFAULT_ITERATIONS
-        return {
-            "scenario": self.scenario,
-            "batch_sizes": list(self.batch_sizes),
-            "iterations": iterations,
-            "duration_s": self.duration,
-            "warmup": self.warmup,
-            "threads": self.threads,
-            "device": self.device,
-            "backend": self.backend,
-            "dataset": self.dataset,
-            "samples": self.samples,
-            "reference": self.reference,
-            "pytorch_baseline": self.pytorch_baseline,
-            "compile_timeout_s": self.compile_timeout if self.pytorch_baseline is not None else None,
-            "end_to_end": self.end_to_end,
-            "seed": self.seed,
-            "rounds": self.rounds,
-            "quiet_check": self.quiet_check,
-            "interference_limits": interference.limits(),
-            "serving_memory": {"queries": DEFAULT_QUERIES, "method": METHOD} if self.memory else None,
-            "percentiles": "nearest-rank",
-            "timer": "time.perf_counter_ns around infer(); gc paused while timing",
-            **self.extra,
-        }
-
-
-def find_bundles(root: Path) -> list[Path]:
-    """Every bundle under `root`, sorted by relative path: directories holding a manifest.json (not searched further)
-    and `*.bitpack` files. Hidden and temporary names (".x", as a killed build leaves them) are skipped, and so is
-    `root/selected` (`selected_copy`). `root` itself when it is a bundle or a pack; [] when it holds none."""
-    root = Path(root)
-    if root.is_file():
-        return [root] if root.name.endswith(PACK_SUFFIX) else []
-    if (root / MANIFEST).is_file():
-        return [root]
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):  # symlinked folders: a bundle is taken, nothing is descended
-        here = Path(dirpath)
-        descend = []
-        for d in dirnames:
-            if d.startswith(".") or (here == root and d == SELECTED):
-                continue
-            if (here / d / MANIFEST).is_file():
-                found.append(here / d)
-            else:
-                descend.append(d)
-        dirnames[:] = descend
-        found.extend(
-            here / f
-            for f in filenames
-            if f.endswith(PACK_SUFFIX) and not f.startswith(".") and not (here == root and f == SELECTED + PACK_SUFFIX)
-        )
-    return sorted(found, key=lambda p: p.relative_to(root).parts)
-
-
-def selected_copy(root: Path) -> Path | None:
-    """`root/selected` or `root/selected.bitpack` when present: a copy of another bundle under root, not benched."""
-    for path in (Path(root) / SELECTED, Path(root) / (SELECTED + PACK_SUFFIX)):
-        if (path / MANIFEST).is_file() or path.is_file():
-            return path
-    return None
-
-
-def bundles_to_bench(args: Sequence[str], every: bool, note: Callable[[str], None]) -> list[tuple[str, str]]:
-    """(path, entry name) per bundle to bench. Without `every` the arguments as given, named by their last part (a
-    folder of bundles is refused); with it, every bundle under each argument, named by its path relative to it."""
-    if not every:
-        for a in args:
-            p = Path(a)
-            if p.is_dir() and not (p / MANIFEST).is_file():
-                n = len(find_bundles(p))
-                if n:
-                    raise BitdeployError(
-                        f"{a} is a folder of {n} bundle{'s' if n != 1 else ''}, not a bundle; pass --all to bench every bundle under it"
-                    )
-        return [(a, Path(a).name or a) for a in args]
-    per_arg: list[tuple[str, list[tuple[Path, str]]]] = []
-    for a in args:
-        root = Path(a)
-        if not root.exists():
-            raise BitdeployError(f"{a}: no such folder; pass the folder of a build, e.g. runs/grid")
-        found = find_bundles(root)
-        if not found:
-            raise BitdeployError(
-                f"{a}: no bundle under this folder (no manifest.json, no {PACK_SUFFIX} file); pass the --out folder of a build, e.g. runs/grid"
-            )
-        sel = selected_copy(root) if root.is_dir() and not (root / MANIFEST).is_file() else None
-        if sel is not None:
-            note(f"skipping {sel}: `bitdeploy select`'s copy of one of the other bundles")
-        per_arg.append((a, [(f, f.relative_to(root).as_posix() if f != root else root.resolve().name) for f in found]))
-    names = [n for _, named in per_arg for _, n in named]
-    clash = len(set(names)) < len(names)  # two folders hold the same relative path: name entries by folder too
-    out: list[tuple[str, str]] = []
-    seen: set[Path] = set()
-    for a, named in per_arg:
-        for path, name in named:
-            if path.resolve() not in seen:
-                seen.add(path.resolve())
-                out.append((str(path), f"{Path(a).as_posix()}/{name}" if clash else name))
-    return out
-
-
-def skipped_invalid(bundle: str, name: str) -> dict[str, Any] | None:
-    """The `skipped:` entry of a bundle directory the build marked invalid (`valid: false`), else None."""
-    try:
-        manifest = read_manifest(bundle) if Path(bundle).is_dir() else None
-    except BitdeployError:
-        return None  # unreadable: opening it will say why
-    if manifest is None or manifest.valid:
-        return None
-    reason = manifest.invalid_reason
-    if reason is None or reason.startswith(("accuracy gate", "validation")):
-        status = GATE_SKIP + (f" ({reason})" if reason else "")
-    else:
-        status = f"skipped: marked invalid at build ({reason})"
-    target, model = manifest.target, manifest.model
-    size_mb, files = _bundle_size(Path(bundle), manifest)
-    return new_entry(
-        name=name,
-        kind="bundle",
-        bundle=str(bundle),
-        model=model.name,
-        resolution=model.resolution,
-        num_classes=model.num_classes,
-        target=target.backend,
-        precision=target.precision,
-        precision_used=target.precision_used,
-        backend_device=target.device,
-        status=status,
-        size_mb=size_mb,
-        files_sha256=files,
-        build_accuracy=manifest.accuracy.to_dict() if manifest.accuracy is not None else None,
-    )
-
-
-def duration_text(seconds: float) -> str:
-    """40 s, 1 min 20 s, 2 h 05 min."""
-    s = round(seconds)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
-
-
-def eta_s(elapsed_s: float, done: int, total: int) -> float | None:
-    """Seconds left: the mean time per finished step times the steps left; None before a step finished."""
-    if done <= 0:
-        return None
-    return elapsed_s / done * max(0, total - done)
-
-
-def progress_line(step: int, total: int, what: str, elapsed_s: float) -> str:
-    """`[7/48] round 2/3 m-r50x1-32/onnx-int8, elapsed 40 s, ETA 1 min 20 s`: the line as step `step` starts (the
-    steps before it finished in `elapsed_s`)."""
-    left = eta_s(elapsed_s, step - 1, total)
-    eta = duration_text(left) if left is not None else "-"
-    return f"[{step}/{total}] {what}, elapsed {duration_text(elapsed_s)}, ETA {eta}"
-
-
-class Progress:
-    """Counts bench's steps (open, each round, end-to-end + accuracy, serving memory, per bundle) for the ETA line.
-    `total` shrinks when a bundle fails and its remaining steps will not run."""
-
-    def __init__(self, total: int, log: Callable[[str], None]) -> None:
-        self.total, self.done, self.log = total, 0, log
-        self.started = time.perf_counter()
-
-    def step(self, what: str) -> None:
-        self.done += 1
-        self.total = max(self.total, self.done)
-        self.log(progress_line(self.done, self.total, what, time.perf_counter() - self.started))
 
 
 def _reset_peak_rss() -> str:
@@ -271,14 +73,6 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def _bundle_size(path: Path, manifest: Manifest) -> tuple[float, dict[str, str]]:
-    files = manifest.files
-    if path.is_file():  # a single-file pack
-        return path.stat().st_size / 1e6, dict(files)
-    total = sum((path / name).stat().st_size for name in files if (path / name).is_file())
-    return total / 1e6, dict(files)
-
-
 def _open(bundle: str, opts: BenchOptions) -> tuple[Any, Manifest, Any]:
     """(predictor, manifest, backend) through the runtime's public loader."""
     from bitdeploy import runtimes
@@ -306,66 +100,6 @@ def _describe(obj: Any) -> dict[str, Any]:
         return dict(obj.describe())
     except Exception:  # describe() is informative only; never fail a benchmark on it
         return {}
-
-
-def time_round(target: Any, shape: tuple[int, int, int], opts: BenchOptions) -> dict[str, Any]:
-    """One round: single-stream and offline with this round's share of the queries, inside one Window."""
-    rounds = max(1, opts.rounds)
-    iterations = opts.iterations if (opts.iterations or opts.duration) else latency.DEFAULT_ITERATIONS
-    per_round = None if iterations is None else max(1, -(-iterations // rounds))
-    duration = None if opts.duration is None else opts.duration / rounds
-    out: dict[str, Any] = {}
-    with interference.Window() as w:
-        if opts.scenario in ("single-stream", "both"):
-            out["single_stream"] = latency.single_stream(
-                target, shape, per_round, duration, opts.warmup, True, opts.progress, opts.seed
-            )
-        if opts.scenario in ("offline", "both"):
-            out["offline"] = latency.offline(
-                target, shape, opts.batch_sizes, per_round, duration, progress=opts.progress, seed=opts.seed
-            )
-    out["window"] = w.record
-    return out
-
-
-def combine(rounds: list[dict[str, Any]], opts: BenchOptions) -> dict[str, Any]:
-    """A row's figures from its rounds, with the interference verdict and the single-stream/offline check."""
-    out: dict[str, Any] = {}
-    if any("single_stream" in r for r in rounds):
-        out["single_stream"] = latency.combine_single_stream([r["single_stream"] for r in rounds], opts.keep_raw)
-    if any("offline" in r for r in rounds):
-        out["offline"] = latency.combine_offline([r["offline"] for r in rounds])
-    verdict = interference.judge([r["window"] for r in rounds])
-    flags = list(verdict["reasons"])
-    mismatch = latency.consistency(out.get("single_stream"), out.get("offline"))
-    if mismatch:
-        flags.append(mismatch)
-    out.update(interference=verdict, disturbed=bool(flags), flags=flags)
-    return out
-
-
-def measure_latency(
-    target: Any,
-    shape: tuple[int, int, int],
-    opts: BenchOptions,
-    images: list[bytes] | None,
-    input_spec: InputSpec | None,
-) -> dict[str, Any]:
-    """`opts.rounds` rounds back to back (the PyTorch baselines: nothing to interleave with), then end-to-end."""
-    out = combine([time_round(target, shape, opts) for _ in range(max(1, opts.rounds))], opts)
-    if opts.end_to_end and images and input_spec is not None:
-        out["end_to_end"] = end_to_end(target, images, input_spec, opts)
-    return out
-
-
-def end_to_end(target: Any, images: list[bytes], input_spec: InputSpec, opts: BenchOptions) -> dict[str, Any]:
-    with interference.Window() as w:
-        out = latency.end_to_end(
-            target, images, input_spec, opts.iterations, opts.duration, keep_raw=False, progress=opts.progress
-        )
-    verdict = interference.judge([w.record])
-    out.update(interference=verdict, disturbed=verdict["disturbed"])
-    return out
 
 
 @dataclass
@@ -451,7 +185,7 @@ class Bench:
             first_ms = (time.perf_counter() - t1) * 1e3
             desc = _describe(backend)
             target, model = manifest.target, manifest.model
-            size_mb, files = _bundle_size(Path(bundle), manifest)
+            size_mb, files = bundle_size(Path(bundle), manifest)
             entry = new_entry(
                 name=name,
                 kind="bundle",

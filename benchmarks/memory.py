@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bitdeploy.errors import BitdeployError, first_line
+from bitdeploy.core.errors import BitdeployError, first_line
 
 if TYPE_CHECKING:
     from bitdeploy.runtimes.manifest import Manifest

@@ -64,7 +64,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core.errors import BitdeployError
 
 SCHEMA = "bitdeploy-bench"
 SCHEMA_VERSION = 1

@@ -1,12 +1,12 @@
 """The converter contract shared by every target, and the typed options a build hands a converter.
 
-A converter is a plain function, named "module:function" in its target's record (`bitdeploy.targets`):
+A converter is a plain function, named "module:function" in its target's record (`bitdeploy.core.targets`):
 
     def convert(onnx_fp32: Path, work_dir: Path, precision: str,
                 calibration: CalibrationData | None, options: ConvertOptions) -> Artifact
 
 It reads the folded FP32 ONNX export, writes its files only inside `work_dir` (an empty directory that becomes
-the bundle) and raises `bitdeploy.errors.ConversionError` (one line) on failure. Options shared by every target
+the bundle) and raises `bitdeploy.core.errors.ConversionError` (one line) on failure. Options shared by every target
 are fields of `ConvertOptions`. What only one target reads is that target's own frozen `TargetOptions` subclass
 (named by its record, living beside its converter), read with `options.extras_for(cls)`; each of its fields
 declared with `option(...)` becomes a `bitdeploy build` flag.
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from bitdeploy.errors import ConversionError
+from bitdeploy.core.errors import ConversionError
+from bitdeploy.core.targets import Target, backend_names, import_object
 from bitdeploy.runtimes.manifest import TargetInfo
-from bitdeploy.targets import Target, backend_names, import_object
 
 if TYPE_CHECKING:
     from bitdeploy.converters.calibration import CalibrationData, ValidationData
@@ -150,7 +150,7 @@ class Artifact:
 
     files: every file of the artifact, names relative to the work dir (they all go into the bundle).
     model_file: the file a runtime opens (e.g. "model.onnx", "model.xml", "model.plan").
-    target: the manifest's `target` record: backend (a record's `backend` in `bitdeploy.targets`), precision,
+    target: the manifest's `target` record: backend (a record's `backend` in `bitdeploy.core.targets`), precision,
         precision_used, device, quantization, plus backend-specific details.
     notes: short human-readable remarks (what stayed in float, fallbacks taken) shown by build.
     eval_model_file: optional ONNX file (relative to the work dir) that ONNX Runtime can evaluate on the CPU

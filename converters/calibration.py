@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bitdeploy.errors import DatasetError
+from bitdeploy.core.errors import DatasetError
 
 DEFAULT_SIZE = 300  # NNCF's default subset_size; BiT's GN+ReLU activations are bounded, so more rarely helps
 DEFAULT_SEED = 0

@@ -30,7 +30,7 @@ import numpy as np
 
 from bitdeploy.converters.base import Artifact, ConvertOptions, check_request
 from bitdeploy.converters.calibration import CalibrationData
-from bitdeploy.errors import ConversionError, first_line, require
+from bitdeploy.core.errors import ConversionError, first_line, require
 from bitdeploy.runtimes.manifest import Manifest, Quantization, TargetInfo
 
 MODEL_FILE = "model.tflite"

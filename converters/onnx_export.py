@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from bitdeploy.errors import ConversionError, first_line, require
+from bitdeploy.core.errors import ConversionError, first_line, require
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

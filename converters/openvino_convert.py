@@ -24,7 +24,7 @@ from bitdeploy.converters.base import (
     option,
 )
 from bitdeploy.converters.calibration import CalibrationData, ValidationData, nncf_dataset
-from bitdeploy.errors import BitdeployError, ConversionError, first_line, require
+from bitdeploy.core.errors import BitdeployError, ConversionError, first_line, require
 from bitdeploy.runtimes.manifest import Quantization, TargetInfo
 
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
@@ -298,7 +298,7 @@ def convert(
     notes: list[str] = []
     quant: dict[str, Any] | None = None
     if precision == "int8":
-        from bitdeploy.stdio import stdout_to_stderr
+        from bitdeploy.core.stdio import stdout_to_stderr
 
         assert calibration is not None  # refused above
         with stdout_to_stderr("nncf"):  # NNCF's progress bars and log lines never reach the stdout table

@@ -18,7 +18,7 @@ from typing import Any
 
 from bitdeploy.converters.base import Artifact, ConvertOptions, RowInputs, TargetOptions, check_request, option
 from bitdeploy.converters.calibration import CalibrationData
-from bitdeploy.errors import ConversionError
+from bitdeploy.core.errors import ConversionError
 from bitdeploy.runtimes.manifest import Quantization, TargetInfo
 
 MODEL_FILE = "model.onnx"

@@ -22,8 +22,8 @@ from typing import Any
 
 from bitdeploy.converters.base import check_request
 from bitdeploy.converters.calibration import CalibrationData, ort_reader
-from bitdeploy.errors import ConversionError, first_line
-from bitdeploy.stdio import stdout_to_stderr
+from bitdeploy.core.errors import ConversionError, first_line
+from bitdeploy.core.stdio import stdout_to_stderr
 
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_OP_TYPES: tuple[str, ...] = ("Conv",)

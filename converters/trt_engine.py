@@ -21,8 +21,8 @@ from typing import Any
 
 from bitdeploy.converters.base import Artifact, ConvertOptions, TargetOptions, check_request, option
 from bitdeploy.converters.calibration import CalibrationData
-from bitdeploy.errors import BitdeployError, ConversionError, first_line
-from bitdeploy.fsutil import atomic_write
+from bitdeploy.core.errors import BitdeployError, ConversionError, first_line
+from bitdeploy.core.fsutil import atomic_write
 from bitdeploy.runtimes.manifest import Quantization, TargetInfo
 
 PLAN = "model.plan"
@@ -293,7 +293,7 @@ def convert(
     onnx_name, onnx_info = trt_qdq.prepare_onnx(Path(onnx_fp32), work_dir, precision, calibration, options)
     cache_file = None
     if options.cache:  # --no-cache: neither read nor write the timing cache
-        from bitdeploy.cache import default_root
+        from bitdeploy.core.cache import default_root
 
         cache_file = timing_cache_path(options.cache_dir or default_root(), trt_version, gpu_name, cc)
     plan, facts = build_engine(trt, work_dir / onnx_name, precision, profile, int(workspace_gb * (1 << 30)), cache_file)

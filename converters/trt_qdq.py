@@ -22,7 +22,7 @@ import numpy as np
 
 from bitdeploy.converters.base import ConvertOptions, check_request
 from bitdeploy.converters.calibration import CalibrationData
-from bitdeploy.errors import ConversionError
+from bitdeploy.core.errors import ConversionError
 
 ONNX_NAME = "model.trt.onnx"
 GN_CHAIN = ("Reshape", "InstanceNormalization", "Reshape", "Mul", "Add")

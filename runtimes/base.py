@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from bitdeploy import targets
-from bitdeploy.errors import BitdeployError, BundleError, MissingDependencyError
+from bitdeploy.core import targets
+from bitdeploy.core.errors import BitdeployError, BundleError, MissingDependencyError
 from bitdeploy.runtimes.manifest import Manifest
 
 

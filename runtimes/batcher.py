@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core.errors import BitdeployError
 
 PEAK_WINDOW_S = 1.0  # how long a burst of concurrency is remembered
 

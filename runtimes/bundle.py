@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from bitdeploy.errors import BundleError
-from bitdeploy.fsutil import remove_stale_temps, replace_dir, sha256_file
+from bitdeploy.core.errors import BundleError
+from bitdeploy.core.fsutil import remove_stale_temps, replace_dir, sha256_file
 from bitdeploy.runtimes.manifest import FORMAT_VERSION, Manifest, check_format
 
 MANIFEST = "manifest.json"

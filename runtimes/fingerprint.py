@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.devices import emulated_as
+from bitdeploy.core.devices import emulated_as
 
 # numpy CPUID feature name -> the /proc/cpuinfo flag name the docs use.
 _NUMPY_FEATURES = {
@@ -158,7 +158,7 @@ def _gpus() -> list[dict[str, str]]:
 
 def engine_distributions() -> tuple[str, ...]:
     """The distributions whose versions decide a bundle's numerics: every target record's engines, and numpy."""
-    from bitdeploy import targets
+    from bitdeploy.core import targets
 
     return (*dict.fromkeys(d for t in targets.TARGETS.values() for d in t.engines), "numpy")
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bitdeploy.errors import BundleError
+from bitdeploy.core.errors import BundleError
 
 FORMAT = "bitdeploy-bundle"
 FORMAT_MAJOR = 1  # what this bitdeploy reads

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.errors import BitdeployError, BundleError
-from bitdeploy.fsutil import replace_dir
+from bitdeploy.core.errors import BitdeployError, BundleError
+from bitdeploy.core.fsutil import replace_dir
+from bitdeploy.core.targets import TARGETS, Target, find_backend
 from bitdeploy.runtimes.manifest import Manifest
 from bitdeploy.runtimes.pack import open_bundle
-from bitdeploy.targets import TARGETS, Target, find_backend
 
 FORMATS = ("triton", "ovms")
 LABELS = "labels.txt"

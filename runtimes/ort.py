@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from bitdeploy.errors import BundleError, first_line, require
+from bitdeploy.core.errors import BundleError, first_line, require
 from bitdeploy.runtimes.base import Backend
 from bitdeploy.runtimes.manifest import Manifest
 

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from bitdeploy.errors import BundleError, first_line
+from bitdeploy.core.errors import BundleError, first_line
 from bitdeploy.runtimes.bundle import MANIFEST, read_manifest, verify_files
 from bitdeploy.runtimes.manifest import Manifest
 

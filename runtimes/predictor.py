@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from bitdeploy import targets
-from bitdeploy.errors import BitdeployError, BundleError, MissingDependencyError
+from bitdeploy.core import targets
+from bitdeploy.core.errors import BitdeployError, BundleError, MissingDependencyError
 from bitdeploy.runtimes import preprocess as pre
 from bitdeploy.runtimes import selftest
 from bitdeploy.runtimes.base import Backend, backend_available, backend_class, expected_input

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from bitdeploy.errors import ImageError, first_line
+from bitdeploy.core.errors import ImageError, first_line
 from bitdeploy.runtimes.manifest import BIT_MEAN, BIT_STD, InputSpec
 
 ImageInput = str | os.PathLike[str] | bytes | bytearray | Image.Image | np.ndarray

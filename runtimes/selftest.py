@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bitdeploy.errors import BundleError
+from bitdeploy.core.errors import BundleError
 from bitdeploy.runtimes import compare
 from bitdeploy.runtimes.manifest import InputSpec, Manifest, SelfTestSpec
 from bitdeploy.runtimes.preprocess import mean_std, normalize

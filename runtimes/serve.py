@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from bitdeploy import __version__
-from bitdeploy.errors import BitdeployError, ImageError, require
+from bitdeploy.core.errors import BitdeployError, ImageError, require
 from bitdeploy.runtimes.batcher import Batcher
 from bitdeploy.runtimes.predictor import Predictor
 from bitdeploy.runtimes.serve_protocol import (

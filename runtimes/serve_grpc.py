@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from bitdeploy import __version__
-from bitdeploy.errors import BitdeployError, require
+from bitdeploy.core.errors import BitdeployError, require
 from bitdeploy.runtimes.serve_protocol import (
     VERSION,
     InferRequest,

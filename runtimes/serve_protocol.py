@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core.errors import BitdeployError
 from bitdeploy.runtimes.predictor import softmax
 
 HEADER_LENGTH = "Inference-Header-Content-Length"

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bitdeploy.errors import BundleError, MissingDependencyError, first_line
+from bitdeploy.core.errors import BundleError, MissingDependencyError, first_line
 from bitdeploy.runtimes.base import Backend
 from bitdeploy.runtimes.manifest import Manifest
 

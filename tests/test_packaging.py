@@ -14,13 +14,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {
-    "pipeline": "bitdeploy",
-    "training": "bitdeploy/training",
-    "converters": "bitdeploy/converters",
-    "runtimes": "bitdeploy/runtimes",
-    "benchmarks": "bitdeploy/benchmarks",
-}
+PYPROJECT = (ROOT / "pyproject.toml").read_text()
+
+
+def source_folder(package: str) -> str:
+    """The folder a package is built from: pyproject's package-dir of it or of its nearest listed parent."""
+    dirs = dict(re.findall(r'^"?([\w.]+)"? = "(\w+)"$', PYPROJECT.split("[tool.setuptools.package-dir]")[1], re.M))
+    parts = package.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in dirs:
+            return "/".join([dirs[".".join(parts[:i])], *parts[i:]])
+    raise AssertionError(f"{package} has no package-dir")
+
+
+PACKAGES = re.findall(r'"(bitdeploy[\w.]*)"', PYPROJECT.split("packages = [")[1].split("]")[0])
+FOLDERS = {source_folder(p): p.replace(".", "/") for p in PACKAGES}  # source folder -> its path in the wheel
 # a path or an import of tests/ (the old parity_official.py: `Path(__file__).parents[1] / "tests" / ...`)
 READS_TESTS = re.compile(r"""["']tests["'/]|^\s*(from|import) tests\b""", re.MULTILINE)
 
@@ -70,11 +78,15 @@ def test_checker_of_tests_references_sees_a_path_and_an_import() -> None:
     assert not READS_TESTS.search("# Tiny configurations for tests: same unit structure\nself-tests")
 
 
-def test_folders_are_flat() -> None:
-    # Nested packages must be listed in pyproject's `packages`, or the wheel silently drops them.
+def test_every_nested_package_is_listed() -> None:
+    # A nested package missing from pyproject's `packages` is silently dropped from the wheel.
+    assert {"pipeline", "pipeline/core", "pipeline/cli", "runtimes"} <= set(FOLDERS)
     for folder in FOLDERS:
-        nested = [p for p in (ROOT / folder).iterdir() if p.is_dir() and (p / "__init__.py").exists()]
-        assert not nested, f"{folder} has nested packages {nested}; keep it flat or list them in pyproject.toml"
+        for sub in (ROOT / folder).iterdir():
+            if sub.is_dir() and (sub / "__init__.py").exists():
+                assert sub.relative_to(ROOT).as_posix() in FOLDERS, (
+                    f"{sub.relative_to(ROOT)} is not in pyproject's packages"
+                )
 
 
 def test_wheel_metadata_extras(wheel: Path) -> None:

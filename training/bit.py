@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitdeploy.catalog import WS_EPS, BitVariant
+from bitdeploy.core.catalog import WS_EPS, BitVariant
 
 
 class StdConv2d(nn.Conv2d):

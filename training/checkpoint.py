@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from bitdeploy.errors import BitdeployError, WeightsError
+from bitdeploy.core.errors import BitdeployError, WeightsError
 from bitdeploy.training.weights import CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VERSION, read_checkpoint
 
 # Settings that define the run: resuming with any of them changed would silently train something else.

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bitdeploy.errors import DatasetError
+from bitdeploy.core.errors import DatasetError
 
 if TYPE_CHECKING:
     from bitdeploy.training.data import Splits

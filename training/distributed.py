@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core.errors import BitdeployError
 
 XLA_HINT = "install the torch_xla build that matches torch (https://github.com/pytorch/xla), or use --device cpu|cuda"
 

@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from bitdeploy.catalog import WEIGHTS_BASE_URL, BitVariant
-from bitdeploy.errors import WeightsError
-from bitdeploy.fsutil import atomic_write, sha256_file
+from bitdeploy.core.catalog import WEIGHTS_BASE_URL, BitVariant
+from bitdeploy.core.errors import WeightsError
+from bitdeploy.core.fsutil import atomic_write, sha256_file
 
 CACHE_ENV = "BITDEPLOY_CACHE"
 URL_ENV = "BITDEPLOY_WEIGHTS_URL"

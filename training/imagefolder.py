@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bitdeploy.errors import DatasetError
+from bitdeploy.core.errors import DatasetError
 
 if TYPE_CHECKING:
     from bitdeploy.training.data import Splits

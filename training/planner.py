@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.catalog import get_variant
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core.catalog import get_variant
+from bitdeploy.core.errors import BitdeployError
 from bitdeploy.training import hyperrule
 
 DEVICES = ("auto", "cpu", "cuda", "xla")
@@ -124,7 +124,7 @@ def resolve(
 
 def describe_dataset(config: TrainConfig, verify: bool) -> tuple[Any, tuple[int, int]]:
     """Load the dataset (listing only unless `verify`) and its typical original image size."""
-    from bitdeploy.training.data import load_dataset
+    from bitdeploy.training.datasets import load_dataset
 
     splits = load_dataset(config.dataset, config.val_split, config.seed, config.shots, config.strict, verify=verify)
     return splits, splits.train.image_hw(seed=config.seed)

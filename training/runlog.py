@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from bitdeploy.fsutil import atomic_write
+from bitdeploy.core.fsutil import atomic_write
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"

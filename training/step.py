@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core.errors import BitdeployError
 from bitdeploy.training.distributed import Context
 from bitdeploy.training.feeder import Batch, to_model_input
 from bitdeploy.training.fused_ws import use_fused_standardization

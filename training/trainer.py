@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core.errors import BitdeployError
 from bitdeploy.training import checkpoint, distributed, planner
 from bitdeploy.training.data import ImageSet, eval_batch
 from bitdeploy.training.feeder import Feeder

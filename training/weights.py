@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bitdeploy.catalog import WS_EPS, BitVariant, get_variant
-from bitdeploy.errors import BitdeployError, WeightsError, first_line
+from bitdeploy.core.catalog import WS_EPS, BitVariant, get_variant
+from bitdeploy.core.errors import BitdeployError, WeightsError, first_line
 from bitdeploy.training import download
 from bitdeploy.training.bit import ResNetV2, create_model
 

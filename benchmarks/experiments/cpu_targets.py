@@ -60,7 +60,8 @@ def build_engines(
     from bitdeploy.converters.onnx_export import export_onnx
     from bitdeploy.runtimes.base import open_backend
     from bitdeploy.runtimes.manifest import Manifest
-    from bitdeploy.training.data import eval_batch, load_dataset
+    from bitdeploy.training.data import eval_batch
+    from bitdeploy.training.datasets import load_dataset
     from bitdeploy.training.weights import load_model
 
     torch.set_num_threads(args.threads)
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
-    from bitdeploy.errors import BitdeployError
+    from bitdeploy.core.errors import BitdeployError
 
     log = lambda msg: print(f"... {msg}", file=sys.stderr, flush=True)  # noqa: E731
     try:

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     from bitdeploy.converters.onnx_export import export_onnx
     from bitdeploy.converters.ort_convert import OrtOptions
     from bitdeploy.runtimes.fingerprint import host_fingerprint
-    from bitdeploy.training.data import load_dataset
+    from bitdeploy.training.datasets import load_dataset
     from bitdeploy.training.weights import load_model
 
     torch.manual_seed(0)

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         export_onnx(loaded.model, res, work / "fp32.onnx")
         splits = None
         if args.dataset:
-            from bitdeploy.training.data import load_dataset
+            from bitdeploy.training.datasets import load_dataset
 
             splits = load_dataset(args.dataset)
             calib = calibration.from_image_set(splits.train, res, args.calib_size, 0, f"{args.dataset}:train")

@@ -44,8 +44,8 @@ def run_case(oracle: ModuleType, model: str, npz: Path, res: int, batch: int, wo
     import onnxruntime as ort
     import torch
 
-    from bitdeploy.catalog import get_variant
     from bitdeploy.converters.onnx_export import check_graph
+    from bitdeploy.core.catalog import get_variant
 
     out = work / f"{model}-{npz.stem}-{res}.onnx"
     started = time.perf_counter()
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     oracle = load_oracle(args.oracle)
-    from bitdeploy.catalog import get_variant
+    from bitdeploy.core.catalog import get_variant
 
     v = get_variant(args.model)
     results = []

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core.errors import BitdeployError
 from bitdeploy.runtimes import load
 from bitdeploy.runtimes.base import Backend
 from bitdeploy.runtimes.manifest import Manifest

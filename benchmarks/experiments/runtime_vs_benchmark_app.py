@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bitdeploy.benchmarks.latency import make_inputs, single_stream
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core.errors import BitdeployError
 
 OV_MODES = {
     "sync": ["-hint", "none", "-nstreams", "1", "-nireq", "1", "-api", "sync"],  # + -nthreads T

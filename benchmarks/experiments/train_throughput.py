@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from bitdeploy.training import distributed, hyperrule
-    from bitdeploy.training.data import load_dataset
+    from bitdeploy.training.datasets import load_dataset
     from bitdeploy.training.feeder import Feeder
     from bitdeploy.training.step import Stepper
     from bitdeploy.training.weights import load_model

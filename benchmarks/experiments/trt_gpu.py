@@ -84,7 +84,8 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dic
     from bitdeploy.converters.trt_engine import TensorRTOptions
     from bitdeploy.runtimes.manifest import Manifest
     from bitdeploy.runtimes.trt import TensorRTBackend, parse_device
-    from bitdeploy.training.data import eval_batch, load_dataset
+    from bitdeploy.training.data import eval_batch
+    from bitdeploy.training.datasets import load_dataset
     from bitdeploy.training.weights import load_model
 
     index = parse_device(args.device)
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    from bitdeploy.errors import BitdeployError
+    from bitdeploy.core.errors import BitdeployError
 
     try:
         reason = preflight(args.device)

@@ -40,7 +40,7 @@ def _manifest(backend: str, precision: str, model_file: str, precision_used: str
 def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
-    from bitdeploy.catalog import get_variant
+    from bitdeploy.core.catalog import get_variant
     from bitdeploy.training.bit import create_model, fold_weight_standardization
 
     torch.manual_seed(0)

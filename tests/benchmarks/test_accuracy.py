@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from bitdeploy.benchmarks import accuracy
-from bitdeploy.errors import DatasetError
+from bitdeploy.core.errors import DatasetError
 from bitdeploy.runtimes.preprocess import input_spec
 
 

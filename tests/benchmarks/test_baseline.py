@@ -17,7 +17,7 @@ QUICK = {
 
 @pytest.fixture(scope="module")
 def tiny() -> torch.nn.Module:
-    from bitdeploy.catalog import get_variant
+    from bitdeploy.core.catalog import get_variant
     from bitdeploy.training.bit import create_model
 
     torch.manual_seed(0)

@@ -12,18 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from bitdeploy.benchmarks.bench import (
-    GATE_SKIP,
-    Bench,
-    BenchOptions,
-    bundles_to_bench,
-    duration_text,
-    eta_s,
-    find_bundles,
-    progress_line,
-)
+from bitdeploy.benchmarks.bench import Bench
+from bitdeploy.benchmarks.discovery import GATE_SKIP, bundles_to_bench, find_bundles
+from bitdeploy.benchmarks.measure import BenchOptions
+from bitdeploy.benchmarks.progress import duration_text, eta_s, progress_line
 from bitdeploy.cli import main
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core.errors import BitdeployError
 from bitdeploy.runtimes.bundle import read_manifest
 from tests.benchmarks.tiny_onnx import linear_bundle
 from tests.runtimes.test_torch_free import BLOCKED

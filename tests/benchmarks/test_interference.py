@@ -221,7 +221,7 @@ def test_busy_loop_marks_the_row_disturbed(onnx_bundle: Path, tmp_path: Path, bu
 
 
 def test_build_select_fastest_says_tied() -> None:
-    from bitdeploy.build_output import RowResult, select_fastest, table
+    from bitdeploy.builder.output import RowResult, select_fastest, table
 
     litert = RowResult("litert", "int8", status="valid", p50_ms=1.56, p50_spread=[1.50, 1.70], size_mb=25.0)
     ov = RowResult("openvino", "int8", status="valid", p50_ms=1.63, p50_spread=[1.55, 1.66], size_mb=26.0)

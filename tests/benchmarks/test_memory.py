@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bitdeploy.benchmarks.memory import METHOD, input_chw, serving_memory
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core.errors import BitdeployError
 from bitdeploy.runtimes.bundle import read_manifest, write_manifest
 from tests.benchmarks.tiny_onnx import linear_bundle
 

@@ -18,7 +18,7 @@ from bitdeploy.benchmarks.plots import latency_distribution, pareto_front, throu
 from bitdeploy.benchmarks.report import select_fastest, table_rows, write_report
 from bitdeploy.benchmarks.schema import new_document, new_entry, write_json
 from bitdeploy.cli import cli
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core.errors import BitdeployError
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -14,9 +14,9 @@ from bitdeploy.converters.calibration import CalibrationData, ValidationData
 from bitdeploy.converters.openvino_convert import OpenVinoOptions
 from bitdeploy.converters.ort_convert import OrtOptions
 from bitdeploy.converters.trt_engine import TensorRTOptions
-from bitdeploy.errors import BitdeployError, ConversionError
+from bitdeploy.core.errors import BitdeployError, ConversionError
+from bitdeploy.core.targets import TARGETS
 from bitdeploy.runtimes.manifest import Quantization, TargetInfo
-from bitdeploy.targets import TARGETS
 
 
 def test_convert_options_are_frozen() -> None:

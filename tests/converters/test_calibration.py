@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from bitdeploy.converters.calibration import CalibrationData, digest, draw_indices, from_image_set, ort_reader
-from bitdeploy.errors import DatasetError
+from bitdeploy.core.errors import DatasetError
 
 pytest.importorskip("sklearn")
 
 
 @pytest.fixture(scope="module")
 def splits():  # type: ignore[no-untyped-def]
-    from bitdeploy.training.data import load_dataset
+    from bitdeploy.training.datasets import load_dataset
 
     return load_dataset("digits")
 

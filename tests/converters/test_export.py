@@ -18,10 +18,10 @@ pytest.importorskip("onnxslim")
 
 from click.testing import CliRunner  # noqa: E402
 
-from bitdeploy.catalog import get_variant  # noqa: E402
 from bitdeploy.cli import cli  # noqa: E402
 from bitdeploy.converters.onnx_export import check_graph, export_onnx  # noqa: E402
-from bitdeploy.errors import ConversionError  # noqa: E402
+from bitdeploy.core.catalog import get_variant  # noqa: E402
+from bitdeploy.core.errors import ConversionError  # noqa: E402
 from bitdeploy.training.weights import load_model, read_npz  # noqa: E402
 from tests.reference import official_bit  # noqa: E402
 

@@ -17,7 +17,7 @@ pytest.importorskip("ai_edge_litert", reason='the LiteRT runtime needs ai-edge-l
 from bitdeploy.converters import calibration as cal
 from bitdeploy.converters import litert_convert
 from bitdeploy.converters.base import ConvertOptions
-from bitdeploy.errors import ConversionError
+from bitdeploy.core.errors import ConversionError
 from bitdeploy.runtimes.litert import LiteRtBackend
 from bitdeploy.runtimes.manifest import Manifest
 from tests.converters.tiny_digits import RESOLUTION, tiny_digits

@@ -17,7 +17,7 @@ from bitdeploy.converters import calibration as calib_mod
 from bitdeploy.converters import openvino_convert
 from bitdeploy.converters.base import ConvertOptions
 from bitdeploy.converters.openvino_convert import OpenVinoOptions
-from bitdeploy.errors import ConversionError
+from bitdeploy.core.errors import ConversionError
 from bitdeploy.runtimes.manifest import Manifest, TargetInfo
 from bitdeploy.runtimes.ov import OpenVinoBackend
 from tests.converters.tiny_digits import RESOLUTION, TinyDigits, tiny_digits

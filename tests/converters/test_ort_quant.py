@@ -11,7 +11,7 @@ import pytest
 from bitdeploy.converters.base import ConvertOptions
 from bitdeploy.converters.calibration import CalibrationData, digest
 from bitdeploy.converters.ort_convert import OrtOptions
-from bitdeploy.errors import ConversionError
+from bitdeploy.core.errors import ConversionError
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
@@ -21,8 +21,8 @@ RES = 32
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from bitdeploy.catalog import get_variant
     from bitdeploy.converters.onnx_export import export_onnx
+    from bitdeploy.core.catalog import get_variant
     from bitdeploy.training.bit import create_model
 
     torch.manual_seed(0)

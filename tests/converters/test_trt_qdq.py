@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper  # noqa: E402
 from bitdeploy.converters import calibration as calib_mod  # noqa: E402
 from bitdeploy.converters import ort_quant, trt_qdq  # noqa: E402
 from bitdeploy.converters.base import ConvertOptions  # noqa: E402
-from bitdeploy.errors import ConversionError  # noqa: E402
+from bitdeploy.core.errors import ConversionError  # noqa: E402
 from tests.converters.tiny_digits import RESOLUTION, TinyDigits, tiny_digits  # noqa: E402
 
 

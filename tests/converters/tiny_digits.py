@@ -33,9 +33,10 @@ class TinyDigits:
 def _train(steps: int, batch: int, seed: int) -> Any:
     import torch
 
-    from bitdeploy.catalog import get_variant
+    from bitdeploy.core.catalog import get_variant
     from bitdeploy.training.bit import create_model
-    from bitdeploy.training.data import eval_batch, load_dataset
+    from bitdeploy.training.data import eval_batch
+    from bitdeploy.training.datasets import load_dataset
 
     torch.manual_seed(seed)
     splits = load_dataset("digits")

@@ -31,10 +31,11 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import numpy as np
 
     torch = pytest.importorskip("torch")
-    from bitdeploy.catalog import get_variant
+    from bitdeploy.core.catalog import get_variant
     from bitdeploy.training import checkpoint
     from bitdeploy.training.bit import create_model
-    from bitdeploy.training.data import eval_batch, load_dataset
+    from bitdeploy.training.data import eval_batch
+    from bitdeploy.training.datasets import load_dataset
 
     torch.manual_seed(0)
     model = create_model(get_variant("tiny"), 10).eval()

@@ -86,8 +86,8 @@ def digests(out: Path) -> dict[str, dict[str, str]]:
 
 def cache_problems(cache: Path) -> list[str]:
     """Every stage-cache entry's problem (an empty list: the cache is consistent)."""
-    from bitdeploy.cache import entry_problem
-    from bitdeploy.cache_admin import scan
+    from bitdeploy.core.cache import entry_problem
+    from bitdeploy.core.cache_admin import scan
 
     entries, _ = scan(cache)
     return [f"{e.name}: {p}" for e in entries if (p := entry_problem(e.path)) is not None]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from bitdeploy.cli import main
-from bitdeploy.targets import TARGETS, Target, unavailable_reason
+from bitdeploy.core.targets import TARGETS, Target, unavailable_reason
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -148,7 +148,7 @@ def test_int8_bundle_passes_gate_with_full_manifest(run: Callable[..., Result], 
 
 
 def test_second_build_hits_cache_and_changed_input_invalidates(tmp_path: Path, ckpt: Path) -> None:
-    from bitdeploy.build import BuildOptions, run_build
+    from bitdeploy.builder.run import BuildOptions, run_build
 
     cache = tmp_path / "cache"
     lines: list[str] = []
@@ -210,7 +210,7 @@ def _broken_convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration
 
 
 def _failing_convert(*_args: Any) -> Any:
-    from bitdeploy.errors import ConversionError
+    from bitdeploy.core.errors import ConversionError
 
     raise ConversionError("simulated converter crash")
 
@@ -225,7 +225,7 @@ def _patch_target(monkeypatch: pytest.MonkeyPatch, name: str, fn: str) -> None:
 def test_gate_failure_exits_nonzero_and_writes_invalid_bundle(
     run: Callable[..., Result], tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bitdeploy.errors import BundleError
+    from bitdeploy.core.errors import BundleError
     from bitdeploy.runtimes.bundle import load_manifest
 
     _patch_target(monkeypatch, "onnx", "_broken_convert")
@@ -379,7 +379,7 @@ def test_option_errors_are_one_line(run: Callable[..., Result], tmp_path: Path) 
 
 
 def test_cache_dir_default_follows_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bitdeploy.cache import default_root
+    from bitdeploy.core.cache import default_root
 
     monkeypatch.setenv("BITDEPLOY_CACHE", str(tmp_path / "c"))
     assert default_root() == tmp_path / "c" / "stages"
@@ -390,7 +390,7 @@ def test_cache_dir_default_follows_environment(tmp_path: Path, monkeypatch: pyte
 
 
 def test_stage_cache_keys_hits_and_interrupted_writes(tmp_path: Path) -> None:
-    from bitdeploy.cache import StageCache, stage_key
+    from bitdeploy.core.cache import StageCache, stage_key
 
     f = tmp_path / "input.bin"
     f.write_bytes(b"abc")
@@ -438,7 +438,7 @@ def test_debug_shows_the_cause_of_a_conversion_failure(
 ) -> None:
     """A converter's ConversionError keeps its cause: one line by default, the chained traceback under --debug."""
     from bitdeploy.converters import ort_convert
-    from bitdeploy.errors import ConversionError
+    from bitdeploy.core.errors import ConversionError
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -464,7 +464,7 @@ def test_two_builds_needing_the_same_step_run_it_once(tmp_path: Path, resumable:
     import threading
     import time
 
-    from bitdeploy.cache import StageCache
+    from bitdeploy.core.cache import StageCache
 
     started, calls, logs = threading.Event(), [], []
 

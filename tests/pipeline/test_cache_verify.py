@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bitdeploy.cache import STAGE_META, StageCache, entry_problem
+from bitdeploy.core.cache import STAGE_META, StageCache, entry_problem
 from tests.pipeline.faults import Run, build_args, cache_problems, cli, digests
 
 KEY = "a" * 64
@@ -164,7 +164,7 @@ def test_cache_info_verify_and_prune(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_prune_keeps_an_entry_a_running_build_holds(tmp_path: Path) -> None:
     import fcntl
 
-    from bitdeploy.cache_admin import prune
+    from bitdeploy.core.cache_admin import prune
 
     root = tmp_path / "c"
     StageCache(root).run("export", KEY, _step([]))

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from bitdeploy import devices
-from bitdeploy.build_output import RowResult, select_fastest, table
+from bitdeploy.builder.output import RowResult, select_fastest, table
 from bitdeploy.cli import main
-from bitdeploy.emulation import summarize_failures
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core import devices
+from bitdeploy.core.errors import BitdeployError
+from bitdeploy.emulation.guest import summarize_failures
 from bitdeploy.runtimes.manifest import Manifest
 
 
@@ -199,7 +199,7 @@ def test_ort_auto_scheme_holds_on_every_named_cpu(monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_guest_that_dies_becomes_one_line() -> None:
-    from bitdeploy.emulation import _death
+    from bitdeploy.emulation.guest import _death
 
     assert _death(-4, "qemu: uncaught target signal 4 (Illegal instruction) - core dumped").startswith(
         "the guest died: Illegal instruction"
@@ -209,7 +209,7 @@ def test_a_guest_that_dies_becomes_one_line() -> None:
 
 
 def test_the_guest_starts_without_host_variables_that_pin_cpu_kernels() -> None:
-    from bitdeploy.emulation import guest_environment
+    from bitdeploy.emulation.guest import guest_environment
 
     host = {
         "OPENBLAS_CORETYPE": "Haswell",

@@ -108,7 +108,7 @@ def _fail_converter(precision: str) -> Patch:
     """The real converter runs, then its last write fails: what is half-written is the cache entry's temp dir."""
 
     def install(mp: pytest.MonkeyPatch, out: Path, cache: Path) -> None:
-        from bitdeploy import build_row
+        from bitdeploy.builder import row as build_row
 
         real_load = build_row.load_converter
 
@@ -129,7 +129,8 @@ def _fail_converter(precision: str) -> Patch:
 
 
 def _fail_bundle_copy(mp: pytest.MonkeyPatch, out: Path, cache: Path) -> None:
-    from bitdeploy import build_row, fsutil
+    from bitdeploy.builder import row as build_row
+    from bitdeploy.core import fsutil
 
     def copy(src: Path, dst: Path, names: list[str]) -> None:
         fsutil.copy_files(src, dst, names[:1])
@@ -139,8 +140,8 @@ def _fail_bundle_copy(mp: pytest.MonkeyPatch, out: Path, cache: Path) -> None:
 
 
 def _fail_report(mp: pytest.MonkeyPatch, out: Path, cache: Path) -> None:
-    from bitdeploy import build
     from bitdeploy.benchmarks import report
+    from bitdeploy.builder import run as build
 
     real = report._atomic_write
 

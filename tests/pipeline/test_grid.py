@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bitdeploy.grid import Cell, over_budget, parse_shard, plan_cells, shard_cells
+from bitdeploy.builder.grid import Cell, over_budget, parse_shard, plan_cells, shard_cells
 from tests.pipeline import faults
 
 torch = pytest.importorskip("torch")
@@ -255,10 +255,10 @@ def test_shards_on_separate_processes_then_one_build_assembles_from_the_cache(
 def test_max_hours_stops_before_a_cell_and_keeps_what_finished(
     ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import bitdeploy.grid
+    import bitdeploy.builder.grid
 
     monkeypatch.setattr(
-        bitdeploy.grid, "over_budget", lambda elapsed, done, budget: budget is not None and len(done) >= 1
+        bitdeploy.builder.grid, "over_budget", lambda elapsed, done, budget: budget is not None and len(done) >= 1
     )
     args = ["build", "--model", "tiny", "--weights", str(ckpt), "--resolution", "16,24", "--no-report", "--no-cache"]
     code, stdout, err = cli([*args, "--max-hours", "0.5", "--out", str(tmp_path / "g")], capsys)

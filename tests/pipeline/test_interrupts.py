@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from bitdeploy import interrupts
+from bitdeploy.core import interrupts
 
 
 class _SignalsInFinalizer:

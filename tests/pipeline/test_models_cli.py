@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bitdeploy.catalog import count_params, get_variant
 from bitdeploy.cli import cli
+from bitdeploy.core.catalog import count_params, get_variant
 
 OFFICIAL = {f"{u}-r{d}x{w}" for u in "sm" for d, w in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4))}
 

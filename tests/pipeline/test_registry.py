@@ -18,9 +18,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from bitdeploy import targets
 from bitdeploy.cli import cli
 from bitdeploy.converters.base import Artifact
+from bitdeploy.core import targets
 from bitdeploy.runtimes.base import Backend, backend_available, backend_class
 from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
 from bitdeploy.runtimes.manifest import Manifest, ModelInfo, TargetInfo
@@ -92,7 +92,7 @@ def test_a_record_without_calibration_methods_and_every_cli_module_import_in_a_f
     code = """
 import importlib
 from click.testing import CliRunner
-from bitdeploy import targets
+from bitdeploy.core import targets
 from bitdeploy.cli import COMMANDS, cli
 targets.register(targets.Target(name="bare", title="Bare", backend="bare", converter="bare:convert",
     runtime="bare:Backend", formats=(".bare",), extra="bare", modules=("bare",), runtime_extra="bare",

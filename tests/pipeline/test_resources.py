@@ -1,4 +1,4 @@
-"""Resource faults as one line: which fault, which directory, which option (`bitdeploy.resources`), and the build's
+"""Resource faults as one line: which fault, which directory, which option (`bitdeploy.core.resources`), and the build's
 last line."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bitdeploy.errors import BitdeployError, ConversionError, ResourceError
-from bitdeploy.resources import guarded, resource_error, shrink_option
+from bitdeploy.core.errors import BitdeployError, ConversionError, ResourceError
+from bitdeploy.core.resources import guarded, resource_error, shrink_option
 
 
 def _chained(outer: BaseException, inner: BaseException) -> BaseException:
@@ -96,8 +96,8 @@ def test_what_is_not_a_resource_fault_passes_through(tmp_path: Path) -> None:
 
 
 def test_the_last_line_says_done_only_when_every_bundle_that_ran_is_valid() -> None:
-    from bitdeploy.build import status_line
-    from bitdeploy.build_output import RowResult
+    from bitdeploy.builder.output import RowResult
+    from bitdeploy.builder.run import status_line
 
     rows = [RowResult("onnx", "fp32", status="valid"), RowResult("trt", "int8", status="skipped: no GPU")]
     assert status_line(rows, 3.14, ["export"]) == "done in 3.1 s (cache hits: export)"

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bitdeploy.stdio import stdout_to_stderr
+from bitdeploy.core.stdio import stdout_to_stderr
 
 
 def test_prints_and_stdout_log_handlers_go_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
@@ -31,7 +31,7 @@ def test_prints_and_stdout_log_handlers_go_to_stderr(capsys: pytest.CaptureFixtu
 NNCF_QUANTIZE = """
 import numpy as np, openvino as ov, nncf
 from openvino import opset13 as ops
-from bitdeploy.stdio import stdout_to_stderr
+from bitdeploy.core.stdio import stdout_to_stderr
 x = ops.parameter([1, 3, 8, 8], np.float32, name="x")
 w = ops.constant(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32))
 model = ov.Model([ops.relu(ops.convolution(x, w, [1, 1], [1, 1], [1, 1], [1, 1]))], [x])

@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from bitdeploy import targets
 from bitdeploy.cli import cli
+from bitdeploy.core import targets
 from tests.runtimes.backend_conformance import BackendConformance, Case
 from tests.runtimes.test_cli import one_error_line, run
 

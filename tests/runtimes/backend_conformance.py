@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core.errors import BitdeployError
 from bitdeploy.runtimes.base import Backend
 
 

@@ -56,7 +56,7 @@ def make_manifest(
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The folded tiny model exported to ONNX, plus torch logits for a fixed batch."""
     torch = pytest.importorskip("torch")
-    from bitdeploy.catalog import count_params, get_variant
+    from bitdeploy.core.catalog import count_params, get_variant
     from bitdeploy.training.bit import create_model, fold_weight_standardization
 
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bitdeploy.errors import BitdeployError, BundleError
+from bitdeploy.core.errors import BitdeployError, BundleError
 from bitdeploy.runtimes.base import Backend, expected_input
 from bitdeploy.runtimes.bundle import read_manifest
 from bitdeploy.runtimes.manifest import Manifest

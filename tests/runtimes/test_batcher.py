@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core.errors import BitdeployError
 from bitdeploy.runtimes.batcher import Batcher
 
 

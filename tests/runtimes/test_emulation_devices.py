@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from bitdeploy.devices import EMULATED_ENV
-from bitdeploy.emulation_kit import kit_root, readiness
+from bitdeploy.core.devices import EMULATED_ENV
+from bitdeploy.emulation.kit import kit_root, readiness
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -129,8 +129,8 @@ def test_numerics_that_do_not_hold_on_a_cpu_fail_there_in_one_line(
     assert "FAIL" in proc.stdout and "numerics, not speed" in proc.stdout
 
     # the build's --verify-on step on a copy of that bundle: marked FAIL, recorded, one line for the build
-    from bitdeploy.build_output import RowResult
-    from bitdeploy.build_verify_on import failure, run
+    from bitdeploy.builder.output import RowResult
+    from bitdeploy.builder.verify_on import failure, run
 
     copy = tmp_path / "onnx-fp32"
     shutil.copytree(out / "onnx-fp32", copy)
@@ -161,7 +161,7 @@ def test_a_host_kernel_pin_does_not_reach_the_guest(built: tuple[Path, subproces
 def test_a_cpu_below_the_floor_is_one_line_not_a_core_dump(
     built: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
-    from bitdeploy.devices import _numpy_version
+    from bitdeploy.core.devices import _numpy_version
 
     if (_numpy_version() or (0, 0)) < (2, 4):
         pytest.skip("numpy < 2.4 runs on SSE4.1: Penryn is not below its floor")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitdeploy.errors import BundleError
+from bitdeploy.core.errors import BundleError
 from bitdeploy.runtimes import load
 from bitdeploy.runtimes.bundle import MANIFEST, read_manifest
 from bitdeploy.runtimes.pack import open_bundle, pack, unpack

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("ai_edge_litert", reason='the LiteRT runtime needs ai-edge-litert: pip install "bitdeploy[litert]"')
 
-from bitdeploy.errors import BitdeployError, BundleError
+from bitdeploy.core.errors import BitdeployError, BundleError
 from bitdeploy.runtimes import load
 from bitdeploy.runtimes.bundle import bundle_writer, read_manifest, write_manifest
 from bitdeploy.runtimes.litert import LiteRtBackend

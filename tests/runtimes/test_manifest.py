@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bitdeploy.errors import BundleError
-from bitdeploy.fsutil import sha256_file
+from bitdeploy.core.errors import BundleError
+from bitdeploy.core.fsutil import sha256_file
 from bitdeploy.runtimes import load
 from bitdeploy.runtimes.bundle import MANIFEST, bundle_writer, load_manifest, read_manifest, write_manifest
 from bitdeploy.runtimes.manifest import (

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from bitdeploy.cli import cli
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core.errors import BitdeployError
 from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
 from bitdeploy.runtimes.model_repo import export_repo
 from tests.runtimes.conftest import LABELS, make_manifest

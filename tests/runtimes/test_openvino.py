@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bitdeploy.errors import BundleError
+from bitdeploy.core.errors import BundleError
 from bitdeploy.runtimes import load
 from bitdeploy.runtimes.manifest import TargetInfo
 from bitdeploy.runtimes.ov import precision_hint

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bitdeploy.errors import BitdeployError, BundleError, ImageError, MissingDependencyError
+from bitdeploy.core.errors import BitdeployError, BundleError, ImageError, MissingDependencyError
 from bitdeploy.runtimes import load
 from bitdeploy.runtimes.predictor import Timing, softmax
 from bitdeploy.runtimes.preprocess import preprocess

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bitdeploy.errors import BundleError
+from bitdeploy.core.errors import BundleError
 from bitdeploy.runtimes import fingerprint, load, selftest
 from bitdeploy.runtimes.bundle import bundle_writer, read_manifest, write_manifest
 from bitdeploy.runtimes.ort import OrtBackend

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core.errors import BitdeployError
 from bitdeploy.runtimes import load
 from bitdeploy.runtimes.serve import HTTPServer, ServeOptions
 from tests.experiments import load as load_script

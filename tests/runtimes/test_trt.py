@@ -22,7 +22,7 @@ import pytest
 from bitdeploy.converters import trt_engine
 from bitdeploy.converters.base import ConvertOptions
 from bitdeploy.converters.trt_engine import TensorRTOptions
-from bitdeploy.errors import BitdeployError, BundleError, ConversionError, MissingDependencyError
+from bitdeploy.core.errors import BitdeployError, BundleError, ConversionError, MissingDependencyError
 from bitdeploy.runtimes import trt as trt_rt
 from bitdeploy.runtimes.manifest import Manifest, TargetInfo
 from tests.experiments import script

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bitdeploy.converters.base import TargetOptions, option
-from bitdeploy.errors import BitdeployError
+from bitdeploy.core.errors import BitdeployError
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bitdeploy.errors import DatasetError
+from bitdeploy.core.errors import DatasetError
 from bitdeploy.runtimes.preprocess import input_spec, preprocess
-from bitdeploy.training.data import eval_batch, few_shot, load_dataset, resized_images
+from bitdeploy.training.data import eval_batch, few_shot, resized_images
+from bitdeploy.training.datasets import load_dataset
 
 
 def write_folder(root: Path, classes: dict[str, int], size: tuple[int, int] = (20, 24), mode: str = "RGB") -> None:

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from bitdeploy import catalog
-from bitdeploy.errors import WeightsError
+from bitdeploy.core import catalog
+from bitdeploy.core.errors import WeightsError
 from bitdeploy.training import download
 
 R50 = catalog.get_variant("m-r50x1")

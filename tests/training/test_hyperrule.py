@@ -137,6 +137,6 @@ def test_mixup_lambda() -> None:
 
 
 def test_planning_is_torch_free() -> None:
-    code = "import sys; import bitdeploy.training.hyperrule, bitdeploy.training.planner, bitdeploy.cmd_train; print('torch' in sys.modules)"
+    code = "import sys; import bitdeploy.training.hyperrule, bitdeploy.training.planner, bitdeploy.cli.cmd_train; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"

@@ -293,7 +293,7 @@ def test_resume_refuses_another_model_or_config(
 
 
 def test_out_of_memory_names_the_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bitdeploy.errors import BitdeployError
+    from bitdeploy.core.errors import BitdeployError
     from bitdeploy.training.step import Stepper
 
     def boom(*args: Any, **kwargs: Any) -> Any:

@@ -10,8 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bitdeploy.catalog import count_params, get_variant  # noqa: E402
-from bitdeploy.errors import BitdeployError, WeightsError  # noqa: E402
+from bitdeploy.core.catalog import count_params, get_variant  # noqa: E402
+from bitdeploy.core.errors import BitdeployError, WeightsError  # noqa: E402
 from bitdeploy.training.weights import (  # noqa: E402
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,

@@ -1,0 +1,312 @@
+"""One (target, precision) of a build: convert -> evaluate against the FP32 reference -> bundle; then every
+bundle of the build is timed together (`time_rows`).
+
+Every failure is caught here and recorded in the row (`failed: <reason>`), so `--target all` goes on. The row's
+manifest is one typed record (`bitdeploy.runtimes.manifest.Manifest`), drafted after the conversion and completed
+after the gate; `bitdeploy.runtimes.bundle.write_manifest` writes it.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitdeploy.builder.context import BuildContext, BuildOptions, bundle_path, convert_options, quick_timing
+from bitdeploy.builder.output import RowResult, provenance
+from bitdeploy.converters.base import Artifact, ConvertOptions
+from bitdeploy.core.cache import StageCache, file_sha256, stage_key
+from bitdeploy.core.errors import BitdeployError, ResourceError, first_line
+from bitdeploy.core.fsutil import copy_files
+from bitdeploy.core.resources import guarded
+from bitdeploy.core.targets import Target, load_converter
+from bitdeploy.runtimes import selftest
+from bitdeploy.runtimes.fingerprint import host_fingerprint
+from bitdeploy.runtimes.manifest import GateResult, InputSpec, Manifest, SelfTestSpec
+
+EVAL_BATCH = 32
+
+
+def _cache_settings(options: ConvertOptions) -> dict[str, Any]:
+    """The options that change a conversion's result, for its cache key (data go in as digests)."""
+    keyed: dict[str, Any] = {
+        f.name: getattr(options, f.name) for f in fields(options) if f.name not in ("cache_dir", "extras")
+    }
+    if options.extras is not None:
+        keyed["extras"] = options.extras.cache_key()
+    return keyed
+
+
+def convert(
+    target: Target, precision: str, ctx: BuildContext, opts: BuildOptions, cache: StageCache
+) -> tuple[Path, Artifact]:
+    """Run (or reuse) the converter; returns (its work dir, Artifact)."""
+    options = convert_options(opts, target, precision, ctx.validation)
+    calib = ctx.calibration if precision == "int8" else None
+    inputs = {"onnx": file_sha256(ctx.onnx), "calibration": calib.sha256 if calib is not None else "none"}
+    key = stage_key(
+        f"convert-{target.name}-{precision}", inputs, {"converter": target.converter, **_cache_settings(options)}
+    )
+    fn = load_converter(target)
+
+    def step(work: Path) -> dict[str, Any]:
+        artifact: Artifact = fn(Path(ctx.onnx), work, precision, calib, options)
+        return artifact.to_dict()
+
+    if not target.cache_conversions:
+        stage_cache = StageCache(enabled=False)
+        work, meta, _ = stage_cache.run(
+            f"convert-{target.name}-{precision}", key, step, what=f"{target.title} {precision} conversion"
+        )
+        ctx.scratch.append(stage_cache)
+    else:
+        work, meta, _ = cache.run(
+            f"convert-{target.name}-{precision}", key, step, what=f"{target.title} {precision} conversion"
+        )
+    return work, Artifact.from_dict(meta)
+
+
+def evaluate(
+    artifact: Artifact, work: Path, manifest: Manifest, ctx: BuildContext, opts: BuildOptions, precision: str
+) -> tuple[GateResult, Timeable | None, dict[str, Any], np.ndarray]:
+    """(the gate's result, how to time the bundle or None when its own runtime cannot run here, what ran, the
+    artifact's logits) for the artifact."""
+    from bitdeploy.converters import gate
+    from bitdeploy.runtimes.base import backend_available, open_backend
+
+    backend_name, model_file, evaluated = artifact.backend, artifact.model_file, "artifact"
+    if not backend_available(backend_name) and artifact.eval_model_file:
+        backend_name, model_file, evaluated = (
+            "onnxruntime",
+            artifact.eval_model_file,
+            f"{artifact.eval_model_file} on ONNX Runtime CPU",
+        )
+    device = (artifact.target.device or opts.device) if backend_name == artifact.backend else "cpu"
+    backend = open_backend(backend_name, work / model_file, manifest, device=device, threads=opts.threads)
+    try:
+        logits = gate.run_logits(backend.infer, ctx.data, EVAL_BATCH)
+        if ctx.dataset is not None and ctx.label_ids is not None:
+            result = gate.gate(logits, ctx.reference, ctx.label_ids, opts.max_accuracy_drop)
+            result = replace(result, dataset=ctx.dataset, split="val")
+        else:
+            result = gate.validate_unlabelled(logits, ctx.reference, precision, ctx.data.source)
+        ran = evaluated if evaluated != "artifact" else f"{backend_name} ({backend.describe().get('device')})"
+        result = replace(result, evaluated_with=ran)
+        described = backend.describe()
+    finally:
+        backend.close()
+    return result, Timeable(device, ctx.resolution) if evaluated == "artifact" else None, described, logits
+
+
+def draft_manifest(artifact: Artifact, ctx: BuildContext, precision: str) -> Manifest:
+    """The row's manifest before the gate: invalid until `build_row` records the result."""
+    from bitdeploy.runtimes.preprocess import input_spec
+
+    calib = ctx.calibration if precision == "int8" else None
+    quantization = artifact.target.quantization
+    method = quantization.method if quantization is not None else None
+    return Manifest(
+        valid=False,
+        invalid_reason="not validated yet",
+        model=ctx.model_info,
+        target=replace(artifact.target, precision=precision),
+        model_file=artifact.model_file,
+        input=input_spec(ctx.resolution),
+        labels=list(ctx.labels),
+        export=ctx.export,
+        calibration=calib.manifest(method) if calib is not None else None,
+        notes=list(artifact.notes),
+        provenance=provenance(),
+    )
+
+
+def build_row(
+    row: RowResult,
+    target: Target,
+    precision: str,
+    ctx: BuildContext,
+    opts: BuildOptions,
+    cache: StageCache,
+    log: Callable[[str], None],
+) -> Timeable | None:
+    """Fill `row`; never raises for a per-target problem (the status says what happened). Returns how to time the
+    bundle (`time_rows`, once every row is built), or None when it cannot be timed here."""
+    from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
+
+    log(f"[{row.name}] converting with {target.title}")
+    try:
+        work, artifact = convert(target, precision, ctx, opts, cache)
+        manifest = draft_manifest(artifact, ctx, precision)
+        log(f"[{row.name}] evaluating")
+        with guarded(Path(opts.out), "pass --out DIR", f"{row.name} evaluation", "evaluate"):
+            result, timeable, described, logits = evaluate(artifact, work, manifest, ctx, opts, precision)
+        if result.top1 is not None and result.reference_top1 is not None:
+            row.top1, row.reference_top1 = result.top1, result.reference_top1
+            row.delta_pp = (result.top1 - result.reference_top1) * 100.0
+            what = f"top-1 {result.top1 * 100:.2f}% vs FP32 {result.reference_top1 * 100:.2f}% ({row.delta_pp:+.2f} pp, agreement {(result.agreement or 0) * 100:.1f}%)"
+        else:
+            what = f"no dataset: max |logit diff| {result.max_abs_logit_diff} vs FP32 on random inputs (tolerance {result.tolerance or 0:.3g})"
+        row.accuracy = result.to_dict()
+        row.precision_used = artifact.target.precision_used
+        row.device = str(described.get("device") or artifact.target.device or "")
+        row.notes = list(artifact.notes)
+        path = bundle_path(opts, ctx.row_count, row.bundle_name)
+        manifest = replace(
+            manifest,
+            valid=result.passed,
+            invalid_reason=None if result.passed else _invalid_reason(result, opts),
+            gate=result,
+            validated_on={**host_fingerprint(), "evaluated_with": result.evaluated_with},
+        )
+        with guarded(path.parent, "pass --out DIR", f"{row.name} bundle"), bundle_writer(path) as tmp:
+            copy_files(work, tmp, artifact.files)
+            manifest = replace(manifest, self_test=_write_golden(tmp, ctx, logits, precision, manifest.input))
+            write_manifest(tmp, manifest, [*artifact.files, selftest.GOLDEN_FILE])
+        row.bundle = str(path)
+        row.size_mb = sum((path / f).stat().st_size for f in artifact.files) / 1e6
+        row.status = "valid" if result.passed else "failed gate"
+        log(f"[{row.name}] {what}; {'valid' if result.passed else 'FAILED the gate'}; bundle {path}")
+        return timeable
+    except BitdeployError as exc:
+        if isinstance(exc, ResourceError) and exc.kind != "memory":
+            raise  # a full, read-only or failing disk fails every row alike: stop the build with its fix
+        if opts.debug:  # the row still fails alone, but --debug shows the chain that led here
+            traceback.print_exception(exc)
+        row.status, row.error = f"failed: {first_line(exc)}", first_line(exc)
+        log(f"[{row.name}] failed: {row.error}")
+        return None
+    except Exception as exc:  # an SDK's own error type: still only this row fails
+        if opts.debug:
+            raise
+        row.status, row.error = (
+            f"failed: {type(exc).__name__}: {first_line(exc)}",
+            f"{type(exc).__name__}: {first_line(exc)}",
+        )
+        log(f"[{row.name}] failed: {row.error}")
+        return None
+
+
+def _write_golden(
+    bundle_dir: Path, ctx: BuildContext, logits: np.ndarray, precision: str, input_spec: InputSpec
+) -> SelfTestSpec:
+    """The bundle's self-test: a seeded subset of the validation inputs, their FP32 logits and labels."""
+    data, reference, labels = ctx.data, ctx.reference, ctx.label_ids
+    idx = selftest.select(data.samples, ctx.resolution)
+    picked, lo = [], 0
+    for x, _ in data.batches():  # gather only the chosen rows: the validation set may not fit in memory
+        picked.append(x[idx[(idx >= lo) & (idx < lo + len(x))] - lo])
+        lo += len(x)
+    inputs = np.concatenate(picked)
+    return selftest.write(
+        bundle_dir,
+        inputs,
+        reference[idx],
+        labels[idx] if labels is not None else None,
+        logits[idx],
+        precision,
+        input_spec,
+    )
+
+
+def _invalid_reason(result: GateResult, opts: BuildOptions) -> str:
+    if result.top1_drop_pp is not None:
+        return f"accuracy gate: top-1 dropped {result.top1_drop_pp:.2f} pp vs FP32 PyTorch (allowed {opts.max_accuracy_drop:g} pp)"
+    return (
+        f"validation: max |logit diff| {result.max_abs_logit_diff} vs FP32 PyTorch exceeds {result.tolerance or 0:.3g}"
+    )
+
+
+@dataclass(frozen=True)
+class Timeable:
+    """A built bundle whose own runtime runs here: the device it was evaluated on, to time it there."""
+
+    device: str | None
+    resolution: int
+
+
+def time_rows(todo: list[tuple[RowResult, Timeable]], opts: BuildOptions, log: Callable[[str], None]) -> None:
+    """Time every built bundle together, in interleaved rounds of rotating order, so slow drift of the machine
+    hits every row alike; then each valid bundle's serving memory in a fresh process, one at a time. Fill the
+    rows' figures and record them in each bundle's manifest (`build_latency`)."""
+    from bitdeploy.benchmarks.latency import DEFAULT_ROUNDS, QuickTimer, quick_interleaved
+    from bitdeploy.runtimes.base import Backend, open_backend
+    from bitdeploy.runtimes.bundle import read_manifest, write_manifest
+
+    if not todo:
+        return
+    if opts.quiet_check == "wait":
+        from bitdeploy.benchmarks.interference import QUIET_WAIT_S, wait_for_quiet
+
+        wait_for_quiet(QUIET_WAIT_S)
+    log(f"timing {len(todo)} bundles in {DEFAULT_ROUNDS} interleaved rounds: batch 1 and a batch-size sweep")
+    opened: list[tuple[RowResult, Path, Manifest, Backend]] = []
+    try:
+        for row, how in todo:
+            path = Path(row.bundle or "")
+            manifest = read_manifest(path)
+            try:
+                backend = open_backend(
+                    row.backend or "", path / manifest.model_file, manifest, device=how.device, threads=opts.threads
+                )
+            except Exception as exc:  # an SDK's own error type: the row keeps its gate result, without a timing
+                log(f"warning: [{row.name}] not timed: {type(exc).__name__}: {first_line(exc)}")
+                continue
+            opened.append((row, path, manifest, backend))
+        sizes = {row.name: how.resolution for row, how in todo}
+        timers = [
+            QuickTimer(b, (3, sizes[row.name], sizes[row.name]), **quick_timing(opts.bench_iterations))
+            for row, _, _, b in opened
+        ]
+        results = quick_interleaved(timers)
+    finally:
+        for *_, backend in opened:
+            backend.close()
+    for (row, path, manifest, _), timing in zip(opened, results):
+        _apply_timing(row, timing)
+        if row.valid:
+            row.serving_rss_mb = _serving_memory(row, path, opts, log)
+        build_latency = {
+            "batch1_p50_ms": row.p50_ms,
+            "batch1_p90_ms": row.p90_ms,
+            "queries": row.latency_n,
+            "images_per_s": row.images_per_s,
+            "throughput_batch": row.throughput_batch,
+            "batch1_p50_spread_ms": row.p50_spread,
+            "serving_peak_rss_mb": row.serving_rss_mb,
+            "threads": opts.threads,
+            "note": "quick build-time figure; use `bitdeploy bench` for publishable numbers",
+        }
+        with guarded(path.parent, "pass --out DIR", f"{row.name} bundle"):
+            write_manifest(path, replace(manifest, build_latency=build_latency), list(manifest.files))
+
+
+def _serving_memory(row: RowResult, path: Path, opts: BuildOptions, log: Callable[[str], None]) -> float | None:
+    """Peak RSS of a fresh runtime process loading the bundle and serving batch 1 (`benchmarks.memory`)."""
+    from bitdeploy.benchmarks.memory import serving_memory
+
+    try:
+        return float(serving_memory(path, threads=opts.threads)["peak_rss_mb"])
+    except BitdeployError as exc:
+        log(f"warning: [{row.name}] serving memory not measured: {first_line(exc)}")
+        return None
+
+
+def _apply_timing(row: RowResult, timing: dict[str, Any]) -> None:
+    row.p50_ms, row.p90_ms, row.p99_ms, row.mean_ms = (
+        timing["p50_ms"],
+        timing["p90_ms"],
+        timing["p99_ms"],
+        timing["mean_ms"],
+    )
+    row.latency_n, row.images_per_s, row.throughput_batch = (
+        timing["n"],
+        timing["images_per_s"],
+        timing["throughput_batch"],
+    )
+    row.throughput = timing["throughput"]
+    row.p50_spread, row.images_per_s_spread = timing.get("p50_spread"), timing.get("images_per_s_spread")
+    row.disturbed = list((timing.get("interference") or {}).get("reasons") or [])

@@ -1,0 +1,96 @@
+"""`bitdeploy build --verify-on CPU,...`: after the gate, each valid bundle's self-test on each emulated CPU.
+
+A bundle that fails on one stays valid here and is marked in the table (`FAIL` in that CPU's column), in its
+manifest (`verified_on`, written through the one manifest writer, checksums and all) and in the report;
+`--select fastest` skips it. Torch-free: it runs guests and rewrites manifests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bitdeploy.builder.output import RowResult
+from bitdeploy.core import devices
+from bitdeploy.core.errors import BitdeployError
+from bitdeploy.emulation import guest as emulation
+
+
+def check(verify_on: str | None) -> None:
+    """Before anything heavy: the names are known and the kit of each architecture is ready (one line if not)."""
+    if verify_on:
+        emulation.check_ready(devices.find(verify_on))
+
+
+def verified_entry(report: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest records of one emulated self-test."""
+    cpu = (report.get("fingerprint") or {}).get("cpu") or {}
+    test = report.get("self_test") or {}
+    return {
+        **report["emulated"],
+        "passed": bool(report.get("passed")),
+        "agreement": test.get("agreement"),
+        "max_rel_error": test.get("max_rel_error"),
+        "precision_used": report.get("precision_used"),
+        "class": cpu.get("class"),
+        "features": cpu.get("features"),
+        "engines": (report.get("fingerprint") or {}).get("engines"),
+        "error": report.get("error") or ("; ".join(test.get("failures") or []) or None),
+        "checked": report.get("checked"),
+    }
+
+
+def _record(bundle: Path, entries: list[dict[str, Any]]) -> None:
+    from bitdeploy.runtimes.bundle import read_manifest, write_manifest
+
+    manifest = read_manifest(bundle)
+    write_manifest(bundle, replace(manifest, verified_on=entries), list(manifest.files))
+
+
+def run(rows: list[RowResult], verify_on: str, threads: int | None, log: Callable[[str], None]) -> None:
+    """Verify every valid row's bundle on every CPU of `verify_on`; fill `row.devices`, record it in each manifest."""
+    cpus = devices.find(verify_on)
+    gpu = [r.name for r in rows if r.valid and r.backend == "tensorrt"]
+    if gpu:
+        log(f"[verify-on] not emulated: {', '.join(gpu)} (TensorRT plans run on an NVIDIA GPU, not a CPU)")
+    valid = [r for r in rows if r.valid and r.bundle and r.backend != "tensorrt"]
+    if not valid:
+        return
+    log(f"[verify-on] {len(valid)} bundles on {', '.join(c.name for c in cpus)}: {devices.NOTE}")
+    entries: dict[str, list[dict[str, Any]]] = {r.name: [] for r in valid}
+    for cpu in cpus:  # one guest per CPU for every bundle: its imports take seconds
+        log(f"[verify-on] {cpu.name} ({cpu.board}): {len(valid)} self-tests emulated…")
+        started = time.perf_counter()
+        reports = emulation.verify_on(cpu, [Path(str(r.bundle)) for r in valid], threads=threads)
+        passed = sum(1 for r in reports if r.get("passed"))
+        log(f"[verify-on] {cpu.name}: {passed}/{len(reports)} pass ({time.perf_counter() - started:.0f} s emulated)")
+        for row, report in zip(valid, reports):
+            row.devices[cpu.name] = "pass" if report.get("passed") else f"FAIL: {emulation.failure_line(report)}"
+            entries[row.name].append(verified_entry(report))
+            if not report.get("passed"):
+                log(f"[{row.name}] fails its self-test on {cpu.name} ({cpu.board}): {emulation.failure_line(report)}")
+    for row in valid:
+        _record(Path(str(row.bundle)), entries[row.name])
+
+
+def failure(rows: list[RowResult], selected: bool) -> str | None:
+    """The build's one line when a valid bundle failed on a --verify-on CPU and no bundle passing everywhere was
+    selected instead; None otherwise."""
+    failed = [(r, cpu, why) for r in rows for cpu, why in r.devices.items() if why != "pass"]
+    if not failed or selected:
+        return None
+    row, cpu, why = failed[0]
+    more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+    return (
+        f"{row.name} is valid here but fails its self-test on {cpu}: {why.removeprefix('FAIL: ')}{more}; "
+        "its numerics do not hold there: try another --int8-scheme or precision, or drop that CPU from --verify-on"
+    )
+
+
+def raise_for_devices(rows: list[RowResult], selected: bool) -> None:
+    line = failure(rows, selected)
+    if line is not None:
+        raise BitdeployError(line)

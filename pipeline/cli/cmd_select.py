@@ -1,0 +1,90 @@
+"""`bitdeploy select`: pick the bundle of a grid that meets the device's budget (torch-free)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from bitdeploy.core.errors import BitdeployError
+
+
+@click.command("select")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path), metavar="DIR")
+@click.option(
+    "--results",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    metavar="JSON",
+    help="Device results from `bitdeploy bench DIR --all --json JSON` run on the device (repeatable) [default: "
+    "the build host's figures, and it says so].",
+)
+@click.option("--device-class", default=None, help="Which device's results to use when they come from several.")
+@click.option(
+    "--select",
+    "objective",
+    type=click.Choice(["fastest", "most-accurate"]),
+    default=None,
+    help="What to optimise [default: most-accurate under a latency or memory budget, fastest above --min-top1].",
+)
+@click.option("--latency-budget", type=click.FloatRange(min=0, min_open=True), metavar="MS", help="Batch-1 p50 limit.")
+@click.option("--min-top1", type=click.FloatRange(1, 100), metavar="PCT", help="Top-1 floor, in percent.")
+@click.option(
+    "--memory-budget",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="MB",
+    help="Peak resident memory of the runtime process serving batch 1.",
+)
+@click.option("--pack", is_flag=True, help="Write DIR/selected.bitpack (one file) instead of the DIR/selected copy.")
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write a report of the results with the front plotted and the selection circled (needs --results).",
+)
+def select(
+    folder: Path,
+    results: tuple[str, ...],
+    device_class: str | None,
+    objective: str | None,
+    latency_budget: float | None,
+    min_top1: float | None,
+    memory_budget: float | None,
+    pack: bool,
+    report_dir: Path | None,
+) -> None:
+    """Choose the bundle under DIR (a grid build's --out) for a device, print the accuracy-latency front, and write
+    DIR/selected (a copy of the chosen bundle) and DIR/selection.json (the reason).
+
+    Accuracy is each bundle's build gate; latency and memory come from --results measured on the device. No
+    bundle meets the budget: exit 1 with one line naming the nearest miss.
+
+    \b
+    Example (on the device: bitdeploy bench runs/grid --all --json pi5.json):
+      bitdeploy select runs/grid --results pi5.json --latency-budget 20
+    """
+    from bitdeploy.benchmarks.ranking import Criteria, SelectionError
+    from bitdeploy.builder import choose
+
+    criteria = Criteria.from_flags(objective, latency_budget, min_top1, memory_budget) or Criteria()
+    if report_dir is not None and not results:
+        raise BitdeployError(
+            "--report draws the device's results; pass --results JSON from `bitdeploy bench DIR --all`"
+        )
+    try:
+        choice, options, source, missing = choose.select(folder, criteria, results, device_class)
+    except SelectionError as exc:
+        raise BitdeployError(str(exc)) from None
+    click.echo(choose.front_table(options, choice))
+    click.echo(f"figures: {source}")
+    if missing:
+        click.echo(f"warning: not in the results, left out: {', '.join(missing)}", err=True)
+    click.echo(f"selected: {choice.line}")
+    written = choose.write_selected(folder, choice.winner.item, pack)
+    click.echo(f"wrote {written} and {choose.record(folder, choice, criteria, source, written)}")
+    if report_dir is not None:
+        from bitdeploy.benchmarks.report import as_documents, write_report
+
+        selected = {"name": choice.winner.name, "reason": choice.line}
+        paths = write_report(as_documents(list(results)), report_dir, selected)
+        click.echo(f"report: {paths['html']}")
