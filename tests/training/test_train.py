@@ -22,7 +22,8 @@ from bitdeploy.cli import cli, main
 
 torch = pytest.importorskip("torch")
 
-from bitdeploy.training.data import eval_batch, load_dataset  # noqa: E402
+from bitdeploy.training.data import eval_batch  # noqa: E402
+from bitdeploy.training.datasets import load_dataset  # noqa: E402
 from bitdeploy.training.feeder import Feeder  # noqa: E402
 from bitdeploy.training.trainer import TrainConfig, train  # noqa: E402
 from bitdeploy.training.weights import load_model  # noqa: E402
