@@ -39,7 +39,8 @@ def _folder(root: Path) -> None:
 
 
 def test_torch_free_image_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "bitdeploy.training.data", None)  # as on a device without the train extra
+    for module in ("bitdeploy.training.data", "bitdeploy.training.datasets"):  # as on a device without the train extra
+        monkeypatch.setitem(sys.modules, module, None)
     _folder(tmp_path)
     ev = accuracy.load_eval_set(str(tmp_path))
     assert ev.split == "val" and ev.classes == ["cat", "dog"] and len(ev) == 6

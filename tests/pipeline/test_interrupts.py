@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 
 import pytest
 
@@ -20,8 +21,16 @@ class _SignalsInFinalizer:
         os.kill(os.getpid(), signal.SIGINT)
 
 
+@pytest.fixture
+def ctrl_c_enabled() -> Iterator[None]:
+    """SIGINT as an interactive shell gives it: a suite started in the background inherits it ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop is the point
-def test_a_ctrl_c_a_finalizer_swallowed_is_raised_at_the_next_check() -> None:
+def test_a_ctrl_c_a_finalizer_swallowed_is_raised_at_the_next_check(ctrl_c_enabled: None) -> None:
     with interrupts.handled():
         _SignalsInFinalizer()  # Python prints "Exception ignored in ... KeyboardInterrupt" and goes on
         assert interrupts.pending() is KeyboardInterrupt
