@@ -35,11 +35,6 @@ def target_names_and_all() -> list[str]:
     return [*targets.target_names(), "all"]
 
 
-def targets_or_all() -> LiveChoice:
-    """--target NAME: every registered target, or all."""
-    return LiveChoice(target_names_and_all)
-
-
 class TargetList(LiveChoice):
     """--target NAME[,NAME...] or all: registered targets, comma-separated, given back as one normalised string."""
 

@@ -148,16 +148,6 @@ def verify_on(
     return reports
 
 
-def verify_matrix(
-    cpus: Sequence[CpuModel], bundles: Sequence[Path], kit: Path | None = None, threads: int | None = None
-) -> dict[str, list[dict[str, Any]]]:
-    """{cpu name: one report per bundle}; checks the kit of every architecture first (one line if missing)."""
-    if not bundles:
-        return {c.name: [] for c in cpus}
-    check_ready(cpus, kit)
-    return {c.name: verify_on(c, bundles, kit, threads) for c in cpus}
-
-
 def failure_line(report: dict[str, Any]) -> str:
     """Why a report failed, in a few words."""
     if report.get("error"):
