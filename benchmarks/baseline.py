@@ -24,13 +24,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bitdeploy.benchmarks.measure import COMPILE_TIMEOUT_S, BenchOptions, measure_latency
+from bitdeploy.benchmarks.schema import VALID, BenchEntry, Status, Timing
 from bitdeploy.core.errors import require
 from bitdeploy.runtimes.manifest import Manifest
 
@@ -45,6 +47,59 @@ EXIT_COMPILE_TIMEOUT = 3
 
 def entry_name(form: str, model: str, resolution: int) -> str:
     return f"pytorch-fp32-{form}:{model}@{resolution}"
+
+
+@dataclass(frozen=True)
+class QuickBaseline:
+    """One form as a build times it (`measure_forms` with a quick timing), for the report's speed-up column."""
+
+    form: str
+    label: str
+    status: Status
+    compile_s: float | None = None
+    timing: Timing = field(default_factory=Timing)
+
+    @classmethod
+    def from_result(cls, result: Mapping[str, Any]) -> QuickBaseline:
+        """From one result of `measure_forms`."""
+        return cls(
+            result["form"],
+            result["label"],
+            Status.parse(result["status"]),
+            result.get("compile_s"),
+            Timing.from_quick(result.get("measured") or {}),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row build.json lists under "baseline"."""
+        t = self.timing.flat()
+        order = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "latency_n", "p50_spread", "images_per_s_spread", "disturbed")
+        return {
+            "form": self.form,
+            "label": self.label,
+            "status": self.status.text,
+            "compile_s": self.compile_s,
+            **{k: t[k] for k in order},
+            **{k: t[k] for k in ("images_per_s", "throughput_batch", "throughput")},
+        }
+
+    def entry(self, model: str, resolution: int, num_classes: int | None, device: str) -> BenchEntry:
+        """The bench entry of this form for `model` at `resolution` (`device`: the report's device column)."""
+        return BenchEntry(
+            name=entry_name(self.form, model, resolution),
+            kind="pytorch",
+            model=model,
+            resolution=resolution,
+            num_classes=num_classes,
+            target="pytorch",
+            precision="fp32",
+            precision_used="f32",
+            backend_device="cpu",
+            device=device,
+            status=self.status,
+            describe={"form": self.form, "label": self.label, "compile_s": self.compile_s},
+            **self.timing.entry_fields(),
+        )
 
 
 def prepare(model: Any, form: str) -> Any:
@@ -123,9 +178,10 @@ def baseline_weights(choice: str, manifest: Manifest) -> str:
     if choice != "auto":
         return choice
     weights = manifest.model.weights
-    source = weights.get("source")
+    source = weights.source if weights is not None else None
     if (
-        weights.get("kind") in ("npz", "checkpoint")
+        weights is not None
+        and weights.kind in ("npz", "checkpoint")
         and source
         and "://" not in str(source)
         and Path(os.fspath(source)).exists()
@@ -167,7 +223,8 @@ def measure_forms(
     log: Callable[[str], None] = lambda _: None,
 ) -> list[dict[str, Any]]:
     """Time each form of `model` at batch shape (1, *shape); one result per form, in order:
-    {form, label, status ("valid" | "skipped: why"), prepare_s, compile_s, first_infer_ms, measured, describe}.
+    {form, label, status ("valid" | "skipped: why", a Status's text), prepare_s, compile_s, first_infer_ms, measured,
+    describe}.
 
     `measure(baseline)` times an eager form in this process (default: `time_target` with `timing`); the compiled
     form is timed by `time_target(timing)` in a child. Call it before any engine session has run here."""
@@ -181,7 +238,7 @@ def measure_forms(
         result: dict[str, Any] = {
             "form": form,
             "label": LABELS[form],
-            "status": "valid",
+            "status": VALID.text,
             "compile_s": None,
             "measured": None,
         }
@@ -224,9 +281,8 @@ def _compiled_in_child(
             [sys.executable, "-m", "bitdeploy.benchmarks.baseline", str(spec_path)], capture_output=True, text=True
         )
     if proc.returncode == EXIT_COMPILE_TIMEOUT:
-        return {
-            "status": f"skipped: torch.compile did not finish within {compile_timeout:g} s (the compile-time bound)"
-        }
+        bound = f"torch.compile did not finish within {compile_timeout:g} s (the compile-time bound)"
+        return {"status": Status.skipped(bound).text}
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
         try:
@@ -234,9 +290,8 @@ def _compiled_in_child(
         except ValueError:
             pass
     err = [ln.strip() for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    return {
-        "status": f"skipped: torch.compile does not work on this CPU here ({(err[-1] if err else f'exit {proc.returncode}')[:200]})"
-    }
+    why = (err[-1] if err else f"exit {proc.returncode}")[:200]
+    return {"status": Status.skipped(f"torch.compile does not work on this CPU here ({why})").text}
 
 
 def _child(spec_path: str) -> int:

@@ -13,17 +13,16 @@ measured in a fresh process, one bundle at a time (`benchmarks.memory`).
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from bitdeploy.benchmarks import interference, latency
 from bitdeploy.benchmarks.accuracy import EvalSet, load_eval_set, measure
-from bitdeploy.benchmarks.discovery import bundle_size, skipped_invalid
+from bitdeploy.benchmarks.discovery import baseline_manifests, bundle_entry, skipped_invalid
 from bitdeploy.benchmarks.env import collect, device_label
 from bitdeploy.benchmarks.measure import (
     QUIET_CHECKS,
@@ -34,43 +33,13 @@ from bitdeploy.benchmarks.measure import (
     measure_latency,
     time_round,
 )
-from bitdeploy.benchmarks.memory import input_chw, serving_memory
+from bitdeploy.benchmarks.memory import input_chw, peak_rss_mb, reset_peak_rss, rss_mb, serving_memory
 from bitdeploy.benchmarks.progress import Progress
-from bitdeploy.benchmarks.schema import new_document, new_entry
+from bitdeploy.benchmarks.schema import FAILED_GATE, VALID, BenchEntry, Status, new_document, status_of
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.runtimes.manifest import Manifest, TargetInfo
 
 E2E_IMAGES = 32  # distinct encoded images cycled through the end-to-end loop
-
-
-def _reset_peak_rss() -> str:
-    """Reset the kernel's peak-RSS counter (Linux clear_refs 5) so each entry gets its own peak."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return "VmHWM after clear_refs (per entry)"
-    except OSError:
-        return "ru_maxrss (process peak so far)"
-
-
-def _rss_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def _peak_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def _open(bundle: str, opts: BenchOptions) -> tuple[Any, Manifest, Any]:
@@ -106,7 +75,7 @@ def _describe(obj: Any) -> dict[str, Any]:
 class Opened:
     """A bundle held open between its interleaved rounds."""
 
-    entry: dict[str, Any]
+    entry: BenchEntry
     pred: Any
     manifest: Manifest
     shape: tuple[int, int, int]
@@ -169,11 +138,11 @@ class Bench:
         if self._ref_pred is not None:
             getattr(self._ref_pred, "close", lambda: None)()
 
-    def open(self, bundle: str, name: str | None = None) -> Opened | dict[str, Any]:
+    def open(self, bundle: str, name: str | None = None) -> Opened | BenchEntry:
         """Load a bundle and make its first call; a failed entry when it cannot be opened."""
         opts, name = self.opts, name or Path(bundle).name or str(bundle)
-        rss_before = _rss_mb()
-        rss_method = _reset_peak_rss()
+        rss_before = rss_mb()
+        rss_method = reset_peak_rss()
         pred = None
         try:
             t0 = time.perf_counter()
@@ -184,55 +153,56 @@ class Bench:
             pred.infer(latency.make_inputs((1, *shape), pool=1)[0])
             first_ms = (time.perf_counter() - t1) * 1e3
             desc = _describe(backend)
-            target, model = manifest.target, manifest.model
-            size_mb, files = bundle_size(Path(bundle), manifest)
-            entry = new_entry(
-                name=name,
-                kind="bundle",
-                bundle=str(bundle),
-                model=model.name,
-                resolution=model.resolution,
-                num_classes=model.num_classes,
+            target = manifest.target
+            device = str(desc.get("device") or target.device or opts.device or "cpu")
+            entry = bundle_entry(
+                name,
+                bundle,
+                manifest,
+                VALID if manifest.valid else FAILED_GATE,
                 target=target.backend or desc.get("backend"),
-                precision=target.precision,
                 precision_used=_precision_used(target, desc),
-                backend_device=str(desc.get("device") or target.device or opts.device or "cpu"),
-                status="valid" if manifest.valid else "failed gate",
-                size_mb=size_mb,
-                files_sha256=files,
+                backend_device=device,
+                device=device_label(self.env, device),
                 load_s=load_s,
                 first_infer_ms=first_ms,
-                build_accuracy=manifest.accuracy.to_dict() if manifest.accuracy is not None else None,
                 describe=desc,
             )
-            entry["device"] = device_label(self.env, entry["backend_device"])
         except BitdeployError as exc:
             if pred is not None:
                 getattr(pred, "close", lambda: None)()
-            entry = new_entry(name=name, kind="bundle", bundle=str(bundle), status=f"failed: {exc}", error=str(exc))
-            entry.update(peak_rss_mb=_peak_rss_mb(), peak_rss_method=rss_method)
-            return entry
+            return BenchEntry(
+                name=name,
+                kind="bundle",
+                bundle=str(bundle),
+                status=Status.failed(str(exc)),
+                error=str(exc),
+                peak_rss_mb=peak_rss_mb(),
+                peak_rss_method=rss_method,
+            )
         # Bundles stay open together for interleaved rounds: the ones opened before this are resident too.
-        entry.update(
-            peak_rss_mb=_peak_rss_mb(),
-            peak_rss_method=f"{rss_method}, over load and first call",
-            rss_before_mb=rss_before,
+        entry = entry.merged(
+            {
+                "peak_rss_mb": peak_rss_mb(),
+                "peak_rss_method": f"{rss_method}, over load and first call",
+                "rss_before_mb": rss_before,
+            }
         )
         return Opened(entry, pred, manifest, shape)
 
     def time_round(self, o: Opened) -> None:
         o.rounds.append(time_round(o.pred, o.shape, self.opts))
 
-    def finish(self, o: Opened) -> dict[str, Any]:
+    def finish(self, o: Opened) -> BenchEntry:
         """Combine the rounds, then end-to-end and accuracy (once each), and close the bundle."""
         opts, entry = self.opts, o.entry
         try:
-            entry.update(combine(o.rounds, opts))
+            entry = entry.merged(combine(o.rounds, opts))
             if opts.end_to_end and self.images:
-                entry["end_to_end"] = end_to_end(o.pred, self.images, o.manifest.input, opts)
-                entry["end_to_end"]["images_source"] = self.images_source
+                e2e = end_to_end(o.pred, self.images, o.manifest.input, opts)
+                entry = replace(entry, end_to_end={**e2e, "images_source": self.images_source})
             if self.eval_set is not None:
-                entry["accuracy"] = measure(
+                accuracy = measure(
                     o.pred.infer,
                     o.manifest.input,
                     o.manifest.labels,
@@ -241,15 +211,16 @@ class Bench:
                     opts.samples,
                     progress=opts.progress,
                 )
+                entry = replace(entry, accuracy=accuracy)
         except BitdeployError as exc:
-            entry.update(status=f"failed: {exc}", error=str(exc))
+            entry = replace(entry, status=Status.failed(str(exc)), error=str(exc))
         finally:
             getattr(o.pred, "close", lambda: None)()
         return entry
 
     def bundles(
         self, bundles: list[str], names: Sequence[str] | None = None, skip_invalid: bool = False
-    ) -> list[dict[str, Any]]:
+    ) -> list[BenchEntry]:
         """Every bundle in `opts.rounds` interleaved rounds, each round starting one bundle later than the last,
         so slow drift of the machine hits every bundle alike; then end-to-end and accuracy per bundle, then (with
         `opts.memory`) each valid bundle's serving memory in a fresh process, one at a time. `skip_invalid`: a
@@ -261,11 +232,10 @@ class Bench:
         per = rounds + finishing + memory  # steps after opening, per bundle
         skipped = {b: e for b, n in zip(bundles, names) if skip_invalid and (e := skipped_invalid(b, n)) is not None}
         progress = self.progress = Progress((len(bundles) - len(skipped)) * (1 + per), self.log)
-        opened: list[Opened | dict[str, Any]] = []
+        opened: list[Opened | BenchEntry] = []
         for b, n in zip(bundles, names):
             if b in skipped:
-                skipped[b]["device"] = device_label(self.env, skipped[b]["backend_device"])
-                opened.append(skipped[b])
+                opened.append(replace(skipped[b], device=device_label(self.env, skipped[b].backend_device)))
                 continue
             progress.step(f"opening {n}")
             opened.append(self.open(b, n))
@@ -277,30 +247,28 @@ class Bench:
                 self.before_round(r)
                 shift = r % len(live) if live else 0
                 for o in live[shift:] + live[:shift]:
-                    progress.step(f"round {r + 1}/{rounds} {o.entry['name']}")
+                    progress.step(f"round {r + 1}/{rounds} {o.entry.name}")
                     try:
                         self.time_round(o)
                     except BitdeployError as exc:
-                        o.entry.update(status=f"failed: {exc}", error=str(exc))
+                        o.entry = replace(o.entry, status=Status.failed(str(exc)), error=str(exc))
                         progress.total -= rounds - r - 1 + finishing + memory
-                live = [o for o in live if not str(o.entry["status"]).startswith("failed:")]
+                live = [o for o in live if not o.entry.is_failed]
         finally:
-            results: list[dict[str, Any]] = []
+            results: list[BenchEntry] = []
             for item in opened:
                 if not isinstance(item, Opened):
                     results.append(item)
-                elif item.rounds and not str(item.entry["status"]).startswith("failed:"):
+                elif item.rounds and not item.entry.is_failed:
                     if finishing:
-                        progress.step(f"{self._finish_label()} {item.entry['name']}")
+                        progress.step(f"{self._finish_label()} {item.entry.name}")
                     results.append(self.finish(item))
-                    if str(item.entry["status"]).startswith("failed:"):
+                    if results[-1].is_failed:
                         progress.total -= memory
                 else:
                     getattr(item.pred, "close", lambda: None)()
                     results.append(item.entry)
-        if self.opts.memory:
-            self.serving_memory(results)
-        return results
+        return self.serving_memory(results) if self.opts.memory else results
 
     def _finish_label(self) -> str:
         return " and ".join(
@@ -309,22 +277,23 @@ class Bench:
             if on
         )
 
-    def serving_memory(self, entries: list[dict[str, Any]]) -> None:
+    def serving_memory(self, entries: list[BenchEntry]) -> list[BenchEntry]:
         """Each benched bundle's serving memory, in a fresh process, one at a time: after every timing round, and
         with this process's sessions closed, so it neither disturbs nor is disturbed by the timing. A failure is
         recorded as {"error": ...} in that entry; the bundle's other figures stand."""
-        opts = self.opts
+        opts, out = self.opts, []
         for e in entries:
-            if e.get("kind") != "bundle" or e.get("status") != "valid":
+            if e.kind != "bundle" or not e.is_valid:
+                out.append(e)
                 continue
             if self.progress is not None:
-                self.progress.step(f"serving memory {e['name']}")
+                self.progress.step(f"serving memory {e.name}")
             try:
-                e["serving_memory"] = serving_memory(
-                    e["bundle"], threads=opts.threads, backend=opts.backend, device=opts.device
-                )
+                mem = serving_memory(str(e.bundle), threads=opts.threads, backend=opts.backend, device=opts.device)
             except BitdeployError as exc:
-                e["serving_memory"] = {"error": str(exc)}
+                mem = {"error": str(exc)}
+            out.append(replace(e, serving_memory=mem))
+        return out
 
     def before_round(self, r: int) -> None:
         """`--quiet-check wait`: wait up to `quiet_wait` seconds for a quiet machine before each round."""
@@ -340,13 +309,13 @@ class Bench:
     def warn(self, message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    def pytorch(self, manifest_like: Manifest) -> list[dict[str, Any]]:
+    def pytorch(self, manifest_like: Manifest) -> list[BenchEntry]:
         """The PyTorch FP32 baselines (every form of `baseline.FORMS`) for one (model, resolution, classes)."""
         from bitdeploy.benchmarks.baseline import FORMS, PytorchBaseline, baseline_weights, entry_name, measure_forms
 
         opts = self.opts
         model = manifest_like.model
-        common = {
+        common: dict[str, Any] = {
             "kind": "pytorch",
             "model": model.name,
             "resolution": model.resolution,
@@ -355,15 +324,15 @@ class Bench:
             "precision": "fp32",
         }
         forms = FORMS if opts.compile_timeout > 0 else FORMS[:2]
-        rss_method = _reset_peak_rss()
+        rss_method = reset_peak_rss()
         try:
             weights = baseline_weights(opts.pytorch_baseline or "auto", manifest_like)
             loaded = PytorchBaseline.load(model.name, model.num_classes, weights, opts.threads, opts.seed)
         except BitdeployError as exc:
             return [
-                new_entry(
+                BenchEntry(
                     name=entry_name(f, model.name, model.resolution or 0),
-                    status=f"failed: {exc}",
+                    status=Status.failed(str(exc)),
                     error=str(exc),
                     **common,
                 )
@@ -413,43 +382,22 @@ class Bench:
         entries = []
         for r in results:
             measured = dict(r.get("measured") or {})
-            entry = new_entry(
+            entry = BenchEntry(
                 name=entry_name(r["form"], model.name, model.resolution or 0),
                 precision_used="f32",
                 backend_device="cpu",
-                status=r["status"],
+                device=device_label(self.env, "cpu"),
+                status=Status.parse(r["status"]),
                 load_s=r.get("prepare_s"),
                 first_infer_ms=r.get("first_infer_ms"),
                 describe=r.get("describe") or {"form": r["form"], "label": r["label"]},
                 accuracy=measured.pop("accuracy", None),
                 **common,
-            )
-            entry["device"] = device_label(self.env, "cpu")
-            entry.update(measured)
-            if entry.get("end_to_end"):
-                entry["end_to_end"]["images_source"] = self.images_source
-            entry.update(peak_rss_mb=_peak_rss_mb(), peak_rss_method=rss_method)
-            entries.append(entry)
+            ).merged(measured)
+            if entry.end_to_end:
+                entry = replace(entry, end_to_end={**entry.end_to_end, "images_source": self.images_source})
+            entries.append(replace(entry, peak_rss_mb=peak_rss_mb(), peak_rss_method=rss_method))
         return entries
-
-
-def _baseline_keys(bundles: list[str]) -> list[Manifest]:
-    """One manifest per distinct (model, resolution, classes) among the readable bundles (directories or packs)."""
-    from bitdeploy.runtimes.pack import open_bundle
-
-    seen, out = set(), []
-    for b in bundles:
-        try:
-            opened = open_bundle(b, verify=False, require_valid=False)
-        except BitdeployError:
-            continue  # its own entry will say why
-        opened.cleanup()
-        model = opened.manifest.model
-        key = (model.name or None, model.resolution, model.num_classes)
-        if None not in key[:2] and key not in seen:
-            seen.add(key)
-            out.append(opened.manifest)
-    return out
 
 
 def run(
@@ -460,10 +408,10 @@ def run(
     `names`: each bundle's entry name (default: its last path part); `skip_invalid` (`--all`): a bundle the build
     marked invalid becomes a `skipped:` entry rather than a failure."""
     bench = Bench(opts)
-    results: list[dict[str, Any]] = []
+    results: list[BenchEntry] = []
     try:
         if opts.pytorch_baseline is not None:
-            for m in _baseline_keys(bundles):
+            for m in baseline_manifests(bundles):
                 results.extend(bench.pytorch(m))
         results.extend(bench.bundles(bundles, names, skip_invalid))
     finally:
@@ -481,4 +429,4 @@ def disturbed(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def failed(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    return [e for e in doc["results"] if str(e.get("status", "")).startswith("failed:")]
+    return [e for e in doc["results"] if status_of(e).is_failed]

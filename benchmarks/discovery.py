@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.benchmarks.schema import new_entry
+from bitdeploy.benchmarks.schema import BenchEntry, Status
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.runtimes.bundle import MANIFEST, read_manifest
 from bitdeploy.runtimes.manifest import Manifest
@@ -17,7 +17,8 @@ from bitdeploy.runtimes.pack import PACK_SUFFIX
 SELECTED = "selected"  # DIR/selected (or DIR/selected.bitpack): `bitdeploy select`'s copy of one bundle under DIR
 
 
-GATE_SKIP = "skipped: failed the accuracy gate at build"
+GATE_SKIP_REASON = "failed the accuracy gate at build"
+GATE_SKIP = Status.skipped(GATE_SKIP_REASON).text
 
 
 def find_bundles(root: Path) -> list[Path]:
@@ -96,7 +97,7 @@ def bundles_to_bench(args: Sequence[str], every: bool, note: Callable[[str], Non
     return out
 
 
-def skipped_invalid(bundle: str, name: str) -> dict[str, Any] | None:
+def skipped_invalid(bundle: str, name: str) -> BenchEntry | None:
     """The `skipped:` entry of a bundle directory the build marked invalid (`valid: false`), else None."""
     try:
         manifest = read_manifest(bundle) if Path(bundle).is_dir() else None
@@ -106,26 +107,36 @@ def skipped_invalid(bundle: str, name: str) -> dict[str, Any] | None:
         return None
     reason = manifest.invalid_reason
     if reason is None or reason.startswith(("accuracy gate", "validation")):
-        status = GATE_SKIP + (f" ({reason})" if reason else "")
+        status = Status.skipped(GATE_SKIP_REASON + (f" ({reason})" if reason else ""))
     else:
-        status = f"skipped: marked invalid at build ({reason})"
+        status = Status.skipped(f"marked invalid at build ({reason})")
+    return bundle_entry(name, bundle, manifest, status)
+
+
+def bundle_entry(name: str, bundle: str, manifest: Manifest, status: Status, **figures: Any) -> BenchEntry:
+    """The entry of a bundle from its manifest (what it is, its files, the build's gate); `figures` are the ENTRY
+    fields measured here, and override the manifest's record (e.g. the backend's own `precision_used`)."""
     target, model = manifest.target, manifest.model
     size_mb, files = bundle_size(Path(bundle), manifest)
-    return new_entry(
+    recorded: dict[str, Any] = {
+        "target": target.backend,
+        "precision_used": target.precision_used,
+        "backend_device": target.device,
+        **figures,
+    }
+    return BenchEntry(
         name=name,
         kind="bundle",
         bundle=str(bundle),
         model=model.name,
         resolution=model.resolution,
         num_classes=model.num_classes,
-        target=target.backend,
         precision=target.precision,
-        precision_used=target.precision_used,
-        backend_device=target.device,
         status=status,
         size_mb=size_mb,
         files_sha256=files,
         build_accuracy=manifest.accuracy.to_dict() if manifest.accuracy is not None else None,
+        **recorded,
     )
 
 
@@ -135,3 +146,23 @@ def bundle_size(path: Path, manifest: Manifest) -> tuple[float, dict[str, str]]:
         return path.stat().st_size / 1e6, dict(files)
     total = sum((path / name).stat().st_size for name in files if (path / name).is_file())
     return total / 1e6, dict(files)
+
+
+def baseline_manifests(bundles: list[str]) -> list[Manifest]:
+    """For the PyTorch baselines: one manifest per distinct (model, resolution, classes) among the readable
+    bundles (directories or packs)."""
+    from bitdeploy.runtimes.pack import open_bundle
+
+    seen, out = set(), []
+    for b in bundles:
+        try:
+            opened = open_bundle(b, verify=False, require_valid=False)
+        except BitdeployError:
+            continue  # its own entry will say why
+        opened.cleanup()
+        model = opened.manifest.model
+        key = (model.name or None, model.resolution, model.num_classes)
+        if None not in key[:2] and key not in seen:
+            seen.add(key)
+            out.append(opened.manifest)
+    return out

@@ -52,6 +52,28 @@ def _maxrss_mb() -> float:
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, KiB elsewhere
 
 
+def reset_peak_rss() -> str:
+    """Reset this process's peak-RSS counter (Linux clear_refs 5) so each bench entry gets its own peak; says
+    which figure `peak_rss_mb` will then be."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "VmHWM after clear_refs (per entry)"
+    except OSError:
+        return "ru_maxrss (process peak so far)"
+
+
+def rss_mb() -> float | None:
+    """This process's resident memory now, in MB, or None without /proc."""
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, in MB: VmHWM (since `reset_peak_rss`), else ru_maxrss."""
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else _maxrss_mb()
+
+
 def input_chw(manifest: Manifest) -> tuple[int, int, int]:
     """(channels, height, width) of one input: the manifest's fixed dimensions, else 3 and the model resolution."""
     res = manifest.model.resolution or 0

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from bitdeploy.core.targets import backend_names
+
 # matplotlib's tab10, then its lighter tab20 partners: a --target all report has 12+ rows, each needs its own colour.
 PALETTE = (
     "#1f77b4",
@@ -183,7 +185,7 @@ def throughput_vs_batch(rows: list[dict[str, Any]]) -> Any:
 
 
 # The front figure's encoding: marker shape = target (backend), fill = precision, colour = (model, resolution).
-TARGET_MARKERS = {"onnxruntime": "o", "openvino": "s", "litert": "^", "tensorrt": "D", "pytorch": "*"}
+TARGET_MARKERS = {**dict(zip(backend_names(), ("o", "s", "D", "^"))), "pytorch": "*"}  # the records' backends
 SPARE_MARKERS = ("v", "P", "h", "<", ">", "p", "X")  # targets registered later, in order of appearance
 FILLS = {"fp32": ("full", "filled"), "fp16": ("left", "half-filled"), "int8": ("none", "hollow")}
 BASELINE_GREY = "#bdbdbd"

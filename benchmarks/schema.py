@@ -53,6 +53,9 @@ Rounds: single_stream p50_ms/p90_ms/mean_ms and offline images_per_s are medians
 with [min, max] in single_stream.spread and offline results[].images_per_s_spread; p99 pools all rounds' queries.
 
 Percentiles are nearest-rank; all times are milliseconds unless the key ends in `_s`.
+
+In code an ENTRY is a `BenchEntry` (its `status` a `Status`, whose `text` is the string above), and a build's quick
+figures are a `Timing`; `to_json`/`from_json` write and read exactly the documents above.
 """
 
 from __future__ import annotations
@@ -60,7 +63,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -70,52 +75,253 @@ SCHEMA = "bitdeploy-bench"
 SCHEMA_VERSION = 1
 MERGED = "bitdeploy-bench-merged"  # report.py's results.json: {"schema": MERGED, "documents": [document, ...]}
 
-ENTRY_KEYS = (
-    "name",
-    "kind",
-    "bundle",
-    "model",
-    "resolution",
-    "num_classes",
-    "target",
-    "precision",
-    "precision_used",
-    "backend_device",
-    "device",
-    "status",
-    "size_mb",
-    "files_sha256",
-    "load_s",
-    "first_infer_ms",
-    "peak_rss_mb",
-    "peak_rss_method",
-    "serving_memory",
-    "single_stream",
-    "offline",
-    "end_to_end",
-    "accuracy",
-    "build_accuracy",
-    "describe",
-    "error",
-    "interference",
-    "disturbed",
-    "flags",
-)
+
+class StatusKind(Enum):
+    VALID = "valid"
+    FAILED_GATE = "failed gate"  # built, but its accuracy gate refused it
+    FAILED = "failed"  # "failed: <reason>": an error, the row has no figures
+    SKIPPED = "skipped"  # "skipped: <reason>": not attempted here
+    PENDING = "pending"  # a build row not run yet
+    OTHER = "other"  # text this version does not know, kept as written
+
+
+_WITH_REASON = (StatusKind.FAILED, StatusKind.SKIPPED)
+
+
+@dataclass(frozen=True)
+class Status:
+    """An entry's (or a build row's) status; `text` is the string the JSON documents hold."""
+
+    kind: StatusKind
+    reason: str = ""
+
+    @classmethod
+    def failed(cls, reason: str) -> Status:
+        return cls(StatusKind.FAILED, reason)
+
+    @classmethod
+    def skipped(cls, reason: str) -> Status:
+        return cls(StatusKind.SKIPPED, reason)
+
+    @classmethod
+    def parse(cls, text: Any) -> Status:
+        """The status a document's text means; text it does not know stays OTHER, so `text` gives it back."""
+        text = "" if text is None else str(text)
+        for kind in StatusKind:
+            if kind in _WITH_REASON and text.startswith(f"{kind.value}: "):
+                return cls(kind, text[len(kind.value) + 2 :])
+            if kind not in _WITH_REASON and kind is not StatusKind.OTHER and text == kind.value:
+                return cls(kind)
+        return cls(StatusKind.OTHER, text)
+
+    @property
+    def text(self) -> str:
+        if self.kind in _WITH_REASON:
+            return f"{self.kind.value}: {self.reason}"
+        return self.reason if self.kind is StatusKind.OTHER else self.kind.value
+
+    @property
+    def is_valid(self) -> bool:
+        return self.kind is StatusKind.VALID
+
+    @property
+    def is_failed(self) -> bool:
+        """`failed: <reason>` (an error); a bundle refused by its gate is `is_failed_gate`."""
+        return self.kind is StatusKind.FAILED
+
+    @property
+    def is_failed_gate(self) -> bool:
+        return self.kind is StatusKind.FAILED_GATE
+
+    @property
+    def is_skipped(self) -> bool:
+        return self.kind is StatusKind.SKIPPED
+
+    def __str__(self) -> str:
+        return self.text
+
+
+VALID = Status(StatusKind.VALID)
+FAILED_GATE = Status(StatusKind.FAILED_GATE)
+PENDING = Status(StatusKind.PENDING)
+
+
+def status_of(entry: Mapping[str, Any]) -> Status:
+    """The status of an entry read from a document (a missing one is OTHER "")."""
+    return Status.parse(entry.get("status"))
+
+
+@dataclass(frozen=True)
+class BenchEntry:
+    """ENTRY (see the module docstring), typed. `to_json` writes every key of ENTRY_KEYS in that order (null where
+    unknown), then `extra`: keys this version does not know, from a document or a measurement, kept as they were."""
+
+    name: str
+    kind: str | None = None
+    bundle: str | None = None
+    model: str | None = None
+    resolution: int | None = None
+    num_classes: int | None = None
+    target: str | None = None
+    precision: str | None = None
+    precision_used: str | None = None
+    backend_device: str | None = None
+    device: str | None = None
+    status: Status | None = VALID
+    size_mb: float | None = None
+    files_sha256: dict[str, str] | None = None
+    load_s: float | None = None
+    first_infer_ms: float | None = None
+    peak_rss_mb: float | None = None
+    peak_rss_method: str | None = None
+    serving_memory: dict[str, Any] | None = None
+    single_stream: dict[str, Any] | None = None
+    offline: dict[str, Any] | None = None
+    end_to_end: dict[str, Any] | None = None
+    accuracy: dict[str, Any] | None = None
+    build_accuracy: dict[str, Any] | None = None
+    describe: dict[str, Any] | None = None
+    error: str | None = None
+    interference: dict[str, Any] | None = None
+    disturbed: bool | None = None
+    flags: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BenchEntry:
+        known = {k: v for k, v in data.items() if k in ENTRY_KEYS}
+        if known.get("status") is not None:
+            known["status"] = Status.parse(known["status"])
+        return cls(**{"name": "", "status": None, **known}, extra={k: v for k, v in data.items() if k not in known})
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in ENTRY_KEYS}
+        out["status"] = None if self.status is None else self.status.text
+        return {**out, **self.extra}
+
+    def merged(self, values: Mapping[str, Any]) -> BenchEntry:
+        """This entry with `values` (JSON fields, e.g. a measurement's) set; keys outside ENTRY_KEYS go to extra."""
+        known = {k: v for k, v in values.items() if k in ENTRY_KEYS and k != "status"}
+        if "status" in values:
+            known["status"] = (
+                values["status"] if isinstance(values["status"], Status) else Status.parse(values["status"])
+            )
+        extra = {**self.extra, **{k: v for k, v in values.items() if k not in ENTRY_KEYS}}
+        return replace(self, **known, extra=extra)
+
+    @property
+    def is_valid(self) -> bool:
+        return self.status is not None and self.status.is_valid
+
+    @property
+    def is_failed(self) -> bool:
+        return self.status is not None and self.status.is_failed
+
+
+ENTRY_KEYS = tuple(f.name for f in fields(BenchEntry) if f.name != "extra")
+
+
+def _pair(x: Any) -> tuple[float, float] | None:
+    return (float(x[0]), float(x[1])) if x else None
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A build's quick figures of one target (`latency.QuickTimer.result`): batch-1 latency, medians of the rounds
+    with their [min, max] spread, and the batch-size sweep; `disturbed` says why they are not quotable."""
+
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    mean_ms: float | None = None
+    n: int | None = None
+    p50_spread: tuple[float, float] | None = None
+    images_per_s: float | None = None  # the sweep's best
+    images_per_s_spread: tuple[float, float] | None = None
+    throughput_batch: int | None = None  # the batch size of the best
+    throughput: list[dict[str, Any]] | None = None  # [{batch_size, images_per_s, images_per_s_spread, ...}]
+    disturbed: tuple[str, ...] = ()  # benchmarks.interference's reasons
+
+    @classmethod
+    def from_quick(cls, result: Mapping[str, Any]) -> Timing:
+        return cls(
+            p50_ms=result.get("p50_ms"),
+            p90_ms=result.get("p90_ms"),
+            p99_ms=result.get("p99_ms"),
+            mean_ms=result.get("mean_ms"),
+            n=result.get("n"),
+            p50_spread=_pair(result.get("p50_spread")),
+            images_per_s=result.get("images_per_s"),
+            images_per_s_spread=_pair(result.get("images_per_s_spread")),
+            throughput_batch=result.get("throughput_batch"),
+            throughput=result.get("throughput"),
+            disturbed=tuple((result.get("interference") or {}).get("reasons") or ()),
+        )
+
+    def flat(self) -> dict[str, Any]:
+        """The figures as build.json lists them (spreads as [min, max])."""
+        return {
+            "p50_ms": self.p50_ms,
+            "p90_ms": self.p90_ms,
+            "p99_ms": self.p99_ms,
+            "mean_ms": self.mean_ms,
+            "latency_n": self.n,
+            "images_per_s": self.images_per_s,
+            "throughput_batch": self.throughput_batch,
+            "throughput": self.throughput,
+            "p50_spread": list(self.p50_spread) if self.p50_spread else None,
+            "images_per_s_spread": list(self.images_per_s_spread) if self.images_per_s_spread else None,
+            "disturbed": list(self.disturbed),
+        }
+
+    def single_stream(self) -> dict[str, Any] | None:
+        """ENTRY.single_stream of these figures (None without a batch-1 p50)."""
+        if self.p50_ms is None:
+            return None
+        ss: dict[str, Any] = {
+            "n": self.n,
+            "p50_ms": self.p50_ms,
+            "p90_ms": self.p90_ms,
+            "p99_ms": self.p99_ms,
+            "mean_ms": self.mean_ms,
+        }
+        if self.p50_spread:
+            ss["spread"] = {"p50_ms": list(self.p50_spread)}
+        ss["images_per_s"] = 1000.0 / self.mean_ms if self.mean_ms else None
+        return ss
+
+    def offline(self) -> dict[str, Any] | None:
+        """ENTRY.offline of the sweep (None without a batch-1 p50 or a throughput)."""
+        if self.p50_ms is None or not self.images_per_s:
+            return None
+        return {
+            "results": self.throughput or [{"batch_size": self.throughput_batch, "images_per_s": self.images_per_s}],
+            "best_images_per_s": self.images_per_s,
+            "best_batch_size": self.throughput_batch,
+            "best_images_per_s_spread": list(self.images_per_s_spread) if self.images_per_s_spread else None,
+        }
+
+    def entry_fields(self) -> dict[str, Any]:
+        """The ENTRY fields these figures fill."""
+        return {
+            "single_stream": self.single_stream(),
+            "offline": self.offline(),
+            "disturbed": bool(self.disturbed),
+            "flags": list(self.disturbed),
+        }
 
 
 def new_entry(**fields: Any) -> dict[str, Any]:
-    """An ENTRY with every key present (null where unknown); unknown keys are refused to keep the schema honest."""
+    """An ENTRY document with every key present (null where unknown, status "valid" when not given); unknown keys
+    are refused to keep the schema honest."""
     unknown = set(fields) - set(ENTRY_KEYS)
     if unknown:
         raise ValueError(f"unknown result fields: {sorted(unknown)}")
-    entry: dict[str, Any] = {k: None for k in ENTRY_KEYS}
-    entry.update(fields)
-    entry["status"] = entry["status"] or "valid"
-    return entry
+    return BenchEntry.from_json({**fields, "status": fields.get("status") or VALID.text}).to_json()
 
 
 def new_document(
-    results: list[dict[str, Any]],
+    results: Sequence[dict[str, Any] | BenchEntry],
     environment: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
     selected: dict[str, str] | None = None,
@@ -131,7 +337,7 @@ def new_document(
         "environment": environment if environment is not None else collect(),
         "settings": settings or {},
         "selected": selected,
-        "results": results,
+        "results": [r.to_json() if isinstance(r, BenchEntry) else r for r in results],
     }
 
 

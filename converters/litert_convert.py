@@ -31,6 +31,7 @@ import numpy as np
 from bitdeploy.converters.base import Artifact, ConvertOptions, check_request
 from bitdeploy.converters.calibration import CalibrationData
 from bitdeploy.core.errors import ConversionError, first_line, require
+from bitdeploy.core.targets import converter_record
 from bitdeploy.runtimes.manifest import Manifest, Quantization, TargetInfo
 
 MODEL_FILE = "model.tflite"
@@ -282,7 +283,7 @@ def convert(
     onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions
 ) -> Artifact:
     """Reads options.device (only "cpu": XNNPACK). litert-torch's own output shows when BITDEPLOY_LITERT_LOG is set."""
-    check_request("LiteRT", precision, calibration)
+    check_request(converter_record(__name__).title, precision, calibration)
     device = (options.device or "cpu").lower()
     if device != "cpu":
         raise ConversionError(f"--device {device!r} is not a LiteRT device here; use --device cpu (XNNPACK)")
@@ -349,7 +350,7 @@ def _convert(
             f"litert-torch could not convert the model to {precision} ({type(exc).__name__}: {first_line(exc)}); set {LOG_ENV}=1 to see its log"
         ) from exc
     details = {"input_layout": "NCHW", "delegate": "XNNPACK"}
-    return TargetInfo("litert", precision, used, "cpu", quantization, details), notes
+    return TargetInfo(converter_record(__name__).backend, precision, used, "cpu", quantization, details), notes
 
 
 def _check_fp32(folded: Any, path: Path, res: int) -> None:

@@ -25,6 +25,7 @@ from bitdeploy.converters.base import (
 )
 from bitdeploy.converters.calibration import CalibrationData, ValidationData, nncf_dataset
 from bitdeploy.core.errors import BitdeployError, ConversionError, first_line, require
+from bitdeploy.core.targets import converter_record
 from bitdeploy.runtimes.manifest import Quantization, TargetInfo
 
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
@@ -271,7 +272,7 @@ def convert(
 ) -> Artifact:
     """Reads options.device, options.threads (the validation compile), options.calib_method and `OpenVinoOptions`."""
     ov = require("openvino", "openvino", "OpenVINO")
-    check_request("OpenVINO", precision, calibration)
+    check_request(converter_record(__name__).title, precision, calibration)
     ov_options = options.extras_for(OpenVinoOptions)
     if ov_options.accuracy_control and precision != "int8":
         raise ConversionError("--accuracy-control applies to --precision int8 only")
@@ -322,5 +323,5 @@ def convert(
     )
     details = {"inference_precision": hint, "performance_hint": "LATENCY", "openvino_version": ov.get_version()}
     quantization = Quantization.from_dict(quant) if quant is not None else None
-    target = TargetInfo("openvino", precision, used, device, quantization, details)
+    target = TargetInfo(converter_record(__name__).backend, precision, used, device, quantization, details)
     return Artifact(files=[MODEL_XML, MODEL_BIN], model_file=MODEL_XML, target=target, notes=notes)

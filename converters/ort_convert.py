@@ -10,7 +10,6 @@ CUDA: symmetric, what those kernels prefer).
 
 from __future__ import annotations
 
-import platform
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +17,9 @@ from typing import Any
 
 from bitdeploy.converters.base import Artifact, ConvertOptions, RowInputs, TargetOptions, check_request, option
 from bitdeploy.converters.calibration import CalibrationData
+from bitdeploy.core.devices import cpu_arch
 from bitdeploy.core.errors import ConversionError
+from bitdeploy.core.targets import converter_record
 from bitdeploy.runtimes.manifest import Quantization, TargetInfo
 
 MODEL_FILE = "model.onnx"
@@ -34,15 +35,25 @@ def parse_device(device: str | None) -> str:
     return d
 
 
-# scheme -> (activation type, 7-bit weights, why)
-SCHEMES: dict[str, tuple[str, bool, str]] = {
-    "u8s8-7bit": (
+@dataclass(frozen=True)
+class Int8Scheme:
+    """One ONNX Runtime INT8 integer scheme: what `ort_quant.quantize_qdq` is asked for, and why to pick it."""
+
+    activation_type: str  # "uint8" (U8S8) or "int8" (S8S8)
+    reduce_range: bool  # 7-bit weights
+    why: str
+
+
+SCHEMES: dict[str, Int8Scheme] = {
+    "u8s8-7bit": Int8Scheme(
         "uint8",
         True,
         "U8S8 with 7-bit weights: no int16 saturation on x86 without VNNI, so every x86 CPU class computes the same",
     ),
-    "u8s8": ("uint8", False, "U8S8 full range: VNNI/AMX x86 only; saturates on x86 CPUs without VNNI"),
-    "s8s8": ("int8", False, "S8S8: ARM and CUDA; on x86 ONNX Runtime leaves convs that share an input in FP32"),
+    "u8s8": Int8Scheme("uint8", False, "U8S8 full range: VNNI/AMX x86 only; saturates on x86 CPUs without VNNI"),
+    "s8s8": Int8Scheme(
+        "int8", False, "S8S8: ARM and CUDA; on x86 ONNX Runtime leaves convs that share an input in FP32"
+    ),
 }
 INT8_SCHEMES = ("auto", *SCHEMES)
 
@@ -64,9 +75,13 @@ class OrtOptions(TargetOptions):
         return replace(self, verify_on=row.verify_on) if self.int8_scheme == "auto" else self
 
 
+def _host_arch() -> str:
+    """This machine as `--verify-on` architectures are named: "x86_64" for any x86, else "arm64"."""
+    return "x86_64" if cpu_arch() in ("x86_64", "x86") else "arm64"
+
+
 def default_scheme(device: str) -> str:
-    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-    return "u8s8-7bit" if _on_cpu(device) and x86 else "s8s8"
+    return "u8s8-7bit" if _on_cpu(device) and _host_arch() == "x86_64" else "s8s8"
 
 
 def auto_scheme(device: str, verify_on: tuple[str, ...]) -> tuple[str, str]:
@@ -74,11 +89,11 @@ def auto_scheme(device: str, verify_on: tuple[str, ...]) -> tuple[str, str]:
     is among them U8S8 with 7-bit weights (never saturates without VNNI; ARM computes it exactly), else S8S8."""
     if not verify_on:
         scheme = default_scheme(device)
-        return scheme, SCHEMES[scheme][2]
-    here = "x86_64" if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86") else "arm64"
+        return scheme, SCHEMES[scheme].why
+    here = _host_arch()
     scheme = "u8s8-7bit" if _on_cpu(device) and "x86_64" in (here, *verify_on) else "s8s8"
     where = ", ".join(dict.fromkeys((here, *verify_on)))
-    return scheme, f"{SCHEMES[scheme][2]}; chosen to hold on every CPU it is verified on ({where})"
+    return scheme, f"{SCHEMES[scheme].why}; chosen to hold on every CPU it is verified on ({where})"
 
 
 def _on_cpu(device: str) -> bool:
@@ -125,7 +140,7 @@ def convert(
     """Reads options.device ("cpu" | "cuda[:N]"), options.calib_method and `OrtOptions.int8_scheme`."""
     from bitdeploy.converters import ort_quant
 
-    check_request("ONNX Runtime", precision, calibration)
+    check_request(converter_record(__name__).title, precision, calibration)
     device = parse_device(options.device)
     work_dir = Path(work_dir)
     out = work_dir / MODEL_FILE
@@ -157,17 +172,15 @@ def convert(
             raise ConversionError(
                 f"--int8-scheme {scheme!r} is not an ONNX Runtime INT8 scheme; choose one of: {', '.join(INT8_SCHEMES)}"
             )
-        scheme, why = auto_scheme(device, ort_options.verify_on) if scheme == "auto" else (scheme, SCHEMES[scheme][2])
-        activation_type, reduce_range, _ = SCHEMES[scheme]
-        info = ort_quant.quantize_qdq(
-            onnx_fp32,
-            out,
-            calibration,
+        scheme, why = auto_scheme(device, ort_options.verify_on) if scheme == "auto" else (scheme, SCHEMES[scheme].why)
+        chosen = SCHEMES[scheme]
+        qdq = ort_quant.QdqOptions(
             method=options.calib_method,
-            activation_type=activation_type,
-            reduce_range=reduce_range,
+            activation_type=chosen.activation_type,
+            reduce_range=chosen.reduce_range,
             symmetric_activations=not _on_cpu(device),
         )
+        info = ort_quant.quantize_qdq(onnx_fp32, out, calibration, qdq)
         files = [MODEL_FILE]
         info.update(scheme=scheme, scheme_reason=why)
         used = f"int8 {'+'.join(info['op_types'])} ({scheme.upper()}) + fp32"
@@ -176,5 +189,5 @@ def convert(
         notes.append(
             f"INT8 Q/DQ on {info['quantized_nodes']} {'/'.join(info['op_types'])} nodes; float: {', '.join(info['float_op_types'])}"
         )
-    target = TargetInfo("onnxruntime", precision, used, device, quantization, details)
+    target = TargetInfo(converter_record(__name__).backend, precision, used, device, quantization, details)
     return Artifact(files=files, model_file=MODEL_FILE, target=target, notes=notes)

@@ -15,8 +15,9 @@ points of 0, and `quantize_outputs=False`, no Q/DQ on conv outputs).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,45 +96,49 @@ def head_conv_names(model: Any) -> list[str]:
     return names
 
 
-def quantize_qdq(
-    onnx_in: str | Path,
-    onnx_out: str | Path,
-    calibration: CalibrationData,
-    *,
-    per_channel: bool = True,
-    symmetric_activations: bool = False,
-    method: str | None = "minmax",
-    op_types: Sequence[str] = DEFAULT_OP_TYPES,
-    nodes_to_exclude: Sequence[str] = (),
-    activation_type: str = "int8",
-    reduce_range: bool = False,
-    exclude_head: bool = False,
-    quantize_bias: bool = True,
-    quantize_outputs: bool = True,
-    batch_size: int = 1,
-    extra_options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Static INT8 QDQ quantization of `onnx_in` into `onnx_out`; returns what was done (for the manifest).
+@dataclass(frozen=True)
+class QdqOptions:
+    """How `quantize_qdq` places Q/DQ. No field overrides another: the file is what the fields say.
 
-    Weights: INT8, symmetric, per output channel (per_channel=True). Activations: `activation_type` int8
-    (S8S8, TensorRT and ARM) or uint8 (U8S8: faster on x86 VNNI, measured in docs/targets.md), per tensor,
-    asymmetric unless `symmetric_activations` (TensorRT needs symmetric int8: zero points of 0). `reduce_range`:
-    7-bit weights, so x86 CPUs without VNNI, whose U8S8 kernels sum u8 x s8 pairs into saturating int16, compute
-    exactly what VNNI CPUs do (see SCHEMES). `quantize_outputs`: Q/DQ on the quantized nodes' outputs too;
-    ONNX Runtime's CPU kernels need the output Q to fuse QLinearConv, while TensorRT keeps the conv output float
-    for the GroupNorm that reads it (TensorRT has no INT8 normalisation), so its route passes False. No argument
-    overrides another: the file is what the arguments say. `method`: minmax | entropy | percentile.
+    Weights: INT8, symmetric, per output channel (`per_channel`). Activations: `activation_type` int8 (S8S8,
+    TensorRT and ARM) or uint8 (U8S8: faster on x86 VNNI, measured in docs/targets.md), per tensor, asymmetric
+    unless `symmetric_activations` (TensorRT needs symmetric int8: zero points of 0). `reduce_range`: 7-bit
+    weights, so x86 CPUs without VNNI, whose U8S8 kernels sum u8 x s8 pairs into saturating int16, compute
+    exactly what VNNI CPUs do (see `bitdeploy.converters.ort_convert.SCHEMES`). `quantize_outputs`: Q/DQ on the
+    quantized nodes' outputs too; ONNX Runtime's CPU kernels need the output Q to fuse QLinearConv, while TensorRT
+    keeps the conv output float for the GroupNorm that reads it (TensorRT has no INT8 normalisation), so its route
+    passes False. `method`: minmax | entropy | percentile (None: minmax).
     """
+
+    per_channel: bool = True
+    symmetric_activations: bool = False
+    method: str | None = "minmax"
+    op_types: Sequence[str] = DEFAULT_OP_TYPES
+    nodes_to_exclude: Sequence[str] = ()
+    activation_type: str = "int8"
+    reduce_range: bool = False
+    exclude_head: bool = False
+    quantize_bias: bool = True
+    quantize_outputs: bool = True
+    batch_size: int = 1
+    extra_options: Mapping[str, Any] | None = None  # passed to quantize_static on top of ours
+
+
+def quantize_qdq(
+    onnx_in: str | Path, onnx_out: str | Path, calibration: CalibrationData, options: QdqOptions = QdqOptions()
+) -> dict[str, Any]:
+    """Static INT8 QDQ quantization of `onnx_in` into `onnx_out` as `options` say; returns what was done (for the
+    manifest)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    method = (method or "minmax").lower()
+    method = (options.method or "minmax").lower()
     if method not in METHODS:
         raise ConversionError(
             f"--calib-method {method!r} is not available for ONNX Runtime; choose one of: {', '.join(METHODS)}"
         )
-    if activation_type not in ACTIVATION_TYPES:
-        raise ConversionError(f"activation type must be one of {ACTIVATION_TYPES}, got {activation_type!r}")
+    if options.activation_type not in ACTIVATION_TYPES:
+        raise ConversionError(f"activation type must be one of {ACTIVATION_TYPES}, got {options.activation_type!r}")
     check_request("ONNX Runtime", "int8", calibration)
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
     model = onnx.load(str(onnx_in), load_external_data=False)
@@ -143,31 +148,33 @@ def quantize_qdq(
         raise ConversionError(
             f"{onnx_in.name}: {len(unnamed)} nodes have no name, so Q/DQ placement cannot be controlled; re-export with `bitdeploy export`"
         )
-    excluded = list(nodes_to_exclude)
-    if exclude_head:
+    excluded = list(options.nodes_to_exclude)
+    if options.exclude_head:
         excluded += [n for n in head_conv_names(model) if n not in excluded]
-    targets = [n for n in model.graph.node if n.op_type in op_types and n.name not in excluded]
+    targets = [n for n in model.graph.node if n.op_type in options.op_types and n.name not in excluded]
     if not targets:
-        raise ConversionError(f"{onnx_in.name}: no {'/'.join(op_types)} node left to quantize; check the exclusions")
+        raise ConversionError(
+            f"{onnx_in.name}: no {'/'.join(options.op_types)} node left to quantize; check the exclusions"
+        )
 
-    reader = ort_reader(calibration, input_name, batch_size)
-    options: dict[str, Any] = {
-        "ActivationSymmetric": symmetric_activations,
+    reader = ort_reader(calibration, input_name, options.batch_size)
+    ort_options: dict[str, Any] = {
+        "ActivationSymmetric": options.symmetric_activations,
         "WeightSymmetric": True,
-        "QuantizeBias": quantize_bias,
+        "QuantizeBias": options.quantize_bias,
         # Histogram methods keep every activation of every batch until the end; collect one batch at a time.
         **({"CalibStridedMinMax": 1} if method != "minmax" else {}),
         # False (TensorRT): Q/DQ on the inputs and weights only; the output stays float for the GroupNorm that
         # reads it (TensorRT has no INT8 norm). ONNX Runtime's CPU kernels need the output Q to fuse QLinearConv.
-        **({} if quantize_outputs else {"OpTypesToExcludeOutputQuantization": list(op_types)}),
-        **(extra_options or {}),
+        **({} if options.quantize_outputs else {"OpTypesToExcludeOutputQuantization": list(options.op_types)}),
+        **(options.extra_options or {}),
     }
     cal_method = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }[method]
-    qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[activation_type]
+    qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[options.activation_type]
     onnx_out.parent.mkdir(parents=True, exist_ok=True)
     tmp = onnx_out.with_name(f".{onnx_out.name}.tmp")
     try:
@@ -177,14 +184,14 @@ def quantize_qdq(
                 str(tmp),
                 reader,
                 quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(op_types),
+                op_types_to_quantize=list(options.op_types),
                 nodes_to_exclude=excluded,
-                per_channel=per_channel,
-                reduce_range=reduce_range,
+                per_channel=options.per_channel,
+                reduce_range=options.reduce_range,
                 activation_type=qtype,
                 weight_type=QuantType.QInt8,
                 calibrate_method=cal_method,
-                extra_options=options,
+                extra_options=ort_options,
             )
         tmp.replace(onnx_out)
     except ConversionError:
@@ -197,12 +204,12 @@ def quantize_qdq(
         tmp.unlink(missing_ok=True)
     quantized = onnx.load(str(onnx_out), load_external_data=False)
     q_inputs = {n.output[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
-    n_q = sum(1 for n in quantized.graph.node if n.op_type in op_types and n.input and n.input[0] in q_inputs)
+    n_q = sum(1 for n in quantized.graph.node if n.op_type in options.op_types and n.input and n.input[0] in q_inputs)
     float_ops = sorted(
         {
             n.op_type
             for n in quantized.graph.node
-            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and n.op_type not in op_types
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and n.op_type not in options.op_types
         }
     )
     return {
@@ -210,13 +217,13 @@ def quantize_qdq(
         "tool": "onnxruntime.quantization.quantize_static",
         "method": method,
         "samples": len(calibration),
-        "activations": f"{activation_type}, per-tensor, {'symmetric' if symmetric_activations else 'asymmetric'}",
-        "weights": f"{'int8 7-bit range' if reduce_range else 'int8'}, {'per-channel' if per_channel else 'per-tensor'}, symmetric",
-        "op_types": list(op_types),
+        "activations": f"{options.activation_type}, per-tensor, {'symmetric' if options.symmetric_activations else 'asymmetric'}",
+        "weights": f"{'int8 7-bit range' if options.reduce_range else 'int8'}, {'per-channel' if options.per_channel else 'per-tensor'}, symmetric",
+        "op_types": list(options.op_types),
         "quantized_nodes": n_q,
         "excluded_nodes": excluded,
         "float_op_types": float_ops,
-        "bias": "int32" if quantize_bias else "float",
+        "bias": "int32" if options.quantize_bias else "float",
     }
 
 

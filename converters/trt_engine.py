@@ -23,6 +23,7 @@ from bitdeploy.converters.base import Artifact, ConvertOptions, TargetOptions, c
 from bitdeploy.converters.calibration import CalibrationData
 from bitdeploy.core.errors import BitdeployError, ConversionError, first_line
 from bitdeploy.core.fsutil import atomic_write
+from bitdeploy.core.targets import converter_record
 from bitdeploy.runtimes.manifest import Quantization, TargetInfo
 
 PLAN = "model.plan"
@@ -144,7 +145,11 @@ def timing_cache_path(
     if not cache_dir:
         return None
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", gpu_name).strip("-") or "gpu"
-    return Path(cache_dir) / "tensorrt" / f"timing-trt{trt_version}-{slug}-sm{cc.replace('.', '')}.cache"
+    return (
+        Path(cache_dir)
+        / converter_record(__name__).backend
+        / f"timing-trt{trt_version}-{slug}-sm{cc.replace('.', '')}.cache"
+    )
 
 
 def _logger(trt: Any) -> Any:
@@ -272,7 +277,7 @@ def convert(
     from bitdeploy.converters import trt_qdq
     from bitdeploy.runtimes.trt import parse_device
 
-    check_request("TensorRT", precision, calibration)
+    check_request(converter_record(__name__).title, precision, calibration)
     trt, api = check_available()
     try:
         index = parse_device(options.device)
@@ -319,5 +324,6 @@ def convert(
     notes.extend(onnx_info.get("notes", []))
     files = [PLAN, onnx_name, *onnx_info.pop("extra_files", [])]
     quantization = Quantization.from_dict(details["onnx"]) if precision == "int8" else None
-    target = TargetInfo("tensorrt", precision, summary["precision_used"], f"cuda:{index}", quantization, details)
+    backend = converter_record(__name__).backend
+    target = TargetInfo(backend, precision, summary["precision_used"], f"cuda:{index}", quantization, details)
     return Artifact(files=files, model_file=PLAN, target=target, notes=notes, eval_model_file=onnx_name)

@@ -185,10 +185,7 @@ def build_qdq(
 
     check_request("TensorRT", "int8", calibration)
     assert calibration is not None
-    info = ort_quant.quantize_qdq(
-        onnx_fp32,
-        out,
-        calibration,
+    qdq = ort_quant.QdqOptions(
         method=options.calib_method,
         symmetric_activations=True,  # TensorRT accepts zero points of 0 only
         activation_type="int8",
@@ -197,6 +194,7 @@ def build_qdq(
         quantize_bias=False,  # TensorRT fuses a float bias into the INT8 conv; an INT32 bias DQ is not needed
         quantize_outputs=False,
     )
+    info = ort_quant.quantize_qdq(onnx_fp32, out, calibration, qdq)
     report = inspect_qdq(onnx.load(str(out), load_external_data=False))
     if report.violations:
         raise ConversionError(

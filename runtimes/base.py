@@ -42,7 +42,13 @@ def expected_input(manifest: Manifest) -> tuple[tuple[int | None, ...], np.dtype
 class Backend(ABC):
     """One loaded model. Subclasses build their session in __init__, run it in `_infer` and free it in close()."""
 
-    name: str = ""
+    name: str = ""  # the record's `backend`; set from the record that names the class (a class may set its own)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        record = targets.find_runtime(f"{cls.__module__}:{cls.__qualname__}")
+        if record is not None and "name" not in cls.__dict__:
+            cls.name = record.backend
 
     def __init__(
         self,

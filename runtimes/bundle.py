@@ -2,6 +2,11 @@
 
 Readers refuse unknown format versions and verify every file's sha256. Writers build the bundle in a
 temporary sibling directory and rename it into place, so a crash never leaves a directory that loads.
+
+A bundle is sealed once, after its last file is written: `write_manifest` puts every file's sha256 in the
+manifest. What can only be measured by running the sealed bundle (the build's timing, `--verify-on` results)
+joins later through `amend_manifest`, which re-verifies every file against the seal before it writes the new
+manifest (a temporary name, then a rename), so an amendment never blesses a file changed after the seal.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from bitdeploy.core.errors import BundleError
 from bitdeploy.core.fsutil import remove_stale_temps, replace_dir, sha256_file
@@ -97,17 +103,43 @@ def bundle_writer(out: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def write_manifest(bundle_dir: str | os.PathLike[str], manifest: Manifest, files: list[str]) -> Manifest:
-    """The one writer of manifest.json: fill in the format version and the checksums of `files` (relative names),
-    check the JSON reads back as the same record, then write it atomically. Returns what was written."""
+    """Seal a bundle: the one writer of its checksums. Fill in the format version and the sha256 of `files`
+    (relative names), check the JSON reads back as the same record, then write it atomically. Returns what was
+    written. Call it once per bundle, after its last file is written."""
     root = Path(bundle_dir)
     typed = replace(
         manifest,
         version=(FORMAT_VERSION, 0),
         files={name: sha256_file(root / name) for name in sorted(files)},
     )
-    data = typed.to_dict()
+    _write(root, typed)
+    return typed
+
+
+def amend_manifest(bundle: str | os.PathLike[str], **changes: Any) -> Manifest:
+    """Add to a sealed bundle's manifest what only running it could measure (e.g. `build_latency=`,
+    `verified_on=`): every file is re-verified against the seal first (BundleError names one that changed), and
+    the new manifest, with the same checksums, replaces the old one atomically. Returns what was written."""
+    if not changes.keys().isdisjoint({"files", "version"}):
+        raise ValueError("amend_manifest keeps the seal: files and version change only through write_manifest")
+    root = Path(bundle)
+    manifest = read_manifest(root)
+    verify_files(root, manifest)
+    amended = replace(manifest, **changes)
+    _write(root, amended)
+    return amended
+
+
+def _write(root: Path, manifest: Manifest) -> None:
+    data = manifest.to_dict()
     Manifest.from_dict(data)  # a field of the wrong type fails the build, not the first load
     tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, root / MANIFEST)
-    return typed
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not land before the bytes do
+        os.replace(tmp, root / MANIFEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.core.devices import emulated_as
+from bitdeploy.core.devices import cpu_arch, emulated_as, machine
 
 # numpy CPUID feature name -> the /proc/cpuinfo flag name the docs use.
 _NUMPY_FEATURES = {
@@ -36,22 +36,19 @@ _NUMPY_FEATURES = {
 }
 # Flags only /proc/cpuinfo reports; trusted when its AVX2/AVX-512 flags match CPUID (not emulated).
 _PROC_ONLY = ("avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "i8mm", "bf16", "sve2")
-# What manifests' provenance and bench environments record (one list, so the two agree).
-LIBRARIES = (
-    "bitdeploy",
-    "numpy",
-    "pillow",
-    "torch",
-    "onnx",
-    "onnxslim",
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "openvino",
-    "nncf",
-    "tensorrt",
-    "litert-torch",
-    "ai-edge-litert",
-)
+# The distributions every build and bench uses, whatever its target (the export's among them).
+BASE_LIBRARIES = ("bitdeploy", "numpy", "pillow", "torch", "onnx", "onnxslim")
+
+
+def libraries() -> tuple[str, ...]:
+    """What manifests' provenance and bench environments record (one list, so the two agree): the base, then each
+    target record's distributions."""
+    from bitdeploy.core import targets
+
+    return tuple(dict.fromkeys((*BASE_LIBRARIES, *(d for t in targets.TARGETS.values() for d in t.distributions))))
+
+
+LIBRARIES = libraries()  # the built-in records' (a target registered later: call libraries())
 
 
 def _cpuid_features() -> set[str]:
@@ -74,7 +71,7 @@ _AT_HWCAP, _AT_HWCAP2 = 16, 26
 
 def _arm_hwcaps() -> set[str]:
     """ARM features from the auxiliary vector (getauxval); empty off Linux arm64."""
-    if platform.system() != "Linux" or platform.machine().lower() not in ("aarch64", "arm64"):
+    if platform.system() != "Linux" or cpu_arch() != "arm64":
         return set()
     import ctypes
 
@@ -106,7 +103,7 @@ def cpu_features() -> tuple[list[str], bool]:
     cpuid = _cpuid_features() | _arm_hwcaps()
     _, proc = _proc_cpuinfo()
     probed = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}
-    emulated = bool(proc) and platform.machine().lower() in ("x86_64", "amd64") and (proc & probed) != (cpuid & probed)
+    emulated = bool(proc) and cpu_arch() == "x86_64" and (proc & probed) != (cpuid & probed)
     extra = set() if emulated else {f for f in _PROC_ONLY if f in proc}
     if "asimddp" in cpuid | proc:
         extra.add("dotprod")
@@ -116,7 +113,7 @@ def cpu_features() -> tuple[list[str], bool]:
 def cpu_class(arch: str, features: list[str]) -> str:
     """A short class name that groups machines whose INT8/bf16 numerics and speed ratios match."""
     f = set(features)
-    if arch in ("x86_64", "amd64"):
+    if cpu_arch(arch) == "x86_64":
         if "amx_int8" in f:
             return "x86-64 AMX"
         if "avx512_vnni" in f:
@@ -128,7 +125,7 @@ def cpu_class(arch: str, features: list[str]) -> str:
         if "avx2" in f:
             return "x86-64 AVX2 (no VNNI)"
         return "x86-64 (no AVX2)"
-    if arch in ("aarch64", "arm64"):
+    if cpu_arch(arch) == "arm64":
         return "arm64" + ("".join(f" {x}" for x in ("dotprod", "i8mm", "bf16") if x in f) or " (no dotprod)")
     return arch or "unknown"
 
@@ -178,7 +175,7 @@ def package_versions(names: tuple[str, ...]) -> dict[str, str]:
 def host_fingerprint() -> dict[str, Any]:
     """This machine's fingerprint (cached: it does not change while the process runs)."""
     fields, _ = _proc_cpuinfo()
-    arch = platform.machine().lower()
+    arch = machine()
     features, emulated = cpu_features()
     cpu: dict[str, Any] = {
         "arch": arch,

@@ -51,8 +51,6 @@ class _Slot:
 
 
 class LiteRtBackend(Backend):
-    name = "litert"
-
     def __init__(
         self,
         model_path: Path,

@@ -86,7 +86,7 @@ def describe_bundle(manifest: Manifest, source: Path, name: str | None) -> RepoM
         input_name=manifest.input.name,
         input_dtype=manifest.input.dtype,
         dims=[int(d or 0) for d in shape[1:]],
-        output_name=str(manifest.output.get("name") or "logits"),
+        output_name=manifest.output.name,
         labels=labels,
         fixed_batch=shape[0] if shape[0] is not None and shape[0] > 0 else None,
         profile_max=int(profile["max"]) if isinstance(profile.get("max"), int) else None,

@@ -31,8 +31,6 @@ def parse_device(device: str) -> tuple[str, dict[str, Any]]:
 
 
 class OrtBackend(Backend):
-    name = "onnxruntime"
-
     def __init__(
         self,
         model_path: Path,

@@ -47,8 +47,6 @@ def precision_hint(target: TargetInfo) -> str | None:
 
 
 class OpenVinoBackend(Backend):
-    name = "openvino"
-
     def __init__(
         self,
         model_path: Path,

@@ -101,7 +101,7 @@ class Service:
             platform=f"bitdeploy_{predictor.backend_name}",
             input_name=spec.name,
             input_shape=tuple(int(d or -1) for d in (spec.shape or (None,) * 4)[1:]),
-            output_name=str(predictor.manifest.output.get("name") or "logits"),
+            output_name=predictor.manifest.output.name,
             labels=predictor.labels,
         )
         self.metrics = ServeMetrics(self.model.name)

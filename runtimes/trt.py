@@ -255,8 +255,6 @@ class _ThreadState:
 
 
 class TensorRTBackend(Backend):
-    name = "tensorrt"
-
     def __init__(
         self,
         model_path: Path,

@@ -31,7 +31,7 @@ import numpy as np
 def _variants(onnx_fp32: Path, work: Path, calib: Any) -> dict[str, Path]:
     import onnx
 
-    from bitdeploy.converters.ort_quant import quantize_qdq
+    from bitdeploy.converters.ort_quant import QdqOptions, quantize_qdq
 
     model = onnx.load(str(onnx_fp32), load_external_data=False)
     consts = {i.name for i in model.graph.initializer} | {
@@ -57,7 +57,7 @@ def _variants(onnx_fp32: Path, work: Path, calib: Any) -> dict[str, Path]:
     }
     for name, kw in specs.items():
         path = work / f"{name}.onnx"
-        quantize_qdq(onnx_fp32, path, calib, **kw)
+        quantize_qdq(onnx_fp32, path, calib, QdqOptions(**kw))
         out[name] = path
     return out
 

@@ -20,7 +20,7 @@ from bitdeploy.benchmarks.ranking import Choice, Criteria, Option, SelectionErro
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.core.fsutil import atomic_write, remove_stale_temps, replace_dir
 from bitdeploy.runtimes.fingerprint import device_class
-from bitdeploy.runtimes.manifest import Manifest
+from bitdeploy.runtimes.manifest import BuildLatency, Manifest
 
 SELECTED = "selected"  # DIR/selected: the chosen bundle's copy (DIR/selected.bitpack with --pack)
 SELECTION_FILE = "selection.json"
@@ -62,16 +62,16 @@ def host_options(found: Sequence[Found]) -> list[Option]:
     """Options with the build host's figures (each manifest's `build_latency`)."""
     out = []
     for f in found:
-        lat = dict(f.manifest.build_latency or {})
-        spread = lat.get("batch1_p50_spread_ms")
+        lat = f.manifest.build_latency or BuildLatency()
+        spread = lat.batch1_p50_spread_ms
         out.append(
             Option(
                 f.name,
                 f.manifest.valid,
                 _gate_top1(f.manifest),
-                lat.get("batch1_p50_ms"),
+                lat.batch1_p50_ms,
                 (float(spread[0]), float(spread[1])) if spread else None,
-                lat.get("serving_peak_rss_mb"),
+                lat.serving_peak_rss_mb,
                 f.manifest.gate.agreement if f.manifest.gate is not None else None,
                 None,
                 f,

@@ -3,7 +3,8 @@ bundle of the build is timed together (`time_rows`).
 
 Every failure is caught here and recorded in the row (`failed: <reason>`), so `--target all` goes on. The row's
 manifest is one typed record (`bitdeploy.runtimes.manifest.Manifest`), drafted after the conversion and completed
-after the gate; `bitdeploy.runtimes.bundle.write_manifest` writes it.
+after the gate; `bitdeploy.runtimes.bundle.write_manifest` seals it once, after the bundle's last file. The timing
+comes from running the sealed bundle, so it joins the manifest later (`bundle.amend_manifest`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,18 @@ from bitdeploy.core.cache import StageCache, file_sha256, stage_key
 from bitdeploy.core.errors import BitdeployError, ResourceError, first_line
 from bitdeploy.core.fsutil import copy_files
 from bitdeploy.core.resources import guarded
-from bitdeploy.core.targets import Target, load_converter
+from bitdeploy.core.targets import Target, load_converter, onnx_evaluator
 from bitdeploy.runtimes import selftest
 from bitdeploy.runtimes.fingerprint import host_fingerprint
-from bitdeploy.runtimes.manifest import GateResult, InputSpec, Manifest, SelfTestSpec
+from bitdeploy.runtimes.manifest import (
+    BuildLatency,
+    CalibrationInfo,
+    ExportInfo,
+    GateResult,
+    InputSpec,
+    Manifest,
+    SelfTestSpec,
+)
 
 EVAL_BATCH = 32
 
@@ -81,9 +90,9 @@ def evaluate(
     backend_name, model_file, evaluated = artifact.backend, artifact.model_file, "artifact"
     if not backend_available(backend_name) and artifact.eval_model_file:
         backend_name, model_file, evaluated = (
-            "onnxruntime",
+            onnx_evaluator().backend,
             artifact.eval_model_file,
-            f"{artifact.eval_model_file} on ONNX Runtime CPU",
+            f"{artifact.eval_model_file} on {onnx_evaluator().title} CPU",
         )
     device = (artifact.target.device or opts.device) if backend_name == artifact.backend else "cpu"
     backend = open_backend(backend_name, work / model_file, manifest, device=device, threads=opts.threads)
@@ -117,8 +126,8 @@ def draft_manifest(artifact: Artifact, ctx: BuildContext, precision: str) -> Man
         model_file=artifact.model_file,
         input=input_spec(ctx.resolution),
         labels=list(ctx.labels),
-        export=ctx.export,
-        calibration=calib.manifest(method) if calib is not None else None,
+        export=ExportInfo.from_dict(ctx.export),
+        calibration=CalibrationInfo.from_dict(calib.manifest(method)) if calib is not None else None,
         notes=list(artifact.notes),
         provenance=provenance(),
     )
@@ -231,10 +240,10 @@ class Timeable:
 def time_rows(todo: list[tuple[RowResult, Timeable]], opts: BuildOptions, log: Callable[[str], None]) -> None:
     """Time every built bundle together, in interleaved rounds of rotating order, so slow drift of the machine
     hits every row alike; then each valid bundle's serving memory in a fresh process, one at a time. Fill the
-    rows' figures and record them in each bundle's manifest (`build_latency`)."""
+    rows' figures and add them to each sealed bundle's manifest (`build_latency`, files re-verified)."""
     from bitdeploy.benchmarks.latency import DEFAULT_ROUNDS, QuickTimer, quick_interleaved
     from bitdeploy.runtimes.base import Backend, open_backend
-    from bitdeploy.runtimes.bundle import read_manifest, write_manifest
+    from bitdeploy.runtimes.bundle import amend_manifest, read_manifest
 
     if not todo:
         return
@@ -265,23 +274,23 @@ def time_rows(todo: list[tuple[RowResult, Timeable]], opts: BuildOptions, log: C
     finally:
         for *_, backend in opened:
             backend.close()
-    for (row, path, manifest, _), timing in zip(opened, results):
+    for (row, path, _, _), timing in zip(opened, results):
         _apply_timing(row, timing)
         if row.valid:
             row.serving_rss_mb = _serving_memory(row, path, opts, log)
-        build_latency = {
-            "batch1_p50_ms": row.p50_ms,
-            "batch1_p90_ms": row.p90_ms,
-            "queries": row.latency_n,
-            "images_per_s": row.images_per_s,
-            "throughput_batch": row.throughput_batch,
-            "batch1_p50_spread_ms": row.p50_spread,
-            "serving_peak_rss_mb": row.serving_rss_mb,
-            "threads": opts.threads,
-            "note": "quick build-time figure; use `bitdeploy bench` for publishable numbers",
-        }
+        build_latency = BuildLatency(
+            batch1_p50_ms=row.p50_ms,
+            batch1_p90_ms=row.p90_ms,
+            queries=row.latency_n,
+            images_per_s=row.images_per_s,
+            throughput_batch=row.throughput_batch,
+            batch1_p50_spread_ms=tuple(row.p50_spread) if row.p50_spread is not None else None,
+            serving_peak_rss_mb=row.serving_rss_mb,
+            threads=opts.threads,
+            note="quick build-time figure; use `bitdeploy bench` for publishable numbers",
+        )
         with guarded(path.parent, "pass --out DIR", f"{row.name} bundle"):
-            write_manifest(path, replace(manifest, build_latency=build_latency), list(manifest.files))
+            amend_manifest(path, build_latency=build_latency)
 
 
 def _serving_memory(row: RowResult, path: Path, opts: BuildOptions, log: Callable[[str], None]) -> float | None:

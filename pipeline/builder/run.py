@@ -39,7 +39,7 @@ from bitdeploy.core.errors import AccuracyGateError, BitdeployError, ResourceErr
 from bitdeploy.core.fsutil import remove_stale_temps, replace_dir
 from bitdeploy.core.resources import guarded
 from bitdeploy.core.targets import TARGETS, Target, check_available, get_target, plan_rows, unavailable_reason
-from bitdeploy.runtimes.manifest import ModelInfo
+from bitdeploy.runtimes.manifest import ModelInfo, WeightsInfo
 
 
 @dataclass
@@ -388,7 +388,7 @@ def _prepare(
         num_classes=loaded.num_classes,
         params=count_params(loaded.variant, loaded.num_classes),
         resolution=resolution,
-        weights=weights,
+        weights=WeightsInfo.from_dict(weights),
         ws_eps=WS_EPS,
         state_sha256=state.state_sha256,
     )

@@ -1,20 +1,20 @@
 """`bitdeploy build --verify-on CPU,...`: after the gate, each valid bundle's self-test on each emulated CPU.
 
 A bundle that fails on one stays valid here and is marked in the table (`FAIL` in that CPU's column), in its
-manifest (`verified_on`, written through the one manifest writer, checksums and all) and in the report;
-`--select fastest` skips it. Torch-free: it runs guests and rewrites manifests.
+manifest (`verified_on`: the guests ran the sealed bundle, so their results join it through
+`bundle.amend_manifest`, which re-verifies every file against the seal) and in the report; `--select fastest`
+skips it. Torch-free: it runs guests and amends manifests.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bitdeploy.builder.output import RowResult
-from bitdeploy.core import devices
+from bitdeploy.core import devices, targets
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.emulation import guest as emulation
 
@@ -44,19 +44,25 @@ def verified_entry(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _record(bundle: Path, entries: list[dict[str, Any]]) -> None:
-    from bitdeploy.runtimes.bundle import read_manifest, write_manifest
+    from bitdeploy.runtimes.bundle import amend_manifest
 
-    manifest = read_manifest(bundle)
-    write_manifest(bundle, replace(manifest, verified_on=entries), list(manifest.files))
+    amend_manifest(bundle, verified_on=entries)
+
+
+def _gpu_target(row: RowResult) -> targets.Target | None:
+    """The row's target record when its bundles run on a GPU only (no CPU guest can run them), else None."""
+    record = targets.find_backend(row.backend)
+    return record if record is not None and record.needs_gpu else None
 
 
 def run(rows: list[RowResult], verify_on: str, threads: int | None, log: Callable[[str], None]) -> None:
     """Verify every valid row's bundle on every CPU of `verify_on`; fill `row.devices`, record it in each manifest."""
     cpus = devices.find(verify_on)
-    gpu = [r.name for r in rows if r.valid and r.backend == "tensorrt"]
+    gpu = {r.name: record.title for r in rows if r.valid and (record := _gpu_target(r)) is not None}
     if gpu:
-        log(f"[verify-on] not emulated: {', '.join(gpu)} (TensorRT plans run on an NVIDIA GPU, not a CPU)")
-    valid = [r for r in rows if r.valid and r.bundle and r.backend != "tensorrt"]
+        titles = " and ".join(dict.fromkeys(gpu.values()))
+        log(f"[verify-on] not emulated: {', '.join(gpu)} ({titles} plans run on an NVIDIA GPU, not a CPU)")
+    valid = [r for r in rows if r.valid and r.bundle and _gpu_target(r) is None]
     if not valid:
         return
     log(f"[verify-on] {len(valid)} bundles on {', '.join(c.name for c in cpus)}: {devices.NOTE}")

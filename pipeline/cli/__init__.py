@@ -56,7 +56,7 @@ class LazyGroup(click.Group):
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
-    """Fine-tune BiT image classifiers and deploy them to TensorRT, OpenVINO and ONNX Runtime.
+    """Fine-tune BiT image classifiers and deploy them to TensorRT, OpenVINO, ONNX Runtime and LiteRT.
 
     \b
     Quickstart (offline, on the built-in digits dataset):

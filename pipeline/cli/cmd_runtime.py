@@ -203,7 +203,7 @@ def summary_rows(m: Manifest, root: Path, is_pack: bool, checksums: str) -> list
         rows.append(
             (
                 "weights",
-                f"{weights.get('kind')} {weights.get('source') or ''} {(weights.get('sha256') or '')[:16]}".rstrip(),
+                f"{weights.kind} {weights.source or ''} {(weights.sha256 or '')[:16]}".rstrip(),
             )
         )
     used = f" (runs {target.precision_used})" if target.precision_used else ""
@@ -228,7 +228,7 @@ def summary_rows(m: Manifest, root: Path, is_pack: bool, checksums: str) -> list
             f"resize {resize} {spec.interpolation}, mean {list(spec.mean)} std {list(spec.std)}",
         )
     )
-    rows.append(("output", f"{m.output.get('name')} ({m.output.get('kind')})"))
+    rows.append(("output", f"{m.output.name} ({m.output.kind})"))
     shown = ", ".join(str(x) for x in labels[:10]) + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")
     rows.append(("labels", shown or "(none)"))
     acc = m.accuracy
@@ -247,12 +247,11 @@ def summary_rows(m: Manifest, root: Path, is_pack: bool, checksums: str) -> list
         )
     else:
         rows.append(("accuracy", "not measured"))
-    exp = m.export or {}
-    if exp:
-        rows.append(("export", ", ".join(f"{k} {v}" for k, v in exp.items())))
-    cal = m.calibration
-    if cal:
-        rows.append(("calibration", ", ".join(f"{k} {v}" for k, v in cal.items() if k != "sha256")))
+    if m.export is not None:
+        rows.append(("export", ", ".join(f"{k} {v}" for k, v in m.export.to_dict().items())))
+    if m.calibration is not None:
+        cal = m.calibration.to_dict().items()
+        rows.append(("calibration", ", ".join(f"{k} {v}" for k, v in cal if k != "sha256")))
     prov = m.provenance or Provenance()
     versions = ", ".join(f"{k} {v}" for k, v in prov.versions.items())
     rows.append(

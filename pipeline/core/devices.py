@@ -50,6 +50,23 @@ CPUS: tuple[CpuModel, ...] = (
 )
 
 
+# What platforms call the architectures the CPU table names ("x86_64", "arm64"); "x86" is 32-bit x86.
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "i386": "x86", "i686": "x86", "aarch64": "arm64"}
+
+
+def machine() -> str:
+    """This machine's architecture as its platform names it, lower case ("x86_64", "aarch64", "amd64"): what a
+    fingerprint records."""
+    return platform.machine().lower()
+
+
+def cpu_arch(name: str | None = None) -> str:
+    """The architecture `name` (a platform's or a fingerprint's; default: this machine's) as the CPU table names
+    it: "x86_64", "arm64", "x86" (32-bit), else the name lower-cased."""
+    raw = machine() if name is None else name.lower()
+    return _ARCH_ALIASES.get(raw, raw)
+
+
 def find(names: str) -> list[CpuModel]:
     """The table rows for a comma-separated list of names (case-insensitive); an unknown name is one line."""
     by_name = {c.name: c for c in CPUS}
@@ -110,10 +127,10 @@ def _cpu_flags() -> set[str] | None:
 def below_floor() -> str | None:
     """Why this x86-64 CPU cannot run the installed numpy (one line with the fix), or None when it can."""
     row = emulated_as()
-    machine = row.arch if row is not None else platform.machine().lower()
+    arch = row.arch if row is not None else cpu_arch()
     installed = _numpy_version()
     flags = _cpu_flags()
-    if machine not in ("x86_64", "amd64") or installed is None or flags is None:
+    if arch != "x86_64" or installed is None or flags is None:
         return None
     for since, needs, level in _NUMPY_X86_BASELINES:
         if installed >= since:

@@ -59,10 +59,19 @@ class Target:
     devices: str = ""  # what --device accepts, for help and messages
     cache_conversions: bool = True  # False: artifacts tied to the build machine (TensorRT engines) are rebuilt
     options: str = ""  # "module:Class", a frozen bitdeploy.converters.base.TargetOptions: its flags and hooks
-    engines: tuple[str, ...] = ()  # distributions whose versions decide the numerics (the device fingerprint)
+    engines: tuple[str, ...] = ()  # distributions whose versions decide the numerics (the device fingerprint);
+    # the first is the runtime's own wheel, the one that brings `runtime_module` (what the emulation kit installs)
+    distributions: tuple[str, ...] = ()  # what provenance records the versions of: the engines and the build's tools
     companions: tuple[str, ...] = ()  # suffixes of files that travel with the model file (OpenVINO's .bin)
     triton: TritonEngine | None = None  # None: Triton cannot serve it
     ovms: bool = False  # OpenVINO Model Server can serve its model file
+    evaluates_onnx: bool = False  # its runtime evaluates the ONNX stand-in (Artifact.eval_model_file) of a target
+    # whose own runtime cannot run here; exactly one record says so
+
+    @property
+    def runtime_wheel(self) -> str:
+        """The pip distribution that brings `runtime_module`."""
+        return self.engines[0] if self.engines else self.runtime_extra
 
 
 TARGETS: dict[str, Target] = {}
@@ -93,8 +102,10 @@ register(
         devices="cpu (default), cuda",
         options="bitdeploy.converters.ort_convert:OrtOptions",
         engines=("onnxruntime",),
+        distributions=("onnxruntime", "onnxruntime-gpu"),
         triton=TritonEngine("backend", "onnxruntime", "model.onnx"),
         ovms=True,
+        evaluates_onnx=True,
     )
 )
 register(
@@ -114,6 +125,7 @@ register(
         devices="CPU (default), GPU, NPU, AUTO",
         options="bitdeploy.converters.openvino_convert:OpenVinoOptions",
         engines=("openvino",),
+        distributions=("openvino", "nncf"),
         companions=(".bin",),
         triton=TritonEngine("backend", "openvino", "model.xml"),
         ovms=True,
@@ -137,6 +149,7 @@ register(
         cache_conversions=False,  # engines are tied to the GPU and TensorRT version
         options="bitdeploy.converters.trt_engine:TensorRTOptions",
         engines=("tensorrt",),
+        distributions=("tensorrt",),
         triton=TritonEngine("platform", "tensorrt_plan", "model.plan", kind="KIND_GPU"),
     )
 )
@@ -156,6 +169,7 @@ register(
         calib_methods=("histogram",),  # PT2E static: HistogramObserver on activations, min/max per channel on weights
         devices="cpu (XNNPACK; default)",
         engines=("ai-edge-litert",),
+        distributions=("litert-torch", "ai-edge-litert"),
     )
 )
 
@@ -185,6 +199,27 @@ def for_backend(backend: str) -> Target:
     record = find_backend(backend)
     if record is None:
         raise BitdeployError(f"unknown backend {backend!r}; choose one of: {', '.join(backend_names())}")
+    return record
+
+
+def find_runtime(ref: str) -> Target | None:
+    """The record whose runtime is the "module:Class" `ref`, or None (how a backend class learns its name)."""
+    return next((t for t in TARGETS.values() if t.runtime == ref), None)
+
+
+def converter_record(module: str) -> Target:
+    """The record whose converter lives in `module` (a converter's `__name__`): where it reads its backend name."""
+    record = next((t for t in TARGETS.values() if t.converter.partition(":")[0] == module), None)
+    if record is None:
+        raise LookupError(f"no target record names a converter in {module}; register(Target(converter=...)) first")
+    return record
+
+
+def onnx_evaluator() -> Target:
+    """The record whose runtime evaluates another target's ONNX stand-in on the CPU (`evaluates_onnx`)."""
+    record = next((t for t in TARGETS.values() if t.evaluates_onnx), None)
+    if record is None:
+        raise BitdeployError("no target record evaluates ONNX stand-ins; register one with evaluates_onnx=True")
     return record
 
 

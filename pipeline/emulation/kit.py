@@ -24,6 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from bitdeploy.core import targets
 from bitdeploy.core.errors import BitdeployError, first_line
 from bitdeploy.core.fsutil import atomic_write, replace_dir
 
@@ -37,9 +38,15 @@ GUEST_PYTHON = "3.11"
 SYSROOT_PACKAGES = "python3,libstdc++6,libgomp1"
 # pip does not expand --platform to older manylinux tags: each one a wheel may carry is listed.
 MANYLINUX = ("manylinux2014_aarch64", *(f"manylinux_2_{v}_aarch64" for v in (17, 24, 26, 27, 28, 31, 34, 35, 36)))
-# The runtime's own dependencies, then each engine's runtime extra: pip name -> import name.
+# The runtime's own dependencies, then each CPU target's runtime wheel: pip name -> import name.
 BASE_WHEELS = ("numpy", "pillow", "click")
-ENGINE_WHEELS = {"onnxruntime": "onnxruntime", "openvino": "openvino", "ai-edge-litert": "ai_edge_litert"}
+
+
+def engine_wheels() -> dict[str, str]:
+    """{pip name: import name} of the runtime of every target record that runs on a CPU (what a guest can run)."""
+    return {t.runtime_wheel: t.runtime_module for t in targets.TARGETS.values() if not t.needs_gpu}
+
+
 QEMU_FIX = (
     "install QEMU >= 8.1: Debian 12 `apt-get install -t bookworm-backports qemu-user` (add bookworm-backports to "
     "apt's sources), Debian 13 / Ubuntu 24.04 `apt-get install qemu-user`, or put a qemu-aarch64 >= 8.1 on PATH"
@@ -187,10 +194,11 @@ def setup(arch: str, root: Path, engines: list[str] | None = None) -> dict[str, 
     qemu = require_qemu(arch, root)
     kit: dict[str, Any] = {"arch": arch, "qemu": qemu.path, "qemu_version": list(qemu.version)}
     if arch == "arm64":
-        picked = list(ENGINE_WHEELS) if engines is None else engines
-        unknown = [e for e in picked if e not in ENGINE_WHEELS]
+        wheels = engine_wheels()
+        picked = list(wheels) if engines is None else engines
+        unknown = [e for e in picked if e not in wheels]
         if unknown:
-            raise BitdeployError(f"unknown engine {unknown[0]!r}; choose from {', '.join(ENGINE_WHEELS)}")
+            raise BitdeployError(f"unknown engine {unknown[0]!r}; choose from {', '.join(wheels)}")
         _sysroot(root)
         kit.update(suite=SUITE, python=GUEST_PYTHON, wheels=_site(root, picked))
     atomic_write(root / arch / KIT_FILE, json.dumps(kit, indent=2) + "\n")

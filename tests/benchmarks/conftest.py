@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bitdeploy.runtimes.manifest import Manifest, ModelInfo, Provenance, TargetInfo
+from bitdeploy.runtimes.manifest import ExportInfo, Manifest, ModelInfo, Provenance, TargetInfo, WeightsInfo
 
 RESOLUTION = 32
 LABELS = [str(i) for i in range(10)]
@@ -24,14 +24,14 @@ def _manifest(backend: str, precision: str, model_file: str, precision_used: str
             num_classes=10,
             params=0,
             resolution=RESOLUTION,
-            weights={"kind": "none", "source": None, "sha256": None},
+            weights=WeightsInfo("none"),
             ws_eps=1e-10,
         ),
         target=TargetInfo(backend, precision, precision_used, device),
         model_file=model_file,
         input=input_spec(RESOLUTION),
         labels=list(LABELS),
-        export={"opset": 17},
+        export=ExportInfo(opset=17),
         provenance=Provenance("test", "2025-01-01T00:00:00+00:00"),
     )
 

@@ -131,7 +131,12 @@ def test_progress_counts_every_step(grid: Path) -> None:
     assert lines[-1].startswith(f"[{total}/{total}] serving memory m-b-32/onnx-fp32")
     assert "ETA -" in lines[0] and all("ETA -" not in ln for ln in lines[1:])
     assert sum("round 2/3 " in ln for ln in lines) == 3
-    assert [e["status"] for e in results] == ["valid", "valid", "valid", f"{GATE_SKIP} ({GATE_REASON})"]
+    assert [e.status.text if e.status else None for e in results] == [
+        "valid",
+        "valid",
+        "valid",
+        f"{GATE_SKIP} ({GATE_REASON})",
+    ]
 
 
 def test_bench_all_without_torch(grid: Path, tmp_path: Path) -> None:

@@ -55,10 +55,10 @@ def inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def test_int8_quantizes_conv_only_with_per_channel_symmetric_weights(
     tmp_path: Path, export: Path, calib: CalibrationData
 ) -> None:
-    from bitdeploy.converters.ort_quant import quantize_qdq
+    from bitdeploy.converters.ort_quant import QdqOptions, quantize_qdq
 
     out = tmp_path / "int8.onnx"
-    info = quantize_qdq(export, out, calib, activation_type="uint8", reduce_range=True)  # the x86 default scheme
+    info = quantize_qdq(export, out, calib, QdqOptions(activation_type="uint8", reduce_range=True))  # the x86 default
     m = onnx.load(str(out))
     onnx.checker.check_model(m)
     producers = {o: n for n in m.graph.node for o in n.output}
@@ -113,19 +113,21 @@ def test_int8_scheme_is_recorded(
 def test_tensorrt_flavour_is_s8s8_zero_point_zero_and_head_excluded(
     tmp_path: Path, export: Path, calib: CalibrationData
 ) -> None:
-    from bitdeploy.converters.ort_quant import head_conv_names, quantize_qdq
+    from bitdeploy.converters.ort_quant import QdqOptions, head_conv_names, quantize_qdq
 
     out = tmp_path / "trt.onnx"
     info = quantize_qdq(
         export,
         out,
         calib,
-        symmetric_activations=True,
-        activation_type="int8",
-        quantize_outputs=False,
-        exclude_head=True,
-        quantize_bias=False,
-        method="percentile",
+        QdqOptions(
+            symmetric_activations=True,
+            activation_type="int8",
+            quantize_outputs=False,
+            exclude_head=True,
+            quantize_bias=False,
+            method="percentile",
+        ),
     )
     m = onnx.load(str(out))
     values = inits(m)
@@ -147,11 +149,11 @@ def test_tensorrt_flavour_is_s8s8_zero_point_zero_and_head_excluded(
 
 def test_quantize_outputs_false_overrides_nothing_else(tmp_path: Path, export: Path, calib: CalibrationData) -> None:
     """No hidden TensorRT flavour: uint8 asymmetric activations stay as asked when conv outputs stay float."""
-    from bitdeploy.converters.ort_quant import quantize_qdq
+    from bitdeploy.converters.ort_quant import QdqOptions, quantize_qdq
 
     out = tmp_path / "u8.onnx"
     info = quantize_qdq(
-        export, out, calib, activation_type="uint8", symmetric_activations=False, quantize_outputs=False
+        export, out, calib, QdqOptions(activation_type="uint8", symmetric_activations=False, quantize_outputs=False)
     )
     m = onnx.load(str(out))
     values = inits(m)
@@ -169,12 +171,12 @@ def test_quantize_outputs_false_overrides_nothing_else(tmp_path: Path, export: P
 def test_int8_refuses_missing_calibration_and_unknown_method(
     tmp_path: Path, export: Path, calib: CalibrationData
 ) -> None:
-    from bitdeploy.converters.ort_quant import quantize_qdq
+    from bitdeploy.converters.ort_quant import QdqOptions, quantize_qdq
 
     with pytest.raises(ConversionError, match="calibration"):
         quantize_qdq(export, tmp_path / "a.onnx", None)  # type: ignore[arg-type]
     with pytest.raises(ConversionError, match="--calib-method"):
-        quantize_qdq(export, tmp_path / "a.onnx", calib, method="histogram")
+        quantize_qdq(export, tmp_path / "a.onnx", calib, QdqOptions(method="histogram"))
     assert not (tmp_path / "a.onnx").exists()
 
 

@@ -119,7 +119,10 @@ def test_inspector_catches_asymmetric_and_per_tensor_quantization(
 ) -> None:
     asym = tmp_path / "asym.onnx"
     ort_quant.quantize_qdq(
-        tiny.onnx, asym, calibration, activation_type="uint8", symmetric_activations=False, exclude_head=True
+        tiny.onnx,
+        asym,
+        calibration,
+        ort_quant.QdqOptions(activation_type="uint8", symmetric_activations=False, exclude_head=True),
     )
     v = trt_qdq.inspect_qdq(onnx.load(str(asym))).violations
     assert any("zero point must be int8 0" in m for m in v)
@@ -128,12 +131,14 @@ def test_inspector_catches_asymmetric_and_per_tensor_quantization(
         tiny.onnx,
         per_tensor,
         calibration,
-        per_channel=False,
-        symmetric_activations=True,
-        activation_type="int8",
-        quantize_outputs=False,
-        exclude_head=True,
-        quantize_bias=False,
+        ort_quant.QdqOptions(
+            per_channel=False,
+            symmetric_activations=True,
+            activation_type="int8",
+            quantize_outputs=False,
+            exclude_head=True,
+            quantize_bias=False,
+        ),
     )
     v = trt_qdq.inspect_qdq(onnx.load(str(per_tensor))).violations
     assert any("not per output channel on axis 0" in m for m in v)
@@ -142,11 +147,13 @@ def test_inspector_catches_asymmetric_and_per_tensor_quantization(
         tiny.onnx,
         head_q,
         calibration,
-        symmetric_activations=True,
-        activation_type="int8",
-        quantize_outputs=False,
-        exclude_head=False,
-        quantize_bias=False,
+        ort_quant.QdqOptions(
+            symmetric_activations=True,
+            activation_type="int8",
+            quantize_outputs=False,
+            exclude_head=False,
+            quantize_bias=False,
+        ),
     )
     v = trt_qdq.inspect_qdq(onnx.load(str(head_q))).violations
     assert any("classifier head is quantized" in m for m in v)

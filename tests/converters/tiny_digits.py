@@ -70,3 +70,21 @@ def tiny_digits(steps: int = 60, batch: int = 32, seed: int = 0) -> TinyDigits:
         logits = model(torch.from_numpy(vx)).numpy()
     top1 = float((logits.argmax(1) == vy).mean())
     return TinyDigits(root / "tiny.onnx", model, vx, vy, splits.train, top1, logits)
+
+
+@functools.cache
+def tiny_export(resolution: int = RESOLUTION, seed: int = 0) -> Path:
+    """The folded FP32 export of an untrained tiny BiT (random head, 10 classes): what a converter's contract
+    needs, in a few seconds (no training; its logits are not meaningful, only finite)."""
+    import torch
+
+    from bitdeploy.converters.onnx_export import export_onnx
+    from bitdeploy.core.catalog import get_variant
+    from bitdeploy.training.bit import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(get_variant("tiny"), num_classes=10).eval()
+    root = Path(tempfile.mkdtemp(prefix="bitdeploy-tiny-export-"))
+    atexit.register(shutil.rmtree, root, True)
+    export_onnx(model, resolution, root / "tiny.onnx")
+    return root / "tiny.onnx"

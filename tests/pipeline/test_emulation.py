@@ -188,12 +188,12 @@ def test_report_shows_the_device_matrix() -> None:
 def test_ort_auto_scheme_holds_on_every_named_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     from bitdeploy.converters import ort_convert
 
-    monkeypatch.setattr(ort_convert.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     assert ort_convert.auto_scheme("cpu", ())[0] == "s8s8"
     assert ort_convert.auto_scheme("cpu", ("arm64",))[0] == "s8s8"
     scheme, why = ort_convert.auto_scheme("cpu", ("arm64", "x86_64"))
     assert scheme == "u8s8-7bit" and "verified on (arm64, x86_64)" in why
-    monkeypatch.setattr(ort_convert.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     assert ort_convert.auto_scheme("cpu", ("arm64",))[0] == "u8s8-7bit"
     assert ort_convert.auto_scheme("cuda", ("x86_64",))[0] == "s8s8"
 

@@ -1,5 +1,5 @@
 """One record per target: every record resolves, every CLI choice comes from the records, every registered backend
-has a conformance test, and a new target registered with one record is usable end to end without editing any other
+and converter has a conformance test, and a new target registered with one record is usable end to end without editing any other
 module (the complete toy target, with a converter and build flags, is tests/pipeline/test_toy_target.py)."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from bitdeploy.runtimes.base import Backend, backend_available, backend_class
 from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
 from bitdeploy.runtimes.manifest import Manifest, ModelInfo, TargetInfo
 from bitdeploy.runtimes.preprocess import input_spec
+from tests.converters.converter_conformance import ConverterConformance
 from tests.runtimes.backend_conformance import BackendConformance
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -69,22 +70,59 @@ def registered() -> Iterator[targets.Target]:
         targets.TARGETS.update(before)
 
 
-def backends_without_conformance() -> list[str]:
-    """Registered backends that no `Test...` subclass of BackendConformance anywhere under tests/ covers."""
+def import_test_modules() -> None:
+    """Import every test module under tests/ (what pytest collects), so each conformance subclass exists."""
     for path in sorted(TESTS.rglob("test_*.py")):
-        if "(BackendConformance)" in path.read_text(encoding="utf-8"):
+        try:
             importlib.import_module(".".join(path.relative_to(TESTS.parent).with_suffix("").parts))
-    found, todo = set(), list(BackendConformance.__subclasses__())
+        except (ImportError, pytest.skip.Exception):  # an SDK missing here: pytest skips that module too
+            continue
+
+
+def covered(template: type) -> set[str]:
+    """What the collected (`Test...`) subclasses of a conformance template cover, at any depth."""
+    import_test_modules()
+    found, todo = set(), list(template.__subclasses__())
     while todo:
         cls = todo.pop()
         todo.extend(cls.__subclasses__())
         if cls.__name__.startswith("Test") and cls.covers:
             found.add(cls.covers)
+    return found
+
+
+def backends_without_conformance() -> list[str]:
+    """Registered backends that no `Test...` subclass of BackendConformance anywhere under tests/ covers."""
+    found = covered(BackendConformance)
     return [b for b in targets.backend_names() if b not in found]
+
+
+def targets_without_converter_conformance() -> list[str]:
+    """Registered targets that no `Test...` subclass of ConverterConformance anywhere under tests/ covers."""
+    found = covered(ConverterConformance)
+    return [t for t in targets.target_names() if t not in found]
 
 
 def test_every_registered_backend_has_a_conformance_test() -> None:
     assert backends_without_conformance() == []
+
+
+def test_every_registered_target_has_a_converter_conformance_test() -> None:
+    assert targets_without_converter_conformance() == []
+
+
+def test_the_meta_test_finds_subclasses_by_import(registered: targets.Target) -> None:
+    """A subclass anywhere is found through the class itself (no file text is read); a target without one is named."""
+    assert targets_without_converter_conformance() == ["numpy-test"]
+    assert backends_without_conformance() == ["numpy-test"]
+
+    class TestNumpyTestConverter(ConverterConformance):  # defined here, so pytest never collects it
+        covers = "numpy-test"
+
+    class TestNumpyTestBackend(BackendConformance):
+        covers = "numpy-test"
+
+    assert targets_without_converter_conformance() == [] and backends_without_conformance() == []
 
 
 def test_a_record_without_calibration_methods_and_every_cli_module_import_in_a_fresh_interpreter() -> None:

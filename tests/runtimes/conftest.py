@@ -20,7 +20,7 @@ from PIL import Image
 
 from bitdeploy import __version__
 from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
-from bitdeploy.runtimes.manifest import Manifest, ModelInfo, Provenance, TargetInfo
+from bitdeploy.runtimes.manifest import ExportInfo, Manifest, ModelInfo, Provenance, TargetInfo, WeightsInfo
 from bitdeploy.runtimes.preprocess import input_spec
 
 RES = 32
@@ -39,14 +39,14 @@ def make_manifest(
             num_classes=10,
             params=params,
             resolution=RES,
-            weights={"kind": "none", "source": None, "sha256": None},
+            weights=WeightsInfo("none"),
             ws_eps=1e-10,
         ),
         target=TargetInfo(backend, "fp32", precision_used, device),
         model_file=model_file,
         input=input_spec(RES),
         labels=list(LABELS),
-        export={"opset": 17, "max_abs_diff": None, "nodes": None, "simplifier": None},
+        export=ExportInfo(opset=17),
         provenance=Provenance(__version__, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")),
     )
     return replace(manifest, **changes)
