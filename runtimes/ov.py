@@ -95,9 +95,10 @@ class OpenVinoBackend(Backend):
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         request = self._pool.get()
         try:
-            request.infer({0: batch}, share_inputs=True)
-            # The output tensor is the request's own buffer: copy before another thread reuses it.
-            out: np.ndarray = request.get_output_tensor(0).data.copy()
+            # share_outputs: the result views the request's own buffer, copied once here before another thread
+            # reuses the request (without it OpenVINO copies every output into a dict first).
+            results = request.infer({0: batch}, share_inputs=True, share_outputs=True)
+            out: np.ndarray = np.array(results[0], copy=True)
         finally:
             self._pool.put(request)
         return out

@@ -1,22 +1,27 @@
 """Load test for `bitdeploy serve` through Triton's client on the v2 route, against `bitdeploy bench` of the same bundle.
 
-    python benchmarks/experiments/serve_load.py BUNDLE [--clients 8] [--requests 1000] [--single 200] [--malformed 50]
-                                              [--input tensor|image] [--threads N] [--max-batch 8] [--max-delay-ms 5]
-                                              [--rounds 1] [--bench-iterations 400] [--no-bench]
+    python benchmarks/experiments/serve_load.py BUNDLE [--clients 2 x max-batch] [--requests 1000] [--single 200]
+                                              [--malformed 50] [--input tensor|image] [--threads N] [--max-batch 8]
+                                              [--max-delay-ms 5] [--rounds 1] [--bench-iterations 400] [--no-bench] [--pin]
 
 Starts `bitdeploy serve BUNDLE --port 0` on 127.0.0.1 in a subprocess, then per round
   1. runs `bitdeploy bench BUNDLE --batch-sizes 8` (same --threads) for the offline batch-8 throughput and
-     the single-stream p50 of the engine alone (the server is idle meanwhile);
+     the single-stream p50 of the engine alone (the server is idle meanwhile), and times the same engine in this
+     process at batch 8 for its CPU seconds per image (`os.times`);
   2. sends `--single` requests from one client, in blocks of 10 alternating with the same work done by the
      engine in this process (`infer`, or `predict` for image files): the lone client's p50 and its paired gap;
   3. sends `--requests` inferences from `--clients` threads, each with its own `tritonclient.http` client,
      to POST /v2/models/NAME/infer (FP32 `input` as binary data, or encoded images as BYTES `image`) and checks
-     every answer's shape.
+     every answer's shape. Around it, the server's CPU seconds (/proc/PID/stat) and the clients' (this process).
+The load generator shares the machine with the server, so three figures say what the server is responsible for:
+its CPU per request against the engine's CPU per image at batch 8 (efficiency), its throughput on the CPU time
+the clients left it, and with --pin (the server and the engine-alone runs on the first half of the CPUs, the
+clients on the rest) the plain throughput against offline on the same cores. The clients default to twice
+--max-batch: with exactly max-batch closed-loop clients the engine idles while each batch's answers travel back.
 Then `--malformed` bad requests (garbage JSON, wrong shapes and types, bad binary sizes, oversized bodies,
 unknown models and routes, broken request lines, hang-ups) must each get their 4xx (or a closed connection
 for a hang-up); another round of valid requests and GET /metrics must show the server survived and counted.
-Prints throughput / offline batch-8 throughput and single-client p50 - single-stream p50 per round (their
-medians when --rounds > 1, as the rounds interleave with the bench runs); exits 1 on any error.
+Prints each round, then the medians over the rounds with their min-max; exits 1 on any error.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -69,15 +75,26 @@ def sample_images(n: int = 16, seed: int = 0) -> list[bytes]:
     return out
 
 
+def pinned_to(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A preexec_fn that confines the child to `cpus` (None: no pinning)."""
+    return None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+
+
 def start_server(
-    bundle: str, *args: str, threads: int | None = None, timeout: float = 120.0
+    bundle: str, *args: str, threads: int | None = None, timeout: float = 120.0, cpus: set[int] | None = None
 ) -> tuple[subprocess.Popen[str], str]:
-    """Run `bitdeploy serve BUNDLE --port 0 ARGS...` on loopback; return the process and its base URL."""
+    """Run `bitdeploy serve BUNDLE --port 0 ARGS...` on loopback (on `cpus` when given); return the process and
+    its base URL."""
     cmd = [sys.executable, "-m", "bitdeploy", "serve", bundle, "--host", "127.0.0.1", "--port", "0", *args]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=pinned_to(cpus),
     )
     found: list[str] = []
 
@@ -218,15 +235,20 @@ def run_load(url: str, inputs: Inputs, clients: int = 8, requests: int = 1000, t
     return result
 
 
+SETTLE_S = 0.05  # between blocks: engine threads spin-wait a while after their last call (ONNX Runtime, OpenMP)
+
+
 def paired_single(url: str, inputs: Inputs, model: Any, n: int, block: int = 10) -> tuple[LoadResult, list[float]]:
     """One client's requests, alternating in blocks with the same work done in this process by `model` alone
-    (`infer` for tensors, `predict` for image files), so both see the same background load."""
+    (`infer` for tensors, `predict` for image files), so both see the same background load. Each block starts
+    after a short pause, so neither side's engine threads still spin-wait on the cores the other needs."""
     import tritonclient.http as th
 
     client_result, engine = LoadResult(), []
     cli = th.InferenceServerClient(urlsplit(url).netloc, connection_timeout=120, network_timeout=120)
     out = [th.InferRequestedOutput("logits", binary_data=True)]
     for start in range(0, n, block):
+        time.sleep(SETTLE_S)
         for i in range(start, min(n, start + block)):
             t0 = time.perf_counter()
             if inputs.kind == "image":
@@ -234,6 +256,7 @@ def paired_single(url: str, inputs: Inputs, model: Any, n: int, block: int = 10)
             else:
                 model.infer(inputs.tensors[i % len(inputs.tensors)])
             engine.append(time.perf_counter() - t0)
+        time.sleep(SETTLE_S)
         t0 = time.perf_counter()
         for i in range(start, min(n, start + block)):
             t1 = time.perf_counter()
@@ -397,9 +420,95 @@ def healthz(url: str, timeout: float = 10.0) -> dict[str, Any]:
     return info
 
 
+# -- CPU accounting --------------------------------------------------------------------------------------------
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid`, all its threads together (/proc/PID/stat, Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        after_name = f.read().rsplit(")", 1)[1].split()  # the name may hold spaces and parentheses
+    return (int(after_name[11]) + int(after_name[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15
+
+
+def own_cpu_s() -> float:
+    """User + system CPU seconds of this process (every thread: the clients, or the engine run here)."""
+    t = os.times()
+    return t.user + t.system
+
+
+@dataclass
+class CpuShare:
+    """Where the CPU went during one load run: the server's process, the clients' (this process), the wall."""
+
+    requests: int
+    wall_s: float
+    cores: int  # the cores the server may use
+    server_s: float
+    clients_s: float
+    clients_apart: bool = False  # the clients ran on other cores (--pin)
+
+    @property
+    def server_ms_per_request(self) -> float:
+        return 1e3 * self.server_s / max(1, self.requests)
+
+    @property
+    def server_share(self) -> float:
+        return self.server_s / (self.cores * self.wall_s) if self.wall_s else float("nan")
+
+    @property
+    def clients_share(self) -> float:
+        return self.clients_s / (self.cores * self.wall_s) if self.wall_s else float("nan")
+
+    def efficiency(self, offline_cpu_ms_per_image: float) -> float:
+        """Offline engine CPU per image / server CPU per request: 1.0 means serving costs nothing over the engine."""
+        return offline_cpu_ms_per_image / self.server_ms_per_request if self.requests else float("nan")
+
+    def throughput_clients_excluded(self) -> float:
+        """Requests per second of the CPU time the clients left to the server (cores x wall - the clients' CPU)."""
+        left = self.cores * self.wall_s - (0.0 if self.clients_apart else self.clients_s)
+        return self.requests / left * self.cores if left > 0 else float("nan")
+
+
+def measured_load(
+    proc_pid: int, url: str, inputs: Inputs, clients: int, requests: int, cores: int, apart: bool = False
+) -> tuple[LoadResult, CpuShare]:
+    """run_load with the CPU seconds of the server and of this process's client threads around it."""
+    server0, clients0 = process_cpu_s(proc_pid), own_cpu_s()
+    load = run_load(url, inputs, clients, requests)
+    share = CpuShare(
+        len(load.latencies), load.wall_s, cores, process_cpu_s(proc_pid) - server0, own_cpu_s() - clients0, apart
+    )
+    return load, share
+
+
+def offline_cpu(model: Any, tensors: list[np.ndarray], batch: int = 8, seconds: float = 3.0) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of `model.infer` on batch-`batch` inputs in this process, the server idle."""
+    x = np.ascontiguousarray(np.concatenate([tensors[i % len(tensors)] for i in range(batch)]))
+    for _ in range(3):
+        model.infer(x)
+    images, cpu0, t0 = 0, own_cpu_s(), time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        model.infer(x)
+        images += batch
+    wall, cpu = time.perf_counter() - t0, own_cpu_s() - cpu0
+    return images / wall, 1e3 * cpu / images
+
+
+def split_cores(pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """(the server's cores, the clients' cores): the first half of this process's CPUs and the rest, or no pinning."""
+    if not pin:
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("error: --pin needs at least 2 CPUs (one for the server, one for the clients)")
+    half = len(cpus) // 2
+    return set(cpus[:half]), set(cpus[half:])
+
+
 # -- the engine alone ------------------------------------------------------------------------------------------
-def bench_offline(bundle: str, threads: int | None, iterations: int) -> tuple[float, float]:
-    """`bitdeploy bench BUNDLE --batch-sizes 8`: (offline batch-8 images/s, single-stream p50 ms)."""
+def bench_offline(
+    bundle: str, threads: int | None, iterations: int, cpus: set[int] | None = None
+) -> tuple[float, float]:
+    """`bitdeploy bench BUNDLE --batch-sizes 8` (on `cpus` when given): (offline batch-8 images/s, single-stream
+    p50 ms)."""
     cmd = [
         sys.executable,
         "-m",
@@ -418,7 +527,7 @@ def bench_offline(bundle: str, threads: int | None, iterations: int) -> tuple[fl
     ]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, preexec_fn=pinned_to(cpus))
     if proc.returncode != 0:
         raise RuntimeError(f"bitdeploy bench failed: {proc.stderr.strip()[-500:]}")
     row = json.loads(proc.stdout)["results"][0]
@@ -426,12 +535,84 @@ def bench_offline(bundle: str, threads: int | None, iterations: int) -> tuple[fl
     return float(b8["images_per_s"]), float(row["single_stream"]["p50_ms"])
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class Round:
+    load: LoadResult
+    cpu: CpuShare
+    single: LoadResult
+    offline: float  # bench's offline batch-8 images/s
+    stream_p50: float  # bench's single-stream p50 ms
+    offline_here: float  # images/s of the engine in this process, batch 8
+    offline_cpu_ms: float  # its CPU ms per image
+    paired_gap: float  # single client p50 - the engine's p50 in blocks interleaved with it, ms
+    per_call: float  # images per engine call in the server
+
+    @property
+    def ratio(self) -> float:
+        return self.load.throughput / self.offline
+
+    @property
+    def gap(self) -> float:
+        return self.single.percentile(50) - self.stream_p50
+
+    @property
+    def efficiency(self) -> float:
+        return self.cpu.efficiency(self.offline_cpu_ms)
+
+    @property
+    def ratio_clients_excluded(self) -> float:
+        return self.cpu.throughput_clients_excluded() / self.offline_here
+
+    def line(self, r: int, clients: int) -> str:
+        c = self.cpu
+        return (
+            f"round {r}: {self.load.throughput:.1f} requests/s with {clients} clients vs {self.offline:.1f} images/s offline "
+            f"batch 8 (ratio {self.ratio:.2f}, {self.per_call:.1f} images per engine call); single client p50 "
+            f"{self.single.percentile(50):.2f} ms vs single-stream p50 {self.stream_p50:.2f} ms ({self.gap:+.2f} ms), vs the "
+            f"engine in this process interleaved ({self.paired_gap:+.2f} ms)\n"
+            f"  CPU: server {c.server_ms_per_request:.2f} ms per request ({c.server_share:.0%} of {c.cores} cores), clients "
+            f"{1e3 * c.clients_s / max(1, c.requests):.2f} ms per request ({c.clients_share:.0%}); the engine alone "
+            f"{self.offline_cpu_ms:.2f} ms CPU per image at batch 8 ({self.offline_here:.1f} images/s) -> server efficiency "
+            f"{self.efficiency:.2f}; throughput on the CPU the clients left {c.throughput_clients_excluded():.1f} requests/s "
+            f"= {self.ratio_clients_excluded:.2f}x the engine alone; load average {os.getloadavg()[0]:.1f}"
+        )
+
+
+def run_round(
+    args: argparse.Namespace, pid: int, url: str, inputs: Inputs, model: Any, cores: tuple[Any, Any, int]
+) -> Round:
+    server_cpus, client_cpus, ncores = cores
+    offline, stream_p50 = (
+        bench_offline(args.bundle, args.threads, args.bench_iterations, server_cpus)
+        if not args.no_bench
+        else (float("nan"), float("nan"))
+    )
+    if server_cpus is not None:
+        os.sched_setaffinity(0, server_cpus)  # this thread only: the engine here runs where the server does
+    offline_here, offline_cpu_ms = offline_cpu(model, inputs.tensors, 8)
+    single, engine = paired_single(url, inputs, model, args.single) if args.single else (LoadResult(), [])
+    paired = single.percentile(50) - float(np.percentile(engine, 50)) * 1e3 if engine else float("nan")
+    if client_cpus is not None:
+        os.sched_setaffinity(0, client_cpus)  # the client threads start from here and inherit it
+    before = metrics(url)
+    load, cpu = measured_load(pid, url, inputs, args.clients, args.requests, ncores, client_cpus is not None)
+    during = metrics(url)
+    images = counted(during, "bitdeploy_batch_size_sum") - counted(before, "bitdeploy_batch_size_sum")
+    calls = counted(during, "bitdeploy_batch_size_count") - counted(before, "bitdeploy_batch_size_count")
+    return Round(load, cpu, single, offline, stream_p50, offline_here, offline_cpu_ms, paired, images / max(1.0, calls))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python benchmarks/experiments/serve_load.py", description=__doc__.split("\n\n")[0]
     )
     ap.add_argument("bundle")
-    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        help="concurrent clients [default: 2 x --max-batch, so a full batch waits while the engine runs the last one]",
+    )
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--single", type=int, default=200, help="requests from one client, for its p50")
     ap.add_argument("--malformed", type=int, default=50)
@@ -448,7 +629,56 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="bench / load / single-client rounds, interleaved")
     ap.add_argument("--bench-iterations", type=int, default=400, help="images per `bitdeploy bench` measurement")
     ap.add_argument("--no-bench", action="store_true", help="skip the `bitdeploy bench` comparison")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="server and engine-alone runs on the first half of the CPUs, the clients on the rest (--threads defaults "
+        "to the server's share)",
+    )
     args = ap.parse_args(argv)
+    if args.clients is None:
+        args.clients = 2 * args.max_batch
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    return args
+
+
+def summary(args: argparse.Namespace, rounds: list[Round]) -> list[str]:
+    load = rounds[-1].load
+
+    def med(values: list[float]) -> str:
+        return (
+            f"median {float(np.median(values)):.2f} [{min(values):.2f}-{max(values):.2f}] over {len(values)} round(s)"
+        )
+
+    out = [
+        f"valid requests:     {len(load.latencies)}/{args.requests} ok, {len(load.errors)} error(s)",
+        f"latency (ms):       p50 {load.percentile(50):.2f}  p90 {load.percentile(90):.2f}  p99 {load.percentile(99):.2f}  max {load.percentile(100):.2f}",
+        f"server CPU:         {med([r.cpu.server_ms_per_request for r in rounds])} ms per request; clients' share of the "
+        f"cores {med([r.cpu.clients_share for r in rounds])}",
+        f"server efficiency:  {med([r.efficiency for r in rounds])} (the engine's CPU per image at batch 8 / the server's "
+        "CPU per request; target >= 0.90)",
+        f"clients excluded:   {med([r.ratio_clients_excluded for r in rounds])} x the engine alone at batch 8 (throughput "
+        "on the CPU the clients left; target >= 0.90)",
+    ]
+    if not args.no_bench:
+        out += [
+            f"vs offline batch 8: {med([r.ratio for r in rounds])} (the clients {'pinned to other cores' if args.pin else 'on the same cores'}; target >= 0.90)",
+            f"single client:      p50 - single-stream p50 {med([r.gap for r in rounds])} ms (target <= +2 ms)",
+        ]
+    if args.single:
+        out.append(
+            f"single client:      p50 - the engine's p50 in blocks interleaved with it {med([r.paired_gap for r in rounds])} ms"
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    server_cpus, client_cpus = split_cores(args.pin)
+    if server_cpus is not None and args.threads is None:
+        args.threads = len(server_cpus)
+    ncores = len(server_cpus) if server_cpus is not None else len(os.sched_getaffinity(0))
     max_body_mb = 1.0
     proc, url = start_server(
         args.bundle,
@@ -461,9 +691,10 @@ def main(argv: list[str] | None = None) -> int:
         "--max-body-mb",
         str(max_body_mb),
         threads=args.threads,
+        cpus=server_cpus,
     )
     errors: list[str] = []
-    ratios, gaps, paired, loads, singles = [], [], [], [], []
+    rounds: list[Round] = []
     bad: list[str] = []
     after = LoadResult()
     scraped: dict[str, float] = {}
@@ -472,42 +703,29 @@ def main(argv: list[str] | None = None) -> int:
         meta = model_metadata(url)
         inputs = Inputs(meta, args.input)
         res = int(meta["inputs"][0]["shape"][-1])
+        pinning = (
+            f"server on CPUs {sorted(server_cpus)}, clients on {sorted(client_cpus or ())}"
+            if server_cpus
+            else "unpinned"
+        )
         print(
             f"server: {url}  model {meta['name']} ({meta['platform']}), --max-batch {args.max_batch} --max-delay-ms {args.max_delay_ms:g} "
             f"--workers {args.workers} --threads {args.threads}; {args.clients} clients x {args.requests} {args.input} requests, "
-            f"{args.single} single-client, {args.rounds} round(s); load average {os.getloadavg()[0]:.1f}"
+            f"{args.single} single-client, {args.rounds} round(s), {pinning}; load average {os.getloadavg()[0]:.1f}"
         )
-        run_load(url, inputs, args.clients, min(40, args.requests))  # warm-up
+        main_cpus = os.sched_getaffinity(0)
+        if server_cpus is not None:
+            os.sched_setaffinity(0, server_cpus)  # the engine's threads here start where the server's run
         from bitdeploy.runtimes import load as load_bundle
 
-        model = load_bundle(
-            args.bundle, threads=args.threads
-        )  # the engine alone, for the paired single-client comparison
+        model = load_bundle(args.bundle, threads=args.threads)  # the engine alone, in this process
+        model.infer(inputs.tensors[0])
+        os.sched_setaffinity(0, client_cpus or main_cpus)
+        run_load(url, inputs, args.clients, min(40, args.requests))  # warm-up
         for r in range(args.rounds):
-            offline, stream_p50 = (
-                bench_offline(args.bundle, args.threads, args.bench_iterations)
-                if not args.no_bench
-                else (float("nan"), float("nan"))
-            )
-            single, engine = paired_single(url, inputs, model, args.single) if args.single else (LoadResult(), [])
-            paired.append(single.percentile(50) - float(np.percentile(engine, 50)) * 1e3 if engine else float("nan"))
-            before = metrics(url)
-            load = run_load(url, inputs, args.clients, args.requests)
-            during = metrics(url)
-            per_call = (
-                counted(during, "bitdeploy_batch_size_sum") - counted(before, "bitdeploy_batch_size_sum")
-            ) / max(1.0, counted(during, "bitdeploy_batch_size_count") - counted(before, "bitdeploy_batch_size_count"))
-            errors += load.errors + single.errors
-            loads.append(load)
-            singles.append(single)
-            ratios.append(load.throughput / offline)
-            gaps.append(single.percentile(50) - stream_p50)
-            print(
-                f"round {r + 1}: {load.throughput:.1f} requests/s with {args.clients} clients vs {offline:.1f} images/s offline batch 8 "
-                f"(ratio {ratios[-1]:.2f}, {per_call:.1f} images per engine call); single client p50 {single.percentile(50):.2f} ms vs "
-                f"single-stream p50 {stream_p50:.2f} ms ({gaps[-1]:+.2f} ms), vs the engine in this process interleaved "
-                f"({paired[-1]:+.2f} ms); load average {os.getloadavg()[0]:.1f}"
-            )
+            rounds.append(run_round(args, proc.pid, url, inputs, model, (server_cpus, client_cpus, ncores)))
+            errors += rounds[-1].load.errors + rounds[-1].single.errors
+            print(rounds[-1].line(r + 1, args.clients))
         _, bad = run_malformed(url, args.malformed, int(max_body_mb * (1 << 20)), meta["name"], res)
         errors += [f"malformed: {e}" for e in bad]
         after = run_load(url, inputs, args.clients, max(args.clients, args.requests // 10))
@@ -519,36 +737,18 @@ def main(argv: list[str] | None = None) -> int:
         code, stderr = stop_server(proc)
         if model is not None:
             model.close()
-    load = loads[-1]
-    sent = (
-        args.requests
-        + min(40, args.requests)
-        + sum(len(s.latencies) for s in singles)
-        + args.requests * (args.rounds - 1)
-    )
+    sent = min(40, args.requests) + sum(len(r.single.latencies) + args.requests for r in rounds)
     served = counted(scraped, "bitdeploy_requests_total", route="/v2/models/{name}/infer", code="200")
     batches = counted(scraped, "bitdeploy_batch_size_count")
     images = counted(scraped, "bitdeploy_batch_size_sum")
     if served < sent:
         errors.append(f"/metrics counts {served:.0f} answered inferences, fewer than the {sent} sent")
-    print(f"valid requests:     {len(load.latencies)}/{args.requests} ok, {len(load.errors)} error(s)")
-    print(
-        f"latency (ms):       p50 {load.percentile(50):.2f}  p90 {load.percentile(90):.2f}  p99 {load.percentile(99):.2f}  max {load.percentile(100):.2f}"
-    )
+    for text in summary(args, rounds):
+        print(text)
+    load = rounds[-1].load
     print(
         f"throughput:         {load.throughput:.1f} requests/s over {load.wall_s:.2f} s; {images / max(batches, 1):.2f} images per engine call over the whole run"
     )
-    if not args.no_bench:
-        print(
-            f"vs offline batch 8: median ratio {float(np.median(ratios)):.2f} over {args.rounds} round(s) (target >= 0.80)"
-        )
-        print(
-            f"single client:      median p50 - single-stream p50 = {float(np.median(gaps)):+.2f} ms (target <= +2 ms)"
-        )
-    if args.single:
-        print(
-            f"single client:      median p50 - the engine's p50 in blocks interleaved with it = {float(np.median(paired)):+.2f} ms"
-        )
     print(f"malformed requests: {args.malformed} sent, {len(bad)} unexpected answer(s)")
     print(
         f"after malformed:    {len(after.latencies)}/{max(args.clients, args.requests // 10)} ok; server {'up' if alive else 'DOWN'}; "

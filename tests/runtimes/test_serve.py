@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -198,3 +199,43 @@ def test_acceptance_load_through_the_cli(ort_bundle: Path) -> None:
     finally:
         code, output = serve_load.stop_server(proc)
     assert code == 0 and "Traceback" not in output and "stopped after" in output, output[-2000:]
+
+
+def test_serve_load_accounts_server_and_client_cpu(ort_bundle: Path) -> None:
+    """serve_load's CPU accounting: /proc/PID/stat counts a child's busy seconds, and one measured load run splits
+    the CPU between the server (pinned to the first core when there are two) and this process's client threads."""
+    import subprocess
+    import sys
+
+    busy = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\ninput()",
+        ],
+        stdin=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while serve_load.process_cpu_s(busy.pid) < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 0.5 <= serve_load.process_cpu_s(busy.pid) < 20
+    finally:
+        busy.communicate("\n", timeout=20)
+    pytest.importorskip("tritonclient.http")
+    server_cpus, client_cpus = serve_load.split_cores(len(os.sched_getaffinity(0)) >= 2)
+    proc, url = serve_load.start_server(str(ort_bundle), threads=1, cpus=server_cpus)
+    try:
+        if server_cpus is not None:
+            assert os.sched_getaffinity(proc.pid) == server_cpus
+        inputs = serve_load.Inputs(serve_load.model_metadata(url), "tensor")
+        load, cpu = serve_load.measured_load(
+            proc.pid, url, inputs, 4, 200, len(server_cpus or os.sched_getaffinity(0)), client_cpus is not None
+        )
+    finally:
+        serve_load.stop_server(proc)
+    assert load.errors == [] and cpu.requests == 200
+    assert cpu.server_s > 0 and cpu.clients_s > 0 and 0 < cpu.server_share <= 1.05
+    assert cpu.server_ms_per_request == pytest.approx(1e3 * cpu.server_s / 200)
+    assert cpu.throughput_clients_excluded() >= load.throughput * 0.999
