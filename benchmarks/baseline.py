@@ -31,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from bitdeploy.benchmarks.measure import COMPILE_TIMEOUT_S, BenchOptions, measure_latency
+from bitdeploy.benchmarks.measure import BenchOptions, measure_latency
 from bitdeploy.benchmarks.schema import VALID, BenchEntry, Status, Timing
 from bitdeploy.core.errors import require
+from bitdeploy.core.options import COMPILE_TIMEOUT_S
 from bitdeploy.runtimes.manifest import Manifest
 
 FORMS = ("eager-ws", "eager-folded", "compiled-folded")
@@ -211,7 +212,7 @@ def timed_batch_sizes(timing: dict[str, Any]) -> list[int]:
     return list(dict.fromkeys([1, *sizes]))
 
 
-def measure_forms(
+def measure_forms(  # noqa: PLR0913 - keyword knobs with defaults
     model: Any,
     shape: Sequence[int],
     timing: dict[str, Any],

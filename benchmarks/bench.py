@@ -26,7 +26,6 @@ from bitdeploy.benchmarks.discovery import baseline_manifests, bundle_entry, ski
 from bitdeploy.benchmarks.env import collect, device_label
 from bitdeploy.benchmarks.measure import (
     QUIET_CHECKS,
-    SCENARIOS,
     BenchOptions,
     combine,
     end_to_end,
@@ -37,6 +36,7 @@ from bitdeploy.benchmarks.memory import input_chw, peak_rss_mb, reset_peak_rss, 
 from bitdeploy.benchmarks.progress import Progress
 from bitdeploy.benchmarks.schema import FAILED_GATE, VALID, BenchEntry, Status, new_document, status_of
 from bitdeploy.core.errors import BitdeployError
+from bitdeploy.core.options import SCENARIOS
 from bitdeploy.runtimes.manifest import Manifest, TargetInfo
 
 E2E_IMAGES = 32  # distinct encoded images cycled through the end-to-end loop

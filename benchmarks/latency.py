@@ -171,7 +171,7 @@ def single_stream(
     return out
 
 
-def offline(
+def offline(  # noqa: PLR0913 - keyword knobs with defaults, as single_stream's
     backend: Inferable,
     shape_chw: Sequence[int],
     batch_sizes: Sequence[int] = (1, 8, 32),

@@ -8,13 +8,8 @@ from typing import Any
 
 from bitdeploy.benchmarks import interference, latency
 from bitdeploy.benchmarks.memory import DEFAULT_QUERIES, METHOD
+from bitdeploy.core.options import COMPILE_TIMEOUT_S
 from bitdeploy.runtimes.manifest import InputSpec
-
-COMPILE_TIMEOUT_S = 300.0
-
-
-SCENARIOS = ("single-stream", "offline", "both")
-
 
 QUIET_CHECKS = ("warn", "wait", "fail")
 

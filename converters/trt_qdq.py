@@ -86,7 +86,7 @@ def norm_groups(graph: Any) -> list[list[Any]]:
     return groups
 
 
-def inspect_qdq(model: Any, head_in_float: bool = True) -> QdqReport:
+def inspect_qdq(model: Any, head_in_float: bool = True) -> QdqReport:  # noqa: C901 - one pass over the nodes, one branch per QDQ pattern
     """Check a QDQ ONNX against TensorRT's explicit-quantization rules and bitdeploy's placement.
 
     Rules: every Q/DQ zero point is int8 0; activation scales are scalars (per-tensor, symmetric); weight DQs

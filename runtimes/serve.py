@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -36,6 +35,7 @@ from bitdeploy import __version__
 from bitdeploy.core.errors import BitdeployError, ImageError, require
 from bitdeploy.runtimes.batcher import Batcher
 from bitdeploy.runtimes.predictor import Predictor
+from bitdeploy.runtimes.serve_options import ServeOptions
 from bitdeploy.runtimes.serve_protocol import (
     HEADER_LENGTH,
     InferRequest,
@@ -64,24 +64,6 @@ ROUTE_KEY = "bitdeploy.route"
 CHEAP_HEADER = 4096  # JSON headers up to this size are parsed on the event loop
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    model_name: str | None = None  # default: the bundle's model name
-    max_batch: int = 8
-    max_delay_ms: float = 5.0
-    workers: int = 2  # threads that parse and preprocess requests
-    max_body: int = 16 << 20
-    timeout: float = 30.0  # reading a body; waiting for the engine
-    max_connections: int = 64
-    keep_alive: float = 30.0
-    drain_timeout: float = 30.0
-    access_log: bool = False
-
-    def check(self) -> None:
-        if self.workers < 1 or self.max_body < 1 or self.max_connections < 1 or self.timeout <= 0:
-            raise BitdeployError("--workers, --max-body-mb, --timeout and --max-connections must be positive")
-
-
 class HTTPError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -92,7 +74,7 @@ class Service:
     """The state behind the routes: the predictor, the batcher, the preprocessing pool and the metrics."""
 
     def __init__(self, predictor: Predictor, options: ServeOptions) -> None:
-        options.check()
+        options.validate()
         self.predictor = predictor
         self.options = options
         spec = predictor.input_spec
@@ -458,7 +440,7 @@ class HTTPServer:
         opts = self.options  # uvicorn's limit counts the arriving connection too, hence the + 1
         config = uvicorn.Config(
             self.app,
-            http="h11",
+            http="auto",
             lifespan="on",
             limit_concurrency=opts.max_connections + 1,
             backlog=256,

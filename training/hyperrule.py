@@ -101,7 +101,7 @@ def mixup_lambda(alpha: float, rng: random.Random) -> float:
     return rng.betavariate(alpha, alpha) if alpha > 0 else 1.0
 
 
-def make_plan(
+def make_plan(  # noqa: PLR0913 - one keyword per HyperRule override
     dataset_size: int,
     num_classes: int,
     image_hw: tuple[int, int],

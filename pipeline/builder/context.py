@@ -5,6 +5,7 @@ read these types, so neither imports the other's internals.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,16 @@ from typing import TYPE_CHECKING, Any
 from bitdeploy.converters.base import ConvertOptions, RowInputs, TargetOptions, options_class
 from bitdeploy.core.devices import find as find_cpus
 from bitdeploy.core.errors import BitdeployError
+from bitdeploy.core.options import (
+    CacheArgs,
+    CalibrationArgs,
+    EngineArgs,
+    ExportArgs,
+    GateArgs,
+    SelectionArgs,
+    TimingArgs,
+    TrainingArgs,
+)
 from bitdeploy.runtimes.manifest import ModelInfo
 
 if TYPE_CHECKING:
@@ -28,57 +39,39 @@ BUILD_BATCH_SIZES = (1, 4, 8, 16)  # throughput sweep of the build's quick timin
 BUILD_THROUGHPUT_IMAGES = 32  # images per batch size in that sweep
 
 
-@dataclass
+@dataclass(frozen=True)
 class BuildOptions:
-    """The shared options of a build, plus each target's own (`target_options`, by target name)."""
+    """What a build is asked for: the model and its outputs, one record per option group (`bitdeploy.core.options`,
+    parsed by `bitdeploy.cli.groups`), and each target's own options (`target_options`, by target name)."""
 
     model: str
     out: Path
-    weights: str = "auto"
-    target: str = "onnx"
-    precisions: list[str] | None = None  # None: fp32 (every precision with target "all")
-    resolution: int | None = None
-    dataset: str | None = None
-    val_split: float | None = None
-    shots: int | None = None
-    steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    finetune: bool | None = None  # None: when --dataset is given and the weights are not a trained checkpoint
-    train_device: str = "auto"
-    hflip: bool = True
-    calib_size: int = 300
-    calib_method: str | None = None
-    max_accuracy_drop: float = 1.0
-    device: str | None = None
-    threads: int | None = None
-    select: str | None = (
-        None  # fastest | most-accurate (default: the axis --latency/--memory-budget/--min-top1 leave free)
-    )
-    latency_budget: float | None = None  # ms, batch-1 p50
-    min_top1: float | None = None  # percent
-    memory_budget: float | None = None  # MB, peak RSS of a fresh runtime process serving batch 1
-    verify_on: str | None = None  # CPU[,CPU...]: each valid bundle's self-test, emulated (bitdeploy devices)
-    eval_limit: int | None = None
-    seed: int = 0
-    opset: int = 17
-    cache_dir: Path | None = None
-    cache: bool = True
-    report: bool = True
-    baseline: bool = True  # time the PyTorch FP32 baselines for the report's speed-up column
-    bench_iterations: int = 100
-    quiet_check: str = "warn"  # warn | wait | fail: a busy machine while timing (benchmarks.interference)
-    progress: bool = True
+    resolution: int | None = None  # None: the fine-tune's or checkpoint's, else DEFAULT_RESOLUTION
+    seed: int = 0  # fine-tuning, the calibration draw and the evaluation subset
+    export: ExportArgs = field(default_factory=ExportArgs)
+    engine: EngineArgs = field(default_factory=EngineArgs)
+    training: TrainingArgs = field(default_factory=TrainingArgs)
+    calibration: CalibrationArgs = field(default_factory=CalibrationArgs)
+    gate: GateArgs = field(default_factory=GateArgs)
+    timing: TimingArgs = field(default_factory=TimingArgs)
+    selection: SelectionArgs = field(default_factory=SelectionArgs)
+    cache: CacheArgs = field(default_factory=CacheArgs)
     debug: bool = False
-    target_options: dict[str, TargetOptions] = field(default_factory=dict)  # absent: that target's defaults
+    target_options: Mapping[str, TargetOptions] = field(default_factory=dict)  # absent: that target's defaults
     cell: str | None = None  # a grid's (model, resolution) cell: its bundles go to <out>/<cell>/<target>-<precision>
+
+    @property
+    def dataset(self) -> str | None:
+        """--dataset: fine-tuning, calibration (train split) and the gate (validation split) all read it."""
+        return self.training.dataset
 
     def criteria(self) -> Criteria | None:
         """What --select and the budgets ask for (None: no selection)."""
         from bitdeploy.benchmarks.ranking import Criteria
 
+        s = self.selection
         try:
-            return Criteria.from_flags(self.select, self.latency_budget, self.min_top1, self.memory_budget)
+            return Criteria.from_flags(s.select, s.latency_budget, s.min_top1, s.memory_budget)
         except ValueError as exc:
             raise BitdeployError(str(exc)) from None
 
@@ -90,24 +83,28 @@ class BuildOptions:
         cls = options_class(target)
         return cls() if cls is not None else None
 
-    def has_training_flags(self) -> bool:
-        return any(v is not None for v in (self.shots, self.steps, self.batch_size, self.lr))
-
     def wants_finetune(self) -> bool:
-        if self.dataset is None:
-            return False
-        if self.finetune is not None:
-            return self.finetune
-        if self.has_training_flags():
-            return True
-        return not is_checkpoint(self.weights)
+        return self.training.wants_finetune(self.export.weights)
 
-
-def is_checkpoint(weights: str) -> bool:
-    if weights in ("auto", "none"):
-        return False
-    p = Path(weights).expanduser()
-    return (p.is_dir() and (p / "checkpoint.pt").is_file()) or p.suffix == ".pt"
+    def validate(self) -> None:
+        """Each group's own checks, then those across groups."""
+        for group in (
+            self.export,
+            self.engine,
+            self.training,
+            self.calibration,
+            self.gate,
+            self.timing,
+            self.selection,
+            self.cache,
+        ):
+            group.validate()
+        if self.resolution is not None and self.resolution < 16:
+            raise BitdeployError(f"--resolution must be >= 16 pixels (got {self.resolution})")
+        if self.criteria() is not None and not self.timing.report:
+            raise BitdeployError(
+                "--select and the budgets rank timed bundles; drop --no-report so the build times them"
+            )
 
 
 @dataclass
@@ -136,16 +133,16 @@ def convert_options(
 ) -> ConvertOptions:
     """What the converter of (target, precision) is told: the shared options, and the target's own bound to the row."""
     own = opts.options_for(target)
-    arches = tuple(dict.fromkeys(c.arch for c in find_cpus(opts.verify_on))) if opts.verify_on else ()
-    row = RowInputs(opts.max_accuracy_drop, validation, opts.dataset, arches)
+    arches = tuple(dict.fromkeys(c.arch for c in find_cpus(opts.gate.verify_on))) if opts.gate.verify_on else ()
+    row = RowInputs(opts.gate.max_accuracy_drop, validation, opts.dataset, arches)
     extras = own.for_row(precision, row) if own is not None else None
-    method = opts.calib_method if opts.calib_method in target.calib_methods else None
+    method = opts.calibration.calib_method if opts.calibration.calib_method in target.calib_methods else None
     return ConvertOptions(
-        device=opts.device,
-        threads=opts.threads,
+        device=opts.engine.device,
+        threads=opts.engine.threads,
         calib_method=method,
-        cache=opts.cache,
-        cache_dir=opts.cache_dir,
+        cache=opts.cache.enabled,
+        cache_dir=opts.cache.dir,
         extras=extras,
     )
 

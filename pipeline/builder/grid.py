@@ -22,6 +22,7 @@ from bitdeploy.builder.row import time_rows
 from bitdeploy.builder.run import BuildResult, CellBuild, build_cell, check_options, finish
 from bitdeploy.core.cache import StageCache
 from bitdeploy.core.errors import BitdeployError, ResourceError, first_line, require
+from bitdeploy.core.options import SelectionArgs
 from bitdeploy.core.targets import Target
 
 
@@ -109,7 +110,7 @@ def run_grid(
     require("torch", "train", "PyTorch (torch), needed to export the model")
     which = f" (shard {shard[0]}/{shard[1]}: {len(mine)} of {len(cells)} cells)" if shard else ""
     log(f"grid: {len(mine)} cells x {len(mine[0][2])} bundles{which}")
-    cache = StageCache(opts.cache_dir, enabled=opts.cache, log=log)
+    cache = StageCache(opts.cache.dir, enabled=opts.cache.enabled, log=log)
     built: list[CellBuild] = []
     took: list[float] = []
     stopped = None
@@ -134,7 +135,7 @@ def run_grid(
                 log(f"grid: {c.title} failed: {first_line(exc)}")
                 built.append(_failed(cell_opts, planned, exc))
             took.append(time.perf_counter() - t0)
-        if shard is None and opts.report:
+        if shard is None and opts.timing.report:
             time_rows([t for cell in built for t in cell.timeable], opts, log)
     finally:
         cache.close()
@@ -145,12 +146,21 @@ def run_grid(
             "run the same command again to build the rest (finished steps come from the stage cache)"
         )
     if shard is not None:
-        quiet = replace(opts, report=False, select=None, latency_budget=None, min_top1=None, memory_budget=None)
+        quiet = replace(opts, timing=replace(opts.timing, report=False), selection=SelectionArgs())
         note = (note + "; " if note else "") + (
             f"shard {shard[0]}/{shard[1]} done: cells {', '.join(c.name for c, _, _ in mine)}; when every shard "
             "is done, run the same build without --shard to time all bundles and write the table and report"
         )
-        return finish(replace(quiet, verify_on=None), built, list(cache.hits), started, log, show, True, note)
+        return finish(
+            replace(quiet, gate=replace(opts.gate, verify_on=None)),
+            built,
+            list(cache.hits),
+            started,
+            log,
+            show,
+            True,
+            note,
+        )
     return finish(opts, built, list(cache.hits), started, log, show, True, note)
 
 

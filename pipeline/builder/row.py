@@ -94,12 +94,12 @@ def evaluate(
             artifact.eval_model_file,
             f"{artifact.eval_model_file} on {onnx_evaluator().title} CPU",
         )
-    device = (artifact.target.device or opts.device) if backend_name == artifact.backend else "cpu"
-    backend = open_backend(backend_name, work / model_file, manifest, device=device, threads=opts.threads)
+    device = (artifact.target.device or opts.engine.device) if backend_name == artifact.backend else "cpu"
+    backend = open_backend(backend_name, work / model_file, manifest, device=device, threads=opts.engine.threads)
     try:
         logits = gate.run_logits(backend.infer, ctx.data, EVAL_BATCH)
         if ctx.dataset is not None and ctx.label_ids is not None:
-            result = gate.gate(logits, ctx.reference, ctx.label_ids, opts.max_accuracy_drop)
+            result = gate.gate(logits, ctx.reference, ctx.label_ids, opts.gate.max_accuracy_drop)
             result = replace(result, dataset=ctx.dataset, split="val")
         else:
             result = gate.validate_unlabelled(logits, ctx.reference, precision, ctx.data.source)
@@ -223,7 +223,7 @@ def _write_golden(
 
 def _invalid_reason(result: GateResult, opts: BuildOptions) -> str:
     if result.top1_drop_pp is not None:
-        return f"accuracy gate: top-1 dropped {result.top1_drop_pp:.2f} pp vs FP32 PyTorch (allowed {opts.max_accuracy_drop:g} pp)"
+        return f"accuracy gate: top-1 dropped {result.top1_drop_pp:.2f} pp vs FP32 PyTorch (allowed {opts.gate.max_accuracy_drop:g} pp)"
     return (
         f"validation: max |logit diff| {result.max_abs_logit_diff} vs FP32 PyTorch exceeds {result.tolerance or 0:.3g}"
     )
@@ -247,7 +247,7 @@ def time_rows(todo: list[tuple[RowResult, Timeable]], opts: BuildOptions, log: C
 
     if not todo:
         return
-    if opts.quiet_check == "wait":
+    if opts.timing.quiet_check == "wait":
         from bitdeploy.benchmarks.interference import QUIET_WAIT_S, wait_for_quiet
 
         wait_for_quiet(QUIET_WAIT_S)
@@ -259,7 +259,11 @@ def time_rows(todo: list[tuple[RowResult, Timeable]], opts: BuildOptions, log: C
             manifest = read_manifest(path)
             try:
                 backend = open_backend(
-                    row.backend or "", path / manifest.model_file, manifest, device=how.device, threads=opts.threads
+                    row.backend or "",
+                    path / manifest.model_file,
+                    manifest,
+                    device=how.device,
+                    threads=opts.engine.threads,
                 )
             except Exception as exc:  # an SDK's own error type: the row keeps its gate result, without a timing
                 log(f"warning: [{row.name}] not timed: {type(exc).__name__}: {first_line(exc)}")
@@ -267,7 +271,7 @@ def time_rows(todo: list[tuple[RowResult, Timeable]], opts: BuildOptions, log: C
             opened.append((row, path, manifest, backend))
         sizes = {row.name: how.resolution for row, how in todo}
         timers = [
-            QuickTimer(b, (3, sizes[row.name], sizes[row.name]), **quick_timing(opts.bench_iterations))
+            QuickTimer(b, (3, sizes[row.name], sizes[row.name]), **quick_timing(opts.timing.bench_iterations))
             for row, _, _, b in opened
         ]
         results = quick_interleaved(timers)
@@ -286,7 +290,7 @@ def time_rows(todo: list[tuple[RowResult, Timeable]], opts: BuildOptions, log: C
             throughput_batch=row.throughput_batch,
             batch1_p50_spread_ms=tuple(row.p50_spread) if row.p50_spread is not None else None,
             serving_peak_rss_mb=row.serving_rss_mb,
-            threads=opts.threads,
+            threads=opts.engine.threads,
             note="quick build-time figure; use `bitdeploy bench` for publishable numbers",
         )
         with guarded(path.parent, "pass --out DIR", f"{row.name} bundle"):
@@ -298,7 +302,7 @@ def _serving_memory(row: RowResult, path: Path, opts: BuildOptions, log: Callabl
     from bitdeploy.benchmarks.memory import serving_memory
 
     try:
-        return float(serving_memory(path, threads=opts.threads)["peak_rss_mb"])
+        return float(serving_memory(path, threads=opts.engine.threads)["peak_rss_mb"])
     except BitdeployError as exc:
         log(f"warning: [{row.name}] serving memory not measured: {first_line(exc)}")
         return None

@@ -53,44 +53,12 @@ class BuildResult:
 
 def check_options(opts: BuildOptions) -> list[tuple[Target, str, str | None]]:
     """Fast checks before anything heavy: returns the rows with a skip reason (None = build it)."""
-    rows = plan_rows(opts.target, opts.precisions)
-    checks = [
-        (opts.calib_size < 1, f"--calib-size must be >= 1 (got {opts.calib_size}); the default is 300"),
-        (
-            opts.max_accuracy_drop < 0,
-            f"--max-accuracy-drop must be >= 0 percentage points (got {opts.max_accuracy_drop})",
-        ),
-        (opts.eval_limit is not None and opts.eval_limit < 1, f"--eval-limit must be >= 1 (got {opts.eval_limit})"),
-        (
-            opts.resolution is not None and opts.resolution < 16,
-            f"--resolution must be >= 16 pixels (got {opts.resolution})",
-        ),
-        (opts.threads is not None and opts.threads < 1, f"--threads must be >= 1 (got {opts.threads})"),
-        (
-            opts.criteria() is not None and not opts.report,
-            "--select and the budgets rank timed bundles; drop --no-report so the build times them",
-        ),
-        (
-            opts.memory_budget is not None and opts.memory_budget <= 0,
-            f"--memory-budget is in MB and must be > 0 (got {opts.memory_budget})",
-        ),
-        (
-            opts.latency_budget is not None and opts.latency_budget <= 0,
-            f"--latency-budget is in ms and must be > 0 (got {opts.latency_budget})",
-        ),
-        (opts.finetune and opts.dataset is None, "--finetune needs --dataset; pass the dataset to fine-tune on"),
-        (
-            opts.has_training_flags() and opts.dataset is None,
-            "--shots/--steps/--batch-size/--lr fine-tune the model and need --dataset",
-        ),
-    ]
-    for bad, message in checks:
-        if bad:
-            raise BitdeployError(message)
+    rows = plan_rows(opts.engine.target, opts.engine.precisions)
+    opts.validate()
     from bitdeploy.core.catalog import get_variant
 
     get_variant(opts.model)
-    single = opts.target != "all"
+    single = opts.engine.target != "all"
     if single:
         for t, p in rows:
             check_available(t, p)  # e.g. TensorRT without a GPU: exit 1 here, before any export
@@ -99,16 +67,16 @@ def check_options(opts: BuildOptions) -> list[tuple[Target, str, str | None]]:
                 "--precision int8 needs --dataset to calibrate on (INT8 is never calibrated on random data); pass --dataset digits, an ImageFolder or a CIFAR folder"
             )
         t = rows[0][0]
-        if opts.calib_method and opts.calib_method not in t.calib_methods:
+        if opts.calibration.calib_method and opts.calibration.calib_method not in t.calib_methods:
             raise BitdeployError(
-                f"--calib-method {opts.calib_method!r} is not available for {t.title}; choose one of: {', '.join(t.calib_methods)}"
+                f"--calib-method {opts.calibration.calib_method!r} is not available for {t.title}; choose one of: {', '.join(t.calib_methods)}"
             )
     _check_target_options(opts, rows, single)
-    if opts.select and single and len(rows) < 2 and not opts.cell:
+    if opts.selection.select and single and len(rows) < 2 and not opts.cell:
         raise BitdeployError(
-            f"--select {opts.select} picks among several bundles; use --target all, several targets or several --precision values"
+            f"--select {opts.selection.select} picks among several bundles; use --target all, several targets or several --precision values"
         )
-    build_verify_on.check(opts.verify_on)  # no QEMU or kit: one line now, not after the build
+    build_verify_on.check(opts.gate.verify_on)  # no QEMU or kit: one line now, not after the build
     if len(rows) > 1 and (Path(opts.out) / "manifest.json").is_file():
         raise BitdeployError(f"{opts.out} is a bundle; a build of several bundles needs a new or empty --out directory")
     out = []
@@ -188,10 +156,10 @@ def run_build(
     started = time.perf_counter()
     planned = check_options(opts)
     require("torch", "train", "PyTorch (torch), needed to export the model")
-    cache = StageCache(opts.cache_dir, enabled=opts.cache, log=log)
+    cache = StageCache(opts.cache.dir, enabled=opts.cache.enabled, log=log)
     try:
         cell = build_cell(opts, planned, cache, log)
-        if opts.report:
+        if opts.timing.report:
             time_rows(cell.timeable, opts, log)
     finally:
         cache.close()
@@ -210,8 +178,8 @@ def finish(
 ) -> BuildResult:
     """After the rows are built and timed: --verify-on, the selection, the table, the report, the exit status."""
     rows = [r for c in cells for r in c.rows]
-    if opts.verify_on:
-        build_verify_on.run(rows, opts.verify_on, opts.threads, log)
+    if opts.gate.verify_on:
+        build_verify_on.run(rows, opts.gate.verify_on, opts.engine.threads, log)
 
     selected, unmet = None, None
     criteria = opts.criteria()
@@ -229,13 +197,13 @@ def finish(
         show(f"selected: {selected['reason']}")
     _check_quiet(opts, rows, log)
     rdir = None
-    if opts.report and any(r.p50_ms is not None for r in rows):
+    if opts.timing.report and any(r.p50_ms is not None for r in rows):
         rdir = report_dir(opts, 2 if grid else len(rows))
         try:
             settings = {
-                "threads": opts.threads,
-                "max_accuracy_drop_pp": opts.max_accuracy_drop,
-                "iterations": opts.bench_iterations,
+                "threads": opts.engine.threads,
+                "max_accuracy_drop_pp": opts.gate.max_accuracy_drop,
+                "iterations": opts.timing.bench_iterations,
                 "warmup": 10,
                 "batch_sizes": list(BUILD_BATCH_SIZES),
                 "dataset": opts.dataset,
@@ -269,7 +237,7 @@ def finish(
 def _check_quiet(opts: BuildOptions, rows: list[RowResult], log: Callable[[str], None]) -> None:
     """Say which rows were timed on a busy machine; with --quiet-check fail, stop before the report."""
     noisy = [r for r in rows if r.disturbed]
-    if noisy and opts.quiet_check == "fail":
+    if noisy and opts.timing.quiet_check == "fail":
         raise BitdeployError(
             f"{len(noisy)} of {len(rows)} rows timed while the machine was busy ({noisy[0].name}: "
             f"{noisy[0].disturbed[0]}); the bundles are built, no report written; rerun on a quiet machine"
@@ -314,7 +282,7 @@ def _write_report(
 def _raise_for_failures(opts: BuildOptions, rows: list[RowResult], grid: bool = False) -> None:
     built = [r for r in rows if not r.status.startswith("skipped")]
     bad = [r for r in built if not r.valid]
-    if opts.target == "all" or grid:  # exploring: failing rows are findings, only a build with none valid fails
+    if opts.engine.target == "all" or grid:  # exploring: failing rows are findings, only a build with none valid fails
         if not any(r.valid for r in rows):
             raise BitdeployError("no target produced a valid bundle; see the table above")
         return
@@ -324,7 +292,7 @@ def _raise_for_failures(opts: BuildOptions, rows: list[RowResult], grid: bool = 
     if first.status == "failed gate":
         acc = first.accuracy or {}
         what = (
-            f"top-1 dropped {acc.get('top1_drop_pp', 0):.2f} pp (allowed {opts.max_accuracy_drop:g})"
+            f"top-1 dropped {acc.get('top1_drop_pp', 0):.2f} pp (allowed {opts.gate.max_accuracy_drop:g})"
             if acc.get("top1_drop_pp") is not None
             else "outputs differ from the FP32 reference beyond tolerance"
         )
@@ -353,20 +321,22 @@ def _prepare(
     if opts.dataset is not None:
         from bitdeploy.training.datasets import load_dataset
 
-        splits = load_dataset(opts.dataset, val_split=opts.val_split, seed=opts.seed, shots=opts.shots)
+        splits = load_dataset(
+            opts.dataset, val_split=opts.training.val_split, seed=opts.seed, shots=opts.training.shots
+        )
         log(
             f"dataset {opts.dataset}: {len(splits.train)} train / {len(splits.val)} val images, {len(splits.classes)} classes"
         )
     state = build_stages.resolve_model(opts, splits, cache, log)
     loaded = state.loaded
     resolution = int(opts.resolution or loaded.resolution or DEFAULT_RESOLUTION)
-    onnx_path, export_info = build_stages.export(state, resolution, opts.opset, cache)
+    onnx_path, export_info = build_stages.export(state, resolution, opts.export.opset, cache)
     log(
         f"ONNX export: {export_info.get('nodes')} nodes, max |diff| vs PyTorch {export_info.get('max_abs_diff', 0):.2e}"
     )
 
     if splits is not None:
-        data = gate.from_image_set(splits.val, resolution, opts.eval_limit, opts.seed, f"{opts.dataset}:val")
+        data = gate.from_image_set(splits.val, resolution, opts.gate.eval_limit, opts.seed, f"{opts.dataset}:val")
     else:
         data = gate.random_inputs(resolution)
     label_ids = data.labels()
@@ -430,7 +400,7 @@ def _baseline_latency(
     """The PyTorch FP32 baselines (`benchmarks.baseline.FORMS`: eager with Google's standardisation, eager folded,
     torch.compile of the folded model), timed briefly for the report's speed-up column of multi-bundle builds,
     before any row opens an engine session. Skipped when the report is off."""
-    if not opts.report or not opts.baseline:
+    if not opts.timing.report or not opts.timing.baseline:
         return None
     import torch
 
@@ -440,15 +410,15 @@ def _baseline_latency(
     timing = {
         "kind": "quick",
         "kwargs": {
-            **quick_timing(max(5, opts.bench_iterations // 10)),
+            **quick_timing(max(5, opts.timing.bench_iterations // 10)),
             "warmup": 2,
             "throughput_images": BUILD_THROUGHPUT_IMAGES // 2,
         },
     }
     threads = torch.get_num_threads()
     try:
-        if opts.threads:
-            torch.set_num_threads(opts.threads)
+        if opts.engine.threads:
+            torch.set_num_threads(opts.engine.threads)
         results = measure_forms(model, (3, resolution, resolution), timing, log=log)
     finally:
         torch.set_num_threads(threads)

@@ -104,38 +104,40 @@ def resolve_model(
 
         train_opts = {
             "model": opts.model,
-            "shots": opts.shots,
-            "steps": opts.steps,
-            "batch_size": opts.batch_size,
-            "lr": opts.lr,
+            "shots": opts.training.shots,
+            "steps": opts.training.steps,
+            "batch_size": opts.training.batch_size,
+            "lr": opts.training.lr,
             "resolution": opts.resolution,
             "seed": opts.seed,
-            "val_split": opts.val_split,
-            "hflip": opts.hflip,
+            "val_split": opts.training.val_split,
+            "hflip": opts.training.hflip,
         }
         key = stage_key(
-            "finetune", {"weights": weights_identity(opts.weights), "dataset": dataset_fingerprint(dataset)}, train_opts
+            "finetune",
+            {"weights": weights_identity(opts.export.weights), "dataset": dataset_fingerprint(dataset)},
+            train_opts,
         )
 
         def step(out: Path) -> dict[str, Any]:
             log(
-                f"fine-tuning {opts.model} on {opts.dataset} (the BiT-HyperRule; overrides: steps={opts.steps}, batch={opts.batch_size}, lr={opts.lr})"
+                f"fine-tuning {opts.model} on {opts.dataset} (the BiT-HyperRule; overrides: steps={opts.training.steps}, batch={opts.training.batch_size}, lr={opts.training.lr})"
             )
             config = TrainConfig(
                 model=opts.model,
                 dataset=dataset,
                 out=out,
-                weights=opts.weights,
-                shots=opts.shots,
-                steps=opts.steps,
-                batch_size=opts.batch_size,
-                lr=opts.lr,
+                weights=opts.export.weights,
+                shots=opts.training.shots,
+                steps=opts.training.steps,
+                batch_size=opts.training.batch_size,
+                lr=opts.training.lr,
                 resolution=opts.resolution,
                 seed=opts.seed,
-                val_split=opts.val_split,
-                device=opts.train_device,
-                progress=opts.progress,
-                hflip=opts.hflip,
+                val_split=opts.training.val_split,
+                device=opts.training.train_device,
+                progress=opts.timing.progress,
+                hflip=opts.training.hflip,
             )
             train(config)
             return _read_summary(out)
@@ -150,7 +152,7 @@ def resolve_model(
         loaded = load_model(opts.model, weights=str(run_dir))
     else:
         torch.manual_seed(opts.seed)  # --weights none is then the same model every time
-        loaded = load_model(opts.model, weights=opts.weights)
+        loaded = load_model(opts.model, weights=opts.export.weights)
         if splits is not None and loaded.num_classes != len(splits.classes):
             raise BitdeployError(
                 f"the model has {loaded.num_classes} classes but {opts.dataset} has {len(splits.classes)}; "
@@ -215,20 +217,22 @@ def calibration(opts: BuildOptions, splits: Splits, resolution: int, cache: Stag
 
     options = {
         "resolution": resolution,
-        "size": opts.calib_size,
+        "size": opts.calibration.calib_size,
         "seed": opts.seed,
-        "val_split": opts.val_split,
-        "shots": opts.shots,
+        "val_split": opts.training.val_split,
+        "shots": opts.training.shots,
     }
     key = stage_key("calibration", {"dataset": dataset_fingerprint(opts.dataset)}, options)
     source = f"{opts.dataset}:train"
 
     def step(out: Path) -> dict[str, Any]:
-        data = from_image_set(splits.train, resolution, opts.calib_size, opts.seed, source)
+        data = from_image_set(splits.train, resolution, opts.calibration.calib_size, opts.seed, source)
         data.save(out)
         return {"sha256": data.sha256, "samples": len(data)}
 
-    directory, meta, _hit = cache.run("calibration", key, step, what=f"calibration data ({opts.calib_size} images)")
+    directory, meta, _hit = cache.run(
+        "calibration", key, step, what=f"calibration data ({opts.calibration.calib_size} images)"
+    )
     return CalibrationData.load(directory, source, opts.seed, meta["sha256"])
 
 
@@ -239,8 +243,8 @@ def data_identity(opts: BuildOptions) -> str:
     return canonical(
         {
             "dataset": dataset_fingerprint(opts.dataset),
-            "val_split": opts.val_split,
-            "limit": opts.eval_limit,
+            "val_split": opts.training.val_split,
+            "limit": opts.gate.eval_limit,
             "seed": opts.seed,
         }
     )

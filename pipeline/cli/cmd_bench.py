@@ -7,32 +7,9 @@ from typing import Any
 
 import click
 
-from bitdeploy.benchmarks.baseline import COMPILE_TIMEOUT_S
-from bitdeploy.cli import choices
+from bitdeploy.cli import groups, groups_run
 from bitdeploy.core.errors import BitdeployError
-
-SCENARIOS = ("single-stream", "offline", "both")
-
-
-def quiet_check_option(fn: Any) -> Any:
-    """--quiet-check, shared by bench and build."""
-    return click.option(
-        "--quiet-check",
-        type=click.Choice(["warn", "wait", "fail"]),
-        default="warn",
-        show_default=True,
-        help="A busy machine during timing: warn (mark the rows disturbed), wait (for a quiet machine first, up to a limit), fail (exit 1, write nothing).",
-    )(fn)
-
-
-def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1,8,32") from None
-    if not sizes or min(sizes) < 1:
-        raise click.BadParameter(f"{value!r}: batch sizes must be integers >= 1, e.g. 1,8,32")
-    return tuple(dict.fromkeys(sizes))
+from bitdeploy.core.options import AccuracyArgs, BenchTimingArgs, PyTorchBaselineArgs, RuntimeArgs
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -55,72 +32,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     "named by its path under DIR; a bundle the build marked invalid is listed as skipped.",
 )
 @click.option(
-    "--batch-sizes",
-    default="1,8,32",
-    show_default=True,
-    callback=_batch_sizes,
-    help="Offline batch sizes, comma-separated.",
-)
-@click.option(
-    "--scenario",
-    type=click.Choice(SCENARIOS),
-    default="both",
-    show_default=True,
-    help="single-stream: batch-1 latency (MLPerf); offline: images/s per batch size.",
-)
-@click.option(
-    "--iterations",
-    type=click.IntRange(min=1),
-    help="Single-stream queries (and images per offline batch size). Default 1000.",
-)
-@click.option(
-    "--duration", type=click.FloatRange(min=0, min_open=True), help="Seconds per measurement instead of --iterations."
-)
-@click.option(
-    "--warmup",
-    type=click.IntRange(min=0),
-    default=20,
-    show_default=True,
-    help="Untimed queries before each single-stream run.",
-)
-@click.option("--threads", type=click.IntRange(min=1), help="Engine threads (default: the engine's own choice).")
-@click.option("--device", help="Runtime device override, e.g. cpu, cuda:0, CPU, GPU (default: the bundle's).")
-@click.option("--backend", type=choices.backends(), help="Run the bundle on another backend than it names.")
-@click.option(
-    "--dataset", help="Measure top-1/top-5 on this dataset's validation split (digits, ImageFolder dir, CIFAR)."
-)
-@click.option("--samples", type=click.IntRange(min=1), help="Evaluate at most this many validation images.")
-@click.option(
-    "--reference", type=click.Path(), help="A bundle whose predictions the others are compared with (needs --dataset)."
-)
-@click.option(
-    "--pytorch-baseline",
-    is_flag=True,
-    help="Also time PyTorch FP32 three ways: eager with Google's weight standardisation every call, eager with it folded, torch.compile of the folded model; the speed-up column divides by the fastest. Needs the train extra.",
-)
-@click.option(
-    "--baseline-weights",
-    default="auto",
-    show_default=True,
-    metavar="auto|none|PATH",
-    help="Weights of the PyTorch baseline; auto: the bundle's own checkpoint/.npz if it is a local file, else random (latency only).",
-)
-@click.option(
-    "--compile-timeout",
-    type=click.FloatRange(min=0),
-    default=COMPILE_TIMEOUT_S,
-    show_default=True,
-    help="Seconds allowed for torch.compile of the baseline (0: skip that form); past it the row says so.",
-)
-@click.option("--no-e2e", is_flag=True, help="Skip the end-to-end (decode + preprocess + infer) measurement.")
-@click.option(
-    "--memory/--no-memory",
-    default=True,
-    show_default=True,
-    help="After the timing, each bundle's serving memory: peak RSS of a fresh process loading it and serving batch 1.",
-)
-@click.option("--no-raw", is_flag=True, help="Do not store every query's latency in the JSON.")
-@click.option(
     "--json",
     "json_out",
     type=click.Path(dir_okay=False, allow_dash=True),
@@ -132,50 +43,18 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     type=click.Path(file_okay=False),
     help="Also write report.md and report.html into this directory.",
 )
-@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs and the dataset split.")
-@click.option(
-    "--rounds",
-    type=click.IntRange(min=3),
-    default=3,
-    show_default=True,
-    help="Interleaved rounds per bundle (queries are split between them); each figure is their median, with the min-max spread.",
-)
-@quiet_check_option
-@click.option(
-    "--quiet-wait",
-    type=click.FloatRange(min=0),
-    default=60.0,
-    show_default=True,
-    help="Seconds --quiet-check wait waits for a quiet machine before each round.",
-)
-def bench(
+@groups.option(groups.SEED)
+@groups.takes(groups_run.BENCH_TIMING, groups_run.RUNTIME, groups_run.ACCURACY, groups_run.PYTORCH_BASELINE)
+def bench(  # noqa: PLR0913 - a command: its records are the argument groups
     bundles: tuple[str, ...],
     all_bundles: bool,
-    batch_sizes: tuple[int, ...],
-    scenario: str,
-    iterations: int | None,
-    duration: float | None,
-    warmup: int,
-    threads: int | None,
-    device: str | None,
-    backend: str | None,
-    dataset: str | None,
-    samples: int | None,
-    reference: str | None,
-    pytorch_baseline: bool,
-    baseline_weights: str,
-    compile_timeout: float,
-    no_e2e: bool,
-    memory: bool,
-    no_raw: bool,
     json_out: str | None,
     report_dir: str | None,
-    no_progress: bool,
     seed: int,
-    rounds: int,
-    quiet_check: str,
-    quiet_wait: float,
+    timing: BenchTimingArgs,
+    runtime: RuntimeArgs,
+    accuracy: AccuracyArgs,
+    baseline: PyTorchBaselineArgs,
 ) -> None:
     """Measure latency, throughput and accuracy of BUNDLE... on this machine.
 
@@ -192,35 +71,33 @@ def bench(
     from bitdeploy.benchmarks.report import disturbance, table_rows, write_report
     from bitdeploy.benchmarks.schema import write_json
 
-    if iterations is not None and duration is not None:
-        raise click.UsageError("use either --iterations or --duration, not both")
     planned = bundles_to_bench(bundles, all_bundles, lambda message: click.echo(f"bench: {message}", err=True))
     opts = BenchOptions(
-        batch_sizes=batch_sizes,
-        scenario=scenario,
-        iterations=iterations,
-        duration=duration,
-        warmup=warmup,
-        threads=threads,
-        device=device,
-        backend=backend,
-        dataset=dataset,
-        samples=samples,
-        reference=reference,
-        pytorch_baseline=baseline_weights if pytorch_baseline else None,
-        compile_timeout=compile_timeout,
-        end_to_end=not no_e2e,
-        keep_raw=not no_raw,
-        progress=not no_progress,
+        batch_sizes=timing.batch_sizes,
+        scenario=timing.scenario,
+        iterations=timing.iterations,
+        duration=timing.duration,
+        warmup=timing.warmup,
+        threads=runtime.threads,
+        device=runtime.device,
+        backend=runtime.backend,
+        dataset=accuracy.dataset,
+        samples=accuracy.samples,
+        reference=accuracy.reference,
+        pytorch_baseline=baseline.weights,
+        compile_timeout=baseline.compile_timeout,
+        end_to_end=timing.end_to_end,
+        keep_raw=timing.keep_raw,
+        progress=timing.progress,
         seed=seed,
-        rounds=rounds,
-        quiet_check=quiet_check,
-        quiet_wait=quiet_wait,
-        memory=memory,
+        rounds=timing.rounds,
+        quiet_check=timing.quiet_check,
+        quiet_wait=timing.quiet_wait,
+        memory=timing.memory,
     )
     doc = run([p for p, _ in planned], opts, [n for _, n in planned], skip_invalid=all_bundles)
     noisy = disturbed(doc)
-    if noisy and quiet_check == "fail":
+    if noisy and timing.quiet_check == "fail":
         raise BitdeployError(
             f"{len(noisy)} of {len(doc['results'])} rows disturbed ({noisy[0]['name']}: "
             f"{(disturbance(noisy[0]) or '').split('; ')[0]}), "

@@ -13,37 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from bitdeploy.cli import choices
+from bitdeploy.cli import groups, groups_run
+
+if TYPE_CHECKING:
+    from bitdeploy.core.options import RuntimeArgs
+    from bitdeploy.runtimes.serve_options import ServeOptions
 
 if TYPE_CHECKING:
     from bitdeploy.runtimes.manifest import Manifest
 BUNDLE_ARG = click.argument("bundle", type=click.Path(path_type=Path), metavar="BUNDLE")
-
-
-def _engine_options(fn: Any) -> Any:
-    fn = click.option(
-        "--no-verify",
-        is_flag=True,
-        help="Skip the sha256 check of the bundle's files at load (debugging only: a modified model then loads).",
-    )(fn)
-    fn = click.option(
-        "--threads",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Engine threads per inference (default: the engine's choice).",
-    )(fn)
-    fn = click.option(
-        "--device",
-        default=None,
-        help="Override the bundle's device, e.g. cpu, cuda:0 (ONNX Runtime) or CPU, GPU, AUTO (OpenVINO).",
-    )(fn)
-    fn = click.option(
-        "--backend",
-        type=choices.backends(),
-        default=None,
-        help="Override the runtime the bundle was built for (OpenVINO also reads ONNX bundles).",
-    )(fn)
-    return fn
 
 
 # -- predict ----------------------------------------------------------------------------------------------------
@@ -64,16 +42,15 @@ def _engine_options(fn: Any) -> Any:
     is_flag=True,
     help="Print a JSON list: one object per image with `image` and `predictions` (or `error`).",
 )
-@_engine_options
+@groups.option(groups.NO_VERIFY)
+@groups.takes(groups_run.RUNTIME)
 def predict(
     bundle: Path,
     images: tuple[Path, ...],
     top_k: int,
     as_json: bool,
-    backend: str | None,
-    device: str | None,
-    threads: int | None,
     no_verify: bool,
+    runtime: RuntimeArgs,
 ) -> None:
     """Classify IMAGE files with BUNDLE (a bundle directory or a .bitpack file).
 
@@ -93,7 +70,9 @@ def predict(
     entries: list[dict[str, Any]] = []
     failed = 0
     pre_s = infer_s = 0.0
-    with load(bundle, backend=backend, device=device, threads=threads, verify=not no_verify) as model:
+    with load(
+        bundle, backend=runtime.backend, device=runtime.device, threads=runtime.threads, verify=not no_verify
+    ) as model:
         for start in range(0, len(images), model.max_batch):
             chunk: list[dict[str, Any]] = []
             tensors = []
@@ -337,81 +316,27 @@ def pack(bundle: Path, out: Path, compress: bool | None) -> None:
     help="Port (0 picks a free one and prints it).",
 )
 @click.option(
-    "--model-name", default=None, help="The name clients use in /v2/models/NAME (default: the bundle's model name)."
-)
-@click.option(
-    "--max-batch",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Most images per engine call; requests that arrive together are batched.",
-)
-@click.option(
-    "--max-delay-ms",
-    type=click.FloatRange(min=0),
-    default=5.0,
-    show_default=True,
-    help="Longest a request waits for others to join its batch (only while other requests are in flight).",
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="Threads that parse, decode and preprocess requests (one more thread runs the engine).",
-)
-@click.option(
-    "--max-body-mb",
-    type=click.FloatRange(min=0, min_open=True),
-    default=16.0,
-    show_default=True,
-    help="Largest accepted request body; larger ones get 413.",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
-    show_default=True,
-    help="Seconds to receive a body, and to wait for the engine (then 408 / 503); also the idle keep-alive and the SIGTERM drain limit.",
-)
-@click.option(
-    "--max-connections",
-    type=click.IntRange(min=1),
-    default=64,
-    show_default=True,
-    help="Open connections plus requests in flight; beyond it, 503.",
-)
-@click.option(
     "--grpc-port",
     type=click.IntRange(0, 65535),
     default=None,
     help="Also serve the v2 gRPC service on this port (0: a free one); needs the grpc extra.",
 )
-@click.option("--access-log", is_flag=True, help="Log every request to stderr.")
 @click.option(
     "--self-test",
     is_flag=True,
     help="Run the bundle's golden-set self-test on this device before listening; exit 1 if it fails (see `bitdeploy verify`).",
 )
-@_engine_options
+@groups.option(groups.NO_VERIFY)
+@groups.takes(groups_run.SERVING, groups_run.RUNTIME)
 def serve(
     bundle: Path,
     host: str,
     port: int,
-    model_name: str | None,
-    max_batch: int,
-    max_delay_ms: float,
-    workers: int,
-    max_body_mb: float,
-    timeout: float,
-    max_connections: int,
     grpc_port: int | None,
-    access_log: bool,
     self_test: bool,
-    backend: str | None,
-    device: str | None,
-    threads: int | None,
     no_verify: bool,
+    serving: ServeOptions,
+    runtime: RuntimeArgs,
 ) -> None:
     """Serve BUNDLE with the Open Inference Protocol (KServe v2) over HTTP, plus POST /v1/predict and GET /healthz.
 
@@ -431,27 +356,19 @@ def serve(
     if grpc_port is not None:
         require("grpc", "grpc", "gRPC for `bitdeploy serve --grpc-port` (grpcio)")
     from bitdeploy.runtimes import load
-    from bitdeploy.runtimes.serve import HTTPServer, ServeOptions
+    from bitdeploy.runtimes.serve import HTTPServer
 
-    options = ServeOptions(
-        model_name=model_name,
-        max_batch=max_batch,
-        max_delay_ms=max_delay_ms,
-        workers=workers,
-        max_body=int(max_body_mb * (1 << 20)),
-        timeout=timeout,
-        max_connections=max_connections,
-        keep_alive=timeout,
-        drain_timeout=timeout,
-        access_log=access_log,
-    )
-    options.check()
     with load(
-        bundle, backend=backend, device=device, threads=threads, verify=not no_verify, self_test=self_test
+        bundle,
+        backend=runtime.backend,
+        device=runtime.device,
+        threads=runtime.threads,
+        verify=not no_verify,
+        self_test=self_test,
     ) as model:
         if model.last_self_test is not None:  # readiness waits for it: nothing listens until it has passed
             click.echo(f"self-test {model.last_self_test.line()}", err=True)
-        server = HTTPServer(model, host, port, options)
+        server = HTTPServer(model, host, port, serving)
         grpc_note = ""
         if grpc_port is not None:
             from bitdeploy.runtimes.serve_grpc import GrpcServer
@@ -467,7 +384,7 @@ def serve(
         name = server.service.model.name
         click.echo(
             f"serving {name} ({info.get('backend')} on {info.get('device')}, batches of up to {server.service.batcher.max_batch}, "
-            f"{workers} preprocessing worker(s)) at {server.url}  POST /v2/models/{name}/infer, /v1/predict; GET /metrics{grpc_note}; Ctrl-C stops"
+            f"{serving.workers} preprocessing worker(s)) at {server.url}  POST /v2/models/{name}/infer, /v1/predict; GET /metrics{grpc_note}; Ctrl-C stops"
         )
         sys.stdout.flush()
         server.serve()

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
+from bitdeploy.cli import groups, groups_build
 from bitdeploy.core.errors import BitdeployError
+from bitdeploy.core.options import SelectionArgs
 
 
 @click.command("select")
@@ -20,21 +22,6 @@ from bitdeploy.core.errors import BitdeployError
     "the build host's figures, and it says so].",
 )
 @click.option("--device-class", default=None, help="Which device's results to use when they come from several.")
-@click.option(
-    "--select",
-    "objective",
-    type=click.Choice(["fastest", "most-accurate"]),
-    default=None,
-    help="What to optimise [default: most-accurate under a latency or memory budget, fastest above --min-top1].",
-)
-@click.option("--latency-budget", type=click.FloatRange(min=0, min_open=True), metavar="MS", help="Batch-1 p50 limit.")
-@click.option("--min-top1", type=click.FloatRange(1, 100), metavar="PCT", help="Top-1 floor, in percent.")
-@click.option(
-    "--memory-budget",
-    type=click.FloatRange(min=0, min_open=True),
-    metavar="MB",
-    help="Peak resident memory of the runtime process serving batch 1.",
-)
 @click.option("--pack", is_flag=True, help="Write DIR/selected.bitpack (one file) instead of the DIR/selected copy.")
 @click.option(
     "--report",
@@ -42,16 +29,14 @@ from bitdeploy.core.errors import BitdeployError
     type=click.Path(file_okay=False, path_type=Path),
     help="Also write a report of the results with the front plotted and the selection circled (needs --results).",
 )
+@groups.takes(groups_build.SELECTION)
 def select(
     folder: Path,
     results: tuple[str, ...],
     device_class: str | None,
-    objective: str | None,
-    latency_budget: float | None,
-    min_top1: float | None,
-    memory_budget: float | None,
     pack: bool,
     report_dir: Path | None,
+    selection: SelectionArgs,
 ) -> None:
     """Choose the bundle under DIR (a grid build's --out) for a device, print the accuracy-latency front, and write
     DIR/selected (a copy of the chosen bundle) and DIR/selection.json (the reason).
@@ -66,7 +51,10 @@ def select(
     from bitdeploy.benchmarks.ranking import Criteria, SelectionError
     from bitdeploy.builder import choose
 
-    criteria = Criteria.from_flags(objective, latency_budget, min_top1, memory_budget) or Criteria()
+    criteria = (
+        Criteria.from_flags(selection.select, selection.latency_budget, selection.min_top1, selection.memory_budget)
+        or Criteria()
+    )
     if report_dir is not None and not results:
         raise BitdeployError(
             "--report draws the device's results; pass --results JSON from `bitdeploy bench DIR --all`"

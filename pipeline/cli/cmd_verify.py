@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from bitdeploy.cli.cmd_runtime import _engine_options
+from bitdeploy.cli import groups, groups_run
+from bitdeploy.core.options import RuntimeArgs
 
 
 @click.command("verify")
@@ -40,17 +41,16 @@ from bitdeploy.cli.cmd_runtime import _engine_options
     default=None,
     help="The emulation kit (default: $BITDEPLOY_KIT, else ~/.cache/bitdeploy/emulation).",
 )
-@_engine_options
+@groups.option(groups.NO_VERIFY)
+@groups.takes(groups_run.RUNTIME)
 def verify(
     bundles: tuple[Path, ...],
     as_json: bool,
     record: Path | None,
     emulate: str | None,
     kit_dir: Path | None,
-    backend: str | None,
-    device: str | None,
-    threads: int | None,
     no_verify: bool,
+    runtime: RuntimeArgs,
 ) -> None:
     """Check that each BUNDLE computes on this device (or on emulated CPUs) what it computed when it was built.
 
@@ -69,14 +69,14 @@ def verify(
     from bitdeploy.core.errors import BitdeployError
 
     if emulate is not None:
-        if backend or device or no_verify:
+        if runtime.backend or runtime.device or no_verify:
             raise BitdeployError("--emulate runs the bundle as built; drop --backend, --device and --no-verify")
-        _verify_emulated(list(bundles), emulate, kit_dir, threads, as_json, record)
+        _verify_emulated(list(bundles), emulate, kit_dir, runtime.threads, as_json, record)
         return
     reports = []
     for bundle in bundles:
         try:
-            report = _check(bundle, backend, device, threads, no_verify)
+            report = _check(bundle, runtime, no_verify)
         except BitdeployError as exc:
             if len(bundles) == 1:
                 raise
@@ -107,14 +107,14 @@ def verify(
         )
 
 
-def _check(
-    bundle: Path, backend: str | None, device: str | None, threads: int | None, no_verify: bool
-) -> dict[str, Any]:
+def _check(bundle: Path, runtime: RuntimeArgs, no_verify: bool) -> dict[str, Any]:
     """Run one bundle's self-test here: the report `verify --json` prints."""
     from bitdeploy.runtimes import load
     from bitdeploy.runtimes.fingerprint import device_class
 
-    with load(bundle, backend=backend, device=device, threads=threads, verify=not no_verify) as model:
+    with load(
+        bundle, backend=runtime.backend, device=runtime.device, threads=runtime.threads, verify=not no_verify
+    ) as model:
         result = model.self_test()
         described = model.describe()
     here, built = described["device_fingerprint"], described.get("validated_on")

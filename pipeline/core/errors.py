@@ -9,6 +9,10 @@ class BitdeployError(Exception):
     """A user-facing error: the message names the problem and the fix."""
 
 
+class UsageError(BitdeployError):
+    """Flags that cannot go together (the CLI exits 2, as for any usage error)."""
+
+
 class MissingDependencyError(BitdeployError):
     """An optional package is not installed; the message says which extra brings it."""
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,7 +284,7 @@ def load_converter(target: Target) -> Callable[..., Any]:
     return fn
 
 
-def plan_rows(target: str, precisions: list[str] | None) -> list[tuple[Target, str]]:
+def plan_rows(target: str, precisions: Sequence[str] | None) -> list[tuple[Target, str]]:
     """The (target, precision) pairs a build runs, in table order. `target` may be "all" or a comma list."""
     targets = (
         list(TARGETS.values())

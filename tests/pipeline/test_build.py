@@ -148,31 +148,41 @@ def test_int8_bundle_passes_gate_with_full_manifest(run: Callable[..., Result], 
 
 
 def test_second_build_hits_cache_and_changed_input_invalidates(tmp_path: Path, ckpt: Path) -> None:
+    from dataclasses import replace
+
     from bitdeploy.builder.run import BuildOptions, run_build
+    from bitdeploy.core.options import (
+        CacheArgs,
+        CalibrationArgs,
+        EngineArgs,
+        ExportArgs,
+        GateArgs,
+        TimingArgs,
+        TrainingArgs,
+    )
 
     cache = tmp_path / "cache"
     lines: list[str] = []
     opts = BuildOptions(
         model="tiny",
         out=tmp_path / "a",
-        weights=str(ckpt),
-        precisions=["int8"],
-        dataset="digits",
-        calib_size=16,
-        eval_limit=60,
-        cache_dir=cache,
-        report=False,
-        max_accuracy_drop=100.0,
+        export=ExportArgs(weights=str(ckpt)),
+        engine=EngineArgs(precisions=("int8",)),
+        training=TrainingArgs(dataset="digits"),
+        calibration=CalibrationArgs(calib_size=16),
+        gate=GateArgs(eval_limit=60, max_accuracy_drop=100.0),
+        cache=CacheArgs(dir=cache),
+        timing=TimingArgs(report=False),
     )
     first = run_build(opts, log=lines.append, show=lines.append)
     assert first.cache_hits == []
-    opts.out = tmp_path / "b"
+    opts = replace(opts, out=tmp_path / "b")
     second = run_build(opts, log=lines.append, show=lines.append)
     assert {"export", "reference", "calibration", "convert-onnx-int8"} <= set(second.cache_hits)
     assert any(line.startswith("cache hit: ONNX export") for line in lines)
     assert manifest(tmp_path / "a")["files"] == manifest(tmp_path / "b")["files"]
     # Another resolution is another export, and other calibration settings are other calibration data.
-    opts.out, opts.resolution, opts.calib_size = tmp_path / "c", 48, 24
+    opts = replace(opts, out=tmp_path / "c", resolution=48, calibration=CalibrationArgs(calib_size=24))
     third = run_build(opts, log=lines.append, show=lines.append)
     assert "export" not in third.cache_hits and "calibration" not in third.cache_hits
     # Changed weights (same path, new content) invalidate the export too.
@@ -181,7 +191,13 @@ def test_second_build_hits_cache_and_changed_input_invalidates(tmp_path: Path, c
     changed = tmp_path / "ck2"
     changed.mkdir()
     torch.save(ck, changed / "checkpoint.pt")
-    opts.out, opts.weights, opts.resolution, opts.calib_size = tmp_path / "d", str(changed), None, 16
+    opts = replace(
+        opts,
+        out=tmp_path / "d",
+        export=ExportArgs(weights=str(changed)),
+        resolution=None,
+        calibration=CalibrationArgs(calib_size=16),
+    )
     fourth = run_build(opts, log=lines.append, show=lines.append)
     assert "export" not in fourth.cache_hits and "calibration" in fourth.cache_hits
 

@@ -1,0 +1,266 @@
+"""The option groups of the commands, as frozen records (Polygraphy's argument groups).
+
+Each record is what one group of flags means, checked once by `validate()`; `bitdeploy.cli.groups` declares the
+flags and builds the records, `bitdeploy.builder.context.BuildOptions` composes them. They hold plain values only,
+so every layer may read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bitdeploy.core.errors import BitdeployError, UsageError
+
+
+@dataclass(frozen=True)
+class TrainingArgs:
+    """Fine-tuning before the export: on --dataset, with the BiT-HyperRule's numbers unless given."""
+
+    dataset: str | None = None  # also the calibration (train split) and gate (val split) data
+    val_split: float | None = None
+    finetune: bool | None = None  # None: when --dataset is given and the weights are not a trained checkpoint
+    shots: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    hflip: bool = True
+    train_device: str = "auto"
+
+    def has_training_flags(self) -> bool:
+        return any(v is not None for v in (self.shots, self.steps, self.batch_size, self.lr))
+
+    def wants_finetune(self, weights: str) -> bool:
+        if self.dataset is None:
+            return False
+        if self.finetune is not None:
+            return self.finetune
+        return self.has_training_flags() or not is_checkpoint(weights)
+
+    def validate(self) -> None:
+        if self.finetune and self.dataset is None:
+            raise BitdeployError("--finetune needs --dataset; pass the dataset to fine-tune on")
+        if self.has_training_flags() and self.dataset is None:
+            raise BitdeployError("--shots/--steps/--batch-size/--lr fine-tune the model and need --dataset")
+
+
+def is_checkpoint(weights: str) -> bool:
+    if weights in ("auto", "none"):
+        return False
+    p = Path(weights).expanduser()
+    return (p.is_dir() and (p / "checkpoint.pt").is_file()) or p.suffix == ".pt"
+
+
+@dataclass(frozen=True)
+class CalibrationArgs:
+    calib_size: int = 300  # INT8 calibration images from the training split
+    calib_method: str | None = None  # None: the target's first
+
+    def validate(self) -> None:
+        if self.calib_size < 1:
+            raise BitdeployError(f"--calib-size must be >= 1 (got {self.calib_size}); the default is 300")
+
+
+@dataclass(frozen=True)
+class GateArgs:
+    """When a bundle is valid: its top-1 drop against FP32 here, then its self-test on each --verify-on CPU."""
+
+    max_accuracy_drop: float = 1.0  # percentage points
+    eval_limit: int | None = None
+    verify_on: str | None = None  # CPU[,CPU...] (bitdeploy devices)
+
+    def validate(self) -> None:
+        if self.max_accuracy_drop < 0:
+            raise BitdeployError(f"--max-accuracy-drop must be >= 0 percentage points (got {self.max_accuracy_drop})")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise BitdeployError(f"--eval-limit must be >= 1 (got {self.eval_limit})")
+
+
+@dataclass(frozen=True)
+class ExportArgs:
+    """The weights the build starts from and the ONNX export every target converts."""
+
+    weights: str = "auto"  # auto (official, cached) | none (random init) | PATH (.npz, checkpoint.pt, training dir)
+    opset: int = 17
+
+    def validate(self) -> None:
+        if not 13 <= self.opset <= 20:
+            raise BitdeployError(f"--opset must be 13..20 (got {self.opset})")
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """The engines a build makes bundles for, at which precisions, on which device, with how many threads."""
+
+    target: str = "onnx"  # a target name, a comma list, or "all"
+    precisions: tuple[str, ...] | None = None  # None: fp32 (every precision with target "all")
+    device: str | None = None
+    threads: int | None = None
+
+    def validate(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise BitdeployError(f"--threads must be >= 1 (got {self.threads})")
+
+
+@dataclass(frozen=True)
+class TimingArgs:
+    report: bool = True  # time the bundles and write the report
+    baseline: bool = True  # time the PyTorch FP32 baselines for the report's speed-up column
+    bench_iterations: int = 100
+    quiet_check: str = "warn"  # warn | wait | fail: a busy machine while timing (benchmarks.interference)
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.quiet_check not in ("warn", "wait", "fail"):
+            raise BitdeployError(f"--quiet-check {self.quiet_check!r}: choose warn, wait or fail")
+
+
+@dataclass(frozen=True)
+class SelectionArgs:
+    """What --select and the budgets ask for."""
+
+    select: str | None = None  # fastest | most-accurate (default: the axis the budgets leave free)
+    latency_budget: float | None = None  # ms, batch-1 p50
+    min_top1: float | None = None  # percent
+    memory_budget: float | None = None  # MB, peak RSS of a fresh runtime process serving batch 1
+
+    @property
+    def wanted(self) -> bool:
+        return any(v is not None for v in (self.select, self.latency_budget, self.min_top1, self.memory_budget))
+
+    def validate(self) -> None:
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise BitdeployError(f"--memory-budget is in MB and must be > 0 (got {self.memory_budget})")
+        if self.latency_budget is not None and self.latency_budget <= 0:
+            raise BitdeployError(f"--latency-budget is in ms and must be > 0 (got {self.latency_budget})")
+
+
+@dataclass(frozen=True)
+class CacheArgs:
+    dir: Path | None = None  # None: $BITDEPLOY_CACHE/stages or ~/.cache/bitdeploy/stages
+    enabled: bool = True  # reuse and store stages
+
+    def validate(self) -> None:
+        if self.dir is not None and self.dir.exists() and not self.dir.is_dir():
+            raise BitdeployError(f"--cache-dir {self.dir} is a file; pass a directory")
+
+
+@dataclass(frozen=True)
+class GridArgs:
+    """The (model, resolution) cells of a build, and how a long grid is split and bounded."""
+
+    models: tuple[str, ...]
+    resolutions: tuple[int, ...] = ()  # empty: the fine-tune's or checkpoint's, else 128
+    shard: str | None = None  # I/N
+    max_hours: float | None = None
+
+    @property
+    def is_grid(self) -> bool:
+        return (
+            len(self.models) * max(1, len(self.resolutions)) > 1 or self.shard is not None or self.max_hours is not None
+        )
+
+    def validate(self) -> None:
+        if not self.models:
+            raise BitdeployError("--model: give a model name, e.g. m-r50x1")
+        bad = [r for r in self.resolutions if r < 16]
+        if bad:
+            raise BitdeployError(f"--resolution must be >= 16 pixels (got {bad[0]})")
+
+
+@dataclass(frozen=True)
+class HyperRuleArgs:
+    """`bitdeploy train`'s overrides of the BiT-HyperRule (None: the rule's value)."""
+
+    shots: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    batch_split: int = 1
+    lr: float | None = None
+    mixup: float | None = None
+    hflip: bool = True
+
+    def validate(self) -> None:  # how the batch splits over processes is the planner's (it knows the world size)
+        if self.batch_split < 1:
+            raise BitdeployError(f"--batch-split must be >= 1 (got {self.batch_split})")
+
+
+@dataclass(frozen=True)
+class TrainRunArgs:
+    """How a `bitdeploy train` run executes: where, in what precision, how often it checkpoints and evaluates."""
+
+    device: str = "auto"
+    precision: str = "fp32"
+    checkpoint_every: int = 100
+    eval_every: int = 0
+    strict: bool = False
+    num_workers: int | None = None
+    progress: bool = True
+
+    def validate(self) -> None:  # which device has which precision is the trainer's (it probes the device)
+        if self.checkpoint_every < 0 or self.eval_every < 0:
+            raise BitdeployError("--checkpoint-every and --eval-every count steps and must be >= 0")
+
+
+@dataclass(frozen=True)
+class RuntimeArgs:
+    """How the runtime commands open a bundle: another backend, another device, the engine's threads."""
+
+    backend: str | None = None
+    device: str | None = None
+    threads: int | None = None
+
+    def validate(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise BitdeployError(f"--threads must be >= 1 (got {self.threads})")
+
+
+SCENARIOS = ("single-stream", "offline", "both")
+COMPILE_TIMEOUT_S = 300.0  # seconds torch.compile of the PyTorch baseline may take
+
+
+@dataclass(frozen=True)
+class BenchTimingArgs:
+    """What `bitdeploy bench` times and how: scenarios, queries, rounds, the quiet-machine check, what it keeps."""
+
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    scenario: str = "both"
+    iterations: int | None = None
+    duration: float | None = None
+    warmup: int = 20
+    rounds: int = 3
+    quiet_check: str = "warn"
+    quiet_wait: float = 60.0
+    end_to_end: bool = True
+    memory: bool = True
+    keep_raw: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.iterations is not None and self.duration is not None:
+            raise UsageError("use either --iterations or --duration, not both")
+
+
+@dataclass(frozen=True)
+class AccuracyArgs:
+    """`bitdeploy bench`'s accuracy: top-1/top-5 on a validation split, and agreement with a reference bundle."""
+
+    dataset: str | None = None
+    samples: int | None = None
+    reference: str | None = None
+
+    def validate(self) -> None:  # --reference without --dataset is refused by the bench itself (its API checks too)
+        if self.samples is not None and self.samples < 1:
+            raise BitdeployError(f"--samples must be >= 1 (got {self.samples})")
+
+
+@dataclass(frozen=True)
+class PyTorchBaselineArgs:
+    """The PyTorch FP32 baseline of `bitdeploy bench` (weights None: not timed)."""
+
+    compile_timeout: float  # seconds allowed for torch.compile of the baseline; 0: skip that form
+    weights: str | None = None  # "auto" | "none" | PATH
+
+    def validate(self) -> None:
+        if self.compile_timeout < 0:
+            raise BitdeployError(f"--compile-timeout must be >= 0 seconds (got {self.compile_timeout:g})")
