@@ -195,7 +195,7 @@ def time_target(target: Any, shape: Sequence[int], timing: dict[str, Any]) -> di
     """Measure `target` as `timing` says: {"kind": "quick", "kwargs": {...}} (build's short figure) or
     {"kind": "bench", "options": {...}} (bench's measurement, no end-to-end). The same code in both processes."""
     if timing["kind"] == "quick":
-        from bitdeploy.benchmarks.latency import quick
+        from bitdeploy.benchmarks.quick import quick
 
         return quick(target, shape, **timing.get("kwargs", {}))
     opts = BenchOptions(**{**timing.get("options", {}), "end_to_end": False, "progress": False})

@@ -258,15 +258,15 @@ def choose(options: Sequence[Option], criteria: Criteria) -> Choice:
         picked = fastest([o.candidate() for o in fitting])
         assert picked is not None
         winner: Option = picked[0].item
-        why = picked[2]
+        why = picked[2].removeprefix("fastest: ")  # the objective is named once, before the parenthesis
     else:
         winner = _ranked(fitting, criteria.objective)[0]
         why = f"top-1 {_acc(winner)}, p50 {_speed(winner)}"
     others = [o for o in _ranked(valid, criteria.objective) if o is not winner]
     runner = others[0] if others else None
     line = f"{winner.name}: {criteria.describe()} ({why})"
-    if runner is not None:
-        line += f"; runner-up {runner.name} {_lost(runner, winner, criteria)}"
+    if runner is not None and not (f"next {runner.name} at " in why and criteria.violation(runner) is None):
+        line += f"; runner-up {runner.name} {_lost(runner, winner, criteria)}"  # unless `why` compared them already
     line += f"; {len(fitting)} of {len(valid)} valid bundles met the constraints" if criteria.constraints() else ""
     return Choice(winner, runner, line, pareto(valid), len(fitting))
 

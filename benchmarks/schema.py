@@ -227,7 +227,7 @@ def _pair(x: Any) -> tuple[float, float] | None:
 
 @dataclass(frozen=True)
 class Timing:
-    """A build's quick figures of one target (`latency.QuickTimer.result`): batch-1 latency, medians of the rounds
+    """A build's quick figures of one target (`quick.QuickTimer.result`): batch-1 latency, medians of the rounds
     with their [min, max] spread, and the batch-size sweep; `disturbed` says why they are not quotable."""
 
     p50_ms: float | None = None

@@ -43,6 +43,7 @@ from bitdeploy.runtimes.serve_protocol import (
     ProtocolError,
     encode_answer,
     parse_infer,
+    top_k_param,
 )
 
 require("starlette", "serve", "the HTTP server for `bitdeploy serve` (starlette)")
@@ -55,12 +56,9 @@ from starlette.exceptions import HTTPException  # noqa: E402
 from starlette.requests import ClientDisconnect, Request  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
-from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
 
-from bitdeploy.runtimes.serve_metrics import ServeMetrics  # noqa: E402
+from bitdeploy.runtimes.serve_metrics import ROUTE_KEY, MetricsMiddleware, ServeMetrics  # noqa: E402
 
-DEFAULT_TOP_K = 5
-ROUTE_KEY = "bitdeploy.route"
 CHEAP_HEADER = 4096  # JSON headers up to this size are parsed on the event loop
 
 
@@ -242,7 +240,7 @@ class Service:
         )
 
     async def v1_predict(self, request: Request) -> Response:
-        top_k = _top_k(request.query_params.getlist("top_k"))
+        top_k = top_k_param(request.query_params.getlist("top_k"))
 
         def prepare(body: bytes) -> tuple[np.ndarray, float]:
             if not body:
@@ -273,18 +271,6 @@ class Service:
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
 
-def _top_k(values: list[str]) -> int:
-    if not values:
-        return DEFAULT_TOP_K
-    try:
-        k = int(values[-1])
-    except ValueError:
-        raise BitdeployError(f"top_k must be a positive integer (got {values[-1]!r})") from None
-    if k < 1:
-        raise BitdeployError(f"top_k must be a positive integer (got {k})")
-    return k
-
-
 def _answers_errors(
     service: Service, route: str, handler: Callable[[Request], Awaitable[Response]]
 ) -> Callable[[Request], Awaitable[Response]]:
@@ -312,35 +298,6 @@ def _answers_errors(
 
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-class MetricsMiddleware:
-    """Counts every answer (including the router's 404/405) by route template and status, and times it."""
-
-    def __init__(self, app: ASGIApp, metrics: ServeMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        t0 = time.perf_counter()
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = str(
-                scope.get(ROUTE_KEY) or getattr(scope.get("route"), "path", "other")
-            )  # 405s carry the router's match
-            self.metrics.observe_request(route, status, time.perf_counter() - t0)
 
 
 def create_app(predictor: Predictor, options: ServeOptions | None = None) -> Starlette:

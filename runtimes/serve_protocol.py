@@ -278,3 +278,19 @@ def deserialize_bytes(raw: bytes) -> list[bytes]:
         items.append(raw[pos + 4 : pos + 4 + n])
         pos += 4 + n
     return items
+
+
+DEFAULT_TOP_K = 5
+
+
+def top_k_param(values: list[str]) -> int:
+    """/v1/predict's `top_k` query parameter (the last one given), default DEFAULT_TOP_K."""
+    if not values:
+        return DEFAULT_TOP_K
+    try:
+        k = int(values[-1])
+    except ValueError:
+        raise BitdeployError(f"top_k must be a positive integer (got {values[-1]!r})") from None
+    if k < 1:
+        raise BitdeployError(f"top_k must be a positive integer (got {k})")
+    return k

@@ -148,7 +148,7 @@ def convert_options(
 
 
 def quick_timing(iterations: int) -> dict[str, Any]:
-    """The build's quick timing (`benchmarks.latency.quick` arguments): batch-1 latency and a batch-size sweep."""
+    """The build's quick timing (`benchmarks.quick.quick` arguments): batch-1 latency and a batch-size sweep."""
     return {
         "iterations": iterations,
         "throughput_batches": list(BUILD_BATCH_SIZES),

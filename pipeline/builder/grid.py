@@ -16,10 +16,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bitdeploy.benchmarks.progress import duration_text, eta_s
+from bitdeploy.builder.checks import check_options
 from bitdeploy.builder.context import BuildOptions
 from bitdeploy.builder.output import RowResult
 from bitdeploy.builder.row import time_rows
-from bitdeploy.builder.run import BuildResult, CellBuild, build_cell, check_options, finish
+from bitdeploy.builder.run import BuildResult, CellBuild, build_cell, finish
 from bitdeploy.core.cache import StageCache
 from bitdeploy.core.errors import BitdeployError, ResourceError, first_line, require
 from bitdeploy.core.options import SelectionArgs

@@ -299,7 +299,7 @@ def write_report(
 ) -> dict[str, Path]:
     """report.md / report.html / results.json through the bench report, plus build.json (this build's rows)."""
     from bitdeploy.benchmarks.env import collect
-    from bitdeploy.benchmarks.report import write_report as bench_report
+    from bitdeploy.benchmarks.report_render import write_report as bench_report
     from bitdeploy.benchmarks.schema import new_document
 
     env = collect(settings.get("threads"))

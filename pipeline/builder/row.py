@@ -241,7 +241,8 @@ def time_rows(todo: list[tuple[RowResult, Timeable]], opts: BuildOptions, log: C
     """Time every built bundle together, in interleaved rounds of rotating order, so slow drift of the machine
     hits every row alike; then each valid bundle's serving memory in a fresh process, one at a time. Fill the
     rows' figures and add them to each sealed bundle's manifest (`build_latency`, files re-verified)."""
-    from bitdeploy.benchmarks.latency import DEFAULT_ROUNDS, QuickTimer, quick_interleaved
+    from bitdeploy.benchmarks.latency import DEFAULT_ROUNDS
+    from bitdeploy.benchmarks.quick import QuickTimer, quick_interleaved
     from bitdeploy.runtimes.base import Backend, open_backend
     from bitdeploy.runtimes.bundle import amend_manifest, read_manifest
 

@@ -68,7 +68,8 @@ def bench(  # noqa: PLR0913 - a command: its records are the argument groups
     from bitdeploy.benchmarks.bench import disturbed, failed, run
     from bitdeploy.benchmarks.discovery import bundles_to_bench
     from bitdeploy.benchmarks.measure import BenchOptions
-    from bitdeploy.benchmarks.report import disturbance, table_rows, write_report
+    from bitdeploy.benchmarks.report import disturbance, table_rows
+    from bitdeploy.benchmarks.report_render import write_report
     from bitdeploy.benchmarks.schema import write_json
 
     planned = bundles_to_bench(bundles, all_bundles, lambda message: click.echo(f"bench: {message}", err=True))
@@ -148,7 +149,8 @@ def bench(  # noqa: PLR0913 - a command: its records are the argument groups
 )
 def report(results: tuple[str, ...], out_dir: str, select: str | None, max_accuracy_drop: float) -> None:
     """Merge bench RESULTS... (JSON files, from one or several machines) into report.md and report.html."""
-    from bitdeploy.benchmarks.report import as_documents, select_fastest, table_rows, write_report
+    from bitdeploy.benchmarks.report import as_documents, select_fastest, table_rows
+    from bitdeploy.benchmarks.report_render import write_report
 
     docs = as_documents(list(results))
     selected = None

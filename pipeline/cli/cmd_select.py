@@ -71,7 +71,8 @@ def select(
     written = choose.write_selected(folder, choice.winner.item, pack)
     click.echo(f"wrote {written} and {choose.record(folder, choice, criteria, source, written)}")
     if report_dir is not None:
-        from bitdeploy.benchmarks.report import as_documents, write_report
+        from bitdeploy.benchmarks.report import as_documents
+        from bitdeploy.benchmarks.report_render import write_report
 
         selected = {"name": choice.winner.name, "reason": choice.line}
         paths = write_report(as_documents(list(results)), report_dir, selected)

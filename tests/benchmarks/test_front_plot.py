@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from bitdeploy.benchmarks.report import COLUMNS, cells, table_rows, write_report
+from bitdeploy.benchmarks.report import COLUMNS, cells, table_rows
+from bitdeploy.benchmarks.report_render import write_report
 from bitdeploy.benchmarks.schema import new_document, new_entry
 
 pytest.importorskip("matplotlib")
@@ -101,7 +102,7 @@ def _names_at(ax: Any, rows: list[dict[str, Any]], line: Any) -> set[str]:
 
 
 def test_one_panel_per_device_class_with_its_own_front() -> None:
-    from bitdeploy.benchmarks.plots import accuracy_vs_latency
+    from bitdeploy.benchmarks.plots_front import accuracy_vs_latency
 
     rows = table_rows(_docs())
     fig = accuracy_vs_latency(rows)
@@ -121,7 +122,7 @@ def test_one_panel_per_device_class_with_its_own_front() -> None:
 
 
 def test_selected_is_circled_only_in_its_device_class_panel() -> None:
-    from bitdeploy.benchmarks.plots import accuracy_vs_latency
+    from bitdeploy.benchmarks.plots_front import accuracy_vs_latency
 
     name = "m-r101x1-32/openvino-int8"
     rows = table_rows(_docs(), {"name": name, "reason": "fastest within budget", "device_class": PI})
@@ -138,7 +139,7 @@ def test_selected_is_circled_only_in_its_device_class_panel() -> None:
 
 
 def test_legends_key_colour_marker_and_fill() -> None:
-    from bitdeploy.benchmarks.plots import accuracy_vs_latency
+    from bitdeploy.benchmarks.plots_front import accuracy_vs_latency
 
     rows = table_rows(_docs(sizes=(32, 64)))
     rows[3]["disturbed"] = "other processes used 1.00 cores"
@@ -171,7 +172,7 @@ def test_legends_key_colour_marker_and_fill() -> None:
 
 
 def test_rows_without_model_fall_back_to_a_colour_per_row() -> None:
-    from bitdeploy.benchmarks.plots import accuracy_vs_latency
+    from bitdeploy.benchmarks.plots_front import accuracy_vs_latency
 
     docs = _docs()
     for e in docs[1]["results"]:  # the Pi's document predates model/resolution in entries

@@ -158,7 +158,8 @@ def _report_doc(disturbed_row: bool) -> dict[str, Any]:
 
 
 def test_report_banner_marks_and_spreads() -> None:
-    from bitdeploy.benchmarks.report import cells, markdown, table_rows
+    from bitdeploy.benchmarks.report import cells, table_rows
+    from bitdeploy.benchmarks.report_render import markdown
 
     quiet = table_rows([_report_doc(False)])
     assert "WARNING" not in markdown([_report_doc(False)], quiet, None)
@@ -170,7 +171,8 @@ def test_report_banner_marks_and_spreads() -> None:
 
 def test_plots_key_clustered_points_and_have_no_zero_tick() -> None:
     pytest.importorskip("matplotlib")
-    from bitdeploy.benchmarks.plots import accuracy_vs_latency, throughput_vs_batch
+    from bitdeploy.benchmarks.plots import throughput_vs_batch
+    from bitdeploy.benchmarks.plots_front import accuracy_vs_latency
     from bitdeploy.benchmarks.report import table_rows
 
     rows = table_rows([_report_doc(True)])

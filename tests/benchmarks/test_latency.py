@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bitdeploy.benchmarks import latency
+from bitdeploy.benchmarks import quick as quick_timer
 from bitdeploy.benchmarks.env import collect, device_label
 
 
@@ -98,7 +99,9 @@ class NoMemoryAbove(Sleeper):
 
 
 def test_quick_for_build_table() -> None:
-    q = latency.quick(Sleeper(1.0), (3, 8, 8), iterations=10, warmup=1, throughput_batches=(4,), throughput_images=8)
+    q = quick_timer.quick(
+        Sleeper(1.0), (3, 8, 8), iterations=10, warmup=1, throughput_batches=(4,), throughput_images=8
+    )
     # 10 queries split over 3 rounds: 4 each; the p50 is the rounds' median, with their min-max
     assert q["n"] == 12 and q["rounds"] == 3 and q["p50_ms"] >= 0.9 and q["throughput_batch"] == 4
     lo, hi = q["p50_spread"]
@@ -120,12 +123,12 @@ def test_quick_interleaved_rotates_the_order_every_round() -> None:
             return super().infer(batch)
 
     timers = [
-        latency.QuickTimer(
+        quick_timer.QuickTimer(
             Named(n, ms), (3, 8, 8), iterations=6, warmup=1, throughput_batches=(2,), throughput_images=6
         )
         for n, ms in (("a", 1.0), ("b", 8.0), ("c", 4.0))
     ]
-    results = latency.quick_interleaved(timers)
+    results = quick_timer.quick_interleaved(timers)
     assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # A B C, B C A, C A B
     assert [r["rounds"] for r in results] == [3, 3, 3] and all(len(r["interference"]["windows"]) == 3 for r in results)
     assert results[0]["p50_ms"] < results[2]["p50_ms"] < results[1]["p50_ms"]  # each result is its own backend's
@@ -133,7 +136,7 @@ def test_quick_interleaved_rotates_the_order_every_round() -> None:
 
 def test_quick_sweeps_batch_sizes_where_memory_allows() -> None:
     b = NoMemoryAbove(8)
-    q = latency.quick(b, (3, 8, 8), iterations=5, warmup=1, throughput_batches=(1, 4, 8, 16), throughput_images=8)
+    q = quick_timer.quick(b, (3, 8, 8), iterations=5, warmup=1, throughput_batches=(1, 4, 8, 16), throughput_images=8)
     assert [r["batch_size"] for r in q["throughput"]] == [1, 4, 8]
     assert q["throughput_stopped"] == "batch 16: cannot allocate memory for the batch"
     best = max(q["throughput"], key=lambda r: r["images_per_s"])

@@ -15,7 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from bitdeploy.benchmarks.plots import latency_distribution, pareto_front, throughput_vs_batch
-from bitdeploy.benchmarks.report import select_fastest, table_rows, write_report
+from bitdeploy.benchmarks.report import select_fastest, table_rows
+from bitdeploy.benchmarks.report_render import write_report
 from bitdeploy.benchmarks.schema import new_document, new_entry, write_json
 from bitdeploy.cli import cli
 from bitdeploy.core.errors import BitdeployError

@@ -175,7 +175,7 @@ def test_manifest_keeps_where_it_was_verified() -> None:
 
 
 def test_report_shows_the_device_matrix() -> None:
-    from bitdeploy.benchmarks.report import device_matrix
+    from bitdeploy.benchmarks.report_render import device_matrix
 
     doc = {"settings": {"verified_on": {"onnx-int8": {"cortex-a72": "pass", "haswell": "FAIL: x"}}}}
     assert device_matrix([doc]) == (
