@@ -22,6 +22,7 @@ from bitdeploy.benchmarks.report import (
     table_rows,
 )
 from bitdeploy.benchmarks.schema import MERGED, SCHEMA_VERSION, finite
+from bitdeploy.core.fsutil import atomic_write
 
 SPEEDUP_NOTE = (
     "Speed-up: the fastest PyTorch FP32 baseline's p50 over the row's p50, same machine, model and resolution. "
@@ -303,12 +304,6 @@ def render_html(
     return "\n".join(parts) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(
     results: Any, out_dir: str | os.PathLike[str], selected: dict[str, str] | str | None = None
 ) -> dict[str, Path]:
@@ -328,10 +323,10 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "report.md", "html": out / "report.html", "json": out / "results.json"}
-    _atomic_write(paths["markdown"], markdown(docs, rows, selected))
-    _atomic_write(paths["html"], render_html(docs, rows, selected, figures, note))
+    atomic_write(paths["markdown"], markdown(docs, rows, selected))
+    atomic_write(paths["html"], render_html(docs, rows, selected, figures, note))
     merged = {"schema": MERGED, "schema_version": SCHEMA_VERSION, "selected": selected, "documents": list(docs)}
-    _atomic_write(paths["json"], json.dumps(finite(merged), indent=1, default=str) + "\n")
+    atomic_write(paths["json"], json.dumps(finite(merged), indent=1, default=str) + "\n")
     return paths
 
 

@@ -113,15 +113,17 @@ def gate(
     return GateResult(
         kind="accuracy",
         passed=bool(d.finite and drop <= max_drop_pp + 1e-9),
-        samples=d.samples,
-        agreement=d.agreement,
-        max_abs_logit_diff=d.max_abs,
-        mean_abs_logit_diff=d.mean_abs,
+        **_diff_fields(d),
         top1=top1,
         reference_top1=ref_top1,
         top1_drop_pp=round(drop, 6),
         max_accuracy_drop_pp=float(max_drop_pp),
     )
+
+
+def _diff_fields(d: compare.LogitDiff) -> dict[str, Any]:
+    """A GateResult's logit-comparison fields, from `compare.logit_diff`."""
+    return dict(samples=d.samples, agreement=d.agreement, max_abs_logit_diff=d.max_abs, mean_abs_logit_diff=d.mean_abs)
 
 
 def validate_unlabelled(logits: np.ndarray, reference: np.ndarray, precision: str, source: str) -> GateResult:
@@ -132,10 +134,7 @@ def validate_unlabelled(logits: np.ndarray, reference: np.ndarray, precision: st
     return GateResult(
         kind="validation",
         passed=bool(d.finite and d.max_abs is not None and d.max_abs <= tol),
-        samples=d.samples,
-        agreement=d.agreement,
-        max_abs_logit_diff=d.max_abs,
-        mean_abs_logit_diff=d.mean_abs,
+        **_diff_fields(d),
         inputs=source,
         tolerance=tol,
         note="no --dataset: compared with the FP32 PyTorch model on random inputs; accuracy not measured",

@@ -168,7 +168,8 @@ def _weights_bytes(model: Any) -> int:
     return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
 
 
-def _torch_export(folded: Any, resolution: int, path: Path, opset: int) -> None:
+def torch_export(model: Any, resolution: int, path: Path, opset: int = 17) -> None:
+    """torch.onnx.export of `model` as it is (no folding, no checks): NCHW `input` -> `logits`, dynamic batch."""
     import torch
 
     dummy = torch.zeros(1, 3, resolution, resolution)
@@ -176,7 +177,7 @@ def _torch_export(folded: Any, resolution: int, path: Path, opset: int) -> None:
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice and constant-folding chatter
         try:
             torch.onnx.export(
-                folded,
+                model,
                 (dummy,),
                 str(path),
                 input_names=[INPUT_NAME],
@@ -258,7 +259,7 @@ def export_onnx(
     try:
         raw_path = tmp_dir / "raw" / "model.onnx"
         raw_path.parent.mkdir()
-        _torch_export(folded, resolution, raw_path, opset)
+        torch_export(folded, resolution, raw_path, opset)
         del folded  # R152x4 holds GBs of weights: keep at most two copies alive
         raw = onnx.load(str(raw_path))
         nodes_before = len(raw.graph.node)

@@ -3,7 +3,7 @@
 A backend runs one model file: `infer(batch)` takes preprocessed NCHW float32 and returns float32 logits
 that the caller owns. `Backend.infer` checks the batch against the manifest's input spec (one-line
 BitdeployError) and the result's shape, so a backend implements only `_infer` and never sees a bad batch.
-Backends import their SDK lazily, inside `__init__`, so `bitdeploy.runtimes` imports with only numpy and
+Backends import their SDK lazily, inside `open`, so `bitdeploy.runtimes` imports with only numpy and
 Pillow installed.
 """
 
@@ -40,9 +40,10 @@ def expected_input(manifest: Manifest) -> tuple[tuple[int | None, ...], np.dtype
 
 
 class Backend(ABC):
-    """One loaded model. Subclasses build their session in __init__, run it in `_infer` and free it in close()."""
+    """One loaded model. Subclasses build their session in `open`, run it in `_infer` and free it in close()."""
 
     name: str = ""  # the record's `backend`; set from the record that names the class (a class may set its own)
+    default_device: str | None = None  # the device when the caller names none
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -56,12 +57,21 @@ class Backend(ABC):
         manifest: Manifest,
         device: str | None = None,
         threads: int | None = None,
+        **options: Any,
     ) -> None:
         self.model_path = Path(model_path)
         self.manifest = manifest
-        self.device = device
+        self.device = self.pick_device(device)
         self.threads = threads
         self.input_shape, self.input_dtype = expected_input(self.manifest)
+        self.open(**options)
+
+    def pick_device(self, device: str | None) -> str | None:
+        """The device this backend runs on: the caller's, else `default_device`, in the engine's spelling."""
+        return device or self.default_device
+
+    def open(self) -> None:  # noqa: B027 - optional hook
+        """Load the model from `self.model_path`; a subclass may take its engine's own keyword options."""
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """NCHW batch -> (N, classes) float32 logits that the caller owns. Safe to call from several threads.

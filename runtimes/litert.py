@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import queue
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bitdeploy.core.errors import BundleError, first_line, require
 from bitdeploy.runtimes.base import Backend
-from bitdeploy.runtimes.manifest import Manifest
 
 DEVICES = ("cpu",)
 
@@ -51,19 +49,14 @@ class _Slot:
 
 
 class LiteRtBackend(Backend):
-    def __init__(
-        self,
-        model_path: Path,
-        manifest: Manifest,
-        device: str | None = None,
-        threads: int | None = None,
-        max_interpreters: int = 4,
-    ) -> None:
-        super().__init__(model_path, manifest, (device or "cpu").lower(), threads)
+    def pick_device(self, device: str | None) -> str:
+        return (device or "cpu").lower()
+
+    def open(self, max_interpreters: int = 4) -> None:
         if self.device not in DEVICES:
-            raise BundleError(f"unknown LiteRT device {device!r} here; use --device cpu (XNNPACK)")
+            raise BundleError(f"unknown LiteRT device {self.device!r} here; use --device cpu (XNNPACK)")
         self._litert = require("ai_edge_litert.interpreter", "litert", "LiteRT (ai-edge-litert)")
-        self._model = Path(model_path).read_bytes()
+        self._model = self.model_path.read_bytes()
         self._pool: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._created = 0

@@ -5,7 +5,8 @@ Stdlib only."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import fields
+from typing import Any, ClassVar, TypeVar
 
 from bitdeploy.core.errors import BundleError
 
@@ -84,3 +85,27 @@ def rest(data: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
 
 def drop_none(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None}
+
+
+R = TypeVar("R", bound="FlatRecord")
+READERS: dict[str, Any] = {
+    "int | None": integer,
+    "float | None": number,
+    "str | None": text,
+    "tuple[float, ...] | None": numbers,
+}
+
+
+class FlatRecord:
+    """A frozen dataclass of optional scalars (int, float, str, tuple of floats) read and written by field name:
+    `from_dict` checks each field by its annotation, `to_dict` writes them in field order (tuples as lists)."""
+
+    SECTION: ClassVar[str]  # the manifest key the record is read from, for error messages
+
+    @classmethod
+    def from_dict(cls: type[R], data: Mapping[str, Any]) -> R:
+        return cls(**{f.name: READERS[str(f.type)](data, f.name, cls.SECTION) for f in fields(cls)})  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}

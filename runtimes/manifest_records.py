@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bitdeploy.runtimes.manifest_parse import bad, drop_none, integer, num, number, numbers, obj, rest, text
+from bitdeploy.runtimes.manifest_parse import FlatRecord, bad, drop_none, integer, num, number, obj, rest, text
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
-class ExportInfo:
+class ExportInfo(FlatRecord):
     """The manifest's `export`: the ONNX export every target was converted from, and how close it is to PyTorch."""
 
     opset: int | None = None
@@ -208,26 +208,11 @@ class ExportInfo:
     weight_standardization: str | None = None  # "folded" into the convolution weights
     sha256: str | None = None  # of the exported model.onnx
 
-    KNOWN = ("opset", "max_abs_diff", "nodes", "simplifier", "exporter", "weight_standardization", "sha256")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ExportInfo:
-        return cls(
-            opset=integer(data, "opset", "export"),
-            max_abs_diff=number(data, "max_abs_diff", "export"),
-            nodes=integer(data, "nodes", "export"),
-            simplifier=text(data, "simplifier", "export"),
-            exporter=text(data, "exporter", "export"),
-            weight_standardization=text(data, "weight_standardization", "export"),
-            sha256=text(data, "sha256", "export"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.KNOWN}
+    SECTION = "export"
 
 
 @dataclass(frozen=True)
-class CalibrationInfo:
+class CalibrationInfo(FlatRecord):
     """The manifest's `calibration`: the seeded draw of training images an INT8 conversion calibrated on."""
 
     samples: int | None = None
@@ -237,25 +222,11 @@ class CalibrationInfo:
     source: str | None = None  # e.g. "digits:train"
     split: str | None = None
 
-    KNOWN = ("samples", "method", "seed", "sha256", "source", "split")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CalibrationInfo:
-        return cls(
-            samples=integer(data, "samples", "calibration"),
-            method=text(data, "method", "calibration"),
-            seed=integer(data, "seed", "calibration"),
-            sha256=text(data, "sha256", "calibration"),
-            source=text(data, "source", "calibration"),
-            split=text(data, "split", "calibration"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.KNOWN}
+    SECTION = "calibration"
 
 
 @dataclass(frozen=True)
-class BuildLatency:
+class BuildLatency(FlatRecord):
     """The manifest's `build_latency`: the build's quick timing of the sealed bundle on the build host (not
     publishable: `bitdeploy bench` measures that), and its serving memory."""
 
@@ -269,38 +240,7 @@ class BuildLatency:
     threads: int | None = None
     note: str | None = None
 
-    KNOWN = (
-        "batch1_p50_ms",
-        "batch1_p90_ms",
-        "queries",
-        "images_per_s",
-        "throughput_batch",
-        "batch1_p50_spread_ms",
-        "serving_peak_rss_mb",
-        "threads",
-        "note",
-    )
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BuildLatency:
-        where = "build_latency"
-        return cls(
-            batch1_p50_ms=number(data, "batch1_p50_ms", where),
-            batch1_p90_ms=number(data, "batch1_p90_ms", where),
-            queries=integer(data, "queries", where),
-            images_per_s=number(data, "images_per_s", where),
-            throughput_batch=integer(data, "throughput_batch", where),
-            batch1_p50_spread_ms=numbers(data, "batch1_p50_spread_ms", where),
-            serving_peak_rss_mb=number(data, "serving_peak_rss_mb", where),
-            threads=integer(data, "threads", where),
-            note=text(data, "note", where),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.KNOWN}
-        if self.batch1_p50_spread_ms is not None:
-            out["batch1_p50_spread_ms"] = list(self.batch1_p50_spread_ms)
-        return out
+    SECTION = "build_latency"
 
 
 @dataclass(frozen=True)

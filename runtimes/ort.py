@@ -5,14 +5,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bitdeploy.core.errors import BundleError, first_line, require
 from bitdeploy.runtimes.base import Backend
-from bitdeploy.runtimes.manifest import Manifest
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
@@ -31,14 +29,10 @@ def parse_device(device: str) -> tuple[str, dict[str, Any]]:
 
 
 class OrtBackend(Backend):
-    def __init__(
-        self,
-        model_path: Path,
-        manifest: Manifest,
-        device: str | None = None,
-        threads: int | None = None,
-    ) -> None:
-        super().__init__(model_path, manifest, device or "cpu", threads)
+    default_device = "cpu"
+
+    def open(self) -> None:
+        model_path, threads = self.model_path, self.threads
         ort = require("onnxruntime", "onnxruntime", "ONNX Runtime (onnxruntime)")
 
         opts = ort.SessionOptions()

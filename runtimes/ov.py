@@ -11,14 +11,13 @@ of `target.precision_used`), never left to the device default.
 from __future__ import annotations
 
 import queue
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bitdeploy.core.errors import BundleError, first_line, require
 from bitdeploy.runtimes.base import Backend
-from bitdeploy.runtimes.manifest import Manifest, TargetInfo
+from bitdeploy.runtimes.manifest import TargetInfo
 
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 _FLOAT_TYPES = {
@@ -47,18 +46,13 @@ def precision_hint(target: TargetInfo) -> str | None:
 
 
 class OpenVinoBackend(Backend):
-    def __init__(
-        self,
-        model_path: Path,
-        manifest: Manifest,
-        device: str | None = None,
-        threads: int | None = None,
-        hint: str | None = None,
-        num_requests: int | None = None,
-    ) -> None:
-        self.device: str = (device or "CPU").upper()
-        super().__init__(model_path, manifest, self.device, threads)
-        target = self.manifest.target
+    device: str
+
+    def pick_device(self, device: str | None) -> str:
+        return (device or "CPU").upper()
+
+    def open(self, hint: str | None = None, num_requests: int | None = None) -> None:
+        model_path, threads, target = self.model_path, self.threads, self.manifest.target
         ov = require("openvino", "openvino", "OpenVINO (openvino)")
         self.hint = (hint or target.get("performance_hint") or "LATENCY").upper()
         if self.hint not in HINTS:

@@ -91,20 +91,20 @@ class Predictor:
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
     def open(
-        cls,
-        path: str | os.PathLike[str],
-        backend: str | None = None,
-        device: str | None = None,
-        threads: int | None = None,
-        verify: bool = True,
-        self_test: bool = False,
-        **backend_options: Any,
+        cls, path: str | os.PathLike[str], backend: str | None = None, *, verify: bool = True, **options: Any
     ) -> Predictor:
+        """`bitdeploy.runtimes.load`, which documents the arguments; `options` holds `device`, `threads`,
+        `self_test` and the backend's own options."""
+        device, threads, self_test = (
+            options.pop("device", None),
+            options.pop("threads", None),
+            options.pop("self_test", False),
+        )
         opened = open_bundle(path, verify=verify)
         engine: Backend | None = None
         try:
             _check_input_spec(opened)  # fail before the (slow) engine load
-            engine = _open_backend(opened, backend, device, threads, backend_options)
+            engine = _open_backend(opened, backend, device, threads, options)
             predictor = cls(opened, engine)
             if self_test:
                 result = predictor.self_test()

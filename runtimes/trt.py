@@ -22,7 +22,6 @@ import numpy as np
 
 from bitdeploy.core.errors import BundleError, MissingDependencyError, first_line
 from bitdeploy.runtimes.base import Backend
-from bitdeploy.runtimes.manifest import Manifest
 
 REBUILD = "rebuild the bundle on this machine with `bitdeploy build ... --target trt`"
 
@@ -255,18 +254,14 @@ class _ThreadState:
 
 
 class TensorRTBackend(Backend):
-    def __init__(
-        self,
-        model_path: Path,
-        manifest: Manifest,
-        device: str | None = None,
-        threads: int | None = None,
-    ) -> None:
-        target = manifest.target
-        super().__init__(model_path, manifest, device or target.device or "cuda:0", threads)
+    def pick_device(self, device: str | None) -> str:
+        return device or self.manifest.target.device or "cuda:0"
+
+    def open(self) -> None:
+        model_path, target = self.model_path, self.manifest.target
         trt = import_tensorrt()
         self.trt = trt
-        self.device_index = parse_device(self.device)
+        self.device_index = parse_device(str(self.device))
         self.api = cuda_api()
         try:
             self.api.set_device(self.device_index)

@@ -183,20 +183,6 @@ def make_plan(  # noqa: PLR0913 - one keyword per HyperRule override
         "epochs": round(supports[-1] * batch / dataset_size, 2) if dataset_size else None,
         "rule": rule,
     }
-    plan["overrides"] = {
-        k: {"rule": rule[k], "value": plan[k]}
-        for k in (
-            "steps",
-            "warmup_steps",
-            "lr_decay_steps",
-            "base_lr",
-            "batch_size",
-            "resize",
-            "crop",
-            "mixup_alpha",
-            "hflip",
-        )
-        if plan[k] != rule[k]
-    }
+    plan["overrides"] = {k: {"rule": rule[k], "value": plan[k]} for k in rule if k != "bucket" and plan[k] != rule[k]}
     plan["notes"] = notes
     return plan

@@ -18,7 +18,6 @@ import logging
 import statistics
 import tempfile
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -69,21 +68,9 @@ def graph_stats(path: Path) -> dict[str, Any]:
 
 
 def _export_naive(model: Any, resolution: int, path: Path) -> None:
-    import torch
+    from bitdeploy.converters.onnx_export import torch_export
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.zeros(1, 3, resolution, resolution),),
-            str(path),
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+    torch_export(model, resolution, path)
 
 
 def _ort_session(path: Path, threads: int) -> Any:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bitdeploy.benchmarks.progress import duration_text, eta_s
+from bitdeploy.benchmarks.schema import Status
 from bitdeploy.builder.checks import check_options
 from bitdeploy.builder.context import BuildOptions
 from bitdeploy.builder.output import RowResult
@@ -75,7 +76,7 @@ def _skipped(opts: BuildOptions, planned: list[tuple[Target, str, str | None]], 
         RowResult(
             t.name,
             p,
-            status=f"skipped: {why}",
+            status=Status.skipped(why),
             backend=t.backend,
             cell=opts.cell,
             model=opts.model,
@@ -168,5 +169,6 @@ def run_grid(
 def _failed(opts: BuildOptions, planned: list[tuple[Target, str, str | None]], exc: Exception) -> CellBuild:
     cell = _skipped(opts, planned, "")
     for r in cell.rows:
-        r.status, r.error = f"failed: {first_line(exc)}", first_line(exc)
+        r.error = first_line(exc)
+        r.status = Status.failed(r.error)
     return cell

@@ -8,11 +8,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bitdeploy import __version__
+from bitdeploy.benchmarks.schema import PENDING, Status
+from bitdeploy.core.fsutil import remove_stale_temps, replace_dir
 from bitdeploy.runtimes.fingerprint import LIBRARIES, package_versions
 from bitdeploy.runtimes.manifest import Provenance
 
@@ -26,7 +29,7 @@ class RowResult:
 
     target: str
     precision: str
-    status: str = "pending"  # valid | failed gate | failed: <reason> | skipped: <reason>
+    status: Status = PENDING  # valid | failed gate | failed: <reason> | skipped: <reason> (text accepted, parsed)
     backend: str | None = None
     bundle: str | None = None
     size_mb: float | None = None
@@ -56,6 +59,11 @@ class RowResult:
     model: str | None = None
     resolution: int | None = None
 
+    def __post_init__(self) -> None:
+        given: object = self.status  # callers and old tests may pass the text a document holds
+        if isinstance(given, str):
+            self.status = Status.parse(given)
+
     @property
     def bundle_name(self) -> str:
         return f"{self.target}-{self.precision}"
@@ -66,7 +74,7 @@ class RowResult:
 
     @property
     def valid(self) -> bool:
-        return self.status == "valid"
+        return self.status.is_valid
 
     @property
     def passes_devices(self) -> bool:
@@ -75,7 +83,7 @@ class RowResult:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["name"] = self.name
+        d["name"], d["status"] = self.name, self.status.text
         return d
 
 
@@ -113,7 +121,8 @@ def table(rows: list[RowResult]) -> str:
     left = 5 if grid else 3  # left-aligned text columns
     lines = [header]
     for r in rows:
-        status = (r.status if len(r.status) <= 64 else r.status[:63] + "…") + ("  <- selected" if r.selected else "")
+        text = r.status.text
+        status = (text if len(text) <= 64 else text[:63] + "…") + ("  <- selected" if r.selected else "")
         status += "  DISTURBED" if r.disturbed else ""
         p50 = _fmt(r.p50_ms, ".2f") + (
             f" [{r.p50_spread[0]:.2f}-{r.p50_spread[1]:.2f}]" if r.p50_ms is not None and r.p50_spread else ""
@@ -174,7 +183,7 @@ def select(rows: list[RowResult], criteria: Criteria) -> tuple[RowResult, str]:
 
     picked = choose([option(r) for r in rows], criteria)
     best: RowResult = picked.winner.item
-    failed = [r.name for r in rows if r.status == "failed gate"]
+    failed = [r.name for r in rows if r.status.is_failed_gate]
     notes = f"; excluded by the accuracy gate: {', '.join(failed)}" if failed else ""
     elsewhere = [r.name for r in rows if r.valid and not r.passes_devices]
     notes += f"; excluded, failing on a --verify-on CPU: {', '.join(elsewhere)}" if elsewhere else ""
@@ -293,11 +302,12 @@ def write_report(
     rows: list[RowResult],
     model: dict[str, Any],
     baseline: list[dict[str, Any]] | None,
-    out_dir: Path,
+    rdir: Path,
     selected: dict[str, str] | None,
     settings: dict[str, Any],
-) -> dict[str, Path]:
-    """report.md / report.html / results.json through the bench report, plus build.json (this build's rows)."""
+) -> Path:
+    """report.md / report.html / results.json through the bench report, plus build.json (this build's rows), written
+    beside `rdir` and renamed into place: a failure leaves the old report or none. Returns the HTML report's path."""
     from bitdeploy.benchmarks.env import collect
     from bitdeploy.benchmarks.report_render import write_report as bench_report
     from bitdeploy.benchmarks.schema import new_document
@@ -306,7 +316,6 @@ def write_report(
     doc = new_document(
         bench_entries(rows, model, baseline, env), env, {"source": "bitdeploy build", **settings}, selected
     )
-    paths = bench_report(doc, out_dir, selected)
     summary = {
         "model": model,
         "rows": [r.as_dict() for r in rows],
@@ -314,8 +323,13 @@ def write_report(
         "settings": settings,
         "baseline": baseline,
     }
-    tmp = out_dir / f".build.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / "build.json")
-    paths["build"] = out_dir / "build.json"
-    return paths
+    remove_stale_temps(rdir.parent, f".{rdir.name}.tmp-")
+    tmp = rdir.parent / f".{rdir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        paths = bench_report(doc, tmp, selected)
+        (tmp / "build.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+        replace_dir(tmp, rdir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rdir / paths["html"].name

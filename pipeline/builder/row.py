@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from bitdeploy.benchmarks.schema import FAILED_GATE, VALID, Status
 from bitdeploy.builder.context import BuildContext, BuildOptions, bundle_path, convert_options, quick_timing
 from bitdeploy.builder.output import RowResult, provenance
 from bitdeploy.converters.base import Artifact, ConvertOptions
@@ -177,7 +178,7 @@ def build_row(
             write_manifest(tmp, manifest, [*artifact.files, selftest.GOLDEN_FILE])
         row.bundle = str(path)
         row.size_mb = sum((path / f).stat().st_size for f in artifact.files) / 1e6
-        row.status = "valid" if result.passed else "failed gate"
+        row.status = VALID if result.passed else FAILED_GATE
         log(f"[{row.name}] {what}; {'valid' if result.passed else 'FAILED the gate'}; bundle {path}")
         return timeable
     except BitdeployError as exc:
@@ -185,16 +186,15 @@ def build_row(
             raise  # a full, read-only or failing disk fails every row alike: stop the build with its fix
         if opts.debug:  # the row still fails alone, but --debug shows the chain that led here
             traceback.print_exception(exc)
-        row.status, row.error = f"failed: {first_line(exc)}", first_line(exc)
+        row.error = first_line(exc)
+        row.status = Status.failed(row.error)
         log(f"[{row.name}] failed: {row.error}")
         return None
     except Exception as exc:  # an SDK's own error type: still only this row fails
         if opts.debug:
             raise
-        row.status, row.error = (
-            f"failed: {type(exc).__name__}: {first_line(exc)}",
-            f"{type(exc).__name__}: {first_line(exc)}",
-        )
+        row.error = f"{type(exc).__name__}: {first_line(exc)}"
+        row.status = Status.failed(row.error)
         log(f"[{row.name}] failed: {row.error}")
         return None
 

@@ -12,14 +12,13 @@ written, with `"valid": false` and the reason, so it can be inspected; runtimes 
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bitdeploy.benchmarks.schema import Status
 from bitdeploy.builder import output as build_output
 from bitdeploy.builder import verify_on as build_verify_on
 from bitdeploy.builder.checks import check_options
@@ -37,7 +36,6 @@ from bitdeploy.builder.row import Timeable, build_row, time_rows
 from bitdeploy.core import interrupts
 from bitdeploy.core.cache import StageCache
 from bitdeploy.core.errors import AccuracyGateError, BitdeployError, ResourceError, require
-from bitdeploy.core.fsutil import remove_stale_temps, replace_dir
 from bitdeploy.core.resources import guarded
 from bitdeploy.core.targets import TARGETS, Target, get_target
 from bitdeploy.runtimes.manifest import ModelInfo, WeightsInfo
@@ -79,7 +77,7 @@ def build_cell(
             interrupts.check()
             row.resolution = ctx.resolution
             if skip is not None:
-                row.status = f"skipped: {skip}"
+                row.status = Status.skipped(skip)
                 continue
             how = build_row(row, target, precision, ctx, opts, cache, log)
             if how is not None:
@@ -158,7 +156,7 @@ def finish(
             model = next((c.model_info for c in cells if c.model_info), None)
             baseline = [b for c in cells for b in c.baseline or []] or None
             with guarded(rdir.parent, "pass --out DIR", "build report"):
-                html = _write_report(rows, model or {}, baseline, rdir, selected, settings)
+                html = build_output.write_report(rows, model or {}, baseline, rdir, selected, settings)
             show(f"report: {html}")
         except ResourceError:
             raise  # the disk is full or read-only: the line says which and what to do
@@ -195,36 +193,16 @@ def _check_quiet(opts: BuildOptions, rows: list[RowResult], log: Callable[[str],
 def status_line(rows: list[RowResult], seconds: float, hits: list[str]) -> str:
     """The build's last line: `done` only when every row that ran is valid, else which rows failed."""
     cached = f" (cache hits: {', '.join(hits)})" if hits else ""
-    failed = [r for r in rows if not r.valid and not r.status.startswith("skipped")]
+    failed = [r for r in rows if not r.valid and not r.status.is_skipped]
     if not failed:
         return f"done in {seconds:.1f} s{cached}"
-    ran = sum(1 for r in rows if not r.status.startswith("skipped"))
-    named = ", ".join(f"{r.name} ({'failed gate' if r.status == 'failed gate' else 'error'})" for r in failed)
+    ran = sum(1 for r in rows if not r.status.is_skipped)
+    named = ", ".join(f"{r.name} ({'failed gate' if r.status.is_failed_gate else 'error'})" for r in failed)
     return f"finished in {seconds:.1f} s{cached}: {len(failed)} of {ran} bundles failed: {named}"
 
 
-def _write_report(
-    rows: list[RowResult],
-    model: dict[str, Any],
-    baseline: list[dict[str, Any]] | None,
-    rdir: Path,
-    selected: dict[str, str] | None,
-    settings: dict[str, Any],
-) -> Path:
-    """The report, written beside `rdir` and renamed into place: a failure leaves the old report or none."""
-    remove_stale_temps(rdir.parent, f".{rdir.name}.tmp-")
-    tmp = rdir.parent / f".{rdir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        paths = build_output.write_report(rows, model, baseline, tmp, selected, settings)
-        replace_dir(tmp, rdir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return rdir / paths["html"].name
-
-
 def _raise_for_failures(opts: BuildOptions, rows: list[RowResult], grid: bool = False) -> None:
-    built = [r for r in rows if not r.status.startswith("skipped")]
+    built = [r for r in rows if not r.status.is_skipped]
     bad = [r for r in built if not r.valid]
     if opts.engine.target == "all" or grid:  # exploring: failing rows are findings, only a build with none valid fails
         if not any(r.valid for r in rows):
@@ -233,7 +211,7 @@ def _raise_for_failures(opts: BuildOptions, rows: list[RowResult], grid: bool = 
     if not bad:
         return
     first = bad[0]
-    if first.status == "failed gate":
+    if first.status.is_failed_gate:
         acc = first.accuracy or {}
         what = (
             f"top-1 dropped {acc.get('top1_drop_pp', 0):.2f} pp (allowed {opts.gate.max_accuracy_drop:g})"

@@ -9,7 +9,7 @@ import click
 
 from bitdeploy.cli import groups, groups_run
 from bitdeploy.core.errors import BitdeployError
-from bitdeploy.core.options import AccuracyArgs, BenchTimingArgs, PyTorchBaselineArgs, RuntimeArgs
+from bitdeploy.core.options import AccuracyArgs, BenchTimingArgs, PyTorchBaselineArgs, RuntimeArgs, values
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -74,27 +74,8 @@ def bench(  # noqa: PLR0913 - a command: its records are the argument groups
 
     planned = bundles_to_bench(bundles, all_bundles, lambda message: click.echo(f"bench: {message}", err=True))
     opts = BenchOptions(
-        batch_sizes=timing.batch_sizes,
-        scenario=timing.scenario,
-        iterations=timing.iterations,
-        duration=timing.duration,
-        warmup=timing.warmup,
-        threads=runtime.threads,
-        device=runtime.device,
-        backend=runtime.backend,
-        dataset=accuracy.dataset,
-        samples=accuracy.samples,
-        reference=accuracy.reference,
+        **values(timing, runtime, accuracy, compile_timeout=baseline.compile_timeout, seed=seed),
         pytorch_baseline=baseline.weights,
-        compile_timeout=baseline.compile_timeout,
-        end_to_end=timing.end_to_end,
-        keep_raw=timing.keep_raw,
-        progress=timing.progress,
-        seed=seed,
-        rounds=timing.rounds,
-        quiet_check=timing.quiet_check,
-        quiet_wait=timing.quiet_wait,
-        memory=timing.memory,
     )
     doc = run([p for p, _ in planned], opts, [n for _, n in planned], skip_invalid=all_bundles)
     noisy = disturbed(doc)

@@ -7,12 +7,9 @@ from pathlib import Path
 
 import click
 
-CACHE_DIR = click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Stage cache [default: $BITDEPLOY_CACHE/stages or ~/.cache/bitdeploy/stages].",
-)
+from bitdeploy.cli import groups
+
+CACHE_DIR = groups.option(groups.CACHE_DIR)
 
 
 def _root(cache_dir: Path | None) -> Path:

@@ -8,12 +8,9 @@ from typing import Any
 
 import click
 
-KIT_OPTION = click.option(
-    "--kit-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="The emulation kit (default: $BITDEPLOY_KIT, else ~/.cache/bitdeploy/emulation).",
-)
+from bitdeploy.cli import groups
+
+KIT_OPTION = groups.option(groups.KIT_DIR)
 
 
 @click.group("devices", invoke_without_command=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from bitdeploy.cli import groups
 from bitdeploy.core.catalog import get_variant
 
 DEFAULT_RESOLUTION = 128
@@ -20,13 +21,8 @@ def _progress(message: str) -> None:
 
 
 @click.command("export")
-@click.option("--model", "model_name", required=True, help="Model name (see `bitdeploy models`), e.g. m-r50x1.")
-@click.option(
-    "--weights",
-    default="auto",
-    show_default=True,
-    help="auto (official, downloaded and cached) | none (random init) | PATH (official .npz, checkpoint.pt or training dir).",
-)
+@groups.option(groups.MODEL)
+@groups.option(groups.WEIGHTS)
 @click.option(
     "--resolution",
     type=click.IntRange(16, 2048),
@@ -40,12 +36,10 @@ def _progress(message: str) -> None:
     required=True,
     help="Output .onnx file (written atomically).",
 )
-@click.option(
-    "--opset",
-    type=click.IntRange(13, 20),
-    default=17,
-    show_default=True,
-    help="ONNX opset; 17 keeps GroupNorm as InstanceNormalization, which every backend runs.",
+@groups.option(
+    groups.varied(
+        groups.OPSET, help="ONNX opset; 17 keeps GroupNorm as InstanceNormalization, which every backend runs."
+    )
 )
 @click.option(
     "--num-classes",

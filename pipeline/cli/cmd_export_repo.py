@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from bitdeploy.cli import groups
+
 
 @click.command("export-repo")
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="BUNDLE...")
@@ -25,20 +27,8 @@ import click
 @click.option(
     "--name", "names", multiple=True, help="Model name per BUNDLE, in order (default: each bundle's model name)."
 )
-@click.option(
-    "--max-batch",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Triton max_batch_size (capped by a TensorRT profile's maximum).",
-)
-@click.option(
-    "--max-delay-ms",
-    type=click.FloatRange(min=0),
-    default=5.0,
-    show_default=True,
-    help="Triton dynamic_batching max_queue_delay.",
-)
+@groups.option(groups.varied(groups.MAX_BATCH, help="Triton max_batch_size (capped by a TensorRT profile's maximum)."))
+@groups.option(groups.varied(groups.MAX_DELAY_MS, help="Triton dynamic_batching max_queue_delay."))
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 def export_repo(
     bundles: tuple[Path, ...],

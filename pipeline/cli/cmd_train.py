@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 
 from bitdeploy.cli import groups, groups_run
-from bitdeploy.core.options import HyperRuleArgs, TrainRunArgs
+from bitdeploy.core.options import HyperRuleArgs, TrainRunArgs, values
 
 
 @click.command("train")
-@click.option("--model", "model_name", required=True, help="Model name (see `bitdeploy models`), e.g. m-r50x1.")
+@groups.option(groups.MODEL)
 @groups.option(groups.varied(groups.DATASET, required=True, default=None))
 @click.option(
     "--out",
@@ -60,30 +60,10 @@ def train(  # noqa: PLR0913 - a command: its records are the argument groups
     """
     from bitdeploy.training.planner import TrainConfig, make_plan
 
-    config = TrainConfig(
-        model=model_name,
-        dataset=dataset,
-        out=out,
-        weights=weights,
-        shots=hyperrule.shots,
-        steps=hyperrule.steps,
-        batch_size=hyperrule.batch_size,
-        batch_split=hyperrule.batch_split,
-        lr=hyperrule.lr,
-        resolution=resolution,
-        mixup=hyperrule.mixup,
-        hflip=hyperrule.hflip,
-        device=run.device,
-        precision=run.precision,
-        checkpoint_every=run.checkpoint_every,
-        eval_every=run.eval_every,
-        seed=seed,
-        val_split=val_split,
-        strict=run.strict,
-        progress=run.progress,
-    )
-    if run.num_workers is not None:
-        config.num_workers = run.num_workers
+    given = values(hyperrule, run, model=model_name, dataset=dataset, out=out, weights=weights, resolution=resolution)
+    if given["num_workers"] is None:  # the config's own default (by device)
+        del given["num_workers"]
+    config = TrainConfig(**given, seed=seed, val_split=val_split)
     if plan_only:
         import os
 

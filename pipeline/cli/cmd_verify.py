@@ -35,12 +35,7 @@ from bitdeploy.core.options import RuntimeArgs
     help="Run the self-test on each emulated CPU model instead of this one (`bitdeploy devices` lists them; "
     "`bitdeploy devices setup` prepares them). Emulation checks numerics, not speed.",
 )
-@click.option(
-    "--kit-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="The emulation kit (default: $BITDEPLOY_KIT, else ~/.cache/bitdeploy/emulation).",
-)
+@groups.option(groups.KIT_DIR)
 @groups.option(groups.NO_VERIFY)
 @groups.takes(groups_run.RUNTIME)
 def verify(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
@@ -90,6 +91,32 @@ def takes(*groups: Group) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 
 # -- flags that several commands or groups take ------------------------------------------------------------------
+MODEL = flag("--model", "model_name", required=True, help="Model name (see `bitdeploy models`), e.g. m-r50x1.")
+OPSET = flag("--opset", type=click.IntRange(13, 20), default=17, show_default=True, help="ONNX opset of the export.")
+CACHE_DIR = flag(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Stage cache [default: $BITDEPLOY_CACHE/stages or ~/.cache/bitdeploy/stages].",
+)
+KIT_DIR = flag(
+    "--kit-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The emulation kit (default: $BITDEPLOY_KIT, else ~/.cache/bitdeploy/emulation).",
+)
+MAX_BATCH = flag(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Most images per engine call; requests that arrive together are batched.",
+)
+MAX_DELAY_MS = flag(
+    "--max-delay-ms",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Longest a request waits for others to join its batch (only while other requests are in flight).",
+)
 WEIGHTS = flag(
     "--weights",
     default="auto",

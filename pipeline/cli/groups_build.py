@@ -3,7 +3,6 @@ selection, cache. The mechanism and the flags shared with other commands are in 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
@@ -11,9 +10,11 @@ import click
 from bitdeploy.cli import choices
 from bitdeploy.cli.groups import (
     BATCH_SIZE,
+    CACHE_DIR,
     DATASET,
     HFLIP,
     LR,
+    OPSET,
     QUIET_CHECK,
     SHOTS,
     STEPS,
@@ -103,7 +104,7 @@ EXPORT = Group(
     "export",
     (
         WEIGHTS,
-        flag("--opset", type=click.IntRange(13, 20), default=17, show_default=True, help="ONNX opset of the export."),
+        OPSET,
     ),
     records.ExportArgs,
 )
@@ -275,12 +276,7 @@ SELECTION = Group(
 CACHE = Group(
     "cache",
     (
-        flag(
-            "--cache-dir",
-            type=click.Path(file_okay=False, path_type=Path),
-            default=None,
-            help="Stage cache [default: $BITDEPLOY_CACHE/stages or ~/.cache/bitdeploy/stages].",
-        ),
+        CACHE_DIR,
         flag(
             "--no-cache",
             is_flag=True,

@@ -7,10 +7,20 @@ so every layer may read them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from bitdeploy.core.errors import BitdeployError, UsageError
+
+
+def values(*records: Any, **more: Any) -> dict[str, Any]:
+    """The fields of `records` (later ones win) and `more`, as keyword arguments: a record composed into another's
+    constructor by field name instead of field by field."""
+    out: dict[str, Any] = {}
+    for record in records:
+        out.update({f.name: getattr(record, f.name) for f in fields(record)})
+    return {**out, **more}
 
 
 @dataclass(frozen=True)

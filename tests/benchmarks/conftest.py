@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
@@ -40,24 +39,14 @@ def _manifest(backend: str, precision: str, model_file: str, precision_used: str
 def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
+    from bitdeploy.converters.onnx_export import torch_export
     from bitdeploy.core.catalog import get_variant
     from bitdeploy.training.bit import create_model, fold_weight_standardization
 
     torch.manual_seed(0)
     model = fold_weight_standardization(create_model(get_variant("tiny"), 10)).eval()
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.zeros(1, 3, RESOLUTION, RESOLUTION),),
-            str(path),
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-            opset_version=17,
-            dynamo=False,
-        )
+    torch_export(model, RESOLUTION, path)
     return path
 
 

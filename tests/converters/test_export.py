@@ -19,7 +19,7 @@ pytest.importorskip("onnxslim")
 from click.testing import CliRunner  # noqa: E402
 
 from bitdeploy.cli import cli  # noqa: E402
-from bitdeploy.converters.onnx_export import check_graph, export_onnx  # noqa: E402
+from bitdeploy.converters.onnx_export import check_graph, export_onnx, torch_export  # noqa: E402
 from bitdeploy.core.catalog import get_variant  # noqa: E402
 from bitdeploy.core.errors import ConversionError  # noqa: E402
 from bitdeploy.training.weights import load_model, read_npz  # noqa: E402
@@ -120,16 +120,7 @@ def test_check_graph_catches_unfolded_weights(tmp_path: Path) -> None:
     """A generic export computes the standardised weights in the graph: check_graph must see that."""
     model = load_model("tiny", "none", num_classes=3).model
     path = tmp_path / "naive.onnx"
-    torch.onnx.export(
-        model,
-        (torch.zeros(1, 3, 32, 32),),
-        str(path),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}},
-        opset_version=17,
-        dynamo=False,
-    )
+    torch_export(model, 32, path)
     with pytest.raises(ConversionError, match="not folded"):
         check_graph(onnx.load(str(path)), 32, 3, 17)
 

@@ -20,7 +20,7 @@ from bitdeploy.converters.openvino_convert import OpenVinoOptions
 from bitdeploy.core.errors import ConversionError
 from bitdeploy.runtimes.manifest import Manifest, TargetInfo
 from bitdeploy.runtimes.ov import OpenVinoBackend
-from tests.converters.tiny_digits import RESOLUTION, TinyDigits, tiny_digits
+from tests.converters.tiny_digits import TinyDigits
 
 OPTS = ConvertOptions(threads=2)
 
@@ -28,16 +28,6 @@ OPTS = ConvertOptions(threads=2)
 def _ov(**extras: Any) -> ConvertOptions:
     """OPTS with the OpenVINO options given."""
     return ConvertOptions(threads=2, extras=OpenVinoOptions(**extras))
-
-
-@pytest.fixture(scope="module")
-def tiny() -> TinyDigits:
-    return tiny_digits()
-
-
-@pytest.fixture(scope="module")
-def calibration(tiny: TinyDigits) -> calib_mod.CalibrationData:
-    return calib_mod.from_image_set(tiny.train, RESOLUTION, size=128, seed=0, source="digits:train")
 
 
 def _logits(work: Path, target: TargetInfo, x: np.ndarray) -> np.ndarray:

@@ -22,17 +22,7 @@ from bitdeploy.converters import calibration as calib_mod  # noqa: E402
 from bitdeploy.converters import ort_quant, trt_qdq  # noqa: E402
 from bitdeploy.converters.base import ConvertOptions  # noqa: E402
 from bitdeploy.core.errors import ConversionError  # noqa: E402
-from tests.converters.tiny_digits import RESOLUTION, TinyDigits, tiny_digits  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny() -> TinyDigits:
-    return tiny_digits()
-
-
-@pytest.fixture(scope="module")
-def calibration(tiny: TinyDigits) -> calib_mod.CalibrationData:
-    return calib_mod.from_image_set(tiny.train, RESOLUTION, size=128, seed=0, source="digits:train")
+from tests.converters.tiny_digits import TinyDigits  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -117,46 +107,21 @@ def _rewrite(path: Path, out: Path, edit: Any) -> Any:
 def test_inspector_catches_asymmetric_and_per_tensor_quantization(
     tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path: Path
 ) -> None:
-    asym = tmp_path / "asym.onnx"
-    ort_quant.quantize_qdq(
-        tiny.onnx,
-        asym,
-        calibration,
-        ort_quant.QdqOptions(activation_type="uint8", symmetric_activations=False, exclude_head=True),
-    )
-    v = trt_qdq.inspect_qdq(onnx.load(str(asym))).violations
-    assert any("zero point must be int8 0" in m for m in v)
-    per_tensor = tmp_path / "pt.onnx"
-    ort_quant.quantize_qdq(
-        tiny.onnx,
-        per_tensor,
-        calibration,
-        ort_quant.QdqOptions(
-            per_channel=False,
-            symmetric_activations=True,
-            activation_type="int8",
-            quantize_outputs=False,
-            exclude_head=True,
-            quantize_bias=False,
+    trt_like = dict(symmetric_activations=True, activation_type="int8", quantize_outputs=False, quantize_bias=False)
+    cases = [
+        (
+            "asym",
+            dict(activation_type="uint8", symmetric_activations=False, exclude_head=True),
+            "zero point must be int8 0",
         ),
-    )
-    v = trt_qdq.inspect_qdq(onnx.load(str(per_tensor))).violations
-    assert any("not per output channel on axis 0" in m for m in v)
-    head_q = tmp_path / "head.onnx"
-    ort_quant.quantize_qdq(
-        tiny.onnx,
-        head_q,
-        calibration,
-        ort_quant.QdqOptions(
-            symmetric_activations=True,
-            activation_type="int8",
-            quantize_outputs=False,
-            exclude_head=False,
-            quantize_bias=False,
-        ),
-    )
-    v = trt_qdq.inspect_qdq(onnx.load(str(head_q))).violations
-    assert any("classifier head is quantized" in m for m in v)
+        ("pt", dict(trt_like, per_channel=False, exclude_head=True), "not per output channel on axis 0"),
+        ("head", dict(trt_like, exclude_head=False), "classifier head is quantized"),
+    ]
+    for name, options, violation in cases:
+        path = tmp_path / f"{name}.onnx"
+        ort_quant.quantize_qdq(tiny.onnx, path, calibration, ort_quant.QdqOptions(**options))
+        v = trt_qdq.inspect_qdq(onnx.load(str(path))).violations
+        assert any(violation in m for m in v), (name, v)
 
 
 def test_inspector_catches_qdq_around_a_norm_and_a_residual_add(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -16,35 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from bitdeploy.cli import main
+from tests.clirun import run_cli
 
-BUILD = [
-    "build",
-    "--model",
-    "tiny",
-    "--weights",
-    "none",
-    "--dataset",
-    "digits",
-    "--resolution",
-    "32",
-    "--steps",
-    "2",
-    "--batch-size",
-    "16",
-    "--target",
-    "onnx",
-    "--precision",
-    "fp32,int8",
-    "--calib-size",
-    "16",
-    "--eval-limit",
-    "40",
-    "--bench-iterations",
-    "5",
-    "--max-accuracy-drop",
-    "100",
-]
+BUILD = shlex.split(
+    "build --model tiny --weights none --dataset digits --resolution 32 --steps 2 --batch-size 16 --target onnx "
+    "--precision fp32,int8 --calib-size 16 --eval-limit 40 --bench-iterations 5 --max-accuracy-drop 100"
+)
 BUNDLES = ("onnx-fp32", "onnx-int8")
 
 
@@ -61,14 +39,7 @@ class Run:
 
 def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> Run:
     """`bitdeploy ARGS` in process, through the real entry point (error lines and exit codes)."""
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return Run(code, out, err)
+    return Run(*run_cli(args, capsys))
 
 
 def build_args(out: Path, cache: Path, *more: str) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -347,25 +348,10 @@ def test_openvino_int8_accuracy_control_uses_the_validation_split(
 
 def test_finetune_runs_in_build_and_is_cached(run: Callable[..., Result], tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    common = [
-        "--model",
-        "tiny",
-        "--weights",
-        "none",
-        "--dataset",
-        "digits",
-        "--resolution",
-        str(RES),
-        "--steps",
-        "2",
-        "--batch-size",
-        "16",
-        "--eval-limit",
-        "40",
-        "--no-report",
-        "--max-accuracy-drop",
-        "100",
-    ]
+    common = shlex.split(
+        f"--model tiny --weights none --dataset digits --resolution {RES} --steps 2 --batch-size 16 --eval-limit 40 "
+        "--no-report --max-accuracy-drop 100"
+    )
     first = run([*common, "--out", str(tmp_path / "a")], cache)
     assert first.exit_code == 0, first.output
     tuned = manifest(tmp_path / "a")["model"]["weights"]["fine_tuned"]

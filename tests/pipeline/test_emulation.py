@@ -15,28 +15,11 @@ from pathlib import Path
 import pytest
 
 from bitdeploy.builder.output import RowResult, select_fastest, table
-from bitdeploy.cli import main
 from bitdeploy.core import devices
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.emulation.guest import summarize_failures
 from bitdeploy.runtimes.manifest import Manifest
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
+from tests.clirun import one_error_line, run_cli
 
 
 def fake_qemu(kit: Path, name: str, version: str) -> None:

@@ -140,17 +140,17 @@ def _fail_bundle_copy(mp: pytest.MonkeyPatch, out: Path, cache: Path) -> None:
 
 
 def _fail_report(mp: pytest.MonkeyPatch, out: Path, cache: Path) -> None:
-    from bitdeploy.benchmarks import report
+    from bitdeploy.benchmarks import report_render
     from bitdeploy.builder import run as build
 
-    real = report._atomic_write
+    real = report_render.atomic_write
 
     def write(path: Path, text: str) -> None:
         if path.name == "report.html":
             raise _no_space()
         real(path, text)
 
-    mp.setattr(report, "_atomic_write", write)
+    mp.setattr(report_render, "atomic_write", write)
     mp.setattr(build, "_baseline_latency", lambda *args: None)  # the PyTorch baselines only time; not what is tested
 
 

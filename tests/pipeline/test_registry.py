@@ -11,7 +11,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -38,9 +37,10 @@ class NumpyBackend(Backend):
 
     name = "numpy-test"
 
-    def __init__(self, model_path: Path, manifest: Any, device: str | None = None, threads: int | None = None) -> None:
-        super().__init__(model_path, manifest, device or "cpu", threads)
-        self.weights = np.load(model_path, allow_pickle=False)
+    default_device = "cpu"
+
+    def open(self) -> None:
+        self.weights = np.load(self.model_path, allow_pickle=False)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         return (batch.mean(axis=(2, 3)) @ self.weights).astype(np.float32)

@@ -17,8 +17,9 @@ from PIL import Image
 
 from bitdeploy.cli import cli
 from bitdeploy.core import targets
+from tests.clirun import one_error_line
+from tests.clirun import run_cli as run
 from tests.runtimes.backend_conformance import BackendConformance, Case
-from tests.runtimes.test_cli import one_error_line, run
 
 TOY = targets.Target(
     name="toy",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import shutil
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ def make_manifest(
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The folded tiny model exported to ONNX, plus torch logits for a fixed batch."""
     torch = pytest.importorskip("torch")
+    from bitdeploy.converters.onnx_export import torch_export
     from bitdeploy.core.catalog import count_params, get_variant
     from bitdeploy.training.bit import create_model, fold_weight_standardization
 
@@ -67,18 +67,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            folded,
-            (torch.from_numpy(x),),
-            str(path),
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
+    torch_export(folded, RES, path)
     return {"onnx": path, "x": x, "ref": ref, "params": count_params(variant, 10)}
 
 

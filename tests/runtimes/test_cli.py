@@ -10,26 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from bitdeploy.cli import main
+from tests.clirun import one_error_line
+from tests.clirun import run_cli as run
 
 from .conftest import INVALID, VALID
 from .test_integrity import edit_manifest, flip_byte
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_predict_text(ort_bundle: Path, image_dir: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

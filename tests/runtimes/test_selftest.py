@@ -20,9 +20,10 @@ from bitdeploy.runtimes import fingerprint, load, selftest
 from bitdeploy.runtimes.bundle import bundle_writer, read_manifest, write_manifest
 from bitdeploy.runtimes.ort import OrtBackend
 from bitdeploy.runtimes.preprocess import normalize
+from tests.clirun import one_error_line
+from tests.clirun import run_cli as run
 
 from .conftest import RES, digit_images, make_manifest
-from .test_cli import one_error_line, run
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 
 from bitdeploy.runtimes.base import Backend
-from bitdeploy.runtimes.manifest import Manifest
 
 
 class ToyBackend(Backend):
     name = "toy-engine"
 
-    def __init__(
-        self, model_path: Path, manifest: Manifest, device: str | None = None, threads: int | None = None
-    ) -> None:
+    default_device = "cpu"
+
+    def open(self) -> None:
         import onnxruntime as ort
 
-        super().__init__(model_path, manifest, device or "cpu", threads)
-        self.session = ort.InferenceSession(Path(model_path).read_bytes(), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(self.model_path.read_bytes(), providers=["CPUExecutionProvider"])
         self._lock = threading.Lock()
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from bitdeploy.cli import cli, main
+from bitdeploy.cli import cli
+from tests.clirun import run_cli
 
 torch = pytest.importorskip("torch")
 
@@ -42,25 +44,10 @@ RUN = dict(
     checkpoint_every=4,
     progress=False,
 )
-RUN_ARGS = [
-    "--model",
-    "tiny",
-    "--weights",
-    "none",
-    "--dataset",
-    "digits",
-    "--resolution",
-    "32",
-    "--steps",
-    "12",
-    "--batch-size",
-    "16",
-    "--lr",
-    "0.001",
-    "--checkpoint-every",
-    "4",
-    "--quiet",
-]
+RUN_ARGS = shlex.split(
+    "--model tiny --weights none --dataset digits --resolution 32 --steps 12 --batch-size 16 --lr 0.001 "
+    "--checkpoint-every 4 --quiet"
+)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -87,16 +74,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 # --- plan ---------------------------------------------------------------------------------------------
 
 
@@ -105,13 +82,8 @@ def test_plan_digits_acceptance() -> None:
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     assert (plan["steps"], plan["warmup_steps"], plan["lr_decay_steps"]) == (500, 100, [200, 300, 400])
-    assert (plan["base_lr"], plan["batch_size"], plan["resize"], plan["crop"], plan["mixup_alpha"]) == (
-        0.003,
-        512,
-        160,
-        128,
-        0.0,
-    )
+    rule = dict(base_lr=0.003, batch_size=512, resize=160, crop=128, mixup_alpha=0.0)
+    assert {k: plan[k] for k in rule} == rule
     assert (plan["dataset_size"], plan["num_classes"]) == (1438, 10)
 
 
