@@ -28,6 +28,7 @@ from bitdeploy.runtimes.manifest import ModelInfo
 if TYPE_CHECKING:
     import numpy as np
 
+    from bitdeploy.benchmarks.baseline import QuickBaseline
     from bitdeploy.benchmarks.ranking import Criteria
     from bitdeploy.converters.calibration import CalibrationData, ValidationData
     from bitdeploy.converters.gate import EvalData
@@ -124,7 +125,7 @@ class BuildContext:
     calibration: CalibrationData | None = None  # INT8 rows only
     validation: ValidationData | None = None  # NNCF accuracy control only
     training: dict[str, Any] | None = None
-    baseline: list[dict[str, Any]] | None = None  # PyTorch latencies for the report's speed-up column
+    baseline: list[QuickBaseline] | None = None  # PyTorch latencies for the report's speed-up column
     scratch: list[StageCache] = field(default_factory=list)  # uncached conversions' work dirs, removed at the end
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bitdeploy import __version__
-from bitdeploy.benchmarks.schema import PENDING, Status
+from bitdeploy.benchmarks.schema import PENDING, BenchEntry, Status, Timing
 from bitdeploy.core.fsutil import remove_stale_temps, replace_dir
 from bitdeploy.runtimes.fingerprint import LIBRARIES, package_versions
 from bitdeploy.runtimes.manifest import Provenance
 
 if TYPE_CHECKING:
+    from bitdeploy.benchmarks.baseline import QuickBaseline
     from bitdeploy.benchmarks.ranking import Criteria, Option
 
 
@@ -36,17 +37,7 @@ class RowResult:
     top1: float | None = None
     reference_top1: float | None = None
     delta_pp: float | None = None
-    p50_ms: float | None = None
-    p90_ms: float | None = None
-    p99_ms: float | None = None
-    mean_ms: float | None = None
-    latency_n: int | None = None
-    images_per_s: float | None = None
-    throughput_batch: int | None = None
-    throughput: list[dict[str, Any]] | None = None  # [{batch_size, images_per_s, ...}] of the build's sweep
-    p50_spread: list[float] | None = None  # [min, max] of the timing rounds' p50
-    images_per_s_spread: list[float] | None = None
-    disturbed: list[str] = field(default_factory=list)  # why the timing is not quotable (benchmarks.interference)
+    timing: Timing = field(default_factory=Timing)  # the build's quick figures; `disturbed` says why not quotable
     precision_used: str | None = None
     device: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -83,7 +74,8 @@ class RowResult:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["name"], d["status"] = self.name, self.status.text
+        del d["timing"]
+        d.update(self.timing.flat(), name=self.name, status=self.status.text)
         return d
 
 
@@ -123,13 +115,14 @@ def table(rows: list[RowResult]) -> str:
     for r in rows:
         text = r.status.text
         status = (text if len(text) <= 64 else text[:63] + "…") + ("  <- selected" if r.selected else "")
-        status += "  DISTURBED" if r.disturbed else ""
-        p50 = _fmt(r.p50_ms, ".2f") + (
-            f" [{r.p50_spread[0]:.2f}-{r.p50_spread[1]:.2f}]" if r.p50_ms is not None and r.p50_spread else ""
+        t = r.timing
+        status += "  DISTURBED" if t.disturbed else ""
+        p50 = _fmt(t.p50_ms, ".2f") + (
+            f" [{t.p50_spread[0]:.2f}-{t.p50_spread[1]:.2f}]" if t.p50_ms is not None and t.p50_spread else ""
         )
         top1 = None if r.top1 is None else r.top1 * 100
-        ips = _fmt(r.images_per_s, ".1f") + (
-            f" (bs{r.throughput_batch})" if r.images_per_s is not None and r.throughput_batch else ""
+        ips = _fmt(t.images_per_s, ".1f") + (
+            f" (bs{t.throughput_batch})" if t.images_per_s is not None and t.throughput_batch else ""
         )
         lines.append(
             [
@@ -167,8 +160,8 @@ def option(row: RowResult) -> Option:
         row.name,
         row.valid and row.passes_devices,
         row.top1,
-        row.p50_ms,
-        (row.p50_spread[0], row.p50_spread[1]) if row.p50_spread else None,
+        row.timing.p50_ms,
+        row.timing.p50_spread,
         row.serving_rss_mb,
         (row.accuracy or {}).get("agreement"),
         row.size_mb,
@@ -188,7 +181,9 @@ def select(rows: list[RowResult], criteria: Criteria) -> tuple[RowResult, str]:
     elsewhere = [r.name for r in rows if r.valid and not r.passes_devices]
     notes += f"; excluded, failing on a --verify-on CPU: {', '.join(elsewhere)}" if elsewhere else ""
     noisy = [
-        r.name for r in (best, picked.runner_up.item if picked.runner_up else None) if r is not None and r.disturbed
+        r.name
+        for r in (best, picked.runner_up.item if picked.runner_up else None)
+        if r is not None and r.timing.disturbed
     ]
     notes += f"; disturbed timing, not a firm ranking: {', '.join(noisy)}" if noisy else ""
     return best, picked.line + notes
@@ -205,78 +200,23 @@ def select_fastest(rows: list[RowResult]) -> tuple[RowResult, str] | None:
 
 
 def bench_entries(
-    rows: list[RowResult], model: dict[str, Any], baseline: list[dict[str, Any]] | None, env: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """Rows as `bitdeploy bench` result entries, so the bench report renders them (same schema)."""
+    rows: list[RowResult], model: dict[str, Any], baseline: list[QuickBaseline] | None, env: dict[str, Any]
+) -> list[BenchEntry]:
+    """Rows and PyTorch baselines as `bitdeploy bench` result entries, so the bench report renders them (same schema)."""
     from bitdeploy.benchmarks.env import device_label
-    from bitdeploy.benchmarks.schema import new_entry
 
-    def timing(r: Any) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        if r.get("p50_ms") is None:
-            return None, None
-        ss = {
-            "n": r.get("latency_n"),
-            "p50_ms": r["p50_ms"],
-            "p90_ms": r.get("p90_ms"),
-            "p99_ms": r.get("p99_ms"),
-            "mean_ms": r.get("mean_ms"),
-        }
-        if r.get("p50_spread"):
-            ss["spread"] = {"p50_ms": r["p50_spread"]}
-        ss["images_per_s"] = 1000.0 / r["mean_ms"] if r.get("mean_ms") else None
-        bs = r.get("throughput_batch")
-        sweep = r.get("throughput") or [{"batch_size": bs, "images_per_s": r.get("images_per_s")}]
-        off = (
-            {
-                "results": sweep,
-                "best_images_per_s": r.get("images_per_s"),
-                "best_batch_size": bs,
-                "best_images_per_s_spread": r.get("images_per_s_spread"),
-            }
-            if r.get("images_per_s")
-            else None
-        )
-        return ss, off
-
-    def common(name: str | None, resolution: int | None) -> dict[str, Any]:
-        """The entry's model fields: a grid row's own cell, else the build's one model."""
-        return {
-            "model": name or model["name"],
-            "resolution": resolution or model["resolution"],
-            "num_classes": model["num_classes"],
-        }
-
-    entries = []
-    for b in baseline or []:  # the PyTorch baselines, one per form (benchmarks.baseline)
-        from bitdeploy.benchmarks.baseline import entry_name
-
-        ss, off = timing(b)
-        describe = {"form": b["form"], "label": b["label"], "compile_s": b.get("compile_s")}
-        entries.append(
-            new_entry(
-                name=entry_name(b["form"], b.get("model") or model["name"], b.get("resolution") or model["resolution"]),
-                kind="pytorch",
-                target="pytorch",
-                precision="fp32",
-                precision_used="f32",
-                backend_device="cpu",
-                device=device_label(env, "cpu"),
-                status=b["status"],
-                single_stream=ss,
-                offline=off,
-                describe=describe,
-                disturbed=bool(b.get("disturbed")),
-                flags=list(b.get("disturbed") or []),
-                **common(b.get("model"), b.get("resolution")),
-            )
-        )
+    name, resolution, classes = model["name"], model["resolution"], model["num_classes"]
+    entries = [b.entry(name, resolution, classes, device_label(env, "cpu")) for b in baseline or []]
     for r in rows:
-        ss, off = timing(r.as_dict())
+        rss = r.serving_rss_mb
         entries.append(
-            new_entry(
+            BenchEntry(
                 name=r.name,
                 kind="bundle",
                 bundle=r.bundle,
+                model=r.model or name,  # a grid row's own cell, else the build's one model
+                resolution=r.resolution or resolution,
+                num_classes=classes,
                 target=r.backend,
                 precision=r.precision,
                 precision_used=r.precision_used,
@@ -284,24 +224,19 @@ def bench_entries(
                 device=device_label(env, r.device),
                 status=r.status,
                 size_mb=r.size_mb,
-                single_stream=ss,
-                offline=off,
                 build_accuracy=r.accuracy,
                 error=r.error,
-                disturbed=bool(r.disturbed),
-                flags=list(r.disturbed),
-                **common(r.model, r.resolution),
+                serving_memory={"peak_rss_mb": rss} if rss is not None else None,
+                **r.timing.entry_fields(),
             )
         )
-        if r.serving_rss_mb is not None:
-            entries[-1]["serving_memory"] = {"peak_rss_mb": r.serving_rss_mb}
     return entries
 
 
 def write_report(
     rows: list[RowResult],
     model: dict[str, Any],
-    baseline: list[dict[str, Any]] | None,
+    baseline: list[QuickBaseline] | None,
     rdir: Path,
     selected: dict[str, str] | None,
     settings: dict[str, Any],
@@ -321,7 +256,7 @@ def write_report(
         "rows": [r.as_dict() for r in rows],
         "selected": selected,
         "settings": settings,
-        "baseline": baseline,
+        "baseline": [b.as_dict() for b in baseline] if baseline is not None else None,
     }
     remove_stale_temps(rdir.parent, f".{rdir.name}.tmp-")
     tmp = rdir.parent / f".{rdir.name}.tmp-{os.getpid()}"

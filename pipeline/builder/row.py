@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bitdeploy.benchmarks.schema import FAILED_GATE, VALID, Status
+from bitdeploy.benchmarks.schema import FAILED_GATE, VALID, Status, Timing
 from bitdeploy.builder.context import BuildContext, BuildOptions, bundle_path, convert_options, quick_timing
 from bitdeploy.builder.output import RowResult, provenance
 from bitdeploy.converters.base import Artifact, ConvertOptions
@@ -280,16 +280,17 @@ def time_rows(todo: list[tuple[RowResult, Timeable]], opts: BuildOptions, log: C
         for *_, backend in opened:
             backend.close()
     for (row, path, _, _), timing in zip(opened, results):
-        _apply_timing(row, timing)
+        row.timing = Timing.from_quick(timing)
         if row.valid:
             row.serving_rss_mb = _serving_memory(row, path, opts, log)
+        t = row.timing
         build_latency = BuildLatency(
-            batch1_p50_ms=row.p50_ms,
-            batch1_p90_ms=row.p90_ms,
-            queries=row.latency_n,
-            images_per_s=row.images_per_s,
-            throughput_batch=row.throughput_batch,
-            batch1_p50_spread_ms=tuple(row.p50_spread) if row.p50_spread is not None else None,
+            batch1_p50_ms=t.p50_ms,
+            batch1_p90_ms=t.p90_ms,
+            queries=t.n,
+            images_per_s=t.images_per_s,
+            throughput_batch=t.throughput_batch,
+            batch1_p50_spread_ms=t.p50_spread,
             serving_peak_rss_mb=row.serving_rss_mb,
             threads=opts.engine.threads,
             note="quick build-time figure; use `bitdeploy bench` for publishable numbers",
@@ -307,20 +308,3 @@ def _serving_memory(row: RowResult, path: Path, opts: BuildOptions, log: Callabl
     except BitdeployError as exc:
         log(f"warning: [{row.name}] serving memory not measured: {first_line(exc)}")
         return None
-
-
-def _apply_timing(row: RowResult, timing: dict[str, Any]) -> None:
-    row.p50_ms, row.p90_ms, row.p99_ms, row.mean_ms = (
-        timing["p50_ms"],
-        timing["p90_ms"],
-        timing["p99_ms"],
-        timing["mean_ms"],
-    )
-    row.latency_n, row.images_per_s, row.throughput_batch = (
-        timing["n"],
-        timing["images_per_s"],
-        timing["throughput_batch"],
-    )
-    row.throughput = timing["throughput"]
-    row.p50_spread, row.images_per_s_spread = timing.get("p50_spread"), timing.get("images_per_s_spread")
-    row.disturbed = list((timing.get("interference") or {}).get("reasons") or [])

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bitdeploy.benchmarks.schema import Status
 from bitdeploy.builder import output as build_output
@@ -40,6 +40,9 @@ from bitdeploy.core.resources import guarded
 from bitdeploy.core.targets import TARGETS, Target, get_target
 from bitdeploy.runtimes.manifest import ModelInfo, WeightsInfo
 
+if TYPE_CHECKING:
+    from bitdeploy.benchmarks.baseline import QuickBaseline
+
 
 @dataclass
 class BuildResult:
@@ -57,7 +60,7 @@ class CellBuild:
     rows: list[RowResult]
     timeable: list[tuple[RowResult, Timeable]]
     model_info: dict[str, Any] | None = None
-    baseline: list[dict[str, Any]] | None = None
+    baseline: list[QuickBaseline] | None = None
 
 
 def build_cell(
@@ -139,7 +142,7 @@ def finish(
         show(f"selected: {selected['reason']}")
     _check_quiet(opts, rows, log)
     rdir = None
-    if opts.timing.report and any(r.p50_ms is not None for r in rows):
+    if opts.timing.report and any(r.timing.p50_ms is not None for r in rows):
         rdir = report_dir(opts, 2 if grid else len(rows))
         try:
             settings = {
@@ -178,14 +181,14 @@ def finish(
 
 def _check_quiet(opts: BuildOptions, rows: list[RowResult], log: Callable[[str], None]) -> None:
     """Say which rows were timed on a busy machine; with --quiet-check fail, stop before the report."""
-    noisy = [r for r in rows if r.disturbed]
+    noisy = [r for r in rows if r.timing.disturbed]
     if noisy and opts.timing.quiet_check == "fail":
         raise BitdeployError(
             f"{len(noisy)} of {len(rows)} rows timed while the machine was busy ({noisy[0].name}: "
-            f"{noisy[0].disturbed[0]}); the bundles are built, no report written; rerun on a quiet machine"
+            f"{noisy[0].timing.disturbed[0]}); the bundles are built, no report written; rerun on a quiet machine"
         )
     for r in noisy:
-        log(f"warning: {r.name}: timing disturbed: {'; '.join(r.disturbed)}")
+        log(f"warning: {r.name}: timing disturbed: {'; '.join(r.timing.disturbed)}")
     if noisy:
         log("warning: disturbed timings are not quotable and may change --select fastest (docs/measuring.md)")
 
@@ -318,7 +321,7 @@ def _wants_validation(opts: BuildOptions, planned: list[tuple[Target, str, str |
 
 def _baseline_latency(
     model: Any, resolution: int, opts: BuildOptions, log: Callable[[str], None]
-) -> list[dict[str, Any]] | None:
+) -> list[QuickBaseline] | None:
     """The PyTorch FP32 baselines (`benchmarks.baseline.FORMS`: eager with Google's standardisation, eager folded,
     torch.compile of the folded model), timed briefly for the report's speed-up column of multi-bundle builds,
     before any row opens an engine session. Skipped when the report is off."""
@@ -326,7 +329,7 @@ def _baseline_latency(
         return None
     import torch
 
-    from bitdeploy.benchmarks.baseline import measure_forms
+    from bitdeploy.benchmarks.baseline import QuickBaseline, measure_forms
 
     # Fewer queries and images than a bundle gets: the eager forms are slow, and this is a denominator, not a row to rank.
     timing = {
@@ -344,35 +347,11 @@ def _baseline_latency(
         results = measure_forms(model, (3, resolution, resolution), timing, log=log)
     finally:
         torch.set_num_threads(threads)
-    out = []
-    for r in results:
-        t = r.get("measured") or {}
-        row = {"form": r["form"], "label": r["label"], "status": r["status"], "compile_s": r.get("compile_s")}
-        row.update(
-            {
-                "p50_ms": t.get("p50_ms"),
-                "p90_ms": t.get("p90_ms"),
-                "p99_ms": t.get("p99_ms"),
-                "mean_ms": t.get("mean_ms"),
-                "latency_n": t.get("n"),
-                "p50_spread": t.get("p50_spread"),
-                "images_per_s_spread": t.get("images_per_s_spread"),
-                "disturbed": list((t.get("interference") or {}).get("reasons") or []),
-            }
-        )
-        row.update(
-            {
-                "images_per_s": t.get("images_per_s"),
-                "throughput_batch": t.get("throughput_batch"),
-                "throughput": t.get("throughput"),
-            }
-        )
-        out.append(row)
-        took = f" (compiled in {row['compile_s']:.1f} s)" if row["compile_s"] else ""
-        log(
-            f"PyTorch baseline {r['form']}: "
-            + (f"p50 {row['p50_ms']:.2f} ms{took}" if row["p50_ms"] is not None else r["status"])
-        )
+    out = [QuickBaseline.from_result(r) for r in results]
+    for b in out:
+        took = f" (compiled in {b.compile_s:.1f} s)" if b.compile_s else ""
+        p50 = b.timing.p50_ms
+        log(f"PyTorch baseline {b.form}: " + (f"p50 {p50:.2f} ms{took}" if p50 is not None else b.status.text))
     return out
 
 

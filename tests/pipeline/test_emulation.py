@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bitdeploy.benchmarks.schema import Timing
 from bitdeploy.builder.output import RowResult, select_fastest, table
 from bitdeploy.core import devices
 from bitdeploy.core.errors import BitdeployError
@@ -119,7 +120,9 @@ def test_devices_table_names_boards_and_readiness(tmp_path: Path, capsys: pytest
 
 def row(name: str, p50: float, devices_: dict[str, str]) -> RowResult:
     target, precision = name.split("-")
-    return RowResult(target, precision, status="valid", p50_ms=p50, bundle=f"/x/{name}", devices=devices_)
+    return RowResult(
+        target, precision, status="valid", timing=Timing(p50_ms=p50), bundle=f"/x/{name}", devices=devices_
+    )
 
 
 def test_verify_on_results_reach_table_and_selection() -> None:

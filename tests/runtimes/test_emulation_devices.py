@@ -129,13 +129,14 @@ def test_numerics_that_do_not_hold_on_a_cpu_fail_there_in_one_line(
     assert "FAIL" in proc.stdout and "numerics, not speed" in proc.stdout
 
     # the build's --verify-on step on a copy of that bundle: marked FAIL, recorded, one line for the build
+    from bitdeploy.benchmarks.schema import Timing
     from bitdeploy.builder.output import RowResult
     from bitdeploy.builder.verify_on import failure, run
 
     copy = tmp_path / "onnx-fp32"
     shutil.copytree(out / "onnx-fp32", copy)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    rows = [RowResult("onnx", "fp32", status="valid", p50_ms=1.0, bundle=str(copy))]
+    rows = [RowResult("onnx", "fp32", status="valid", timing=Timing(p50_ms=1.0), bundle=str(copy))]
     run(rows, "sandybridge", None, log=lambda _: None)
     assert rows[0].devices["sandybridge"].startswith("FAIL: max relative logit error")
     line = failure(rows, selected=False)
