@@ -187,6 +187,7 @@ def markdown(docs: Sequence[dict[str, Any]], rows: list[dict[str, Any]], selecte
         "",
         *[f"- {line}" for line in baseline_lines(rows)],
         "",
+        *_mix_markdown(docs),
         "## Environment and method",
         "",
     ]
@@ -223,6 +224,45 @@ def _front_html(rows: list[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
+MIX_NOTE = (
+    "Per bundle the INT8 search made: each group of layers with the share of uniform INT8's mean |logit error| "
+    "that keeping only that group in float removes, and the top-1 agreement with FP32 it gains; rank 1 is the most "
+    "costly to quantize. The chosen mix keeps the groups marked float in float, the others run INT8."
+)
+
+
+def _mix_markdown(docs: Sequence[dict[str, Any]]) -> list[str]:
+    from bitdeploy.benchmarks.plots_mix import TITLE, mixes
+    from bitdeploy.runtimes.mix_text import COLUMNS, sensitivity_rows, summary
+
+    found = mixes(docs)
+    out = [f"## {TITLE}", "", MIX_NOTE + " The plots are in report.html.", ""] if found else []
+    for name, mix in found:
+        out += [f"**{name}**: {summary(mix)}", ""]
+        if rows := sensitivity_rows(mix):
+            out += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+            out += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows] + [""]
+    return out
+
+
+def _mix_html(docs: Sequence[dict[str, Any]], pictures: Sequence[str | None]) -> str:
+    from bitdeploy.benchmarks.plots_mix import TITLE, mixes, title
+    from bitdeploy.runtimes.mix_text import COLUMNS, sensitivity_rows, summary
+
+    found = mixes(docs)
+    parts = [f'<h2 id="int8-sensitivity">{TITLE}</h2><p class="note">{html.escape(MIX_NOTE)}</p>'] if found else []
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    for (name, mix), png in zip(found, [*pictures, *[None] * len(found)]):
+        parts.append(f"<h3>{_defang(name)}</h3><p>{_defang(summary(mix))}</p>")
+        if png:
+            parts.append(
+                f'<figure><img alt="{html.escape(title(name, mix))}" src="data:image/png;base64,{png}"></figure>'
+            )
+        body = "".join("<tr>" + "".join(f"<td>{_defang(c)}</td>" for c in r) + "</tr>" for r in sensitivity_rows(mix))
+        parts.append(f'<table class="mix"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>' if body else "")
+    return "".join(parts)
+
+
 def _defang(text: str) -> str:
     """The report must hold no URL at all (it opens offline); text that quotes one (an error) is broken up."""
     return html.escape(text).replace("://", ":/&#8203;/")
@@ -241,6 +281,7 @@ def render_html(
     selected: dict[str, str] | None,
     figures: list[tuple[str, str]],
     plot_note: str | None,
+    mix_figures: Sequence[str | None] = (),
 ) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = ""
@@ -296,6 +337,9 @@ def render_html(
         parts.append(
             f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{b64}"><figcaption>{html.escape(title)}</figcaption></figure>'
         )
+    sensitivity = _mix_html(docs, mix_figures)
+    if sensitivity:
+        parts.append(sensitivity)
     parts.append(
         "<h2>Environment and method</h2><ul>"
         + "".join(f'<li class="note">{_defang(x)}</li>' for x in _methodology(docs))
@@ -324,7 +368,10 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "report.md", "html": out / "report.html", "json": out / "results.json"}
     atomic_write(paths["markdown"], markdown(docs, rows, selected))
-    atomic_write(paths["html"], render_html(docs, rows, selected, figures, note))
+    from bitdeploy.benchmarks import plots_mix
+
+    pictures = plots_mix.figures(plots_mix.mixes(docs))
+    atomic_write(paths["html"], render_html(docs, rows, selected, figures, note, pictures))
     merged = {"schema": MERGED, "schema_version": SCHEMA_VERSION, "selected": selected, "documents": list(docs)}
     atomic_write(paths["json"], json.dumps(finite(merged), indent=1, default=str) + "\n")
     return paths

@@ -127,6 +127,7 @@ class ConvertOptions:
     device: str | None = None  # deployment device; None: the target's default
     threads: int | None = None  # threads the converter's own checks compile with
     calib_method: str | None = None  # INT8 range estimation; None: the quantizer's default
+    float_layers: tuple[str, ...] = ()  # INT8: layers (`bitdeploy.converters.layers`) to keep in float as well
     cache: bool = True  # False: neither read nor write tool caches (TensorRT's timing cache)
     cache_dir: Path | None = None  # where tool caches live; None: bitdeploy's cache root
     extras: TargetOptions | None = None  # the target's own options

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from bitdeploy.core.options import DEFAULT_MAX_DROP_PP, GateSpec
 from bitdeploy.runtimes import compare
 from bitdeploy.runtimes.manifest import GateResult
 
-DEFAULT_MAX_DROP_PP = 1.0
 # Without labels: allowed max |logit difference| / max(1, max |reference logit|), per precision.
 RANDOM_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-1, "int8": 2.5e-1}  # fp16 covers bf16 compute (OpenVINO CPU)
 RANDOM_SAMPLES = 32
@@ -103,21 +103,23 @@ def torch_logits(model: Any, data: EvalData, batch_size: int = 32) -> np.ndarray
 
 
 def gate(
-    logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, max_drop_pp: float = DEFAULT_MAX_DROP_PP
+    logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, spec: GateSpec | float = DEFAULT_MAX_DROP_PP
 ) -> GateResult:
-    """The manifest's `accuracy` record: passed when top-1 drops by at most `max_drop_pp` points."""
+    """The manifest's `accuracy` record: passed when it meets `spec` (a number: the top-1 drop allowed, in pp)."""
+    spec = spec if isinstance(spec, GateSpec) else GateSpec(max_drop_pp=float(spec))
     d = compare.logit_diff(logits, reference)
     top1 = compare.top1(logits, labels) if d.finite else 0.0
     ref_top1 = compare.top1(reference, labels)
     drop = (ref_top1 - top1) * 100.0
     return GateResult(
         kind="accuracy",
-        passed=bool(d.finite and drop <= max_drop_pp + 1e-9),
+        passed=bool(d.finite and spec.passes(drop, d.agreement)),
         **_diff_fields(d),
         top1=top1,
         reference_top1=ref_top1,
         top1_drop_pp=round(drop, 6),
-        max_accuracy_drop_pp=float(max_drop_pp),
+        max_accuracy_drop_pp=spec.drop_allowance,
+        min_agreement_pct=spec.min_agreement_pct,
     )
 
 

@@ -197,7 +197,12 @@ def _convert_float(lite: Any, sample: Any, path: Path) -> None:
 
 
 def _convert_int8(
-    lite: Any, float_types: tuple[type, ...], sample: Any, calibration: CalibrationData, path: Path
+    lite: Any,
+    float_types: tuple[type, ...],
+    sample: Any,
+    calibration: CalibrationData,
+    path: Path,
+    float_layers: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     import litert_torch
     import torch
@@ -210,11 +215,14 @@ def _convert_int8(
     # leave the graph as float32. Matched by class name and path: torch.export records module types as
     # qualified-name strings, which set_module_type does not match.
     float_names = tuple(t.__qualname__ for t in float_types)
+    float_paths = ("head.conv", *float_layers)  # module paths under BiTLite's `net`
 
     def quantize_node(node: Any) -> bool:
         stack = node.meta.get("nn_module_stack") or {}
         float_type = any(str(getattr(t, "__qualname__", t)).endswith(float_names) for _, t in stack.values())
-        return not float_type and not any(path.endswith("head.conv") for path, _ in stack.values())
+        return not float_type and not any(
+            path == p or path.endswith(f".{p}") for path, _ in stack.values() for p in float_paths
+        )
 
     class ConvOnlyQuantizer(pt2e_quantizer.PT2EQuantizer):  # type: ignore[misc]
         STATIC_OPS: ClassVar[list[str]] = [
@@ -246,6 +254,7 @@ def _convert_int8(
         "activations": "int8 per-tensor symmetric",
         "op_types": ["CONV_2D"],
         "float": ["stem conv", "GroupNorm", "residual add", "pooling", "head conv"],
+        "float_layers": ["root.conv", *float_paths],
         "samples": len(calibration),
     }
 
@@ -295,7 +304,8 @@ def convert(
             litert_torch = require("litert_torch", "litert-convert", "litert-torch")
             folded = rebuild_model(Path(onnx_fp32))
             res = _input_resolution(Path(onnx_fp32))
-            target, notes = _convert(folded, torch.zeros(2, 3, res, res), precision, calibration, tmp)
+            sample = torch.zeros(2, 3, res, res)
+            target, notes = _convert(folded, sample, precision, calibration, tmp, options.float_layers)
         if precision == "fp32":
             _check_fp32(folded, tmp / MODEL_FILE, res)
         os.replace(tmp / MODEL_FILE, work_dir / MODEL_FILE)
@@ -312,7 +322,12 @@ def convert(
 
 
 def _convert(
-    folded: Any, sample: Any, precision: str, calibration: CalibrationData | None, tmp: Path
+    folded: Any,
+    sample: Any,
+    precision: str,
+    calibration: CalibrationData | None,
+    tmp: Path,
+    float_layers: tuple[str, ...] = (),
 ) -> tuple[TargetInfo, list[str]]:
     """Write tmp/model.tflite; returns (the manifest's target record, notes)."""
     group_norm_type, bitlite, float_stem = _lite_modules()
@@ -329,8 +344,10 @@ def _convert(
         if precision == "int8":
             assert calibration is not None
             quantization = Quantization.from_dict(
-                _convert_int8(lite, (group_norm_type, float_stem), sample, calibration, out)
+                _convert_int8(lite, (group_norm_type, float_stem), sample, calibration, out, float_layers)
             )
+            if float_layers:
+                notes.append(f"kept in float by the INT8 search: {len(float_layers)} more layers")
             used = "int8 CONV_2D + fp32"
             notes.append(
                 "INT8 on the bottleneck convolutions (per-channel weights); the 3-channel stem, GroupNorm, residual adds, pooling and the head stay FP32"

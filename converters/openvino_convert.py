@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from bitdeploy.converters import layers
 from bitdeploy.converters.base import (
     Artifact,
     ConvertOptions,
@@ -31,6 +32,7 @@ from bitdeploy.runtimes.manifest import Quantization, TargetInfo
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
 DEFAULT_DEVICE = "CPU"
 INFERENCE_PRECISIONS = ("f32", "bf16", "f16")
+NATIVE = {"bf16": "x86 AVX-512 BF16 or AMX", "f16": "ARMv8.2 FP16, or a GPU"}  # where float layers run natively
 MODEL_XML = "model.xml"
 MODEL_BIN = "model.bin"
 # NNCF range estimators by --calib-method (NNCF's own default is mean_minmax for per-tensor activations).
@@ -167,21 +169,26 @@ def _residual_adds(model: Any) -> list[str]:
     ]
 
 
-def ignored_scope(model: Any, mode: str) -> tuple[Any, list[str]]:
+def ignored_scope(model: Any, mode: str, float_layers: Sequence[str] = ()) -> tuple[Any, list[str]]:
     """What NNCF must leave in float, as an IgnoredScope plus a note. docs/targets.md has the data.
 
     "norms-residual-head" (default): GroupNorm's statistics (MVN input), the residual Adds and the classifier
     head stay float; the convolutions' inputs and weights are INT8 (NNCF still quantizes the normalised tensor
     before GroupNorm's affine: keeping that float too cost 13 %). Measured as fast as NNCF's default placement
     (within noise) with lower logit error. "head": NNCF's placement except the head. "none": NNCF's defaults.
+    `float_layers` (the INT8 search's, `bitdeploy.converters.layers`) adds those convolutions to any mode.
     """
     import nncf
 
     if mode not in SCOPES:
         raise ConversionError(f"unknown OpenVINO INT8 float scope {mode!r}; choose one of: {', '.join(SCOPES)}")
+    convs = layers.node_names(
+        ((op.get_friendly_name(), op.get_type_name()) for op in model.get_ordered_ops()), float_layers
+    )
+    extra = [f"{len(convs)} searched layers"] if convs else []
     if mode == "none":
-        return None, []
-    names = _head_names(model)
+        return (nncf.IgnoredScope(names=convs), [f"kept in float: {extra[0]}"]) if convs else (None, [])
+    names = _head_names(model) + convs
     types: list[str] = []
     what = ["classifier head"]
     if mode == "norms-residual-head":
@@ -190,9 +197,16 @@ def ignored_scope(model: Any, mode: str) -> tuple[Any, list[str]]:
         adds = _residual_adds(model)
         names += adds
         what = ["GroupNorm", f"{len(adds)} residual Adds", "classifier head"]
+    what += extra
     if not names and not types:
         return None, ["no classifier head found to keep in float"]
     return nncf.IgnoredScope(names=names, types=types), [f"kept in float: {', '.join(what)}"]
+
+
+def float_conv_layers(scope: Any) -> list[str]:
+    """The convolutions an IgnoredScope keeps in float, as layer names."""
+    names = list(getattr(scope, "names", None) or [])
+    return list(dict.fromkeys(layers.layer_of(n) for n in names if layers.is_conv_name(n)))
 
 
 def quantize_int8(
@@ -206,7 +220,7 @@ def quantize_int8(
     ov_options = options.extras_for(OpenVinoOptions)
     calib = nncf_dataset(calibration)  # single images: NNCF feeds the model one item at a time
     scope_mode = DEFAULT_SCOPE
-    scope, notes = ignored_scope(model, scope_mode)
+    scope, notes = ignored_scope(model, scope_mode, options.float_layers)
     advanced = _range_estimator(options.calib_method)
     common: dict[str, Any] = {
         "preset": nncf.QuantizationPreset.PERFORMANCE,  # symmetric activations: no zero-point arithmetic
@@ -222,6 +236,7 @@ def quantize_int8(
         "method": options.calib_method or "mean_minmax",
         "samples": len(calibration),
         "float_scope": scope_mode,
+        "float_layers": float_conv_layers(scope),
         "accuracy_control": False,
     }
     if not ov_options.accuracy_control:
@@ -316,7 +331,8 @@ def convert(
     used = {"fp32": computed, "fp16": computed, "int8": f"int8+{computed}"}[precision]
     if computed not in (hint, "device-default"):
         raise ConversionError(
-            f"OpenVINO on {device} computes in {computed}, not the requested {hint} (this device has no {hint} arithmetic); build with --inference-precision f32"
+            f"OpenVINO on {device} computes in {computed}, not the requested {hint}: this CPU has no {hint} arithmetic "
+            f"({NATIVE.get(hint, 'none known')}); build with --inference-precision f32 or on such a CPU"
         )
     notes.append(
         f"float layers pinned to {hint} on every device" + (" (weights stored as f16)" if precision == "fp16" else "")

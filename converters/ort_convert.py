@@ -179,6 +179,7 @@ def convert(
             activation_type=chosen.activation_type,
             reduce_range=chosen.reduce_range,
             symmetric_activations=not _on_cpu(device),
+            float_layers=options.float_layers,
         )
         info = ort_quant.quantize_qdq(onnx_fp32, out, calibration, qdq)
         files = [MODEL_FILE]

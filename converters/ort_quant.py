@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bitdeploy.converters import layers
 from bitdeploy.converters.base import check_request
 from bitdeploy.converters.calibration import CalibrationData, ort_reader
 from bitdeploy.core.errors import ConversionError, first_line
@@ -115,6 +116,7 @@ class QdqOptions:
     method: str | None = "minmax"
     op_types: Sequence[str] = DEFAULT_OP_TYPES
     nodes_to_exclude: Sequence[str] = ()
+    float_layers: Sequence[str] = ()  # layer names (`bitdeploy.converters.layers`): their convs stay float
     activation_type: str = "int8"
     reduce_range: bool = False
     exclude_head: bool = False
@@ -149,6 +151,7 @@ def quantize_qdq(
             f"{onnx_in.name}: {len(unnamed)} nodes have no name, so Q/DQ placement cannot be controlled; re-export with `bitdeploy export`"
         )
     excluded = list(options.nodes_to_exclude)
+    excluded += layers.node_names(((n.name, n.op_type) for n in model.graph.node), options.float_layers)
     if options.exclude_head:
         excluded += [n for n in head_conv_names(model) if n not in excluded]
     targets = [n for n in model.graph.node if n.op_type in options.op_types and n.name not in excluded]
@@ -222,6 +225,7 @@ def quantize_qdq(
         "op_types": list(options.op_types),
         "quantized_nodes": n_q,
         "excluded_nodes": excluded,
+        "float_layers": list(dict.fromkeys(layers.layer_of(n) for n in excluded)),
         "float_op_types": float_ops,
         "bias": "int32" if options.quantize_bias else "float",
     }

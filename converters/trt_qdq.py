@@ -14,6 +14,7 @@ FP16 keeps InstanceNormalization and its variance in FP32 with casts around it a
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 
 from bitdeploy.converters.base import ConvertOptions, check_request
 from bitdeploy.converters.calibration import CalibrationData
+from bitdeploy.converters.layers import layer_of
 from bitdeploy.core.errors import ConversionError
 
 ONNX_NAME = "model.trt.onnx"
@@ -86,13 +88,16 @@ def norm_groups(graph: Any) -> list[list[Any]]:
     return groups
 
 
-def inspect_qdq(model: Any, head_in_float: bool = True) -> QdqReport:  # noqa: C901 - one pass over the nodes, one branch per QDQ pattern
+def inspect_qdq(  # noqa: C901 - one pass over the nodes, one branch per QDQ pattern
+    model: Any, head_in_float: bool = True, float_layers: Sequence[str] = ()
+) -> QdqReport:
     """Check a QDQ ONNX against TensorRT's explicit-quantization rules and bitdeploy's placement.
 
     Rules: every Q/DQ zero point is int8 0; activation scales are scalars (per-tensor, symmetric); weight DQs
     feeding a Conv are per-channel on axis 0 with one scale per output channel; no node of a GroupNorm
     decomposition reads a DQ output or feeds a Q; residual Adds neither read DQ outputs nor feed Qs; every body
-    Conv reads a DQ'd input and a DQ'd weight; the head Conv (the last one) does neither when `head_in_float`.
+    Conv reads a DQ'd input and a DQ'd weight; the head Conv (the last one) does neither when `head_in_float`,
+    nor does a conv of `float_layers` (the INT8 search's, `bitdeploy.converters.layers`).
     """
     graph = model.graph
     report = QdqReport()
@@ -128,6 +133,11 @@ def inspect_qdq(model: Any, head_in_float: bool = True) -> QdqReport:  # noqa: C
         if is_head and head_in_float:
             if x_q or w_q:
                 report.violations.append(f"{conv.name}: the classifier head is quantized; it must stay in float")
+            report.float_convs.append(conv.name)
+            continue
+        if layer_of(conv.name) in float_layers:  # its input may be a DQ shared with a quantized sibling conv
+            if w_q:
+                report.violations.append(f"{conv.name}: a layer kept in float by the INT8 search has INT8 weights")
             report.float_convs.append(conv.name)
             continue
         if x_q and w_q:
@@ -193,9 +203,10 @@ def build_qdq(
         exclude_head=True,
         quantize_bias=False,  # TensorRT fuses a float bias into the INT8 conv; an INT32 bias DQ is not needed
         quantize_outputs=False,
+        float_layers=options.float_layers,
     )
     info = ort_quant.quantize_qdq(onnx_fp32, out, calibration, qdq)
-    report = inspect_qdq(onnx.load(str(out), load_external_data=False))
+    report = inspect_qdq(onnx.load(str(out), load_external_data=False), float_layers=options.float_layers)
     if report.violations:
         raise ConversionError(
             f"the INT8 ONNX breaks TensorRT's Q/DQ rules ({report.violations[0]}; {len(report.violations)} in all); report this as a bug"

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bitdeploy.core.errors import BundleError
+from bitdeploy.runtimes.manifest_mix import Int8Mix
 from bitdeploy.runtimes.manifest_parse import bad, obj, rest
 from bitdeploy.runtimes.manifest_records import (
     BuildLatency,
@@ -50,6 +51,7 @@ __all__ = [
     "FineTune",
     "GateResult",
     "InputSpec",
+    "Int8Mix",
     "Manifest",
     "ModelInfo",
     "OutputSpec",
@@ -106,6 +108,7 @@ class Manifest:
     export: ExportInfo | None = None
     calibration: CalibrationInfo | None = None  # INT8 only
     build_latency: BuildLatency | None = None  # added after the seal (`bundle.amend_manifest`)
+    int8_mix: Int8Mix | None = None  # INT8 bundles the search made (`manifest_mix`)
     # The next two are device reports that other modules write and read by key, stored as they are: the build
     # host's fingerprint (`runtimes.fingerprint.host_fingerprint`, read by `device_class`), and one report per
     # emulated CPU of `build --verify-on` (added after the seal; its `emulated` part is the emulation guest's).
@@ -134,6 +137,7 @@ class Manifest:
         "export",
         "calibration",
         "build_latency",
+        "int8_mix",
         "validated_on",
         "verified_on",
         "self_test",
@@ -177,6 +181,7 @@ class Manifest:
             export=ExportInfo.from_dict(export) if export is not None else None,
             calibration=CalibrationInfo.from_dict(calibration) if calibration is not None else None,
             build_latency=BuildLatency.from_dict(latency) if latency is not None else None,
+            int8_mix=Int8Mix.from_dict(mix) if (mix := obj(data, "int8_mix")) is not None else None,
             validated_on=dict(validated_on) if validated_on is not None else None,
             verified_on=_verified_on(data.get("verified_on")),
             self_test=SelfTestSpec.from_dict(self_test) if self_test is not None else None,
@@ -206,6 +211,7 @@ class Manifest:
             "notes": list(self.notes),
             "provenance": None if self.provenance is None else self.provenance.to_dict(),
             "build_latency": None if self.build_latency is None else self.build_latency.to_dict(),
+            **({} if self.int8_mix is None else {"int8_mix": self.int8_mix.to_dict()}),
             "validated_on": None if self.validated_on is None else dict(self.validated_on),
             "verified_on": None if self.verified_on is None else [dict(v) for v in self.verified_on],
             "self_test": None if self.self_test is None else self.self_test.to_dict(),

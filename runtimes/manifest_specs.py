@@ -95,7 +95,8 @@ class GateResult:
     top1: float | None = None
     reference_top1: float | None = None
     top1_drop_pp: float | None = None
-    max_accuracy_drop_pp: float | None = None
+    max_accuracy_drop_pp: float | None = None  # None: only agreement gates
+    min_agreement_pct: float | None = None  # --min-agreement, when given
     dataset: str | None = None
     split: str | None = None
     # validation
@@ -128,6 +129,7 @@ class GateResult:
             reference_top1=figure("reference_top1"),
             top1_drop_pp=figure("top1_drop_pp"),
             max_accuracy_drop_pp=figure("max_accuracy_drop_pp"),
+            min_agreement_pct=figure("min_agreement_pct"),
             dataset=words("dataset"),
             split=words("split"),
             inputs=words("inputs"),
@@ -142,6 +144,8 @@ class GateResult:
         else:
             names = ["inputs", *common, "tolerance", "note"]
         out = {k: getattr(self, k) for k in names}
+        if self.min_agreement_pct is not None:
+            out["min_agreement_pct"] = self.min_agreement_pct
         if self.evaluated_with is not None:
             out["evaluated_with"] = self.evaluated_with
         return out

@@ -31,6 +31,10 @@ def check_options(opts: BuildOptions) -> list[tuple[Target, str, str | None]]:
             raise BitdeployError(
                 f"--calib-method {opts.calibration.calib_method!r} is not available for {t.title}; choose one of: {', '.join(t.calib_methods)}"
             )
+    if opts.gate.min_agreement is not None and opts.dataset is None:
+        raise BitdeployError(
+            "--min-agreement gates on the labelled validation split; pass --dataset (without one, bundles are compared on random inputs)"
+        )
     _check_target_options(opts, rows, single)
     if opts.selection.select and single and len(rows) < 2 and not opts.cell:
         raise BitdeployError(

@@ -14,6 +14,7 @@ from bitdeploy.converters.base import ConvertOptions, RowInputs, TargetOptions, 
 from bitdeploy.core.devices import find as find_cpus
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.core.options import (
+    DEFAULT_MAX_DROP_PP,
     CacheArgs,
     CalibrationArgs,
     EngineArgs,
@@ -135,7 +136,9 @@ def convert_options(
     """What the converter of (target, precision) is told: the shared options, and the target's own bound to the row."""
     own = opts.options_for(target)
     arches = tuple(dict.fromkeys(c.arch for c in find_cpus(opts.gate.verify_on))) if opts.gate.verify_on else ()
-    row = RowInputs(opts.gate.max_accuracy_drop, validation, opts.dataset, arches)
+    allowance = opts.gate.spec().drop_allowance  # None: agreement alone gates; accuracy control needs a drop
+    drop = allowance if allowance is not None else DEFAULT_MAX_DROP_PP
+    row = RowInputs(drop, validation, opts.dataset, arches)
     extras = own.for_row(precision, row) if own is not None else None
     method = opts.calibration.calib_method if opts.calibration.calib_method in target.calib_methods else None
     return ConvertOptions(

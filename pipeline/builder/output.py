@@ -49,6 +49,8 @@ class RowResult:
     cell: str | None = None  # a grid build's (model, resolution) cell, e.g. "m-r50x1-64"
     model: str | None = None
     resolution: int | None = None
+    search_line: str | None = None  # the INT8 search's one line, when it ran
+    float_precision: str = "fp32"  # what the float layers compute in (bf16/fp16: needs --verify-on to be selected)
 
     def __post_init__(self) -> None:
         given: object = self.status  # callers and old tests may pass the text a document holds
@@ -66,6 +68,12 @@ class RowResult:
     @property
     def valid(self) -> bool:
         return self.status.is_valid
+
+    @property
+    def device_checked(self) -> bool:
+        """Float layers pinned to bf16/fp16 compute what this host's CPU has: such a row is offered to --select
+        only after its self-test passed on --verify-on CPUs (a row in fp32 needs none)."""
+        return self.float_precision == "fp32" or (bool(self.devices) and self.passes_devices)
 
     @property
     def passes_devices(self) -> bool:
@@ -158,7 +166,7 @@ def option(row: RowResult) -> Option:
 
     return Option(
         row.name,
-        row.valid and row.passes_devices,
+        row.valid and row.passes_devices and row.device_checked,
         row.top1,
         row.timing.p50_ms,
         row.timing.p50_spread,
@@ -180,6 +188,8 @@ def select(rows: list[RowResult], criteria: Criteria) -> tuple[RowResult, str]:
     notes = f"; excluded by the accuracy gate: {', '.join(failed)}" if failed else ""
     elsewhere = [r.name for r in rows if r.valid and not r.passes_devices]
     notes += f"; excluded, failing on a --verify-on CPU: {', '.join(elsewhere)}" if elsewhere else ""
+    unchecked = [f"{r.name} ({r.float_precision})" for r in rows if r.valid and not r.devices and not r.device_checked]
+    notes += f"; excluded until --verify-on checks their float precision: {', '.join(unchecked)}" if unchecked else ""
     noisy = [
         r.name
         for r in (best, picked.runner_up.item if picked.runner_up else None)
@@ -246,10 +256,23 @@ def write_report(
     from bitdeploy.benchmarks.env import collect
     from bitdeploy.benchmarks.report_render import write_report as bench_report
     from bitdeploy.benchmarks.schema import new_document
+    from bitdeploy.core.errors import BitdeployError
+    from bitdeploy.runtimes.bundle import read_manifest
 
     env = collect(settings.get("threads"))
+    mixes: list[dict[str, Any]] = []  # {"name": row, **int8_mix} per INT8 search: the report's sensitivity plot
+    for r in rows:
+        try:
+            mix = read_manifest(Path(r.bundle)).int8_mix if r.bundle else None
+        except (BitdeployError, OSError):
+            mix = None  # an unreadable manifest: the report renders without its section
+        if mix is not None:
+            mixes.append({"name": r.name, **mix.to_dict()})
     doc = new_document(
-        bench_entries(rows, model, baseline, env), env, {"source": "bitdeploy build", **settings}, selected
+        bench_entries(rows, model, baseline, env),
+        env,
+        {"source": "bitdeploy build", **settings, **({"int8_mix": mixes} if mixes else {})},
+        selected,
     )
     summary = {
         "model": model,

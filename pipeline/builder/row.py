@@ -11,127 +11,24 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from bitdeploy.benchmarks.schema import FAILED_GATE, VALID, Status, Timing
-from bitdeploy.builder.context import BuildContext, BuildOptions, bundle_path, convert_options, quick_timing
-from bitdeploy.builder.output import RowResult, provenance
-from bitdeploy.converters.base import Artifact, ConvertOptions
-from bitdeploy.core.cache import StageCache, file_sha256, stage_key
+from bitdeploy.builder import int8_search
+from bitdeploy.builder.candidate import Evaluated, Timeable, try_candidate
+from bitdeploy.builder.context import BuildContext, BuildOptions, bundle_path, quick_timing
+from bitdeploy.builder.output import RowResult
+from bitdeploy.core.cache import StageCache
 from bitdeploy.core.errors import BitdeployError, ResourceError, first_line
 from bitdeploy.core.fsutil import copy_files
 from bitdeploy.core.resources import guarded
-from bitdeploy.core.targets import Target, load_converter, onnx_evaluator
+from bitdeploy.core.targets import Target
 from bitdeploy.runtimes import selftest
 from bitdeploy.runtimes.fingerprint import host_fingerprint
-from bitdeploy.runtimes.manifest import (
-    BuildLatency,
-    CalibrationInfo,
-    ExportInfo,
-    GateResult,
-    InputSpec,
-    Manifest,
-    SelfTestSpec,
-)
-
-EVAL_BATCH = 32
-
-
-def _cache_settings(options: ConvertOptions) -> dict[str, Any]:
-    """The options that change a conversion's result, for its cache key (data go in as digests)."""
-    keyed: dict[str, Any] = {
-        f.name: getattr(options, f.name) for f in fields(options) if f.name not in ("cache_dir", "extras")
-    }
-    if options.extras is not None:
-        keyed["extras"] = options.extras.cache_key()
-    return keyed
-
-
-def convert(
-    target: Target, precision: str, ctx: BuildContext, opts: BuildOptions, cache: StageCache
-) -> tuple[Path, Artifact]:
-    """Run (or reuse) the converter; returns (its work dir, Artifact)."""
-    options = convert_options(opts, target, precision, ctx.validation)
-    calib = ctx.calibration if precision == "int8" else None
-    inputs = {"onnx": file_sha256(ctx.onnx), "calibration": calib.sha256 if calib is not None else "none"}
-    key = stage_key(
-        f"convert-{target.name}-{precision}", inputs, {"converter": target.converter, **_cache_settings(options)}
-    )
-    fn = load_converter(target)
-
-    def step(work: Path) -> dict[str, Any]:
-        artifact: Artifact = fn(Path(ctx.onnx), work, precision, calib, options)
-        return artifact.to_dict()
-
-    if not target.cache_conversions:
-        stage_cache = StageCache(enabled=False)
-        work, meta, _ = stage_cache.run(
-            f"convert-{target.name}-{precision}", key, step, what=f"{target.title} {precision} conversion"
-        )
-        ctx.scratch.append(stage_cache)
-    else:
-        work, meta, _ = cache.run(
-            f"convert-{target.name}-{precision}", key, step, what=f"{target.title} {precision} conversion"
-        )
-    return work, Artifact.from_dict(meta)
-
-
-def evaluate(
-    artifact: Artifact, work: Path, manifest: Manifest, ctx: BuildContext, opts: BuildOptions, precision: str
-) -> tuple[GateResult, Timeable | None, dict[str, Any], np.ndarray]:
-    """(the gate's result, how to time the bundle or None when its own runtime cannot run here, what ran, the
-    artifact's logits) for the artifact."""
-    from bitdeploy.converters import gate
-    from bitdeploy.runtimes.base import backend_available, open_backend
-
-    backend_name, model_file, evaluated = artifact.backend, artifact.model_file, "artifact"
-    if not backend_available(backend_name) and artifact.eval_model_file:
-        backend_name, model_file, evaluated = (
-            onnx_evaluator().backend,
-            artifact.eval_model_file,
-            f"{artifact.eval_model_file} on {onnx_evaluator().title} CPU",
-        )
-    device = (artifact.target.device or opts.engine.device) if backend_name == artifact.backend else "cpu"
-    backend = open_backend(backend_name, work / model_file, manifest, device=device, threads=opts.engine.threads)
-    try:
-        logits = gate.run_logits(backend.infer, ctx.data, EVAL_BATCH)
-        if ctx.dataset is not None and ctx.label_ids is not None:
-            result = gate.gate(logits, ctx.reference, ctx.label_ids, opts.gate.max_accuracy_drop)
-            result = replace(result, dataset=ctx.dataset, split="val")
-        else:
-            result = gate.validate_unlabelled(logits, ctx.reference, precision, ctx.data.source)
-        ran = evaluated if evaluated != "artifact" else f"{backend_name} ({backend.describe().get('device')})"
-        result = replace(result, evaluated_with=ran)
-        described = backend.describe()
-    finally:
-        backend.close()
-    return result, Timeable(device, ctx.resolution) if evaluated == "artifact" else None, described, logits
-
-
-def draft_manifest(artifact: Artifact, ctx: BuildContext, precision: str) -> Manifest:
-    """The row's manifest before the gate: invalid until `build_row` records the result."""
-    from bitdeploy.runtimes.preprocess import input_spec
-
-    calib = ctx.calibration if precision == "int8" else None
-    quantization = artifact.target.quantization
-    method = quantization.method if quantization is not None else None
-    return Manifest(
-        valid=False,
-        invalid_reason="not validated yet",
-        model=ctx.model_info,
-        target=replace(artifact.target, precision=precision),
-        model_file=artifact.model_file,
-        input=input_spec(ctx.resolution),
-        labels=list(ctx.labels),
-        export=ExportInfo.from_dict(ctx.export),
-        calibration=CalibrationInfo.from_dict(calib.manifest(method)) if calib is not None else None,
-        notes=list(artifact.notes),
-        provenance=provenance(),
-    )
+from bitdeploy.runtimes.manifest import BuildLatency, GateResult, InputSpec, Manifest, SelfTestSpec
 
 
 def build_row(
@@ -149,11 +46,14 @@ def build_row(
 
     log(f"[{row.name}] converting with {target.title}")
     try:
-        work, artifact = convert(target, precision, ctx, opts, cache)
-        manifest = draft_manifest(artifact, ctx, precision)
-        log(f"[{row.name}] evaluating")
-        with guarded(Path(opts.out), "pass --out DIR", f"{row.name} evaluation", "evaluate"):
-            result, timeable, described, logits = evaluate(artifact, work, manifest, ctx, opts, precision)
+        found = try_candidate(target, precision, ctx, opts, cache)
+        mix = None
+        if _searches(found, precision, opts):
+            outcome = int8_search.Search(row.name, target, ctx, opts, cache, found, log).run()
+            mix, row.search_line = outcome.record, outcome.line
+            log(f"[search] {outcome.line}")
+            found = outcome.chosen or found
+        result, artifact = found.result, found.artifact
         if result.top1 is not None and result.reference_top1 is not None:
             row.top1, row.reference_top1 = result.top1, result.reference_top1
             row.delta_pp = (result.top1 - result.reference_top1) * 100.0
@@ -162,25 +62,27 @@ def build_row(
             what = f"no dataset: max |logit diff| {result.max_abs_logit_diff} vs FP32 on random inputs (tolerance {result.tolerance or 0:.3g})"
         row.accuracy = result.to_dict()
         row.precision_used = artifact.target.precision_used
-        row.device = str(described.get("device") or artifact.target.device or "")
+        row.device = str(found.described.get("device") or artifact.target.device or "")
         row.notes = list(artifact.notes)
+        row.float_precision = int8_search.float_precision(artifact)
         path = bundle_path(opts, ctx.row_count, row.bundle_name)
         manifest = replace(
-            manifest,
+            found.manifest,
             valid=result.passed,
-            invalid_reason=None if result.passed else _invalid_reason(result, opts),
+            invalid_reason=None if result.passed else _invalid_reason(result, opts, row.search_line),
             gate=result,
+            int8_mix=mix,
             validated_on={**host_fingerprint(), "evaluated_with": result.evaluated_with},
         )
         with guarded(path.parent, "pass --out DIR", f"{row.name} bundle"), bundle_writer(path) as tmp:
-            copy_files(work, tmp, artifact.files)
-            manifest = replace(manifest, self_test=_write_golden(tmp, ctx, logits, precision, manifest.input))
+            copy_files(found.work, tmp, artifact.files)
+            manifest = replace(manifest, self_test=_write_golden(tmp, ctx, found.logits, precision, manifest.input))
             write_manifest(tmp, manifest, [*artifact.files, selftest.GOLDEN_FILE])
         row.bundle = str(path)
         row.size_mb = sum((path / f).stat().st_size for f in artifact.files) / 1e6
         row.status = VALID if result.passed else FAILED_GATE
         log(f"[{row.name}] {what}; {'valid' if result.passed else 'FAILED the gate'}; bundle {path}")
-        return timeable
+        return found.timeable
     except BitdeployError as exc:
         if isinstance(exc, ResourceError) and exc.kind != "memory":
             raise  # a full, read-only or failing disk fails every row alike: stop the build with its fix
@@ -221,20 +123,19 @@ def _write_golden(
     )
 
 
-def _invalid_reason(result: GateResult, opts: BuildOptions) -> str:
+def _searches(found: Evaluated, precision: str, opts: BuildOptions) -> bool:
+    """Whether a row's uniform INT8 failed a labelled gate that the INT8 search may make it pass."""
+    r = found.result
+    return precision == "int8" and not r.passed and r.is_accuracy and opts.gate.int8_fallback == "auto"
+
+
+def _invalid_reason(result: GateResult, opts: BuildOptions, search: str | None = None) -> str:
     if result.top1_drop_pp is not None:
-        return f"accuracy gate: top-1 dropped {result.top1_drop_pp:.2f} pp vs FP32 PyTorch (allowed {opts.gate.max_accuracy_drop:g} pp)"
+        why = f"accuracy gate vs FP32 PyTorch: {opts.gate.spec().shortfall(result.top1_drop_pp, result.agreement)}"
+        return f"{why}; {search}" if search else why
     return (
         f"validation: max |logit diff| {result.max_abs_logit_diff} vs FP32 PyTorch exceeds {result.tolerance or 0:.3g}"
     )
-
-
-@dataclass(frozen=True)
-class Timeable:
-    """A built bundle whose own runtime runs here: the device it was evaluated on, to time it there."""
-
-    device: str | None
-    resolution: int
 
 
 def time_rows(todo: list[tuple[RowResult, Timeable]], opts: BuildOptions, log: Callable[[str], None]) -> None:

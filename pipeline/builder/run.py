@@ -138,6 +138,9 @@ def finish(
         except SelectionError as exc:
             unmet = str(exc)
     show(build_output.table(rows))
+    for r in rows:
+        if r.search_line:
+            show(f"int8 search: {r.search_line}")
     if selected:
         show(f"selected: {selected['reason']}")
     _check_quiet(opts, rows, log)
@@ -147,7 +150,8 @@ def finish(
         try:
             settings = {
                 "threads": opts.engine.threads,
-                "max_accuracy_drop_pp": opts.gate.max_accuracy_drop,
+                "max_accuracy_drop_pp": opts.gate.spec().drop_allowance,
+                "min_agreement_pct": opts.gate.min_agreement,
                 "iterations": opts.timing.bench_iterations,
                 "warmup": 10,
                 "batch_sizes": list(BUILD_BATCH_SIZES),
@@ -195,7 +199,9 @@ def _check_quiet(opts: BuildOptions, rows: list[RowResult], log: Callable[[str],
 
 def status_line(rows: list[RowResult], seconds: float, hits: list[str]) -> str:
     """The build's last line: `done` only when every row that ran is valid, else which rows failed."""
-    cached = f" (cache hits: {', '.join(hits)})" if hits else ""
+    counts = {h: hits.count(h) for h in dict.fromkeys(hits)}
+    hit_names = [f"{h} x{n}" if n > 1 else h for h, n in counts.items()]
+    cached = f" (cache hits: {', '.join(hit_names)})" if hits else ""
     failed = [r for r in rows if not r.valid and not r.status.is_skipped]
     if not failed:
         return f"done in {seconds:.1f} s{cached}"
@@ -217,13 +223,15 @@ def _raise_for_failures(opts: BuildOptions, rows: list[RowResult], grid: bool = 
     if first.status.is_failed_gate:
         acc = first.accuracy or {}
         what = (
-            f"top-1 dropped {acc.get('top1_drop_pp', 0):.2f} pp (allowed {opts.gate.max_accuracy_drop:g})"
+            opts.gate.spec().shortfall(acc.get("top1_drop_pp"), acc.get("agreement"))
             if acc.get("top1_drop_pp") is not None
             else "outputs differ from the FP32 reference beyond tolerance"
         )
         own = opts.options_for(get_target(first.target))
         hint = own.gate_hint(first.precision) if own is not None else None
         fix = f"; {hint}" if hint else "; raise --max-accuracy-drop or calibrate with more images (--calib-size)"
+        if first.search_line:  # the search ran and found nothing: say what it found best
+            fix = f"; INT8 search: {first.search_line.removeprefix(f'{first.name}: ')}"
         raise AccuracyGateError(
             f"{first.name} failed the accuracy gate: {what}; bundle {first.bundle} is marked invalid{fix}"
         )

@@ -231,6 +231,10 @@ def summary_rows(m: Manifest, root: Path, is_pack: bool, checksums: str) -> list
     if m.calibration is not None:
         cal = m.calibration.to_dict().items()
         rows.append(("calibration", ", ".join(f"{k} {v}" for k, v in cal if k != "sha256")))
+    if m.int8_mix is not None:
+        from bitdeploy.runtimes.mix_text import inspect_rows
+
+        rows.extend(inspect_rows(m.int8_mix))
     prov = m.provenance or Provenance()
     versions = ", ".join(f"{k} {v}" for k, v in prov.versions.items())
     rows.append(

@@ -194,9 +194,35 @@ GATE = Group(
         flag(
             "--max-accuracy-drop",
             type=click.FloatRange(min=0),
-            default=1.0,
+            default=None,
+            metavar="PP",
+            help="Largest top-1 drop vs the FP32 PyTorch model, in percentage points, for a bundle to be valid "
+            "[default: 1; none when --min-agreement is given alone].",
+        ),
+        flag(
+            "--min-agreement",
+            type=click.FloatRange(0, 100, min_open=True),
+            default=None,
+            metavar="PCT",
+            help="Smallest top-1 agreement with the FP32 model on the validation split, in percent (e.g. 99: "
+            "MLPerf's 99 % of FP32); alone or with --max-accuracy-drop.",
+        ),
+        flag(
+            "--int8-fallback",
+            type=click.Choice(["auto", "none"]),
+            default="auto",
             show_default=True,
-            help="Largest top-1 drop vs the FP32 PyTorch model, in percentage points, for a bundle to be valid.",
+            help="When uniform INT8 fails the gate: auto keeps the most sensitive layers in float until it passes, "
+            "then keeps the fastest passing mix (never slower than FP32); none leaves it invalid.",
+        ),
+        flag(
+            "--int8-search-budget",
+            type=click.IntRange(min=2),
+            default=24,
+            show_default=True,
+            metavar="N",
+            help="Most conversions + evaluations that search spends per engine (each cached); a smaller budget "
+            "searches coarser groups (units, then blocks).",
         ),
         flag(
             "--eval-limit",

@@ -71,17 +71,75 @@ class CalibrationArgs:
             raise BitdeployError(f"--calib-size must be >= 1 (got {self.calib_size}); the default is 300")
 
 
+INT8_FALLBACKS = ("auto", "none")
+DEFAULT_MAX_DROP_PP = 1.0
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """What a bundle must meet on the labelled split: a top-1 drop of at most `max_drop_pp` percentage points
+    and/or a top-1 agreement with FP32 of at least `min_agreement_pct` percent (MLPerf's "99 % of FP32" style).
+    Neither given: the default drop allowance."""
+
+    max_drop_pp: float | None = None
+    min_agreement_pct: float | None = None
+
+    @property
+    def drop_allowance(self) -> float | None:
+        """The top-1 drop allowed, in pp (None: only agreement gates)."""
+        if self.max_drop_pp is None and self.min_agreement_pct is None:
+            return DEFAULT_MAX_DROP_PP
+        return self.max_drop_pp
+
+    def passes(self, drop_pp: float, agreement: float | None) -> bool:
+        allowance = self.drop_allowance
+        if allowance is not None and drop_pp > allowance + 1e-9:
+            return False
+        return self.min_agreement_pct is None or (agreement or 0.0) * 100.0 >= self.min_agreement_pct - 1e-9
+
+    def describe(self) -> str:
+        """ "top-1 drop <= 1 pp and agreement >= 99.5 %"."""
+        parts = [f"top-1 drop <= {self.drop_allowance:g} pp"] if self.drop_allowance is not None else []
+        if self.min_agreement_pct is not None:
+            parts.append(f"agreement >= {self.min_agreement_pct:g} %")
+        return " and ".join(parts)
+
+    def shortfall(self, drop_pp: float | None, agreement: float | None) -> str:
+        """What a failed result missed, for the bundle's invalid reason."""
+        missed = []
+        allowance = self.drop_allowance
+        if allowance is not None and (drop_pp or 0.0) > allowance + 1e-9:
+            missed.append(f"top-1 dropped {drop_pp or 0:.2f} pp (allowed {allowance:g} pp)")
+        if self.min_agreement_pct is not None and (agreement or 0.0) * 100 < self.min_agreement_pct - 1e-9:
+            missed.append(f"agreement {(agreement or 0) * 100:.2f} % (needed {self.min_agreement_pct:g} %)")
+        return "; ".join(missed) or "the logits are not finite"
+
+
 @dataclass(frozen=True)
 class GateArgs:
     """When a bundle is valid: its top-1 drop against FP32 here, then its self-test on each --verify-on CPU."""
 
-    max_accuracy_drop: float = 1.0  # percentage points
+    max_accuracy_drop: float | None = None  # percentage points; None: 1.0 unless --min-agreement gates alone
+    min_agreement: float | None = None  # percent of top-1 agreement with FP32
     eval_limit: int | None = None
     verify_on: str | None = None  # CPU[,CPU...] (bitdeploy devices)
+    int8_fallback: str = "auto"  # auto: search the fastest INT8/float mix that passes | none
+    int8_search_budget: int = 24  # conversions + evaluations the search may spend per engine
+
+    def spec(self) -> GateSpec:
+        return GateSpec(self.max_accuracy_drop, self.min_agreement)
 
     def validate(self) -> None:
-        if self.max_accuracy_drop < 0:
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise BitdeployError(f"--max-accuracy-drop must be >= 0 percentage points (got {self.max_accuracy_drop})")
+        if self.min_agreement is not None and not 0 < self.min_agreement <= 100:
+            raise BitdeployError(f"--min-agreement is a percentage in (0, 100] (got {self.min_agreement})")
+        if self.int8_fallback not in INT8_FALLBACKS:
+            raise BitdeployError(
+                f"--int8-fallback must be one of {', '.join(INT8_FALLBACKS)} (got {self.int8_fallback!r})"
+            )
+        if self.int8_search_budget < 2:
+            raise BitdeployError(f"--int8-search-budget must be >= 2 evaluations (got {self.int8_search_budget})")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise BitdeployError(f"--eval-limit must be >= 1 (got {self.eval_limit})")
 

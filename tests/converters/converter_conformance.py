@@ -103,7 +103,7 @@ def watched_convert(case: ConverterCase, sandbox: Path, precision: str, calibrat
 
 def stage_key(target: targets.Target, onnx: Path, precision: str, extras: TargetOptions | None) -> str:
     """The key the build gives this conversion in the stage cache (bitdeploy.builder.row.convert)."""
-    from bitdeploy.builder.row import _cache_settings
+    from bitdeploy.builder.candidate import _cache_settings
     from bitdeploy.core.cache import file_sha256
     from bitdeploy.core.cache import stage_key as key
 

@@ -108,3 +108,26 @@ def test_a_foreign_onnx_is_refused(tmp_path: Path) -> None:
     onnx.save(helper.make_model(graph), str(tmp_path / "relu.onnx"))
     with pytest.raises(ConversionError, match="not a bitdeploy BiT export"):
         litert_convert.convert(tmp_path / "relu.onnx", tmp_path, "fp32", None, ConvertOptions())
+
+
+def test_int8_search_float_layers_stay_float(tmp_path: Path) -> None:
+    """The INT8 search's float layers reach LiteRT through the PT2E annotation filter: their weights stay float."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    td = tiny_digits()
+    calib = cal.from_image_set(td.train, RESOLUTION, size=16)
+
+    def int8_weights(work: Path, keep: tuple[str, ...]) -> tuple[int, Any]:
+        work.mkdir()
+        artifact = litert_convert.convert(td.onnx, work, "int8", calib, ConvertOptions(float_layers=keep))
+        it = Interpreter(str(work / "model.tflite"))
+        dtypes = {t["index"]: t["dtype"] for t in it.get_tensor_details()}
+        convs = [op for op in it._get_ops_details() if op["op_name"] == "CONV_2D"]  # no public op listing
+        return sum(1 for op in convs if dtypes.get(op["inputs"][1]) == np.int8), artifact
+
+    keep = ("body.block2.unit01.conv2", "body.block4.unit01.downsample")
+    uniform, _ = int8_weights(tmp_path / "uniform", ())
+    mixed, artifact = int8_weights(tmp_path / "mixed", keep)
+    assert mixed == uniform - len(keep) and uniform >= 10  # the body convs (stem, head, GroupNorm's stay float)
+    quantization = artifact.target.quantization
+    assert quantization is not None and set(keep) <= set(quantization.details["float_layers"])

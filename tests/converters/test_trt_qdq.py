@@ -190,3 +190,19 @@ def test_fp32_is_copied_and_int8_needs_calibration(tiny: TinyDigits, tmp_path: P
     assert (tmp_path / name).read_bytes() == tiny.onnx.read_bytes() and info["format"] == "fp32"
     with pytest.raises(ConversionError, match=r"int8 needs calibration images; pass --dataset"):
         trt_qdq.prepare_onnx(tiny.onnx, tmp_path / "x", "int8", None, ConvertOptions())
+
+
+def test_searched_float_layers_stay_float_in_the_tensorrt_onnx(
+    tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path: Path
+) -> None:
+    """The INT8 search's float layers reach TensorRT as Q/DQ placement: those convs get no Q/DQ, the rules hold."""
+    keep = ("body.block1.unit01.conv2", "body.block3.unit01.downsample")
+    name, info = trt_qdq.prepare_onnx(tiny.onnx, tmp_path, "int8", calibration, ConvertOptions(float_layers=keep))
+    model = onnx.load(str(tmp_path / name))
+    report = trt_qdq.inspect_qdq(model, float_layers=keep)
+    assert report.violations == []
+    assert len(trt_qdq.inspect_qdq(model).violations) == 2  # unasked-for float convs are still caught
+    assert sorted(report.float_convs) == sorted(
+        ["/head/conv/Conv", "/body/block1/unit01/conv2/Conv", "/body/block3/unit01/downsample/Conv"]
+    )
+    assert set(keep) <= set(info["float_layers"]) and "head.conv" in info["float_layers"]

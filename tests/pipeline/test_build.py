@@ -22,6 +22,7 @@ import pytest
 
 from bitdeploy.cli import main
 from bitdeploy.core.targets import TARGETS, Target, unavailable_reason
+from tests.pipeline.tiny_args import TINY_GATE_PP, base_args
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -60,34 +61,6 @@ def run(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
 
 def manifest(bundle: Path) -> dict[str, Any]:
     return json.loads((bundle / "manifest.json").read_text())
-
-
-# The tiny model's head is a ridge fit on random features: its top-2 logits sit so close that INT8 noise flips
-# 1-3 of the 120 images (0.8-2.5 pp) whichever scheme is used. A 3 pp gate keeps these pipeline tests about the
-# pipeline; INT8 accuracy on a trained BiT is measured by `benchmarks/experiments/int8_cpu_classes.py`
-# (docs/targets.md).
-TINY_GATE_PP = "3"
-
-
-def base_args(ckpt: Path, out: Path, *more: str) -> list[str]:
-    return [
-        "--model",
-        "tiny",
-        "--weights",
-        str(ckpt),
-        "--dataset",
-        "digits",
-        "--out",
-        str(out),
-        "--calib-size",
-        "32",
-        "--eval-limit",
-        "120",
-        "--no-report",
-        "--max-accuracy-drop",
-        TINY_GATE_PP,
-        *more,
-    ]
 
 
 def test_no_dataset_fp32_bundle_validated_on_random_inputs(

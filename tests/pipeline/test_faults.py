@@ -108,9 +108,9 @@ def _fail_converter(precision: str) -> Patch:
     """The real converter runs, then its last write fails: what is half-written is the cache entry's temp dir."""
 
     def install(mp: pytest.MonkeyPatch, out: Path, cache: Path) -> None:
-        from bitdeploy.builder import row as build_row
+        from bitdeploy.builder import candidate as build_candidate
 
-        real_load = build_row.load_converter
+        real_load = build_candidate.load_converter
 
         def load(target: Any) -> Any:
             real = real_load(target)
@@ -123,7 +123,7 @@ def _fail_converter(precision: str) -> Patch:
 
             return convert
 
-        mp.setattr(build_row, "load_converter", load)
+        mp.setattr(build_candidate, "load_converter", load)
 
     return install
 

@@ -43,7 +43,7 @@ def test_gate_bench_and_self_test_report_the_same_figures(tmp_path: Path) -> Non
     reference = rng.standard_normal((16, 5)).astype(np.float32)
     logits = reference + rng.normal(0, 0.3, reference.shape).astype(np.float32)
     labels = rng.integers(0, 5, 16)
-    result = gate.gate(logits, reference, labels, max_drop_pp=100)
+    result = gate.gate(logits, reference, labels, 100)
     bench = bench_accuracy.agreement(logits, reference)
     spec = selftest.write(
         tmp_path, rng.uniform(-1, 1, (16, 3, 2, 2)).astype(np.float32), reference, labels, logits, "fp32"
