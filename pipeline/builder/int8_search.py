@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from bitdeploy.benchmarks.schema import Timing
 from bitdeploy.builder.candidate import Evaluated, try_candidate
 from bitdeploy.builder.context import BuildContext, BuildOptions
 from bitdeploy.converters import layers
@@ -57,12 +58,13 @@ class Search:
         self.uniform, self.log = uniform, log
         self.budget = opts.gate.int8_search_budget
         self.evaluations = 0
+        self.planned = self.budget  # the evaluations the search expects, for the ETA (set by `run`)
         self.seconds: list[float] = []
         self.started = time.perf_counter()
         self.seen: dict[tuple[str, ...], Evaluated] = {(): uniform}
 
     # -- evaluation ---------------------------------------------------------------------------------------------
-    def evaluate(self, float_layers: tuple[str, ...], what: str, planned: int) -> Evaluated:
+    def evaluate(self, float_layers: tuple[str, ...], what: str) -> Evaluated:
         key = tuple(sorted(float_layers))
         if key in self.seen:
             return self.seen[key]
@@ -71,11 +73,11 @@ class Search:
         self.seconds.append(time.perf_counter() - began)
         self.evaluations += 1
         self.seen[key] = found
-        left = max(0, planned - self.evaluations)
+        left = max(0, self.planned - self.evaluations)
         eta = left * sum(self.seconds) / len(self.seconds)
         r = found.result
         self.log(
-            f"[{self.row_name}] search {self.evaluations}/{planned}: {what}: agreement {(r.agreement or 0) * 100:.1f}%, "
+            f"[{self.row_name}] search {self.evaluations}/{self.planned}: {what}: agreement {(r.agreement or 0) * 100:.1f}%, "
             f"top-1 {(r.top1 or 0) * 100:.2f}%{' (passes)' if r.passed else ''}; ETA {eta:.0f} s"
         )
         return found
@@ -84,7 +86,7 @@ class Search:
         quantized = self.quantized_layers()
         granularity = layers.finest(quantized, self.budget)
         groups = layers.groups(quantized, granularity)
-        planned = min(self.budget, layers.search_cost(len(groups)))
+        self.planned = min(self.budget, layers.search_cost(len(groups)))
         record = Int8Mix(
             engine=self.target.backend,
             gate=self.opts.gate.spec().describe(),
@@ -100,10 +102,10 @@ class Search:
             f"[{self.row_name}] uniform INT8 fails the gate ({record.gate}): searching {len(groups)} "
             f"{granularity} groups of {len(quantized)} quantized layers (budget {self.budget} evaluations)"
         )
-        singles = self.sensitivity(groups, planned)
+        singles = self.sensitivity(groups)
         ranked = sorted(groups, key=lambda g: _cost(singles.get(g.name), self.uniform), reverse=True)
         record = replace(record, sensitivity=self.costs(ranked, singles))
-        mixes = self.bisect(ranked, planned)
+        mixes = self.bisect(ranked)
         mixes += [Mix(g.name, 1, singles[g.name]) for g in groups if g.name in singles]
         passing = sorted((m for m in mixes if m.found.result.passed), key=lambda m: len(m.found.float_layers))
         passing = list({m.found.float_layers: m for m in passing}.values())  # a mix reached both ways, once
@@ -120,28 +122,28 @@ class Search:
         kept = set((q.details.get("float_layers") or []) if q is not None else [])
         return [name for name in layers.conv_layers(self.ctx.onnx) if name not in kept]
 
-    def sensitivity(self, groups: list[layers.Group], planned: int) -> dict[str, Evaluated]:
+    def sensitivity(self, groups: list[layers.Group]) -> dict[str, Evaluated]:
         """Each group with only it in float (while the budget leaves two evaluations for the bisection)."""
         out: dict[str, Evaluated] = {}
         for g in groups:
             if self.evaluations >= self.budget - 2:
                 break
-            out[g.name] = self.evaluate(g.layers, f"{g.name} in float", planned)
+            out[g.name] = self.evaluate(g.layers, f"{g.name} in float")
         return out
 
-    def bisect(self, ranked: list[layers.Group], planned: int) -> list[Mix]:
+    def bisect(self, ranked: list[layers.Group]) -> list[Mix]:
         """The smallest k whose k most sensitive groups in float pass (1 <= k < groups); every mix tried."""
         tried: list[Mix] = []
 
         def passes(k: int) -> bool:
             float_layers = tuple(name for g in ranked[:k] for name in g.layers)
-            found = self.evaluate(float_layers, f"{k} most sensitive groups in float", planned)
+            found = self.evaluate(float_layers, f"{k} most sensitive groups in float")
             tried.append(Mix(f"{k} most sensitive group{'s' if k > 1 else ''}", k, found))
             return found.result.passed
 
         lo, hi = 0, len(ranked) - 1
         if not passes(hi):
-            return tried + self.one_int8_group(ranked, planned)
+            return tried + self.one_int8_group(ranked)
         while hi - lo > 1 and self.evaluations < self.budget:
             mid = (lo + hi) // 2
             if passes(mid):
@@ -150,7 +152,7 @@ class Search:
                 lo = mid
         return tried
 
-    def one_int8_group(self, ranked: list[layers.Group], planned: int) -> list[Mix]:
+    def one_int8_group(self, ranked: list[layers.Group]) -> list[Mix]:
         """When even the least sensitive group alone in INT8 fails (accuracy need not rise as layers go float),
         the budget left tries each other group as the one in INT8, least sensitive first, until one passes."""
         tried: list[Mix] = []
@@ -158,7 +160,7 @@ class Search:
             if self.evaluations >= self.budget:
                 break
             float_layers = tuple(name for other in ranked if other is not g for name in other.layers)
-            found = self.evaluate(float_layers, f"all but {g.name} in float", planned)
+            found = self.evaluate(float_layers, f"all but {g.name} in float")
             tried.append(Mix(f"all but {g.name}", len(ranked) - 1, found))
             if found.result.passed:
                 break
@@ -197,7 +199,8 @@ class Search:
         finally:
             for _, backend in opened:
                 backend.close()
-        return {name: (r.get("p50_ms"), _pair(r.get("p50_spread"))) for (name, _), r in zip(opened, results)}
+        timings = [(name, Timing.from_quick(r)) for (name, _), r in zip(opened, results)]
+        return {name: (t.p50_ms, t.p50_spread) for name, t in timings}
 
     def choose(self, record: Int8Mix, mixes: list[Mix], passing: list[Mix], timed: dict[str, Any]) -> SearchOutcome:
         """The fastest passing mix (by p50), if it is faster than FP32 in every round: its p50 below the fastest
@@ -325,10 +328,6 @@ def _candidate(m: Mix, timed: dict[str, Any], chosen: bool = False) -> Candidate
         p50_spread=spread,
         chosen=int(chosen),
     )
-
-
-def _pair(spread: Any) -> tuple[float, ...] | None:
-    return tuple(float(v) for v in spread) if spread else None
 
 
 def float_precision(artifact: Artifact) -> str:
