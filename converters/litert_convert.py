@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import replace
@@ -31,6 +29,7 @@ import numpy as np
 from bitdeploy.converters.base import Artifact, ConvertOptions, check_request
 from bitdeploy.converters.calibration import CalibrationData
 from bitdeploy.core.errors import ConversionError, first_line, require
+from bitdeploy.core.fsutil import temp_dir
 from bitdeploy.core.targets import converter_record
 from bitdeploy.runtimes.manifest import Manifest, Quantization, TargetInfo
 
@@ -297,8 +296,7 @@ def convert(
     if device != "cpu":
         raise ConversionError(f"--device {device!r} is not a LiteRT device here; use --device cpu (XNNPACK)")
     work_dir = Path(work_dir)
-    tmp = Path(tempfile.mkdtemp(dir=work_dir, prefix=".litert-"))
-    try:
+    with temp_dir(work_dir, ".litert-") as tmp:
         with _quiet(bool(os.environ.get(LOG_ENV))):
             torch = require("torch", "train")
             litert_torch = require("litert_torch", "litert-convert", "litert-torch")
@@ -309,8 +307,6 @@ def convert(
         if precision == "fp32":
             _check_fp32(folded, tmp / MODEL_FILE, res)
         os.replace(tmp / MODEL_FILE, work_dir / MODEL_FILE)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     target = replace(
         target,
         details={

@@ -10,8 +10,6 @@ root's zero Pad + MaxPool(pad 0) (MaxPool's own padding is -inf), conv weights a
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from bitdeploy.core.errors import ConversionError, first_line, require
+from bitdeploy.core.fsutil import temp_dir
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -255,8 +254,7 @@ def export_onnx(
     x = rng.uniform(-1.0, 1.0, size=(check_batch, 3, resolution, resolution)).astype(np.float32)
     reference = _reference(model, x)
 
-    tmp_dir = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with temp_dir(out.parent, f".{out.name}.") as tmp_dir:
         raw_path = tmp_dir / "raw" / "model.onnx"
         raw_path.parent.mkdir()
         torch_export(folded, resolution, raw_path, opset)
@@ -297,8 +295,6 @@ def export_onnx(
                 f"simplification or batching changed the result (by {max(slim_diff, batch_diff):.3g}); rerun with --debug and report it"
             )
         files = _publish(tmp_model, out, external)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
 
     from bitdeploy.training.download import sha256_file
 

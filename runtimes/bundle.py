@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -22,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bitdeploy.core.errors import BundleError
-from bitdeploy.core.fsutil import remove_stale_temps, replace_dir, sha256_file
+from bitdeploy.core.fsutil import remove_stale_temps, replace_dir, sha256_file, temp_dir
 from bitdeploy.runtimes.manifest import FORMAT_VERSION, Manifest, check_format
 
 MANIFEST = "manifest.json"
@@ -91,15 +89,11 @@ def bundle_writer(out: str | os.PathLike[str]) -> Iterator[Path]:
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise BundleError(f"{out}: directory exists and is not a bundle; choose an empty or new --out")
     remove_stale_temps(out.parent, f".{out.name}.tmp-")  # a build killed (-9) while writing this bundle
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    try:
+    with temp_dir(out.parent, f".{out.name}.tmp-{os.getpid()}-") as tmp:
         yield tmp
         if not (tmp / MANIFEST).is_file():
             raise BundleError(f"{out}: internal error, bundle written without a manifest")
         replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_manifest(bundle_dir: str | os.PathLike[str], manifest: Manifest, files: list[str]) -> Manifest:

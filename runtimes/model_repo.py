@@ -14,13 +14,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bitdeploy.core.errors import BitdeployError, BundleError
-from bitdeploy.core.fsutil import replace_dir
+from bitdeploy.core.fsutil import replace_dir, temp_dir
 from bitdeploy.core.targets import TARGETS, Target, find_backend
 from bitdeploy.runtimes.manifest import Manifest
 from bitdeploy.runtimes.pack import open_bundle
@@ -169,9 +168,8 @@ def export_repo(
     out = Path(out).resolve()
     _check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     written: list[RepoModel] = []
-    try:
+    with temp_dir(out.parent, f".{out.name}.tmp-") as tmp:
         for i, bundle in enumerate(bundles):
             opened = open_bundle(bundle, verify=True)
             try:
@@ -188,9 +186,6 @@ def export_repo(
             config = {"model_config_list": [ovms_entry(m) for m in written]}
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return written
 
 

@@ -8,13 +8,13 @@ resume), plan, weights (provenance of the starting weights), images_seen, train_
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bitdeploy.core.errors import BitdeployError, WeightsError
+from bitdeploy.core.fsutil import temp_name
 from bitdeploy.training.weights import CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VERSION, read_checkpoint
 
 # Settings that define the run: resuming with any of them changed would silently train something else.
@@ -59,15 +59,15 @@ def save(out: Path, payload: dict[str, Any]) -> Path:
     """torch.save to a temp file in `out`, fsync, then rename over checkpoint.pt: never half a checkpoint."""
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
     final = out / CHECKPOINT_NAME
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{CHECKPOINT_NAME}.", suffix=".tmp")
+    tmp = temp_name(final)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return final
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ import torch
 
 from bitdeploy.core.catalog import WS_EPS, BitVariant, get_variant
 from bitdeploy.core.errors import BitdeployError, WeightsError, first_line
+from bitdeploy.core.fsutil import temp_name
 from bitdeploy.training import download
 from bitdeploy.training.bit import ResNetV2, create_model
 
@@ -98,14 +98,14 @@ def save_npz(model: torch.nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write a model's weights as an official-format BiT `.npz` (Google's keys, HWIO kernels), atomically."""
     arrays = {npz_key(k): _to_tf(v) for k, v in model.state_dict().items()}
     out = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    tmp = temp_name(out)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             # mypy maps **arrays onto savez's allow_pickle too; the keys are npz names, never that one
             np.savez(f, **arrays)  # type: ignore[arg-type]
         os.replace(tmp, out)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return out
 

@@ -25,14 +25,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
 from bitdeploy import __version__
 from bitdeploy.core import interrupts
 from bitdeploy.core.errors import BitdeployError
-from bitdeploy.core.fsutil import sha256_file
+from bitdeploy.core.fsutil import sha256_file, temp_dir
 from bitdeploy.core.resources import guarded
 
 CACHE_ENV = "BITDEPLOY_CACHE"
@@ -205,11 +205,12 @@ class StageCache:
             for stale in final.parent.glob(f".{key}{TMP_MARK}*"):
                 shutil.rmtree(stale, ignore_errors=True)
         if resumable:  # a long step (fine-tuning) that picks up its own partial output after an interruption
-            tmp = final.parent / f".{key}{PARTIAL_MARK}"
-            tmp.mkdir(exist_ok=True)
-        else:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{key}{TMP_MARK}{os.getpid()}-", dir=final.parent))
-        try:
+            partial = final.parent / f".{key}{PARTIAL_MARK}"
+            partial.mkdir(exist_ok=True)
+            writing: AbstractContextManager[Path] = nullcontext(partial)
+        else:  # removed on any exception, an interrupt included; moved into place on success
+            writing = temp_dir(final.parent, f".{key}{TMP_MARK}{os.getpid()}-")
+        with writing as tmp:
             yield tmp
             if final.exists():  # a build without the lock (--no-cache scratch) or one that finished first
                 if entry_problem(final, hashes=False) is None:
@@ -217,10 +218,6 @@ class StageCache:
                     return
                 shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-        except BaseException:
-            if not resumable:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def run(
         self,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -21,14 +23,42 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
     """Write to a temporary name beside `path`, then rename: readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_name(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def temp_name(path: str | os.PathLike[str]) -> Path:
+    """`.<name>.<random>.tmp` beside `path`, to open with "xb" inside the `try` that removes it: the name is known
+    before the file exists, so an interrupt landing right after its creation still finds it to remove."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+
+
+@contextmanager
+def temp_dir(parent: str | os.PathLike[str], prefix: str) -> Iterator[Path]:
+    """A new directory `<parent>/<prefix><random>`, removed when the block ends unless the block moved it away.
+    Its name is chosen before it is created, so a Ctrl-C or SIGTERM landing right after the mkdir (where
+    `tempfile.mkdtemp` has not yet returned the name) still finds it to remove."""
+    while True:
+        path = Path(parent) / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir(mode=0o700)
+            break
+        except FileExistsError:
+            continue
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def replace_dir(tmp: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:

@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 from bitdeploy.core import targets
 from bitdeploy.core.errors import BitdeployError, first_line
-from bitdeploy.core.fsutil import atomic_write, replace_dir
+from bitdeploy.core.fsutil import atomic_write, replace_dir, temp_dir
 
 KIT_ENV = "BITDEPLOY_KIT"
 KIT_FILE = "kit.json"
@@ -143,16 +142,13 @@ def _sysroot(root: Path) -> None:
     if tool is None:
         raise BitdeployError("mmdebstrap not found; install it (`apt-get install mmdebstrap`), then rerun the setup")
     (root / "arm64").mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root / "arm64", prefix=".rootfs.tmp-"))
-    try:
+    with temp_dir(root / "arm64", ".rootfs.tmp-") as tmp:
         _run(
             [tool, "--quiet", "--variant=extract", "--arch=arm64", f"--include={SYSROOT_PACKAGES}", SUITE, str(tmp)],
             "mmdebstrap (the arm64 sysroot)",
             "check that the Debian mirror is reachable",
         )
         replace_dir(tmp, root / "arm64" / "rootfs")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if not guest_python(root).is_file():
         raise BitdeployError(f"the arm64 sysroot has no python{GUEST_PYTHON}; delete {root / 'arm64'} and rerun setup")
 
@@ -171,18 +167,17 @@ def wheel_specs(engines: list[str]) -> list[str]:
 def _site(root: Path, engines: list[str]) -> list[str]:
     """pip-install the aarch64 wheels into `<kit>/arm64/site` (replaced whole, so a failed install leaves the old)."""
     specs = wheel_specs(engines)
-    tmp = Path(tempfile.mkdtemp(dir=root / "arm64", prefix=".site.tmp-"))
     platforms = [arg for tag in MANYLINUX for arg in ("--platform", tag)]
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile"]
-    cmd += ["--target", str(tmp), "--only-binary=:all:", "--python-version", GUEST_PYTHON, "--implementation", "cp"]
+    cmd += ["--only-binary=:all:", "--python-version", GUEST_PYTHON, "--implementation", "cp"]
     cmd += ["--abi", "cp311", "--abi", "abi3", "--abi", "none", *platforms, *specs]
-    try:
+    with temp_dir(root / "arm64", ".site.tmp-") as tmp:
         _run(
-            cmd, "pip (the aarch64 wheels)", "check that PyPI is reachable and that these versions have aarch64 wheels"
+            [*cmd, "--target", str(tmp)],
+            "pip (the aarch64 wheels)",
+            "check that PyPI is reachable and that these versions have aarch64 wheels",
         )
         replace_dir(tmp, root / "arm64" / "site")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return specs
 
 

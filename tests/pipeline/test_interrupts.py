@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,53 @@ def test_a_ctrl_c_ignored_at_start_stays_ignored() -> None:
     """A background job of a non-interactive shell starts with SIGINT ignored, as the shell meant."""
     proc = _run_child(_SWALLOWING_COMMAND, signal.SIG_IGN)
     assert proc.returncode == 0 and "ran to the end" in proc.stdout, (proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def interrupt_after_temp_mkdir(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing right after the mkdir of a write's temporary directory, before its name reaches a `try`."""
+    real = os.mkdir
+
+    def mkdir(path: os.PathLike[str] | str, *args: object, **kwargs: object) -> None:
+        real(path, *args, **kwargs)  # type: ignore[arg-type]
+        if ".tmp-" in os.path.basename(path):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+def _leftovers(root: Path) -> list[str]:
+    return sorted(p.name for p in root.rglob("*") if ".tmp" in p.name)
+
+
+def test_an_interrupt_right_after_a_cache_entrys_mkdir_leaves_nothing(
+    tmp_path: Path, interrupt_after_temp_mkdir: None
+) -> None:
+    from bitdeploy.core.cache import StageCache
+
+    cache = StageCache(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        cache.run("convert-x", "ab" * 32, lambda work: {})
+    assert _leftovers(tmp_path) == [] and not (tmp_path / "convert-x" / ("ab" * 32)).exists()
+
+
+def test_an_interrupt_right_after_a_bundles_mkdir_leaves_nothing(
+    tmp_path: Path, interrupt_after_temp_mkdir: None
+) -> None:
+    from bitdeploy.runtimes.bundle import bundle_writer
+
+    with pytest.raises(KeyboardInterrupt), bundle_writer(tmp_path / "bundle"):
+        pass
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_interrupt_right_after_an_atomic_files_creation_leaves_nothing(tmp_path: Path) -> None:
+    from bitdeploy.core.fsutil import atomic_write
+
+    class Interrupting(str):
+        def encode(self, *args: object, **kwargs: object) -> bytes:  # runs once the temporary file exists
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "report.html", Interrupting("<html>"))
+    assert list(tmp_path.iterdir()) == []
