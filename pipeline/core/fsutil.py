@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bitdeploy.core import interrupts
+
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -65,10 +67,11 @@ def replace_dir(tmp: str | os.PathLike[str], out: str | os.PathLike[str]) -> Non
     """Move the finished directory `tmp` to `out`, replacing what is there with two renames (no half state)."""
     tmp, out = Path(tmp), Path(out)
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
+    with interrupts.deferred():  # a Ctrl-C between the renames would leave no `out` at all
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -21,12 +21,28 @@ class Terminated(KeyboardInterrupt):
 
 
 _pending: type[KeyboardInterrupt] | None = None
+_deferring = 0
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     global _pending
     _pending = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-    raise _pending()
+    if not _deferring:
+        raise _pending()
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Within the block (and `handled()`) a SIGINT or SIGTERM is remembered and raised when the block ends: for the
+    renames that must not be split, such as moving an old bundle aside and the new one into its place."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring:
+        check()
 
 
 @contextlib.contextmanager

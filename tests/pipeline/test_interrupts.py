@@ -139,3 +139,14 @@ def test_an_interrupt_right_after_an_atomic_files_creation_leaves_nothing(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         atomic_write(tmp_path / "report.html", Interrupting("<html>"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ctrl_c_inside_a_deferred_block_is_raised_when_it_ends(ctrl_c_enabled: None) -> None:
+    with interrupts.handled():
+        with pytest.raises(KeyboardInterrupt), interrupts.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler has run by now, and only remembered it
+                pass
+            finished = True
+        assert finished
+        interrupts.clear()
