@@ -57,16 +57,20 @@ class QuickBaseline:
     form: str
     label: str
     status: Status
+    model: str  # the (model, resolution) it timed: a grid build's report has one set per cell
+    resolution: int
     compile_s: float | None = None
     timing: Timing = field(default_factory=Timing)
 
     @classmethod
-    def from_result(cls, result: Mapping[str, Any]) -> QuickBaseline:
-        """From one result of `measure_forms`."""
+    def from_result(cls, result: Mapping[str, Any], model: str, resolution: int) -> QuickBaseline:
+        """From one result of `measure_forms` on `model` at `resolution`."""
         return cls(
             result["form"],
             result["label"],
             Status.parse(result["status"]),
+            model,
+            resolution,
             result.get("compile_s"),
             Timing.from_quick(result.get("measured") or {}),
         )
@@ -78,19 +82,21 @@ class QuickBaseline:
         return {
             "form": self.form,
             "label": self.label,
+            "model": self.model,
+            "resolution": self.resolution,
             "status": self.status.text,
             "compile_s": self.compile_s,
             **{k: t[k] for k in order},
             **{k: t[k] for k in ("images_per_s", "throughput_batch", "throughput")},
         }
 
-    def entry(self, model: str, resolution: int, num_classes: int | None, device: str) -> BenchEntry:
-        """The bench entry of this form for `model` at `resolution` (`device`: the report's device column)."""
+    def entry(self, num_classes: int | None, device: str) -> BenchEntry:
+        """The bench entry of this form (`device`: the report's device column)."""
         return BenchEntry(
-            name=entry_name(self.form, model, resolution),
+            name=entry_name(self.form, self.model, self.resolution),
             kind="pytorch",
-            model=model,
-            resolution=resolution,
+            model=self.model,
+            resolution=self.resolution,
             num_classes=num_classes,
             target="pytorch",
             precision="fp32",

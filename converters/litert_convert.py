@@ -202,6 +202,7 @@ def _convert_int8(
     calibration: CalibrationData,
     path: Path,
     float_layers: tuple[str, ...] = (),
+    method: str = "histogram",
 ) -> dict[str, Any]:
     import litert_torch
     import torch
@@ -232,9 +233,7 @@ def _convert_int8(
             self._annotate_all_static_patterns(model, self.global_config, quantize_node)
             return model
 
-    quantizer = ConvOnlyQuantizer().set_global(
-        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
-    )
+    quantizer = ConvOnlyQuantizer().set_global(_static_config(pt2e_quantizer, method))
     exported = torch.export.export(lite, (sample,), dynamic_shapes=_batch_dim(torch)).module()
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
@@ -247,7 +246,7 @@ def _convert_int8(
     )
     edge.export(str(path))
     return {
-        "method": "histogram",
+        "method": method,
         "scheme": "pt2e-static",
         "weights": "int8 per-channel symmetric",
         "activations": "int8 per-tensor symmetric",
@@ -256,6 +255,18 @@ def _convert_int8(
         "float_layers": ["root.conv", *float_paths],
         "samples": len(calibration),
     }
+
+
+def _static_config(pt2e_quantizer: Any, method: str) -> Any:
+    """litert-torch's static INT8 config (per-channel symmetric weights); `minmax` swaps the activations'
+    HistogramObserver (which clips the tails it finds rare) for a plain running min/max."""
+    config = pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
+    if method == "histogram":
+        return config
+    from torchao.quantization.pt2e import MinMaxObserver
+
+    act = replace(config.input_activation, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
+    return replace(config, input_activation=act, output_activation=act)
 
 
 def _cast_fp16(src: Path, dst: Path) -> None:
@@ -303,7 +314,9 @@ def convert(
             folded = rebuild_model(Path(onnx_fp32))
             res = _input_resolution(Path(onnx_fp32))
             sample = torch.zeros(2, 3, res, res)
-            target, notes = _convert(folded, sample, precision, calibration, tmp, options.float_layers)
+            target, notes = _convert(
+                folded, sample, precision, calibration, tmp, options.float_layers, options.calib_method or "histogram"
+            )
         if precision == "fp32":
             _check_fp32(folded, tmp / MODEL_FILE, res)
         os.replace(tmp / MODEL_FILE, work_dir / MODEL_FILE)
@@ -324,6 +337,7 @@ def _convert(
     calibration: CalibrationData | None,
     tmp: Path,
     float_layers: tuple[str, ...] = (),
+    method: str = "histogram",
 ) -> tuple[TargetInfo, list[str]]:
     """Write tmp/model.tflite; returns (the manifest's target record, notes)."""
     group_norm_type, bitlite, float_stem = _lite_modules()
@@ -340,7 +354,7 @@ def _convert(
         if precision == "int8":
             assert calibration is not None
             quantization = Quantization.from_dict(
-                _convert_int8(lite, (group_norm_type, float_stem), sample, calibration, out, float_layers)
+                _convert_int8(lite, (group_norm_type, float_stem), sample, calibration, out, float_layers, method)
             )
             if float_layers:
                 notes.append(f"kept in float by the INT8 search: {len(float_layers)} more layers")

@@ -1,7 +1,7 @@
 """bitdeploy's INT8/float mix against NNCF's accuracy control: one model, one data draw, one gate, one timing run.
 
     python benchmarks/experiments/mixed_int8.py [--model m-r50x1] [--resolution 64] [--targets onnx,openvino,litert]
-        [--max-accuracy-drop 0] [--min-agreement PCT] [--budget 24] [--calib-size 300] [--eval-limit N]
+        [--max-accuracy-drop 0] [--min-agreement PCT] [--budget 24] [--calib-size 300] [--calib-method M] [--eval-limit N]
         [--rounds 10] [--queries 20] [--threads N] [--out runs/mixed-int8] [--json PATH]
         [--checkpoint RUN_DIR]
 
@@ -147,6 +147,8 @@ def build_args(args: argparse.Namespace, ckpt: Path, cache: Path, out: Path, fal
     ]
     if args.eval_limit is not None:
         argv += ["--eval-limit", str(args.eval_limit)]
+    if args.calib_method is not None:
+        argv += ["--calib-method", args.calib_method]
     if args.threads is not None:
         argv += ["--threads", str(args.threads)]
     return argv
@@ -240,6 +242,7 @@ def nncf_anchor(
     onnx = find_export(cache, manifest["export"]["sha256"])
     options = ConvertOptions(
         threads=args.threads,
+        calib_method=args.calib_method,
         extras=openvino_convert.OpenVinoOptions(accuracy_control=True, max_accuracy_drop=drop, validation=validation),
     )
     if work.exists():
@@ -503,6 +506,11 @@ def main(argv: list[str] | None = None) -> int:
         "`bitdeploy train --steps 120` run)",
     )
     p.add_argument("--calib-size", type=int, default=300)
+    p.add_argument(
+        "--calib-method",
+        default=None,
+        help="--calib-method of every build and of the NNCF anchor (e.g. minmax; default: each engine's own)",
+    )
     p.add_argument("--eval-limit", type=int, default=None, help="validation images (default: all)")
     p.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
     p.add_argument("--queries", type=int, default=20, help="batch-1 calls per model per round")
@@ -583,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n{args.model} @ {args.resolution} px, {source}; {DATASET} val "
         f"{next((r['accuracy']['samples'] for r in rows if r.get('accuracy')), '?')} images, calibration "
-        f"{args.calib_size}; gate: {spec.describe()} vs FP32 PyTorch; search budget {args.budget}; "
+        f"{args.calib_size}{f' ({args.calib_method})' if args.calib_method else ''}; gate: {spec.describe()} vs FP32 PyTorch; search budget {args.budget}; "
         f"batch 1, {threads} threads, {args.rounds} interleaved rounds x {args.queries} calls"
     )
     print(f"CPU class: {cpu['class']} ({cpu['model']})\n")
@@ -614,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
             "gate": spec.describe(),
             "budget": args.budget,
             "calib_size": args.calib_size,
+            "calib_method": args.calib_method,
             "eval_limit": args.eval_limit,
             "threads": args.threads,
             "rounds": args.rounds,

@@ -216,7 +216,7 @@ def bench_entries(
     from bitdeploy.benchmarks.env import device_label
 
     name, resolution, classes = model["name"], model["resolution"], model["num_classes"]
-    entries = [b.entry(name, resolution, classes, device_label(env, "cpu")) for b in baseline or []]
+    entries = [b.entry(classes, device_label(env, "cpu")) for b in baseline or []]
     for r in rows:
         rss = r.serving_rss_mb
         entries.append(

@@ -355,7 +355,7 @@ def _baseline_latency(
         results = measure_forms(model, (3, resolution, resolution), timing, log=log)
     finally:
         torch.set_num_threads(threads)
-    out = [QuickBaseline.from_result(r) for r in results]
+    out = [QuickBaseline.from_result(r, opts.model, resolution) for r in results]
     for b in out:
         took = f" (compiled in {b.compile_s:.1f} s)" if b.compile_s else ""
         p50 = b.timing.p50_ms

@@ -166,7 +166,7 @@ register(
         runtime_extra="litert",
         runtime_module="ai_edge_litert",
         int8_modules=("torchao",),
-        calib_methods=("histogram",),  # PT2E static: HistogramObserver on activations, min/max per channel on weights
+        calib_methods=("histogram", "minmax"),  # PT2E static activations; weights: min/max per channel
         devices="cpu (XNNPACK; default)",
         engines=("ai-edge-litert",),
         distributions=("litert-torch", "ai-edge-litert"),

@@ -110,24 +110,52 @@ def test_a_foreign_onnx_is_refused(tmp_path: Path) -> None:
         litert_convert.convert(tmp_path / "relu.onnx", tmp_path, "fp32", None, ConvertOptions())
 
 
-def test_int8_search_float_layers_stay_float(tmp_path: Path) -> None:
-    """The INT8 search's float layers reach LiteRT through the PT2E annotation filter: their weights stay float."""
+def _int8(work: Path, options: ConvertOptions) -> tuple[Any, Any]:
+    """(the interpreter, the artifact) of an INT8 conversion on 16 calibration images."""
     from ai_edge_litert.interpreter import Interpreter
 
     td = tiny_digits()
-    calib = cal.from_image_set(td.train, RESOLUTION, size=16)
+    work.mkdir()
+    artifact = litert_convert.convert(td.onnx, work, "int8", cal.from_image_set(td.train, RESOLUTION, size=16), options)
+    return Interpreter(str(work / "model.tflite")), artifact
 
-    def int8_weights(work: Path, keep: tuple[str, ...]) -> tuple[int, Any]:
-        work.mkdir()
-        artifact = litert_convert.convert(td.onnx, work, "int8", calib, ConvertOptions(float_layers=keep))
-        it = Interpreter(str(work / "model.tflite"))
-        dtypes = {t["index"]: t["dtype"] for t in it.get_tensor_details()}
-        convs = [op for op in it._get_ops_details() if op["op_name"] == "CONV_2D"]  # no public op listing
-        return sum(1 for op in convs if dtypes.get(op["inputs"][1]) == np.int8), artifact
 
+def _int8_weights(it: Any) -> int:
+    dtypes = {t["index"]: t["dtype"] for t in it.get_tensor_details()}
+    convs = [op for op in it._get_ops_details() if op["op_name"] == "CONV_2D"]  # no public op listing
+    return sum(1 for op in convs if dtypes.get(op["inputs"][1]) == np.int8)
+
+
+def _activation_scales(it: Any) -> dict[str, float]:
+    """{tensor name: scale} of the int8 activations (per-tensor, unlike the per-channel weights)."""
+    return {
+        t["name"]: float(t["quantization_parameters"]["scales"][0])
+        for t in it.get_tensor_details()
+        if t["dtype"] == np.int8 and len(t["quantization_parameters"]["scales"]) == 1
+    }
+
+
+@pytest.fixture(scope="module")
+def uniform(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    return _int8(tmp_path_factory.mktemp("litert") / "uniform", ConvertOptions())
+
+
+def test_int8_search_float_layers_stay_float(uniform: tuple[Any, Any], tmp_path: Path) -> None:
+    """The INT8 search's float layers reach LiteRT through the PT2E annotation filter: their weights stay float."""
     keep = ("body.block2.unit01.conv2", "body.block4.unit01.downsample")
-    uniform, _ = int8_weights(tmp_path / "uniform", ())
-    mixed, artifact = int8_weights(tmp_path / "mixed", keep)
-    assert mixed == uniform - len(keep) and uniform >= 10  # the body convs (stem, head, GroupNorm's stay float)
+    mixed, artifact = _int8(tmp_path / "mixed", ConvertOptions(float_layers=keep))
+    assert _int8_weights(mixed) == _int8_weights(uniform[0]) - len(keep) and _int8_weights(uniform[0]) >= 10
     quantization = artifact.target.quantization
     assert quantization is not None and set(keep) <= set(quantization.details["float_layers"])
+
+
+def test_minmax_calibration_covers_the_full_range_histogram_clips(uniform: tuple[Any, Any], tmp_path: Path) -> None:
+    """`--calib-method minmax` swaps the HistogramObserver for plain min/max: no activation range gets narrower, and
+    the ones whose tails the histogram clipped get wider."""
+    minmax, artifact = _int8(tmp_path / "minmax", ConvertOptions(calib_method="minmax"))
+    histogram, wide = _activation_scales(uniform[0]), _activation_scales(minmax)
+    assert uniform[1].target.quantization.method == "histogram" and artifact.target.quantization.method == "minmax"
+    shared = sorted(set(histogram) & set(wide))
+    assert len(shared) >= 10
+    assert all(wide[n] >= histogram[n] * 0.999 for n in shared)
+    assert sum(wide[n] > histogram[n] * 1.01 for n in shared) >= len(shared) // 2

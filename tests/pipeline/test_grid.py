@@ -267,3 +267,21 @@ def test_max_hours_stops_before_a_cell_and_keeps_what_finished(
     assert "stopped by --max-hours 0.5: 1 of 2 cells built; run the same command again" in stdout
     assert (tmp_path / "g" / "tiny-16" / "onnx-fp32" / "manifest.json").is_file()
     assert not (tmp_path / "g" / "tiny-24").exists()
+
+
+def test_each_cells_pytorch_baselines_keep_their_own_model_and_resolution() -> None:
+    from bitdeploy.benchmarks.baseline import QuickBaseline
+    from bitdeploy.benchmarks.schema import Status, Timing
+    from bitdeploy.builder.output import bench_entries
+
+    baselines = [
+        QuickBaseline("eager-folded", "eager", Status.parse("ok"), model, res, timing=Timing(p50_ms=ms))
+        for model, res, ms in (("tiny", 16, 1.0), ("s-r50x1", 32, 5.0))
+    ]
+    first_cell = {"name": "tiny", "resolution": 16, "num_classes": 10}
+    entries = bench_entries([], first_cell, baselines, {})
+    assert [(e.name, e.model, e.resolution) for e in entries] == [
+        ("pytorch-fp32-eager-folded:tiny@16", "tiny", 16),
+        ("pytorch-fp32-eager-folded:s-r50x1@32", "s-r50x1", 32),
+    ]
+    assert [b.as_dict()["model"] for b in baselines] == ["tiny", "s-r50x1"]

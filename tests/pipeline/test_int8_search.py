@@ -213,12 +213,11 @@ def test_a_gate_no_mix_can_pass_names_the_best_candidate(
     assert "no mix passes the gate" in stdout
 
 
-@pytest.mark.parametrize("target", ["openvino"])
-def test_search_on_openvino_uses_its_own_float_mechanism(
+@pytest.mark.parametrize("target", ["openvino", "litert"])
+def test_search_uses_each_engines_own_float_mechanism(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, ckpt: Path, target: str
 ) -> None:
-    """Real conversions and real timing through NNCF's IgnoredScope. (LiteRT's PT2E filter takes 14 s a conversion;
-    its float layers are checked in tests/converters/test_litert.py, its search at full size in docs/measurements.md.)"""
+    """Real conversions and real timing through NNCF's IgnoredScope and LiteRT's PT2E annotation filter."""
     from bitdeploy.core.targets import TARGETS, unavailable_reason
 
     reason = unavailable_reason(TARGETS[target], "int8")
