@@ -201,8 +201,8 @@ def _convert_int8(
     sample: Any,
     calibration: CalibrationData,
     path: Path,
-    float_layers: tuple[str, ...] = (),
-    method: str = "histogram",
+    float_layers: tuple[str, ...],
+    method: str,
 ) -> dict[str, Any]:
     import litert_torch
     import torch
@@ -314,9 +314,8 @@ def convert(
             folded = rebuild_model(Path(onnx_fp32))
             res = _input_resolution(Path(onnx_fp32))
             sample = torch.zeros(2, 3, res, res)
-            target, notes = _convert(
-                folded, sample, precision, calibration, tmp, options.float_layers, options.calib_method or "histogram"
-            )
+            method = options.calib_method or converter_record(__name__).calib_methods[0]
+            target, notes = _convert(folded, sample, precision, calibration, tmp, options.float_layers, method)
         if precision == "fp32":
             _check_fp32(folded, tmp / MODEL_FILE, res)
         os.replace(tmp / MODEL_FILE, work_dir / MODEL_FILE)
@@ -336,8 +335,8 @@ def _convert(
     precision: str,
     calibration: CalibrationData | None,
     tmp: Path,
-    float_layers: tuple[str, ...] = (),
-    method: str = "histogram",
+    float_layers: tuple[str, ...],
+    method: str,
 ) -> tuple[TargetInfo, list[str]]:
     """Write tmp/model.tflite; returns (the manifest's target record, notes)."""
     group_norm_type, bitlite, float_stem = _lite_modules()

@@ -22,11 +22,13 @@ class Terminated(KeyboardInterrupt):
 
 _pending: type[KeyboardInterrupt] | None = None
 _deferring = 0
+_received = 0  # signals seen: `deferred()` raises only one that landed inside its block
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
-    global _pending
+    global _pending, _received
     _pending = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    _received += 1
     if not _deferring:
         raise _pending()
 
@@ -36,13 +38,14 @@ def deferred() -> Iterator[None]:
     """Within the block (and `handled()`) a SIGINT or SIGTERM is remembered and raised when the block ends: for the
     renames that must not be split, such as moving an old bundle aside and the new one into its place."""
     global _deferring
+    before = _received
     _deferring += 1
     try:
         yield
     finally:
         _deferring -= 1
-    if not _deferring:
-        check()
+    if not _deferring and _received != before and _pending is not None:
+        raise _pending()  # not an older one: the cleanup of an interrupted build may still replace a directory
 
 
 @contextlib.contextmanager

@@ -149,4 +149,6 @@ def test_a_ctrl_c_inside_a_deferred_block_is_raised_when_it_ends(ctrl_c_enabled:
                 pass
             finished = True
         assert finished
+        with interrupts.deferred():  # the interrupt is still pending, but it landed before this block
+            pass
         interrupts.clear()
