@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from bitdeploy.core.errors import DatasetError
-from bitdeploy.runtimes import compare
-from bitdeploy.runtimes.manifest import InputSpec
+from bitdeploy.runtimes.bundle import compare
+from bitdeploy.runtimes.bundle.manifest import InputSpec
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -159,7 +159,7 @@ def label_map(bundle_labels: Sequence[str] | None, classes: Sequence[str]) -> tu
 
 
 def agreement(logits: np.ndarray, ref: np.ndarray) -> dict[str, float | None]:
-    """The reference comparison `bench` reports (`bitdeploy.runtimes.compare`, as the build's gate computes it)."""
+    """The reference comparison `bench` reports (`bitdeploy.runtimes.bundle.compare`, as the build's gate computes it)."""
     d = compare.logit_diff(logits, ref)
     return {"agreement": d.agreement, "max_abs_logit_diff": d.max_abs, "mean_abs_logit_diff": d.mean_abs}
 

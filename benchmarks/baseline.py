@@ -35,7 +35,7 @@ from bitdeploy.benchmarks.measure import BenchOptions, measure_latency
 from bitdeploy.benchmarks.schema import VALID, BenchEntry, Status, Timing
 from bitdeploy.core.errors import require
 from bitdeploy.core.options import COMPILE_TIMEOUT_S
-from bitdeploy.runtimes.manifest import Manifest
+from bitdeploy.runtimes.bundle.manifest import Manifest
 
 FORMS = ("eager-ws", "eager-folded", "compiled-folded")
 LABELS = {

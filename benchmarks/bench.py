@@ -37,7 +37,7 @@ from bitdeploy.benchmarks.progress import Progress
 from bitdeploy.benchmarks.schema import FAILED_GATE, VALID, BenchEntry, Status, new_document, status_of
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.core.options import SCENARIOS
-from bitdeploy.runtimes.manifest import Manifest, TargetInfo
+from bitdeploy.runtimes.bundle.manifest import Manifest, TargetInfo
 
 E2E_IMAGES = 32  # distinct encoded images cycled through the end-to-end loop
 

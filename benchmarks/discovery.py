@@ -11,8 +11,8 @@ from typing import Any
 from bitdeploy.benchmarks.schema import BenchEntry, Status
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.runtimes.bundle import MANIFEST, read_manifest
-from bitdeploy.runtimes.manifest import Manifest
-from bitdeploy.runtimes.pack import PACK_SUFFIX
+from bitdeploy.runtimes.bundle.manifest import Manifest
+from bitdeploy.runtimes.bundle.pack import PACK_SUFFIX
 
 SELECTED = "selected"  # DIR/selected (or DIR/selected.bitpack): `bitdeploy select`'s copy of one bundle under DIR
 
@@ -151,7 +151,7 @@ def bundle_size(path: Path, manifest: Manifest) -> tuple[float, dict[str, str]]:
 def baseline_manifests(bundles: list[str]) -> list[Manifest]:
     """For the PyTorch baselines: one manifest per distinct (model, resolution, classes) among the readable
     bundles (directories or packs)."""
-    from bitdeploy.runtimes.pack import open_bundle
+    from bitdeploy.runtimes.bundle.pack import open_bundle
 
     seen, out = set(), []
     for b in bundles:

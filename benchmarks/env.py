@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.runtimes.fingerprint import LIBRARIES, device_class, host_fingerprint, package_versions
+from bitdeploy.runtimes.bundle.fingerprint import LIBRARIES, device_class, host_fingerprint, package_versions
 
 
 def _physical_cores() -> int | None:

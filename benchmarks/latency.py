@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from bitdeploy.runtimes.manifest import InputSpec
+    from bitdeploy.runtimes.bundle.manifest import InputSpec
 
 DEFAULT_ITERATIONS = 1000  # single-stream queries when neither iterations nor duration is given
 DEFAULT_WARMUP = 20

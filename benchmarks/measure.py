@@ -9,7 +9,7 @@ from typing import Any
 from bitdeploy.benchmarks import interference, latency
 from bitdeploy.benchmarks.memory import DEFAULT_QUERIES, METHOD
 from bitdeploy.core.options import COMPILE_TIMEOUT_S
-from bitdeploy.runtimes.manifest import InputSpec
+from bitdeploy.runtimes.bundle.manifest import InputSpec
 
 QUIET_CHECKS = ("warn", "wait", "fail")
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from bitdeploy.core.errors import BitdeployError, first_line
 
 if TYPE_CHECKING:
-    from bitdeploy.runtimes.manifest import Manifest
+    from bitdeploy.runtimes.bundle.manifest import Manifest
 
 DEFAULT_QUERIES = 20
 METHOD = "fresh process: VmHWM over import, load and N batch-1 queries"

@@ -13,8 +13,8 @@ from typing import Any
 
 from bitdeploy.benchmarks.plots import _plt, to_base64_png
 from bitdeploy.core.errors import BitdeployError
-from bitdeploy.runtimes.manifest_mix import Int8Mix
-from bitdeploy.runtimes.mix_text import measured, ranked
+from bitdeploy.runtimes.bundle.manifest_mix import Int8Mix
+from bitdeploy.runtimes.bundle.mix_text import measured, ranked
 
 FLOAT_COLOUR = "#d62728"  # kept in float by the chosen mix
 INT8_COLOUR = "#1f77b4"

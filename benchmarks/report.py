@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bitdeploy.benchmarks.schema import check_document, load_documents, new_document
-from bitdeploy.runtimes.fingerprint import cpu_class
+from bitdeploy.runtimes.bundle.fingerprint import cpu_class
 
 COLUMNS = (
     "bundle",

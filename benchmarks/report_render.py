@@ -233,7 +233,7 @@ MIX_NOTE = (
 
 def _mix_markdown(docs: Sequence[dict[str, Any]]) -> list[str]:
     from bitdeploy.benchmarks.plots_mix import TITLE, mixes
-    from bitdeploy.runtimes.mix_text import COLUMNS, sensitivity_rows, summary
+    from bitdeploy.runtimes.bundle.mix_text import COLUMNS, sensitivity_rows, summary
 
     found = mixes(docs)
     out = [f"## {TITLE}", "", MIX_NOTE + " The plots are in report.html.", ""] if found else []
@@ -247,7 +247,7 @@ def _mix_markdown(docs: Sequence[dict[str, Any]]) -> list[str]:
 
 def _mix_html(docs: Sequence[dict[str, Any]], pictures: Sequence[str | None]) -> str:
     from bitdeploy.benchmarks.plots_mix import TITLE, mixes, title
-    from bitdeploy.runtimes.mix_text import COLUMNS, sensitivity_rows, summary
+    from bitdeploy.runtimes.bundle.mix_text import COLUMNS, sensitivity_rows, summary
 
     found = mixes(docs)
     parts = [f'<h2 id="int8-sensitivity">{TITLE}</h2><p class="note">{html.escape(MIX_NOTE)}</p>'] if found else []

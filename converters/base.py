@@ -1,15 +1,16 @@
 """The converter contract shared by every target, and the typed options a build hands a converter.
 
-A converter is a plain function, named "module:function" in its target's record (`bitdeploy.core.targets`):
+A converter is a `Converter` subclass, named "module:Class" in its target's record (`bitdeploy.core.targets`).
+`bind(target, precision, options)` imports the record's class and binds it to one row; the build then calls
 
-    def convert(onnx_fp32: Path, work_dir: Path, precision: str,
-                calibration: CalibrationData | None, options: ConvertOptions) -> Artifact
+    bind(target, precision, options).convert(onnx_fp32, work_dir, calibration, float_layers) -> Artifact
 
-It reads the folded FP32 ONNX export, writes its files only inside `work_dir` (an empty directory that becomes
-the bundle) and raises `bitdeploy.core.errors.ConversionError` (one line) on failure. Options shared by every target
-are fields of `ConvertOptions`. What only one target reads is that target's own frozen `TargetOptions` subclass
-(named by its record, living beside its converter), read with `options.extras_for(cls)`; each of its fields
-declared with `option(...)` becomes a `bitdeploy build` flag.
+`convert` runs the shared guard (`check_request`) and the target's own `run`, which reads the folded FP32 ONNX
+export, writes its files only inside `work_dir` (an empty directory that becomes the bundle) and raises
+`bitdeploy.core.errors.ConversionError` (one line) on failure. Options shared by every target are fields of
+`ConvertOptions`. What only one target reads is that target's own frozen `TargetOptions` subclass (named by its
+record, living beside its converter), read with `self.options.extras_for(cls)`; each of its fields declared with
+`option(...)` becomes a `bitdeploy build` flag.
 """
 
 from __future__ import annotations
@@ -17,16 +18,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bitdeploy.core.errors import ConversionError
-from bitdeploy.core.targets import Target, backend_names, import_object
-from bitdeploy.runtimes.manifest import TargetInfo
+from bitdeploy.core.targets import PRECISIONS, Target, backend_names, get_target, import_object, load_converter
+from bitdeploy.runtimes.bundle.manifest import Quantization, TargetInfo
 
 if TYPE_CHECKING:
     from bitdeploy.converters.calibration import CalibrationData, ValidationData
 
-PRECISIONS = ("fp32", "fp16", "int8")
 NO_CALIBRATION = "--precision int8 needs calibration images; pass --dataset (INT8 is never calibrated on noise)"
 
 
@@ -127,7 +127,6 @@ class ConvertOptions:
     device: str | None = None  # deployment device; None: the target's default
     threads: int | None = None  # threads the converter's own checks compile with
     calib_method: str | None = None  # INT8 range estimation; None: the quantizer's default
-    float_layers: tuple[str, ...] = ()  # INT8: layers (`bitdeploy.converters.layers`) to keep in float as well
     cache: bool = True  # False: neither read nor write tool caches (TensorRT's timing cache)
     cache_dir: Path | None = None  # where tool caches live; None: bitdeploy's cache root
     extras: TargetOptions | None = None  # the target's own options
@@ -200,12 +199,50 @@ class Artifact:
         )
 
 
-class ConvertFn(Protocol):
-    def __call__(
+class Converter:
+    """A target's converter bound to its record and one row's precision and options.
+
+    A target subclasses it and implements `run`; its record names the subclass ("module:Class")."""
+
+    def __init__(self, target: Target, precision: str, options: ConvertOptions | None = None) -> None:
+        self.target = target
+        self.precision = precision
+        self.options = options if options is not None else ConvertOptions()
+
+    def convert(
         self,
         onnx_fp32: Path,
         work_dir: Path,
-        precision: str,
-        calibration: CalibrationData | None,
-        options: ConvertOptions,
-    ) -> Artifact: ...
+        calibration: CalibrationData | None = None,
+        float_layers: tuple[str, ...] = (),
+    ) -> Artifact:
+        """Convert the FP32 export into `work_dir`; INT8 keeps `float_layers` (`bitdeploy.converters.layers`) in
+        float as well. The shared guard runs first, so nothing is written for a request no target accepts."""
+        check_request(self.target.title, self.precision, calibration)
+        return self.run(Path(onnx_fp32), Path(work_dir), calibration, tuple(float_layers))
+
+    def run(
+        self, onnx_fp32: Path, work_dir: Path, calibration: CalibrationData | None, float_layers: tuple[str, ...]
+    ) -> Artifact:
+        """The target's conversion, after `check_request` (each target implements it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement run()")
+
+    def target_info(
+        self,
+        used: str,
+        device: str | None,
+        quantization: Quantization | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> TargetInfo:
+        """The manifest's `target` record: backend from the record, precision from this row (the one place it is
+        set), `used` what actually computes."""
+        return TargetInfo(self.target.backend, self.precision, used, device, quantization, dict(details or {}))
+
+
+def bind(target: Target | str, precision: str, options: ConvertOptions | None = None) -> Converter:
+    """The record's converter class (imported by its "module:Class" string), bound to one row."""
+    record = get_target(target) if isinstance(target, str) else target
+    cls = load_converter(record)
+    if not (isinstance(cls, type) and issubclass(cls, Converter)):
+        raise TypeError(f"{record.converter} is not a bitdeploy.converters.base.Converter subclass")
+    return cls(record, precision, options)

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from bitdeploy.core.options import DEFAULT_MAX_DROP_PP, GateSpec
-from bitdeploy.runtimes import compare
-from bitdeploy.runtimes.manifest import GateResult
+from bitdeploy.runtimes.bundle import compare
+from bitdeploy.runtimes.bundle.manifest import GateResult
 
 # Without labels: allowed max |logit difference| / max(1, max |reference logit|), per precision.
 RANDOM_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-1, "int8": 2.5e-1}  # fp16 covers bf16 compute (OpenVINO CPU)

@@ -3,8 +3,9 @@
 A layer is a convolution, named by its PyTorch module path ("body.block2.unit01.conv2"). The export names each
 ONNX Conv node after it ("/body/block2/unit01/conv2/Conv"); OpenVINO keeps those names as friendly names; LiteRT's
 PT2E graph records the module path in each node's `nn_module_stack`. So a build can ask every engine for the same
-float layers (`ConvertOptions.float_layers`) and each converter maps them onto its own mechanism: ONNX Runtime's
-`nodes_to_exclude`, NNCF's `IgnoredScope`, a PT2E annotation filter, TensorRT's Q/DQ placement.
+float layers (the `float_layers` argument of `Converter.convert`) and each converter maps them onto its own
+mechanism: ONNX Runtime's `nodes_to_exclude`, NNCF's `IgnoredScope`, a PT2E annotation filter, TensorRT's Q/DQ
+placement.
 
 Groups: the INT8 search reverts layers a group at a time, where a group is one layer, one bottleneck unit
 ("body.block2.unit01") or one block ("body.block2"); the stem and the head are groups of their own at every level.

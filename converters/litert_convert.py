@@ -26,12 +26,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from bitdeploy.converters.base import Artifact, ConvertOptions, check_request
+from bitdeploy.converters.base import Artifact, Converter
 from bitdeploy.converters.calibration import CalibrationData
 from bitdeploy.core.errors import ConversionError, first_line, require
 from bitdeploy.core.fsutil import temp_dir
-from bitdeploy.core.targets import converter_record
-from bitdeploy.runtimes.manifest import Manifest, Quantization, TargetInfo
+from bitdeploy.runtimes.bundle.manifest import Manifest, Quantization, TargetInfo
 
 MODEL_FILE = "model.tflite"
 CHECK_TOLERANCE = 1e-4  # rebuilt PyTorch vs the ONNX export, and FP32 .tflite vs PyTorch, x max(1, max |logit|)
@@ -289,7 +288,7 @@ def _cast_fp16(src: Path, dst: Path) -> None:
 
 def run_tflite(path: Path, x: np.ndarray) -> np.ndarray:
     """Logits (N, classes) of a .tflite on `x` through the bitdeploy runtime backend."""
-    from bitdeploy.runtimes.litert import LiteRtBackend
+    from bitdeploy.runtimes.engines.litert import LiteRtBackend
 
     backend = LiteRtBackend(path, Manifest())
     try:
@@ -298,85 +297,86 @@ def run_tflite(path: Path, x: np.ndarray) -> np.ndarray:
         backend.close()
 
 
-def convert(
-    onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions
-) -> Artifact:
-    """Reads options.device (only "cpu": XNNPACK). litert-torch's own output shows when BITDEPLOY_LITERT_LOG is set."""
-    check_request(converter_record(__name__).title, precision, calibration)
-    device = (options.device or "cpu").lower()
-    if device != "cpu":
-        raise ConversionError(f"--device {device!r} is not a LiteRT device here; use --device cpu (XNNPACK)")
-    work_dir = Path(work_dir)
-    with temp_dir(work_dir, ".litert-") as tmp:
-        with _quiet(bool(os.environ.get(LOG_ENV))):
-            torch = require("torch", "train")
-            litert_torch = require("litert_torch", "litert-convert", "litert-torch")
-            folded = rebuild_model(Path(onnx_fp32))
-            res = _input_resolution(Path(onnx_fp32))
-            sample = torch.zeros(2, 3, res, res)
-            method = options.calib_method or converter_record(__name__).calib_methods[0]
-            target, notes = _convert(folded, sample, precision, calibration, tmp, options.float_layers, method)
-        if precision == "fp32":
-            _check_fp32(folded, tmp / MODEL_FILE, res)
-        os.replace(tmp / MODEL_FILE, work_dir / MODEL_FILE)
-    target = replace(
-        target,
-        details={
-            **target.details,
-            "versions": {"litert_torch": litert_torch.__version__, "torch": torch.__version__.split("+")[0]},
-        },
-    )
-    return Artifact(files=[MODEL_FILE], model_file=MODEL_FILE, target=target, notes=notes)
+class LiteRtConverter(Converter):
+    """Reads options.device (only "cpu": XNNPACK) and options.calib_method (default: the record's first). litert-torch's
+    own output shows when BITDEPLOY_LITERT_LOG is set."""
 
+    def run(
+        self, onnx_fp32: Path, work_dir: Path, calibration: CalibrationData | None, float_layers: tuple[str, ...]
+    ) -> Artifact:
+        device = (self.options.device or "cpu").lower()
+        if device != "cpu":
+            raise ConversionError(f"--device {device!r} is not a LiteRT device here; use --device cpu (XNNPACK)")
+        with temp_dir(work_dir, ".litert-") as tmp:
+            with _quiet(bool(os.environ.get(LOG_ENV))):
+                torch = require("torch", "train")
+                litert_torch = require("litert_torch", "litert-convert", "litert-torch")
+                folded = rebuild_model(Path(onnx_fp32))
+                res = _input_resolution(Path(onnx_fp32))
+                sample = torch.zeros(2, 3, res, res)
+                method = self.options.calib_method or self.target.calib_methods[0]
+                target, notes = self._convert(folded, sample, calibration, tmp, float_layers, method)
+            if self.precision == "fp32":
+                _check_fp32(folded, tmp / MODEL_FILE, res)
+            os.replace(tmp / MODEL_FILE, work_dir / MODEL_FILE)
+        target = replace(
+            target,
+            details={
+                **target.details,
+                "versions": {"litert_torch": litert_torch.__version__, "torch": torch.__version__.split("+")[0]},
+            },
+        )
+        return Artifact(files=[MODEL_FILE], model_file=MODEL_FILE, target=target, notes=notes)
 
-def _convert(
-    folded: Any,
-    sample: Any,
-    precision: str,
-    calibration: CalibrationData | None,
-    tmp: Path,
-    float_layers: tuple[str, ...],
-    method: str,
-) -> tuple[TargetInfo, list[str]]:
-    """Write tmp/model.tflite; returns (the manifest's target record, notes)."""
-    group_norm_type, bitlite, float_stem = _lite_modules()
-    stem = folded.root.conv
-    folded.root.conv = float_stem(
-        stem.in_channels, stem.out_channels, stem.kernel_size, stem.stride, stem.padding, bias=False
-    )
-    folded.root.conv.load_state_dict(stem.state_dict())
-    lite = bitlite(folded).eval()
-    quantization = None
-    notes = ["GroupNorm rewritten without reshapes (grouped-mean convs) so the batch stays dynamic"]
-    out = tmp / MODEL_FILE
-    try:
-        if precision == "int8":
-            assert calibration is not None
-            quantization = Quantization.from_dict(
-                _convert_int8(lite, (group_norm_type, float_stem), sample, calibration, out, float_layers, method)
-            )
-            if float_layers:
-                notes.append(f"kept in float by the INT8 search: {len(float_layers)} more layers")
-            used = "int8 CONV_2D + fp32"
-            notes.append(
-                "INT8 on the bottleneck convolutions (per-channel weights); the 3-channel stem, GroupNorm, residual adds, pooling and the head stay FP32"
-            )
-        elif precision == "fp16":
-            _convert_float(lite, sample, tmp / "fp32.tflite")
-            _cast_fp16(tmp / "fp32.tflite", out)
-            used = "fp16 weights, fp32 compute"
-            notes.append("FP16 conv weights, dequantized to FP32 at load: half the file, FP32 arithmetic")
-        else:
-            _convert_float(lite, sample, out)
-            used = "fp32"
-    except (ConversionError, MemoryError):
-        raise
-    except Exception as exc:  # litert-torch / jax / MLIR raise their own types with long traces
-        raise ConversionError(
-            f"litert-torch could not convert the model to {precision} ({type(exc).__name__}: {first_line(exc)}); set {LOG_ENV}=1 to see its log"
-        ) from exc
-    details = {"input_layout": "NCHW", "delegate": "XNNPACK"}
-    return TargetInfo(converter_record(__name__).backend, precision, used, "cpu", quantization, details), notes
+    def _convert(
+        self,
+        folded: Any,
+        sample: Any,
+        calibration: CalibrationData | None,
+        tmp: Path,
+        float_layers: tuple[str, ...],
+        method: str,
+    ) -> tuple[TargetInfo, list[str]]:
+        """Write tmp/model.tflite; returns (the manifest's target record, notes)."""
+        precision = self.precision
+        group_norm_type, bitlite, float_stem = _lite_modules()
+        stem = folded.root.conv
+        folded.root.conv = float_stem(
+            stem.in_channels, stem.out_channels, stem.kernel_size, stem.stride, stem.padding, bias=False
+        )
+        folded.root.conv.load_state_dict(stem.state_dict())
+        lite = bitlite(folded).eval()
+        quantization = None
+        notes = ["GroupNorm rewritten without reshapes (grouped-mean convs) so the batch stays dynamic"]
+        out = tmp / MODEL_FILE
+        try:
+            if precision == "int8":
+                assert calibration is not None
+                quantization = Quantization.from_dict(
+                    _convert_int8(lite, (group_norm_type, float_stem), sample, calibration, out, float_layers, method)
+                )
+                if float_layers:
+                    notes.append(f"kept in float by the INT8 search: {len(float_layers)} more layers")
+                used = "int8 CONV_2D + fp32"
+                notes.append(
+                    "INT8 on the bottleneck convolutions (per-channel weights); the 3-channel stem, GroupNorm, residual adds, pooling and the head stay FP32"
+                )
+            elif precision == "fp16":
+                _convert_float(lite, sample, tmp / "fp32.tflite")
+                _cast_fp16(tmp / "fp32.tflite", out)
+                used = "fp16 weights, fp32 compute"
+                notes.append("FP16 conv weights, dequantized to FP32 at load: half the file, FP32 arithmetic")
+            else:
+                _convert_float(lite, sample, out)
+                used = "fp32"
+        except (ConversionError, MemoryError):
+            raise
+        except Exception as exc:  # litert-torch / jax / MLIR raise their own types with long traces
+            raise ConversionError(
+                f"litert-torch could not convert the model to {precision} ({type(exc).__name__}: {first_line(exc)}); set {LOG_ENV}=1 to see its log"
+            ) from exc
+        details = {"input_layout": "NCHW", "delegate": "XNNPACK"}
+        return self.target_info(used, "cpu", quantization, details), notes
 
 
 def _check_fp32(folded: Any, path: Path, res: int) -> None:

@@ -18,16 +18,15 @@ import numpy as np
 from bitdeploy.converters import layers
 from bitdeploy.converters.base import (
     Artifact,
+    Converter,
     ConvertOptions,
     RowInputs,
     TargetOptions,
-    check_request,
     option,
 )
 from bitdeploy.converters.calibration import CalibrationData, ValidationData, nncf_dataset
 from bitdeploy.core.errors import BitdeployError, ConversionError, first_line, require
-from bitdeploy.core.targets import converter_record
-from bitdeploy.runtimes.manifest import Quantization, TargetInfo
+from bitdeploy.runtimes.bundle.manifest import Quantization
 
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
 DEFAULT_DEVICE = "CPU"
@@ -210,17 +209,18 @@ def float_conv_layers(scope: Any) -> list[str]:
 
 
 def quantize_int8(
-    model: Any, calibration: CalibrationData, options: ConvertOptions
+    model: Any, calibration: CalibrationData, options: ConvertOptions, float_layers: Sequence[str] = ()
 ) -> tuple[Any, dict[str, Any], list[str]]:
-    """NNCF post-training INT8 with the DEFAULT_SCOPE float placement; with `OpenVinoOptions.accuracy_control`,
-    the accuracy-controlled variant, measured on `OpenVinoOptions.validation`."""
+    """NNCF post-training INT8 with the DEFAULT_SCOPE float placement plus `float_layers` (the INT8 search's);
+    with `OpenVinoOptions.accuracy_control`, the accuracy-controlled variant, measured on
+    `OpenVinoOptions.validation`."""
     nncf = require("nncf", "openvino", "NNCF (nncf, the INT8 quantizer)")
 
     nncf.set_log_level(40)  # errors only: the build prints its own progress
     ov_options = options.extras_for(OpenVinoOptions)
     calib = nncf_dataset(calibration)  # single images: NNCF feeds the model one item at a time
     scope_mode = DEFAULT_SCOPE
-    scope, notes = ignored_scope(model, scope_mode, options.float_layers)
+    scope, notes = ignored_scope(model, scope_mode, float_layers)
     advanced = _range_estimator(options.calib_method)
     common: dict[str, Any] = {
         "preset": nncf.QuantizationPreset.PERFORMANCE,  # symmetric activations: no zero-point arithmetic
@@ -282,62 +282,64 @@ def validation_dataset(validation: ValidationData) -> Any:
     return nncf.Dataset([(xs[i : i + 1], int(ys[i])) for i in range(len(xs))], lambda item: item[0])
 
 
-def convert(
-    onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions
-) -> Artifact:
+class OpenVinoConverter(Converter):
     """Reads options.device, options.threads (the validation compile), options.calib_method and `OpenVinoOptions`."""
-    ov = require("openvino", "openvino", "OpenVINO")
-    check_request(converter_record(__name__).title, precision, calibration)
-    ov_options = options.extras_for(OpenVinoOptions)
-    if ov_options.accuracy_control and precision != "int8":
-        raise ConversionError("--accuracy-control applies to --precision int8 only")
-    if ov_options.accuracy_control and ov_options.validation is None:
-        raise ConversionError(NO_VALIDATION)
-    device = parse_device(options.device)
-    core = ov.Core()
-    check_device(core, device)
-    hint = (ov_options.inference_precision or "f32").lower()
-    if hint not in INFERENCE_PRECISIONS:
-        raise ConversionError(
-            f"--inference-precision {hint!r} is not an OpenVINO float precision; choose one of: {', '.join(INFERENCE_PRECISIONS)}"
-        )
-    if precision == "fp32" and hint != "f32":
-        raise ConversionError(
-            f"--precision fp32 computes in f32; for {hint} arithmetic build --precision fp16 or int8 with --inference-precision {hint}"
-        )
-    config = compile_config(hint, options.threads)
 
-    try:
-        model = ov.convert_model(str(onnx_fp32))
-    except Exception as exc:  # OpenVINO raises its own untyped errors
-        raise ConversionError(f"OpenVINO cannot convert {Path(onnx_fp32).name}: {first_line(exc)}") from exc
-    notes: list[str] = []
-    quant: dict[str, Any] | None = None
-    if precision == "int8":
-        from bitdeploy.core.stdio import stdout_to_stderr
+    def run(
+        self, onnx_fp32: Path, work_dir: Path, calibration: CalibrationData | None, float_layers: tuple[str, ...]
+    ) -> Artifact:
+        ov = require("openvino", "openvino", "OpenVINO")
+        precision, options = self.precision, self.options
+        ov_options = options.extras_for(OpenVinoOptions)
+        if ov_options.accuracy_control and precision != "int8":
+            raise ConversionError("--accuracy-control applies to --precision int8 only")
+        if ov_options.accuracy_control and ov_options.validation is None:
+            raise ConversionError(NO_VALIDATION)
+        device = parse_device(options.device)
+        core = ov.Core()
+        check_device(core, device)
+        hint = (ov_options.inference_precision or "f32").lower()
+        if hint not in INFERENCE_PRECISIONS:
+            raise ConversionError(
+                f"--inference-precision {hint!r} is not an OpenVINO float precision; choose one of: {', '.join(INFERENCE_PRECISIONS)}"
+            )
+        if precision == "fp32" and hint != "f32":
+            raise ConversionError(
+                f"--precision fp32 computes in f32; for {hint} arithmetic build --precision fp16 or int8 with --inference-precision {hint}"
+            )
+        config = compile_config(hint, options.threads)
 
-        assert calibration is not None  # refused above
-        with stdout_to_stderr("nncf"):  # NNCF's progress bars and log lines never reach the stdout table
-            model, quant, q_notes = quantize_int8(model, calibration, options)
-        notes.extend(q_notes)
-    work_dir = Path(work_dir)
-    xml = work_dir / MODEL_XML
-    # fp16 stores weights as f16 (half the file); int8 weights are already int8, and the few float
-    # constants left (GroupNorm affine, head) stay f32 so only quantization error remains.
-    ov.save_model(model, str(xml), compress_to_fp16=(precision == "fp16"))
-    compiled = core.compile_model(str(xml), device, config)
-    computed = resolved_precision(compiled)
-    del compiled
-    used = {"fp32": computed, "fp16": computed, "int8": f"int8+{computed}"}[precision]
-    if computed not in (hint, "device-default"):
-        raise ConversionError(
-            f"OpenVINO on {device} computes in {computed}, not the requested {hint}: this CPU has no {hint} arithmetic "
-            f"({NATIVE.get(hint, 'none known')}); build with --inference-precision f32 or on such a CPU"
+        try:
+            model = ov.convert_model(str(onnx_fp32))
+        except Exception as exc:  # OpenVINO raises its own untyped errors
+            raise ConversionError(f"OpenVINO cannot convert {Path(onnx_fp32).name}: {first_line(exc)}") from exc
+        notes: list[str] = []
+        quant: dict[str, Any] | None = None
+        if precision == "int8":
+            from bitdeploy.core.stdio import stdout_to_stderr
+
+            assert calibration is not None  # refused above
+            with stdout_to_stderr("nncf"):  # NNCF's progress bars and log lines never reach the stdout table
+                model, quant, q_notes = quantize_int8(model, calibration, options, float_layers)
+            notes.extend(q_notes)
+        xml = work_dir / MODEL_XML
+        # fp16 stores weights as f16 (half the file); int8 weights are already int8, and the few float
+        # constants left (GroupNorm affine, head) stay f32 so only quantization error remains.
+        ov.save_model(model, str(xml), compress_to_fp16=(precision == "fp16"))
+        compiled = core.compile_model(str(xml), device, config)
+        computed = resolved_precision(compiled)
+        del compiled
+        used = {"fp32": computed, "fp16": computed, "int8": f"int8+{computed}"}[precision]
+        if computed not in (hint, "device-default"):
+            raise ConversionError(
+                f"OpenVINO on {device} computes in {computed}, not the requested {hint}: this CPU has no {hint} arithmetic "
+                f"({NATIVE.get(hint, 'none known')}); build with --inference-precision f32 or on such a CPU"
+            )
+        notes.append(
+            f"float layers pinned to {hint} on every device"
+            + (" (weights stored as f16)" if precision == "fp16" else "")
         )
-    notes.append(
-        f"float layers pinned to {hint} on every device" + (" (weights stored as f16)" if precision == "fp16" else "")
-    )
-    details = {"inference_precision": hint, "performance_hint": "LATENCY", "openvino_version": ov.get_version()}
-    quantization = Quantization.from_dict(quant) if quant is not None else None
-    target = TargetInfo(converter_record(__name__).backend, precision, used, device, quantization, details)
-    return Artifact(files=[MODEL_XML, MODEL_BIN], model_file=MODEL_XML, target=target, notes=notes)
+        details = {"inference_precision": hint, "performance_hint": "LATENCY", "openvino_version": ov.get_version()}
+        quantization = Quantization.from_dict(quant) if quant is not None else None
+        target = self.target_info(used, device, quantization, details)
+        return Artifact(files=[MODEL_XML, MODEL_BIN], model_file=MODEL_XML, target=target, notes=notes)

@@ -15,12 +15,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.converters.base import Artifact, ConvertOptions, RowInputs, TargetOptions, check_request, option
+from bitdeploy.converters.base import Artifact, Converter, RowInputs, TargetOptions, option
 from bitdeploy.converters.calibration import CalibrationData
 from bitdeploy.core.devices import cpu_arch
 from bitdeploy.core.errors import ConversionError
-from bitdeploy.core.targets import converter_record
-from bitdeploy.runtimes.manifest import Quantization, TargetInfo
+from bitdeploy.runtimes.bundle.manifest import Quantization
 
 MODEL_FILE = "model.onnx"
 DEVICES = ("cpu", "cuda")
@@ -134,61 +133,64 @@ def cpu_computes_fp16(model_path: Path) -> bool:
     return after <= before
 
 
-def convert(
-    onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions
-) -> Artifact:
+class OrtConverter(Converter):
     """Reads options.device ("cpu" | "cuda[:N]"), options.calib_method and `OrtOptions.int8_scheme`."""
-    from bitdeploy.converters import ort_quant
 
-    check_request(converter_record(__name__).title, precision, calibration)
-    device = parse_device(options.device)
-    work_dir = Path(work_dir)
-    out = work_dir / MODEL_FILE
-    details: dict[str, Any] = {}
-    quantization = None
-    notes: list[str] = []
-    if precision == "fp32":
-        files = _copy_model(Path(onnx_fp32), out)
-        used = "fp32"
-    elif precision == "fp16":
-        info = ort_quant.convert_fp16(onnx_fp32, out)
-        files = [MODEL_FILE]
-        if _on_cpu(device) and not cpu_computes_fp16(out):
-            used = "fp16 storage, fp32 compute"
+    def run(
+        self, onnx_fp32: Path, work_dir: Path, calibration: CalibrationData | None, float_layers: tuple[str, ...]
+    ) -> Artifact:
+        from bitdeploy.converters import ort_quant
+
+        precision, options = self.precision, self.options
+        device = parse_device(options.device)
+        out = work_dir / MODEL_FILE
+        details: dict[str, Any] = {}
+        quantization = None
+        notes: list[str] = []
+        if precision == "fp32":
+            files = _copy_model(Path(onnx_fp32), out)
+            used = "fp32"
+        elif precision == "fp16":
+            info = ort_quant.convert_fp16(onnx_fp32, out)
+            files = [MODEL_FILE]
+            if _on_cpu(device) and not cpu_computes_fp16(out):
+                used = "fp16 storage, fp32 compute"
+                notes.append(
+                    "ONNX Runtime's CPU provider casts FP16 nodes to FP32 here: smaller file, no speed-up; FP16 pays off on CUDA"
+                )
+            else:
+                used = "fp16 + fp32 normalisations"
+            details["fp16"] = info
             notes.append(
-                "ONNX Runtime's CPU provider casts FP16 nodes to FP32 here: smaller file, no speed-up; FP16 pays off on CUDA"
+                f"kept in FP32: {', '.join(info['kept_fp32_op_types']) or 'nothing'} ({info['kept_fp32_nodes']} nodes), graph I/O float32"
             )
         else:
-            used = "fp16 + fp32 normalisations"
-        details["fp16"] = info
-        notes.append(
-            f"kept in FP32: {', '.join(info['kept_fp32_op_types']) or 'nothing'} ({info['kept_fp32_nodes']} nodes), graph I/O float32"
-        )
-    else:
-        assert calibration is not None  # check_request refused int8 without it
-        ort_options = options.extras_for(OrtOptions)
-        scheme = ort_options.int8_scheme or "auto"
-        if scheme not in INT8_SCHEMES:
-            raise ConversionError(
-                f"--int8-scheme {scheme!r} is not an ONNX Runtime INT8 scheme; choose one of: {', '.join(INT8_SCHEMES)}"
+            assert calibration is not None  # check_request refused int8 without it
+            ort_options = options.extras_for(OrtOptions)
+            scheme = ort_options.int8_scheme or "auto"
+            if scheme not in INT8_SCHEMES:
+                raise ConversionError(
+                    f"--int8-scheme {scheme!r} is not an ONNX Runtime INT8 scheme; choose one of: {', '.join(INT8_SCHEMES)}"
+                )
+            scheme, why = (
+                auto_scheme(device, ort_options.verify_on) if scheme == "auto" else (scheme, SCHEMES[scheme].why)
             )
-        scheme, why = auto_scheme(device, ort_options.verify_on) if scheme == "auto" else (scheme, SCHEMES[scheme].why)
-        chosen = SCHEMES[scheme]
-        qdq = ort_quant.QdqOptions(
-            method=options.calib_method,
-            activation_type=chosen.activation_type,
-            reduce_range=chosen.reduce_range,
-            symmetric_activations=not _on_cpu(device),
-            float_layers=options.float_layers,
-        )
-        info = ort_quant.quantize_qdq(onnx_fp32, out, calibration, qdq)
-        files = [MODEL_FILE]
-        info.update(scheme=scheme, scheme_reason=why)
-        used = f"int8 {'+'.join(info['op_types'])} ({scheme.upper()}) + fp32"
-        quantization = Quantization.from_dict(info)
-        notes.append(f"INT8 scheme {scheme}: {why}")
-        notes.append(
-            f"INT8 Q/DQ on {info['quantized_nodes']} {'/'.join(info['op_types'])} nodes; float: {', '.join(info['float_op_types'])}"
-        )
-    target = TargetInfo(converter_record(__name__).backend, precision, used, device, quantization, details)
-    return Artifact(files=files, model_file=MODEL_FILE, target=target, notes=notes)
+            chosen = SCHEMES[scheme]
+            qdq = ort_quant.QdqOptions(
+                method=options.calib_method,
+                activation_type=chosen.activation_type,
+                reduce_range=chosen.reduce_range,
+                symmetric_activations=not _on_cpu(device),
+                float_layers=float_layers,
+            )
+            info = ort_quant.quantize_qdq(onnx_fp32, out, calibration, qdq)
+            files = [MODEL_FILE]
+            info.update(scheme=scheme, scheme_reason=why)
+            used = f"int8 {'+'.join(info['op_types'])} ({scheme.upper()}) + fp32"
+            quantization = Quantization.from_dict(info)
+            notes.append(f"INT8 scheme {scheme}: {why}")
+            notes.append(
+                f"INT8 Q/DQ on {info['quantized_nodes']} {'/'.join(info['op_types'])} nodes; float: {', '.join(info['float_op_types'])}"
+            )
+        target = self.target_info(used, device, quantization, details)
+        return Artifact(files=files, model_file=MODEL_FILE, target=target, notes=notes)

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.converters.base import Artifact, ConvertOptions, TargetOptions, check_request, option
+from bitdeploy.converters.base import Artifact, Converter, TargetOptions, option
 from bitdeploy.converters.calibration import CalibrationData
 from bitdeploy.core.errors import BitdeployError, ConversionError, first_line
 from bitdeploy.core.fsutil import atomic_write
-from bitdeploy.core.targets import converter_record
-from bitdeploy.runtimes.manifest import Quantization, TargetInfo
+from bitdeploy.runtimes.bundle.manifest import Quantization
 
 PLAN = "model.plan"
 DEFAULT_PROFILE = (1, 1, 32)  # batch min, opt, max: tuned for batch-1 latency, accepts batches up to 32
@@ -139,17 +138,14 @@ def check_realised(requested: str, summary: dict[str, Any]) -> None:
 
 
 def timing_cache_path(
-    cache_dir: str | os.PathLike[str] | None, trt_version: str, gpu_name: str, cc: str
+    cache_dir: str | os.PathLike[str] | None, backend: str, trt_version: str, gpu_name: str, cc: str
 ) -> Path | None:
-    """The timing cache is only valid for one TensorRT version and GPU model, so both are in its name."""
+    """The timing cache, under `cache_dir`/`backend` (the record's backend name). It is only valid for one
+    TensorRT version and GPU model, so both are in its name."""
     if not cache_dir:
         return None
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", gpu_name).strip("-") or "gpu"
-    return (
-        Path(cache_dir)
-        / converter_record(__name__).backend
-        / f"timing-trt{trt_version}-{slug}-sm{cc.replace('.', '')}.cache"
-    )
+    return Path(cache_dir) / backend / f"timing-trt{trt_version}-{slug}-sm{cc.replace('.', '')}.cache"
 
 
 def _logger(trt: Any) -> Any:
@@ -262,68 +258,76 @@ def inspect_engine(trt: Any, plan: bytes, input_name: str, shape: tuple[int, ...
 
 def check_available() -> tuple[Any, Any]:
     """(tensorrt module, CUDA api) or a one-line MissingDependencyError/ConversionError. Cheap: call it first."""
-    from bitdeploy.runtimes.trt import cuda_api, import_tensorrt
+    from bitdeploy.runtimes.engines.trt import cuda_api, import_tensorrt
 
     trt = import_tensorrt()
     api = cuda_api()
     return trt, api
 
 
-def convert(
-    onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions
-) -> Artifact:
+class TensorRTConverter(Converter):
     """Reads options.device ("cuda[:N]"), calib_method, cache, cache_dir and `TensorRTOptions` (batch profile,
     workspace_gb)."""
-    from bitdeploy.converters import trt_qdq
-    from bitdeploy.runtimes.trt import parse_device
 
-    check_request(converter_record(__name__).title, precision, calibration)
-    trt, api = check_available()
-    try:
-        index = parse_device(options.device)
-        api.set_device(index)
-        gpu_name, cc = api.device_info(index)
-    except BitdeployError:
-        raise
-    except Exception as exc:  # torch's CUDA calls raise RuntimeError
-        raise ConversionError(
-            f"no usable NVIDIA GPU for TensorRT ({first_line(exc)}); build on a machine with one, or pass --device cuda:N"
-        ) from exc
-    trt_options = options.extras_for(TensorRTOptions)
-    profile = parse_profile(trt_options.batch)
-    workspace_gb = float(trt_options.workspace_gb or DEFAULT_WORKSPACE_GB)
-    trt_version = str(trt.__version__)
-    work_dir = Path(work_dir)
+    def run(
+        self, onnx_fp32: Path, work_dir: Path, calibration: CalibrationData | None, float_layers: tuple[str, ...]
+    ) -> Artifact:
+        from bitdeploy.converters import trt_qdq
+        from bitdeploy.runtimes.engines.trt import parse_device
 
-    onnx_name, onnx_info = trt_qdq.prepare_onnx(Path(onnx_fp32), work_dir, precision, calibration, options)
-    cache_file = None
-    if options.cache:  # --no-cache: neither read nor write the timing cache
-        from bitdeploy.core.cache import default_root
+        precision, options = self.precision, self.options
+        trt, api = check_available()
+        try:
+            index = parse_device(options.device)
+            api.set_device(index)
+            gpu_name, cc = api.device_info(index)
+        except BitdeployError:
+            raise
+        except Exception as exc:  # torch's CUDA calls raise RuntimeError
+            raise ConversionError(
+                f"no usable NVIDIA GPU for TensorRT ({first_line(exc)}); build on a machine with one, or pass --device cuda:N"
+            ) from exc
+        trt_options = options.extras_for(TensorRTOptions)
+        profile = parse_profile(trt_options.batch)
+        workspace_gb = float(trt_options.workspace_gb or DEFAULT_WORKSPACE_GB)
+        trt_version = str(trt.__version__)
 
-        cache_file = timing_cache_path(options.cache_dir or default_root(), trt_version, gpu_name, cc)
-    plan, facts = build_engine(trt, work_dir / onnx_name, precision, profile, int(workspace_gb * (1 << 30)), cache_file)
-    atomic_write(work_dir / PLAN, plan)
-    summary = inspect_engine(trt, plan, facts["input"], (profile[1], *facts["sample_shape"]))
-    check_realised(precision, summary)
+        onnx_name, onnx_info = trt_qdq.prepare_onnx(onnx_fp32, work_dir, precision, calibration, options, float_layers)
+        cache_file = None
+        if options.cache:  # --no-cache: neither read nor write the timing cache
+            from bitdeploy.core.cache import default_root
 
-    details = {
-        "tensorrt_version": trt_version,
-        "gpu_name": gpu_name,
-        "compute_capability": cc,
-        "profile": {"min": profile[0], "opt": profile[1], "max": profile[2]},
-        "workspace_gb": workspace_gb,
-        "strongly_typed": facts["strongly_typed"],
-        "builder_flags": facts["builder_flags"],
-        "layers": {k: summary[k] for k in ("by_precision", "bookkeeping_layers", "unknown_layers", "engine_layers")},
-        "onnx": {k: v for k, v in onnx_info.items() if k not in ("notes", "extra_files")},
-        "build_seconds": facts["build_seconds"],
-    }
-    notes = [f"TensorRT {trt_version} on {gpu_name} (sm {cc}); layers by precision: {summary['by_precision']}"]
-    if facts["timing_cache"]:
-        notes.append(f"timing cache {'reused' if facts['timing_cache_reused'] else 'created'}: {facts['timing_cache']}")
-    notes.extend(onnx_info.get("notes", []))
-    files = [PLAN, onnx_name, *onnx_info.pop("extra_files", [])]
-    quantization = Quantization.from_dict(details["onnx"]) if precision == "int8" else None
-    backend = converter_record(__name__).backend
-    target = TargetInfo(backend, precision, summary["precision_used"], f"cuda:{index}", quantization, details)
-    return Artifact(files=files, model_file=PLAN, target=target, notes=notes, eval_model_file=onnx_name)
+            cache_file = timing_cache_path(
+                options.cache_dir or default_root(), self.target.backend, trt_version, gpu_name, cc
+            )
+        plan, facts = build_engine(
+            trt, work_dir / onnx_name, precision, profile, int(workspace_gb * (1 << 30)), cache_file
+        )
+        atomic_write(work_dir / PLAN, plan)
+        summary = inspect_engine(trt, plan, facts["input"], (profile[1], *facts["sample_shape"]))
+        check_realised(precision, summary)
+
+        details = {
+            "tensorrt_version": trt_version,
+            "gpu_name": gpu_name,
+            "compute_capability": cc,
+            "profile": {"min": profile[0], "opt": profile[1], "max": profile[2]},
+            "workspace_gb": workspace_gb,
+            "strongly_typed": facts["strongly_typed"],
+            "builder_flags": facts["builder_flags"],
+            "layers": {
+                k: summary[k] for k in ("by_precision", "bookkeeping_layers", "unknown_layers", "engine_layers")
+            },
+            "onnx": {k: v for k, v in onnx_info.items() if k not in ("notes", "extra_files")},
+            "build_seconds": facts["build_seconds"],
+        }
+        notes = [f"TensorRT {trt_version} on {gpu_name} (sm {cc}); layers by precision: {summary['by_precision']}"]
+        if facts["timing_cache"]:
+            notes.append(
+                f"timing cache {'reused' if facts['timing_cache_reused'] else 'created'}: {facts['timing_cache']}"
+            )
+        notes.extend(onnx_info.get("notes", []))
+        files = [PLAN, onnx_name, *onnx_info.pop("extra_files", [])]
+        quantization = Quantization.from_dict(details["onnx"]) if precision == "int8" else None
+        target = self.target_info(summary["precision_used"], f"cuda:{index}", quantization, details)
+        return Artifact(files=files, model_file=PLAN, target=target, notes=notes, eval_model_file=onnx_name)

@@ -182,9 +182,14 @@ def inspect_qdq(  # noqa: C901 - one pass over the nodes, one branch per QDQ pat
 
 
 def build_qdq(
-    onnx_fp32: Path, out: Path, calibration: CalibrationData | None, options: ConvertOptions
+    onnx_fp32: Path,
+    out: Path,
+    calibration: CalibrationData | None,
+    options: ConvertOptions,
+    float_layers: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Write the INT8 QDQ ONNX for TensorRT and check its placement; returns manifest facts.
+    """Write the INT8 QDQ ONNX for TensorRT and check its placement, keeping `float_layers` (the INT8 search's)
+    in float as well; returns manifest facts.
 
     TensorRT's rules, asked for explicitly: signed INT8 symmetric activations (zero points of 0), per-channel
     weights, no Q/DQ on conv outputs (the GroupNorm that reads them stays float), head and bias in float.
@@ -203,10 +208,10 @@ def build_qdq(
         exclude_head=True,
         quantize_bias=False,  # TensorRT fuses a float bias into the INT8 conv; an INT32 bias DQ is not needed
         quantize_outputs=False,
-        float_layers=options.float_layers,
+        float_layers=float_layers,
     )
     info = ort_quant.quantize_qdq(onnx_fp32, out, calibration, qdq)
-    report = inspect_qdq(onnx.load(str(out), load_external_data=False), float_layers=options.float_layers)
+    report = inspect_qdq(onnx.load(str(out), load_external_data=False), float_layers=float_layers)
     if report.violations:
         raise ConversionError(
             f"the INT8 ONNX breaks TensorRT's Q/DQ rules ({report.violations[0]}; {len(report.violations)} in all); report this as a bug"
@@ -259,9 +264,15 @@ def _copy_external_data(onnx_path: Path, work_dir: Path) -> list[str]:
 
 
 def prepare_onnx(
-    onnx_fp32: Path, work_dir: Path, precision: str, calibration: CalibrationData | None, options: ConvertOptions
+    onnx_fp32: Path,
+    work_dir: Path,
+    precision: str,
+    calibration: CalibrationData | None,
+    options: ConvertOptions,
+    float_layers: Sequence[str] = (),
 ) -> tuple[str, dict[str, Any]]:
-    """Write `model.trt.onnx` (the graph TensorRT builds; it also lets the bundle be rebuilt for another GPU)."""
+    """Write `model.trt.onnx` (the graph TensorRT builds; it also lets the bundle be rebuilt for another GPU);
+    INT8 keeps `float_layers` in float as well."""
     check_request("TensorRT", precision, calibration)
     out = Path(work_dir) / ONNX_NAME
     if precision == "fp32":
@@ -273,4 +284,4 @@ def prepare_onnx(
         }
     if precision == "fp16":
         return ONNX_NAME, build_fp16(onnx_fp32, out)
-    return ONNX_NAME, build_qdq(onnx_fp32, out, calibration, options)
+    return ONNX_NAME, build_qdq(onnx_fp32, out, calibration, options, float_layers)

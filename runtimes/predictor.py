@@ -21,12 +21,12 @@ import numpy as np
 from bitdeploy.core import targets
 from bitdeploy.core.errors import BitdeployError, BundleError, MissingDependencyError
 from bitdeploy.runtimes import preprocess as pre
-from bitdeploy.runtimes import selftest
-from bitdeploy.runtimes.base import Backend, backend_available, backend_class, expected_input
-from bitdeploy.runtimes.fingerprint import device_class, host_fingerprint
-from bitdeploy.runtimes.manifest import InputSpec
-from bitdeploy.runtimes.pack import OpenedBundle, open_bundle
-from bitdeploy.runtimes.selftest import SelfTestResult
+from bitdeploy.runtimes.bundle import selftest
+from bitdeploy.runtimes.bundle.fingerprint import device_class, host_fingerprint
+from bitdeploy.runtimes.bundle.manifest import InputSpec
+from bitdeploy.runtimes.bundle.pack import OpenedBundle, open_bundle
+from bitdeploy.runtimes.bundle.selftest import SelfTestResult
+from bitdeploy.runtimes.engines.base import Backend, backend_available, backend_class, expected_input
 
 DEFAULT_MAX_BATCH = 32
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bitdeploy.core.errors import ImageError, first_line
-from bitdeploy.runtimes.manifest import BIT_MEAN, BIT_STD, InputSpec
+from bitdeploy.runtimes.bundle.manifest import BIT_MEAN, BIT_STD, InputSpec
 
 ImageInput = str | os.PathLike[str] | bytes | bytearray | Image.Image | np.ndarray
 

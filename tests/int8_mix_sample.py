@@ -3,7 +3,7 @@ of a 48-layer model, the two most costly kept in float, one group the budget lef
 
 from __future__ import annotations
 
-from bitdeploy.runtimes.manifest_mix import Candidate, Int8Mix, LayerCost
+from bitdeploy.runtimes.bundle.manifest_mix import Candidate, Int8Mix, LayerCost
 
 ROW = "m-r50x1-64/onnx-int8"
 FLOAT_GROUPS = ("body.block2.unit01", "body.block3.unit02")

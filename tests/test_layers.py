@@ -58,8 +58,10 @@ def layer_index(path: Path, root: Path) -> int | None:
     rel = path.relative_to(root)
     if rel.parent == Path("pipeline"):
         return ROOT_MODULES.get(rel.stem)
-    folder = rel.parent.as_posix()
-    return LAYERS.index(folder) if folder in LAYERS else None
+    for folder in (rel.parent, *rel.parent.parents):  # a layer's sub-package (runtimes/engines/) is in that layer
+        if folder.as_posix() in LAYERS:
+            return LAYERS.index(folder.as_posix())
+    return None
 
 
 def package_of(path: Path, root: Path) -> str:
@@ -211,6 +213,7 @@ def _tree(root: Path, files: dict[str, str]) -> Path:
         (root / folder).mkdir(parents=True, exist_ok=True)
         (root / folder / "__init__.py").write_text("")
     for rel, text in {"pipeline/__init__.py": "", "pipeline/core/errors.py": "", **files}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
     return root
 
@@ -228,10 +231,13 @@ def test_checker_sees_module_level_and_lazy_imports_of_a_higher_layer(tmp_path: 
             "pipeline/core/errors.py": "def hint():\n    from bitdeploy.cli import cmd_build\n",
             "pipeline/cli/cmd_build.py": "",
             "pipeline/extra.py": "",
+            "runtimes/engines/__init__.py": "",
+            "runtimes/engines/deep.py": "from bitdeploy.converters import base\n",
         },
     )
     assert violations(tree) == sorted(
         [
+            "runtimes/engines/deep.py:1 (runtimes) imports bitdeploy.converters.base (converters)",
             "pipeline/core/errors.py:2 (pipeline/core) imports bitdeploy.cli.cmd_build (pipeline/cli)",
             "pipeline/extra.py is in no layer: move it into one of " + ", ".join(LAYERS),
             "runtimes/backend.py:1 (runtimes) imports bitdeploy.converters.base (converters)",

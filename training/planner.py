@@ -6,58 +6,55 @@ Torch-free, so `bitdeploy train --plan` answers quickly and `bitdeploy build --d
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from bitdeploy.core.catalog import get_variant
 from bitdeploy.core.errors import BitdeployError
+from bitdeploy.core.options import KEYED, TrainingOptions
 from bitdeploy.training import hyperrule
 
 DEVICES = ("auto", "cpu", "cuda", "xla")
-PRECISIONS = ("fp32", "bf16", "fp16")
+TRAIN_PRECISIONS = ("fp32", "bf16", "fp16")  # what the fine-tune computes in (not a bundle precision)
 
 
-@dataclass
-class TrainConfig:
-    """Everything `bitdeploy train` accepts; `None` means "what the BiT-HyperRule says".
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(TrainingOptions):
+    """Everything `bitdeploy train` accepts: the training options (`bitdeploy.core.options.TrainingOptions`, where
+    `None` means "what the BiT-HyperRule says"), and the run's own fields. `TrainConfig.of` makes one from a
+    command's training record by field name.
 
     Attributes:
         model: catalog name, e.g. "m-r50x1".
-        dataset: SPEC: "digits", an ImageFolder directory, or a CIFAR-10/100 binary tarball/folder.
+        dataset: SPEC (required here): "digits", an ImageFolder directory, or a CIFAR-10/100 binary tarball/folder.
         out: output directory (checkpoint.pt, metrics.jsonl, summary.json); rerunning on it resumes.
         weights: "auto" (official upstream weights), "none" (random init), or a PATH (.npz, checkpoint, run dir).
-        batch_size: the global batch, split across processes; batch_split accumulates micro-batches.
-        lr: the peak learning rate used as is (default: 0.003 scaled linearly with batch_size / 512).
         resolution: the training crop = evaluation size (default by image area: 128 or 480).
-        checkpoint_every: steps between checkpoints (0: only at the end).
-        eval_every: steps between validation passes (0: only at the end).
+        seed: every random draw of the run: few-shot draw, split, init, data order, augmentation.
         cache_mb: the training set is resized once and kept in memory when it needs at most this many MB.
+        log_every: steps between the metrics log's training lines.
     """
 
-    model: str
-    dataset: str
+    model: str = field(metadata=KEYED)
+    dataset: str = field()
     out: Path | None = None
     weights: str = "auto"
-    shots: int | None = None
-    steps: int | None = None
-    batch_size: int | None = None
-    batch_split: int = 1
-    lr: float | None = None
-    resolution: int | None = None
-    mixup: float | None = None
-    hflip: bool = True
-    device: str = "auto"
-    precision: str = "fp32"
-    checkpoint_every: int = 100
-    eval_every: int = 0
-    seed: int = 0
-    val_split: float | None = None
-    strict: bool = False
-    num_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    resolution: int | None = field(default=None, metadata=KEYED)
+    seed: int = field(default=0, metadata=KEYED)
     cache_mb: int = 4096
     log_every: int = 10
-    progress: bool = True
+
+    @classmethod
+    def of(cls, options: TrainingOptions, **run: Any) -> TrainConfig:
+        """The config of `options`' training fields (a build's `TrainingArgs` without its own `finetune`) and of
+        `run`, the run's own fields (model, out, weights, ...; later wins), by field name."""
+        return cls(**{**{f.name: getattr(options, f.name) for f in fields(TrainingOptions)}, **run})
+
+    @property
+    def workers(self) -> int:
+        """--num-workers, else min(4, CPUs)."""
+        return self.num_workers if self.num_workers is not None else min(4, os.cpu_count() or 1)
 
     def validate(self) -> None:
         get_variant(self.model)
@@ -73,8 +70,8 @@ class TrainConfig:
             (self.mixup is not None and self.mixup < 0, f"--mixup must be >= 0 (got {self.mixup})"),
             (self.device not in DEVICES, f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})"),
             (
-                self.precision not in PRECISIONS,
-                f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})",
+                self.precision not in TRAIN_PRECISIONS,
+                f"--precision must be one of {', '.join(TRAIN_PRECISIONS)} (got {self.precision!r})",
             ),
             (self.checkpoint_every < 0, f"--checkpoint-every must be >= 0 (got {self.checkpoint_every})"),
             (self.shots is not None and self.shots < 1, f"--shots must be >= 1 (got {self.shots})"),

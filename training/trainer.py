@@ -154,7 +154,7 @@ def _train(config: TrainConfig, out: Path, ctx: distributed.Context, started: fl
         config.seed,
         plan["mixup_alpha"],
         budget,
-        config.num_workers,
+        config.workers,
         plan["hflip"],
     )
     run_info = {

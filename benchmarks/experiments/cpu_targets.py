@@ -55,11 +55,10 @@ def build_engines(
     import torch
 
     from bitdeploy.converters import calibration as calib_mod
-    from bitdeploy.converters import openvino_convert, ort_convert
-    from bitdeploy.converters.base import ConvertOptions
+    from bitdeploy.converters.base import ConvertOptions, bind
     from bitdeploy.converters.onnx_export import export_onnx
-    from bitdeploy.runtimes.base import open_backend
-    from bitdeploy.runtimes.manifest import Manifest
+    from bitdeploy.runtimes.bundle.manifest import Manifest
+    from bitdeploy.runtimes.engines.base import open_backend
     from bitdeploy.training.data import eval_batch
     from bitdeploy.training.datasets import load_dataset
     from bitdeploy.training.weights import load_model
@@ -96,16 +95,16 @@ def build_engines(
 
     engines["torch-fp32"], what["torch-fp32"] = torch_infer, f"PyTorch {torch.__version__} eager fp32, WS every call"
     opts = ConvertOptions(threads=args.threads)
-    for name, fn, precision, backend in (
-        ("ort-fp32", ort_convert.convert, "fp32", "onnxruntime"),
-        ("ort-int8", ort_convert.convert, "int8", "onnxruntime"),
-        ("ov-fp32", openvino_convert.convert, "fp32", "openvino"),
-        ("ov-int8", openvino_convert.convert, "int8", "openvino"),
+    for name, target_name, precision, backend in (
+        ("ort-fp32", "onnx", "fp32", "onnxruntime"),
+        ("ort-int8", "onnx", "int8", "onnxruntime"),
+        ("ov-fp32", "openvino", "fp32", "openvino"),
+        ("ov-int8", "openvino", "int8", "openvino"),
     ):
         out = work / name
         out.mkdir()
         log(f"building {name}")
-        art = fn(onnx_path, out, precision, calibration if precision == "int8" else None, opts)
+        art = bind(target_name, precision, opts).convert(onnx_path, out, calibration if precision == "int8" else None)
         target = replace(art.target, precision=precision)
         b = open_backend(backend, out / art.model_file, Manifest(target=target), threads=args.threads)
         engines[name], what[name] = b.infer, f"{backend} {target.precision_used}"

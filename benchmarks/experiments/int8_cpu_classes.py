@@ -29,8 +29,8 @@ SCHEMES = ("u8s8-7bit", "u8s8", "s8s8")
 
 
 def _backend(path: Path, threads: int) -> Any:
-    from bitdeploy.runtimes.base import open_backend
-    from bitdeploy.runtimes.manifest import Manifest, TargetInfo
+    from bitdeploy.runtimes.bundle.manifest import Manifest, TargetInfo
+    from bitdeploy.runtimes.engines.base import open_backend
 
     if path.suffix == ".xml":
         target = TargetInfo("openvino", "int8", details={"inference_precision": "f32"})
@@ -50,7 +50,7 @@ def _logits(paths: dict[str, Path], x: np.ndarray, threads: int) -> dict[str, np
 
 
 def _scores(logits: np.ndarray, fp32: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    from bitdeploy.runtimes.compare import rel_error
+    from bitdeploy.runtimes.bundle.compare import rel_error
 
     return {
         "top1": float((logits.argmax(1) == labels).mean()),
@@ -127,12 +127,12 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from bitdeploy.converters import calibration, openvino_convert, ort_convert
+    from bitdeploy.converters import calibration
     from bitdeploy.converters import gate as accuracy
-    from bitdeploy.converters.base import ConvertOptions
+    from bitdeploy.converters.base import ConvertOptions, bind
     from bitdeploy.converters.onnx_export import export_onnx
     from bitdeploy.converters.ort_convert import OrtOptions
-    from bitdeploy.runtimes.fingerprint import host_fingerprint
+    from bitdeploy.runtimes.bundle.fingerprint import host_fingerprint
     from bitdeploy.training.datasets import load_dataset
     from bitdeploy.training.weights import load_model
 
@@ -150,12 +150,12 @@ def main(argv: list[str] | None = None) -> None:
         paths = {"fp32": work / "fp32.onnx"}
         for scheme in SCHEMES:
             (work / scheme).mkdir()
-            ort_convert.convert(
-                work / "fp32.onnx", work / scheme, "int8", calib, ConvertOptions(extras=OrtOptions(int8_scheme=scheme))
+            bind("onnx", "int8", ConvertOptions(extras=OrtOptions(int8_scheme=scheme))).convert(
+                work / "fp32.onnx", work / scheme, calib
             )
             paths[f"ort {scheme}"] = work / scheme / "model.onnx"
         (work / "ov").mkdir()
-        openvino_convert.convert(work / "fp32.onnx", work / "ov", "int8", calib, ConvertOptions(threads=args.threads))
+        bind("openvino", "int8", ConvertOptions(threads=args.threads)).convert(work / "fp32.onnx", work / "ov", calib)
         paths["openvino int8"] = work / "ov" / "model.xml"
         native = _logits(paths, x, args.threads)
         emulated = None if args.no_emulation else _emulated(paths, x, args.threads, work)

@@ -23,8 +23,8 @@ import numpy as np
 
 
 def _open(bundle: Path, threads: int) -> tuple[Any, dict[str, Any]]:
-    from bitdeploy.runtimes.base import open_backend
     from bitdeploy.runtimes.bundle import read_manifest
+    from bitdeploy.runtimes.engines.base import open_backend
 
     manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
     typed = read_manifest(bundle)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--json", type=Path, help="also write the raw per-round figures here")
     args = parser.parse_args(argv)
-    from bitdeploy.runtimes.fingerprint import host_fingerprint
+    from bitdeploy.runtimes.bundle.fingerprint import host_fingerprint
 
     load_before = os.getloadavg()[0]
     rows = measure(args.bundles, args.threads, args.rounds, args.queries, args.batch)

@@ -222,7 +222,7 @@ def nncf_anchor(
     """NNCF accuracy-controlled INT8 through bitdeploy's OpenVINO converter on the build's export, calibration draw
     and validation split, gated like the build; the IR goes to `work`."""
     from bitdeploy.converters import calibration, gate, openvino_convert
-    from bitdeploy.converters.base import ConvertOptions
+    from bitdeploy.converters.base import ConvertOptions, bind
     from bitdeploy.core.options import DEFAULT_MAX_DROP_PP, GateSpec
     from bitdeploy.training.datasets import load_dataset
     from bitdeploy.training.weights import load_model
@@ -250,7 +250,7 @@ def nncf_anchor(
     work.mkdir(parents=True)
     log(f"NNCF quantize_with_accuracy_control, max_drop {drop:g} pp on {len(validation)} validation images")
     with timing_nncf_call("quantize_with_accuracy_control") as seconds:
-        artifact = openvino_convert.convert(onnx, work, "int8", calib, options)
+        artifact = bind("openvino", "int8", options).convert(onnx, work, calib)
     backend = _open("openvino", work / artifact.model_file, artifact.target.to_dict(), args.threads)
     try:
         logits = gate.run_logits(backend.infer, data)
@@ -304,8 +304,8 @@ def ov_float_convs(xml: Path) -> tuple[list[str], int]:
 def _open(backend: str, model_file: Path, target: dict[str, Any], threads: int | None) -> Any:
     """A backend on a model file with the target record it was built with, whatever the bundle's validity (runtimes
     refuse invalid bundles through `load`, not through `open_backend`)."""
-    from bitdeploy.runtimes.base import open_backend
-    from bitdeploy.runtimes.manifest import Manifest, TargetInfo
+    from bitdeploy.runtimes.bundle.manifest import Manifest, TargetInfo
+    from bitdeploy.runtimes.engines.base import open_backend
 
     info = TargetInfo.from_dict(target)
     return open_backend(backend, model_file, Manifest(target=info), device=info.device, threads=threads)
@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bitdeploy.converters import layers
     from bitdeploy.core.options import GateSpec
-    from bitdeploy.runtimes.fingerprint import host_fingerprint
+    from bitdeploy.runtimes.bundle.fingerprint import host_fingerprint
 
     started = time.perf_counter()
     out: Path = args.out

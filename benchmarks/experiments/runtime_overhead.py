@@ -29,8 +29,8 @@ import numpy as np
 
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.runtimes import load
-from bitdeploy.runtimes.base import Backend
-from bitdeploy.runtimes.manifest import Manifest
+from bitdeploy.runtimes.bundle.manifest import Manifest
+from bitdeploy.runtimes.engines.base import Backend
 from bitdeploy.runtimes.predictor import Predictor
 
 

@@ -93,8 +93,8 @@ def parse_benchmark_app(text: str) -> dict[str, Any]:
 def open_target(path: Path, threads: int) -> tuple[Any, str, Path, tuple[int, int, int], str]:
     """(something with infer(), backend name, model file, CHW shape, input name) for a bundle, .xml or .onnx."""
     from bitdeploy import runtimes
-    from bitdeploy.runtimes.base import open_backend
-    from bitdeploy.runtimes.manifest import Manifest, TargetInfo
+    from bitdeploy.runtimes.bundle.manifest import Manifest, TargetInfo
+    from bitdeploy.runtimes.engines.base import open_backend
     from bitdeploy.runtimes.preprocess import input_spec
 
     if path.is_dir():

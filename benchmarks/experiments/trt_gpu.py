@@ -40,7 +40,7 @@ def preflight(device: str) -> str | None:
 
     if not torch.cuda.is_available():
         return f"no CUDA GPU visible to PyTorch ({torch.__version__}); run on a machine with an NVIDIA GPU and a CUDA build of torch"
-    from bitdeploy.runtimes.trt import parse_device
+    from bitdeploy.runtimes.engines.trt import parse_device
 
     index = parse_device(device)
     if index >= torch.cuda.device_count():
@@ -78,12 +78,11 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dic
     from cpu_targets import randomise_norms
 
     from bitdeploy.converters import calibration as calib_mod
-    from bitdeploy.converters import trt_engine
-    from bitdeploy.converters.base import ConvertOptions
+    from bitdeploy.converters.base import ConvertOptions, bind
     from bitdeploy.converters.onnx_export import export_onnx
     from bitdeploy.converters.trt_engine import TensorRTOptions
-    from bitdeploy.runtimes.manifest import Manifest
-    from bitdeploy.runtimes.trt import TensorRTBackend, parse_device
+    from bitdeploy.runtimes.bundle.manifest import Manifest
+    from bitdeploy.runtimes.engines.trt import TensorRTBackend, parse_device
     from bitdeploy.training.data import eval_batch
     from bitdeploy.training.datasets import load_dataset
     from bitdeploy.training.weights import load_model
@@ -115,7 +114,7 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dic
             out.mkdir()
             log(f"building TensorRT {precision} {kind} engine (profile {profile})")
             options = ConvertOptions(device=args.device, cache_dir=cache, extras=TensorRTOptions(batch=profile))
-            art = trt_engine.convert(onnx_path, out, precision, calibration if precision == "int8" else None, options)
+            art = bind("trt", precision, options).convert(onnx_path, out, calibration if precision == "int8" else None)
             backends.setdefault(precision, {})[kind] = TensorRTBackend(
                 out / art.model_file, Manifest(target=art.target)
             )

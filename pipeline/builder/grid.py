@@ -1,5 +1,5 @@
 """`bitdeploy build` over a grid: models x resolutions, each (model, resolution) cell fine-tuned once with its own
-BiT-HyperRule plan, then converted and gated per target x precision like any build (`bitdeploy.builder.run.build_cell`).
+BiT-HyperRule plan, then converted and gated per target x precision like any build (`bitdeploy.builder.build.build_cell`).
 
 Every bundle of the grid is timed together at the end, in interleaved rounds, so their latencies compare. Cells are
 resumable through the stage cache: `--max-hours` stops before a cell that would overrun and a rerun continues, and
@@ -17,15 +17,15 @@ from pathlib import Path
 
 from bitdeploy.benchmarks.progress import duration_text, eta_s
 from bitdeploy.benchmarks.schema import Status
-from bitdeploy.builder.checks import check_options
-from bitdeploy.builder.context import BuildOptions
-from bitdeploy.builder.output import RowResult
-from bitdeploy.builder.row import time_rows
-from bitdeploy.builder.run import BuildResult, CellBuild, build_cell, finish
+from bitdeploy.builder.build import build_cell
+from bitdeploy.builder.finish import BuildResult, CellBuild, finish
+from bitdeploy.builder.options import BuildOptions
+from bitdeploy.builder.plan import RowPlan, plan_build
+from bitdeploy.builder.result import RowResult
+from bitdeploy.builder.timing import time_rows
 from bitdeploy.core.cache import StageCache
 from bitdeploy.core.errors import BitdeployError, ResourceError, first_line, require
 from bitdeploy.core.options import SelectionArgs
-from bitdeploy.core.targets import Target
 
 
 @dataclass(frozen=True)
@@ -71,20 +71,8 @@ def over_budget(elapsed: float, done: list[float], budget_s: float | None) -> bo
     return elapsed >= budget_s or elapsed + mean > budget_s
 
 
-def _skipped(opts: BuildOptions, planned: list[tuple[Target, str, str | None]], why: str) -> CellBuild:
-    rows = [
-        RowResult(
-            t.name,
-            p,
-            status=Status.skipped(why),
-            backend=t.backend,
-            cell=opts.cell,
-            model=opts.model,
-            resolution=opts.resolution,
-        )
-        for t, p, _ in planned
-    ]
-    return CellBuild(rows, [])
+def _unbuilt(plans: list[RowPlan], status: Status) -> CellBuild:
+    return CellBuild([RowResult(p, status) for p in plans], [])
 
 
 def run_grid(
@@ -104,7 +92,7 @@ def run_grid(
     plans = []
     for c in cells:  # every cell's options are checked before the first fine-tune starts
         cell_opts = replace(opts, model=c.model, resolution=c.resolution, cell=c.name)
-        plans.append((c, cell_opts, check_options(cell_opts)))
+        plans.append((c, cell_opts, plan_build(cell_opts)))
     mine = [p for p in plans if p[0] in shard_cells(cells, shard)]
     if not mine:
         show(f"shard {shard[0]}/{shard[1]} has no cell: the grid has {len(cells)}" if shard else "nothing to build")
@@ -121,7 +109,7 @@ def run_grid(
             elapsed = time.perf_counter() - started
             if stopped or over_budget(elapsed, took, None if max_hours is None else max_hours * 3600):
                 stopped = stopped or k
-                built.append(_skipped(cell_opts, planned, f"--max-hours {max_hours:g} reached before this cell"))
+                built.append(_unbuilt(planned, Status.skipped(f"--max-hours {max_hours:g} reached before this cell")))
                 continue
             left = eta_s(sum(took), len(took), len(mine))
             log(
@@ -135,7 +123,7 @@ def run_grid(
                 if isinstance(exc, ResourceError) and exc.kind != "memory":
                     raise  # a full or read-only disk stops every cell alike
                 log(f"grid: {c.title} failed: {first_line(exc)}")
-                built.append(_failed(cell_opts, planned, exc))
+                built.append(_unbuilt(planned, Status.failed(first_line(exc))))
             took.append(time.perf_counter() - t0)
         if shard is None and opts.timing.report:
             time_rows([t for cell in built for t in cell.timeable], opts, log)
@@ -164,11 +152,3 @@ def run_grid(
             note,
         )
     return finish(opts, built, list(cache.hits), started, log, show, True, note)
-
-
-def _failed(opts: BuildOptions, planned: list[tuple[Target, str, str | None]], exc: Exception) -> CellBuild:
-    cell = _skipped(opts, planned, "")
-    for r in cell.rows:
-        r.error = first_line(exc)
-        r.status = Status.failed(r.error)
-    return cell

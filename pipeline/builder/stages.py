@@ -1,7 +1,7 @@
 """The cached, target-independent steps of a build: weights (+ fine-tune), ONNX export, reference logits,
 calibration data. Each is keyed by the content that goes into it (see `bitdeploy.core.cache`).
 
-Imported only by `bitdeploy.builder.run` once a build has passed its fast checks; torch is imported inside.
+Imported only by `bitdeploy.builder.prepare` once a build has passed its fast checks; torch is imported inside.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bitdeploy.builder.context import BuildOptions
+from bitdeploy.builder.options import BuildOptions
 from bitdeploy.core.cache import StageCache, canonical, file_sha256, stage_key
 from bitdeploy.core.errors import BitdeployError, DatasetError
 
@@ -98,48 +98,29 @@ def resolve_model(
 
     training: dict[str, Any] | None = None
     if opts.wants_finetune() and opts.dataset is not None:
+        from dataclasses import replace
+
         from bitdeploy.training.trainer import TrainConfig, train
 
-        dataset = opts.dataset
-
-        train_opts = {
-            "model": opts.model,
-            "shots": opts.training.shots,
-            "steps": opts.training.steps,
-            "batch_size": opts.training.batch_size,
-            "lr": opts.training.lr,
-            "resolution": opts.resolution,
-            "seed": opts.seed,
-            "val_split": opts.training.val_split,
-            "hflip": opts.training.hflip,
-        }
+        config = TrainConfig.of(  # the training record by field name, and what the build holds outside it
+            opts.training,
+            model=opts.model,
+            weights=opts.export.weights,
+            resolution=opts.resolution,
+            seed=opts.seed,
+            progress=opts.timing.progress and opts.training.progress,
+        )
         key = stage_key(
             "finetune",
-            {"weights": weights_identity(opts.export.weights), "dataset": dataset_fingerprint(dataset)},
-            train_opts,
+            {"weights": weights_identity(config.weights), "dataset": dataset_fingerprint(config.dataset)},
+            config.cache_key(),
         )
 
         def step(out: Path) -> dict[str, Any]:
             log(
-                f"fine-tuning {opts.model} on {opts.dataset} (the BiT-HyperRule; overrides: steps={opts.training.steps}, batch={opts.training.batch_size}, lr={opts.training.lr})"
+                f"fine-tuning {config.model} on {config.dataset} (the BiT-HyperRule; overrides: steps={config.steps}, batch={config.batch_size}, lr={config.lr})"
             )
-            config = TrainConfig(
-                model=opts.model,
-                dataset=dataset,
-                out=out,
-                weights=opts.export.weights,
-                shots=opts.training.shots,
-                steps=opts.training.steps,
-                batch_size=opts.training.batch_size,
-                lr=opts.training.lr,
-                resolution=opts.resolution,
-                seed=opts.seed,
-                val_split=opts.training.val_split,
-                device=opts.training.train_device,
-                progress=opts.timing.progress,
-                hflip=opts.training.hflip,
-            )
-            train(config)
+            train(replace(config, out=out))
             return _read_summary(out)
 
         run_dir, summary, _hit = cache.run(

@@ -13,16 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.builder.output import RowResult
+from bitdeploy.builder.result import RowResult
 from bitdeploy.core import devices, targets
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.emulation import guest as emulation
-
-
-def check(verify_on: str | None) -> None:
-    """Before anything heavy: the names are known and the kit of each architecture is ready (one line if not)."""
-    if verify_on:
-        emulation.check_ready(devices.find(verify_on))
 
 
 def verified_entry(report: dict[str, Any]) -> dict[str, Any]:
@@ -43,12 +37,6 @@ def verified_entry(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _record(bundle: Path, entries: list[dict[str, Any]]) -> None:
-    from bitdeploy.runtimes.bundle import amend_manifest
-
-    amend_manifest(bundle, verified_on=entries)
-
-
 def _gpu_target(row: RowResult) -> targets.Target | None:
     """The row's target record when its bundles run on a GPU only (no CPU guest can run them), else None."""
     record = targets.find_backend(row.backend)
@@ -56,7 +44,10 @@ def _gpu_target(row: RowResult) -> targets.Target | None:
 
 
 def run(rows: list[RowResult], verify_on: str, threads: int | None, log: Callable[[str], None]) -> None:
-    """Verify every valid row's bundle on every CPU of `verify_on`; fill `row.devices`, record it in each manifest."""
+    """Verify every valid row's bundle on every CPU of `verify_on`; record the results in each manifest (and so in
+    the row's `devices`)."""
+    from bitdeploy.runtimes.bundle import amend_manifest
+
     cpus = devices.find(verify_on)
     gpu = {r.name: record.title for r in rows if r.valid and (record := _gpu_target(r)) is not None}
     if gpu:
@@ -74,12 +65,11 @@ def run(rows: list[RowResult], verify_on: str, threads: int | None, log: Callabl
         passed = sum(1 for r in reports if r.get("passed"))
         log(f"[verify-on] {cpu.name}: {passed}/{len(reports)} pass ({time.perf_counter() - started:.0f} s emulated)")
         for row, report in zip(valid, reports):
-            row.devices[cpu.name] = "pass" if report.get("passed") else f"FAIL: {emulation.failure_line(report)}"
             entries[row.name].append(verified_entry(report))
             if not report.get("passed"):
                 log(f"[{row.name}] fails its self-test on {cpu.name} ({cpu.board}): {emulation.failure_line(report)}")
     for row in valid:
-        _record(Path(str(row.bundle)), entries[row.name])
+        row.manifest = amend_manifest(Path(str(row.bundle)), verified_on=entries[row.name])
 
 
 def failure(rows: list[RowResult], selected: bool) -> str | None:

@@ -130,8 +130,9 @@ def build(  # noqa: PLR0913 - a command: its records are the argument groups
       bitdeploy build --model m-r50x1,m-r101x1 --resolution 64,96,128 --weights none --dataset digits \
           --target openvino,onnx --precision fp32,int8 --latency-budget 5 --out runs/grid
     """
+    from bitdeploy.builder.build import run_build
     from bitdeploy.builder.grid import parse_shard, plan_cells, run_grid
-    from bitdeploy.builder.run import BuildOptions, run_build
+    from bitdeploy.builder.options import BuildOptions
 
     cells = plan_cells(grid.models, list(grid.resolutions) or [None])
     if out is None and grid.is_grid:

@@ -9,9 +9,7 @@ from pathlib import Path
 import click
 
 from bitdeploy.cli import groups
-from bitdeploy.core.catalog import get_variant
-
-DEFAULT_RESOLUTION = 128
+from bitdeploy.core.catalog import DEFAULT_RESOLUTION, get_variant
 
 
 def _progress(message: str) -> None:

@@ -51,7 +51,7 @@ def export_repo(
       docker run --rm -p 8000:8000 -v $PWD/repo:/models nvcr.io/nvidia/tritonserver:24.08-py3 tritonserver --model-repository=/models
     """
     from bitdeploy.core.resources import guarded
-    from bitdeploy.runtimes.model_repo import export_repo as write
+    from bitdeploy.runtimes.export.model_repo import export_repo as write
 
     with guarded(out.absolute().parent, "pass --out DIR", "model repository"):
         written = write(list(bundles), fmt, out, list(names) or None, max_batch, round(max_delay_ms * 1000), force)

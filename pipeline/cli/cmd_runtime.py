@@ -17,10 +17,10 @@ from bitdeploy.cli import groups, groups_run
 
 if TYPE_CHECKING:
     from bitdeploy.core.options import RuntimeArgs
-    from bitdeploy.runtimes.serve_options import ServeOptions
+    from bitdeploy.runtimes.serving.serve_options import ServeOptions
 
 if TYPE_CHECKING:
-    from bitdeploy.runtimes.manifest import Manifest
+    from bitdeploy.runtimes.bundle.manifest import Manifest
 BUNDLE_ARG = click.argument("bundle", type=click.Path(path_type=Path), metavar="BUNDLE")
 
 
@@ -132,8 +132,8 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
     unknown. A bundle that failed its accuracy gate is shown with its reason (exit 0).
     """
     from bitdeploy.core import targets
-    from bitdeploy.runtimes.base import backend_available
-    from bitdeploy.runtimes.pack import open_bundle
+    from bitdeploy.runtimes.bundle.pack import open_bundle
+    from bitdeploy.runtimes.engines.base import backend_available
 
     opened = open_bundle(bundle, verify=not no_verify, require_valid=False)
     try:
@@ -169,7 +169,7 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
 
 def summary_rows(m: Manifest, root: Path, is_pack: bool, checksums: str) -> list[tuple[str, str]]:
     """The human-readable manifest summary, as (field, text) rows."""
-    from bitdeploy.runtimes.manifest import FORMAT, Provenance
+    from bitdeploy.runtimes.bundle.manifest import FORMAT, Provenance
 
     model, target, spec, labels = m.model, m.target, m.input, m.labels
     rows = [("format", f"{FORMAT} v{m.to_dict()['format_version']}" + (" (single-file pack)" if is_pack else ""))]
@@ -232,7 +232,7 @@ def summary_rows(m: Manifest, root: Path, is_pack: bool, checksums: str) -> list
         cal = m.calibration.to_dict().items()
         rows.append(("calibration", ", ".join(f"{k} {v}" for k, v in cal if k != "sha256")))
     if m.int8_mix is not None:
-        from bitdeploy.runtimes.mix_text import inspect_rows
+        from bitdeploy.runtimes.bundle.mix_text import inspect_rows
 
         rows.extend(inspect_rows(m.int8_mix))
     prov = m.provenance or Provenance()
@@ -251,7 +251,7 @@ def summary_rows(m: Manifest, root: Path, is_pack: bool, checksums: str) -> list
 
 def device_rows(m: Manifest) -> list[tuple[str, str]]:
     """Where the bundle was validated, this machine's class, and the self-test it carries."""
-    from bitdeploy.runtimes.fingerprint import device_class, host_fingerprint, summary
+    from bitdeploy.runtimes.bundle.fingerprint import device_class, host_fingerprint, summary
 
     validated_on, here = m.validated_on, host_fingerprint()
     same = (
@@ -296,7 +296,7 @@ def pack(bundle: Path, out: Path, compress: bool | None) -> None:
     """
     from bitdeploy.core.resources import guarded
     from bitdeploy.runtimes.bundle import sha256_file
-    from bitdeploy.runtimes.pack import pack as write_pack
+    from bitdeploy.runtimes.bundle.pack import pack as write_pack
 
     with guarded(out.absolute().parent, "write OUT", "pack"):
         path = write_pack(bundle, out, compress=compress)
@@ -360,7 +360,7 @@ def serve(
     if grpc_port is not None:
         require("grpc", "grpc", "gRPC for `bitdeploy serve --grpc-port` (grpcio)")
     from bitdeploy.runtimes import load
-    from bitdeploy.runtimes.serve import HTTPServer
+    from bitdeploy.runtimes.serving.serve import HTTPServer
 
     with load(
         bundle,
@@ -375,7 +375,7 @@ def serve(
         server = HTTPServer(model, host, port, serving)
         grpc_note = ""
         if grpc_port is not None:
-            from bitdeploy.runtimes.serve_grpc import GrpcServer
+            from bitdeploy.runtimes.serving.serve_grpc import GrpcServer
 
             grpc_server = GrpcServer(server.service, host, grpc_port)
             grpc_note = f", gRPC on {host}:{grpc_server.port}"

@@ -49,7 +49,7 @@ def select(
       bitdeploy select runs/grid --results pi5.json --latency-budget 20
     """
     from bitdeploy.benchmarks.ranking import Criteria, SelectionError
-    from bitdeploy.builder import choose
+    from bitdeploy.builder import select_folder
 
     criteria = (
         Criteria.from_flags(selection.select, selection.latency_budget, selection.min_top1, selection.memory_budget)
@@ -60,16 +60,16 @@ def select(
             "--report draws the device's results; pass --results JSON from `bitdeploy bench DIR --all`"
         )
     try:
-        choice, options, source, missing = choose.select(folder, criteria, results, device_class)
+        choice, options, source, missing = select_folder.select(folder, criteria, results, device_class)
     except SelectionError as exc:
         raise BitdeployError(str(exc)) from None
-    click.echo(choose.front_table(options, choice))
+    click.echo(select_folder.front_table(options, choice))
     click.echo(f"figures: {source}")
     if missing:
         click.echo(f"warning: not in the results, left out: {', '.join(missing)}", err=True)
     click.echo(f"selected: {choice.line}")
-    written = choose.write_selected(folder, choice.winner.item, pack)
-    click.echo(f"wrote {written} and {choose.record(folder, choice, criteria, source, written)}")
+    written = select_folder.write_selected(folder, choice.winner.item, pack)
+    click.echo(f"wrote {written} and {select_folder.record(folder, choice, criteria, source, written)}")
     if report_dir is not None:
         from bitdeploy.benchmarks.report import as_documents
         from bitdeploy.benchmarks.report_render import write_report

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from bitdeploy.cli import groups, groups_run
-from bitdeploy.core.options import HyperRuleArgs, TrainRunArgs, values
+from bitdeploy.core.options import TrainingOptions
 
 
 @click.command("train")
@@ -32,7 +32,7 @@ from bitdeploy.core.options import HyperRuleArgs, TrainRunArgs, values
 @click.option(
     "--plan", "plan_only", is_flag=True, help="Print the resolved plan as one JSON object and exit without training."
 )
-@groups.takes(groups_run.HYPERRULE, groups_run.TRAIN_RUN)
+@groups.takes(groups_run.TRAINING)
 def train(  # noqa: PLR0913 - a command: its records are the argument groups
     model_name: str,
     dataset: str,
@@ -42,8 +42,7 @@ def train(  # noqa: PLR0913 - a command: its records are the argument groups
     seed: int,
     val_split: float | None,
     plan_only: bool,
-    hyperrule: HyperRuleArgs,
-    run: TrainRunArgs,
+    training: TrainingOptions,
 ) -> None:
     """Fine-tune a BiT model with the BiT-HyperRule (Kolesnikov et al.): SGD momentum 0.9, no weight decay,
     linear warmup then /10 decays, zero-initialised head, random crop + flip, MixUp from 20k images.
@@ -60,10 +59,16 @@ def train(  # noqa: PLR0913 - a command: its records are the argument groups
     """
     from bitdeploy.training.planner import TrainConfig, make_plan
 
-    given = values(hyperrule, run, model=model_name, dataset=dataset, out=out, weights=weights, resolution=resolution)
-    if given["num_workers"] is None:  # the config's own default (by device)
-        del given["num_workers"]
-    config = TrainConfig(**given, seed=seed, val_split=val_split)
+    config = TrainConfig.of(
+        training,
+        model=model_name,
+        dataset=dataset,
+        out=out,
+        weights=weights,
+        resolution=resolution,
+        seed=seed,
+        val_split=val_split,
+    )
     if plan_only:
         import os
 

@@ -88,7 +88,7 @@ def verify(
             click.echo(f"recorded in {record}")
     failed = [r for r in reports if not r["passed"]]
     if len(reports) == 1 and failed:
-        from bitdeploy.runtimes.fingerprint import device_class
+        from bitdeploy.runtimes.bundle.fingerprint import device_class
 
         here, built = failed[0]["fingerprint"], failed[0]["validated_on"]
         raise BitdeployError(
@@ -105,7 +105,7 @@ def verify(
 def _check(bundle: Path, runtime: RuntimeArgs, no_verify: bool) -> dict[str, Any]:
     """Run one bundle's self-test here: the report `verify --json` prints."""
     from bitdeploy.runtimes import load
-    from bitdeploy.runtimes.fingerprint import device_class
+    from bitdeploy.runtimes.bundle.fingerprint import device_class
 
     with load(
         bundle, backend=runtime.backend, device=runtime.device, threads=runtime.threads, verify=not no_verify
@@ -130,7 +130,7 @@ def _check(bundle: Path, runtime: RuntimeArgs, no_verify: bool) -> dict[str, Any
 
 
 def _print_report(report: dict[str, Any], several: bool) -> None:
-    from bitdeploy.runtimes.fingerprint import summary
+    from bitdeploy.runtimes.bundle.fingerprint import summary
 
     if several:
         click.echo(f"bundle      {report['bundle']}")
@@ -147,7 +147,7 @@ def _print_report(report: dict[str, Any], several: bool) -> None:
 
 
 def _line(report: dict[str, Any]) -> str:
-    from bitdeploy.runtimes.selftest import SelfTestResult
+    from bitdeploy.runtimes.bundle.selftest import SelfTestResult
 
     return SelfTestResult(**report["self_test"]).line()
 
@@ -188,7 +188,7 @@ def _verify_emulated(
 
 
 def _print_emulated(cpu: Any, reports: list[dict[str, Any]]) -> None:
-    from bitdeploy.runtimes.fingerprint import summary
+    from bitdeploy.runtimes.bundle.fingerprint import summary
 
     click.echo(f"{cpu.name}: {cpu.board}, emulated by QEMU -cpu {cpu.qemu_cpu}")
     dropped = reports[0]["emulated"].get("dropped_env") if reports else None

@@ -3,7 +3,7 @@
 A command lists the groups it takes with `@takes(GROUP, ...)`; its callback then receives one record per group,
 named by the group, after the record's `validate()`, instead of the group's flags. Polygraphy's argument groups
 are the model. The groups themselves are in `groups_build` (build, select) and `groups_run` (train, bench, serve,
-predict, verify); their records live in `bitdeploy.core.options` (and `bitdeploy.runtimes.serve_options`), so the
+predict, verify); their records live in `bitdeploy.core.options` (and `bitdeploy.runtimes.serving.serve_options`), so the
 build and the runtime read them without importing the CLI. A target's own build flags stay with its record
 (`bitdeploy.cli.cmd_build.target_params`).
 """

@@ -160,7 +160,7 @@ TRAINING = Group(
             "--train-device", default="auto", show_default=True, help="Where fine-tuning runs: auto | cpu | cuda | xla."
         ),
     ),
-    records.TrainingArgs,
+    record_of(records.TrainingArgs, train_device="device"),
 )
 
 CALIBRATION = Group(

@@ -1,4 +1,4 @@
-"""The argument groups of `train` (hyperrule, run) and of the runtime commands (runtime, bench's timing, accuracy and
+"""The argument groups of `train` (training) and of the runtime commands (runtime, bench's timing, accuracy and
 baseline, serving). The mechanism and the shared flags are in `bitdeploy.cli.groups`."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from bitdeploy.cli.groups import (
     varied,
 )
 from bitdeploy.core import options as records
-from bitdeploy.runtimes.serve_options import ServeOptions
+from bitdeploy.runtimes.serving.serve_options import ServeOptions
 
 
 def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -36,10 +36,11 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     return tuple(dict.fromkeys(sizes))
 
 
-# -- train ------------------------------------------------------------------------------------------------------
-HYPERRULE = Group(
-    "hyperrule",
+# -- train: the training record (its own --dataset and --val-split join it in `TrainConfig.of`) --------------------
+TRAINING = Group(
+    "training",
     (
+        # the BiT-HyperRule's overrides
         SHOTS,
         STEPS,
         BATCH_SIZE,
@@ -58,14 +59,7 @@ HYPERRULE = Group(
             help="MixUp alpha [rule: 0.1 from 20k training images, else 0].",
         ),
         HFLIP,
-    ),
-    records.HyperRuleArgs,
-)
-
-
-TRAIN_RUN = Group(
-    "run",
-    (
+        # how the run executes
         flag(
             "--device",
             type=click.Choice(["auto", "cpu", "cuda", "xla"]),
@@ -103,7 +97,7 @@ TRAIN_RUN = Group(
         ),
         flag("--quiet", is_flag=True, help="No progress bar."),
     ),
-    record_of(records.TrainRunArgs, quiet="not:progress"),
+    record_of(records.TrainingOptions, quiet="not:progress"),
 )
 
 

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bitdeploy import __version__
 from bitdeploy.core import interrupts
@@ -39,6 +39,15 @@ CACHE_ENV = "BITDEPLOY_CACHE"
 STAGE_META = "stage.json"
 TMP_MARK = ".tmp-"  # `.<key>.tmp-<pid>-<random>`: a write in progress, or one whose process was killed
 PARTIAL_MARK = ".partial"  # `.<key>.partial`: a resumable step's output so far
+
+
+class Recordable(Protocol):
+    """A step's result that records itself as JSON (a converter's `Artifact`)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+Step = Callable[[Path], dict[str, Any] | Recordable]  # writes its files into the dir, returns its metadata
 
 
 def default_root() -> Path:
@@ -223,12 +232,12 @@ class StageCache:
         self,
         stage: str,
         key: str,
-        step: Callable[[Path], dict[str, Any]],
+        step: Step,
         what: str | None = None,
         resumable: bool = False,
     ) -> tuple[Path, dict[str, Any], bool]:
         """Return (directory, metadata, hit). On a miss `step(dir)` writes its files into dir and returns
-        JSON-able metadata, which is stored with them. `resumable` steps run in a fixed directory that an
+        JSON-able metadata (or a record with `to_dict()`), which is stored with them. `resumable` steps run in a fixed directory that an
         interrupted run leaves behind, so the next run continues where it stopped."""
         interrupts.check()  # a Ctrl-C that a finalizer swallowed stops the build at its next step
         label = what or stage
@@ -250,12 +259,11 @@ class StageCache:
             os.utime(found[0] / STAGE_META)
         return found[0], found[1]["meta"], True
 
-    def _miss(
-        self, stage: str, key: str, step: Callable[[Path], dict[str, Any]], label: str, resumable: bool
-    ) -> tuple[Path, dict[str, Any], bool]:
+    def _miss(self, stage: str, key: str, step: Step, label: str, resumable: bool) -> tuple[Path, dict[str, Any], bool]:
         self.misses.append(stage)
         with self._writing(stage, key, resumable) as tmp:
-            meta = step(tmp)
+            result = step(tmp)
+            meta = result if isinstance(result, dict) else result.to_dict()
             record = {
                 "stage": stage,
                 "key": key,

@@ -14,6 +14,7 @@ UPSTREAM = {"s": "ILSVRC-2012 (1k)", "m": "ImageNet-21k"}
 UPSTREAM_CLASSES = {"s": 1000, "m": 21843}
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 WS_EPS = 1e-10  # StdConv eps of Google's bit_pytorch code (timm uses 1e-8)
+DEFAULT_RESOLUTION = 128  # the BiT-HyperRule's crop for small images, used when nothing says otherwise
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,13 @@
 """The option groups of the commands, as frozen records (Polygraphy's argument groups).
 
 Each record is what one group of flags means, checked once by `validate()`; `bitdeploy.cli.groups` declares the
-flags and builds the records, `bitdeploy.builder.context.BuildOptions` composes them. They hold plain values only,
+flags and builds the records, `bitdeploy.builder.options.BuildOptions` composes them. They hold plain values only,
 so every layer may read them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +23,66 @@ def values(*records: Any, **more: Any) -> dict[str, Any]:
     return {**out, **more}
 
 
-@dataclass(frozen=True)
-class TrainingArgs:
-    """Fine-tuning before the export: on --dataset, with the BiT-HyperRule's numbers unless given."""
+KEYED = {"cache_key": "always"}
+"""Field metadata of the training options: the field changes the trained weights, so it is in the fine-tune's
+stage-cache key (`TrainingOptions.cache_key`)."""
+KEYED_WHEN_SET = {"cache_key": "when set"}
+"""Likewise, but in the key only when not the field's default: no build could set it before these records were one,
+so leaving the default out keeps the keys of fine-tunes cached then valid."""
 
-    dataset: str | None = None  # also the calibration (train split) and gate (val split) data
-    val_split: float | None = None
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """Fine-tuning's options, each declared once: `bitdeploy train`'s training group parses into this record, the
+    build's into `TrainingArgs` (this record and --finetune), and `bitdeploy.training.planner.TrainConfig` extends it
+    with the run's own fields (model, output, weights, resolution, seed), so both commands hand it on by field name.
+    None: the BiT-HyperRule's value."""
+
+    # the data; the dataset and the weights are keyed by their content, which the caller identifies
+    dataset: str | None = None  # SPEC; a build also calibrates (train split) and gates (val split) on it
+    val_split: float | None = field(default=None, metadata=KEYED)  # datasets without their own split; None: 0.2
+    # the BiT-HyperRule's overrides
+    shots: int | None = field(default=None, metadata=KEYED)  # few-shot: K seeded training examples per class
+    steps: int | None = field(default=None, metadata=KEYED)
+    batch_size: int | None = field(default=None, metadata=KEYED)  # the global batch, split across processes
+    batch_split: int = 1  # micro-batches each process's batch accumulates in: the same result, less memory
+    lr: float | None = field(default=None, metadata=KEYED)  # the peak, used as is; None: 0.003 x batch_size / 512
+    mixup: float | None = field(default=None, metadata=KEYED_WHEN_SET)  # alpha; None: 0.1 from 20k images, else 0
+    hflip: bool = field(default=True, metadata=KEYED)
+    # how the run executes
+    device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | xla
+    precision: str = field(default="fp32", metadata=KEYED_WHEN_SET)  # autocast: fp32 | bf16 | fp16 (CUDA only)
+    checkpoint_every: int = 100  # steps between checkpoints (0: only at the end)
+    eval_every: int = 0  # steps between validation passes (0: only at the end)
+    strict: bool = False  # stop at the first unreadable image instead of skipping and counting it
+    num_workers: int | None = None  # threads that decode and resize images; None: min(4, CPUs)
+    progress: bool = True
+
+    def cache_key(self) -> dict[str, Any]:
+        """The options that change the trained weights, by field name (the fields marked KEYED, and those marked
+        KEYED_WHEN_SET that are not their default): the fine-tune's stage-cache options. `TrainConfig` adds its
+        model, resolution and seed."""
+        key = {}
+        for f in fields(self):
+            how, value = f.metadata.get("cache_key"), getattr(self, f.name)
+            if how == "always" or (how == "when set" and value != f.default):
+                key[f.name] = value
+        return key
+
+    def validate(self) -> None:  # how the batch splits over processes is the planner's (it knows the world size),
+        # which device has which precision the trainer's (it probes the device)
+        if self.batch_split < 1:
+            raise BitdeployError(f"--batch-split must be >= 1 (got {self.batch_split})")
+        if self.checkpoint_every < 0 or self.eval_every < 0:
+            raise BitdeployError("--checkpoint-every and --eval-every count steps and must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainingArgs(TrainingOptions):
+    """The build's training group: the training options (its flags set the dataset, the split, the HyperRule's
+    overrides and, as --train-device, the device) and whether to fine-tune on --dataset before the export."""
+
     finetune: bool | None = None  # None: when --dataset is given and the weights are not a trained checkpoint
-    shots: int | None = None
-    steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    hflip: bool = True
-    train_device: str = "auto"
 
     def has_training_flags(self) -> bool:
         return any(v is not None for v in (self.shots, self.steps, self.batch_size, self.lr))
@@ -52,6 +99,7 @@ class TrainingArgs:
             raise BitdeployError("--finetune needs --dataset; pass the dataset to fine-tune on")
         if self.has_training_flags() and self.dataset is None:
             raise BitdeployError("--shots/--steps/--batch-size/--lr fine-tune the model and need --dataset")
+        super().validate()
 
 
 def is_checkpoint(weights: str) -> bool:
@@ -234,40 +282,6 @@ class GridArgs:
         bad = [r for r in self.resolutions if r < 16]
         if bad:
             raise BitdeployError(f"--resolution must be >= 16 pixels (got {bad[0]})")
-
-
-@dataclass(frozen=True)
-class HyperRuleArgs:
-    """`bitdeploy train`'s overrides of the BiT-HyperRule (None: the rule's value)."""
-
-    shots: int | None = None
-    steps: int | None = None
-    batch_size: int | None = None
-    batch_split: int = 1
-    lr: float | None = None
-    mixup: float | None = None
-    hflip: bool = True
-
-    def validate(self) -> None:  # how the batch splits over processes is the planner's (it knows the world size)
-        if self.batch_split < 1:
-            raise BitdeployError(f"--batch-split must be >= 1 (got {self.batch_split})")
-
-
-@dataclass(frozen=True)
-class TrainRunArgs:
-    """How a `bitdeploy train` run executes: where, in what precision, how often it checkpoints and evaluates."""
-
-    device: str = "auto"
-    precision: str = "fp32"
-    checkpoint_every: int = 100
-    eval_every: int = 0
-    strict: bool = False
-    num_workers: int | None = None
-    progress: bool = True
-
-    def validate(self) -> None:  # which device has which precision is the trainer's (it probes the device)
-        if self.checkpoint_every < 0 or self.eval_every < 0:
-            raise BitdeployError("--checkpoint-every and --eval-every count steps and must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """One record per deployment target: the single source for the build, the runtime, the bundle reader and the CLI.
 
-A record names the converter that makes a bundle ("module:function", `bitdeploy.converters.base.ConvertFn`) and
-the runtime backend that runs it ("module:Class", `bitdeploy.runtimes.base.Backend`), with the pip extras, import
+A record names the converter that makes a bundle ("module:Class", a `bitdeploy.converters.base.Converter`) and
+the runtime backend that runs it ("module:Class", `bitdeploy.runtimes.engines.base.Backend`), with the pip extras, import
 names, model-file formats and devices of each. Both are imported only when used: availability is checked with
 `importlib.util.find_spec` (and a look at the NVIDIA driver), so a build fails fast, before weights are loaded,
 and `bitdeploy.runtimes` imports with only numpy and Pillow installed.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +45,8 @@ class Target:
     name: str  # CLI name: --target NAME
     title: str  # what to call it in messages
     backend: str  # runtime name: --backend NAME, the manifest's target.backend
-    converter: str  # "module:function" with the bitdeploy.converters.base.ConvertFn signature
-    runtime: str  # "module:Class", a bitdeploy.runtimes.base.Backend
+    converter: str  # "module:Class", a bitdeploy.converters.base.Converter subclass
+    runtime: str  # "module:Class", a bitdeploy.runtimes.engines.base.Backend
     formats: tuple[str, ...]  # model-file suffixes the runtime reads
     extra: str  # pip extra that brings what the build needs
     modules: tuple[str, ...]  # import names every precision of the build needs
@@ -91,8 +91,8 @@ register(
         name="onnx",
         title="ONNX Runtime",
         backend="onnxruntime",
-        converter="bitdeploy.converters.ort_convert:convert",
-        runtime="bitdeploy.runtimes.ort:OrtBackend",
+        converter="bitdeploy.converters.ort_convert:OrtConverter",
+        runtime="bitdeploy.runtimes.engines.ort:OrtBackend",
         formats=(".onnx",),
         extra="onnxruntime",
         modules=("onnx", "onnxruntime"),
@@ -113,8 +113,8 @@ register(
         name="openvino",
         title="OpenVINO",
         backend="openvino",
-        converter="bitdeploy.converters.openvino_convert:convert",
-        runtime="bitdeploy.runtimes.ov:OpenVinoBackend",
+        converter="bitdeploy.converters.openvino_convert:OpenVinoConverter",
+        runtime="bitdeploy.runtimes.engines.ov:OpenVinoBackend",
         formats=(".xml", ".onnx"),
         extra="openvino",
         modules=("openvino",),
@@ -136,8 +136,8 @@ register(
         name="trt",
         title="TensorRT",
         backend="tensorrt",
-        converter="bitdeploy.converters.trt_engine:convert",
-        runtime="bitdeploy.runtimes.trt:TensorRTBackend",
+        converter="bitdeploy.converters.trt_engine:TensorRTConverter",
+        runtime="bitdeploy.runtimes.engines.trt:TensorRTBackend",
         formats=(".plan", ".engine"),
         extra="tensorrt",
         modules=("tensorrt", "onnx", "onnxruntime"),
@@ -158,8 +158,8 @@ register(
         name="litert",
         title="LiteRT",
         backend="litert",
-        converter="bitdeploy.converters.litert_convert:convert",
-        runtime="bitdeploy.runtimes.litert:LiteRtBackend",
+        converter="bitdeploy.converters.litert_convert:LiteRtConverter",
+        runtime="bitdeploy.runtimes.engines.litert:LiteRtBackend",
         formats=(".tflite",),
         extra="litert-convert",
         modules=("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),
@@ -205,14 +205,6 @@ def for_backend(backend: str) -> Target:
 def find_runtime(ref: str) -> Target | None:
     """The record whose runtime is the "module:Class" `ref`, or None (how a backend class learns its name)."""
     return next((t for t in TARGETS.values() if t.runtime == ref), None)
-
-
-def converter_record(module: str) -> Target:
-    """The record whose converter lives in `module` (a converter's `__name__`): where it reads its backend name."""
-    record = next((t for t in TARGETS.values() if t.converter.partition(":")[0] == module), None)
-    if record is None:
-        raise LookupError(f"no target record names a converter in {module}; register(Target(converter=...)) first")
-    return record
 
 
 def onnx_evaluator() -> Target:
@@ -279,9 +271,10 @@ def check_available(target: Target, precision: str) -> None:
         raise BitdeployError(reason)
 
 
-def load_converter(target: Target) -> Callable[..., Any]:
-    fn: Callable[..., Any] = import_object(target.converter)
-    return fn
+def load_converter(target: Target) -> type[Any]:
+    """The record's converter class (a `bitdeploy.converters.base.Converter` subclass), imported."""
+    cls: type[Any] = import_object(target.converter)
+    return cls
 
 
 def plan_rows(target: str, precisions: Sequence[str] | None) -> list[tuple[Target, str]]:

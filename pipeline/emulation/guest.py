@@ -44,7 +44,18 @@ def guest_environment(host: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     return env, dropped
 
 
-STAGED = ("core", "cli", "builder", "emulation", "runtimes")  # the subpackages a guest imports from
+# the subpackages a guest imports from
+STAGED = (
+    "core",
+    "cli",
+    "builder",
+    "emulation",
+    "runtimes",
+    "runtimes.engines",
+    "runtimes.bundle",
+    "runtimes.serving",
+    "runtimes.export",
+)
 
 
 def check_ready(cpus: Sequence[CpuModel], kit: Path | None = None) -> None:
@@ -59,7 +70,7 @@ def _stage_runtime(dst: Path) -> None:
     training/, converters/ and benchmarks/) into dst/bitdeploy."""
     for sub in ("", *STAGED):
         package = importlib.import_module(f"bitdeploy.{sub}" if sub else "bitdeploy")
-        out = dst / "bitdeploy" / sub
+        out = dst / "bitdeploy" / sub.replace(".", "/")
         out.mkdir(parents=True, exist_ok=True)
         for f in Path(str(package.__file__)).parent.iterdir():
             if f.suffix == ".py" or f.name == "py.typed":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bitdeploy.runtimes.manifest import ExportInfo, Manifest, ModelInfo, Provenance, TargetInfo, WeightsInfo
+from bitdeploy.runtimes.bundle.manifest import ExportInfo, Manifest, ModelInfo, Provenance, TargetInfo, WeightsInfo
 
 RESOLUTION = 32
 LABELS = [str(i) for i in range(10)]

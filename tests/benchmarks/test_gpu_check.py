@@ -73,15 +73,15 @@ def test_source_tree_bootstrap_reads_the_tree_not_the_install(tmp_path: Path) ->
     code = (
         "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1] + '/benchmarks/experiments');"
         "import source_tree; source_tree.install(Path(sys.argv[1]));"
-        "import bitdeploy.core.targets, bitdeploy.runtimes.manifest, bitdeploy.training.bit as b;"
-        "print(bitdeploy.core.targets.__file__); print(bitdeploy.runtimes.manifest.__file__); print(b.__file__)"
+        "import bitdeploy.core.targets, bitdeploy.runtimes.bundle.manifest, bitdeploy.training.bit as b;"
+        "print(bitdeploy.core.targets.__file__); print(bitdeploy.runtimes.bundle.manifest.__file__); print(b.__file__)"
     )
     done = subprocess.run([sys.executable, "-c", code, str(copy)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     paths = [Path(p) for p in done.stdout.split()]
     assert [p.relative_to(copy.resolve()).as_posix() for p in paths] == [
         "pipeline/core/targets.py",
-        "runtimes/manifest.py",
+        "runtimes/bundle/manifest.py",
         "training/bit.py",
     ]
 

@@ -223,20 +223,21 @@ def test_busy_loop_marks_the_row_disturbed(onnx_bundle: Path, tmp_path: Path, bu
 
 
 def test_build_select_fastest_says_tied() -> None:
+    from bitdeploy.benchmarks.ranking import Criteria
     from bitdeploy.benchmarks.schema import Timing
-    from bitdeploy.builder.output import RowResult, select_fastest, table
+    from bitdeploy.builder.finish import select
+    from bitdeploy.builder.table import table
+    from tests.rows import row
 
     disturbed = ("other processes used 1.00 cores (limit 0.3)",)
-    litert = RowResult("litert", "int8", status="valid", timing=Timing(1.56, p50_spread=(1.50, 1.70)), size_mb=25.0)
-    ov = RowResult(
-        "openvino",
-        "int8",
-        status="valid",
+    litert = row("litert-int8", timing=Timing(1.56, p50_spread=(1.50, 1.70)), size_mb=25.0, agreement=0.990)
+    ov = row(
+        "openvino-int8",
         timing=Timing(1.63, p50_spread=(1.55, 1.66), disturbed=disturbed),
         size_mb=26.0,
+        agreement=0.995,
     )
-    litert.accuracy, ov.accuracy = {"agreement": 0.990}, {"agreement": 0.995}
-    pick = select_fastest([litert, ov])
+    pick = select([litert, ov], Criteria("fastest"))
     assert pick is not None and pick[0] is ov
     assert "tied on speed" in pick[1] and "disturbed timing, not a firm ranking: openvino-int8" in pick[1]
     text = table([litert, ov])

@@ -1,6 +1,6 @@
 """The report's INT8 sensitivity section: one bar per group of layers in rank order, the groups the chosen mix
 keeps in float in their own colour, unmeasured groups shown as such; the section in report.md and report.html
-only when a row's bundle holds an `int8_mix` (the build reads it from the manifest, `builder.output.write_report`)."""
+only when a row's bundle holds an `int8_mix` (the build reads it from the row's manifest, `builder.report.write_report`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from bitdeploy.benchmarks.report_render import write_report
 from bitdeploy.benchmarks.schema import new_document, new_entry
-from bitdeploy.runtimes.manifest_mix import Int8Mix, LayerCost
+from bitdeploy.runtimes.bundle.manifest_mix import Int8Mix, LayerCost
 from tests.int8_mix_sample import FLOAT_GROUPS, ROW, UNMEASURED, failed_mix, sample_mix
 
 pytest.importorskip("matplotlib")
@@ -101,30 +101,19 @@ def test_report_section_only_with_a_mix(tmp_path: Path) -> None:
 
 
 def test_the_build_reads_each_rows_manifest(tmp_path: Path) -> None:
-    from bitdeploy.builder.output import RowResult
-    from bitdeploy.builder.output import write_report as build_report
-    from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
-    from bitdeploy.runtimes.manifest import TargetInfo
+    from bitdeploy.builder.report import write_report as build_report
+    from bitdeploy.runtimes.bundle.manifest import TargetInfo
+    from tests.rows import row
     from tests.runtimes.conftest import make_manifest
 
-    def bundle(name: str, mix: Int8Mix | None) -> str:
-        out = tmp_path / "bundles" / name
-        with bundle_writer(out) as tmp:
-            (tmp / "model.onnx").write_bytes(b"stand-in")
-            target = TargetInfo("onnxruntime", "int8", "int8", "cpu")
-            manifest = make_manifest("onnxruntime", "model.onnx", "cpu", "int8", target=target, int8_mix=mix)
-            write_manifest(tmp, manifest, ["model.onnx"])
-        return str(out)
+    def manifest(mix: Int8Mix | None) -> Any:
+        target = TargetInfo("onnxruntime", "int8", "int8", "cpu")
+        return make_manifest("onnxruntime", "model.onnx", "cpu", "int8", target=target, int8_mix=mix)
 
-    broken = tmp_path / "bundles" / "broken"
-    broken.mkdir(parents=True)
-    (broken / "manifest.json").write_text("{not json")
     rows = [
-        RowResult("onnx", "int8", "valid", "onnxruntime", bundle("onnx-int8", sample_mix()), cell="m-r50x1-64"),
-        RowResult("onnx", "fp32", "valid", "onnxruntime", bundle("onnx-fp32", None)),
-        RowResult("openvino", "int8", "valid", "openvino", str(broken)),  # unreadable: skipped
-        RowResult("openvino", "fp32", "failed: no runtime", "openvino", None),  # no bundle at all
-        RowResult("onnx", "fp16", "valid", "onnxruntime", str(tmp_path / "missing")),
+        row("onnx-int8", bundle="b/onnx-int8", manifest=manifest(sample_mix()), cell="m-r50x1-64"),
+        row("onnx-fp32", bundle="b/onnx-fp32", manifest=manifest(None)),
+        row("openvino-fp32", "failed: no runtime"),  # no bundle at all
     ]
     model = {"name": "m-r50x1", "resolution": 64, "num_classes": 10}
     html = build_report(rows, model, None, tmp_path / "report", None, {})

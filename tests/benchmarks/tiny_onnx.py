@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
-from bitdeploy.runtimes.manifest import TargetInfo
+from bitdeploy.runtimes.bundle.manifest import TargetInfo
 from tests.runtimes.conftest import RES, make_manifest
 
 

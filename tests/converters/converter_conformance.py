@@ -9,7 +9,7 @@ the registered target it covers (see tests/converters/test_converter_contract.py
 
 The default `case` converts the untrained tiny BiT's FP32 export (`tiny_digits.tiny_export`, 32 px) with the
 record's converter, and skips, with the record's own reason, where the target cannot be built here. What is
-checked is the contract of `bitdeploy.converters.base.ConvertFn`: the converter writes only inside its work dir
+checked is the contract of `bitdeploy.converters.base.Converter`: the converter writes only inside its work dir
 (nothing beside its input, in the working directory or left in the temporary directory); INT8 without calibration
 is refused in one line before anything is written; the artifact names its record's backend and only files it
 wrote; the FP32 output loads in the record's runtime and gives finite logits; and the stage cache key of a
@@ -27,13 +27,17 @@ import sys
 import tempfile
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
-from bitdeploy.converters.base import Artifact, ConvertOptions, TargetOptions, options_class
+from bitdeploy.converters.base import Artifact, ConvertOptions, TargetOptions, bind, options_class
 from bitdeploy.core import targets
 from bitdeploy.core.errors import BitdeployError
+
+if TYPE_CHECKING:
+    from bitdeploy.converters.calibration import CalibrationData
 
 REPO = Path(__file__).resolve().parents[2]
 BATCH = 3
@@ -80,7 +84,9 @@ def changes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]
     return sorted(added + removed + changed)
 
 
-def watched_convert(case: ConverterCase, sandbox: Path, precision: str, calibration: object = None) -> Converted:
+def watched_convert(
+    case: ConverterCase, sandbox: Path, precision: str, calibration: CalibrationData | None = None
+) -> Converted:
     """Run the record's converter on a copy of the export in `sandbox`, with the working directory and the
     temporary directory inside it, and record every change outside the work dir under the sandbox's parent (the
     temporary root: a converter may not write beside the directory it is given either)."""
@@ -89,29 +95,28 @@ def watched_convert(case: ConverterCase, sandbox: Path, precision: str, calibrat
         d.mkdir(parents=True)
     onnx = inputs / case.onnx.name
     shutil.copyfile(case.onnx, onnx)
-    convert = targets.load_converter(case.target)
+    converter = bind(case.target, precision, case.options)
     before = snapshot(sandbox.parent, work)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
         mp.setenv("TMPDIR", str(tmp))
         mp.setattr(tempfile, "tempdir", str(tmp))
-        artifact = convert(onnx, work, precision, calibration, case.options)
+        artifact = converter.convert(onnx, work, calibration)
     outside = changes(before, snapshot(sandbox.parent, work))
     shared = tuple(f"+{(tmp / name).relative_to(sandbox.parent).as_posix()}" for name in SHARED_TOOL_CACHES)
     return Converted(work, artifact, [c for c in outside if not c.startswith(shared)])
 
 
 def stage_key(target: targets.Target, onnx: Path, precision: str, extras: TargetOptions | None) -> str:
-    """The key the build gives this conversion in the stage cache (bitdeploy.builder.row.convert)."""
-    from bitdeploy.builder.candidate import _cache_settings
+    """The key the build gives this conversion in the stage cache (bitdeploy.builder.convert.convert)."""
+    from bitdeploy.builder.convert import cache_settings
     from bitdeploy.core.cache import file_sha256
     from bitdeploy.core.cache import stage_key as key
 
     options = ConvertOptions(extras=extras)
     inputs = {"onnx": file_sha256(onnx), "calibration": "none"}
-    return key(
-        f"convert-{target.name}-{precision}", inputs, {"converter": target.converter, **_cache_settings(options)}
-    )
+    settings = {"converter": target.converter, **cache_settings(options), "float_layers": []}
+    return key(f"convert-{target.name}-{precision}", inputs, settings)
 
 
 _KEY_IN_ANOTHER_PROCESS = """
@@ -168,7 +173,7 @@ class ConverterConformance:
         work = tmp_path / "work"
         work.mkdir()
         with pytest.raises(BitdeployError) as err:
-            targets.load_converter(case.target)(case.onnx, work, "int8", None, case.options)
+            bind(case.target, "int8", case.options).convert(case.onnx, work, None)
         msg = str(err.value)
         assert msg and "\n" not in msg, msg
         assert "calibration" in msg
@@ -176,8 +181,8 @@ class ConverterConformance:
 
     # -- what it made -----------------------------------------------------------------------------------------
     def test_fp32_output_runs_in_its_runtime_with_finite_logits(self, fp32: Converted, case: ConverterCase) -> None:
-        from bitdeploy.runtimes.base import backend_available, open_backend
-        from bitdeploy.runtimes.manifest import Manifest
+        from bitdeploy.runtimes.bundle.manifest import Manifest
+        from bitdeploy.runtimes.engines.base import backend_available, open_backend
 
         if not backend_available(case.target.backend):
             pytest.skip(

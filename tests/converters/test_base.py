@@ -5,18 +5,28 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from bitdeploy.converters.base import Artifact, ConvertOptions, RowInputs, TargetOptions, check_request, options_class
+from bitdeploy.converters.base import (
+    Artifact,
+    Converter,
+    ConvertOptions,
+    RowInputs,
+    TargetOptions,
+    bind,
+    check_request,
+    options_class,
+)
 from bitdeploy.converters.calibration import CalibrationData, ValidationData
 from bitdeploy.converters.openvino_convert import OpenVinoOptions
 from bitdeploy.converters.ort_convert import OrtOptions
 from bitdeploy.converters.trt_engine import TensorRTOptions
 from bitdeploy.core.errors import BitdeployError, ConversionError
-from bitdeploy.core.targets import TARGETS
-from bitdeploy.runtimes.manifest import Quantization, TargetInfo
+from bitdeploy.core.targets import TARGETS, get_target
+from bitdeploy.runtimes.bundle.manifest import Quantization, TargetInfo
 
 
 def test_convert_options_are_frozen() -> None:
@@ -78,6 +88,46 @@ def test_one_guard_for_precision_and_calibration() -> None:
         check_request("X", "bf16", None)
     with pytest.raises(ConversionError, match=r"int8 needs calibration images; pass --dataset"):
         check_request("X", "int8", None)
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_bind_gives_the_records_converter_bound_to_one_row(name: str) -> None:
+    options = ConvertOptions(threads=1)
+    converter = bind(name, "fp16", options)
+    assert isinstance(converter, Converter) and type(converter).__name__ == TARGETS[name].converter.partition(":")[2]
+    assert (converter.target, converter.precision, converter.options) == (TARGETS[name], "fp16", options)
+    assert bind(TARGETS[name], "fp32").options == ConvertOptions()  # a record binds as well as its name
+    info = converter.target_info("fp16 + fp32", "cpu", details={"k": 1})
+    assert (info.backend, info.precision, info.precision_used, info.device) == (
+        TARGETS[name].backend,
+        "fp16",
+        "fp16 + fp32",
+        "cpu",
+    )
+    assert dict(info.details) == {"k": 1} and info.quantization is None
+
+
+def test_convert_runs_the_shared_guard_before_the_targets_run(tmp_path: Path) -> None:
+    ran: list[tuple[Path, Path, tuple[str, ...]]] = []
+
+    class Recording(Converter):
+        def run(
+            self, onnx_fp32: Path, work_dir: Path, calibration: CalibrationData | None, float_layers: tuple[str, ...]
+        ) -> Artifact:
+            ran.append((onnx_fp32, work_dir, float_layers))
+            return Artifact(files=["m"], model_file="m", target=self.target_info("fp32", None))
+
+    converter = Recording(get_target("onnx"), "int8")
+    with pytest.raises(ConversionError, match="needs calibration"):
+        converter.convert(tmp_path / "m.onnx", tmp_path)
+    assert ran == []
+    text_paths: Any = (str(tmp_path / "m.onnx"), str(tmp_path))  # paths given as text are made Paths
+    art = Recording(get_target("onnx"), "fp32").convert(*text_paths, None, ("a",))
+    assert ran == [(tmp_path / "m.onnx", tmp_path, ("a",))] and art.target.precision == "fp32"
+    with pytest.raises(NotImplementedError):
+        Converter(get_target("onnx"), "fp32").convert(tmp_path / "m.onnx", tmp_path)
+    with pytest.raises(TypeError, match=r"not a bitdeploy\.converters\.base\.Converter"):
+        bind(dataclasses.replace(get_target("onnx"), converter="bitdeploy.converters.base:check_request"), "fp32")
 
 
 def test_artifact_round_trips_through_the_cache_as_json() -> None:

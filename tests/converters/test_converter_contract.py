@@ -12,9 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from bitdeploy.converters.base import Artifact
+from bitdeploy.converters.base import Artifact, Converter
 from bitdeploy.core import targets
-from bitdeploy.runtimes.manifest import TargetInfo
 from tests.converters.converter_conformance import ConverterCase, ConverterConformance, watched_convert
 
 
@@ -37,23 +36,25 @@ class TestTensorRTConverter(ConverterConformance):
 # --- the template's watcher sees every write outside the work dir ------------------------------------------------
 
 
-def leaky_convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Any, options: Any) -> Artifact:
+class LeakyConverter(Converter):
     """A converter that breaks the contract three ways: beside its input, in the working directory, in $TMPDIR."""
-    shutil.copyfile(onnx_fp32, Path(work_dir) / "model.onnx")
-    Path(onnx_fp32).with_suffix(".onnx.bak").write_bytes(b"x")
-    Path("scratch.txt").write_text("x")
-    tempfile.mkstemp(suffix=".leftover")
-    backend = targets.onnx_evaluator().backend
-    return Artifact(files=["model.onnx"], model_file="model.onnx", target=TargetInfo(backend, precision))
+
+    def run(self, onnx_fp32: Path, work_dir: Path, calibration: Any, float_layers: tuple[str, ...]) -> Artifact:
+        shutil.copyfile(onnx_fp32, work_dir / "model.onnx")
+        onnx_fp32.with_suffix(".onnx.bak").write_bytes(b"x")
+        Path("scratch.txt").write_text("x")
+        tempfile.mkstemp(suffix=".leftover")
+        return Artifact(files=["model.onnx"], model_file="model.onnx", target=self.target_info(self.precision, None))
 
 
-def tidy_convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Any, options: Any) -> Artifact:
+class TidyConverter(Converter):
     """A converter that keeps the contract: its temporaries are gone, its files are in the work dir."""
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copyfile(onnx_fp32, Path(tmp) / "x.onnx")
-        shutil.copyfile(Path(tmp) / "x.onnx", Path(work_dir) / "model.onnx")
-    backend = targets.onnx_evaluator().backend
-    return Artifact(files=["model.onnx"], model_file="model.onnx", target=TargetInfo(backend, precision))
+
+    def run(self, onnx_fp32: Path, work_dir: Path, calibration: Any, float_layers: tuple[str, ...]) -> Artifact:
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copyfile(onnx_fp32, Path(tmp) / "x.onnx")
+            shutil.copyfile(Path(tmp) / "x.onnx", work_dir / "model.onnx")
+        return Artifact(files=["model.onnx"], model_file="model.onnx", target=self.target_info(self.precision, None))
 
 
 def _case(converter: str, tmp_path: Path) -> ConverterCase:
@@ -65,7 +66,7 @@ def _case(converter: str, tmp_path: Path) -> ConverterCase:
 
 
 def test_the_watcher_sees_writes_beside_the_input_in_the_cwd_and_left_in_tmp(tmp_path: Path) -> None:
-    done = watched_convert(_case("leaky_convert", tmp_path), tmp_path / "sandbox", "fp32")
+    done = watched_convert(_case("LeakyConverter", tmp_path), tmp_path / "sandbox", "fp32")
     assert [c for c in done.outside if not c.startswith("~")] == [
         "+sandbox/cwd/scratch.txt",
         "+sandbox/input/m.onnx.bak",
@@ -76,5 +77,5 @@ def test_the_watcher_sees_writes_beside_the_input_in_the_cwd_and_left_in_tmp(tmp
 
 
 def test_the_watcher_passes_a_tidy_converter(tmp_path: Path) -> None:
-    done = watched_convert(_case("tidy_convert", tmp_path), tmp_path / "sandbox", "fp32")
+    done = watched_convert(_case("TidyConverter", tmp_path), tmp_path / "sandbox", "fp32")
     assert [c for c in done.outside if not c.startswith("~")] == [] and done.artifact.files == ["model.onnx"]

@@ -16,10 +16,10 @@ pytest.importorskip("ai_edge_litert", reason='the LiteRT runtime needs ai-edge-l
 
 from bitdeploy.converters import calibration as cal
 from bitdeploy.converters import litert_convert
-from bitdeploy.converters.base import ConvertOptions
+from bitdeploy.converters.base import ConvertOptions, bind
 from bitdeploy.core.errors import ConversionError
-from bitdeploy.runtimes.litert import LiteRtBackend
-from bitdeploy.runtimes.manifest import Manifest
+from bitdeploy.runtimes.bundle.manifest import Manifest
+from bitdeploy.runtimes.engines.litert import LiteRtBackend
 from tests.converters.tiny_digits import RESOLUTION, tiny_digits
 
 
@@ -31,7 +31,7 @@ def _logits(path: Path, x: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def fp32(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     work = tmp_path_factory.mktemp("litert-fp32")
-    artifact = litert_convert.convert(tiny_digits().onnx, work, "fp32", None, ConvertOptions())
+    artifact = bind("litert", "fp32", ConvertOptions()).convert(tiny_digits().onnx, work)
     return work, artifact
 
 
@@ -74,7 +74,7 @@ def test_int8_passes_the_gate_with_float_io(tmp_path: Path) -> None:
 
     td = tiny_digits()
     calib = cal.from_image_set(td.train, RESOLUTION, size=64)
-    artifact = litert_convert.convert(td.onnx, tmp_path, "int8", calib, ConvertOptions())
+    artifact = bind("litert", "int8", ConvertOptions()).convert(td.onnx, tmp_path, calib)
     assert artifact.target.quantization is not None and artifact.target.quantization.samples == 64
     it = Interpreter(str(tmp_path / "model.tflite"))
     assert it.get_input_details()[0]["dtype"] == np.float32 and it.get_output_details()[0]["dtype"] == np.float32
@@ -87,12 +87,12 @@ def test_int8_passes_the_gate_with_float_io(tmp_path: Path) -> None:
 
 def test_int8_without_calibration_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="needs calibration"):
-        litert_convert.convert(tiny_digits().onnx, tmp_path, "int8", None, ConvertOptions())
+        bind("litert", "int8", ConvertOptions()).convert(tiny_digits().onnx, tmp_path)
 
 
 def test_gpu_device_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="--device cpu"):
-        litert_convert.convert(tiny_digits().onnx, tmp_path, "fp32", None, ConvertOptions(device="cuda"))
+        bind("litert", "fp32", ConvertOptions(device="cuda")).convert(tiny_digits().onnx, tmp_path)
 
 
 def test_a_foreign_onnx_is_refused(tmp_path: Path) -> None:
@@ -107,16 +107,17 @@ def test_a_foreign_onnx_is_refused(tmp_path: Path) -> None:
     )
     onnx.save(helper.make_model(graph), str(tmp_path / "relu.onnx"))
     with pytest.raises(ConversionError, match="not a bitdeploy BiT export"):
-        litert_convert.convert(tmp_path / "relu.onnx", tmp_path, "fp32", None, ConvertOptions())
+        bind("litert", "fp32", ConvertOptions()).convert(tmp_path / "relu.onnx", tmp_path)
 
 
-def _int8(work: Path, options: ConvertOptions) -> tuple[Any, Any]:
+def _int8(work: Path, options: ConvertOptions, float_layers: tuple[str, ...] = ()) -> tuple[Any, Any]:
     """(the interpreter, the artifact) of an INT8 conversion on 16 calibration images."""
     from ai_edge_litert.interpreter import Interpreter
 
     td = tiny_digits()
     work.mkdir()
-    artifact = litert_convert.convert(td.onnx, work, "int8", cal.from_image_set(td.train, RESOLUTION, size=16), options)
+    calib = cal.from_image_set(td.train, RESOLUTION, size=16)
+    artifact = bind("litert", "int8", options).convert(td.onnx, work, calib, float_layers)
     return Interpreter(str(work / "model.tflite")), artifact
 
 
@@ -143,7 +144,7 @@ def uniform(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
 def test_int8_search_float_layers_stay_float(uniform: tuple[Any, Any], tmp_path: Path) -> None:
     """The INT8 search's float layers reach LiteRT through the PT2E annotation filter: their weights stay float."""
     keep = ("body.block2.unit01.conv2", "body.block4.unit01.downsample")
-    mixed, artifact = _int8(tmp_path / "mixed", ConvertOptions(float_layers=keep))
+    mixed, artifact = _int8(tmp_path / "mixed", ConvertOptions(), keep)
     assert _int8_weights(mixed) == _int8_weights(uniform[0]) - len(keep) and _int8_weights(uniform[0]) >= 10
     quantization = artifact.target.quantization
     assert quantization is not None and set(keep) <= set(quantization.details["float_layers"])

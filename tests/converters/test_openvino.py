@@ -15,11 +15,11 @@ pytest.importorskip("nncf")
 
 from bitdeploy.converters import calibration as calib_mod
 from bitdeploy.converters import openvino_convert
-from bitdeploy.converters.base import ConvertOptions
+from bitdeploy.converters.base import ConvertOptions, bind
 from bitdeploy.converters.openvino_convert import OpenVinoOptions
 from bitdeploy.core.errors import ConversionError
-from bitdeploy.runtimes.manifest import Manifest, TargetInfo
-from bitdeploy.runtimes.ov import OpenVinoBackend
+from bitdeploy.runtimes.bundle.manifest import Manifest, TargetInfo
+from bitdeploy.runtimes.engines.ov import OpenVinoBackend
 from tests.converters.tiny_digits import TinyDigits
 
 OPTS = ConvertOptions(threads=2)
@@ -43,7 +43,7 @@ def _top1(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def test_fp32_ir_runs_f32_and_matches_pytorch(tiny: TinyDigits, tmp_path: Path) -> None:
-    art = openvino_convert.convert(tiny.onnx, tmp_path, "fp32", None, OPTS)
+    art = bind("openvino", "fp32", OPTS).convert(tiny.onnx, tmp_path)
     assert art.backend == "openvino" and art.model_file == "model.xml"
     assert set(art.files) == {"model.xml", "model.bin"} and all((tmp_path / f).is_file() for f in art.files)
     t = art.target.to_dict()
@@ -58,8 +58,8 @@ def test_fp32_ir_runs_f32_and_matches_pytorch(tiny: TinyDigits, tmp_path: Path) 
 def test_fp16_halves_the_weights_and_keeps_top1(tiny: TinyDigits, tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    openvino_convert.convert(tiny.onnx, tmp_path / "a", "fp32", None, OPTS)
-    art = openvino_convert.convert(tiny.onnx, tmp_path / "b", "fp16", None, OPTS)
+    bind("openvino", "fp32", OPTS).convert(tiny.onnx, tmp_path / "a")
+    art = bind("openvino", "fp16", OPTS).convert(tiny.onnx, tmp_path / "b")
     size32, size16 = (tmp_path / "a/model.bin").stat().st_size, (tmp_path / "b/model.bin").stat().st_size
     assert size16 < 0.55 * size32
     assert 'element_type="f16"' in (tmp_path / "b/model.xml").read_text()
@@ -70,18 +70,18 @@ def test_fp16_halves_the_weights_and_keeps_top1(tiny: TinyDigits, tmp_path: Path
 
 
 def test_bf16_is_opt_in_and_refused_where_the_cpu_has_none(tiny: TinyDigits, tmp_path: Path) -> None:
-    from bitdeploy.runtimes.fingerprint import host_fingerprint
+    from bitdeploy.runtimes.bundle.fingerprint import host_fingerprint
 
     with pytest.raises(ConversionError, match="fp32 computes in f32"):
-        openvino_convert.convert(tiny.onnx, tmp_path, "fp32", None, _ov(inference_precision="bf16"))
+        bind("openvino", "fp32", _ov(inference_precision="bf16")).convert(tiny.onnx, tmp_path)
     with pytest.raises(ConversionError, match="not an OpenVINO float precision"):
-        openvino_convert.convert(tiny.onnx, tmp_path, "fp16", None, _ov(inference_precision="fp8"))
+        bind("openvino", "fp16", _ov(inference_precision="fp8")).convert(tiny.onnx, tmp_path)
     has_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(host_fingerprint()["cpu"]["features"]))
     if not has_bf16:
         with pytest.raises(ConversionError, match="computes in f32, not the requested bf16"):
-            openvino_convert.convert(tiny.onnx, tmp_path, "fp16", None, _ov(inference_precision="bf16"))
+            bind("openvino", "fp16", _ov(inference_precision="bf16")).convert(tiny.onnx, tmp_path)
         return
-    art = openvino_convert.convert(tiny.onnx, tmp_path, "fp16", None, _ov(inference_precision="bf16"))
+    art = bind("openvino", "fp16", _ov(inference_precision="bf16")).convert(tiny.onnx, tmp_path)
     assert (art.target.get("inference_precision"), art.target.precision_used) == ("bf16", "bf16")
 
 
@@ -96,7 +96,7 @@ def _feeds_fq(op: Any) -> bool:
 def test_int8_quantizes_the_convs_keeps_norms_residuals_head_float_and_passes_the_gate(
     tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path: Path
 ) -> None:
-    art = openvino_convert.convert(tiny.onnx, tmp_path, "int8", calibration, OPTS)
+    art = bind("openvino", "int8", OPTS).convert(tiny.onnx, tmp_path, calibration)
     t = art.target.to_dict()
     assert t["precision_used"].startswith("int8+")
     assert (
@@ -129,7 +129,7 @@ def test_int8_float_scope_none_is_nncf_default(
 ) -> None:
     # The scope is a module constant (no build option); the measurement's alternatives stay reachable here.
     monkeypatch.setattr(openvino_convert, "DEFAULT_SCOPE", "none")
-    art = openvino_convert.convert(tiny.onnx, tmp_path, "int8", calibration, OPTS)
+    art = bind("openvino", "int8", OPTS).convert(tiny.onnx, tmp_path, calibration)
     import openvino as ov
 
     model = ov.Core().read_model(str(tmp_path / "model.xml"))
@@ -145,7 +145,7 @@ def test_int8_with_accuracy_control(tiny: TinyDigits, calibration: calib_mod.Cal
     work = tmp_path / "b"
     work.mkdir()
     opts = _ov(accuracy_control=True, validation=validation, max_accuracy_drop=1.0)
-    art = openvino_convert.convert(tiny.onnx, work, "int8", calibration, opts)
+    art = bind("openvino", "int8", opts).convert(tiny.onnx, work, calibration)
     q = art.target.to_dict()["quantization"]
     assert q["accuracy_control"] is True and q["max_drop_pp"] == 1.0 and q["validation_samples"] == 120
     top1 = _top1(_logits(work, art.target, tiny.val_x), tiny.val_y)
@@ -170,7 +170,7 @@ def test_bad_requests_are_one_line_errors(
     tiny: TinyDigits, tmp_path: Path, precision: str, calibration: Any, options: ConvertOptions, pattern: str
 ) -> None:
     with pytest.raises(ConversionError, match=pattern) as err:
-        openvino_convert.convert(tiny.onnx, tmp_path, precision, calibration, options)
+        bind("openvino", precision, options).convert(tiny.onnx, tmp_path, calibration)
     assert "\n" not in str(err.value)
     assert not any(tmp_path.iterdir())  # nothing half-written
 
@@ -179,7 +179,7 @@ def test_accuracy_control_without_validation_split(
     tiny: TinyDigits, calibration: calib_mod.CalibrationData, tmp_path: Path
 ) -> None:
     with pytest.raises(ConversionError, match=r"needs the validation split") as err:
-        openvino_convert.convert(tiny.onnx, tmp_path, "int8", calibration, _ov(accuracy_control=True))
+        bind("openvino", "int8", _ov(accuracy_control=True)).convert(tiny.onnx, tmp_path, calibration)
     assert "\n" not in str(err.value)
 
 
@@ -189,7 +189,7 @@ def test_calib_method_must_be_an_nncf_one(
     with pytest.raises(
         ConversionError, match=r"--calib-method 'entropy' is not available for OpenVINO; choose one of: mean_minmax"
     ):
-        openvino_convert.convert(tiny.onnx, tmp_path, "int8", calibration, ConvertOptions(calib_method="entropy"))
+        bind("openvino", "int8", ConvertOptions(calib_method="entropy")).convert(tiny.onnx, tmp_path, calibration)
 
 
 def test_devices() -> None:
@@ -220,7 +220,7 @@ def test_compile_config_pins_precision_only_when_asked() -> None:
 def test_inference_precision_applies_to_fp16_and_int8_rows_only(tmp_path: Path) -> None:
     """`--precision fp32,fp16 --inference-precision bf16`: the fp32 row stays f32, the fp16 row records bf16."""
     from bitdeploy.cli import main
-    from bitdeploy.runtimes.fingerprint import host_fingerprint
+    from bitdeploy.runtimes.bundle.fingerprint import host_fingerprint
 
     if (
         "avx512_bf16" not in host_fingerprint()["cpu"]["features"]

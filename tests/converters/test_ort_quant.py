@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bitdeploy.converters.base import ConvertOptions
+from bitdeploy.converters.base import ConvertOptions, bind
 from bitdeploy.converters.calibration import CalibrationData, digest
 from bitdeploy.converters.ort_convert import OrtOptions
 from bitdeploy.core.errors import ConversionError
@@ -92,11 +92,9 @@ def test_int8_scheme_is_recorded(
 ) -> None:
     import platform
 
-    from bitdeploy.converters import ort_convert
-
     if scheme == "auto" and platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("auto picks u8s8-7bit on x86 only")
-    art = ort_convert.convert(export, tmp_path, "int8", calib, ConvertOptions(extras=OrtOptions(int8_scheme=scheme)))
+    art = bind("onnx", "int8", ConvertOptions(extras=OrtOptions(int8_scheme=scheme))).convert(export, tmp_path, calib)
     q = art.target.to_dict()["quantization"]
     assert q["scheme"] == ("u8s8-7bit" if scheme == "auto" else scheme) and q["scheme_reason"]
     assert q["scheme"].upper() in (art.target.precision_used or "")
@@ -105,8 +103,8 @@ def test_int8_scheme_is_recorded(
     assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == weight_max
     assert any(v.dtype == activation and v.ndim == 0 for v in values.values())  # activation zero points
     with pytest.raises(ConversionError, match="not an ONNX Runtime INT8 scheme"):
-        ort_convert.convert(
-            export, tmp_path / "x", "int8", calib, ConvertOptions(extras=OrtOptions(int8_scheme="u4s4"))
+        bind("onnx", "int8", ConvertOptions(extras=OrtOptions(int8_scheme="u4s4"))).convert(
+            export, tmp_path / "x", calib
         )
 
 
@@ -204,15 +202,15 @@ def test_fp16_keeps_norms_in_fp32_and_float32_io(tmp_path: Path, export: Path) -
 
 
 def test_ort_converter_artifacts(tmp_path: Path, export: Path, calib: CalibrationData) -> None:
-    from bitdeploy.converters.ort_convert import convert
-
     for precision in ("fp32", "fp16", "int8"):
         work = tmp_path / precision
         work.mkdir()
-        art = convert(export, work, precision, calib if precision == "int8" else None, ConvertOptions(device="cpu"))
+        art = bind("onnx", precision, ConvertOptions(device="cpu")).convert(
+            export, work, calib if precision == "int8" else None
+        )
         assert art.backend == "onnxruntime" and art.model_file == "model.onnx" and (work / "model.onnx").is_file()
         assert art.target.precision == precision and art.target.precision_used
     with pytest.raises(ConversionError, match="--dataset"):
-        convert(export, tmp_path, "int8", None, ConvertOptions())
+        bind("onnx", "int8", ConvertOptions()).convert(export, tmp_path)
     with pytest.raises(ConversionError, match="--device"):
-        convert(export, tmp_path, "fp32", None, ConvertOptions(device="NPU"))
+        bind("onnx", "fp32", ConvertOptions(device="NPU")).convert(export, tmp_path)

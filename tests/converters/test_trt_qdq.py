@@ -197,7 +197,7 @@ def test_searched_float_layers_stay_float_in_the_tensorrt_onnx(
 ) -> None:
     """The INT8 search's float layers reach TensorRT as Q/DQ placement: those convs get no Q/DQ, the rules hold."""
     keep = ("body.block1.unit01.conv2", "body.block3.unit01.downsample")
-    name, info = trt_qdq.prepare_onnx(tiny.onnx, tmp_path, "int8", calibration, ConvertOptions(float_layers=keep))
+    name, info = trt_qdq.prepare_onnx(tiny.onnx, tmp_path, "int8", calibration, ConvertOptions(), keep)
     model = onnx.load(str(tmp_path / name))
     report = trt_qdq.inspect_qdq(model, float_layers=keep)
     assert report.violations == []

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from bitdeploy.cli import main
+from bitdeploy.converters.base import Artifact, Converter
 from bitdeploy.core.targets import TARGETS, Target, unavailable_reason
 from tests.pipeline.tiny_args import TINY_GATE_PP, base_args
 
@@ -124,7 +125,8 @@ def test_int8_bundle_passes_gate_with_full_manifest(run: Callable[..., Result], 
 def test_second_build_hits_cache_and_changed_input_invalidates(tmp_path: Path, ckpt: Path) -> None:
     from dataclasses import replace
 
-    from bitdeploy.builder.run import BuildOptions, run_build
+    from bitdeploy.builder.build import run_build
+    from bitdeploy.builder.options import BuildOptions
     from bitdeploy.core.options import (
         CacheArgs,
         CalibrationArgs,
@@ -176,33 +178,31 @@ def test_second_build_hits_cache_and_changed_input_invalidates(tmp_path: Path, c
     assert "export" not in fourth.cache_hits and "calibration" in fourth.cache_hits
 
 
-def _broken_convert(onnx_fp32: Path, work_dir: Path, precision: str, calibration: Any, options: dict[str, Any]) -> Any:
+class BrokenConverter(Converter):
     """A converter whose model always answers class 0: a stand-in for a quantization that lost accuracy."""
-    import onnx
-    from onnx import helper, numpy_helper
 
-    from bitdeploy.converters.base import Artifact
-    from bitdeploy.runtimes.manifest import TargetInfo
+    def run(self, onnx_fp32: Path, work_dir: Path, calibration: Any, float_layers: tuple[str, ...]) -> Artifact:
+        import onnx
+        from onnx import helper, numpy_helper
 
-    model = onnx.load(str(onnx_fp32))
-    g = model.graph
-    out = g.output[0].name
-    for n in g.node:
-        n.output[:] = [o if o != out else "raw_logits" for o in n.output]
-    bias = np.zeros(10, np.float32)
-    bias[0] = 1e4
-    g.initializer.append(numpy_helper.from_array(bias, "class0"))
-    g.node.append(helper.make_node("Add", ["raw_logits", "class0"], [out], name="break"))
-    onnx.save(model, str(work_dir / "model.onnx"))
-    return Artifact(
-        files=["model.onnx"], model_file="model.onnx", target=TargetInfo("onnxruntime", precision, precision, "cpu")
-    )
+        model = onnx.load(str(onnx_fp32))
+        g = model.graph
+        out = g.output[0].name
+        for n in g.node:
+            n.output[:] = [o if o != out else "raw_logits" for o in n.output]
+        bias = np.zeros(10, np.float32)
+        bias[0] = 1e4
+        g.initializer.append(numpy_helper.from_array(bias, "class0"))
+        g.node.append(helper.make_node("Add", ["raw_logits", "class0"], [out], name="break"))
+        onnx.save(model, str(work_dir / "model.onnx"))
+        return Artifact(files=["model.onnx"], model_file="model.onnx", target=self.target_info(self.precision, "cpu"))
 
 
-def _failing_convert(*_args: Any) -> Any:
-    from bitdeploy.core.errors import ConversionError
+class FailingConverter(Converter):
+    def run(self, onnx_fp32: Path, work_dir: Path, calibration: Any, float_layers: tuple[str, ...]) -> Artifact:
+        from bitdeploy.core.errors import ConversionError
 
-    raise ConversionError("simulated converter crash")
+        raise ConversionError("simulated converter crash")
 
 
 def _patch_target(monkeypatch: pytest.MonkeyPatch, name: str, fn: str) -> None:
@@ -218,7 +218,7 @@ def test_gate_failure_exits_nonzero_and_writes_invalid_bundle(
     from bitdeploy.core.errors import BundleError
     from bitdeploy.runtimes.bundle import load_manifest
 
-    _patch_target(monkeypatch, "onnx", "_broken_convert")
+    _patch_target(monkeypatch, "onnx", "BrokenConverter")
     out = tmp_path / "D"
     result = run(base_args(ckpt, out, "--target", "onnx", "--precision", "fp16"))
     assert result.exit_code == 1
@@ -260,7 +260,7 @@ def test_trt_unavailable_fails_fast_before_export(tmp_path: Path) -> None:
 def test_target_all_continues_past_failure_and_selects_fastest(
     run: Callable[..., Result], tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _patch_target(monkeypatch, "openvino", "_failing_convert")
+    _patch_target(monkeypatch, "openvino", "FailingConverter")
     # LiteRT's converter takes ~15 s per precision here; its fp16/int8 are covered by tests/converters/test_litert.py
     monkeypatch.setitem(TARGETS, "litert", Target(**{**TARGETS["litert"].__dict__, "precisions": ("fp32",)}))
     out = tmp_path / "all"

@@ -14,13 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from bitdeploy.benchmarks.ranking import Criteria, SelectionError
 from bitdeploy.benchmarks.schema import Timing
-from bitdeploy.builder.output import RowResult, select_fastest, table
+from bitdeploy.builder.finish import select
+from bitdeploy.builder.result import RowResult
+from bitdeploy.builder.table import table
 from bitdeploy.core import devices
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.emulation.guest import summarize_failures
-from bitdeploy.runtimes.manifest import Manifest
+from bitdeploy.runtimes.bundle.manifest import Manifest
 from tests.clirun import one_error_line, run_cli
+from tests.rows import row as make_row
 
 
 def fake_qemu(kit: Path, name: str, version: str) -> None:
@@ -119,10 +123,7 @@ def test_devices_table_names_boards_and_readiness(tmp_path: Path, capsys: pytest
 
 
 def row(name: str, p50: float, devices_: dict[str, str]) -> RowResult:
-    target, precision = name.split("-")
-    return RowResult(
-        target, precision, status="valid", timing=Timing(p50_ms=p50), bundle=f"/x/{name}", devices=devices_
-    )
+    return make_row(name, timing=Timing(p50_ms=p50), bundle=f"/x/{name}", devices=devices_)
 
 
 def test_verify_on_results_reach_table_and_selection() -> None:
@@ -134,10 +135,11 @@ def test_verify_on_results_reach_table_and_selection() -> None:
     header = text.splitlines()[0]
     assert header.split()[-2:] == ["cortex-a72", "haswell"]
     assert "FAIL" in text.splitlines()[2] and "80%" not in text  # the reason is logged, the cell stays short
-    pick = select_fastest(rows)
+    pick = select(rows, Criteria("fastest"))
     assert pick is not None and pick[0].name == "openvino-int8"  # the faster one fails on haswell
     assert "failing on a --verify-on CPU: onnx-int8" in pick[1]
-    assert select_fastest(rows[:1]) is None
+    with pytest.raises(SelectionError):
+        select(rows[:1], Criteria("fastest"))
 
 
 def test_summary_line_names_bundle_and_cpu() -> None:

@@ -108,40 +108,35 @@ def _fail_converter(precision: str) -> Patch:
     """The real converter runs, then its last write fails: what is half-written is the cache entry's temp dir."""
 
     def install(mp: pytest.MonkeyPatch, out: Path, cache: Path) -> None:
-        from bitdeploy.builder import candidate as build_candidate
+        from bitdeploy.converters.base import Converter
 
-        real_load = build_candidate.load_converter
+        real_convert = Converter.convert
 
-        def load(target: Any) -> Any:
-            real = real_load(target)
+        def convert(self: Converter, onnx: Path, work: Path, *args: Any, **kwargs: Any) -> Any:
+            artifact = real_convert(self, onnx, work, *args, **kwargs)
+            if self.precision == precision:
+                raise _no_space(Path(work) / "model.onnx")
+            return artifact
 
-            def convert(onnx: Path, work: Path, prec: str, *args: Any) -> Any:
-                artifact = real(onnx, work, prec, *args)
-                if prec == precision:
-                    raise _no_space(work / "model.onnx")
-                return artifact
-
-            return convert
-
-        mp.setattr(build_candidate, "load_converter", load)
+        mp.setattr(Converter, "convert", convert)
 
     return install
 
 
 def _fail_bundle_copy(mp: pytest.MonkeyPatch, out: Path, cache: Path) -> None:
-    from bitdeploy.builder import row as build_row
+    from bitdeploy.builder import bundle
     from bitdeploy.core import fsutil
 
     def copy(src: Path, dst: Path, names: list[str]) -> None:
         fsutil.copy_files(src, dst, names[:1])
         raise _no_space()
 
-    mp.setattr(build_row, "copy_files", copy)
+    mp.setattr(bundle, "copy_files", copy)
 
 
 def _fail_report(mp: pytest.MonkeyPatch, out: Path, cache: Path) -> None:
     from bitdeploy.benchmarks import report_render
-    from bitdeploy.builder import run as build
+    from bitdeploy.builder import timing
 
     real = report_render.atomic_write
 
@@ -151,7 +146,7 @@ def _fail_report(mp: pytest.MonkeyPatch, out: Path, cache: Path) -> None:
         real(path, text)
 
     mp.setattr(report_render, "atomic_write", write)
-    mp.setattr(build, "_baseline_latency", lambda *args: None)  # the PyTorch baselines only time; not what is tested
+    mp.setattr(timing, "baseline_latency", lambda *args: None)  # the PyTorch baselines only time; not what is tested
 
 
 def _oom_evaluating(mp: pytest.MonkeyPatch, out: Path, cache: Path) -> None:

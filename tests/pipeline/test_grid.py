@@ -272,7 +272,7 @@ def test_max_hours_stops_before_a_cell_and_keeps_what_finished(
 def test_each_cells_pytorch_baselines_keep_their_own_model_and_resolution() -> None:
     from bitdeploy.benchmarks.baseline import QuickBaseline
     from bitdeploy.benchmarks.schema import Status, Timing
-    from bitdeploy.builder.output import bench_entries
+    from bitdeploy.builder.report import bench_entries
 
     baselines = [
         QuickBaseline("eager-folded", "eager", Status.parse("ok"), model, res, timing=Timing(p50_ms=ms))

@@ -69,7 +69,7 @@ def test_validate_runs_before_the_command_and_usage_errors_exit_2() -> None:
 
 
 def test_build_options_compose_the_groups() -> None:
-    from bitdeploy.builder.context import BuildOptions
+    from bitdeploy.builder.options import BuildOptions
 
     names = {f.name for f in dataclasses.fields(BuildOptions)}
     assert {"export", "engine", "training", "calibration", "gate", "timing", "selection", "cache"} <= names

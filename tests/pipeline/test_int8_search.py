@@ -16,7 +16,7 @@ import pytest
 from bitdeploy.converters import layers
 from bitdeploy.core.errors import BundleError
 from bitdeploy.core.options import GateSpec
-from bitdeploy.runtimes.manifest_mix import Candidate, Int8Mix, LayerCost
+from bitdeploy.runtimes.bundle.manifest_mix import Candidate, Int8Mix, LayerCost
 from tests.clirun import one_error_line, run_cli
 from tests.pipeline.tiny_args import base_args
 
@@ -118,7 +118,7 @@ def test_fallback_none_keeps_the_failing_uniform_int8_invalid(
 
 def _fake_timing(mix_ms: float) -> Any:
     """`Search.time` with fixed figures: FP32 1.0 ms, uniform INT8 0.5 ms, every passing mix `mix_ms`."""
-    from bitdeploy.builder import int8_search
+    from bitdeploy.builder import search as int8_search
 
     def time(self: Any, passing: list[Any]) -> dict[str, Any]:
         out = {int8_search.FP32: (1.0, (0.95, 1.05)), int8_search.UNIFORM: (0.5, (0.45, 0.55))}
@@ -131,7 +131,7 @@ def _fake_timing(mix_ms: float) -> Any:
 def test_auto_search_keeps_sensitive_layers_in_float_until_the_gate_passes(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bitdeploy.builder import int8_search
+    from bitdeploy.builder import search as int8_search
 
     monkeypatch.setattr(int8_search.Search, "time", _fake_timing(0.6))  # the choice, not this machine's speed
     out = tmp_path / "auto"
@@ -166,7 +166,7 @@ def test_auto_search_keeps_sensitive_layers_in_float_until_the_gate_passes(
 def test_a_mix_not_faster_than_fp32_is_refused_in_one_line(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bitdeploy.builder import int8_search
+    from bitdeploy.builder import search as int8_search
 
     monkeypatch.setattr(int8_search.Search, "time", _fake_timing(1.2))
     out = tmp_path / "slow"
@@ -187,7 +187,7 @@ def test_a_gate_no_mix_can_pass_names_the_best_candidate(
     mix keeping a layer in INT8 can meet would."""
     from dataclasses import replace
 
-    from bitdeploy.builder import int8_search
+    from bitdeploy.builder import search as int8_search
 
     real = int8_search.try_candidate
 
@@ -242,18 +242,16 @@ def test_search_uses_each_engines_own_float_mechanism(
 
 # -- bf16/fp16 float layers: selectable only once checked on the device classes --------------------------------------
 def _row(name: str, p50: float, float_precision: str = "fp32", devices: dict[str, str] | None = None) -> Any:
-    from bitdeploy.benchmarks.schema import VALID, Timing
-    from bitdeploy.builder.output import RowResult
+    from bitdeploy.benchmarks.schema import Timing
+    from tests.rows import row
 
-    target, precision = name.split("-")
-    row = RowResult(target, precision, status=VALID, top1=0.9, timing=Timing(p50_ms=p50, p50_spread=(p50, p50)))
-    row.float_precision, row.devices = float_precision, dict(devices or {})
-    return row
+    timing = Timing(p50_ms=p50, p50_spread=(p50, p50))
+    return row(name, top1=0.9, timing=timing, float_precision=float_precision, devices=devices)
 
 
 def test_bf16_float_layers_are_offered_to_select_only_after_verify_on() -> None:
     from bitdeploy.benchmarks.ranking import Criteria
-    from bitdeploy.builder.output import select
+    from bitdeploy.builder.finish import select
 
     rows = [_row("onnx-int8", 2.0), _row("openvino-int8", 1.0, "bf16")]
     best, line = select(rows, Criteria("fastest"))
@@ -264,7 +262,7 @@ def test_bf16_float_layers_are_offered_to_select_only_after_verify_on() -> None:
     checked = {"haswell": "pass", "cortex-a76": "pass"}
     rows = [_row("onnx-int8", 2.0, devices=checked), _row("openvino-int8", 1.0, "bf16", checked)]
     assert select(rows, Criteria("fastest"))[0].name == "openvino-int8"
-    rows[1].devices["cortex-a76"] = "FAIL: agreement 0.9"
+    rows[1] = _row("openvino-int8", 1.0, "bf16", {**checked, "cortex-a76": "FAIL: agreement 0.9"})
     assert select(rows, Criteria("fastest"))[0].name == "onnx-int8"
 
 
@@ -272,7 +270,7 @@ def test_bf16_on_a_cpu_without_it_says_so_in_one_line(tmp_path: Path, monkeypatc
     """OpenVINO reports the precision it compiled to; a CPU without bf16 units compiles an f32 model."""
     pytest.importorskip("openvino")
     from bitdeploy.converters import openvino_convert
-    from bitdeploy.converters.base import ConvertOptions
+    from bitdeploy.converters.base import ConvertOptions, bind
     from bitdeploy.converters.onnx_export import export_onnx
     from bitdeploy.core.catalog import get_variant
     from bitdeploy.core.errors import ConversionError
@@ -284,7 +282,7 @@ def test_bf16_on_a_cpu_without_it_says_so_in_one_line(tmp_path: Path, monkeypatc
     monkeypatch.setattr(openvino_convert, "resolved_precision", lambda compiled: "f32")
     options = ConvertOptions(extras=openvino_convert.OpenVinoOptions(inference_precision="bf16"))
     with pytest.raises(ConversionError) as caught:
-        openvino_convert.convert(onnx_path, tmp_path / "work", "fp16", None, options)
+        bind("openvino", "fp16", options).convert(onnx_path, tmp_path / "work")
     line = str(caught.value)
     assert "\n" not in line and "computes in f32, not the requested bf16" in line
     assert "no bf16 arithmetic (x86 AVX-512 BF16 or AMX)" in line and "--inference-precision f32" in line

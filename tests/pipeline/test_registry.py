@@ -18,11 +18,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from bitdeploy.cli import cli
-from bitdeploy.converters.base import Artifact
+from bitdeploy.converters.base import Artifact, Converter
 from bitdeploy.core import targets
-from bitdeploy.runtimes.base import Backend, backend_available, backend_class
 from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
-from bitdeploy.runtimes.manifest import Manifest, ModelInfo, TargetInfo
+from bitdeploy.runtimes.bundle.manifest import Manifest, ModelInfo, TargetInfo
+from bitdeploy.runtimes.engines.base import Backend, backend_available, backend_class
 from bitdeploy.runtimes.preprocess import input_spec
 from tests.converters.converter_conformance import ConverterConformance
 from tests.runtimes.backend_conformance import BackendConformance
@@ -50,7 +50,7 @@ DUMMY = targets.Target(
     name="numpy-test",
     title="NumPy (test)",
     backend="numpy-test",
-    converter="tests.pipeline.test_registry:no_converter",
+    converter="tests.pipeline.test_registry:NoConverter",
     runtime="tests.pipeline.test_registry:NumpyBackend",
     formats=(".npy",),
     extra="numpy-test",
@@ -132,7 +132,7 @@ import importlib
 from click.testing import CliRunner
 from bitdeploy.core import targets
 from bitdeploy.cli import COMMANDS, cli
-targets.register(targets.Target(name="bare", title="Bare", backend="bare", converter="bare:convert",
+targets.register(targets.Target(name="bare", title="Bare", backend="bare", converter="bare:BareConverter",
     runtime="bare:Backend", formats=(".bare",), extra="bare", modules=("bare",), runtime_extra="bare",
     runtime_module="bare"))
 for ref in COMMANDS.values():
@@ -170,7 +170,7 @@ def test_every_record_resolves(name: str) -> None:
     if backend_available(t.backend):  # the SDK is installed: the class imports and is a Backend
         assert issubclass(backend_class(t.backend), Backend)
     if not any(importlib.util.find_spec(m) is None for m in t.modules):
-        assert callable(targets.load_converter(t))
+        assert issubclass(targets.load_converter(t), Converter)
 
 
 def test_cli_choices_come_from_the_records() -> None:

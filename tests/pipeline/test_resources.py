@@ -96,12 +96,12 @@ def test_what_is_not_a_resource_fault_passes_through(tmp_path: Path) -> None:
 
 
 def test_the_last_line_says_done_only_when_every_bundle_that_ran_is_valid() -> None:
-    from bitdeploy.builder.output import RowResult
-    from bitdeploy.builder.run import status_line
+    from bitdeploy.builder.finish import status_line
+    from tests.rows import row
 
-    rows = [RowResult("onnx", "fp32", status="valid"), RowResult("trt", "int8", status="skipped: no GPU")]
+    rows = [row("onnx-fp32"), row("trt-int8", "skipped: no GPU")]
     assert status_line(rows, 3.14, ["export"]) == "done in 3.1 s (cache hits: export)"
-    rows += [RowResult("onnx", "int8", status="failed gate"), RowResult("openvino", "fp16", status="failed: boom")]
+    rows += [row("onnx-int8", "failed gate"), row("openvino-fp16", "failed: boom")]
     assert (
         status_line(rows, 3.14, [])
         == "finished in 3.1 s: 2 of 3 bundles failed: onnx-int8 (failed gate), openvino-fp16 (error)"

@@ -8,7 +8,7 @@ provides a class-scoped `case` fixture returning a `Case` (see tests/runtimes/te
         def case(self) -> Case:
             return Case(factory=lambda: MyBackend(path, manifest), x=x, expected=reference_logits, atol=1e-5)
 
-What is checked is the contract of `bitdeploy.runtimes.base.Backend`: bad batches (wrong dtype, ndim, fixed
+What is checked is the contract of `bitdeploy.runtimes.engines.base.Backend`: bad batches (wrong dtype, ndim, fixed
 dimension, not an array, no rows) are one-line BitdeployErrors; batch 1 and 3 give (N, classes) float32 logits
 that agree with the reference and that the caller owns; four threads get what serial calls get; `describe()`
 names the backend and device; `close()` is safe twice.
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from bitdeploy.core.errors import BitdeployError
-from bitdeploy.runtimes.base import Backend
+from bitdeploy.runtimes.engines.base import Backend
 
 
 @dataclass

@@ -19,7 +19,7 @@ from PIL import Image
 
 from bitdeploy import __version__
 from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
-from bitdeploy.runtimes.manifest import ExportInfo, Manifest, ModelInfo, Provenance, TargetInfo, WeightsInfo
+from bitdeploy.runtimes.bundle.manifest import ExportInfo, Manifest, ModelInfo, Provenance, TargetInfo, WeightsInfo
 from bitdeploy.runtimes.preprocess import input_spec
 
 RES = 32

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bitdeploy.runtimes import trt as trt_rt
+from bitdeploy.runtimes.engines import trt as trt_rt
 
 # What the fake engine inspector reports when a test gives no layer JSON: one FP16 convolution.
 DEFAULT_LAYERS: dict[str, Any] = {
@@ -236,7 +236,7 @@ def fake_tensorrt(cuda: FakeCuda, strongly_typed: bool = True, layer_json: dict[
 def install(
     monkeypatch: pytest.MonkeyPatch, strongly_typed: bool = True, layer_json: dict[str, Any] | None = None
 ) -> tuple[Any, FakeCuda]:
-    """Make `bitdeploy.runtimes.trt` (and through it the TensorRT converter) use a fresh fake TensorRT and CUDA."""
+    """Make `bitdeploy.runtimes.engines.trt` (and through it the TensorRT converter) use a fresh fake TensorRT and CUDA."""
     cuda = FakeCuda()
     trt = fake_tensorrt(cuda, strongly_typed, layer_json)
     monkeypatch.setattr(trt_rt, "import_tensorrt", lambda: trt)

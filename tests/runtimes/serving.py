@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from bitdeploy.runtimes.serve import HTTPServer, ServeOptions
+from bitdeploy.runtimes.serving.serve import HTTPServer, ServeOptions
 
 
 @contextmanager

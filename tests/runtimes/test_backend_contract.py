@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from bitdeploy.core.errors import BitdeployError, BundleError
-from bitdeploy.runtimes.base import Backend, expected_input
 from bitdeploy.runtimes.bundle import read_manifest
-from bitdeploy.runtimes.manifest import Manifest
+from bitdeploy.runtimes.bundle.manifest import Manifest
+from bitdeploy.runtimes.engines.base import Backend, expected_input
 from tests.runtimes import fake_tensorrt
 from tests.runtimes.backend_conformance import BackendConformance, Case
 from tests.runtimes.conftest import make_manifest
@@ -46,7 +46,7 @@ class TestOnnxRuntime(BackendConformance):
 
     @pytest.fixture(scope="class")
     def case(self, tiny_model: dict[str, Any], reference: np.ndarray) -> Case:
-        from bitdeploy.runtimes.ort import OrtBackend
+        from bitdeploy.runtimes.engines.ort import OrtBackend
 
         manifest = make_manifest("onnxruntime", "model.onnx", "cpu", "fp32")
         return Case(lambda: OrtBackend(tiny_model["onnx"], manifest, threads=1), tiny_model["x"], reference, atol=1e-5)
@@ -57,7 +57,7 @@ class TestOpenVino(BackendConformance):
 
     @pytest.fixture(scope="class")
     def case(self, ov_bundle: Path, tiny_model: dict[str, Any], reference: np.ndarray) -> Case:
-        from bitdeploy.runtimes.ov import OpenVinoBackend
+        from bitdeploy.runtimes.engines.ov import OpenVinoBackend
 
         manifest = read_manifest(ov_bundle)
         return Case(
@@ -74,7 +74,7 @@ class TestLiteRt(BackendConformance):
         _needs("litert_torch", 'building the test model needs litert-torch: pip install "bitdeploy[litert-convert]"')
         from bitdeploy.converters.base import ConvertOptions
         from bitdeploy.converters.litert_convert import convert
-        from bitdeploy.runtimes.litert import LiteRtBackend
+        from bitdeploy.runtimes.engines.litert import LiteRtBackend
 
         work = tmp_path_factory.mktemp("litert-contract")
         artifact = convert(tiny_model["onnx"], work, "fp32", None, ConvertOptions())
@@ -95,7 +95,7 @@ class TestFakeTensorRT(BackendConformance):
 
     @pytest.fixture(scope="class")
     def case(self, tmp_path_factory: pytest.TempPathFactory) -> Case:
-        from bitdeploy.runtimes.trt import TensorRTBackend
+        from bitdeploy.runtimes.engines.trt import TensorRTBackend
 
         plan = tmp_path_factory.mktemp("trt-contract") / "model.plan"
         plan.write_bytes(b"PLAN")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bitdeploy.core.errors import BitdeployError
-from bitdeploy.runtimes.batcher import Batcher
+from bitdeploy.runtimes.serving.batcher import Batcher
 
 
 class Engine:

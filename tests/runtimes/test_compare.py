@@ -1,4 +1,4 @@
-"""The one comparison (`bitdeploy.runtimes.compare`): its arithmetic, and the build's gate, `bench` and the self-test
+"""The one comparison (`bitdeploy.runtimes.bundle.compare`): its arithmetic, and the build's gate, `bench` and the self-test
 reporting the same figures for the same logits."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from bitdeploy.benchmarks import accuracy as bench_accuracy
 from bitdeploy.converters import gate
-from bitdeploy.runtimes import compare, selftest
+from bitdeploy.runtimes.bundle import compare, selftest
 
 LOGITS = np.array([[3, 2, 1, 0], [0, 1, 3, 2], [1, 0, 2, 3]], np.float32)
 LABELS = np.array([0, 3, 1])

@@ -19,11 +19,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bitdeploy.converters.base import ConvertOptions
+from bitdeploy.converters.base import ConvertOptions, bind
 from bitdeploy.converters.calibration import CalibrationData, digest
 from bitdeploy.converters.ort_convert import OrtOptions
-from bitdeploy.runtimes import fingerprint, selftest
-from bitdeploy.runtimes.bundle import bundle_writer, read_manifest, write_manifest
+from bitdeploy.runtimes.bundle import bundle_writer, fingerprint, read_manifest, selftest, write_manifest
 from bitdeploy.runtimes.preprocess import normalize
 
 from .conftest import RES, make_manifest
@@ -57,12 +56,10 @@ def calibration() -> CalibrationData:
 
 def int8_bundle(tiny_model: dict[str, Any], out: Path, scheme: str) -> Path:
     """An ONNX Runtime INT8 bundle of the tiny model; golden reference = the FP32 model, measured here."""
-    from bitdeploy.converters import ort_convert
-
     work = out.with_name(out.name + "-work")
     work.mkdir(parents=True)
-    artifact = ort_convert.convert(
-        tiny_model["onnx"], work, "int8", calibration(), ConvertOptions(extras=OrtOptions(int8_scheme=scheme))
+    artifact = bind("onnx", "int8", ConvertOptions(extras=OrtOptions(int8_scheme=scheme))).convert(
+        tiny_model["onnx"], work, calibration()
     )
     x = normalize(golden_pixels())
     fp32 = ort.InferenceSession(str(tiny_model["onnx"]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
@@ -86,7 +83,7 @@ def int8_bundle(tiny_model: dict[str, Any], out: Path, scheme: str) -> Path:
 
 
 def test_emulated_cpu_fingerprint_is_avx2_only(tmp_path: Path) -> None:
-    code = "import json; from bitdeploy.runtimes.fingerprint import host_fingerprint; print(json.dumps(host_fingerprint()))"
+    code = "import json; from bitdeploy.runtimes.bundle.fingerprint import host_fingerprint; print(json.dumps(host_fingerprint()))"
     proc = subprocess.run(
         [QEMU, "-cpu", "Haswell", sys.executable, "-c", code], capture_output=True, text=True, timeout=120
     )  # type: ignore[list-item]
@@ -132,12 +129,11 @@ def test_openvino_int8_is_pinned_to_f32_and_verifies_on_an_avx2_only_cpu(
 ) -> None:
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
-    from bitdeploy.converters import openvino_convert
-    from bitdeploy.runtimes.ov import OpenVinoBackend
+    from bitdeploy.runtimes.engines.ov import OpenVinoBackend
 
     work = tmp_path / "work"
     work.mkdir()
-    artifact = openvino_convert.convert(tiny_model["onnx"], work, "int8", calibration(), ConvertOptions())
+    artifact = bind("openvino", "int8", ConvertOptions()).convert(tiny_model["onnx"], work, calibration())
     assert artifact.target.get("inference_precision") == "f32"
     x = normalize(golden_pixels())
     fp32 = ort.InferenceSession(str(tiny_model["onnx"]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]

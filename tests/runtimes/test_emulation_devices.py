@@ -34,7 +34,7 @@ pytestmark = [
 WRONG_NUMERICS = f"""
 import os
 if os.environ.get("{EMULATED_ENV}"):
-    from bitdeploy.runtimes import ort
+    from bitdeploy.runtimes.engines import ort
     _infer = ort.OrtBackend._infer
     ort.OrtBackend._infer = lambda self, batch: _infer(self, batch) * 1.5
 """
@@ -130,13 +130,13 @@ def test_numerics_that_do_not_hold_on_a_cpu_fail_there_in_one_line(
 
     # the build's --verify-on step on a copy of that bundle: marked FAIL, recorded, one line for the build
     from bitdeploy.benchmarks.schema import Timing
-    from bitdeploy.builder.output import RowResult
     from bitdeploy.builder.verify_on import failure, run
+    from tests.rows import row
 
     copy = tmp_path / "onnx-fp32"
     shutil.copytree(out / "onnx-fp32", copy)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    rows = [RowResult("onnx", "fp32", status="valid", timing=Timing(p50_ms=1.0), bundle=str(copy))]
+    rows = [row("onnx-fp32", timing=Timing(p50_ms=1.0), bundle=str(copy))]
     run(rows, "sandybridge", None, log=lambda _: None)
     assert rows[0].devices["sandybridge"].startswith("FAIL: max relative logit error")
     line = failure(rows, selected=False)

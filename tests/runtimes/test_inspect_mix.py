@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from bitdeploy.runtimes.bundle import amend_manifest, bundle_writer, write_manifest
-from bitdeploy.runtimes.manifest import Int8Mix, TargetInfo
-from bitdeploy.runtimes.mix_text import COLUMNS, summary, table
+from bitdeploy.runtimes.bundle.manifest import Int8Mix, TargetInfo
+from bitdeploy.runtimes.bundle.mix_text import COLUMNS, summary, table
 from tests.clirun import run_cli as run
 from tests.int8_mix_sample import FLOAT_GROUPS, UNMEASURED, failed_mix, sample_mix
 
@@ -88,7 +88,7 @@ def test_a_failed_search_and_no_search(int8_bundle: Path, capsys: pytest.Capture
 
 
 def test_every_group_unmeasured_or_unranked() -> None:
-    from bitdeploy.runtimes.manifest_mix import LayerCost
+    from bitdeploy.runtimes.bundle.manifest_mix import LayerCost
 
     mix = Int8Mix(engine="openvino", sensitivity=[LayerCost(name="root", layers=1), LayerCost(name="head.conv")])
     lines = table(mix)
@@ -109,7 +109,7 @@ def test_the_text_helpers_are_light() -> None:
         "import sys\n"
         "for name in ('torch', 'onnx', 'matplotlib'):\n"
         "    sys.modules[name] = None\n"
-        "import bitdeploy.runtimes.mix_text\n"
+        "import bitdeploy.runtimes.bundle.mix_text\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'matplotlib') and sys.modules[m]))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -14,7 +14,7 @@ import pytest
 from bitdeploy.core.errors import BundleError
 from bitdeploy.runtimes import load
 from bitdeploy.runtimes.bundle import MANIFEST, read_manifest
-from bitdeploy.runtimes.pack import open_bundle, pack, unpack
+from bitdeploy.runtimes.bundle.pack import open_bundle, pack, unpack
 
 
 def flip_byte(path: Path, offset: int | None = None) -> None:

@@ -18,8 +18,8 @@ pytest.importorskip("ai_edge_litert", reason='the LiteRT runtime needs ai-edge-l
 from bitdeploy.core.errors import BitdeployError, BundleError
 from bitdeploy.runtimes import load
 from bitdeploy.runtimes.bundle import bundle_writer, read_manifest, write_manifest
-from bitdeploy.runtimes.litert import LiteRtBackend
-from bitdeploy.runtimes.manifest import Manifest
+from bitdeploy.runtimes.bundle.manifest import Manifest
+from bitdeploy.runtimes.engines.litert import LiteRtBackend
 from tests.runtimes.conftest import RES, make_manifest
 
 

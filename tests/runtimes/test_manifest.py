@@ -16,7 +16,7 @@ from bitdeploy.core.errors import BundleError
 from bitdeploy.core.fsutil import sha256_file
 from bitdeploy.runtimes import load
 from bitdeploy.runtimes.bundle import MANIFEST, bundle_writer, load_manifest, read_manifest, write_manifest
-from bitdeploy.runtimes.manifest import (
+from bitdeploy.runtimes.bundle.manifest import (
     GateResult,
     InputSpec,
     Manifest,

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from bitdeploy.cli import cli
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.runtimes.bundle import bundle_writer, write_manifest
-from bitdeploy.runtimes.model_repo import export_repo
+from bitdeploy.runtimes.export.model_repo import export_repo
 from tests.runtimes.conftest import LABELS, make_manifest
 
 text_format = pytest.importorskip("google.protobuf.text_format")
@@ -142,7 +142,7 @@ def test_existing_output_needs_force(ort_bundle: Path, tmp_path: Path) -> None:
 
 
 def test_pack_input_and_name_collisions(ort_bundle: Path, tmp_path: Path) -> None:
-    from bitdeploy.runtimes.pack import pack
+    from bitdeploy.runtimes.bundle.pack import pack
 
     packed = pack(ort_bundle, tmp_path / "tiny.bitpack")
     export_repo([packed], "triton", tmp_path / "from-pack")

@@ -11,8 +11,8 @@ import pytest
 
 from bitdeploy.core.errors import BundleError
 from bitdeploy.runtimes import load
-from bitdeploy.runtimes.manifest import TargetInfo
-from bitdeploy.runtimes.ov import precision_hint
+from bitdeploy.runtimes.bundle.manifest import TargetInfo
+from bitdeploy.runtimes.engines.ov import precision_hint
 
 pytest.importorskip("openvino")
 

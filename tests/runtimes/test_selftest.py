@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from bitdeploy.core.errors import BundleError
-from bitdeploy.runtimes import fingerprint, load, selftest
-from bitdeploy.runtimes.bundle import bundle_writer, read_manifest, write_manifest
-from bitdeploy.runtimes.ort import OrtBackend
+from bitdeploy.runtimes import load
+from bitdeploy.runtimes.bundle import bundle_writer, fingerprint, read_manifest, selftest, write_manifest
+from bitdeploy.runtimes.engines.ort import OrtBackend
 from bitdeploy.runtimes.preprocess import normalize
 from tests.clirun import one_error_line
 from tests.clirun import run_cli as run

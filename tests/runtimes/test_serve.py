@@ -13,7 +13,7 @@ import pytest
 
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.runtimes import load
-from bitdeploy.runtimes.serve import HTTPServer, ServeOptions
+from bitdeploy.runtimes.serving.serve import HTTPServer, ServeOptions
 from tests.experiments import load as load_script
 from tests.runtimes.serving import SlowPredictor, raw_request, request, running
 

@@ -15,7 +15,7 @@ from tests.runtimes.serving import running
 tg = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from bitdeploy.runtimes.serve_grpc import GrpcServer  # noqa: E402
+from bitdeploy.runtimes.serving.serve_grpc import GrpcServer  # noqa: E402
 from tests.experiments import load as load_script  # noqa: E402
 
 serve_load = load_script("serve_load")

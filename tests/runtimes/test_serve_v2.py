@@ -18,7 +18,7 @@ from tests.runtimes.serving import raw_request, request, running
 th = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from bitdeploy.runtimes.serve import HTTPServer  # noqa: E402
+from bitdeploy.runtimes.serving.serve import HTTPServer  # noqa: E402
 from tests.experiments import load as load_script  # noqa: E402
 
 serve_load = load_script("serve_load")

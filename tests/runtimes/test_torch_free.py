@@ -19,7 +19,11 @@ import bitdeploy.runtimes
 light = sorted(m for m in ("onnxruntime", "openvino", "numpy.testing") if m in sys.modules)
 assert not light, f"importing bitdeploy.runtimes pulled in {{light}}"
 import bitdeploy.cli
-from bitdeploy.runtimes import load, serve, pack, predictor, ov, ort
+from bitdeploy.runtimes import load, predictor
+from bitdeploy.runtimes.serving import serve
+from bitdeploy.runtimes.bundle import pack
+from bitdeploy.runtimes.engines import ov
+from bitdeploy.runtimes.engines import ort
 sys.path.insert(0, {experiments!r})
 import runtime_overhead, serve_load
 with load({bundle!r}) as model:

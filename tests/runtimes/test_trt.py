@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from bitdeploy.converters import trt_engine
-from bitdeploy.converters.base import ConvertOptions
+from bitdeploy.converters.base import ConvertOptions, bind
 from bitdeploy.converters.trt_engine import TensorRTOptions
 from bitdeploy.core.errors import BitdeployError, BundleError, ConversionError, MissingDependencyError
-from bitdeploy.runtimes import trt as trt_rt
-from bitdeploy.runtimes.manifest import Manifest, TargetInfo
+from bitdeploy.runtimes.bundle.manifest import Manifest, TargetInfo
+from bitdeploy.runtimes.engines import trt as trt_rt
 from tests.experiments import script
 from tests.runtimes import fake_tensorrt
 from tests.runtimes.fake_tensorrt import FakeCuda
@@ -217,15 +217,15 @@ def test_silent_fp32_engine_is_refused() -> None:
 
 
 def test_timing_cache_is_keyed_by_version_and_gpu(tmp_path: Path) -> None:
-    p = trt_engine.timing_cache_path(tmp_path, "10.3.0", "NVIDIA A100-SXM4-80GB", "8.0")
+    p = trt_engine.timing_cache_path(tmp_path, "tensorrt", "10.3.0", "NVIDIA A100-SXM4-80GB", "8.0")
     assert p == tmp_path / "tensorrt" / "timing-trt10.3.0-NVIDIA-A100-SXM4-80GB-sm80.cache"
-    assert trt_engine.timing_cache_path(None, "10.3.0", "x", "8.0") is None
+    assert trt_engine.timing_cache_path(None, "tensorrt", "10.3.0", "x", "8.0") is None
 
 
 @NO_TRT
 def test_missing_tensorrt_is_one_line_naming_the_extra(tmp_path: Path) -> None:
     with pytest.raises(MissingDependencyError) as err:
-        trt_engine.convert(tmp_path / "model.onnx", tmp_path, "fp16", None, ConvertOptions())
+        bind("trt", "fp16", ConvertOptions()).convert(tmp_path / "model.onnx", tmp_path)
     msg = str(err.value)
     assert "TensorRT" in msg and 'pip install "bitdeploy[tensorrt]"' in msg and "NVIDIA GPU" in msg and "\n" not in msg
     assert not any(tmp_path.iterdir())
@@ -287,13 +287,11 @@ def tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     built = {}
     for precision in ("fp16", "int8"):
         work = tmp_path_factory.mktemp(precision)
-        art = trt_engine.convert(
-            t.onnx,
-            work,
+        art = bind(
+            "trt",
             precision,
-            cal,
             ConvertOptions(cache_dir=tmp_path_factory.getbasetemp(), extras=TensorRTOptions(batch="1,8,64")),
-        )
+        ).convert(t.onnx, work, cal)
         built[precision] = (work, art)
     return {"tiny": t, "built": built}
 
@@ -364,13 +362,9 @@ def test_engine_build_orchestration_strongly_typed_int8(fake: Any, tmp_path: Pat
     cal = calib_mod.from_image_set(t.train, RESOLUTION, size=32)
     work, cache = tmp_path / "w", tmp_path / "cache"
     work.mkdir()
-    art = trt_engine.convert(
-        t.onnx,
-        work,
-        "int8",
-        cal,
-        ConvertOptions(cache_dir=cache, extras=TensorRTOptions(batch="1,8,64", workspace_gb=2)),
-    )
+    art = bind(
+        "trt", "int8", ConvertOptions(cache_dir=cache, extras=TensorRTOptions(batch="1,8,64", workspace_gb=2))
+    ).convert(t.onnx, work, cal)
     log = trt.log
     assert log["network_flags"] == 1 << 1 and log["flags"] == []  # strongly typed: precision from the graph, no flags
     assert log["profile"] == ("input", (1, 3, 32, 32), (8, 3, 32, 32), (64, 3, 32, 32)) and log["workspace"] == 2 << 30
@@ -389,10 +383,10 @@ def test_engine_build_orchestration_strongly_typed_int8(fake: Any, tmp_path: Pat
         and tgt["strongly_typed"] is True
     )
     assert tgt["profile"] == {"min": 1, "opt": 8, "max": 64} and tgt["onnx"]["format"] == "qdq"
-    cache_file = trt_engine.timing_cache_path(cache, "10.9.0", "NVIDIA Fake GPU", "8.9")
+    cache_file = trt_engine.timing_cache_path(cache, "tensorrt", "10.9.0", "NVIDIA Fake GPU", "8.9")
     assert cache_file is not None and cache_file.read_bytes() == b"+timed" and log["cache_in"] == b""
-    art2 = trt_engine.convert(
-        t.onnx, tmp_path, "int8", cal, ConvertOptions(cache_dir=cache)
+    art2 = bind("trt", "int8", ConvertOptions(cache_dir=cache)).convert(
+        t.onnx, tmp_path, cal
     )  # second build reuses the cache
     assert trt.log["cache_in"] == b"+timed" and any("reused" in n for n in art2.notes)
 
@@ -402,7 +396,7 @@ def test_engine_build_weakly_typed_uses_builder_flags_and_refuses_silent_fp32(fa
 
     t = tiny_digits()
     trt, _ = fake(strongly_typed=False)
-    art = trt_engine.convert(t.onnx, tmp_path, "fp16", None, ConvertOptions(cache=False))
+    art = bind("trt", "fp16", ConvertOptions(cache=False)).convert(t.onnx, tmp_path)
     assert (
         trt.log["network_flags"] == 1 << 0
         and trt.log["flags"] == ["FP16"]
@@ -414,7 +408,7 @@ def test_engine_build_weakly_typed_uses_builder_flags_and_refuses_silent_fp32(fa
     fake(strongly_typed=True, layer_json=fp32_only)
     (tmp_path / "x").mkdir()
     with pytest.raises(ConversionError, match=r"TensorRT built no FP16 layers"):
-        trt_engine.convert(t.onnx, tmp_path / "x", "fp16", None, ConvertOptions(cache=False))
+        bind("trt", "fp16", ConvertOptions(cache=False)).convert(t.onnx, tmp_path / "x")
 
 
 def test_runtime_buffers_chunks_and_thread_local_contexts(fake: Any, tmp_path: Path) -> None:

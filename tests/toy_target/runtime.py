@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 
-from bitdeploy.runtimes.base import Backend
+from bitdeploy.runtimes.engines.base import Backend
 
 
 class ToyBackend(Backend):

@@ -33,10 +33,10 @@ import numpy as np
 
 from bitdeploy import __version__
 from bitdeploy.core.errors import BitdeployError, ImageError, require
-from bitdeploy.runtimes.batcher import Batcher
 from bitdeploy.runtimes.predictor import Predictor
-from bitdeploy.runtimes.serve_options import ServeOptions
-from bitdeploy.runtimes.serve_protocol import (
+from bitdeploy.runtimes.serving.batcher import Batcher
+from bitdeploy.runtimes.serving.serve_options import ServeOptions
+from bitdeploy.runtimes.serving.serve_protocol import (
     HEADER_LENGTH,
     InferRequest,
     ModelInfo,
@@ -57,7 +57,7 @@ from starlette.requests import ClientDisconnect, Request  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
-from bitdeploy.runtimes.serve_metrics import ROUTE_KEY, MetricsMiddleware, ServeMetrics  # noqa: E402
+from bitdeploy.runtimes.serving.serve_metrics import ROUTE_KEY, MetricsMiddleware, ServeMetrics  # noqa: E402
 
 CHEAP_HEADER = 4096  # JSON headers up to this size are parsed on the event loop
 

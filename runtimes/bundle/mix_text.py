@@ -4,7 +4,7 @@ the build's report show. Stdlib only; reads the typed record (`manifest_mix.Int8
 
 from __future__ import annotations
 
-from bitdeploy.runtimes.manifest_mix import Int8Mix, LayerCost
+from bitdeploy.runtimes.bundle.manifest_mix import Int8Mix, LayerCost
 
 COLUMNS = ("rank", "group", "layers", "error removed", "agreement gain", "in mix")
 UNMEASURED = "not measured"

@@ -1,7 +1,7 @@
 """The manifest's specs and checks: the input a model takes (`InputSpec`), how the build's gate compared it with the
 FP32 reference (`GateResult`) and the golden set a bundle carries to check itself on a device (`SelfTestSpec`).
 
-Parts of `bitdeploy.runtimes.manifest.Manifest`; import them from there. Stdlib only.
+Parts of `bitdeploy.runtimes.bundle.manifest.Manifest`; import them from there. Stdlib only.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bitdeploy.runtimes.manifest_parse import bad, dim, integer, num, obj, text
+from bitdeploy.runtimes.bundle.manifest_parse import bad, dim, integer, num, obj, text
 
 REFERENCE = "pytorch-fp32"  # what every gate and self-test compares with
 BIT_MEAN = (0.5, 0.5, 0.5)  # BiT's normalisation: x/255 in [0, 1] -> [-1, 1]

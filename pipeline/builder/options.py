@@ -1,20 +1,15 @@
-"""What a build is asked for (`BuildOptions`), what its shared steps produced (`BuildContext`), and where its
-outputs go. `bitdeploy.builder.run` runs the build; `bitdeploy.builder.row` runs one (target, precision) of it; both
-read these types, so neither imports the other's internals.
-"""
+"""What a build is asked for (`BuildOptions`: one frozen record per option group) and where its outputs go."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from bitdeploy.converters.base import ConvertOptions, RowInputs, TargetOptions, options_class
-from bitdeploy.core.devices import find as find_cpus
+from bitdeploy.converters.base import TargetOptions, options_class
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.core.options import (
-    DEFAULT_MAX_DROP_PP,
     CacheArgs,
     CalibrationArgs,
     EngineArgs,
@@ -24,21 +19,10 @@ from bitdeploy.core.options import (
     TimingArgs,
     TrainingArgs,
 )
-from bitdeploy.runtimes.manifest import ModelInfo
 
 if TYPE_CHECKING:
-    import numpy as np
-
-    from bitdeploy.benchmarks.baseline import QuickBaseline
     from bitdeploy.benchmarks.ranking import Criteria
-    from bitdeploy.converters.calibration import CalibrationData, ValidationData
-    from bitdeploy.converters.gate import EvalData
-    from bitdeploy.core.cache import StageCache
     from bitdeploy.core.targets import Target
-
-DEFAULT_RESOLUTION = 128  # the BiT-HyperRule's crop for small images, used when nothing says otherwise
-BUILD_BATCH_SIZES = (1, 4, 8, 16)  # throughput sweep of the build's quick timing (where memory allows)
-BUILD_THROUGHPUT_IMAGES = 32  # images per batch size in that sweep
 
 
 @dataclass(frozen=True)
@@ -48,7 +32,7 @@ class BuildOptions:
 
     model: str
     out: Path
-    resolution: int | None = None  # None: the fine-tune's or checkpoint's, else DEFAULT_RESOLUTION
+    resolution: int | None = None  # None: the fine-tune's or checkpoint's, else catalog.DEFAULT_RESOLUTION
     seed: int = 0  # fine-tuning, the calibration draw and the evaluation subset
     export: ExportArgs = field(default_factory=ExportArgs)
     engine: EngineArgs = field(default_factory=EngineArgs)
@@ -107,57 +91,6 @@ class BuildOptions:
             raise BitdeployError(
                 "--select and the budgets rank timed bundles; drop --no-report so the build times them"
             )
-
-
-@dataclass
-class BuildContext:
-    """The target-independent results every row of a build reads."""
-
-    onnx: Path  # the folded FP32 export
-    export: dict[str, Any]  # the manifest's `export` object
-    data: EvalData  # the gate's inputs (validation split, or seeded random inputs)
-    label_ids: np.ndarray | None  # `data`'s labels (None for random inputs)
-    reference: np.ndarray  # FP32 PyTorch logits on `data`
-    labels: list[str]  # class names, in logit order
-    resolution: int
-    model_info: ModelInfo  # the manifest's `model` record
-    row_count: int
-    dataset: str | None = None  # --dataset; None: the gate compares logits on random inputs
-    calibration: CalibrationData | None = None  # INT8 rows only
-    validation: ValidationData | None = None  # NNCF accuracy control only
-    training: dict[str, Any] | None = None
-    baseline: list[QuickBaseline] | None = None  # PyTorch latencies for the report's speed-up column
-    scratch: list[StageCache] = field(default_factory=list)  # uncached conversions' work dirs, removed at the end
-
-
-def convert_options(
-    opts: BuildOptions, target: Target, precision: str, validation: ValidationData | None
-) -> ConvertOptions:
-    """What the converter of (target, precision) is told: the shared options, and the target's own bound to the row."""
-    own = opts.options_for(target)
-    arches = tuple(dict.fromkeys(c.arch for c in find_cpus(opts.gate.verify_on))) if opts.gate.verify_on else ()
-    allowance = opts.gate.spec().drop_allowance  # None: agreement alone gates; accuracy control needs a drop
-    drop = allowance if allowance is not None else DEFAULT_MAX_DROP_PP
-    row = RowInputs(drop, validation, opts.dataset, arches)
-    extras = own.for_row(precision, row) if own is not None else None
-    method = opts.calibration.calib_method if opts.calibration.calib_method in target.calib_methods else None
-    return ConvertOptions(
-        device=opts.engine.device,
-        threads=opts.engine.threads,
-        calib_method=method,
-        cache=opts.cache.enabled,
-        cache_dir=opts.cache.dir,
-        extras=extras,
-    )
-
-
-def quick_timing(iterations: int) -> dict[str, Any]:
-    """The build's quick timing (`benchmarks.quick.quick` arguments): batch-1 latency and a batch-size sweep."""
-    return {
-        "iterations": iterations,
-        "throughput_batches": list(BUILD_BATCH_SIZES),
-        "throughput_images": BUILD_THROUGHPUT_IMAGES,
-    }
 
 
 def bundle_path(opts: BuildOptions, row_count: int, name: str) -> Path:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from bitdeploy.core.errors import BundleError, first_line, require
-from bitdeploy.runtimes.base import Backend
+from bitdeploy.runtimes.engines.base import Backend
 
 DEVICES = ("cpu",)
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from bitdeploy.core.errors import BundleError, MissingDependencyError, first_line
-from bitdeploy.runtimes.base import Backend
+from bitdeploy.runtimes.engines.base import Backend
 
 REBUILD = "rebuild the bundle on this machine with `bitdeploy build ... --target trt`"
 

@@ -2,7 +2,7 @@
 `FineTune`), the target (`TargetInfo`, `Quantization`), the output (`OutputSpec`), and the build's own facts
 (`ExportInfo`, `CalibrationInfo`, `BuildLatency`, `Provenance`).
 
-Parts of `bitdeploy.runtimes.manifest.Manifest`; import them from there. Each `to_dict` writes its keys in the
+Parts of `bitdeploy.runtimes.bundle.manifest.Manifest`; import them from there. Each `to_dict` writes its keys in the
 order bitdeploy has always written them, and numbers as they were given (an integer stays one), so the JSON of a
 bundle is the same bytes whether it was written from the build's values or from a manifest read back. Stdlib only.
 """
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bitdeploy.runtimes.manifest_parse import FlatRecord, bad, drop_none, integer, num, number, obj, rest, text
+from bitdeploy.runtimes.bundle.manifest_parse import FlatRecord, bad, drop_none, integer, num, number, obj, rest, text
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 
 from bitdeploy import __version__
 from bitdeploy.core.errors import BitdeployError, require
-from bitdeploy.runtimes.serve_protocol import (
+from bitdeploy.runtimes.serving.serve_protocol import (
     VERSION,
     InferRequest,
     Output,
@@ -36,7 +36,7 @@ grpc = require("grpc", "grpc", "gRPC for `bitdeploy serve --grpc-port` (grpcio)"
 pb = require("tritonclient.grpc.service_pb2", "grpc", "the v2 gRPC messages (tritonclient[grpc])")
 pb_grpc = require("tritonclient.grpc.service_pb2_grpc", "grpc", "the v2 gRPC service (tritonclient[grpc])")
 
-from bitdeploy.runtimes.serve import Service  # noqa: E402
+from bitdeploy.runtimes.serving.serve import Service  # noqa: E402
 
 
 class _Abort(Exception):

@@ -18,7 +18,7 @@ import numpy as np
 
 from bitdeploy.core import targets
 from bitdeploy.core.errors import BitdeployError, BundleError, MissingDependencyError
-from bitdeploy.runtimes.manifest import Manifest
+from bitdeploy.runtimes.bundle.manifest import Manifest
 
 
 def expected_input(manifest: Manifest) -> tuple[tuple[int | None, ...], np.dtype[Any]]:

@@ -21,8 +21,8 @@ from typing import Any
 from bitdeploy.core.errors import BitdeployError, BundleError
 from bitdeploy.core.fsutil import replace_dir, temp_dir
 from bitdeploy.core.targets import TARGETS, Target, find_backend
-from bitdeploy.runtimes.manifest import Manifest
-from bitdeploy.runtimes.pack import open_bundle
+from bitdeploy.runtimes.bundle.manifest import Manifest
+from bitdeploy.runtimes.bundle.pack import open_bundle
 
 FORMATS = ("triton", "ovms")
 LABELS = "labels.txt"

@@ -19,8 +19,8 @@ from typing import Any
 from bitdeploy.benchmarks.ranking import Choice, Criteria, Option, SelectionError, choose
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.core.fsutil import atomic_write, remove_stale_temps, replace_dir
-from bitdeploy.runtimes.fingerprint import device_class
-from bitdeploy.runtimes.manifest import BuildLatency, Manifest
+from bitdeploy.runtimes.bundle.fingerprint import device_class
+from bitdeploy.runtimes.bundle.manifest import BuildLatency, Manifest
 
 SELECTED = "selected"  # DIR/selected: the chosen bundle's copy (DIR/selected.bitpack with --pack)
 SELECTION_FILE = "selection.json"
@@ -42,7 +42,7 @@ class Found:
 def find(root: Path) -> list[Found]:
     """Every bundle under `root` (as `bitdeploy bench --all` finds them), with its manifest."""
     from bitdeploy.benchmarks.discovery import find_bundles
-    from bitdeploy.runtimes.pack import open_bundle
+    from bitdeploy.runtimes.bundle.pack import open_bundle
 
     out = []
     for path in find_bundles(root):
@@ -163,7 +163,7 @@ def front_table(options: Sequence[Option], choice: Choice | None) -> str:
 
 def write_selected(root: Path, found: Found, pack: bool) -> Path:
     """Copy (or pack) the chosen bundle to root/selected, atomically: a failure leaves the previous one."""
-    from bitdeploy.runtimes.pack import pack as pack_bundle
+    from bitdeploy.runtimes.bundle.pack import pack as pack_bundle
 
     if pack:
         out = root / f"{SELECTED}.bitpack"
@@ -214,7 +214,7 @@ def select(
     """(the choice, every option, where speed and memory come from, bundles the device did not measure).
 
     Raises SelectionError when no bundle meets the constraints."""
-    from bitdeploy.runtimes.fingerprint import host_fingerprint
+    from bitdeploy.runtimes.bundle.fingerprint import host_fingerprint
 
     found = find(root)
     if results:

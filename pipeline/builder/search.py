@@ -21,17 +21,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from bitdeploy.benchmarks.schema import Timing
-from bitdeploy.builder.candidate import Evaluated, try_candidate
-from bitdeploy.builder.context import BuildContext, BuildOptions
+from bitdeploy.builder import plan as build_plan
+from bitdeploy.builder.bundle import draft_manifest
+from bitdeploy.builder.convert import convert
+from bitdeploy.builder.gate import Evaluated, candidate
+from bitdeploy.builder.options import BuildOptions
+from bitdeploy.builder.plan import RowPlan
+from bitdeploy.builder.prepare import BuildContext
+from bitdeploy.builder.result import float_precision
+from bitdeploy.builder.timing import Timed, quick_timing, time_bundles
 from bitdeploy.converters import layers
-from bitdeploy.converters.base import Artifact
 from bitdeploy.core.cache import StageCache
-from bitdeploy.core.targets import Target
-from bitdeploy.runtimes.manifest_mix import Candidate, Int8Mix, LayerCost
+from bitdeploy.runtimes.bundle.manifest_mix import Candidate, Int8Mix, LayerCost
 
 TIMED_CANDIDATES = 3  # passing mixes timed against FP32 (the fewest float layers first)
-FLOAT_PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 
 
 @dataclass
@@ -46,15 +49,15 @@ class Search:
 
     def __init__(
         self,
-        row_name: str,
-        target: Target,
+        plan: RowPlan,
         ctx: BuildContext,
         opts: BuildOptions,
         cache: StageCache,
         uniform: Evaluated,
         log: Callable[[str], None],
     ) -> None:
-        self.row_name, self.target, self.ctx, self.opts, self.cache = row_name, target, ctx, opts, cache
+        self.plan, self.ctx, self.opts, self.cache = plan, ctx, opts, cache
+        self.row_name, self.target = plan.name, plan.target
         self.uniform, self.log = uniform, log
         self.budget = opts.gate.int8_search_budget
         self.evaluations = 0
@@ -69,7 +72,7 @@ class Search:
         if key in self.seen:
             return self.seen[key]
         began = time.perf_counter()
-        found = try_candidate(self.target, "int8", self.ctx, self.opts, self.cache, tuple(float_layers))
+        found = candidate(self.plan, self.ctx, self.opts, self.cache, tuple(float_layers))
         self.seconds.append(time.perf_counter() - began)
         self.evaluations += 1
         self.seen[key] = found
@@ -92,7 +95,7 @@ class Search:
             gate=self.opts.gate.spec().describe(),
             granularity=granularity,
             quantizable_layers=len(quantized),
-            float_precision=float_precision(self.uniform.artifact),
+            float_precision=float_precision(self.uniform.artifact.target),
             budget=self.budget,
             uniform=_candidate(Mix("uniform INT8", 0, self.uniform), {}),
         )
@@ -170,37 +173,17 @@ class Search:
     def time(self, passing: list[Mix]) -> dict[str, tuple[float | None, tuple[float, ...] | None]]:
         """Batch-1 p50 (with spread) of the passing mixes, uniform INT8 and the engine's FP32, interleaved, by
         name; empty when the engine's runtime cannot run here."""
-        from bitdeploy.benchmarks.quick import QuickTimer, quick_interleaved
-        from bitdeploy.builder.candidate import convert, draft_manifest
-        from bitdeploy.runtimes.base import open_backend
-
-        if self.uniform.timeable is None or any(m.found.timeable is None for m in passing):
+        if not self.uniform.runs_here or any(not m.found.runs_here for m in passing):
             return {}  # its runtime cannot run here (TensorRT without a GPU): `choose` keeps no mix
-        fp32_work, fp32 = convert(self.target, "fp32", self.ctx, self.opts, self.cache)
-        todo = [(FP32, fp32_work / fp32.model_file, draft_manifest(fp32, self.ctx, "fp32"))]
+        fp32_work, fp32 = convert(build_plan.sibling(self.plan, "fp32", self.opts), self.ctx, self.cache)
+        device, size = self.uniform.device, self.ctx.resolution
+        items = [Timed(FP32, fp32_work / fp32.model_file, draft_manifest(fp32, self.ctx, "fp32"), device, size)]
         for m in [Mix(UNIFORM, 0, self.uniform), *passing]:
-            todo.append((m.name, m.found.work / m.found.artifact.model_file, m.found.manifest))
-        size = (3, self.ctx.resolution, self.ctx.resolution)
-        opened = []
-        try:
-            for name, path, manifest in todo:
-                backend = open_backend(
-                    manifest.target.backend,
-                    path,
-                    manifest,
-                    device=self.uniform.timeable.device,
-                    threads=self.opts.engine.threads,
-                )
-                opened.append((name, backend))
-            iterations = max(20, self.opts.timing.bench_iterations // 2)
-            timers = [QuickTimer(b, size, iterations=iterations, throughput_batches=[]) for _, b in opened]
-            self.log(f"[{self.row_name}] timing {len(passing)} passing mixes with FP32 and uniform INT8 (interleaved)")
-            results = quick_interleaved(timers)
-        finally:
-            for _, backend in opened:
-                backend.close()
-        timings = [(name, Timing.from_quick(r)) for (name, _), r in zip(opened, results)]
-        return {name: (t.p50_ms, t.p50_spread) for name, t in timings}
+            items.append(Timed(m.name, m.found.model_path, m.found.manifest, device, size))
+        self.log(f"[{self.row_name}] timing {len(passing)} passing mixes with FP32 and uniform INT8 (interleaved)")
+        iterations = max(20, self.opts.timing.bench_iterations // 2)
+        timings = time_bundles(items, self.opts.engine.threads, quick_timing(iterations, sweep=False), self.log)
+        return {item.name: (t.p50_ms, t.p50_spread) for item, t in zip(items, timings) if t is not None}
 
     def choose(self, record: Int8Mix, mixes: list[Mix], passing: list[Mix], timed: dict[str, Any]) -> SearchOutcome:
         """The fastest passing mix (by p50), if it is faster than FP32 in every round: its p50 below the fastest
@@ -328,9 +311,3 @@ def _candidate(m: Mix, timed: dict[str, Any], chosen: bool = False) -> Candidate
         p50_spread=spread,
         chosen=int(chosen),
     )
-
-
-def float_precision(artifact: Artifact) -> str:
-    """What an artifact's float layers compute in: fp32, or bf16/fp16 where the engine was pinned to it."""
-    hint = str((artifact.target.details or {}).get("inference_precision") or "f32")
-    return FLOAT_PRECISIONS.get(hint, hint)

@@ -21,7 +21,7 @@ from typing import Any
 
 from bitdeploy.core.errors import BundleError
 from bitdeploy.core.fsutil import remove_stale_temps, replace_dir, sha256_file, temp_dir
-from bitdeploy.runtimes.manifest import FORMAT_VERSION, Manifest, check_format
+from bitdeploy.runtimes.bundle.manifest import FORMAT_VERSION, Manifest, check_format
 
 MANIFEST = "manifest.json"
 

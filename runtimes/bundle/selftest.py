@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from bitdeploy.core.errors import BundleError
-from bitdeploy.runtimes import compare
-from bitdeploy.runtimes.manifest import InputSpec, Manifest, SelfTestSpec
+from bitdeploy.runtimes.bundle import compare
+from bitdeploy.runtimes.bundle.manifest import InputSpec, Manifest, SelfTestSpec
 from bitdeploy.runtimes.preprocess import mean_std, normalize
 
 GOLDEN_FILE = "golden.npz"

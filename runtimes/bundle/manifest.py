@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bitdeploy.core.errors import BundleError
-from bitdeploy.runtimes.manifest_mix import Int8Mix
-from bitdeploy.runtimes.manifest_parse import bad, obj, rest
-from bitdeploy.runtimes.manifest_records import (
+from bitdeploy.runtimes.bundle.manifest_mix import Int8Mix
+from bitdeploy.runtimes.bundle.manifest_parse import bad, obj, rest
+from bitdeploy.runtimes.bundle.manifest_records import (
     BuildLatency,
     CalibrationInfo,
     ExportInfo,
@@ -36,7 +36,7 @@ from bitdeploy.runtimes.manifest_records import (
     TargetInfo,
     WeightsInfo,
 )
-from bitdeploy.runtimes.manifest_specs import BIT_MEAN, BIT_STD, REFERENCE, GateResult, InputSpec, SelfTestSpec
+from bitdeploy.runtimes.bundle.manifest_specs import BIT_MEAN, BIT_STD, REFERENCE, GateResult, InputSpec, SelfTestSpec
 
 __all__ = [
     "BIT_MEAN",
@@ -110,7 +110,7 @@ class Manifest:
     build_latency: BuildLatency | None = None  # added after the seal (`bundle.amend_manifest`)
     int8_mix: Int8Mix | None = None  # INT8 bundles the search made (`manifest_mix`)
     # The next two are device reports that other modules write and read by key, stored as they are: the build
-    # host's fingerprint (`runtimes.fingerprint.host_fingerprint`, read by `device_class`), and one report per
+    # host's fingerprint (`runtimes.bundle.fingerprint.host_fingerprint`, read by `device_class`), and one report per
     # emulated CPU of `build --verify-on` (added after the seal; its `emulated` part is the emulation guest's).
     validated_on: dict[str, Any] | None = None
     verified_on: list[dict[str, Any]] | None = None

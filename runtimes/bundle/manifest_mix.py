@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from bitdeploy.runtimes.manifest_parse import FlatRecord, bad, number, numbers, obj
+from bitdeploy.runtimes.bundle.manifest_parse import FlatRecord, bad, number, numbers, obj
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from bitdeploy.core.errors import BundleError, first_line
 from bitdeploy.runtimes.bundle import MANIFEST, read_manifest, verify_files
-from bitdeploy.runtimes.manifest import Manifest
+from bitdeploy.runtimes.bundle.manifest import Manifest
 
 PACK_SUFFIX = ".bitpack"
 MAX_MEMBER_BYTES = 8 << 30  # larger than any BiT model file (R152x4 FP32 is ~3.7 GB)

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from bitdeploy.core.errors import BundleError, first_line, require
-from bitdeploy.runtimes.base import Backend
-from bitdeploy.runtimes.manifest import TargetInfo
+from bitdeploy.runtimes.bundle.manifest import TargetInfo
+from bitdeploy.runtimes.engines.base import Backend
 
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 _FLOAT_TYPES = {

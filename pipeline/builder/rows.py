@@ -1,0 +1,95 @@
+"""One row of a build: convert -> gate against the FP32 reference -> [INT8 search] -> bundle. Timing comes later,
+for every row together (`bitdeploy.builder.timing.time_rows`).
+
+Every failure is caught here and recorded in the row's status (`failed: <reason>`), so `--target all` goes on.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from dataclasses import replace
+
+from bitdeploy.benchmarks.schema import FAILED_GATE, VALID, Status
+from bitdeploy.builder import bundle
+from bitdeploy.builder.convert import convert
+from bitdeploy.builder.gate import Evaluated, evaluate
+from bitdeploy.builder.options import BuildOptions, bundle_path
+from bitdeploy.builder.plan import RowPlan
+from bitdeploy.builder.prepare import BuildContext
+from bitdeploy.builder.result import RowResult
+from bitdeploy.builder.search import Search
+from bitdeploy.builder.timing import Timed
+from bitdeploy.core.cache import StageCache
+from bitdeploy.core.errors import BitdeployError, ResourceError, first_line
+from bitdeploy.runtimes.bundle.manifest import GateResult
+
+
+def build_row(
+    plan: RowPlan, ctx: BuildContext, opts: BuildOptions, cache: StageCache, log: Callable[[str], None]
+) -> tuple[RowResult, Timed | None]:
+    """The row's result; never raises for a per-target problem (the status says what happened). Also returns how
+    to time the bundle once every row is built, or None when it cannot be timed here."""
+    row = RowResult(plan)
+    log(f"[{row.name}] converting with {plan.target.title}")
+    try:
+        found = evaluate(plan, ctx, opts, *convert(plan, ctx, cache))
+        mix = None
+        if _searches(found, opts):
+            outcome = Search(plan, ctx, opts, cache, found, log).run()
+            mix, row.search_line = outcome.record, outcome.line
+            log(f"[search] {outcome.line}")
+            found = outcome.chosen or found
+        result = found.result
+        path = bundle_path(opts, ctx.row_count, plan.bundle_name)
+        reason = None if result.passed else _invalid_reason(result, opts, row.search_line)
+        verdict = replace(found.manifest, valid=result.passed, invalid_reason=reason, gate=result, int8_mix=mix)
+        row.manifest = bundle.write(path, found.work, found.artifact, verdict, found.logits, ctx)
+        row.bundle = str(path)
+        row.size_mb = sum((path / f).stat().st_size for f in found.artifact.files) / 1e6
+        row.status = VALID if result.passed else FAILED_GATE
+        log(f"[{row.name}] {_what(result)}; {'valid' if result.passed else 'FAILED the gate'}; bundle {path}")
+        timed = Timed(row.name, path / row.manifest.model_file, row.manifest, found.device, ctx.resolution)
+        return row, timed if found.runs_here else None
+    except BitdeployError as exc:
+        if isinstance(exc, ResourceError) and exc.kind != "memory":
+            raise  # a full, read-only or failing disk fails every row alike: stop the build with its fix
+        if opts.debug:  # the row still fails alone, but --debug shows the chain that led here
+            traceback.print_exception(exc)
+        row.status = Status.failed(first_line(exc))
+    except Exception as exc:  # an SDK's own error type: still only this row fails
+        if opts.debug:
+            raise
+        row.status = Status.failed(f"{type(exc).__name__}: {first_line(exc)}")
+    log(f"[{row.name}] failed: {row.error}")
+    return row, None
+
+
+def _what(result: GateResult) -> str:
+    if result.top1 is not None and result.reference_top1 is not None:
+        delta = (result.top1 - result.reference_top1) * 100.0
+        return (
+            f"top-1 {result.top1 * 100:.2f}% vs FP32 {result.reference_top1 * 100:.2f}% ({delta:+.2f} pp, "
+            f"agreement {(result.agreement or 0) * 100:.1f}%)"
+        )
+    return f"no dataset: max |logit diff| {result.max_abs_logit_diff} vs FP32 on random inputs (tolerance {result.tolerance or 0:.3g})"
+
+
+def _searches(found: Evaluated, opts: BuildOptions) -> bool:
+    """Whether a row's uniform INT8 failed a labelled gate that the INT8 search may make it pass."""
+    r = found.result
+    return (
+        found.artifact.target.precision == "int8"
+        and not r.passed
+        and r.is_accuracy
+        and opts.gate.int8_fallback == "auto"
+    )
+
+
+def _invalid_reason(result: GateResult, opts: BuildOptions, search: str | None = None) -> str:
+    if result.top1_drop_pp is not None:
+        why = f"accuracy gate vs FP32 PyTorch: {opts.gate.spec().shortfall(result.top1_drop_pp, result.agreement)}"
+        return f"{why}; {search}" if search else why
+    return (
+        f"validation: max |logit diff| {result.max_abs_logit_diff} vs FP32 PyTorch exceeds {result.tolerance or 0:.3g}"
+    )

@@ -1,0 +1,1 @@
+"""The engines: a backend per target runtime and their common base."""

@@ -1,0 +1,1 @@
+"""Export of bundles to other servers' layouts (a Triton / OpenVINO Model Server repository)."""

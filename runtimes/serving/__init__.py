@@ -1,0 +1,1 @@
+"""Serving: the KServe v2 HTTP and gRPC server, its batcher, metrics and options."""
