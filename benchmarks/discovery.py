@@ -11,6 +11,7 @@ from typing import Any
 from bitdeploy.benchmarks.schema import BenchEntry, Status
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.runtimes.bundle import MANIFEST, read_manifest
+from bitdeploy.runtimes.bundle.eligibility import Checks
 from bitdeploy.runtimes.bundle.manifest import Manifest
 from bitdeploy.runtimes.bundle.pack import PACK_SUFFIX
 
@@ -106,7 +107,9 @@ def skipped_invalid(bundle: str, name: str) -> BenchEntry | None:
     if manifest is None or manifest.valid:
         return None
     reason = manifest.invalid_reason
-    if reason is None or reason.startswith(("accuracy gate", "validation")):
+    if manifest.target.engine_pending:
+        status = Status.ready("engine is built on the device (`bitdeploy engine BUNDLE`); not timed here")
+    elif reason is None or reason.startswith(("accuracy gate", "validation")):
         status = Status.skipped(GATE_SKIP_REASON + (f" ({reason})" if reason else ""))
     else:
         status = Status.skipped(f"marked invalid at build ({reason})")
@@ -136,6 +139,7 @@ def bundle_entry(name: str, bundle: str, manifest: Manifest, status: Status, **f
         size_mb=size_mb,
         files_sha256=files,
         build_accuracy=manifest.accuracy.to_dict() if manifest.accuracy is not None else None,
+        build_checks=Checks.of(manifest).to_dict(),
         **recorded,
     )
 

@@ -104,6 +104,17 @@ def _draw_panel(
     markers: dict[str, str],
 ) -> None:
     xy = [(r["p50"], r["top1"] * 100) for r in panel]
+
+    def ring(points: list[tuple[float, float]], colour: str, size: float, width: float, zorder: int, gid: str) -> None:
+        ax.plot(
+            [x for x, _ in points],
+            [y for _, y in points],
+            linestyle="none",
+            zorder=zorder,
+            gid=gid,
+            **_ring(colour, size, width),
+        )
+
     for i, r in enumerate(panel):
         x, y = xy[i]
         colour = colours[keys[id(r)]]
@@ -122,32 +133,10 @@ def _draw_panel(
         fx = [xy[i][0] for i in front] + [max(x for x, _ in xy)]
         fy = [xy[i][1] for i in front] + [xy[front[-1]][1]]
         ax.step(fx, fy, where="post", color="black", linestyle="--", linewidth=1, alpha=0.6, zorder=1)
-        ax.plot(
-            [xy[i][0] for i in front],
-            [xy[i][1] for i in front],
-            linestyle="none",
-            marker="o",
-            markersize=19,
-            markerfacecolor="none",
-            markeredgecolor="black",
-            markeredgewidth=1.2,
-            zorder=4,
-            gid="pareto-front",
-        )
+        ring([xy[i] for i in front], "black", 19, 1.2, 4, "pareto-front")
     chosen = [xy[i] for i, r in enumerate(panel) if r.get("selected")]
     if chosen:
-        ax.plot(
-            [x for x, _ in chosen],
-            [y for _, y in chosen],
-            linestyle="none",
-            marker="o",
-            markersize=27,
-            markerfacecolor="none",
-            markeredgecolor="red",
-            markeredgewidth=2.2,
-            zorder=5,
-            gid="selected",
-        )
+        ring(chosen, "red", 27, 2.2, 5, "selected")
     lo, hi, log = _front_limits(panel)
     if log:
         _plain_log_axis(ax.xaxis, ax.set_xscale)

@@ -14,8 +14,12 @@ from typing import Any
 from bitdeploy.benchmarks.plots import _plt, to_base64_png
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.runtimes.bundle.manifest_mix import Int8Mix
-from bitdeploy.runtimes.bundle.mix_text import measured, ranked
+from bitdeploy.runtimes.bundle.mix_text import measured, rank_label, ranked
 
+XLABEL = {  # by the record's measure
+    "mean_abs_logit_diff": "uniform INT8's mean |logit error| removed by keeping only this group in float, %",
+    "kl": "KL divergence from FP32 removed by adding this group to its ranking's mix in float, %",
+}
 FLOAT_COLOUR = "#d62728"  # kept in float by the chosen mix
 INT8_COLOUR = "#1f77b4"
 UNMEASURED_FACE, UNMEASURED_HATCH = "#f4f4f4", "#c4c4c4"  # a pale hatched band across the row: no length to read
@@ -74,19 +78,22 @@ def sensitivity_plot(name: str, mix: Int8Mix) -> Any:
         ax.text(x, i, note, va="center", fontsize=small, color="#333333", style="normal" if measured(c) else "italic")
     ax.set_yticks(
         range(len(costs)),
-        [f"{c.rank if c.rank is not None else '-'}. {c.name or '?'} ({c.layers or '?'})" for c in costs],
+        [f"{rank_label(c)}. {c.name or '?'} ({c.layers or '?'})" for c in costs],
         fontsize=small,
     )
     ax.set_ylim(len(costs) - 0.5, -0.5)  # rank 1 on top
     ax.axvline(0, color="#444444", linewidth=0.8)
     ax.set_xlim(lo - 0.02 * span, hi + 0.3 * span)  # room for the labels right of the bars
-    ax.set_xlabel("uniform INT8's mean |logit error| removed by keeping only this group in float, %")
+    ax.set_xlabel(XLABEL.get(mix.measure, XLABEL["mean_abs_logit_diff"]))
     handles = [Patch(color=FLOAT_COLOUR, label="kept in float"), Patch(color=INT8_COLOUR, label="INT8")]
     if any(not measured(c) for c in costs):
         handles.append(Patch(facecolor=UNMEASURED_FACE, edgecolor=UNMEASURED_HATCH, hatch="//", label="not measured"))
     # under the figure: the longest bars (top) and the unmeasured bands (bottom) leave no free corner in the axis
     fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=len(handles), frameon=False)
     subtitle = f"{mix.granularity} groups (layers in each), rank 1 the most costly to quantize"
+    if mix.measure == "kl":
+        finer = f", refined to {mix.granularity}s" if mix.granularity != "block" else ""
+        subtitle = f"blocks{finer} (layers in each); rank 1 the most costly in its ranking"
     ax.set_title(f"{title(name, mix)}\n{subtitle}", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout(rect=(0, 0.35 / height, 1, 1))

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bitdeploy.runtimes.bundle.eligibility import Exclusion, exclusion_notes
+
 TIE_RULE = "tie broken by higher top-1, then higher agreement with FP32, then smaller size"
 
 
@@ -94,7 +96,7 @@ class Option:
     """One bundle as selection sees it: its gate verdict, accuracy from the build, speed and memory from where it ran."""
 
     name: str
-    valid: bool  # passed the accuracy gate (and every --verify-on CPU)
+    valid: bool  # passed the accuracy gate
     top1: float | None  # fraction
     p50_ms: float | None
     spread: tuple[float, float] | None = None
@@ -102,6 +104,11 @@ class Option:
     agreement: float | None = None
     size_mb: float | None = None
     item: Any = None
+    excluded: Exclusion | None = None  # valid, but not to be picked (`runtimes.bundle.eligibility`)
+
+    @property
+    def eligible(self) -> bool:
+        return self.valid and self.excluded is None
 
     def candidate(self) -> Candidate:
         return Candidate(self.name, self.p50_ms or 0.0, self.spread, self.agreement, self.size_mb, self, self.top1)
@@ -184,7 +191,7 @@ class Choice:
     runner_up: Option | None
     line: str  # the one-line explanation, naming the runner-up and why it lost
     front: list[Option]  # the accuracy-latency Pareto front of the valid options, fastest first
-    fitting: int  # how many valid options met the constraints
+    fitting: int  # how many eligible options met the constraints
 
 
 def pareto(options: Sequence[Option]) -> list[Option]:
@@ -238,12 +245,16 @@ def _nearest_miss(valid: Sequence[Option], criteria: Criteria) -> str:
 
 
 def choose(options: Sequence[Option], criteria: Criteria) -> Choice:
-    """The selection: constraints first, then the objective, ties on speed as in `fastest`.
+    """The selection among the eligible options (valid, not `excluded`): constraints first, then the objective,
+    ties on speed as in `fastest`; the line names what was excluded and why.
 
-    Raises SelectionError (one line) when no valid option meets the constraints, naming the nearest miss."""
-    valid = [o for o in options if o.valid]
-    if not valid:
+    Raises SelectionError (one line) when no eligible option meets the constraints, naming the nearest miss."""
+    if not any(o.valid for o in options):
         raise SelectionError("no bundle passed the accuracy gate, nothing to select; see the table above")
+    notes = exclusion_notes((o.name, o.excluded) for o in options if o.valid and o.excluded is not None)
+    valid = [o for o in options if o.eligible]
+    if not valid:
+        raise SelectionError(f"no valid bundle may be selected{notes}")
     if criteria.needs_accuracy and all(o.top1 is None for o in valid):
         raise SelectionError(
             f"--select {criteria.objective} / --min-top1 need a top-1 per bundle: build with --dataset "
@@ -253,7 +264,7 @@ def choose(options: Sequence[Option], criteria: Criteria) -> Choice:
     if criteria.objective == "fastest" or criteria.latency_budget_ms is not None:
         fitting = [o for o in fitting if o.p50_ms is not None]
     if not fitting:
-        raise SelectionError(_nearest_miss(valid, criteria))
+        raise SelectionError(_nearest_miss(valid, criteria) + notes)
     if criteria.objective == "fastest":
         picked = fastest([o.candidate() for o in fitting])
         assert picked is not None
@@ -268,7 +279,7 @@ def choose(options: Sequence[Option], criteria: Criteria) -> Choice:
     if runner is not None and not (f"next {runner.name} at " in why and criteria.violation(runner) is None):
         line += f"; runner-up {runner.name} {_lost(runner, winner, criteria)}"  # unless `why` compared them already
     line += f"; {len(fitting)} of {len(valid)} valid bundles met the constraints" if criteria.constraints() else ""
-    return Choice(winner, runner, line, pareto(valid), len(fitting))
+    return Choice(winner, runner, line + notes, pareto(valid), len(fitting))
 
 
 def _lost(runner: Option, winner: Option, criteria: Criteria) -> str:

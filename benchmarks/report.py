@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bitdeploy.benchmarks.schema import check_document, load_documents, new_document
+from bitdeploy.runtimes.bundle.eligibility import Checks, Exclusion, exclusion_notes
 from bitdeploy.runtimes.bundle.fingerprint import cpu_class
 
 COLUMNS = (
@@ -79,6 +80,27 @@ def _top1(entry: dict[str, Any]) -> tuple[float | None, str | None, float | None
     return None, None, None
 
 
+def _pair(x: Any) -> tuple[float, float] | None:
+    return (float(x[0]), float(x[1])) if isinstance(x, (list, tuple)) and len(x) == 2 else None
+
+
+def _intervals(entry: dict[str, Any], source: str | None) -> tuple[tuple[float, float] | None, ...]:
+    """(top-1's interval, Δ top-1's in pp) where the figures came with them: the build gate's (Wilson; Newcombe's
+    paired interval, negated from the drop's), or a Wilson interval of bench's own top-1 (no Δ interval: bench
+    keeps no discordant pairs)."""
+    if source == "build":
+        build = entry.get("build_accuracy") or {}
+        drop = _pair(build.get("top1_drop_ci_pp"))
+        return _pair(build.get("top1_ci")), (-drop[1], -drop[0]) if drop else None
+    acc = entry.get("accuracy") or {}
+    samples, top1 = acc.get("samples"), _num(acc.get("top1"))
+    if source and isinstance(samples, int) and samples > 0 and top1 is not None:
+        from bitdeploy.converters.intervals import wilson
+
+        return wilson(round(top1 * samples), samples), None
+    return None, None
+
+
 def _p(entry: dict[str, Any], key: str) -> float | None:
     return _num((entry.get("single_stream") or {}).get(key))
 
@@ -134,6 +156,7 @@ def table_rows(docs: Sequence[dict[str, Any]], selected: dict[str, str] | None =
         host = _host(doc)
         for e in doc["results"]:
             top1, source, ref = _top1(e)
+            top1_ci, delta_ci = _intervals(e, source)
             ips, bs = _throughput(e)
             rows.append(
                 {
@@ -144,6 +167,8 @@ def table_rows(docs: Sequence[dict[str, Any]], selected: dict[str, str] | None =
                     "top1": top1,
                     "top1_source": source,
                     "ref_top1": ref,
+                    "top1_ci": top1_ci,
+                    "delta_ci": delta_ci,  # only against the reference that came with the top-1
                     "p50": _p(e, "p50_ms"),
                     "p90": _p(e, "p90_ms"),
                     "p99": _p(e, "p99_ms"),
@@ -196,17 +221,29 @@ def _valid(status: Any) -> bool:
     return str(status) == "valid"
 
 
+def exclusion(row: dict[str, Any]) -> Exclusion | None:
+    """Why a valid bundle's row may not be picked on its device class (`runtimes.bundle.eligibility`): from the
+    entry's `build_checks`, None when it may (or the document predates them)."""
+    checks = row["entry"].get("build_checks")
+    return Checks.from_dict(checks).exclusion(row["device_class"]) if isinstance(checks, dict) else None
+
+
 def select_fastest(results: Any, max_accuracy_drop: float = 1.0) -> dict[str, str] | None:
-    """The valid bundle with the lowest single-stream p50 whose top-1 drop (pp) is within `max_accuracy_drop`.
+    """The valid bundle with the lowest single-stream p50 whose top-1 drop (pp) is within `max_accuracy_drop`,
+    among those its device class may pick (`exclusion`: not failed --verify-on on that class, float precision
+    checked where it computes); the reason names the ones excluded.
 
     Rows without an accuracy figure are eligible only if nothing measured is (their gate is the build's).
     Returns {"name", "reason"} or None when no bundle qualifies.
     """
-    rows = [
+    measured = [
         r
         for r in table_rows(as_documents(results))
         if r["entry"].get("kind") == "bundle" and _valid(r["entry"].get("status")) and r["p50"]
     ]
+    verdicts = [(r, exclusion(r)) for r in measured]
+    barred = [(r["label"], bar) for r, bar in verdicts if bar is not None]
+    rows = [r for r, bar in verdicts if bar is None]
     if not rows:
         return None
     gated = [r for r in rows if r["delta_pp"] is not None]
@@ -242,7 +279,7 @@ def select_fastest(results: Any, max_accuracy_drop: float = 1.0) -> dict[str, st
     )
     noisy = [c.name for c in picked[1] if c.item["disturbed"]]
     caveat = f"; disturbed timing, not a firm ranking: {', '.join(noisy)}" if noisy else ""
-    reason = f"within the accuracy gate, {why}; {acc}{excluded}{caveat}"
+    reason = f"within the accuracy gate, {why}; {acc}{excluded}{exclusion_notes(barred)}{caveat}"
     picked_row = {"name": best["entry"]["name"], "reason": reason}
     if len({r["device_class"] for r in rows}) > 1:  # the same name on another device is not the one picked
         picked_row["device_class"] = best["device_class"]
@@ -251,6 +288,14 @@ def select_fastest(results: Any, max_accuracy_drop: float = 1.0) -> dict[str, st
 
 def _f(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
+
+
+def interval(pair: tuple[float, float] | None, scale: float = 1.0, signed: bool = False) -> str:
+    """ " [94.3-98.1]" (" [-1.4, +0.9]" signed: a minus would read as the dash) after a figure; "" without one."""
+    if pair is None:
+        return ""
+    lo, hi = pair[0] * scale, pair[1] * scale
+    return f" [{lo:+.1f}, {hi:+.1f}]" if signed else f" [{lo:.1f}-{hi:.1f}]"
 
 
 def _with_spread(x: float | None, spread: tuple[float, float] | None, fmt: str) -> str:
@@ -275,8 +320,8 @@ def cells(r: dict[str, Any]) -> list[str]:
         str(e.get("device") or "-"),
         str(e.get("status") or "-") + (" DISTURBED" if r["disturbed"] else ""),
         _f(_num(e.get("size_mb")), ".1f"),
-        "-" if r["top1"] is None else f"{r['top1'] * 100:.2f}%",
-        _f(r["delta_pp"], "+.2f"),
+        "-" if r["top1"] is None else f"{r['top1'] * 100:.2f}%" + interval(r["top1_ci"], 100),
+        _f(r["delta_pp"], "+.2f") + (interval(r["delta_ci"], signed=True) if r["delta_pp"] is not None else ""),
         _with_spread(r["p50"], r["p50_spread"], ".2f"),
         _with_spread(r["p90"], r["p90_spread"], ".2f"),
         _f(r["p99"], ".2f"),

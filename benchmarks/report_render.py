@@ -110,6 +110,10 @@ def device_matrix(docs: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[
     return header, [[bundle, *(cells_.get(cpu, "-") for cpu in cpus)] for bundle, cells_ in matrix.items()]
 
 
+INTERVAL_NOTE = (
+    "[a-b] after top-1: its 95 % Wilson interval; [a, b] after Δ top-1: the build gate's paired interval (Newcombe, "
+    "the same images scored by both); a build's --gate-confidence sets another level."
+)
 FRONT_COLUMNS = ("bundle", "top-1", "p50 ms", "peak RSS MB")
 FRONT_NOTE = (
     "Per device class, the valid bundles no other valid bundle beats on both p50 and top-1, fastest first "
@@ -159,17 +163,38 @@ def banner(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def is_ready(row: dict[str, Any]) -> bool:
+    """A bundle gated here whose engine is built on the device (`bitdeploy engine`): shown apart, never timed."""
+    return str(row["entry"].get("status") or "").startswith("ready")
+
+
+READY_TITLE = "Ready for the device (engine built there by `bitdeploy engine`; gated here, not timed)"
+READY_COLUMNS = ["bundle", "top-1", "Δ top-1 pp", "status"]
+
+
+def ready_cells(r: dict[str, Any]) -> list[str]:
+    e = r["entry"]
+    top1 = "-" if r["top1"] is None else f"{r['top1'] * 100:.2f}"
+    delta = "-" if r["top1"] is None or r["ref_top1"] is None else f"{(r['top1'] - r['ref_top1']) * 100:+.2f}"
+    return [r["label"], top1, delta, str(e.get("status"))]
+
+
 def markdown(docs: Sequence[dict[str, Any]], rows: list[dict[str, Any]], selected: dict[str, str] | None) -> str:
     out = ["# bitdeploy benchmark report", ""]
     warn = banner(rows)
     if warn:
         out += [f"> **{warn[0]}**", ">", *(f"> - {line}" for line in warn[1:]), ""]
+    ready = [r for r in rows if is_ready(r)]
+    rows = [r for r in rows if not is_ready(r)]
     for cls, group in grouped(rows):
         if cls is not None:
             out += [f"## {cls}", ""]
         out += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         out += ["| " + " | ".join(c.replace("|", "/") for c in cells(r)) + " |" for r in group]
         out.append("")
+    if ready:
+        out += [f"## {READY_TITLE}", "", "| " + " | ".join(READY_COLUMNS) + " |", "|" + "---|" * len(READY_COLUMNS)]
+        out += ["| " + " | ".join(c.replace("|", "/") for c in ready_cells(r)) + " |" for r in ready] + [""]
     out += _front_markdown(rows)
     if selected:
         what, why = _selected_line(selected)
@@ -183,7 +208,7 @@ def markdown(docs: Sequence[dict[str, Any]], rows: list[dict[str, Any]], selecte
         "p50/p90/p99: single-stream latency (batch 1, next query when the previous returns), pure inference, ms; "
         "p50 and images/s are medians of interleaved rounds, [min-max] over the rounds. "
         "images/s: offline throughput at the best batch size. Δ top-1: percentage points against the FP32 reference "
-        "on the same data. " + SPEEDUP_NOTE,
+        "on the same data. " + INTERVAL_NOTE + " " + SPEEDUP_NOTE,
         "",
         *[f"- {line}" for line in baseline_lines(rows)],
         "",
@@ -285,6 +310,8 @@ def render_html(
 ) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = ""
+    ready = [r for r in rows if is_ready(r)]
+    rows = [r for r in rows if not is_ready(r)]
     for cls, group in grouped(rows):
         if cls is not None:
             body += f'<tr class="device-class"><th colspan="{len(COLUMNS)}">{_defang(cls)}</th></tr>'
@@ -308,6 +335,14 @@ def render_html(
         ),
         f'<table id="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>',
     ]
+    if ready:
+        parts.append(
+            f'<h2>{_defang(READY_TITLE)}</h2><table id="ready"><thead><tr>'
+            + "".join(f"<th>{html.escape(c)}</th>" for c in READY_COLUMNS)
+            + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(f"<td>{_defang(c)}</td>" for c in ready_cells(r)) + "</tr>" for r in ready)
+            + "</tbody></table>"
+        )
     front = _front_html(rows)
     if front:
         parts.append(front)
@@ -325,7 +360,7 @@ def render_html(
         )
     parts.append(
         '<p class="note">p50/p90/p99: single-stream latency, batch 1, pure inference (ms); p50 and images/s are medians of interleaved rounds, [min-max] over the rounds. images/s: offline throughput at the best batch size. Δ top-1 in percentage points against the FP32 reference on the same data. '
-        + html.escape(SPEEDUP_NOTE)
+        + html.escape(INTERVAL_NOTE + " " + SPEEDUP_NOTE)
         + "</p>"
     )
     lines = baseline_lines(rows)

@@ -40,7 +40,10 @@ ENTRY (one bundle, or one PyTorch FP32 baseline):
                     preprocess_mean_ms, infer_mean_ms, images_source
     accuracy        null | {dataset, split, samples, top1, top5, label_mapping,
                             reference: null | {name, top1, agreement, max_abs_logit_diff, mean_abs_logit_diff}}
-    build_accuracy  the bundle manifest's `accuracy` object (the build's gate), or null
+    build_accuracy  the bundle manifest's `accuracy` object (the build's gate, with its intervals), or null
+    build_checks    what selection needs of the manifest (`runtimes.bundle.eligibility.Checks`): {float_precision,
+                    checked_on: [{cpu ("build host" or a --verify-on CPU), arch, class, features, emulated, passed,
+                    error}]}, or null (documents from before it: selection checks only the status)
     describe        backend.describe(); PyTorch baselines: {form, label, compile_s (torch.compile), threads, ...}
     error           null | one-line message when status is "failed: ..."
     interference    interference.judge() over the row's timing windows: {disturbed, reasons, overall, windows};
@@ -81,11 +84,12 @@ class StatusKind(Enum):
     FAILED_GATE = "failed gate"  # built, but its accuracy gate refused it
     FAILED = "failed"  # "failed: <reason>": an error, the row has no figures
     SKIPPED = "skipped"  # "skipped: <reason>": not attempted here
+    READY = "ready"  # "ready: <what is left>": gated here, finished on the device (a TensorRT engine)
     PENDING = "pending"  # a build row not run yet
     OTHER = "other"  # text this version does not know, kept as written
 
 
-_WITH_REASON = (StatusKind.FAILED, StatusKind.SKIPPED)
+_WITH_REASON = (StatusKind.FAILED, StatusKind.SKIPPED, StatusKind.READY)
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,10 @@ class Status:
     @classmethod
     def skipped(cls, reason: str) -> Status:
         return cls(StatusKind.SKIPPED, reason)
+
+    @classmethod
+    def ready(cls, reason: str) -> Status:
+        return cls(StatusKind.READY, reason)
 
     @classmethod
     def parse(cls, text: Any) -> Status:
@@ -136,6 +144,11 @@ class Status:
     @property
     def is_skipped(self) -> bool:
         return self.kind is StatusKind.SKIPPED
+
+    @property
+    def is_ready(self) -> bool:
+        """Gated on this host; what is left runs on the device (`bitdeploy engine` builds a TensorRT engine)."""
+        return self.kind is StatusKind.READY
 
     def __str__(self) -> str:
         return self.text
@@ -180,6 +193,7 @@ class BenchEntry:
     end_to_end: dict[str, Any] | None = None
     accuracy: dict[str, Any] | None = None
     build_accuracy: dict[str, Any] | None = None
+    build_checks: dict[str, Any] | None = None
     describe: dict[str, Any] | None = None
     error: str | None = None
     interference: dict[str, Any] | None = None

@@ -130,6 +130,8 @@ class ConvertOptions:
     cache: bool = True  # False: neither read nor write tool caches (TensorRT's timing cache)
     cache_dir: Path | None = None  # where tool caches live; None: bitdeploy's cache root
     extras: TargetOptions | None = None  # the target's own options
+    ready_only: bool = False  # the target cannot be built here: write the model its device finishes (a target
+    # with `ready_modules`: TensorRT's ONNX, its engine built by `bitdeploy engine` on the device)
 
     def extras_for(self, kind: type[OptionsT]) -> OptionsT:
         """The target's own options, or that target's defaults when the build gave none (or another target's)."""
@@ -199,6 +201,16 @@ class Artifact:
         )
 
 
+@dataclass(frozen=True)
+class Uniform:
+    """The uniform INT8 conversion an INT8 search candidate is reverted from."""
+
+    onnx_fp32: Path  # the FP32 export it was converted from
+    work: Path  # its work dir
+    artifact: Artifact
+    calibration: CalibrationData | None = None  # only where what the uniform conversion kept may not be enough
+
+
 class Converter:
     """A target's converter bound to its record and one row's precision and options.
 
@@ -227,6 +239,20 @@ class Converter:
         """The target's conversion, after `check_request` (each target implements it)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement run()")
 
+    @property
+    def reverts(self) -> bool:
+        """Whether the INT8 search can make its candidates with `revert` (else it converts each one)."""
+        return self.precision == "int8" and type(self).revert is not Converter.revert
+
+    def revert(self, uniform: Uniform, work_dir: Path, float_layers: tuple[str, ...]) -> Artifact:
+        """The INT8 search's candidate: the `uniform` INT8 model with the convolutions of `float_layers` back in
+        float, written to `work_dir` without calibrating again (a target with such a route implements it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no revert route")
+
+    def float_layers(self, model_path: Path) -> list[str]:
+        """The convolutions a model file of this target leaves in float, read from the file (with `revert`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read its float layers back")
+
     def target_info(
         self,
         used: str,
@@ -246,3 +272,15 @@ def bind(target: Target | str, precision: str, options: ConvertOptions | None = 
     if not (isinstance(cls, type) and issubclass(cls, Converter)):
         raise TypeError(f"{record.converter} is not a bitdeploy.converters.base.Converter subclass")
     return cls(record, precision, options)
+
+
+def reverted(uniform: Artifact, float_layers: list[str], info: dict[str, Any]) -> Artifact:
+    """A reverted candidate's Artifact: the uniform one's files and target, with `float_layers` (read from the
+    written file) as the quantization's float layers and what the revert did recorded beside them."""
+    from dataclasses import replace
+
+    q = uniform.target.quantization or Quantization()
+    details = {**q.details, "float_layers": float_layers, "reverted": info}
+    target = replace(uniform.target, quantization=replace(q, details=details))
+    note = f"INT8 search: {len(info.get('reverted_layers', []))} layers reverted to float in the uniform INT8 model"
+    return Artifact(list(uniform.files), uniform.model_file, target, [*uniform.notes, note], uniform.eval_model_file)

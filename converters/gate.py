@@ -2,7 +2,9 @@
 
 With a dataset, the gate is task accuracy (tensor tolerances are for debugging): top-1 of
 both, top-1 agreement, max/mean abs logit difference; the build fails when the top-1 drop exceeds
-`--max-accuracy-drop` percentage points. Without a dataset there is no accuracy to gate, so the artifact is
+`--max-accuracy-drop` percentage points. Each figure carries its interval (`converters.intervals`: Wilson for
+top-1 and agreement, Newcombe's paired interval for the drop), at 95 % or `--gate-confidence`, with which the gate
+judges the bounds instead of the points. Without a dataset there is no accuracy to gate, so the artifact is
 compared with the reference on seeded random inputs in [-1, 1] against a logit tolerance per precision,
 and the manifest says so (`accuracy: null`, a `validation` object instead).
 """
@@ -15,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from bitdeploy.converters import intervals
 from bitdeploy.core.options import DEFAULT_MAX_DROP_PP, GateSpec
 from bitdeploy.runtimes.bundle import compare
 from bitdeploy.runtimes.bundle.manifest import GateResult
@@ -105,21 +108,46 @@ def torch_logits(model: Any, data: EvalData, batch_size: int = 32) -> np.ndarray
 def gate(
     logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, spec: GateSpec | float = DEFAULT_MAX_DROP_PP
 ) -> GateResult:
-    """The manifest's `accuracy` record: passed when it meets `spec` (a number: the top-1 drop allowed, in pp)."""
+    """The manifest's `accuracy` record: passed when it meets `spec` (a number: the top-1 drop allowed, in pp), with
+    each figure's interval at `spec.level` (`_intervals`); with `spec.confidence` the gate judges their bounds."""
     spec = spec if isinstance(spec, GateSpec) else GateSpec(max_drop_pp=float(spec))
     d = compare.logit_diff(logits, reference)
     top1 = compare.top1(logits, labels) if d.finite else 0.0
     ref_top1 = compare.top1(reference, labels)
     drop = (ref_top1 - top1) * 100.0
+    cis = _intervals(logits, reference, labels, spec.level) if d.finite and len(labels) else {}
     return GateResult(
         kind="accuracy",
-        passed=bool(d.finite and spec.passes(drop, d.agreement)),
+        passed=bool(d.finite and spec.passes(drop, d.agreement, cis.get("top1_drop_ci_pp"), cis.get("agreement_ci"))),
         **_diff_fields(d),
         top1=top1,
         reference_top1=ref_top1,
         top1_drop_pp=round(drop, 6),
         max_accuracy_drop_pp=spec.drop_allowance,
         min_agreement_pct=spec.min_agreement_pct,
+        **cis,
+        gate_confidence=spec.confidence,
+    )
+
+
+def _intervals(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, level: float) -> dict[str, Any]:
+    """A GateResult's interval fields: Wilson for top-1 and agreement, Newcombe's paired interval (method 10) for
+    the drop, from the images FP32 and the artifact disagree on (`converters.intervals`)."""
+    ours, ref = logits.argmax(1), reference.argmax(1)
+    n = len(labels)
+    a, b, c, d = intervals.paired_counts(ref == labels, ours == labels)
+    lo, hi = intervals.paired_difference(a, b, c, d, level)
+
+    def rounded(pair: tuple[float, float], scale: float = 1.0) -> tuple[float, float]:
+        return round(pair[0] * scale, 6), round(pair[1] * scale, 6)
+
+    return dict(
+        top1_ci=rounded(intervals.wilson(a + c, n, level)),
+        reference_top1_ci=rounded(intervals.wilson(a + b, n, level)),
+        top1_drop_ci_pp=rounded((lo, hi), 100.0),
+        agreement_ci=rounded(intervals.wilson(int(np.sum(ours == ref)), n, level)),
+        discordant=(b, c),
+        confidence=level,
     )
 
 

@@ -7,13 +7,12 @@ float layers (the `float_layers` argument of `Converter.convert`) and each conve
 mechanism: ONNX Runtime's `nodes_to_exclude`, NNCF's `IgnoredScope`, a PT2E annotation filter, TensorRT's Q/DQ
 placement.
 
-Groups: the INT8 search reverts layers a group at a time, where a group is one layer, one bottleneck unit
-("body.block2.unit01") or one block ("body.block2"); the stem and the head are groups of their own at every level.
+Groups: the INT8 search ranks layers a group at a time, coarse to fine: one block ("body.block2"), one bottleneck
+unit ("body.block2.unit01") or one layer; the stem and the head are groups of their own at every level.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,16 +69,3 @@ def groups(layers: Sequence[str], granularity: str) -> list[Group]:
     for layer in layers:
         out.setdefault(group_of(layer, granularity), []).append(layer)
     return [Group(name, tuple(members)) for name, members in out.items()]
-
-
-def search_cost(n_groups: int) -> int:
-    """Evaluations a search over `n_groups` takes at most: one per group (sensitivity) and a bisection."""
-    return n_groups + (math.ceil(math.log2(n_groups)) + 1 if n_groups > 1 else 0)
-
-
-def finest(layers: Sequence[str], budget: int) -> str:
-    """The finest granularity whose search fits the evaluation budget (blocks when none does)."""
-    for granularity in GRANULARITIES:
-        if search_cost(len(groups(layers, granularity))) <= budget:
-            return granularity
-    return GRANULARITIES[-1]

@@ -26,8 +26,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from bitdeploy.converters.base import Artifact, Converter
+from bitdeploy.converters.base import Artifact, Converter, Uniform
 from bitdeploy.converters.calibration import CalibrationData
+from bitdeploy.converters.litert_ranges import RANGES_FILE, observe
 from bitdeploy.core.errors import ConversionError, first_line, require
 from bitdeploy.core.fsutil import temp_dir
 from bitdeploy.runtimes.bundle.manifest import Manifest, Quantization, TargetInfo
@@ -198,10 +199,11 @@ def _convert_int8(
     lite: Any,
     float_types: tuple[type, ...],
     sample: Any,
-    calibration: CalibrationData,
+    calibration: CalibrationData | None,
     path: Path,
     float_layers: tuple[str, ...],
     method: str,
+    ranges: Path | None = None,
 ) -> dict[str, Any]:
     import litert_torch
     import torch
@@ -235,9 +237,7 @@ def _convert_int8(
     quantizer = ConvOnlyQuantizer().set_global(_static_config(pt2e_quantizer, method))
     exported = torch.export.export(lite, (sample,), dynamic_shapes=_batch_dim(torch)).module()
     prepared = prepare_pt2e(exported, quantizer)
-    with torch.no_grad():
-        for batch in calibration.batches(CALIB_BATCH):
-            prepared(torch.from_numpy(batch))
+    observed = observe(prepared, calibration, ranges, CALIB_BATCH)
     quantized = convert_pt2e(prepared, fold_quantize=False)
     move_exported_model_to_eval(quantized)
     edge = litert_torch.convert(
@@ -252,7 +252,8 @@ def _convert_int8(
         "op_types": ["CONV_2D"],
         "float": ["stem conv", "GroupNorm", "residual add", "pooling", "head conv"],
         "float_layers": ["root.conv", *float_paths],
-        "samples": len(calibration),
+        "samples": observed,
+        "ranges": "the uniform INT8 conversion's (reused)" if ranges is not None and ranges.is_file() else "calibrated",
     }
 
 
@@ -304,6 +305,25 @@ class LiteRtConverter(Converter):
     def run(
         self, onnx_fp32: Path, work_dir: Path, calibration: CalibrationData | None, float_layers: tuple[str, ...]
     ) -> Artifact:
+        ranges = work_dir / RANGES_FILE if self.precision == "int8" else None  # kept for the INT8 search's candidates
+        return self._run(onnx_fp32, work_dir, calibration, float_layers, ranges)
+
+    def revert(self, uniform: Uniform, work_dir: Path, float_layers: tuple[str, ...]) -> Artifact:
+        """Converted again with `float_layers` left out of the PT2E annotation and the uniform conversion's ranges
+        loaded into the observers instead of calibrating; the lowering runs per candidate (its graph differs)."""
+        ranges = uniform.work / RANGES_FILE
+        return self._run(
+            uniform.onnx_fp32, work_dir, uniform.calibration, float_layers, ranges if ranges.is_file() else None
+        )
+
+    def _run(
+        self,
+        onnx_fp32: Path,
+        work_dir: Path,
+        calibration: CalibrationData | None,
+        float_layers: tuple[str, ...],
+        ranges: Path | None,
+    ) -> Artifact:
         device = (self.options.device or "cpu").lower()
         if device != "cpu":
             raise ConversionError(f"--device {device!r} is not a LiteRT device here; use --device cpu (XNNPACK)")
@@ -315,7 +335,7 @@ class LiteRtConverter(Converter):
                 res = _input_resolution(Path(onnx_fp32))
                 sample = torch.zeros(2, 3, res, res)
                 method = self.options.calib_method or self.target.calib_methods[0]
-                target, notes = self._convert(folded, sample, calibration, tmp, float_layers, method)
+                target, notes = self._convert(folded, sample, calibration, tmp, (float_layers, method, ranges))
             if self.precision == "fp32":
                 _check_fp32(folded, tmp / MODEL_FILE, res)
             os.replace(tmp / MODEL_FILE, work_dir / MODEL_FILE)
@@ -334,11 +354,11 @@ class LiteRtConverter(Converter):
         sample: Any,
         calibration: CalibrationData | None,
         tmp: Path,
-        float_layers: tuple[str, ...],
-        method: str,
+        int8: tuple[tuple[str, ...], str, Path | None],
     ) -> tuple[TargetInfo, list[str]]:
-        """Write tmp/model.tflite; returns (the manifest's target record, notes)."""
-        precision = self.precision
+        """Write tmp/model.tflite; returns (the manifest's target record, notes). `int8`: the float layers, the
+        calibration method and the ranges file (`_observe`)."""
+        precision, (float_layers, method, ranges) = self.precision, int8
         group_norm_type, bitlite, float_stem = _lite_modules()
         stem = folded.root.conv
         folded.root.conv = float_stem(
@@ -351,9 +371,9 @@ class LiteRtConverter(Converter):
         out = tmp / MODEL_FILE
         try:
             if precision == "int8":
-                assert calibration is not None
+                floats = (group_norm_type, float_stem)
                 quantization = Quantization.from_dict(
-                    _convert_int8(lite, (group_norm_type, float_stem), sample, calibration, out, float_layers, method)
+                    _convert_int8(lite, floats, sample, calibration, out, float_layers, method, ranges)
                 )
                 if float_layers:
                     notes.append(f"kept in float by the INT8 search: {len(float_layers)} more layers")

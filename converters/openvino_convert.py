@@ -22,7 +22,9 @@ from bitdeploy.converters.base import (
     ConvertOptions,
     RowInputs,
     TargetOptions,
+    Uniform,
     option,
+    reverted,
 )
 from bitdeploy.converters.calibration import CalibrationData, ValidationData, nncf_dataset
 from bitdeploy.core.errors import BitdeployError, ConversionError, first_line, require
@@ -343,3 +345,16 @@ class OpenVinoConverter(Converter):
         quantization = Quantization.from_dict(quant) if quant is not None else None
         target = self.target_info(used, device, quantization, details)
         return Artifact(files=[MODEL_XML, MODEL_BIN], model_file=MODEL_XML, target=target, notes=notes)
+
+    def revert(self, uniform: Uniform, work_dir: Path, float_layers: tuple[str, ...]) -> Artifact:
+        """The uniform INT8 IR with `float_layers`' FakeQuantize removed and float weights restored, as NNCF's
+        accuracy control reverts (`openvino_revert`)."""
+        from bitdeploy.converters import openvino_revert
+
+        info = openvino_revert.revert(uniform.work / MODEL_XML, uniform.onnx_fp32, work_dir / MODEL_XML, float_layers)
+        return reverted(uniform.artifact, self.float_layers(work_dir / MODEL_XML), info)
+
+    def float_layers(self, model_path: Path) -> list[str]:
+        from bitdeploy.converters import openvino_revert
+
+        return openvino_revert.float_convs(model_path)

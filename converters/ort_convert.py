@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.converters.base import Artifact, Converter, RowInputs, TargetOptions, option
+from bitdeploy.converters.base import Artifact, Converter, RowInputs, TargetOptions, Uniform, option, reverted
 from bitdeploy.converters.calibration import CalibrationData
 from bitdeploy.core.devices import cpu_arch
 from bitdeploy.core.errors import ConversionError
@@ -194,3 +194,15 @@ class OrtConverter(Converter):
             )
         target = self.target_info(used, device, quantization, details)
         return Artifact(files=files, model_file=MODEL_FILE, target=target, notes=notes)
+
+    def revert(self, uniform: Uniform, work_dir: Path, float_layers: tuple[str, ...]) -> Artifact:
+        """The uniform QDQ graph with `float_layers`' Q/DQ dropped and float weights restored (`qdq_revert`)."""
+        from bitdeploy.converters import qdq_revert
+
+        info = qdq_revert.revert(uniform.work / MODEL_FILE, uniform.onnx_fp32, work_dir / MODEL_FILE, float_layers)
+        return reverted(uniform.artifact, self.float_layers(work_dir / MODEL_FILE), info)
+
+    def float_layers(self, model_path: Path) -> list[str]:
+        from bitdeploy.converters import qdq_revert
+
+        return qdq_revert.float_convs(model_path)

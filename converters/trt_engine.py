@@ -24,6 +24,7 @@ from bitdeploy.converters.calibration import CalibrationData
 from bitdeploy.core.errors import BitdeployError, ConversionError, first_line
 from bitdeploy.core.fsutil import atomic_write
 from bitdeploy.runtimes.bundle.manifest import Quantization
+from bitdeploy.runtimes.bundle.manifest_records import ENGINE_PENDING
 
 PLAN = "model.plan"
 DEFAULT_PROFILE = (1, 1, 32)  # batch min, opt, max: tuned for batch-1 latency, accepts batches up to 32
@@ -265,69 +266,117 @@ def check_available() -> tuple[Any, Any]:
     return trt, api
 
 
+@dataclass(frozen=True)
+class EngineBuild:
+    """A TensorRT engine built from a bundle's ONNX on this machine's GPU: the plan and what the manifest records."""
+
+    plan: bytes
+    precision_used: str
+    device: str
+    details: dict[str, Any]
+    notes: list[str]
+
+
+def build_on_gpu(
+    onnx_path: Path,
+    precision: str,
+    device: str | None,
+    profile: tuple[int, int, int],
+    workspace_gb: float,
+    timing_cache_dir: Path | None,
+    backend: str,
+) -> EngineBuild:
+    """Build, inspect and check the engine of `onnx_path` (the TensorRT-ready ONNX) on this machine's GPU: used by
+    the build where TensorRT runs and by `bitdeploy engine` on the device. One-line errors without TensorRT/GPU."""
+    from bitdeploy.runtimes.engines.trt import parse_device
+
+    trt, api = check_available()
+    try:
+        index = parse_device(device)
+        api.set_device(index)
+        gpu_name, cc = api.device_info(index)
+    except BitdeployError:
+        raise
+    except Exception as exc:  # torch's CUDA calls raise RuntimeError
+        raise ConversionError(
+            f"no usable NVIDIA GPU for TensorRT ({first_line(exc)}); build on a machine with one, or pass --device cuda:N"
+        ) from exc
+    trt_version = str(trt.__version__)
+    cache_file = None
+    if timing_cache_dir is not None:
+        cache_file = timing_cache_path(timing_cache_dir, backend, trt_version, gpu_name, cc)
+    plan, facts = build_engine(trt, onnx_path, precision, profile, int(workspace_gb * (1 << 30)), cache_file)
+    summary = inspect_engine(trt, plan, facts["input"], (profile[1], *facts["sample_shape"]))
+    check_realised(precision, summary)
+    details = {
+        "tensorrt_version": trt_version,
+        "gpu_name": gpu_name,
+        "compute_capability": cc,
+        "profile": {"min": profile[0], "opt": profile[1], "max": profile[2]},
+        "workspace_gb": workspace_gb,
+        "strongly_typed": facts["strongly_typed"],
+        "builder_flags": facts["builder_flags"],
+        "layers": {k: summary[k] for k in ("by_precision", "bookkeeping_layers", "unknown_layers", "engine_layers")},
+        "build_seconds": facts["build_seconds"],
+    }
+    notes = [f"TensorRT {trt_version} on {gpu_name} (sm {cc}); layers by precision: {summary['by_precision']}"]
+    if facts["timing_cache"]:
+        notes.append(f"timing cache {'reused' if facts['timing_cache_reused'] else 'created'}: {facts['timing_cache']}")
+    return EngineBuild(plan, summary["precision_used"], f"cuda:{index}", details, notes)
+
+
+def recorded_profile(details: dict[str, Any] | Any) -> tuple[tuple[int, int, int], float]:
+    """The batch profile and workspace a bundle's manifest recorded for its engine (the defaults where it has none)."""
+    p = details.get("profile") or {}
+    profile = (int(p["min"]), int(p["opt"]), int(p["max"])) if p else DEFAULT_PROFILE
+    return profile, float(details.get("workspace_gb") or DEFAULT_WORKSPACE_GB)
+
+
 class TensorRTConverter(Converter):
-    """Reads options.device ("cuda[:N]"), calib_method, cache, cache_dir and `TensorRTOptions` (batch profile,
-    workspace_gb)."""
+    """Reads options.device ("cuda[:N]"), calib_method, cache, cache_dir, ready_only and `TensorRTOptions` (batch
+    profile, workspace_gb). With `ready_only` (no TensorRT or no GPU here) it writes the TensorRT-ready ONNX and
+    leaves the engine to the device (`bitdeploy engine`)."""
 
     def run(
         self, onnx_fp32: Path, work_dir: Path, calibration: CalibrationData | None, float_layers: tuple[str, ...]
     ) -> Artifact:
         from bitdeploy.converters import trt_qdq
-        from bitdeploy.runtimes.engines.trt import parse_device
 
         precision, options = self.precision, self.options
-        trt, api = check_available()
-        try:
-            index = parse_device(options.device)
-            api.set_device(index)
-            gpu_name, cc = api.device_info(index)
-        except BitdeployError:
-            raise
-        except Exception as exc:  # torch's CUDA calls raise RuntimeError
-            raise ConversionError(
-                f"no usable NVIDIA GPU for TensorRT ({first_line(exc)}); build on a machine with one, or pass --device cuda:N"
-            ) from exc
+        if not options.ready_only:
+            check_available()  # one line before the ONNX work when TensorRT or the GPU is missing
         trt_options = options.extras_for(TensorRTOptions)
         profile = parse_profile(trt_options.batch)
         workspace_gb = float(trt_options.workspace_gb or DEFAULT_WORKSPACE_GB)
-        trt_version = str(trt.__version__)
-
         onnx_name, onnx_info = trt_qdq.prepare_onnx(onnx_fp32, work_dir, precision, calibration, options, float_layers)
-        cache_file = None
+        onnx_details = {k: v for k, v in onnx_info.items() if k not in ("notes", "extra_files")}
+        files = [onnx_name, *onnx_info.pop("extra_files", [])]
+        quantization = Quantization.from_dict(onnx_details) if precision == "int8" else None
+        settings = {
+            "profile": {"min": profile[0], "opt": profile[1], "max": profile[2]},
+            "workspace_gb": workspace_gb,
+            "onnx": onnx_details,
+        }
+        if options.ready_only:
+            engine = {"status": ENGINE_PENDING, "build_with": "bitdeploy engine BUNDLE (TensorRT and an NVIDIA GPU)"}
+            notes = [f"engine pending: {onnx_name} is built into an engine on the device", *onnx_info.get("notes", [])]
+            target = self.target_info(
+                f"{precision} (engine pending)",
+                options.device or "cuda:0",
+                quantization,
+                {**settings, "engine": engine},
+            )
+            return Artifact(files=files, model_file=onnx_name, target=target, notes=notes, eval_model_file=onnx_name)
+        cache_dir = None
         if options.cache:  # --no-cache: neither read nor write the timing cache
             from bitdeploy.core.cache import default_root
 
-            cache_file = timing_cache_path(
-                options.cache_dir or default_root(), self.target.backend, trt_version, gpu_name, cc
-            )
-        plan, facts = build_engine(
-            trt, work_dir / onnx_name, precision, profile, int(workspace_gb * (1 << 30)), cache_file
+            cache_dir = Path(options.cache_dir or default_root())
+        built = build_on_gpu(
+            work_dir / onnx_name, precision, options.device, profile, workspace_gb, cache_dir, self.target.backend
         )
-        atomic_write(work_dir / PLAN, plan)
-        summary = inspect_engine(trt, plan, facts["input"], (profile[1], *facts["sample_shape"]))
-        check_realised(precision, summary)
-
-        details = {
-            "tensorrt_version": trt_version,
-            "gpu_name": gpu_name,
-            "compute_capability": cc,
-            "profile": {"min": profile[0], "opt": profile[1], "max": profile[2]},
-            "workspace_gb": workspace_gb,
-            "strongly_typed": facts["strongly_typed"],
-            "builder_flags": facts["builder_flags"],
-            "layers": {
-                k: summary[k] for k in ("by_precision", "bookkeeping_layers", "unknown_layers", "engine_layers")
-            },
-            "onnx": {k: v for k, v in onnx_info.items() if k not in ("notes", "extra_files")},
-            "build_seconds": facts["build_seconds"],
-        }
-        notes = [f"TensorRT {trt_version} on {gpu_name} (sm {cc}); layers by precision: {summary['by_precision']}"]
-        if facts["timing_cache"]:
-            notes.append(
-                f"timing cache {'reused' if facts['timing_cache_reused'] else 'created'}: {facts['timing_cache']}"
-            )
-        notes.extend(onnx_info.get("notes", []))
-        files = [PLAN, onnx_name, *onnx_info.pop("extra_files", [])]
-        quantization = Quantization.from_dict(details["onnx"]) if precision == "int8" else None
-        target = self.target_info(summary["precision_used"], f"cuda:{index}", quantization, details)
-        return Artifact(files=files, model_file=PLAN, target=target, notes=notes, eval_model_file=onnx_name)
+        atomic_write(work_dir / PLAN, built.plan)
+        details = {**settings, **built.details, "engine": {"status": "built", "where": "at build"}}
+        notes = [*built.notes, *onnx_info.get("notes", [])]
+        target = self.target_info(built.precision_used, built.device, quantization, details)
+        return Artifact(files=[PLAN, *files], model_file=PLAN, target=target, notes=notes, eval_model_file=onnx_name)

@@ -101,6 +101,11 @@ def mixup_lambda(alpha: float, rng: random.Random) -> float:
     return rng.betavariate(alpha, alpha) if alpha > 0 else 1.0
 
 
+def _schedule_keys(supports: Sequence[int]) -> dict[str, Any]:
+    """A schedule as the rule and the plan both record it: its length, its warmup and its /10 decay steps."""
+    return {"steps": supports[-1], "warmup_steps": supports[0], "lr_decay_steps": supports[1:-1]}
+
+
 def make_plan(  # noqa: PLR0913 - one keyword per HyperRule override
     dataset_size: int,
     num_classes: int,
@@ -124,9 +129,7 @@ def make_plan(  # noqa: PLR0913 - one keyword per HyperRule override
     rule_resize, rule_crop = get_resolution(image_hw)
     rule = {
         "bucket": bucket(dataset_size),
-        "steps": supports[-1],
-        "warmup_steps": supports[0],
-        "lr_decay_steps": supports[1:-1],
+        **_schedule_keys(supports),
         "base_lr": BASE_LR,
         "batch_size": BASE_BATCH,
         "resize": rule_resize,
@@ -165,9 +168,7 @@ def make_plan(  # noqa: PLR0913 - one keyword per HyperRule override
         "dataset_size": dataset_size,
         "num_classes": num_classes,
         "image_size": list(image_hw),
-        "steps": supports[-1],
-        "warmup_steps": supports[0],
-        "lr_decay_steps": supports[1:-1],
+        **_schedule_keys(supports),
         "schedule": supports,
         "base_lr": base_lr,
         "batch_size": batch,

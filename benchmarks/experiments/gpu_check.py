@@ -47,6 +47,8 @@ ROWS = (
     "build-onnx-cuda",
     "build-trt-fp16",
     "build-trt-int8",
+    "trt-ready-cuda-ep",
+    "engine-trt-ready",
 )
 
 
@@ -199,6 +201,49 @@ def build_row(args: argparse.Namespace, work: Path, target: str, precision: str)
     return ("failed" if why else "passed"), figures, why
 
 
+def ready_bundle(args: argparse.Namespace, work: Path) -> Path:
+    """A TensorRT-ready bundle (built as on a host without TensorRT: the engine is left to the device)."""
+    out = work / "trt-ready"
+    if not (out / "manifest.json").is_file():
+        flags = {"--model": args.model, "--weights": "none", "--target": "trt", "--precision": "fp16",
+                 "--resolution": str(args.resolution), "--out": str(out)}  # fmt: skip
+        code, tail = cli(["build", *(v for pair in flags.items() for v in pair)])
+        if code != 0:
+            raise RuntimeError(f"bitdeploy build --target trt exited {code}: {tail}")
+    return out
+
+
+def trt_ready_cuda_row(args: argparse.Namespace, work: Path) -> tuple[str, dict[str, Any], str]:
+    """The ready bundle's model.trt.onnx through ONNX Runtime's CUDA provider against its golden FP32 logits: what a
+    GPU without TensorRT can check of the TensorRT path."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from bitdeploy.runtimes.bundle import compare, read_manifest, selftest
+
+    bundle = ready_bundle(args, work)
+    manifest = read_manifest(bundle)
+    inputs, reference, _ = selftest.load_golden(bundle, manifest)
+    onnx = next(f for f in manifest.files if f.endswith(".trt.onnx"))
+    session = ort.InferenceSession(str(bundle / onnx), providers=["CUDAExecutionProvider"])
+    name = session.get_inputs()[0].name
+    z = np.concatenate([session.run(None, {name: inputs[i : i + 8]})[0] for i in range(0, len(inputs), 8)])
+    figures = {
+        "provider": session.get_providers()[0],
+        "engine": (manifest.target.get("engine") or {}).get("status"),
+        "agreement": compare.agreement(z, reference),
+        "max_rel_error": compare.rel_error(z, reference),
+    }
+    ok = figures["provider"] == "CUDAExecutionProvider" and figures["agreement"] >= 0.99
+    return ("passed" if ok else "failed"), figures, "" if ok else "the CUDA provider disagrees with FP32"
+
+
+def engine_row(args: argparse.Namespace, work: Path) -> tuple[str, dict[str, Any], str]:
+    """`bitdeploy engine` on the ready bundle: the engine built, self-tested on this GPU and the bundle resealed."""
+    code, tail = cli(["engine", str(ready_bundle(args, work))])
+    return ("passed" if code == 0 else "failed"), {"exit_code": code}, "" if code == 0 else tail
+
+
 def torchrun_row(args: argparse.Namespace, work: Path, data: Path) -> tuple[str, dict[str, Any], str]:
     out = work / "torchrun"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--standalone",
@@ -251,6 +296,8 @@ def run_rows(args: argparse.Namespace, work: Path) -> list[lib.Row]:
         "build-onnx-cuda": skipped_or(onnx_cuda_skip_reason(), lambda: build_row(args, work, "onnx", "fp32")),
         "build-trt-fp16": skipped_or(trt_skip_reason(), lambda: build_row(args, work, "trt", "fp16")),
         "build-trt-int8": skipped_or(trt_skip_reason(), lambda: build_row(args, work, "trt", "int8")),
+        "trt-ready-cuda-ep": skipped_or(onnx_cuda_skip_reason(), lambda: trt_ready_cuda_row(args, work)),
+        "engine-trt-ready": skipped_or(trt_skip_reason(), lambda: engine_row(args, work)),
     }
     for name in ROWS:
         if name in args.rows:

@@ -18,7 +18,7 @@ Every row is then opened here (invalid bundles straight from their model file) a
 interleaved QuickTimer run (batch 1, the order rotating each round); top-1 and agreement are the build's gate
 (FP32 PyTorch reference on the validation split), the NNCF row's computed by the same gate function. "p50 / FP32"
 is each row's p50 over its engine's FP32 p50 with the [min-max] of the per-round ratios. Search time: bitdeploy's
-`int8_mix.search_s` (sensitivity + bisection conversions and evaluations and its own timing run; not the uniform
+`int8_mix.search_s` (its rankings, candidates, the answer's report evaluation and its timing run; not the uniform
 INT8 conversion before it) vs the wall time of NNCF's `quantize_with_accuracy_control` call (its initial PTQ, its
 FP32 and INT8 validations, the ranking and the reverting iterations). NNCF gates on the top-1 drop against
 OpenVINO FP32 only: `--min-agreement` binds bitdeploy's search alone.
@@ -429,6 +429,11 @@ def no_mix_reason(mix: dict[str, Any]) -> tuple[str, str]:
             f"agreement {_pct(c.get('agreement'))}"
         )
 
+    stop = mix.get("stop") or ""  # the split search (issue 40) records why it ended
+    if stop and stop not in ("speed", "passed"):
+        best = min(cands, key=lambda c: c.get("kl") or float("inf")) if cands else None
+        found = f"; best: {figures(best)}" if best is not None else ""
+        return f"stopped: {stop}", f"the search stopped ({stop}) after {len(cands)} candidates{found}"
     passing = [c for c in cands if c.get("passed")]
     if passing:
         timed = [c for c in passing if c.get("p50_ms") is not None]

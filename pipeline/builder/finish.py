@@ -84,6 +84,7 @@ def finish(
                 "threads": opts.engine.threads,
                 "max_accuracy_drop_pp": opts.gate.spec().drop_allowance,
                 "min_agreement_pct": opts.gate.min_agreement,
+                "gate_confidence": opts.gate.gate_confidence,  # None: the gate judged the point estimates
                 "iterations": opts.timing.bench_iterations,
                 "warmup": 10,
                 "batch_sizes": list(BUILD_BATCH_SIZES),
@@ -130,13 +131,16 @@ def _check_quiet(opts: BuildOptions, rows: list[RowResult], log: Callable[[str],
 
 
 def status_line(rows: list[RowResult], seconds: float, hits: list[str]) -> str:
-    """The build's last line: `done` only when every row that ran is valid, else which rows failed."""
+    """The build's last line: `done` only when every row that ran is valid (or ready for the device), else which
+    rows failed."""
     counts = {h: hits.count(h) for h in dict.fromkeys(hits)}
     hit_names = [f"{h} x{n}" if n > 1 else h for h, n in counts.items()]
     cached = f" (cache hits: {', '.join(hit_names)})" if hits else ""
-    failed = [r for r in rows if not r.valid and not r.status.is_skipped]
+    failed = [r for r in rows if not r.valid and not r.status.is_skipped and not r.status.is_ready]
+    ready = [r.name for r in rows if r.status.is_ready]
+    device = f"; ready for the device (`bitdeploy engine` builds the engine there): {', '.join(ready)}" if ready else ""
     if not failed:
-        return f"done in {seconds:.1f} s{cached}"
+        return f"done in {seconds:.1f} s{cached}{device}"
     ran = sum(1 for r in rows if not r.status.is_skipped)
     named = ", ".join(f"{r.name} ({'failed gate' if r.status.is_failed_gate else 'error'})" for r in failed)
     return f"finished in {seconds:.1f} s{cached}: {len(failed)} of {ran} bundles failed: {named}"
@@ -144,19 +148,19 @@ def status_line(rows: list[RowResult], seconds: float, hits: list[str]) -> str:
 
 def _raise_for_failures(opts: BuildOptions, rows: list[RowResult], grid: bool = False) -> None:
     built = [r for r in rows if not r.status.is_skipped]
-    bad = [r for r in built if not r.valid]
+    bad = [r for r in built if not r.valid and not r.status.is_ready]
     if opts.engine.target == "all" or grid:  # exploring: failing rows are findings, only a build with none valid fails
-        if not any(r.valid for r in rows):
+        if not any(r.valid or r.status.is_ready for r in rows):
             raise BitdeployError("no target produced a valid bundle; see the table above")
         return
     if not bad:
         return
     first = bad[0]
     if first.status.is_failed_gate:
-        acc = first.accuracy or {}
+        gate = first.gate
         what = (
-            opts.gate.spec().shortfall(acc.get("top1_drop_pp"), acc.get("agreement"))
-            if acc.get("top1_drop_pp") is not None
+            opts.gate.spec().shortfall(gate.top1_drop_pp, gate.agreement, gate.top1_drop_ci_pp, gate.agreement_ci)
+            if gate is not None and gate.top1_drop_pp is not None
             else "outputs differ from the FP32 reference beyond tolerance"
         )
         own = first.plan.own
@@ -179,7 +183,7 @@ def option(row: RowResult) -> Option:
 
     return Option(
         row.name,
-        row.valid and row.passes_devices and row.device_checked,
+        row.valid,
         row.top1,
         row.timing.p50_ms,
         row.timing.p50_spread,
@@ -187,22 +191,21 @@ def option(row: RowResult) -> Option:
         (row.accuracy or {}).get("agreement"),
         row.size_mb,
         row,
+        row.exclusion,  # failed on a --verify-on CPU, or a bf16/fp16 pin no CPU computing it checked
     )
 
 
 def select(rows: list[RowResult], criteria: Criteria) -> tuple[RowResult, str]:
     """The row `criteria` picks among the valid ones, and the line explaining it (raises SelectionError when none
-    fits). Every valid row already passed the accuracy gate."""
+    fits). Every valid row already passed the accuracy gate; `choose` names the valid ones it may not pick."""
     from bitdeploy.benchmarks.ranking import choose
 
     picked = choose([option(r) for r in rows], criteria)
     best: RowResult = picked.winner.item
     failed = [r.name for r in rows if r.status.is_failed_gate]
     notes = f"; excluded by the accuracy gate: {', '.join(failed)}" if failed else ""
-    elsewhere = [r.name for r in rows if r.valid and not r.passes_devices]
-    notes += f"; excluded, failing on a --verify-on CPU: {', '.join(elsewhere)}" if elsewhere else ""
-    unchecked = [f"{r.name} ({r.float_precision})" for r in rows if r.valid and not r.devices and not r.device_checked]
-    notes += f"; excluded until --verify-on checks their float precision: {', '.join(unchecked)}" if unchecked else ""
+    ready = [r.name for r in rows if r.status.is_ready]
+    notes += f"; not timed here (engine built on the device): {', '.join(ready)}" if ready else ""
     noisy = [
         r.name
         for r in (best, picked.runner_up.item if picked.runner_up else None)

@@ -67,7 +67,7 @@ def evaluate(
 
     manifest = draft_manifest(artifact, ctx, plan.precision)
     backend_name, model_file, stand_in = artifact.backend, artifact.model_file, None
-    if not backend_available(backend_name) and artifact.eval_model_file:
+    if (artifact.target.engine_pending or not backend_available(backend_name)) and artifact.eval_model_file:
         evaluator = onnx_evaluator()
         backend_name, model_file = evaluator.backend, artifact.eval_model_file
         stand_in = f"{artifact.eval_model_file} on {evaluator.title} CPU"

@@ -15,7 +15,14 @@ from bitdeploy.converters.base import Converter, ConvertOptions, RowInputs, Targ
 from bitdeploy.core.devices import find as find_cpus
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.core.options import DEFAULT_MAX_DROP_PP
-from bitdeploy.core.targets import Target, check_available, get_target, plan_rows, unavailable_reason
+from bitdeploy.core.targets import (
+    Target,
+    check_available,
+    deferred_reason,
+    get_target,
+    plan_rows,
+    unavailable_reason,
+)
 
 if TYPE_CHECKING:
     from bitdeploy.converters.calibration import ValidationData
@@ -30,6 +37,7 @@ class RowPlan:
     own: TargetOptions | None  # the target's own options (its defaults when none were given)
     convert: ConvertOptions  # what the converter is told: the shared options and `own` bound to this row
     skip: str | None = None  # why it is not built here (None: build it)
+    deferred: str | None = None  # why its last step (a TensorRT engine) is left to the device: a ready bundle
     cell: str | None = None  # a grid's (model, resolution) cell
     model: str = ""
     resolution: int | None = None  # as asked (None: the checkpoint's or the default)
@@ -78,10 +86,21 @@ def plan_build(opts: BuildOptions) -> list[RowPlan]:
         raise BitdeployError(f"{opts.out} is a bundle; a build of several bundles needs a new or empty --out directory")
     plans = []
     for t, p in rows:
-        reason = unavailable_reason(t, p, short=True)
+        deferred = deferred_reason(t, p)
+        reason = None if deferred else unavailable_reason(t, p, short=True)
         if reason is None and p == "int8" and opts.dataset is None:
             reason = "int8 needs --dataset for calibration"
-        plan = RowPlan(t, p, own[t.name], ConvertOptions(), reason, opts.cell, opts.model, opts.resolution)
+        plan = RowPlan(
+            t,
+            p,
+            own[t.name],
+            ConvertOptions(),
+            skip=reason,
+            deferred=deferred,
+            cell=opts.cell,
+            model=opts.model,
+            resolution=opts.resolution,
+        )
         plans.append(_bind(plan, opts, None))
     return plans
 
@@ -93,7 +112,9 @@ def with_validation(plans: Sequence[RowPlan], opts: BuildOptions, validation: Va
 
 def sibling(plan: RowPlan, precision: str, opts: BuildOptions) -> RowPlan:
     """The same target's row at another precision (the INT8 search times the engine's FP32 beside its mixes)."""
-    return _bind(replace(plan, precision=precision, skip=None), opts, None)
+    return _bind(
+        replace(plan, precision=precision, skip=None, deferred=deferred_reason(plan.target, precision)), opts, None
+    )
 
 
 def wants_validation(plans: Sequence[RowPlan]) -> bool:
@@ -121,6 +142,7 @@ def _bind(plan: RowPlan, opts: BuildOptions, validation: ValidationData | None) 
         cache=opts.cache.enabled,
         cache_dir=opts.cache.dir,
         extras=extras,
+        ready_only=plan.deferred is not None,
     )
     return replace(plan, convert=convert)
 
@@ -128,7 +150,8 @@ def _bind(plan: RowPlan, opts: BuildOptions, validation: ValidationData | None) 
 def _check_single(opts: BuildOptions, rows: list[tuple[Target, str]]) -> None:
     """A build of named targets: each row must be buildable here, INT8 needs data, the method must exist."""
     for t, p in rows:
-        check_available(t, p)  # e.g. TensorRT without a GPU: exit 1 here, before any export
+        if deferred_reason(t, p) is None:  # a ready bundle's engine is built on the device (TensorRT without a GPU)
+            check_available(t, p)  # e.g. LiteRT's converter not installed: exit 1 here, before any export
     if any(p == "int8" for _, p in rows) and opts.dataset is None:
         raise BitdeployError(
             "--precision int8 needs --dataset to calibrate on (INT8 is never calibrated on random data); pass --dataset digits, an ImageFolder or a CIFAR folder"

@@ -84,6 +84,7 @@ def prepare(opts: BuildOptions, plans: list[RowPlan], cache: StageCache, log: Ca
     label_ids = data.labels()
     reference = stages.reference(state, data, stages.data_identity(opts), cache)
     building = [p for p in plans if p.skip is None]
+    timed_here = [p for p in building if p.deferred is None]  # a ready bundle's engine is timed on the device
     calib = None
     if splits is not None and any(p.precision == "int8" for p in building):
         calib = stages.calibration(opts, splits, resolution, cache)
@@ -118,5 +119,5 @@ def prepare(opts: BuildOptions, plans: list[RowPlan], cache: StageCache, log: Ca
         dataset=opts.dataset,
         calibration=calib,
         training=state.training,
-        baseline=baseline_latency(loaded.model, resolution, opts, log) if len(building) > 1 else None,
+        baseline=baseline_latency(loaded.model, resolution, opts, log) if len(building) > 1 and timed_here else None,
     )

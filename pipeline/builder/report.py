@@ -44,6 +44,7 @@ def bench_entries(
                 status=r.status,
                 size_mb=r.size_mb,
                 build_accuracy=r.accuracy,
+                build_checks=r.checks.to_dict() if r.manifest is not None else None,
                 error=r.error,
                 serving_memory={"peak_rss_mb": rss} if rss is not None else None,
                 **r.timing.entry_fields(),

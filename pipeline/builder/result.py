@@ -10,9 +10,8 @@ from typing import Any
 
 from bitdeploy.benchmarks.schema import PENDING, Status, Timing
 from bitdeploy.builder.plan import RowPlan
-from bitdeploy.runtimes.bundle.manifest import Manifest, TargetInfo
-
-FLOAT_PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}  # OpenVINO's hint -> what float layers compute in
+from bitdeploy.runtimes.bundle.eligibility import Checks, Exclusion, float_precision
+from bitdeploy.runtimes.bundle.manifest import GateResult, Manifest
 
 
 @dataclass
@@ -69,8 +68,12 @@ class RowResult:
         return self.status.reason if self.status.is_failed else None
 
     @property
+    def gate(self) -> GateResult | None:
+        return self.manifest.gate if self.manifest is not None else None
+
+    @property
     def accuracy(self) -> dict[str, Any] | None:
-        gate = self.manifest.gate if self.manifest is not None else None
+        gate = self.gate
         return gate.to_dict() if gate is not None else None
 
     @property
@@ -87,6 +90,26 @@ class RowResult:
     def delta_pp(self) -> float | None:
         top1, ref = self.top1, self.reference_top1
         return (top1 - ref) * 100.0 if top1 is not None and ref is not None else None
+
+    @property
+    def top1_ci(self) -> tuple[float, float] | None:
+        return self.gate.top1_ci if self.top1 is not None and self.gate is not None else None
+
+    @property
+    def delta_ci_pp(self) -> tuple[float, float] | None:
+        """The interval of `delta_pp` (top-1 minus FP32's): the gate's drop interval, negated."""
+        drop = self.gate.top1_drop_ci_pp if self.top1 is not None and self.gate is not None else None
+        return (-drop[1], -drop[0]) if drop is not None else None
+
+    @property
+    def confidence(self) -> float | None:
+        """The level of the gate's intervals."""
+        return self.gate.confidence if self.gate is not None else None
+
+    @property
+    def noise(self) -> str | None:
+        """ "within noise: ..." when the gate's threshold lies inside its figure's interval."""
+        return self.gate.noise if self.gate is not None else None
 
     @property
     def precision_used(self) -> str | None:
@@ -119,15 +142,25 @@ class RowResult:
         return out
 
     @property
+    def checks(self) -> Checks:
+        """Where it ran before selection (`runtimes.bundle.eligibility`): the build host, the --verify-on CPUs."""
+        return Checks.of(self.manifest) if self.manifest is not None else Checks()
+
+    @property
     def device_checked(self) -> bool:
-        """Float layers pinned to bf16/fp16 compute what this host's CPU has: such a row is offered to --select
-        only after its self-test passed on --verify-on CPUs (a row in fp32 needs none)."""
-        return self.float_precision == "fp32" or (bool(self.devices) and self.passes_devices)
+        """Float layers pinned to bf16/fp16 compute what the CPU has: such a row is offered to --select only once
+        a CPU that computes that precision ran it (the build host, or a --verify-on CPU); fp32 needs none."""
+        return self.checks.float_checked
 
     @property
     def passes_devices(self) -> bool:
         """Its self-test passed on every --verify-on CPU (true when none was named)."""
-        return all(v == "pass" for v in self.devices.values())
+        return not self.checks.failed_on()
+
+    @property
+    def exclusion(self) -> Exclusion | None:
+        """Why a valid row may not be selected (`eligibility.Checks.exclusion`), or None."""
+        return self.checks.exclusion() if self.valid else None
 
     def as_dict(self) -> dict[str, Any]:
         """The row as build.json lists it."""
@@ -141,6 +174,16 @@ class RowResult:
             "top1": self.top1,
             "reference_top1": self.reference_top1,
             "delta_pp": self.delta_pp,
+            "top1_ci": _listed(self.top1_ci),
+            "reference_top1_ci": _listed(
+                self.gate.reference_top1_ci if self.reference_top1 is not None and self.gate else None
+            ),
+            "delta_ci_pp": _listed(self.delta_ci_pp),
+            "agreement": self.gate.agreement if self.gate is not None else None,
+            "agreement_ci": _listed(self.gate.agreement_ci if self.gate is not None else None),
+            "confidence": self.confidence,
+            "gate_confidence": self.gate.gate_confidence if self.gate is not None else None,
+            "within_noise": self.noise,
             "precision_used": self.precision_used,
             "device": self.device,
             "notes": self.notes,
@@ -159,7 +202,5 @@ class RowResult:
         }
 
 
-def float_precision(target: TargetInfo) -> str:
-    """What a bundle's float layers compute in: fp32, or bf16/fp16 where the engine was pinned to it."""
-    hint = str((target.details or {}).get("inference_precision") or "f32")
-    return FLOAT_PRECISIONS.get(hint, hint)
+def _listed(pair: tuple[float, float] | None) -> list[float] | None:
+    return list(pair) if pair is not None else None

@@ -24,6 +24,9 @@ from bitdeploy.core.cache import StageCache
 from bitdeploy.core.errors import BitdeployError, ResourceError, first_line
 from bitdeploy.runtimes.bundle.manifest import GateResult
 
+READY = Status.ready("engine is built on the device")
+PENDING_REASON = "engine pending: gated here; build its TensorRT engine on the device with `bitdeploy engine BUNDLE`"
+
 
 def build_row(
     plan: RowPlan, ctx: BuildContext, opts: BuildOptions, cache: StageCache, log: Callable[[str], None]
@@ -39,16 +42,21 @@ def build_row(
             outcome = Search(plan, ctx, opts, cache, found, log).run()
             mix, row.search_line = outcome.record, outcome.line
             log(f"[search] {outcome.line}")
-            found = outcome.chosen or found
+            if outcome.chosen is not None:  # judged on the report's images, which its self-test is drawn from
+                found, ctx = outcome.chosen, outcome.ctx or ctx
         result = found.result
         path = bundle_path(opts, ctx.row_count, plan.bundle_name)
+        pending = found.artifact.target.engine_pending
         reason = None if result.passed else _invalid_reason(result, opts, row.search_line)
-        verdict = replace(found.manifest, valid=result.passed, invalid_reason=reason, gate=result, int8_mix=mix)
+        valid = result.passed and not pending
+        reason = PENDING_REASON if result.passed and pending else reason
+        verdict = replace(found.manifest, valid=valid, invalid_reason=reason, gate=result, int8_mix=mix)
         row.manifest = bundle.write(path, found.work, found.artifact, verdict, found.logits, ctx)
         row.bundle = str(path)
         row.size_mb = sum((path / f).stat().st_size for f in found.artifact.files) / 1e6
-        row.status = VALID if result.passed else FAILED_GATE
-        log(f"[{row.name}] {_what(result)}; {'valid' if result.passed else 'FAILED the gate'}; bundle {path}")
+        row.status = (READY if pending else VALID) if result.passed else FAILED_GATE
+        verdict_text = ("ready for the device" if pending else "valid") if result.passed else "FAILED the gate"
+        log(f"[{row.name}] {_what(result)}; {verdict_text}; bundle {path}")
         timed = Timed(row.name, path / row.manifest.model_file, row.manifest, found.device, ctx.resolution)
         return row, timed if found.runs_here else None
     except BitdeployError as exc:
@@ -67,10 +75,17 @@ def build_row(
 
 def _what(result: GateResult) -> str:
     if result.top1 is not None and result.reference_top1 is not None:
+        from bitdeploy.benchmarks.report import interval
+
         delta = (result.top1 - result.reference_top1) * 100.0
+        drop = result.top1_drop_ci_pp
+        delta_ci = interval((-drop[1], -drop[0]), signed=True) if drop is not None else ""
+        agreement = result.agreement_ci
+        noise = f"; {result.noise}" if result.noise else ""
         return (
-            f"top-1 {result.top1 * 100:.2f}% vs FP32 {result.reference_top1 * 100:.2f}% ({delta:+.2f} pp, "
-            f"agreement {(result.agreement or 0) * 100:.1f}%)"
+            f"top-1 {result.top1 * 100:.2f}%{interval(result.top1_ci, 100)} vs FP32 "
+            f"{result.reference_top1 * 100:.2f}% ({delta:+.2f} pp{delta_ci}, agreement "
+            f"{(result.agreement or 0) * 100:.1f}%{interval(agreement, 100)}){noise}"
         )
     return f"no dataset: max |logit diff| {result.max_abs_logit_diff} vs FP32 on random inputs (tolerance {result.tolerance or 0:.3g})"
 
@@ -88,7 +103,10 @@ def _searches(found: Evaluated, opts: BuildOptions) -> bool:
 
 def _invalid_reason(result: GateResult, opts: BuildOptions, search: str | None = None) -> str:
     if result.top1_drop_pp is not None:
-        why = f"accuracy gate vs FP32 PyTorch: {opts.gate.spec().shortfall(result.top1_drop_pp, result.agreement)}"
+        missed = opts.gate.spec().shortfall(
+            result.top1_drop_pp, result.agreement, result.top1_drop_ci_pp, result.agreement_ci
+        )
+        why = f"accuracy gate vs FP32 PyTorch: {missed}"
         return f"{why}; {search}" if search else why
     return (
         f"validation: max |logit diff| {result.max_abs_logit_diff} vs FP32 PyTorch exceeds {result.tolerance or 0:.3g}"

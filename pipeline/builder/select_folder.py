@@ -3,7 +3,9 @@
 
 Accuracy is the build's: each manifest's gate result, measured against FP32 PyTorch on the validation split. Speed
 and memory come from the device's results, matched to bundles by their files' checksums (so a renamed or moved copy
-still matches); without results they come from the build host's quick timing, and the output says so. Torch-free.
+still matches); without results they come from the build host's quick timing, and the output says so. A valid
+bundle may still be excluded, as `build --select` excludes it (`runtimes.bundle.eligibility`): its self-test failed
+on a --verify-on CPU of the device's class, or no CPU computing its bf16/fp16 float layers checked it. Torch-free.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from bitdeploy.benchmarks.ranking import Choice, Criteria, Option, SelectionError, choose
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.core.fsutil import atomic_write, remove_stale_temps, replace_dir
+from bitdeploy.runtimes.bundle.eligibility import excluded
 from bitdeploy.runtimes.bundle.fingerprint import device_class
 from bitdeploy.runtimes.bundle.manifest import BuildLatency, Manifest
 
@@ -58,8 +61,9 @@ def _gate_top1(m: Manifest) -> float | None:
     return m.gate.top1 if m.gate is not None else None
 
 
-def host_options(found: Sequence[Found]) -> list[Option]:
-    """Options with the build host's figures (each manifest's `build_latency`)."""
+def host_options(found: Sequence[Found], wanted_class: str | None = None) -> list[Option]:
+    """Options with the build host's figures (each manifest's `build_latency`), each excluded as it is for
+    `wanted_class` (None: for any device)."""
     out = []
     for f in found:
         lat = f.manifest.build_latency or BuildLatency()
@@ -75,6 +79,7 @@ def host_options(found: Sequence[Found]) -> list[Option]:
                 f.manifest.gate.agreement if f.manifest.gate is not None else None,
                 None,
                 f,
+                excluded(f.manifest, wanted_class),
             )
         )
     return out
@@ -97,8 +102,11 @@ def device_docs(results: Sequence[str], wanted: str | None) -> tuple[list[dict[s
     return [d for d in docs if doc_class(d) == chosen], chosen
 
 
-def device_options(found: Sequence[Found], docs: Sequence[dict[str, Any]]) -> tuple[list[Option], list[str]]:
-    """Options with the device's figures, and the names of bundles the device did not measure."""
+def device_options(
+    found: Sequence[Found], docs: Sequence[dict[str, Any]], cls: str | None = None
+) -> tuple[list[Option], list[str]]:
+    """Options with the device's figures (each excluded as it is for the device class `cls`), and the names of
+    bundles the device did not measure."""
     measured: dict[frozenset[tuple[str, str]], dict[str, Any]] = {}
     for doc in docs:
         for e in doc["results"]:
@@ -125,6 +133,7 @@ def device_options(found: Sequence[Found], docs: Sequence[dict[str, Any]]) -> tu
                 f.manifest.gate.agreement if f.manifest.gate is not None else None,
                 e.get("size_mb"),
                 f,
+                excluded(f.manifest, cls),
             )
         )
     return out, missing
@@ -187,7 +196,9 @@ def write_selected(root: Path, found: Found, pack: bool) -> Path:
     return out
 
 
-def record(root: Path, choice: Choice, criteria: Criteria, source: str, written: Path) -> Path:
+def record(
+    root: Path, choice: Choice, criteria: Criteria, source: str, written: Path, options: Sequence[Option] = ()
+) -> Path:
     def row(o: Option) -> dict[str, Any]:
         return {"name": o.name, "top1": o.top1, "p50_ms": o.p50_ms, "p50_spread": o.spread, "peak_rss_mb": o.rss_mb}
 
@@ -199,6 +210,7 @@ def record(root: Path, choice: Choice, criteria: Criteria, source: str, written:
         "front": [row(o) for o in choice.front],
         "figures_from": source,
         "written": written.name,
+        "excluded": {o.name: f"{o.excluded.group}: {o.excluded.detail}" for o in options if o.valid and o.excluded},
     }
     path = root / SELECTION_FILE
     atomic_write(path, json.dumps(doc, indent=1) + "\n")
@@ -219,7 +231,7 @@ def select(
     found = find(root)
     if results:
         docs, cls = device_docs(results, wanted_class)
-        options, missing = device_options(found, docs)
+        options, missing = device_options(found, docs, cls)
         hosts = sorted({str((d.get("environment") or {}).get("hostname") or "?") for d in docs})
         source = f"latency and memory measured on {cls} ({', '.join(hosts)}), accuracy from the build's gate"
     else:
@@ -232,7 +244,7 @@ def select(
         )
         if built_on and here not in built_on:
             source += f" (this machine is {here})"
-        options, missing = host_options(found), []
+        options, missing = host_options(found, wanted_class), []
     if not any(o.valid for o in options):
         raise SelectionError(f"no valid bundle under {root} was measured; nothing to select")
     return choose(options, criteria), options, source, missing

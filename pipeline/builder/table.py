@@ -3,11 +3,20 @@ Ultralytics prints it."""
 
 from __future__ import annotations
 
+from bitdeploy.benchmarks.report import interval
 from bitdeploy.builder.result import RowResult
 
 
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
+
+
+def _level(rows: list[RowResult]) -> str:
+    """ " [95% CI]" for the top-1 header when the rows' intervals share one level ("" when none has one)."""
+    levels = {r.confidence for r in rows if r.top1_ci is not None and r.confidence is not None}
+    if not levels:
+        return ""
+    return f" [{next(iter(levels)) * 100:g}% CI]" if len(levels) == 1 else " [CI]"
 
 
 def table(rows: list[RowResult]) -> str:
@@ -21,7 +30,7 @@ def table(rows: list[RowResult]) -> str:
         "precision",
         "status",
         "size MB",
-        "top-1",
+        f"top-1{_level(rows)}",
         "Δ top-1 pp",
         "p50 ms (bs1)",
         "images/s",
@@ -35,6 +44,7 @@ def table(rows: list[RowResult]) -> str:
         status = (text if len(text) <= 64 else text[:63] + "…") + ("  <- selected" if r.selected else "")
         t = r.timing
         status += "  DISTURBED" if t.disturbed else ""
+        status += "  within noise" if r.noise else ""
         p50 = _fmt(t.p50_ms, ".2f") + (
             f" [{t.p50_spread[0]:.2f}-{t.p50_spread[1]:.2f}]" if t.p50_ms is not None and t.p50_spread else ""
         )
@@ -49,8 +59,8 @@ def table(rows: list[RowResult]) -> str:
                 r.precision,
                 status,
                 _fmt(r.size_mb, ".2f"),
-                _fmt(top1, ".2f"),
-                _fmt(r.delta_pp, "+.2f"),
+                _fmt(top1, ".2f") + (interval(r.top1_ci, 100) if top1 is not None else ""),
+                _fmt(r.delta_pp, "+.2f") + (interval(r.delta_ci_pp, signed=True) if r.delta_pp is not None else ""),
                 p50,
                 ips,
                 *([_fmt(r.serving_rss_mb, ".0f")] if memory else []),

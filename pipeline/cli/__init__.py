@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "verify": "bitdeploy.cli.cmd_verify:verify",
     "pack": "bitdeploy.cli.cmd_runtime:pack",
     "serve": "bitdeploy.cli.cmd_runtime:serve",
+    "engine": "bitdeploy.cli.cmd_engine:engine",
     "export-repo": "bitdeploy.cli.cmd_export_repo:export_repo",
     "bench": "bitdeploy.cli.cmd_bench:bench",
     "report": "bitdeploy.cli.cmd_bench:report",

@@ -119,7 +119,10 @@ def bench(  # noqa: PLR0913 - a command: its records are the argument groups
     help="Directory for report.md, report.html and results.json.",
 )
 @click.option(
-    "--select", type=click.Choice(["fastest"]), help="Mark the fastest valid bundle within --max-accuracy-drop."
+    "--select",
+    type=click.Choice(["fastest"]),
+    help="Mark the fastest valid bundle within --max-accuracy-drop, as `bitdeploy select` would pick it: not one "
+    "that failed --verify-on on its device class, nor a bf16/fp16 one no CPU computing that precision checked.",
 )
 @click.option(
     "--max-accuracy-drop",
@@ -138,7 +141,11 @@ def report(results: tuple[str, ...], out_dir: str, select: str | None, max_accur
     if select == "fastest":
         selected = select_fastest(docs, max_accuracy_drop)
         if selected is None:
-            click.echo(f"no valid bundle meets the {max_accuracy_drop:g} pp accuracy gate; nothing selected", err=True)
+            click.echo(
+                f"no valid bundle meets the {max_accuracy_drop:g} pp accuracy gate and may be picked on its device "
+                "class (docs/choosing.md); nothing selected",
+                err=True,
+            )
     paths = write_report(docs, out_dir, selected)
     click.echo(
         format_table(table_rows(docs, selected or next((d["selected"] for d in docs if d.get("selected")), None)))

@@ -167,6 +167,18 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
         opened.cleanup()
 
 
+def engine_text(engine: dict[str, Any], details: Any) -> str:
+    """A TensorRT bundle's engine: pending (built on the device by `bitdeploy engine`) or where it was built."""
+    if engine.get("status") == "pending":
+        return "pending: build it on the device with `bitdeploy engine BUNDLE` (TensorRT and an NVIDIA GPU)"
+    test = engine.get("self_test") or {}
+    checked = f"; self-test {'passed' if test.get('passed') else 'FAILED'} there" if test else ""
+    return (
+        f"built {engine.get('where') or ''} with TensorRT {details.get('tensorrt_version')} on "
+        f"{details.get('gpu_name')} (sm {details.get('compute_capability')}){checked}"
+    )
+
+
 def summary_rows(m: Manifest, root: Path, is_pack: bool, checksums: str) -> list[tuple[str, str]]:
     """The human-readable manifest summary, as (field, text) rows."""
     from bitdeploy.runtimes.bundle.manifest import FORMAT, Provenance
@@ -174,6 +186,8 @@ def summary_rows(m: Manifest, root: Path, is_pack: bool, checksums: str) -> list
     model, target, spec, labels = m.model, m.target, m.input, m.labels
     rows = [("format", f"{FORMAT} v{m.to_dict()['format_version']}" + (" (single-file pack)" if is_pack else ""))]
     status = "valid" if m.valid else f"INVALID: {m.invalid_reason or 'did not pass validation'}"
+    if m.target.engine_pending and m.accuracy is not None and m.accuracy.passed:
+        status = "ready for the device: engine pending (gated here; run `bitdeploy engine BUNDLE` on the device)"
     rows.append(("status", status))
     params = f", {model.params / 1e6:.2f}M params" if model.params is not None else ""
     rows.append(("model", f"{model.name}, {model.num_classes} classes{params}, {model.resolution} px"))
@@ -196,6 +210,9 @@ def summary_rows(m: Manifest, root: Path, is_pack: bool, checksums: str) -> list
             + (f" {json.dumps(extras)}" if extras else ""),
         )
     )
+    engine = target.get("engine")
+    if isinstance(engine, dict):
+        rows.append(("engine", engine_text(engine, target.details)))
     size = sum((root / n).stat().st_size for n in m.files if (root / n).is_file())
     rows.append(("model file", f"{m.model_file} ({size / 1e6:.2f} MB in {len(m.files)} file(s))"))
     shape = None if spec.shape is None else [-1 if d is None else d for d in spec.shape]
@@ -216,14 +233,30 @@ def summary_rows(m: Manifest, root: Path, is_pack: bool, checksums: str) -> list
         def pct(x: Any) -> str:
             return f"{x * 100:.2f}%" if isinstance(x, (int, float)) else "?"
 
+        from bitdeploy.benchmarks.report import interval
+
         gate = "passed" if acc.passed else "FAILED"
+        drop = f", drop {acc.top1_drop_pp:+.2f} pp" if acc.top1_drop_pp is not None else ""
+        drop += interval(acc.top1_drop_ci_pp, signed=True) if drop else ""
+        level = f" ({acc.confidence * 100:g}% intervals)" if acc.confidence is not None else ""
         rows.append(
             (
                 "accuracy",
-                f"top-1 {pct(acc.top1)} vs reference {pct(acc.reference_top1)}, agreement {pct(acc.agreement)}, "
-                f"{acc.samples} samples, max |dlogit| {acc.max_abs_logit_diff}, gate {gate}",
+                f"top-1 {pct(acc.top1)}{interval(acc.top1_ci, 100)} vs reference {pct(acc.reference_top1)}"
+                f"{interval(acc.reference_top1_ci, 100)}{drop}, agreement {pct(acc.agreement)}"
+                f"{interval(acc.agreement_ci, 100)}{level}, {acc.samples} samples, max |dlogit| "
+                f"{acc.max_abs_logit_diff}, gate {gate}",
             )
         )
+        if acc.is_accuracy:
+            pairs = (
+                f"; discordant images: {acc.discordant[0]} right in FP32 only, {acc.discordant[1]} in this bundle only"
+                if acc.discordant is not None
+                else ""
+            )
+            rows.append(
+                ("gate", f"{acc.spec().describe()} vs FP32: {gate}{pairs}" + (f"; {acc.noise}" if acc.noise else ""))
+            )
     else:
         rows.append(("accuracy", "not measured"))
     if m.export is not None:

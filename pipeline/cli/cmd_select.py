@@ -41,8 +41,9 @@ def select(
     """Choose the bundle under DIR (a grid build's --out) for a device, print the accuracy-latency front, and write
     DIR/selected (a copy of the chosen bundle) and DIR/selection.json (the reason).
 
-    Accuracy is each bundle's build gate; latency and memory come from --results measured on the device. No
-    bundle meets the budget: exit 1 with one line naming the nearest miss.
+    Accuracy is each bundle's build gate; latency and memory come from --results measured on the device. A bundle
+    that failed --verify-on on the device's class, or whose bf16/fp16 float layers no CPU computing them checked,
+    is excluded, and the line says so. No bundle meets the budget: exit 1 with one line naming the nearest miss.
 
     \b
     Example (on the device: bitdeploy bench runs/grid --all --json pi5.json):
@@ -69,7 +70,7 @@ def select(
         click.echo(f"warning: not in the results, left out: {', '.join(missing)}", err=True)
     click.echo(f"selected: {choice.line}")
     written = select_folder.write_selected(folder, choice.winner.item, pack)
-    click.echo(f"wrote {written} and {select_folder.record(folder, choice, criteria, source, written)}")
+    click.echo(f"wrote {written} and {select_folder.record(folder, choice, criteria, source, written, options)}")
     if report_dir is not None:
         from bitdeploy.benchmarks.report import as_documents
         from bitdeploy.benchmarks.report_render import write_report

@@ -208,6 +208,15 @@ GATE = Group(
             "MLPerf's 99 % of FP32); alone or with --max-accuracy-drop.",
         ),
         flag(
+            "--gate-confidence",
+            type=float,
+            default=None,
+            metavar="LEVEL",
+            help="Judge the gate on interval bounds at this level (0.5 < LEVEL < 1, e.g. 0.95): valid only when the "
+            "top-1 drop's upper bound is within --max-accuracy-drop and agreement's lower bound meets --min-agreement "
+            "[default: the point estimates; the table shows 95 % intervals either way].",
+        ),
+        flag(
             "--int8-fallback",
             type=click.Choice(["auto", "none"]),
             default="auto",

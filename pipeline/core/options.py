@@ -121,6 +121,7 @@ class CalibrationArgs:
 
 INT8_FALLBACKS = ("auto", "none")
 DEFAULT_MAX_DROP_PP = 1.0
+DEFAULT_CONFIDENCE = 0.95  # the level of the gate's intervals (converters.intervals) unless --gate-confidence
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class GateSpec:
 
     max_drop_pp: float | None = None
     min_agreement_pct: float | None = None
+    confidence: float | None = None  # --gate-confidence: judge the intervals' bounds at this level, not the points
 
     @property
     def drop_allowance(self) -> float | None:
@@ -139,28 +141,91 @@ class GateSpec:
             return DEFAULT_MAX_DROP_PP
         return self.max_drop_pp
 
-    def passes(self, drop_pp: float, agreement: float | None) -> bool:
+    @property
+    def level(self) -> float:
+        """The level of the intervals the gate computes: --gate-confidence, else 95 %."""
+        return self.confidence if self.confidence is not None else DEFAULT_CONFIDENCE
+
+    def judged(
+        self,
+        drop_pp: float | None,
+        agreement: float | None,
+        drop_ci_pp: tuple[float, float] | None = None,
+        agreement_ci: tuple[float, float] | None = None,
+    ) -> tuple[float, float]:
+        """(the drop in pp, the agreement in %) the gate compares: the points, or with `confidence` the bounds that
+        could fail it (the drop's upper, the agreement's lower) where the intervals are known."""
+        drop, agree = drop_pp or 0.0, (agreement or 0.0) * 100.0
+        if self.confidence is not None:
+            drop = drop_ci_pp[1] if drop_ci_pp is not None else drop
+            agree = agreement_ci[0] * 100.0 if agreement_ci is not None else agree
+        return drop, agree
+
+    def passes(
+        self,
+        drop_pp: float,
+        agreement: float | None,
+        drop_ci_pp: tuple[float, float] | None = None,
+        agreement_ci: tuple[float, float] | None = None,
+    ) -> bool:
+        drop, agree = self.judged(drop_pp, agreement, drop_ci_pp, agreement_ci)
         allowance = self.drop_allowance
-        if allowance is not None and drop_pp > allowance + 1e-9:
+        if allowance is not None and drop > allowance + 1e-9:
             return False
-        return self.min_agreement_pct is None or (agreement or 0.0) * 100.0 >= self.min_agreement_pct - 1e-9
+        return self.min_agreement_pct is None or agree >= self.min_agreement_pct - 1e-9
 
     def describe(self) -> str:
-        """ "top-1 drop <= 1 pp and agreement >= 99.5 %"."""
+        """ "top-1 drop <= 1 pp and agreement >= 99.5 %" (", at the 95 % bound" with --gate-confidence)."""
         parts = [f"top-1 drop <= {self.drop_allowance:g} pp"] if self.drop_allowance is not None else []
         if self.min_agreement_pct is not None:
             parts.append(f"agreement >= {self.min_agreement_pct:g} %")
-        return " and ".join(parts)
+        bound = f", at the {self.confidence * 100:g} % bound" if self.confidence is not None else ""
+        return " and ".join(parts) + bound
 
-    def shortfall(self, drop_pp: float | None, agreement: float | None) -> str:
-        """What a failed result missed, for the bundle's invalid reason."""
+    def noise(self, drop_ci_pp: tuple[float, float] | None, agreement_ci: tuple[float, float] | None) -> str | None:
+        """ "within noise: ..." when a threshold lies inside its figure's interval (another sample of images could
+        turn the verdict), else None."""
+        level = f"{self.level * 100:g} %"
+        allowance = self.drop_allowance
+        if allowance is not None and drop_ci_pp is not None and drop_ci_pp[0] <= allowance <= drop_ci_pp[1]:
+            lo, hi = drop_ci_pp
+            return f"within noise: the {allowance:g} pp allowance lies inside the drop's {level} interval [{lo:+.2f}, {hi:+.2f}] pp"
+        need = self.min_agreement_pct
+        if need is not None and agreement_ci is not None and agreement_ci[0] * 100 <= need <= agreement_ci[1] * 100:
+            lo, hi = agreement_ci[0] * 100, agreement_ci[1] * 100
+            return (
+                f"within noise: the {need:g} % agreement minimum lies inside its {level} interval [{lo:.2f}-{hi:.2f}] %"
+            )
+        return None
+
+    def shortfall(
+        self,
+        drop_pp: float | None,
+        agreement: float | None,
+        drop_ci_pp: tuple[float, float] | None = None,
+        agreement_ci: tuple[float, float] | None = None,
+    ) -> str:
+        """What a failed result missed, for the bundle's invalid reason (with "within noise" when it is)."""
         missed = []
         allowance = self.drop_allowance
-        if allowance is not None and (drop_pp or 0.0) > allowance + 1e-9:
-            missed.append(f"top-1 dropped {drop_pp or 0:.2f} pp (allowed {allowance:g} pp)")
-        if self.min_agreement_pct is not None and (agreement or 0.0) * 100 < self.min_agreement_pct - 1e-9:
-            missed.append(f"agreement {(agreement or 0) * 100:.2f} % (needed {self.min_agreement_pct:g} %)")
-        return "; ".join(missed) or "the logits are not finite"
+        drop, agree = self.judged(drop_pp, agreement, drop_ci_pp, agreement_ci)
+        bound = self.confidence is not None
+        if allowance is not None and drop > allowance + 1e-9:
+            what = (
+                f"top-1 drop's {self.level * 100:g} % upper bound {drop:.2f} pp"
+                if bound
+                else f"top-1 dropped {drop:.2f} pp"
+            )
+            point = f", point {drop_pp or 0:.2f} pp" if bound and drop_ci_pp is not None else ""
+            missed.append(f"{what} (allowed {allowance:g} pp{point})")
+        if self.min_agreement_pct is not None and agree < self.min_agreement_pct - 1e-9:
+            what = (
+                f"agreement's {self.level * 100:g} % lower bound {agree:.2f} %" if bound else f"agreement {agree:.2f} %"
+            )
+            point = f", point {(agreement or 0) * 100:.2f} %" if bound and agreement_ci is not None else ""
+            missed.append(f"{what} (needed {self.min_agreement_pct:g} %{point})")
+        noise = self.noise(drop_ci_pp, agreement_ci)
+        return "; ".join(missed + ([noise] if missed and noise else [])) or "the logits are not finite"
 
 
 @dataclass(frozen=True)
@@ -173,9 +238,10 @@ class GateArgs:
     verify_on: str | None = None  # CPU[,CPU...] (bitdeploy devices)
     int8_fallback: str = "auto"  # auto: search the fastest INT8/float mix that passes | none
     int8_search_budget: int = 24  # conversions + evaluations the search may spend per engine
+    gate_confidence: float | None = None  # judge the intervals' bounds at this level (e.g. 0.95), not the points
 
     def spec(self) -> GateSpec:
-        return GateSpec(self.max_accuracy_drop, self.min_agreement)
+        return GateSpec(self.max_accuracy_drop, self.min_agreement, self.gate_confidence)
 
     def validate(self) -> None:
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
@@ -190,6 +256,10 @@ class GateArgs:
             raise BitdeployError(f"--int8-search-budget must be >= 2 evaluations (got {self.int8_search_budget})")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise BitdeployError(f"--eval-limit must be >= 1 (got {self.eval_limit})")
+        if self.gate_confidence is not None and not 0.5 < self.gate_confidence < 1:
+            raise BitdeployError(
+                f"--gate-confidence is a level between 0.5 and 1, e.g. 0.95 (got {self.gate_confidence:g})"
+            )
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,8 @@ class Target:
     calib_methods: tuple[str, ...] = ()  # --calib-method values the quantizer offers (first = default)
     devices: str = ""  # what --device accepts, for help and messages
     cache_conversions: bool = True  # False: artifacts tied to the build machine (TensorRT engines) are rebuilt
+    ready_modules: tuple[str, ...] = ()  # where the target cannot be built here: the import names that writing and
+    # gating its device-independent model need (TensorRT's ONNX), the rest left to the device; empty: no such route
     options: str = ""  # "module:Class", a frozen bitdeploy.converters.base.TargetOptions: its flags and hooks
     engines: tuple[str, ...] = ()  # distributions whose versions decide the numerics (the device fingerprint);
     # the first is the runtime's own wheel, the one that brings `runtime_module` (what the emulation kit installs)
@@ -147,6 +149,10 @@ register(
         calib_methods=("minmax", "entropy", "percentile"),  # through ONNX Runtime's QDQ quantizer
         devices="cuda:N (default cuda:0)",
         cache_conversions=False,  # engines are tied to the GPU and TensorRT version
+        ready_modules=(
+            "onnx",
+            "onnxruntime",
+        ),  # model.trt.onnx, gated through ONNX Runtime; `bitdeploy engine` on the device
         options="bitdeploy.converters.trt_engine:TensorRTOptions",
         engines=("tensorrt",),
         distributions=("tensorrt",),
@@ -262,6 +268,15 @@ def unavailable_reason(target: Target, precision: str, short: bool = False) -> s
         return "; ".join(problems)
     where = " on a machine with an NVIDIA GPU" if target.needs_gpu else ""
     return f'{target.title} is not available here ({"; ".join(problems)}); run{where}: pip install "bitdeploy[{target.extra}]"'
+
+
+def deferred_reason(target: Target, precision: str) -> str | None:
+    """Why (target, precision) is built here only as a ready bundle, its last step left to the device (the short
+    cause, as the summary table shows it); None when it is built here in full, or cannot be built here at all."""
+    reason = unavailable_reason(target, precision, short=True)
+    if reason is None or not target.ready_modules or precision not in target.precisions:
+        return None
+    return None if _missing(target.ready_modules) else reason
 
 
 def check_available(target: Target, precision: str) -> None:

@@ -70,9 +70,20 @@ def load_manifest(bundle: str | os.PathLike[str], verify: bool = True) -> Manife
     if verify:
         verify_files(bundle, manifest)
     if not manifest.valid:
-        reason = manifest.invalid_reason or "it did not pass validation"
-        raise BundleError(f"{bundle}: bundle is marked invalid ({reason}); rebuild it")
+        raise refusal(bundle, manifest)
     return manifest
+
+
+def refusal(bundle: str | os.PathLike[str], manifest: Manifest) -> BundleError:
+    """The one-line error for loading a bundle that is not valid: a ready bundle whose engine is still to be built
+    on the device says how to build it; any other says why it is invalid."""
+    if manifest.target.engine_pending:
+        return BundleError(
+            f"{bundle}: its engine is not built yet (a ready bundle); run `bitdeploy engine {bundle}` on the device, "
+            "a machine with TensorRT and an NVIDIA GPU"
+        )
+    reason = manifest.invalid_reason or "it did not pass validation"
+    return BundleError(f"{bundle}: bundle is marked invalid ({reason}); rebuild it")
 
 
 @contextmanager

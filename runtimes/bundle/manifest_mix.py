@@ -1,9 +1,12 @@
 """The manifest's `int8_mix`: what the INT8 search measured and chose when uniform INT8 failed the gate.
 
-`sensitivity` lists each group of layers (a convolution, a bottleneck unit or a block) with what leaving only it in
-float bought against uniform INT8 (agreement with FP32, mean |logit error|), most costly to quantize first, and
-whether the chosen mix keeps it in float. `candidates` are the mixes the bisection evaluated (the k most sensitive
-groups in float) with their gate figures and, for those that passed, their p50. The runtime reads none of it;
+`sets` names the search's images and the report's (disjoint parts of the validation split: every figure of the
+bundle's `accuracy` is on the report's, every figure here on the search's unless named `report_*`). `sensitivity`
+lists each group of layers (a block, a bottleneck unit or a convolution) a ranking measured, with what leaving it in
+float on top of the mix it was ranked on bought (`measure`: the mean KL divergence from FP32 since the search ranks
+by it; bundles from before it ranked by the mean |logit error|), most costly first within each ranking, and whether
+the chosen mix keeps it in float. `candidates` are the mixes the search evaluated, in order, with their figures,
+and an `error` for one that failed to convert; `speed` the keep-or-refuse timing. The runtime reads none of it;
 `bitdeploy inspect` and the build's report show it. Stdlib only.
 """
 
@@ -13,7 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from bitdeploy.runtimes.bundle.manifest_parse import FlatRecord, bad, number, numbers, obj
+from bitdeploy.runtimes.bundle.manifest_parse import FlatRecord, bad, number, numbers, obj, text
+
+WORDS = {"measure": "mean_abs_logit_diff", "made_by": "convert", "stop": ""}  # Int8Mix's text fields and defaults
 
 
 @dataclass(frozen=True)
@@ -23,12 +28,15 @@ class LayerCost(FlatRecord):
     SECTION: ClassVar[str] = "int8_mix.sensitivity"
     name: str | None = None
     layers: int | None = None
-    agreement: float | None = None  # top-1 agreement with FP32, 0..1, with only this group in float
+    agreement: float | None = None  # top-1 agreement with FP32, 0..1, with this group in float too
     mean_abs_logit_diff: float | None = None
-    agreement_gain_pp: float | None = None  # against uniform INT8
-    error_reduction: float | None = None  # 1 - error / uniform INT8's error
-    rank: int | None = None  # 1: the most costly to quantize
+    agreement_gain_pp: float | None = None  # against the mix it was ranked on (uniform INT8 for the first ranking)
+    error_reduction: float | None = None  # 1 - error / that mix's error, by `Int8Mix.measure`
+    rank: int | None = None  # 1: the most costly to quantize, within its ranking
     float_in_mix: int | None = None  # 1: the chosen mix keeps this group in float
+    kl: float | None = None  # mean KL divergence from FP32, nats
+    level: str | None = None  # block | unit | layer
+    ranking: int | None = None  # which ranking measured it: 1 on uniform INT8, then each refinement or re-ranking
 
 
 @dataclass(frozen=True)
@@ -36,16 +44,45 @@ class Candidate(FlatRecord):
     """One mix the search evaluated: the `float_groups` most sensitive groups in float."""
 
     SECTION: ClassVar[str] = "int8_mix.candidates"
-    name: str | None = None  # "3 most sensitive groups", or one group's name
+    name: str | None = None  # what it adds to the mix before it ("+ body.block2.unit01"), or "ceiling: ..."
     float_groups: int | None = None
     float_layers: int | None = None
     top1: float | None = None
     agreement: float | None = None
     mean_abs_logit_diff: float | None = None
-    passed: int | None = None  # 1: met the gate
+    passed: int | None = None  # 1: met the gate (on the search's images)
     p50_ms: float | None = None  # batch-1 p50, timed with FP32 and uniform INT8 in one interleaved run
     p50_spread: tuple[float, ...] | None = None  # [min, max] of the rounds' p50
     chosen: int | None = None  # 1: the bundle holds this mix
+    kl: float | None = None  # mean KL divergence from FP32, nats
+    error: str | None = None  # why it could not be converted or evaluated (skipped)
+    report_top1: float | None = None  # the search's answer judged on the report's images
+    report_agreement: float | None = None
+    report_passed: int | None = None
+
+
+@dataclass(frozen=True)
+class ImageSets(FlatRecord):
+    """The validation split's two disjoint parts: the search ranks and chooses on one, the gate reports on the other."""
+
+    SECTION: ClassVar[str] = "int8_mix.sets"
+    source: str | None = None  # the validation data, e.g. "digits:val"
+    how: str | None = None  # "validation split stratified by label, seed 0"
+    validation: int | None = None  # images in the validation split
+    search: int | None = None
+    report: int | None = None
+
+
+@dataclass(frozen=True)
+class SpeedDecision(FlatRecord):
+    """The keep-or-refuse timing of the search's answer against its engine's FP32."""
+
+    SECTION: ClassVar[str] = "int8_mix.speed"
+    rule: str | None = None
+    rounds: int | None = None  # interleaved rounds
+    kept: int | None = None  # 1: faster than FP32 by more than the spread of both
+    cached: int | None = None  # 1: the stage cache's decision for these bundles on this host
+    disturbed: str | None = None  # the machine was busy while timing, after measuring again
 
 
 @dataclass(frozen=True)
@@ -64,6 +101,11 @@ class Int8Mix:
     fp32_p50_spread: tuple[float, ...] | None = None
     sensitivity: list[LayerCost] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
+    measure: str = "mean_abs_logit_diff"  # what ranks the groups: "kl" (mean KL divergence from FP32)
+    made_by: str = "convert"  # "revert": from the uniform INT8 conversion, no recalibration; "convert": each converted
+    stop: str = ""  # why the search ended
+    sets: ImageSets | None = None
+    speed: SpeedDecision | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Int8Mix:
@@ -84,7 +126,8 @@ class Int8Mix:
                 raise bad(f"{where}.{key}", "an integer", value)
             return value
 
-        uniform = obj(data, "uniform", where)
+        uniform, sets, speed = obj(data, "uniform", where), obj(data, "sets", where), obj(data, "speed", where)
+        words = {k: text(data, k, where, default) or default for k, default in WORDS.items()}
         figures = {k: number(data, k, where) for k in ("search_s", "fp32_p50_ms")}
         return cls(
             engine=str(data.get("engine") or ""),
@@ -99,6 +142,11 @@ class Int8Mix:
             sensitivity=records("sensitivity", LayerCost),
             candidates=records("candidates", Candidate),
             fp32_p50_spread=numbers(data, "fp32_p50_spread", where),
+            sets=ImageSets.from_dict(sets) if sets is not None else None,
+            speed=SpeedDecision.from_dict(speed) if speed is not None else None,
+            measure=words["measure"],
+            made_by=words["made_by"],
+            stop=words["stop"],
             **figures,
         )
 
@@ -118,6 +166,9 @@ class Int8Mix:
             "fp32_p50_spread": None if self.fp32_p50_spread is None else list(self.fp32_p50_spread),
             "sensitivity": [c.to_dict() for c in self.sensitivity],
             "candidates": [c.to_dict() for c in self.candidates],
+            **{k: getattr(self, k) for k in WORDS},
+            "sets": None if self.sets is None else self.sets.to_dict(),
+            "speed": None if self.speed is None else self.speed.to_dict(),
         }
 
     @property

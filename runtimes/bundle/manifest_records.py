@@ -15,6 +15,8 @@ from typing import Any
 
 from bitdeploy.runtimes.bundle.manifest_parse import FlatRecord, bad, drop_none, integer, num, number, obj, rest, text
 
+ENGINE_PENDING = "pending"  # target.details["engine"]["status"] of a ready bundle (then "built")
+
 
 @dataclass(frozen=True)
 class FineTune:
@@ -163,6 +165,13 @@ class TargetInfo:
     def get(self, key: str, default: Any = None) -> Any:
         """A backend-specific detail (e.g. "tensorrt_version", "inference_precision")."""
         return self.details.get(key, default)
+
+    @property
+    def engine_pending(self) -> bool:
+        """A ready bundle: gated where it was built, its engine still to be built on the device (`bitdeploy
+        engine`); `details["engine"]` says so and which checks ran where."""
+        engine = self.details.get("engine")
+        return isinstance(engine, Mapping) and engine.get("status") == ENGINE_PENDING
 
     def to_dict(self) -> dict[str, Any]:
         out = drop_none(

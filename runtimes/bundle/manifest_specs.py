@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bitdeploy.runtimes.bundle.manifest_parse import bad, dim, integer, num, obj, text
+from bitdeploy.core.options import GateSpec
+from bitdeploy.runtimes.bundle.manifest_parse import bad, dim, integer, num, numbers, obj, text
 
 REFERENCE = "pytorch-fp32"  # what every gate and self-test compares with
 BIT_MEAN = (0.5, 0.5, 0.5)  # BiT's normalisation: x/255 in [0, 1] -> [-1, 1]
@@ -103,10 +104,29 @@ class GateResult:
     inputs: str | None = None
     tolerance: float | None = None
     note: str | None = None
+    # accuracy: each figure's interval at `confidence` (converters.intervals), None in manifests from before them
+    top1_ci: tuple[float, float] | None = None  # Wilson
+    reference_top1_ci: tuple[float, float] | None = None  # Wilson
+    top1_drop_ci_pp: tuple[float, float] | None = None  # Newcombe's paired (method 10), from `discordant`
+    agreement_ci: tuple[float, float] | None = None  # Wilson
+    discordant: tuple[int, int] | None = None  # (FP32 right and the artifact wrong, FP32 wrong and the artifact right)
+    confidence: float | None = None  # the intervals' level
+    gate_confidence: float | None = None  # --gate-confidence: the gate judged the bounds at this level
+
+    INTERVALS = ("top1_ci", "reference_top1_ci", "top1_drop_ci_pp", "agreement_ci")
 
     @property
     def is_accuracy(self) -> bool:
         return self.kind == "accuracy"
+
+    def spec(self) -> GateSpec:
+        """The gate this result was judged by."""
+        return GateSpec(self.max_accuracy_drop_pp, self.min_agreement_pct, self.gate_confidence)
+
+    @property
+    def noise(self) -> str | None:
+        """ "within noise: ..." when the gate's threshold lies inside its figure's interval, else None."""
+        return self.spec().noise(self.top1_drop_ci_pp, self.agreement_ci) if self.is_accuracy else None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], kind: str) -> GateResult:
@@ -135,6 +155,10 @@ class GateResult:
             inputs=words("inputs"),
             tolerance=figure("tolerance"),
             note=words("note"),
+            **{key: _pair(data, key, kind) for key in cls.INTERVALS},
+            discordant=_counts(data, "discordant", kind),
+            confidence=figure("confidence"),
+            gate_confidence=figure("gate_confidence"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,7 +172,30 @@ class GateResult:
             out["min_agreement_pct"] = self.min_agreement_pct
         if self.evaluated_with is not None:
             out["evaluated_with"] = self.evaluated_with
+        for key in (*self.INTERVALS, "discordant", "confidence", "gate_confidence"):
+            value = getattr(self, key)
+            if value is not None:  # absent from manifests written before them, so a rewrite keeps their bytes
+                out[key] = list(value) if isinstance(value, tuple) else value
         return out
+
+
+def _pair(data: Mapping[str, Any], key: str, where: str) -> tuple[float, float] | None:
+    """An interval: [low, high]."""
+    value = numbers(data, key, where)
+    if value is None:
+        return None
+    if len(value) != 2 or value[0] > value[1]:
+        raise bad(f"{where}.{key}", "[low, high]", list(value))
+    return float(value[0]), float(value[1])
+
+
+def _counts(data: Mapping[str, Any], key: str, where: str) -> tuple[int, int] | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2 or not all(type(v) is int and v >= 0 for v in value):
+        raise bad(f"{where}.{key}", "[b, c], two counts", value)
+    return value[0], value[1]
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The manifest's `int8_mix` as text: the one summary line and the sensitivity table that `bitdeploy inspect` and
-the build's report show. Stdlib only; reads the typed record (`manifest_mix.Int8Mix`), writes nothing.
+the build's report show. Stdlib only; reads the typed record (`manifest_mix.Int8Mix`), writes nothing. "error
+removed" is the share of the error the record's `measure` counts (KL divergence from FP32 for the current search).
 """
 
 from __future__ import annotations
@@ -23,14 +24,20 @@ def summary(mix: Int8Mix) -> str:
     granularity, evaluations against the budget and seconds, and the p50 of the mix, uniform INT8 and FP32 where
     they were timed."""
     chosen, uniform = mix.chosen, mix.uniform
-    base = uniform.agreement if uniform is not None else None
+    split = mix.sets is not None  # figures on the report's images where the record has them
+    base = (uniform.report_agreement if split else uniform.agreement) if uniform is not None else None
     kept = f"{len(mix.float_layers)} of {mix.quantizable_layers} layers kept in {mix.float_precision}"
     if chosen is not None:
-        kept += f" ({chosen.name}): top-1 {_pct(chosen.top1)}, agreement {_pct(chosen.agreement)}"
+        top1, agreement = (chosen.report_top1, chosen.report_agreement) if split else (chosen.top1, chosen.agreement)
+        kept += f" ({chosen.name}): top-1 {_pct(top1)}, agreement {_pct(agreement)}"
         kept += f" vs uniform INT8's {_pct(base)}" if base is not None else ""
+        kept += " on the report's images" if split else ""
     elif not mix.float_layers:
         kept = f"no mix chosen, all {mix.quantizable_layers} layers INT8 (the bundle is uniform INT8"
-        kept += f", agreement {_pct(base)})" if base is not None else ")"
+        if split:  # as a build without a search judges it
+            kept += ", judged on the whole validation split)"
+        else:
+            kept += f", agreement {_pct(base)})" if base is not None else ")"
     took = f" in {mix.search_s:.0f} s" if mix.search_s is not None else ""
     search = f"granularity {mix.granularity}, {mix.evaluations}/{mix.budget} evaluations{took}"
     timed = [
@@ -44,7 +51,23 @@ def summary(mix: Int8Mix) -> str:
     ]
     speed = "p50 " + " vs ".join(f"{what} {t}" for what, t in timed) if timed else "not timed"
     gate = f", gate {mix.gate}" if mix.gate else ""
-    return f"{mix.engine or '?'}{gate}: {kept}; {search}; {speed}"
+    return f"{mix.engine or '?'}{gate}: {kept}; {search}; {speed}{_more(mix)}"
+
+
+def _more(mix: Int8Mix) -> str:
+    """What bundles from the split search add: which images did what, why it stopped, what failed to convert."""
+    parts = []
+    if mix.sets is not None:
+        sets = mix.sets
+        parts.append(
+            f"searched on {sets.search} of {sets.validation} validation images, reported on the other {sets.report}"
+        )
+    if mix.stop and mix.chosen is None:
+        parts.append(f"stopped: {mix.stop}")
+    failed = sum(1 for c in mix.candidates if c.error)
+    if failed:
+        parts.append(f"{failed} candidate{'s' if failed > 1 else ''} failed to convert (skipped)")
+    return "".join(f"; {p}" for p in parts)
 
 
 def sensitivity_rows(mix: Int8Mix) -> list[list[str]]:
@@ -53,9 +76,16 @@ def sensitivity_rows(mix: Int8Mix) -> list[list[str]]:
 
 
 def ranked(mix: Int8Mix) -> list[LayerCost]:
-    """The sensitivity in rank order (a group without a rank after the ranked ones, in record order)."""
+    """The sensitivity in rank order, ranking by ranking (the first on uniform INT8, then each refinement or
+    re-ranking on the mix of its time); a group without a rank after the ranked ones of its ranking."""
     big = len(mix.sensitivity) + 1
-    return sorted(mix.sensitivity, key=lambda c: c.rank if c.rank is not None else big)
+    return sorted(mix.sensitivity, key=lambda c: (c.ranking or 1, c.rank if c.rank is not None else big))
+
+
+def rank_label(cost: LayerCost) -> str:
+    """ "3", or "2.3" for the third of the second ranking (a refinement)."""
+    rank = "-" if cost.rank is None else str(cost.rank)
+    return rank if (cost.ranking or 1) == 1 else f"{cost.ranking}.{rank}"
 
 
 def measured(cost: LayerCost) -> bool:
@@ -65,7 +95,7 @@ def measured(cost: LayerCost) -> bool:
 def _row(c: LayerCost) -> list[str]:
     gain = "-" if c.agreement_gain_pp is None else f"{c.agreement_gain_pp:+.2f} pp"
     return [
-        "-" if c.rank is None else str(c.rank),
+        rank_label(c),
         c.name or "?",
         "-" if c.layers is None else str(c.layers),
         _pct(c.error_reduction, ".1f") if measured(c) else UNMEASURED,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from bitdeploy.core.errors import BundleError, first_line
-from bitdeploy.runtimes.bundle import MANIFEST, read_manifest, verify_files
+from bitdeploy.runtimes.bundle import MANIFEST, read_manifest, refusal, verify_files
 from bitdeploy.runtimes.bundle.manifest import Manifest
 
 PACK_SUFFIX = ".bitpack"
@@ -33,14 +33,17 @@ def _compressed(out: Path, compress: bool | None) -> bool:
 
 
 def pack(bundle: str | os.PathLike[str], out: str | os.PathLike[str], compress: bool | None = None) -> Path:
-    """Write `bundle` (a verified, valid bundle directory) to the single file `out`, atomically.
+    """Write `bundle` (a verified bundle directory: valid, or ready for the device to build its engine) to the single
+    file `out`, atomically.
 
     `compress=None` gzips when `out` ends in .gz or .tgz.
     """
     root = Path(bundle)
     if root.is_file():
         raise BundleError(f"{root}: is already a single-file pack; pass a bundle directory")
-    opened = open_bundle(root, verify=True)
+    opened = open_bundle(root, verify=True, require_valid=False)
+    if not opened.manifest.valid and not opened.manifest.target.engine_pending:
+        raise refusal(root, opened.manifest)
     out = Path(out)
     if out.is_dir():
         raise BundleError(f"{out}: is a directory; pass a file name such as model{PACK_SUFFIX}")
@@ -234,6 +237,5 @@ def open_bundle(path: str | os.PathLike[str], verify: bool = True, require_valid
         )
     if require_valid and not manifest.valid:
         opened.cleanup()
-        reason = manifest.invalid_reason or "it did not pass validation"
-        raise BundleError(f"{source}: bundle is marked invalid ({reason}); rebuild it")
+        raise refusal(source, manifest)
     return opened

@@ -23,7 +23,7 @@ import numpy as np
 from bitdeploy.core.errors import BundleError, MissingDependencyError, first_line
 from bitdeploy.runtimes.engines.base import Backend
 
-REBUILD = "rebuild the bundle on this machine with `bitdeploy build ... --target trt`"
+REBUILD = "build its engine again on this machine: `bitdeploy engine BUNDLE` (the bundle keeps model.trt.onnx)"
 
 
 def parse_device(device: str | int | None) -> int:

@@ -169,3 +169,17 @@ def test_bundle_figures_reasons(tmp_path: Path) -> None:
     assert why == "" and figures["device"] == "cuda"
     (tmp_path / "manifest.json").write_text(json.dumps({"valid": False, "invalid_reason": "gate"}))
     assert lib.bundle_figures(tmp_path)[1] == "bundle invalid: gate"
+
+
+def test_the_trt_ready_rows_skip_with_their_reasons_without_a_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a GPU without TensorRT can run of the TensorRT path (a ready bundle's ONNX on ONNX Runtime's CUDA
+    provider) and the engine build each skip here with their reason: no CUDA provider, no TensorRT."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    args = argparse.Namespace(
+        model="tiny", resolution=16, steps=2, batch=4, rows=["trt-ready-cuda-ep", "engine-trt-ready"]
+    )
+    rows = gpu_check.run_rows(args, tmp_path / "work")
+    assert [(r.name, r.status) for r in rows] == [("trt-ready-cuda-ep", "skipped"), ("engine-trt-ready", "skipped")]
+    assert "CUDAExecutionProvider" in rows[0].reason and "TensorRT is not installed" in rows[1].reason

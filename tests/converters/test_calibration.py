@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,9 +55,22 @@ def test_size_is_capped_by_the_split_and_validated(splits) -> None:  # type: ign
         from_image_set(splits.train.subset(np.arange(0)), 16)
 
 
+def _samples(seed: int, shape: tuple[int, ...]) -> tuple[np.ndarray, CalibrationData]:
+    """Seeded random samples in [-1, 1], and the CalibrationData that holds them."""
+    x = np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
+    return x, CalibrationData(x, "test", 0, digest(x))
+
+
+def _drain(reader: Any) -> list[np.ndarray]:
+    """Every batch an ONNX Runtime reader hands out until it answers None."""
+    got = []
+    while (item := reader.get_next()) is not None:
+        got.append(item["input"])
+    return got
+
+
 def test_save_load_roundtrip_is_memory_mapped(tmp_path: Path) -> None:
-    x = np.random.default_rng(0).uniform(-1, 1, (6, 3, 8, 8)).astype(np.float32)
-    cal = CalibrationData(x, "test", 0, digest(x))
+    _, cal = _samples(0, (6, 3, 8, 8))
     cal.save(tmp_path)
     back = CalibrationData.load(tmp_path, "test", 0, cal.sha256)
     assert isinstance(back.samples, np.memmap)
@@ -65,13 +79,10 @@ def test_save_load_roundtrip_is_memory_mapped(tmp_path: Path) -> None:
 
 
 def test_adapters_feed_every_sample_once() -> None:
-    x = np.random.default_rng(0).uniform(-1, 1, (5, 3, 8, 8)).astype(np.float32)
-    cal = CalibrationData(x, "test", 0, digest(x))
+    x, cal = _samples(0, (5, 3, 8, 8))
     pytest.importorskip("onnxruntime")
     reader = ort_reader(cal, "input", batch_size=2)
-    got = []
-    while (item := reader.get_next()) is not None:
-        got.append(item["input"])
+    got = _drain(reader)
     assert [g.shape[0] for g in got] == [2, 2, 1]
     np.testing.assert_array_equal(np.concatenate(got), x)
     reader.rewind()
@@ -91,17 +102,13 @@ def test_adapters_feed_every_sample_once() -> None:
 
 def test_ort_reader_collects_in_strides() -> None:
     """ONNX Runtime's strided calibration (CalibStridedMinMax) calls set_range(start, end) on batch indices."""
-    x = np.random.default_rng(1).uniform(-1, 1, (7, 3, 4, 4)).astype(np.float32)
-    cal = CalibrationData(x, "test", 0, digest(x))
+    x, cal = _samples(1, (7, 3, 4, 4))
     pytest.importorskip("onnxruntime")
     reader = ort_reader(cal, "input", batch_size=2)
     strides = []
     for start in range(len(reader)):
         reader.set_range(start, start + 1)
-        got = []
-        while (item := reader.get_next()) is not None:
-            got.append(item["input"])
-        strides.append(got)
+        strides.append(_drain(reader))
     assert [len(s) for s in strides] == [1, 1, 1, 1] and [s[0].shape[0] for s in strides] == [2, 2, 2, 1]
     np.testing.assert_array_equal(np.concatenate([s[0] for s in strides]), x)
     reader.set_range(3, 10)  # past the end: clipped

@@ -16,7 +16,7 @@ pytest.importorskip("ai_edge_litert", reason='the LiteRT runtime needs ai-edge-l
 
 from bitdeploy.converters import calibration as cal
 from bitdeploy.converters import litert_convert
-from bitdeploy.converters.base import ConvertOptions, bind
+from bitdeploy.converters.base import ConvertOptions, Uniform, bind
 from bitdeploy.core.errors import ConversionError
 from bitdeploy.runtimes.bundle.manifest import Manifest
 from bitdeploy.runtimes.engines.litert import LiteRtBackend
@@ -137,20 +137,37 @@ def _activation_scales(it: Any) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def uniform(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
-    return _int8(tmp_path_factory.mktemp("litert") / "uniform", ConvertOptions())
+def uniform(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
+    """(the interpreter, the artifact, the work dir) of the uniform INT8 conversion."""
+    work = tmp_path_factory.mktemp("litert") / "uniform"
+    return (*_int8(work, ConvertOptions()), work)
 
 
-def test_int8_search_float_layers_stay_float(uniform: tuple[Any, Any], tmp_path: Path) -> None:
-    """The INT8 search's float layers reach LiteRT through the PT2E annotation filter: their weights stay float."""
+def test_int8_search_float_layers_stay_float(uniform: tuple[Any, Any, Path], tmp_path: Path) -> None:
+    """The INT8 search's float layers reach LiteRT through the PT2E annotation filter: their weights stay float.
+    Its candidates reuse the uniform conversion's calibrated ranges: the same scales as calibrating again (the
+    observers see the float graph), without calibrating."""
+    from ai_edge_litert.interpreter import Interpreter
+
     keep = ("body.block2.unit01.conv2", "body.block4.unit01.downsample")
     mixed, artifact = _int8(tmp_path / "mixed", ConvertOptions(), keep)
     assert _int8_weights(mixed) == _int8_weights(uniform[0]) - len(keep) and _int8_weights(uniform[0]) >= 10
     quantization = artifact.target.quantization
     assert quantization is not None and set(keep) <= set(quantization.details["float_layers"])
+    assert (uniform[2] / litert_convert.RANGES_FILE).is_file() and "model.tflite" in uniform[1].files
+    (tmp_path / "reverted").mkdir()
+    converter = bind("litert", "int8", ConvertOptions())
+    reverted = converter.revert(Uniform(tiny_digits().onnx, uniform[2], uniform[1]), tmp_path / "reverted", keep)
+    assert converter.reverts and reverted.target.quantization is not None
+    assert reverted.target.quantization.details["ranges"] == "the uniform INT8 conversion's (reused)"
+    again = Interpreter(str(tmp_path / "reverted" / "model.tflite"))
+    assert _int8_weights(again) == _int8_weights(mixed)
+    assert _activation_scales(again) == pytest.approx(_activation_scales(mixed), rel=1e-6)
 
 
-def test_minmax_calibration_covers_the_full_range_histogram_clips(uniform: tuple[Any, Any], tmp_path: Path) -> None:
+def test_minmax_calibration_covers_the_full_range_histogram_clips(
+    uniform: tuple[Any, Any, Path], tmp_path: Path
+) -> None:
     """`--calib-method minmax` swaps the HistogramObserver for plain min/max: no activation range gets narrower, and
     the ones whose tails the histogram clipped get wider."""
     minmax, artifact = _int8(tmp_path / "minmax", ConvertOptions(calib_method="minmax"))

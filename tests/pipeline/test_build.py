@@ -22,7 +22,7 @@ import pytest
 
 from bitdeploy.cli import main
 from bitdeploy.converters.base import Artifact, Converter
-from bitdeploy.core.targets import TARGETS, Target, unavailable_reason
+from bitdeploy.core.targets import TARGETS, Target, deferred_reason, unavailable_reason
 from tests.pipeline.tiny_args import TINY_GATE_PP, base_args
 
 torch = pytest.importorskip("torch")
@@ -241,8 +241,12 @@ def test_int8_without_dataset_is_refused(run: Callable[..., Result], tmp_path: P
 
 @pytest.mark.skipif(unavailable_reason(TARGETS["trt"], "fp32") is None, reason="TensorRT and a GPU are present here")
 def test_trt_unavailable_fails_fast_before_export(tmp_path: Path) -> None:
-    # torch made unimportable: reaching the export would print a different error than the TensorRT one.
-    code = "import sys; sys.modules['torch'] = None; from bitdeploy.cli import main; main(sys.argv[1:])"
+    # torch made unimportable: reaching the export would print a different error than the TensorRT one. Without
+    # ONNX Runtime there is no ready bundle either (its gate runs the TensorRT-ready ONNX there): one line.
+    code = (
+        "import sys; sys.modules['torch'] = sys.modules['onnxruntime'] = None; "
+        "from bitdeploy.cli import main; main(sys.argv[1:])"
+    )
     out = tmp_path / "D"
     proc = subprocess.run(
         [sys.executable, "-c", code, "build", "--model", "m-r50x1", "--target", "trt", "--out", str(out)],
@@ -278,8 +282,9 @@ def test_target_all_continues_past_failure_and_selects_fastest(
         assert " valid" in table[f"onnx-{p}"]
         assert "failed: simulated converter crash" in table[f"openvino-{p}"]
         assert (out / f"onnx-{p}" / "manifest.json").is_file() and not (out / f"openvino-{p}").exists()
-        if unavailable_reason(TARGETS["trt"], p) is not None:
-            assert "skipped:" in table[f"trt-{p}"]
+        if deferred_reason(TARGETS["trt"], p) is not None:  # a ready bundle: gated here, engine built on the device
+            assert "ready: engine is built on the device" in table[f"trt-{p}"]
+            assert (out / f"trt-{p}" / "model.trt.onnx").is_file()
     if unavailable_reason(TARGETS["litert"], "fp32") is None:
         assert any(line.split()[:3] == ["litert", "fp32", "valid"] for line in result.output.splitlines()), (
             result.output
@@ -421,7 +426,7 @@ def test_debug_shows_the_cause_of_a_conversion_failure(
         except ValueError as exc:
             raise ConversionError("ONNX Runtime conversion failed (the engine's own reason 4711)") from exc
 
-    monkeypatch.setattr(ort_convert, "convert", broken)
+    monkeypatch.setattr(ort_convert.OrtConverter, "run", broken)
     args = ["build", "--model", "tiny", "--weights", str(ckpt), "--target", "onnx", "--no-report", "--no-cache"]
     for debug in (False, True):
         capsys.readouterr()

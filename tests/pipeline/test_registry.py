@@ -10,7 +10,9 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -46,28 +48,37 @@ class NumpyBackend(Backend):
         return (batch.mean(axis=(2, 3)) @ self.weights).astype(np.float32)
 
 
-DUMMY = targets.Target(
-    name="numpy-test",
+def plugin_target(name: str, module: str, **fields: Any) -> targets.Target:
+    """A test target's record: its build and runtime extras named after it, and one `module` that both need."""
+    return targets.Target(name=name, extra=name, modules=(module,), runtime_extra=name, runtime_module=module, **fields)
+
+
+@contextmanager
+def registered_target(target: targets.Target) -> Iterator[targets.Target]:
+    """`target` registered for the block, then the registry as it was (the same dict: modules hold it by name)."""
+    before = dict(targets.TARGETS)
+    try:
+        yield targets.register(target)
+    finally:
+        targets.TARGETS.clear()
+        targets.TARGETS.update(before)
+
+
+DUMMY = plugin_target(
+    "numpy-test",
+    "numpy",
     title="NumPy (test)",
     backend="numpy-test",
     converter="tests.pipeline.test_registry:NoConverter",
     runtime="tests.pipeline.test_registry:NumpyBackend",
     formats=(".npy",),
-    extra="numpy-test",
-    modules=("numpy",),
-    runtime_extra="numpy-test",
-    runtime_module="numpy",
 )
 
 
 @pytest.fixture
 def registered() -> Iterator[targets.Target]:
-    before = dict(targets.TARGETS)
-    try:
-        yield targets.register(DUMMY)
-    finally:  # the registration ends with the test (the same dict: modules hold it by name)
-        targets.TARGETS.clear()
-        targets.TARGETS.update(before)
+    with registered_target(DUMMY) as target:  # the registration ends with the test
+        yield target
 
 
 def import_test_modules() -> None:

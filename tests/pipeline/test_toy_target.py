@@ -19,19 +19,17 @@ from bitdeploy.cli import cli
 from bitdeploy.core import targets
 from tests.clirun import one_error_line
 from tests.clirun import run_cli as run
+from tests.pipeline.test_registry import backends_without_conformance, plugin_target, registered_target
 from tests.runtimes.backend_conformance import BackendConformance, Case
 
-TOY = targets.Target(
-    name="toy",
+TOY = plugin_target(
+    "toy",
+    "onnxruntime",
     title="Toy",
     backend="toy-engine",
     converter="tests.toy_target.converter:ToyConverter",
     runtime="tests.toy_target.runtime:ToyBackend",
     formats=(".toy",),
-    extra="toy",
-    modules=("onnxruntime",),
-    runtime_extra="toy",
-    runtime_module="onnxruntime",
     precisions=("fp32",),
     devices="cpu",
     options="tests.toy_target.options:ToyOptions",
@@ -43,12 +41,8 @@ RES = 16
 
 @pytest.fixture(scope="module")
 def toy() -> Iterator[targets.Target]:
-    before = dict(targets.TARGETS)
-    try:
-        yield targets.register(TOY)
-    finally:  # the registration ends with this module
-        targets.TARGETS.clear()
-        targets.TARGETS.update(before)
+    with registered_target(TOY) as target:  # the registration ends with this module
+        yield target
 
 
 def _cli(*args: str) -> Result:
@@ -127,8 +121,6 @@ def test_its_flag_is_checked_before_any_work(
 
 
 def test_it_has_a_conformance_test(toy: targets.Target) -> None:
-    from tests.pipeline.test_registry import backends_without_conformance
-
     assert backends_without_conformance() == []
 
 

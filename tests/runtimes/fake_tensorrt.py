@@ -144,10 +144,13 @@ def fake_tensorrt(cuda: FakeCuda, strongly_typed: bool = True, layer_json: dict[
         def get_input(self, i: int) -> Any:
             return ns(name="input", shape=(-1, 3, 32, 32))
 
-    class Builder:
-        def __init__(self, logger: Any) -> None:
+    class Made:
+        """What the real constructors take (the logger; the parser also the network) and the fakes ignore."""
+
+        def __init__(self, *args: Any) -> None:
             pass
 
+    class Builder(Made):
         def create_network(self, flags: int) -> Network:
             log["network_flags"] = flags
             return Network()
@@ -161,11 +164,8 @@ def fake_tensorrt(cuda: FakeCuda, strongly_typed: bool = True, layer_json: dict[
         def build_serialized_network(self, network: Network, config: Config) -> bytes:
             return b"PLAN"
 
-    class OnnxParser:
+    class OnnxParser(Made):
         num_errors = 0
-
-        def __init__(self, network: Network, logger: Any) -> None:
-            pass
 
         def parse_from_file(self, path: str) -> bool:
             log["parsed"] = path
@@ -220,10 +220,7 @@ def fake_tensorrt(cuda: FakeCuda, strongly_typed: bool = True, layer_json: dict[
         def get_tensor_shape(self, name: str) -> tuple[int, ...]:
             return (-1, 10)
 
-    class Runtime:
-        def __init__(self, logger: Any) -> None:
-            pass
-
+    class Runtime(Made):
         def deserialize_cuda_engine(self, plan: bytes) -> Engine:
             log["deserialized"] = plan
             return Engine()

@@ -72,12 +72,11 @@ class TestLiteRt(BackendConformance):
     def case(self, tiny_model: dict[str, Any], reference: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Case:
         _needs("ai_edge_litert", 'the LiteRT runtime needs ai-edge-litert: pip install "bitdeploy[litert]"')
         _needs("litert_torch", 'building the test model needs litert-torch: pip install "bitdeploy[litert-convert]"')
-        from bitdeploy.converters.base import ConvertOptions
-        from bitdeploy.converters.litert_convert import convert
+        from bitdeploy.converters.base import ConvertOptions, bind
         from bitdeploy.runtimes.engines.litert import LiteRtBackend
 
         work = tmp_path_factory.mktemp("litert-contract")
-        artifact = convert(tiny_model["onnx"], work, "fp32", None, ConvertOptions())
+        artifact = bind("litert", "fp32", ConvertOptions()).convert(tiny_model["onnx"], work)
         manifest = make_manifest("litert", artifact.model_file, "cpu", "fp32")
         atol = 1e-4 * max(1.0, float(np.abs(reference).max()))
         return Case(

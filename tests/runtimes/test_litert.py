@@ -28,11 +28,10 @@ def litert_bundle(tiny_model: dict[str, Any], tmp_path_factory: pytest.TempPathF
     pytest.importorskip(
         "litert_torch", reason='building the test bundle needs litert-torch: pip install "bitdeploy[litert-convert]"'
     )
-    from bitdeploy.converters.base import ConvertOptions
-    from bitdeploy.converters.litert_convert import convert
+    from bitdeploy.converters.base import ConvertOptions, bind
 
     work = tmp_path_factory.mktemp("litert-work")
-    artifact = convert(tiny_model["onnx"], work, "fp32", None, ConvertOptions())
+    artifact = bind("litert", "fp32", ConvertOptions()).convert(tiny_model["onnx"], work)
     out = tmp_path_factory.mktemp("bundles") / "tiny-litert"
     with bundle_writer(out) as tmp:
         (tmp / artifact.model_file).write_bytes((work / artifact.model_file).read_bytes())

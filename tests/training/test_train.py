@@ -315,19 +315,8 @@ def test_imagefolder_run_skips_unreadable_or_stops_with_strict(
 
 def test_tiny_model_learns_digits(tmp_path: Path) -> None:
     # A broken label/augmentation pairing or schedule stays near chance (0.1); 40 steps of tiny reach ~0.45.
-    train(
-        TrainConfig(
-            model="tiny",
-            weights="none",
-            dataset="digits",
-            resolution=16,
-            steps=40,
-            batch_size=32,
-            lr=0.02,
-            out=tmp_path,
-            progress=False,
-        )
-    )
+    run = {**RUN, "resolution": 16, "steps": 40, "batch_size": 32, "lr": 0.02, "checkpoint_every": 100}
+    train(TrainConfig(out=tmp_path, **run))  # type: ignore[arg-type]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["val_top1"] > 0.3, summary["val_top1"]
     losses = [
