@@ -16,6 +16,7 @@ from bitdeploy.core.devices import find as find_cpus
 from bitdeploy.core.errors import BitdeployError
 from bitdeploy.core.options import DEFAULT_MAX_DROP_PP
 from bitdeploy.core.targets import (
+    Asked,
     Target,
     check_available,
     deferred_reason,
@@ -147,7 +148,7 @@ def _bind(plan: RowPlan, opts: BuildOptions, validation: ValidationData | None) 
     return replace(plan, convert=convert)
 
 
-def _check_single(opts: BuildOptions, rows: list[tuple[Target, str]]) -> None:
+def _check_single(opts: BuildOptions, rows: list[Asked]) -> None:
     """A build of named targets: each row must be buildable here, INT8 needs data, the method must exist."""
     for t, p in rows:
         if deferred_reason(t, p) is None:  # a ready bundle's engine is built on the device (TensorRT without a GPU)
@@ -164,7 +165,7 @@ def _check_single(opts: BuildOptions, rows: list[tuple[Target, str]]) -> None:
 
 
 def _check_target_options(
-    own: dict[str, TargetOptions | None], rows: list[tuple[Target, str]], single: bool, dataset: str | None
+    own: dict[str, TargetOptions | None], rows: list[Asked], single: bool, dataset: str | None
 ) -> None:
     """Each target's own options: a flag given for rows this build does not make is refused (for one target),
     then the target's validate hook sees its rows' precisions."""

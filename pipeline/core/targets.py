@@ -21,7 +21,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bitdeploy.core.errors import BitdeployError
 
@@ -292,7 +292,14 @@ def load_converter(target: Target) -> type[Any]:
     return cls
 
 
-def plan_rows(target: str, precisions: Sequence[str] | None) -> list[tuple[Target, str]]:
+class Asked(NamedTuple):
+    """A (target, precision) a build asks for; `bitdeploy.builder.plan.RowPlan` is what it becomes once checked."""
+
+    target: Target
+    precision: str
+
+
+def plan_rows(target: str, precisions: Sequence[str] | None) -> list[Asked]:
     """The (target, precision) pairs a build runs, in table order. `target` may be "all" or a comma list."""
     targets = (
         list(TARGETS.values())
@@ -305,5 +312,5 @@ def plan_rows(target: str, precisions: Sequence[str] | None) -> list[tuple[Targe
         for p in wanted:
             if p not in PRECISIONS:
                 raise BitdeployError(f"unknown precision {p!r}; choose from: {', '.join(PRECISIONS)}")
-            rows.append((t, p))
+            rows.append(Asked(t, p))
     return rows
