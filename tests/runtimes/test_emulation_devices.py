@@ -83,6 +83,9 @@ def test_every_engine_fp32_and_int8_passes_on_each_emulated_cpu(
     expected = {f"{t}-{p}" for t in ("onnx", "openvino", "litert") for p in ("fp32", "int8")}
     assert expected - {"litert-fp32", "litert-int8"} <= set(found), sorted(found)
     for name, manifest in found.items():
+        if name.startswith("trt-"):  # a ready bundle: its engine runs on an NVIDIA GPU, which no CPU guest emulates
+            assert manifest["target"]["engine"]["status"] == "pending" and not manifest.get("verified_on"), name
+            continue
         verified = {v["cpu"]: v for v in manifest["verified_on"]}
         assert set(verified) == set(CPUS), name
         assert all(v["passed"] and v["error"] is None for v in verified.values()), (name, verified)
