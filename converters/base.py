@@ -211,6 +211,17 @@ class Uniform:
     calibration: CalibrationData | None = None  # only where what the uniform conversion kept may not be enough
 
 
+@dataclass(frozen=True)
+class QatModel:
+    """A quantization-aware fine-tune, ready for any engine (`bitdeploy.training.qat` makes it; the build's `qat`
+    stage holds it): one explicitly quantized model whose every scale and zero point the fine-tune fixed."""
+
+    qdq: Path  # the Q/DQ ONNX every engine reads (`bitdeploy.converters.qat_qdq.write_qdq`)
+    onnx_fp32: Path  # the fine-tuned model's folded FP32 export the Q/DQ were written into
+    params: Path  # its `QatParams` JSON (scales and zero points by layer, and the fine-tune's record)
+    checkpoint: Path | None = None  # the fine-tuned float BiT checkpoint, for converters that start from PyTorch
+
+
 class Converter:
     """A target's converter bound to its record and one row's precision and options.
 
@@ -248,6 +259,16 @@ class Converter:
         """The INT8 search's candidate: the `uniform` INT8 model with the convolutions of `float_layers` back in
         float, written to `work_dir` without calibrating again (a target with such a route implements it)."""
         raise NotImplementedError(f"{type(self).__name__} has no revert route")
+
+    @property
+    def takes_qat(self) -> bool:
+        """Whether this target can make its INT8 bundle from a quantization-aware fine-tune (`from_qat`)."""
+        return self.precision == "int8" and type(self).from_qat is not Converter.from_qat
+
+    def from_qat(self, qat: QatModel, work_dir: Path) -> Artifact:
+        """The row's INT8 bundle from a quantization-aware fine-tune, written to `work_dir` without calibrating:
+        every quantization parameter is the fine-tune's (a target with such a route implements it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no route for a quantization-aware fine-tune")
 
     def float_layers(self, model_path: Path) -> list[str]:
         """The convolutions a model file of this target leaves in float, read from the file (with `revert`)."""

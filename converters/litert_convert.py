@@ -3,7 +3,8 @@
 FP32: the model as is. FP16: float16 conv weights, dequantized to float32 at load (ai-edge-quantizer's float
 casting). INT8: PT2E static quantization of the bottleneck convolutions (per-channel symmetric int8 weights, int8
 activations), calibrated on the build's CalibrationData; the stem conv, GroupNorm, residual adds, pooling and the
-head stay float32, so the graph's input and logits are float32 (docs/targets.md, LiteRT target).
+head stay float32, so the graph's input and logits are float32 (docs/targets.md, LiteRT target). A quantization-
+aware fine-tune's INT8 (`from_qat`) takes its scales and zero points instead of calibrating (`litert_qat`).
 
 The PyTorch module is rebuilt from the checked ONNX export (the converter contract's input), by parameter
 name, and must reproduce it before anything is converted. Two rewrites keep the batch dynamic, since the
@@ -26,9 +27,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from bitdeploy.converters.base import Artifact, Converter, Uniform
+from bitdeploy.converters.base import Artifact, Converter, QatModel, Uniform
 from bitdeploy.converters.calibration import CalibrationData
-from bitdeploy.converters.litert_ranges import RANGES_FILE, observe
+from bitdeploy.converters.litert_ranges import RANGES_FILE, Int8Step, batch_dim, observe
 from bitdeploy.core.errors import ConversionError, first_line, require
 from bitdeploy.core.fsutil import temp_dir
 from bitdeploy.runtimes.bundle.manifest import Manifest, Quantization, TargetInfo
@@ -37,6 +38,7 @@ MODEL_FILE = "model.tflite"
 CHECK_TOLERANCE = 1e-4  # rebuilt PyTorch vs the ONNX export, and FP32 .tflite vs PyTorch, x max(1, max |logit|)
 CALIB_BATCH = 16
 LOG_ENV = "BITDEPLOY_LITERT_LOG"  # set to 1 to see litert-torch's own output
+# INT8's quantization step: (BiTLite, its float module types, sample, .tflite path) -> (quantization record, notes)
 
 
 @contextlib.contextmanager
@@ -183,15 +185,11 @@ def _lite_modules() -> tuple[Any, Any, Any]:
     return GroupNormLite, BiTLite, FloatStem
 
 
-def _batch_dim(torch: Any) -> Any:
-    return ({0: torch.export.Dim("batch", min=1, max=4096)},)
-
-
 def _convert_float(lite: Any, sample: Any, path: Path) -> None:
     import litert_torch
     import torch
 
-    edge = litert_torch.convert(lite, (sample,), dynamic_shapes=_batch_dim(torch))
+    edge = litert_torch.convert(lite, (sample,), dynamic_shapes=batch_dim(torch))
     edge.export(str(path))
 
 
@@ -235,13 +233,13 @@ def _convert_int8(
             return model
 
     quantizer = ConvOnlyQuantizer().set_global(_static_config(pt2e_quantizer, method))
-    exported = torch.export.export(lite, (sample,), dynamic_shapes=_batch_dim(torch)).module()
+    exported = torch.export.export(lite, (sample,), dynamic_shapes=batch_dim(torch)).module()
     prepared = prepare_pt2e(exported, quantizer)
     observed = observe(prepared, calibration, ranges, CALIB_BATCH)
     quantized = convert_pt2e(prepared, fold_quantize=False)
     move_exported_model_to_eval(quantized)
     edge = litert_torch.convert(
-        quantized, (sample,), quant_config=QuantConfig(pt2e_quantizer=quantizer), dynamic_shapes=_batch_dim(torch)
+        quantized, (sample,), quant_config=QuantConfig(pt2e_quantizer=quantizer), dynamic_shapes=batch_dim(torch)
     )
     edge.export(str(path))
     return {
@@ -306,24 +304,38 @@ class LiteRtConverter(Converter):
         self, onnx_fp32: Path, work_dir: Path, calibration: CalibrationData | None, float_layers: tuple[str, ...]
     ) -> Artifact:
         ranges = work_dir / RANGES_FILE if self.precision == "int8" else None  # kept for the INT8 search's candidates
-        return self._run(onnx_fp32, work_dir, calibration, float_layers, ranges)
+        return self._run(onnx_fp32, work_dir, self._calibrated(calibration, float_layers, ranges))
 
     def revert(self, uniform: Uniform, work_dir: Path, float_layers: tuple[str, ...]) -> Artifact:
         """Converted again with `float_layers` left out of the PT2E annotation and the uniform conversion's ranges
         loaded into the observers instead of calibrating; the lowering runs per candidate (its graph differs)."""
         ranges = uniform.work / RANGES_FILE
-        return self._run(
-            uniform.onnx_fp32, work_dir, uniform.calibration, float_layers, ranges if ranges.is_file() else None
-        )
+        int8 = self._calibrated(uniform.calibration, float_layers, ranges if ranges.is_file() else None)
+        return self._run(uniform.onnx_fp32, work_dir, int8)
 
-    def _run(
-        self,
-        onnx_fp32: Path,
-        work_dir: Path,
-        calibration: CalibrationData | None,
-        float_layers: tuple[str, ...],
-        ranges: Path | None,
-    ) -> Artifact:
+    def from_qat(self, qat: QatModel, work_dir: Path) -> Artifact:
+        """The fine-tuned export quantized with the fine-tune's own scales and zero points (`litert_qat`)."""
+        from bitdeploy.converters import litert_qat
+
+        return self._run(Path(qat.onnx_fp32), Path(work_dir), litert_qat.int8_step(self.precision, qat))
+
+    def _calibrated(
+        self, calibration: CalibrationData | None, float_layers: tuple[str, ...], ranges: Path | None
+    ) -> Int8Step:
+        """The calibrated INT8 step (`_convert_int8`); `ranges`: the observers' states to reuse (`observe`)."""
+        method = self.options.calib_method or self.target.calib_methods[0]
+
+        def int8(lite: Any, floats: tuple[type, ...], sample: Any, out: Path) -> tuple[dict[str, Any], list[str]]:
+            record = _convert_int8(lite, floats, sample, calibration, out, float_layers, method, ranges)
+            notes = [f"kept in float by the INT8 search: {len(float_layers)} more layers"] if float_layers else []
+            return record, [
+                *notes,
+                "INT8 on the bottleneck convolutions (per-channel weights); the 3-channel stem, GroupNorm, residual adds, pooling and the head stay FP32",
+            ]
+
+        return int8
+
+    def _run(self, onnx_fp32: Path, work_dir: Path, int8: Int8Step) -> Artifact:
         device = (self.options.device or "cpu").lower()
         if device != "cpu":
             raise ConversionError(f"--device {device!r} is not a LiteRT device here; use --device cpu (XNNPACK)")
@@ -334,8 +346,7 @@ class LiteRtConverter(Converter):
                 folded = rebuild_model(Path(onnx_fp32))
                 res = _input_resolution(Path(onnx_fp32))
                 sample = torch.zeros(2, 3, res, res)
-                method = self.options.calib_method or self.target.calib_methods[0]
-                target, notes = self._convert(folded, sample, calibration, tmp, (float_layers, method, ranges))
+                target, notes = self._convert(folded, sample, tmp, int8)
             if self.precision == "fp32":
                 _check_fp32(folded, tmp / MODEL_FILE, res)
             os.replace(tmp / MODEL_FILE, work_dir / MODEL_FILE)
@@ -348,17 +359,9 @@ class LiteRtConverter(Converter):
         )
         return Artifact(files=[MODEL_FILE], model_file=MODEL_FILE, target=target, notes=notes)
 
-    def _convert(
-        self,
-        folded: Any,
-        sample: Any,
-        calibration: CalibrationData | None,
-        tmp: Path,
-        int8: tuple[tuple[str, ...], str, Path | None],
-    ) -> tuple[TargetInfo, list[str]]:
-        """Write tmp/model.tflite; returns (the manifest's target record, notes). `int8`: the float layers, the
-        calibration method and the ranges file (`_observe`)."""
-        precision, (float_layers, method, ranges) = self.precision, int8
+    def _convert(self, folded: Any, sample: Any, tmp: Path, int8: Int8Step) -> tuple[TargetInfo, list[str]]:
+        """Write tmp/model.tflite; returns (the manifest's target record, notes). `int8`: INT8's quantization step."""
+        precision = self.precision
         group_norm_type, bitlite, float_stem = _lite_modules()
         stem = folded.root.conv
         folded.root.conv = float_stem(
@@ -371,16 +374,10 @@ class LiteRtConverter(Converter):
         out = tmp / MODEL_FILE
         try:
             if precision == "int8":
-                floats = (group_norm_type, float_stem)
-                quantization = Quantization.from_dict(
-                    _convert_int8(lite, floats, sample, calibration, out, float_layers, method, ranges)
-                )
-                if float_layers:
-                    notes.append(f"kept in float by the INT8 search: {len(float_layers)} more layers")
+                record, more = int8(lite, (group_norm_type, float_stem), sample, out)
+                quantization = Quantization.from_dict(record)
+                notes += more
                 used = "int8 CONV_2D + fp32"
-                notes.append(
-                    "INT8 on the bottleneck convolutions (per-channel weights); the 3-channel stem, GroupNorm, residual adds, pooling and the head stay FP32"
-                )
             elif precision == "fp16":
                 _convert_float(lite, sample, tmp / "fp32.tflite")
                 _cast_fp16(tmp / "fp32.tflite", out)

@@ -20,6 +20,7 @@ from bitdeploy.converters.base import (
     Artifact,
     Converter,
     ConvertOptions,
+    QatModel,
     RowInputs,
     TargetOptions,
     Uniform,
@@ -276,6 +277,13 @@ def quantize_int8(
     return q, info, notes
 
 
+def _read(ov: Any, onnx_path: Path) -> Any:
+    try:
+        return ov.convert_model(str(onnx_path))
+    except Exception as exc:  # OpenVINO raises its own untyped errors
+        raise ConversionError(f"OpenVINO cannot convert {Path(onnx_path).name}: {first_line(exc)}") from exc
+
+
 def validation_dataset(validation: ValidationData) -> Any:
     """The labelled split as an nncf.Dataset of (single image, label) items; NNCF's transform keeps the image."""
     import nncf
@@ -309,12 +317,7 @@ class OpenVinoConverter(Converter):
             raise ConversionError(
                 f"--precision fp32 computes in f32; for {hint} arithmetic build --precision fp16 or int8 with --inference-precision {hint}"
             )
-        config = compile_config(hint, options.threads)
-
-        try:
-            model = ov.convert_model(str(onnx_fp32))
-        except Exception as exc:  # OpenVINO raises its own untyped errors
-            raise ConversionError(f"OpenVINO cannot convert {Path(onnx_fp32).name}: {first_line(exc)}") from exc
+        model = _read(ov, onnx_fp32)
         notes: list[str] = []
         quant: dict[str, Any] | None = None
         if precision == "int8":
@@ -324,6 +327,29 @@ class OpenVinoConverter(Converter):
             with stdout_to_stderr("nncf"):  # NNCF's progress bars and log lines never reach the stdout table
                 model, quant, q_notes = quantize_int8(model, calibration, options, float_layers)
             notes.extend(q_notes)
+        return self._save(model, work_dir, (device, hint), (notes, quant))
+
+    def from_qat(self, qat: QatModel, work_dir: Path) -> Artifact:
+        """The fine-tune's Q/DQ model read as is: OpenVINO turns each Q/DQ pair into a FakeQuantize with the
+        fine-tune's scale and zero point; nothing is calibrated (no NNCF)."""
+        from bitdeploy.converters import qat_qdq
+
+        ov = require("openvino", "openvino", "OpenVINO")
+        hint = (self.options.extras_for(OpenVinoOptions).inference_precision or "f32").lower()
+        device = parse_device(self.options.device)
+        check_device(ov.Core(), device)
+        quant = qat_qdq.describe(qat.qdq, qat.params)
+        return self._save(_read(ov, qat.qdq), work_dir, (device, hint), ([qat_qdq.note(qat.params)], quant))
+
+    def _save(
+        self, model: Any, work_dir: Path, where: tuple[str, str], made: tuple[list[str], dict[str, Any] | None]
+    ) -> Artifact:
+        """Write the IR, compile it as the runtime will (`where`: device, float precision hint) and record what
+        it computes in; `made`: the notes and quantization facts of how the model was made."""
+        ov = require("openvino", "openvino", "OpenVINO")
+        core = ov.Core()
+        precision, (device, hint), (notes, quant) = self.precision, where, made
+        config = compile_config(hint, self.options.threads)
         xml = work_dir / MODEL_XML
         # fp16 stores weights as f16 (half the file); int8 weights are already int8, and the few float
         # constants left (GroupNorm affine, head) stay f32 so only quantization error remains.

@@ -13,13 +13,16 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bitdeploy.converters.base import Artifact, Converter, RowInputs, TargetOptions, Uniform, option, reverted
 from bitdeploy.converters.calibration import CalibrationData
 from bitdeploy.core.devices import cpu_arch
 from bitdeploy.core.errors import ConversionError
 from bitdeploy.runtimes.bundle.manifest import Quantization
+
+if TYPE_CHECKING:
+    from bitdeploy.converters.base import QatModel
 
 MODEL_FILE = "model.onnx"
 DEVICES = ("cpu", "cuda")
@@ -193,6 +196,20 @@ class OrtConverter(Converter):
                 f"INT8 Q/DQ on {info['quantized_nodes']} {'/'.join(info['op_types'])} nodes; float: {', '.join(info['float_op_types'])}"
             )
         target = self.target_info(used, device, quantization, details)
+        return Artifact(files=files, model_file=MODEL_FILE, target=target, notes=notes)
+
+    def from_qat(self, qat: QatModel, work_dir: Path) -> Artifact:
+        """The fine-tune's Q/DQ model as is: its UINT8 activations and 7-bit weights are the u8s8-7bit scheme,
+        which every x86 class computes exactly (and ARM too), so it runs where --verify-on asks."""
+        from bitdeploy.converters import qat_qdq
+
+        device = parse_device(self.options.device)
+        files = _copy_model(qat.qdq, work_dir / MODEL_FILE)
+        info = qat_qdq.describe(qat.qdq, qat.params)
+        scheme = "u8s8-7bit"
+        info.update(scheme=scheme, scheme_reason=SCHEMES[scheme].why, op_types=["Conv"])
+        notes = [qat_qdq.note(qat.params), f"INT8 scheme {scheme}: {SCHEMES[scheme].why}"]
+        target = self.target_info(f"int8 Conv ({scheme.upper()}, QAT) + fp32", device, Quantization.from_dict(info))
         return Artifact(files=files, model_file=MODEL_FILE, target=target, notes=notes)
 
     def revert(self, uniform: Uniform, work_dir: Path, float_layers: tuple[str, ...]) -> Artifact:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitdeploy.converters.base import Artifact, Converter, TargetOptions, option
+from bitdeploy.converters.base import Artifact, Converter, QatModel, TargetOptions, option
 from bitdeploy.converters.calibration import CalibrationData
 from bitdeploy.core.errors import BitdeployError, ConversionError, first_line
 from bitdeploy.core.fsutil import atomic_write
@@ -342,16 +342,52 @@ class TensorRTConverter(Converter):
     ) -> Artifact:
         from bitdeploy.converters import trt_qdq
 
+        limits = self._limits()
+        onnx_name, onnx_info = trt_qdq.prepare_onnx(
+            onnx_fp32, work_dir, self.precision, calibration, self.options, float_layers
+        )
+        return self._finish(work_dir, onnx_name, onnx_info, limits)
+
+    def from_qat(self, qat: QatModel, work_dir: Path) -> Artifact:
+        """The INT8 bundle of a quantization-aware fine-tune: its Q/DQ model re-encoded for TensorRT
+        (`trt_qdq.for_tensorrt`, no calibration), then the engine as `run` ends (or left to the device)."""
+        from bitdeploy.converters import trt_qdq
+        from bitdeploy.converters.qat_qdq import QatParams
+
+        if self.precision != "int8":
+            raise ConversionError(
+                f"a quantization-aware fine-tune makes INT8 bundles, not {self.precision}; build it with --precision int8"
+            )
+        limits = self._limits()
+        record = dict(QatParams.load(qat.params).record)
+        onnx_info = trt_qdq.for_tensorrt(Path(qat.qdq), Path(work_dir) / trt_qdq.ONNX_NAME)
+        return self._finish(Path(work_dir), trt_qdq.ONNX_NAME, onnx_info, limits, {"qat": record})
+
+    def _limits(self) -> tuple[tuple[int, int, int], float]:
+        """The batch profile and workspace in GiB; unless `ready_only`, first a one-line error when TensorRT or the
+        GPU is missing (before any ONNX work)."""
+        if not self.options.ready_only:
+            check_available()
+        trt_options = self.options.extras_for(TensorRTOptions)
+        return parse_profile(trt_options.batch), float(trt_options.workspace_gb or DEFAULT_WORKSPACE_GB)
+
+    def _finish(
+        self,
+        work_dir: Path,
+        onnx_name: str,
+        onnx_info: dict[str, Any],
+        limits: tuple[tuple[int, int, int], float],
+        quantization_extra: dict[str, Any] | None = None,
+    ) -> Artifact:
+        """The bundle around the TensorRT-ready ONNX written to `work_dir`: with `ready_only` the ONNX alone, its engine
+        pending; else the engine built here. INT8 records the ONNX facts (and `quantization_extra`) as quantization."""
         precision, options = self.precision, self.options
-        if not options.ready_only:
-            check_available()  # one line before the ONNX work when TensorRT or the GPU is missing
-        trt_options = options.extras_for(TensorRTOptions)
-        profile = parse_profile(trt_options.batch)
-        workspace_gb = float(trt_options.workspace_gb or DEFAULT_WORKSPACE_GB)
-        onnx_name, onnx_info = trt_qdq.prepare_onnx(onnx_fp32, work_dir, precision, calibration, options, float_layers)
+        profile, workspace_gb = limits
         onnx_details = {k: v for k, v in onnx_info.items() if k not in ("notes", "extra_files")}
-        files = [onnx_name, *onnx_info.pop("extra_files", [])]
-        quantization = Quantization.from_dict(onnx_details) if precision == "int8" else None
+        files = [onnx_name, *onnx_info.get("extra_files", [])]
+        quantization = None
+        if precision == "int8":
+            quantization = Quantization.from_dict({**onnx_details, **(quantization_extra or {})})
         settings = {
             "profile": {"min": profile[0], "opt": profile[1], "max": profile[2]},
             "workspace_gb": workspace_gb,

@@ -55,6 +55,16 @@ def _initializers(graph: Any) -> dict[str, np.ndarray]:
     return values
 
 
+def _graph_maps(graph: Any) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, list[Any]]]:
+    """(constant values, each tensor's producer, each tensor's consumers) of a graph."""
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return _initializers(graph), producers, consumers
+
+
 def _axis(node: Any) -> int:
     for attr in node.attribute:
         if attr.name == "axis":
@@ -101,12 +111,7 @@ def inspect_qdq(  # noqa: C901 - one pass over the nodes, one branch per QDQ pat
     """
     graph = model.graph
     report = QdqReport()
-    inits = _initializers(graph)
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    inits, producers, consumers = _graph_maps(graph)
 
     def from_dq(name: str) -> bool:
         p = producers.get(name)
@@ -230,6 +235,151 @@ def build_qdq(
         }
     )
     return facts
+
+
+def for_tensorrt(qdq_in: Path, out: Path) -> dict[str, Any]:
+    """The quantization-aware fine-tune's Q/DQ model (`qat_qdq.write_qdq`) re-encoded under TensorRT's explicit-
+    quantization rules, checked with `inspect_qdq` and written to `out`; returns manifest facts like `build_qdq`'s.
+
+    The same quantized convolutions, written the way TensorRT takes them: the Q/DQ pairs on conv outputs go (their
+    reader, GroupNorm, runs in float), each UINT8 activation pair (scale s, zero point z) becomes a signed INT8 pair
+    with zero point 0, and an INT32 bias DQ becomes the float bias it stands for (TensorRT fuses a float bias).
+    z = 128 keeps s: the same integers shifted by 128, exact. Any other z takes the symmetric scale covering the
+    UINT8 range, max(z, 255 - z) * s / 127: one bit of resolution less for a non-negative input (z = 0).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from bitdeploy.converters.qat_qdq import _save_checked
+
+    model = onnx.load(str(qdq_in))
+    graph = model.graph
+    inits, producers, consumers = _graph_maps(graph)
+    taken = set(inits) | set(producers) | {i.name for i in graph.input}
+    added: list[Any] = []
+
+    def const(base: str, value: np.ndarray) -> str:
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        added.append(numpy_helper.from_array(value, name))
+        return name
+
+    rewire: dict[str, str] = {}  # the output of a removed node -> the tensor its readers read instead
+    removed: set[str] = set()  # removed nodes, by first output
+    counts = dict.fromkeys(("exact", "rescaled", "conv_output_pairs_removed", "float_biases"), 0)
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        dqs = consumers.get(q.output[0], [])
+        if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs):
+            raise ConversionError(f"{q.name} feeds no DequantizeLinear; write the QAT model with `qat_qdq.write_qdq`")
+        source = producers.get(q.input[0])
+        readers = [c.op_type for d in dqs for c in consumers.get(d.output[0], [])]
+        if source is not None and source.op_type == "Conv" and "Conv" not in readers:  # a conv output's pair
+            rewire.update({d.output[0]: q.input[0] for d in dqs})
+            removed.update([q.output[0], *(d.output[0] for d in dqs)])
+            counts["conv_output_pairs_removed"] += 1
+            continue
+        scale, exact = _int8_scale(q, dqs, inits)
+        base = q.input[1].removesuffix("_scale")
+        names = [const(f"{base}_int8_scale", scale), const(f"{base}_int8_zero_point", np.array(0, np.int8))]
+        for node in (q, *dqs):
+            del node.input[1:]
+            node.input.extend(names)
+        counts["exact" if exact else "rescaled"] += 1
+    for dq in graph.node:  # INT32 biases: the float values they stand for, under the DQ's output name
+        value = inits.get(dq.input[0]) if dq.op_type == "DequantizeLinear" else None
+        if value is not None and value.dtype == np.int32:
+            zp = inits.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else 0
+            bias = ((value - zp).astype(np.float32) * inits[dq.input[1]]).astype(np.float32)
+            added.append(numpy_helper.from_array(bias, dq.output[0]))
+            removed.add(dq.output[0])
+            counts["float_biases"] += 1
+
+    def resolve(name: str) -> str:
+        while name in rewire:
+            name = rewire[name]
+        return name
+
+    kept = [n for n in graph.node if n.output[0] not in removed]
+    for n in kept:
+        n.input[:] = [resolve(i) for i in n.input]
+    kept += [helper.make_node("Identity", [resolve(o.name)], [o.name]) for o in graph.output if o.name in rewire]
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(added)
+    used = {i for n in graph.node for i in n.input}
+    initializers = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    stale = removed | {n.output[0] for n in kept if n.op_type == "QuantizeLinear"}  # gone, or now INT8
+    value_info = [v for v in graph.value_info if v.name not in stale]
+    del graph.value_info[:]
+    graph.value_info.extend(value_info)
+
+    float_layers, head_in_float = _float_convs(graph)
+    report = inspect_qdq(model, head_in_float, float_layers)
+    if report.violations:
+        raise ConversionError(
+            f"{Path(qdq_in).name} cannot be re-encoded for TensorRT ({report.violations[0]}; {len(report.violations)} in all); "
+            "write it from the fine-tune's parameters with `bitdeploy.converters.qat_qdq.write_qdq`"
+        )
+    _save_checked(model, Path(out))
+    in_float = f"GroupNorm x{report.norm_groups}, residual Add x{report.residual_adds}"
+    in_float += " and the head" if head_in_float else ""
+    return {
+        "format": "qdq",
+        "from": "quantization-aware fine-tune",
+        "activations": "int8, per-tensor, symmetric (the fine-tune's uint8 re-encoded)",
+        "weights": "int8, per-channel, symmetric (the fine-tune's)",
+        "bias": "float",
+        "quantized_convs": report.quantized_convs,
+        "float_convs": report.float_convs,
+        "float_layers": [layer_of(n) for n in report.float_convs],
+        "norm_groups_in_float": report.norm_groups,
+        "residual_adds_in_float": report.residual_adds,
+        "reencoded": counts,
+        "notes": [
+            f"INT8 Q/DQ of the quantization-aware fine-tune on {report.quantized_convs} convs; {in_float} stay float",
+            f"re-encoded for TensorRT: {counts['exact']} activation quantizers exact (zero point 128), "
+            f"{counts['rescaled']} re-scaled to zero point 0 (one bit of resolution less on non-negative inputs); "
+            f"{counts['conv_output_pairs_removed']} conv-output Q/DQ pairs removed",
+        ],
+    }
+
+
+def _int8_scale(q: Any, dqs: Sequence[Any], inits: dict[str, np.ndarray]) -> tuple[np.ndarray, bool]:
+    """A per-tensor 8-bit Q/DQ pair's signed INT8 scale with zero point 0, and whether that is exact (`for_tensorrt`)."""
+
+    def scale_and_zero_point(node: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+        zp = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.array(0, np.uint8)
+        return inits.get(node.input[1]), zp
+
+    scale, zp = scale_and_zero_point(q)
+    if scale is None or zp is None or scale.size != 1 or zp.size != 1 or zp.dtype not in (np.uint8, np.int8):
+        raise ConversionError(
+            f"{q.name} is not a per-tensor 8-bit quantizer; write the QAT model with `qat_qdq.write_qdq`"
+        )
+    for dq in dqs:
+        s, z = scale_and_zero_point(dq)
+        if s is None or z is None or z.dtype != zp.dtype or not (np.array_equal(s, scale) and np.array_equal(z, zp)):
+            raise ConversionError(
+                f"{dq.name} dequantizes with other parameters than {q.name}; write the QAT model with `qat_qdq.write_qdq`"
+            )
+    info, z0 = np.iinfo(zp.dtype), int(zp.ravel()[0])
+    below, above = z0 - int(info.min), int(info.max) - z0  # the integer steps on either side of zero
+    s0 = float(scale.ravel()[0])
+    if (below, above) == (128, 127):
+        return np.array(s0, np.float32), True
+    return np.array(max(below, above) * s0 / 127, np.float32), False
+
+
+def _float_convs(graph: Any) -> tuple[list[str], bool]:
+    """The layers whose Conv reads no DequantizeLinear output, and whether the head (the last Conv) is one of them."""
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    floating = [n.name for n in convs if all(producers.get(i) != "DequantizeLinear" for i in n.input[:2])]
+    return [layer_of(n) for n in floating], bool(convs) and convs[-1].name in floating
 
 
 def build_fp16(onnx_fp32: Path, out: Path) -> dict[str, Any]:

@@ -34,6 +34,8 @@ RESUME_KEYS = (
     "crop",
     "mixup_alpha",
     "hflip",
+    "qat",
+    "qat_task_weight",
 )
 
 

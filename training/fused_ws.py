@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from bitdeploy.training.bit import StdConv2d
 
 
-def _standardized_weight(self: StdConv2d) -> torch.Tensor:
+def fused_standardized_weight(self: StdConv2d) -> torch.Tensor:
     w = self.weight
     return F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0, eps=self.eps).reshape_as(
         w
@@ -27,7 +27,9 @@ def _standardized_weight(self: StdConv2d) -> torch.Tensor:
 
 
 def _forward(self: StdConv2d, x: torch.Tensor) -> torch.Tensor:
-    return F.conv2d(x, _standardized_weight(self), self.bias, self.stride, self.padding, self.dilation, self.groups)
+    return F.conv2d(
+        x, fused_standardized_weight(self), self.bias, self.stride, self.padding, self.dilation, self.groups
+    )
 
 
 def use_fused_standardization(model: nn.Module) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 
 from bitdeploy.core.catalog import get_variant
 from bitdeploy.core.errors import BitdeployError
-from bitdeploy.core.options import KEYED, TrainingOptions
+from bitdeploy.core.options import KEYED, KEYED_WHEN_SET, TrainingOptions
 from bitdeploy.training import hyperrule
 
 DEVICES = ("auto", "cpu", "cuda", "xla")
@@ -34,6 +34,8 @@ class TrainConfig(TrainingOptions):
         seed: every random draw of the run: few-shot draw, split, init, data order, augmentation.
         cache_mb: the training set is resized once and kept in memory when it needs at most this many MB.
         log_every: steps between the metrics log's training lines.
+        qat: quantization-aware fine-tuning distilled from `weights` (a trained FP32 checkpoint): `training.qat`.
+        qat_task_weight: with `qat`, the weight of the labels' cross-entropy beside the distillation loss.
     """
 
     model: str = field(metadata=KEYED)
@@ -44,6 +46,8 @@ class TrainConfig(TrainingOptions):
     seed: int = field(default=0, metadata=KEYED)
     cache_mb: int = 4096
     log_every: int = 10
+    qat: bool = field(default=False, metadata=KEYED_WHEN_SET)
+    qat_task_weight: float = field(default=0.0, metadata=KEYED_WHEN_SET)
 
     @classmethod
     def of(cls, options: TrainingOptions, **run: Any) -> TrainConfig:
@@ -75,6 +79,11 @@ class TrainConfig(TrainingOptions):
             ),
             (self.checkpoint_every < 0, f"--checkpoint-every must be >= 0 (got {self.checkpoint_every})"),
             (self.shots is not None and self.shots < 1, f"--shots must be >= 1 (got {self.shots})"),
+            (self.qat_task_weight < 0, f"--qat-task-weight must be >= 0 (got {self.qat_task_weight})"),
+            (
+                self.qat and self.weights in ("auto", "none"),
+                "--qat fine-tunes a trained FP32 model: pass --weights CHECKPOINT (a `bitdeploy train` run)",
+            ),
         ]
         for bad, message in checks:
             if bad:
@@ -84,7 +93,8 @@ class TrainConfig(TrainingOptions):
         """Spec strings made absolute, so a resume from another working directory still matches."""
         dataset = self.dataset if self.dataset == "digits" else str(Path(self.dataset).expanduser().resolve())
         weights = self.weights if self.weights in ("auto", "none") else str(Path(self.weights).expanduser().resolve())
-        return {"model": self.model, "dataset": dataset, "weights": weights, "shots": self.shots, "seed": self.seed}
+        out = {"model": self.model, "dataset": dataset, "weights": weights, "shots": self.shots, "seed": self.seed}
+        return {**out, "qat": True, "qat_task_weight": self.qat_task_weight} if self.qat else out
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

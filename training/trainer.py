@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from bitdeploy.core.errors import BitdeployError
-from bitdeploy.training import checkpoint, distributed, planner
+from bitdeploy.training import checkpoint, distributed, planner, qat
 from bitdeploy.training.data import ImageSet, eval_batch
 from bitdeploy.training.feeder import Feeder
 from bitdeploy.training.hyperrule import lr_at
 from bitdeploy.training.planner import TrainConfig
+from bitdeploy.training.qat_params import PARAMS_FILE
 from bitdeploy.training.runlog import RunLog, write_summary
 from bitdeploy.training.step import Stepper, autocast, oom_hint
 
@@ -79,6 +80,38 @@ def _build_model(
     return model, dict(loaded.weights_info), head
 
 
+def _qat_stepper(
+    config: TrainConfig,
+    model: torch.nn.Module,
+    splits: Any,
+    plan: dict[str, Any],
+    ctx: distributed.Context,
+    resumed: dict[str, Any] | None,
+) -> tuple[Stepper, int]:
+    """--qat: the FP32 teacher from --weights, the student `model` with its quantizers (calibrated, or restored
+    from the run being resumed) and the distillation step; also how many images calibrated the quantizers."""
+    from bitdeploy.training.weights import load_model
+
+    loaded = load_model(config.model, config.weights, len(splits.classes))
+    if loaded.labels != splits.classes:
+        raise BitdeployError(
+            f"--qat distils from {config.weights}, trained on other classes than --dataset {config.dataset}; "
+            "pass the dataset that model was fine-tuned on"
+        )
+    teacher = qat.teacher_of(loaded.model)
+    qat.prepare(model)
+    calibrated = 0
+    if resumed is not None and resumed.get("qat"):
+        model.load_state_dict({**resumed["model"], **resumed["qat"]})
+        calibrated = int((resumed.get("qat_record") or {}).get("calibrated_images", 0))
+    else:
+        calibrated = qat.calibrate(model, qat.calibration_batches(splits.train, plan["crop"], config.seed, "cpu"))
+    stepper = qat.DistillStepper(
+        model, teacher, config.qat_task_weight, ctx=ctx, precision=config.precision, batch_split=config.batch_split
+    )
+    return stepper, calibrated
+
+
 def _progress(config: TrainConfig, ctx: distributed.Context, total: int, start: int) -> Any:
     from tqdm import tqdm
 
@@ -90,7 +123,7 @@ def _progress(config: TrainConfig, ctx: distributed.Context, total: int, start: 
         dynamic_ncols=True,
         smoothing=0.05,
         disable=not (config.progress and ctx.main),
-        desc="train",
+        desc="qat" if config.qat else "train",
     )
 
 
@@ -101,10 +134,12 @@ def train(config: TrainConfig) -> Path:
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise BitdeployError(f"--out {config.out} is a file; pass a directory (it is created if missing)")
     config.validate()
+    if config.qat:
+        config = qat.run_defaults(config)
     started = time.perf_counter()
     ctx = distributed.setup(config.device)
     try:
-        return _train(config, Path(config.out), ctx, started)
+        return _train(config, Path(config.out or "."), ctx, started)
     finally:
         distributed.teardown(ctx)
 
@@ -136,7 +171,11 @@ def _train(config: TrainConfig, out: Path, ctx: distributed.Context, started: fl
         return out
 
     model, weights_info, head = _build_model(config, splits.classes, resumed)
-    stepper = Stepper(model, ctx, config.precision, split)
+    if config.qat:
+        stepper, calibrated = _qat_stepper(config, model, splits, plan, ctx, resumed)
+        run_qat = qat.record(config, plan, len(splits.train), calibrated)
+    else:
+        stepper, run_qat = Stepper(model, ctx, config.precision, split), None
     if resumed:
         stepper.load_state(resumed)
         checkpoint.set_rng_state(resumed.get("rng") or {})
@@ -167,13 +206,15 @@ def _train(config: TrainConfig, out: Path, ctx: distributed.Context, started: fl
     log.start(plan, splits, feeder.in_memory, resumed is not None, config)
 
     def payload(step: int, images: int, seconds: float) -> dict[str, Any]:
+        weights, quantizers = qat.split_state(model)
         return {
             "model_name": config.model,
             "num_classes": len(splits.classes),
             "labels": splits.classes,
             "resolution": plan["crop"],
             "step": step,
-            "model": model.state_dict(),
+            "model": weights,
+            **({"qat": quantizers, "qat_record": run_qat} if run_qat is not None else {}),
             **stepper.state(),
             "rng": checkpoint.rng_state(),
             "config": identity,
@@ -238,6 +279,9 @@ def _train(config: TrainConfig, out: Path, ctx: distributed.Context, started: fl
         feeder.close()
     all_images, all_seconds = images_seen + session_images, train_seconds + session_seconds
     result = evaluate(model, splits.val, plan["crop"], ctx, eval_bs, config.precision, channels_last)
+    if ctx.main and run_qat is not None:
+        done_record = {**run_qat, "val_top1_simulated": result["val_top1"], "train_seconds": round(all_seconds, 2)}
+        qat.params(model, done_record).save(out / PARAMS_FILE)
     if ctx.main:
         log.metric({"step": total, **result})
         summary = {
@@ -259,6 +303,7 @@ def _train(config: TrainConfig, out: Path, ctx: distributed.Context, started: fl
             "train_size": len(splits.train),
             "val_source": splits.val_source,
             **run_info,
+            **({"qat": run_qat, "qat_params": PARAMS_FILE} if run_qat is not None else {}),
             "checkpoint": "checkpoint.pt",
         }
         write_summary(out, summary)

@@ -154,9 +154,10 @@ def build_args(args: argparse.Namespace, ckpt: Path, cache: Path, out: Path, fal
     return argv
 
 
-def run_build(argv: list[str], logfile: Path) -> tuple[int, float]:
+def run_build(argv: list[str], logfile: Path, stamps: list[tuple[float, str]] | None = None) -> tuple[int, float]:
     """`bitdeploy ARGV` in a subprocess, everything it prints to `logfile`, its row lines to stderr; (exit code,
-    seconds). Exit 1 is expected: a uniform INT8 bundle that fails the gate fails the build."""
+    seconds). Exit 1 is expected: a uniform INT8 bundle that fails the gate fails the build. `stamps`, when given,
+    gets each line with the seconds since the start at which it arrived (the CLI's log lines are flushed)."""
     logfile.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with logfile.open("w", encoding="utf-8") as f:
@@ -170,6 +171,8 @@ def run_build(argv: list[str], logfile: Path) -> tuple[int, float]:
         assert proc.stdout is not None
         for line in proc.stdout:
             f.write(line)
+            if stamps is not None:
+                stamps.append((time.perf_counter() - started, line.rstrip()))
             if line.startswith(("[", "error", "warning")):
                 log(line.rstrip())
         code = proc.wait()
@@ -458,12 +461,7 @@ def _cells(r: dict[str, Any]) -> list[str]:
         return [r["engine"], r["variant"], "—", "—", "—", "—", "—", r["why"], _search(r)]
     drop = acc.get("top1_drop_pp")
     top1 = _pct(acc.get("top1")) + (f" ({0.0 - drop:+.2f} pp)" if drop is not None and r["variant"] != FP32 else "")
-    p50 = "—" if r.get("p50_ms") is None else f"{r['p50_ms']:.2f}"
-    if r.get("p50_spread"):
-        p50 += f" [{r['p50_spread'][0]:.2f}–{r['p50_spread'][1]:.2f}]"
-    ratio = "—" if r.get("vs_fp32") is None else f"{r['vs_fp32']:.2f}×"
-    if r.get("vs_fp32_spread") and r["variant"] != FP32:
-        ratio += f" [{r['vs_fp32_spread'][0]:.2f}–{r['vs_fp32_spread'][1]:.2f}]"
+    p50, ratio = speed_cells(r)
     if r["variant"] == FP32:
         floats = "all"
     elif r.get("float_layers") is None:
@@ -472,6 +470,17 @@ def _cells(r: dict[str, Any]) -> list[str]:
         floats = f"{r['float_layers']} of {r.get('quantizable_layers') or '?'}"
     gate = "pass" if acc.get("passed") else "fail"
     return [r["engine"], r["variant"], top1, _pct(acc.get("agreement")), p50, ratio, floats, gate, _search(r)]
+
+
+def speed_cells(r: dict[str, Any]) -> tuple[str, str]:
+    """A row's "p50 ms [min-max]" and "p50 / FP32 [min-max]" cells."""
+    p50 = "—" if r.get("p50_ms") is None else f"{r['p50_ms']:.2f}"
+    if r.get("p50_spread"):
+        p50 += f" [{r['p50_spread'][0]:.2f}–{r['p50_spread'][1]:.2f}]"
+    ratio = "—" if r.get("vs_fp32") is None else f"{r['vs_fp32']:.2f}×"
+    if r.get("vs_fp32_spread") and r["variant"] != FP32:
+        ratio += f" [{r['vs_fp32_spread'][0]:.2f}–{r['vs_fp32_spread'][1]:.2f}]"
+    return p50, ratio
 
 
 def _search(r: dict[str, Any]) -> str:
@@ -620,27 +629,23 @@ def main(argv: list[str] | None = None) -> int:
         f"whole run {took / 60:.1f} min"
     )
     if args.json is not None:
-        result = {
-            "model": args.model,
-            "weights": source,
-            "resolution": args.resolution,
-            "gate": spec.describe(),
-            "budget": args.budget,
-            "calib_size": args.calib_size,
-            "calib_method": args.calib_method,
-            "eval_limit": args.eval_limit,
-            "threads": args.threads,
-            "rounds": args.rounds,
-            "queries": args.queries,
-            "cpu": cpu,
-            "builds": builds,
-            "rows": rows,
-            "notes": notes,
-            "seconds": round(took, 1),
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
+        write_json(args, source, spec, {"cpu": cpu, "builds": builds, "rows": rows, "notes": notes}, took)
     return 0
+
+
+def write_json(args: argparse.Namespace, source: str, spec: Any, found: dict[str, Any], took: float) -> None:
+    """The run's settings, `found` and its wall time as one JSON object at --json."""
+    settings = ("model", "resolution", "budget", "calib_size", "calib_method", "eval_limit", "threads", "rounds")
+    result = {
+        **{k: getattr(args, k) for k in settings},
+        "queries": args.queries,
+        "weights": source,
+        "gate": spec.describe(),
+        **found,
+        "seconds": round(took, 1),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,8 @@ def finish(
     for r in rows:
         if r.search_line:
             show(f"int8 search: {r.search_line}")
+        if r.qat_line:
+            show(f"int8 qat: {r.qat_line}")
     if selected:
         show(f"selected: {selected['reason']}")
     _check_quiet(opts, rows, log)
@@ -168,6 +170,8 @@ def _raise_for_failures(opts: BuildOptions, rows: list[RowResult], grid: bool = 
         fix = f"; {hint}" if hint else "; raise --max-accuracy-drop or calibrate with more images (--calib-size)"
         if first.search_line:  # the search ran and found nothing: say what it found best
             fix = f"; INT8 search: {first.search_line.removeprefix(f'{first.name}: ')}"
+        if first.qat_line:
+            fix += f"; {first.qat_line}"
         raise AccuracyGateError(
             f"{first.name} failed the accuracy gate: {what}; bundle {first.bundle} is marked invalid{fix}"
         )

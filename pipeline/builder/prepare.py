@@ -44,6 +44,7 @@ class BuildContext:
     calibration: CalibrationData | None = None  # INT8 rows only
     training: dict[str, Any] | None = None
     baseline: list[QuickBaseline] | None = None  # PyTorch latencies for the report's speed-up column
+    checkpoint: Path | None = None  # the trained checkpoint the weights came from (a QAT distils from it)
     scratch: list[StageCache] = field(default_factory=list)  # uncached conversions' work dirs, removed at the end
 
     @property
@@ -119,5 +120,6 @@ def prepare(opts: BuildOptions, plans: list[RowPlan], cache: StageCache, log: Ca
         dataset=opts.dataset,
         calibration=calib,
         training=state.training,
+        checkpoint=state.checkpoint,
         baseline=baseline_latency(loaded.model, resolution, opts, log) if len(building) > 1 and timed_here else None,
     )

@@ -26,6 +26,7 @@ class RowResult:
     timing: Timing = field(default_factory=Timing)  # the build's quick figures; `disturbed` says why not quotable
     selected: bool = False
     search_line: str | None = None  # the INT8 search's one line, when it ran
+    qat_line: str | None = None  # the quantization-aware fine-tune's one line, when the row escalated to it
 
     @property
     def target(self) -> str:
@@ -34,6 +35,17 @@ class RowResult:
     @property
     def precision(self) -> str:
         return self.plan.precision
+
+    @property
+    def qat(self) -> bool:
+        """Whether the bundle was made by the quantization-aware fine-tune (`--int8-fallback qat|auto`)."""
+        q = self.manifest.target.quantization if self.manifest is not None else None
+        return bool(q is not None and q.details.get("qat"))
+
+    @property
+    def precision_label(self) -> str:
+        """The table's precision: "int8 (qat)" for a bundle of the quantization-aware fine-tune."""
+        return f"{self.precision} (qat)" if self.qat else self.precision
 
     @property
     def backend(self) -> str:
@@ -196,6 +208,8 @@ class RowResult:
             "model": self.model,
             "resolution": self.resolution,
             "search_line": self.search_line,
+            "qat_line": self.qat_line,
+            "qat": self.qat,
             "float_precision": self.float_precision,
             **self.timing.flat(),
             "name": self.name,

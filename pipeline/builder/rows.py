@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from bitdeploy.benchmarks.schema import FAILED_GATE, VALID, Status
-from bitdeploy.builder import bundle
+from bitdeploy.builder import bundle, qat
 from bitdeploy.builder.convert import convert
 from bitdeploy.builder.gate import Evaluated, evaluate
 from bitdeploy.builder.options import BuildOptions, bundle_path
@@ -38,16 +38,22 @@ def build_row(
     try:
         found = evaluate(plan, ctx, opts, *convert(plan, ctx, cache))
         mix = None
-        if _searches(found, opts):
+        searched = _searches(found, opts)
+        if searched:
             outcome = Search(plan, ctx, opts, cache, found, log).run()
             mix, row.search_line = outcome.record, outcome.line
             log(f"[search] {outcome.line}")
             if outcome.chosen is not None:  # judged on the report's images, which its self-test is drawn from
                 found, ctx = outcome.chosen, outcome.ctx or ctx
+        if _escalates(found, opts):
+            uniform = found
+            found, ctx, row.qat_line = _fine_tune(plan, (ctx, opts, cache, log), found, searched)
+            mix = mix if found is uniform else None  # the bundle is the fine-tune's; the search's line stays the row's
         result = found.result
         path = bundle_path(opts, ctx.row_count, plan.bundle_name)
         pending = found.artifact.target.engine_pending
-        reason = None if result.passed else _invalid_reason(result, opts, row.search_line)
+        lines = "; ".join(x for x in (row.search_line, row.qat_line) if x) or None
+        reason = None if result.passed else _invalid_reason(result, opts, lines)
         valid = result.passed and not pending
         reason = PENDING_REASON if result.passed and pending else reason
         verdict = replace(found.manifest, valid=valid, invalid_reason=reason, gate=result, int8_mix=mix)
@@ -90,15 +96,39 @@ def _what(result: GateResult) -> str:
     return f"no dataset: max |logit diff| {result.max_abs_logit_diff} vs FP32 on random inputs (tolerance {result.tolerance or 0:.3g})"
 
 
+def _escalates(found: Evaluated, opts: BuildOptions) -> bool:
+    """Whether a row's INT8 (uniform, or the search's answer) failed a labelled gate that quantization-aware
+    fine-tuning may make it pass (`--int8-fallback qat`, or `auto` once the search found no mix)."""
+    return _int8_failed(found) and opts.gate.int8_fallback in ("auto", "qat")
+
+
+def _fine_tune(
+    plan: RowPlan,
+    build: tuple[BuildContext, BuildOptions, StageCache, Callable[[str], None]],
+    found: Evaluated,
+    searched: bool,
+) -> tuple[Evaluated, BuildContext, str]:
+    """The row's QAT candidate and the images it was judged on, or (when the build cannot fine-tune) the row as
+    it was; and the fine-tune's one line."""
+    ctx, opts, cache, log = build
+    try:
+        tuned, judged_on = qat.row(plan, ctx, opts, cache, searched, log)
+    except qat.NoQat as exc:
+        log(f"[qat] {plan.name}: {exc}")
+        return found, ctx, f"{plan.name}: no quantization-aware fine-tune: {exc}"
+    line = f"{plan.name}: {qat.line(tuned, judged_on)}"
+    log(f"[qat] {line}")
+    return tuned, judged_on, line
+
+
 def _searches(found: Evaluated, opts: BuildOptions) -> bool:
     """Whether a row's uniform INT8 failed a labelled gate that the INT8 search may make it pass."""
+    return _int8_failed(found) and opts.gate.int8_fallback in ("auto", "search")
+
+
+def _int8_failed(found: Evaluated) -> bool:
     r = found.result
-    return (
-        found.artifact.target.precision == "int8"
-        and not r.passed
-        and r.is_accuracy
-        and opts.gate.int8_fallback == "auto"
-    )
+    return found.artifact.target.precision == "int8" and not r.passed and r.is_accuracy
 
 
 def _invalid_reason(result: GateResult, opts: BuildOptions, search: str | None = None) -> str:

@@ -33,6 +33,7 @@ class ModelState:
     state_sha256: str  # content hash of the weights actually exported
     labels: list[str]
     training: dict[str, Any] | None  # summary of the fine-tune, when one ran
+    checkpoint: Path | None = None  # the trained checkpoint the weights came from (a QAT distils from it)
 
 
 def dataset_fingerprint(spec: str) -> str:
@@ -97,6 +98,7 @@ def resolve_model(
     from bitdeploy.training.weights import load_model
 
     training: dict[str, Any] | None = None
+    checkpoint: Path | None = None
     if opts.wants_finetune() and opts.dataset is not None:
         from dataclasses import replace
 
@@ -120,7 +122,10 @@ def resolve_model(
             log(
                 f"fine-tuning {config.model} on {config.dataset} (the BiT-HyperRule; overrides: steps={config.steps}, batch={config.batch_size}, lr={config.lr})"
             )
-            train(replace(config, out=out))
+            from bitdeploy.core.stdio import stdout_to_stderr
+
+            with stdout_to_stderr():  # the trainer's closing line: the build's stdout is its table
+                train(replace(config, out=out))
             return _read_summary(out)
 
         run_dir, summary, _hit = cache.run(
@@ -130,10 +135,12 @@ def resolve_model(
         training.update(
             {k: summary[k] for k in ("val_top1", "steps", "images_per_second", "train_seconds") if k in summary}
         )
-        loaded = load_model(opts.model, weights=str(run_dir))
+        loaded, checkpoint = load_model(opts.model, weights=str(run_dir)), run_dir
     else:
         torch.manual_seed(opts.seed)  # --weights none is then the same model every time
         loaded = load_model(opts.model, weights=opts.export.weights)
+        if loaded.weights_info.get("kind") == "checkpoint":
+            checkpoint = Path(opts.export.weights).expanduser()
         if splits is not None and loaded.num_classes != len(splits.classes):
             raise BitdeployError(
                 f"the model has {loaded.num_classes} classes but {opts.dataset} has {len(splits.classes)}; "
@@ -146,7 +153,7 @@ def resolve_model(
     )
     if len(labels) != loaded.num_classes:
         labels = [str(i) for i in range(loaded.num_classes)]
-    return ModelState(loaded, state_sha256(loaded.model), labels, training)
+    return ModelState(loaded, state_sha256(loaded.model), labels, training, checkpoint)
 
 
 def export(state: ModelState, resolution: int, opset: int, cache: StageCache) -> tuple[Path, dict[str, Any]]:

@@ -56,7 +56,7 @@ def table(rows: list[RowResult]) -> str:
             [
                 *([r.model or "-", str(r.resolution or "-")] if grid else []),
                 r.target,
-                r.precision,
+                r.precision_label,
                 status,
                 _fmt(r.size_mb, ".2f"),
                 _fmt(top1, ".2f") + (interval(r.top1_ci, 100) if top1 is not None else ""),

@@ -30,6 +30,19 @@ from bitdeploy.core.options import TrainingOptions
 @groups.option(groups.SEED)
 @groups.option(groups.VAL_SPLIT)
 @click.option(
+    "--qat",
+    is_flag=True,
+    help="Quantization-aware fine-tune of --weights (a trained FP32 checkpoint), distilled from it, in the INT8 scheme "
+    "every engine runs; writes DIR/qat_params.json beside the checkpoint [steps: a tenth of the FP32 run's; lr: a tenth].",
+)
+@click.option(
+    "--qat-task-weight",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="With --qat: weight of the labels' cross-entropy beside the distillation loss.",
+)
+@click.option(
     "--plan", "plan_only", is_flag=True, help="Print the resolved plan as one JSON object and exit without training."
 )
 @groups.takes(groups_run.TRAINING)
@@ -41,6 +54,8 @@ def train(  # noqa: PLR0913 - a command: its records are the argument groups
     resolution: int | None,
     seed: int,
     val_split: float | None,
+    qat: bool,
+    qat_task_weight: float,
     plan_only: bool,
     training: TrainingOptions,
 ) -> None:
@@ -56,6 +71,7 @@ def train(  # noqa: PLR0913 - a command: its records are the argument groups
       bitdeploy train --model m-r50x1 --dataset digits --plan
       bitdeploy train --model m-r50x1 --weights none --dataset digits --resolution 32 --steps 1000 --batch-size 64 --lr 0.01 --no-hflip --out runs/digits
       bitdeploy train --model m-r50x1 --dataset cifar-10-binary.tar.gz --shots 5 --out runs/c10-5shot
+      bitdeploy train --model m-r50x1 --dataset digits --weights runs/digits --qat --no-hflip --out runs/digits-qat
     """
     from bitdeploy.training.planner import TrainConfig, make_plan
 
@@ -68,6 +84,8 @@ def train(  # noqa: PLR0913 - a command: its records are the argument groups
         resolution=resolution,
         seed=seed,
         val_split=val_split,
+        qat=qat,
+        qat_task_weight=qat_task_weight,
     )
     if plan_only:
         import os

@@ -218,11 +218,20 @@ GATE = Group(
         ),
         flag(
             "--int8-fallback",
-            type=click.Choice(["auto", "none"]),
+            type=click.Choice(["auto", "search", "qat", "none"]),
             default="auto",
             show_default=True,
-            help="When uniform INT8 fails the gate: auto keeps the most sensitive layers in float until it passes, "
-            "then keeps the fastest passing mix (never slower than FP32); none leaves it invalid.",
+            help="When uniform INT8 fails the gate: auto keeps the most sensitive layers in float until it passes "
+            "(the fastest passing mix, never slower than FP32), and when no mix keeping most layers INT8 passes, "
+            "fine-tunes with quantization in the loop (QAT, distilled from FP32); search stops at the mix; qat goes "
+            "straight to the fine-tune; none leaves it invalid.",
+        ),
+        flag(
+            "--qat-steps",
+            type=click.IntRange(min=1),
+            default=None,
+            metavar="N",
+            help="Steps of the quantization-aware fine-tune [default: a tenth of the FP32 fine-tune's, at least 20].",
         ),
         flag(
             "--int8-search-budget",

@@ -119,7 +119,7 @@ class CalibrationArgs:
             raise BitdeployError(f"--calib-size must be >= 1 (got {self.calib_size}); the default is 300")
 
 
-INT8_FALLBACKS = ("auto", "none")
+INT8_FALLBACKS = ("auto", "search", "qat", "none")
 DEFAULT_MAX_DROP_PP = 1.0
 DEFAULT_CONFIDENCE = 0.95  # the level of the gate's intervals (converters.intervals) unless --gate-confidence
 
@@ -236,7 +236,8 @@ class GateArgs:
     min_agreement: float | None = None  # percent of top-1 agreement with FP32
     eval_limit: int | None = None
     verify_on: str | None = None  # CPU[,CPU...] (bitdeploy devices)
-    int8_fallback: str = "auto"  # auto: search the fastest INT8/float mix that passes | none
+    int8_fallback: str = "auto"  # auto: the INT8/float mix search, then QAT | search: the mix only | qat | none
+    qat_steps: int | None = None  # the quantization-aware fine-tune's steps; None: a tenth of the FP32 fine-tune's
     int8_search_budget: int = 24  # conversions + evaluations the search may spend per engine
     gate_confidence: float | None = None  # judge the intervals' bounds at this level (e.g. 0.95), not the points
 
@@ -252,6 +253,8 @@ class GateArgs:
             raise BitdeployError(
                 f"--int8-fallback must be one of {', '.join(INT8_FALLBACKS)} (got {self.int8_fallback!r})"
             )
+        if self.qat_steps is not None and self.qat_steps < 1:
+            raise BitdeployError(f"--qat-steps must be >= 1 (got {self.qat_steps})")
         if self.int8_search_budget < 2:
             raise BitdeployError(f"--int8-search-budget must be >= 2 evaluations (got {self.int8_search_budget})")
         if self.eval_limit is not None and self.eval_limit < 1:

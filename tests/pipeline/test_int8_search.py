@@ -33,8 +33,10 @@ TINY_LAYERS = [
 
 
 def build_args(ckpt: Path, out: Path, *more: str) -> list[str]:
-    """A build of the tiny checkpoint without a drop allowance unless a test gives one, and without the cache."""
-    return ["build", *base_args(ckpt, out, "--no-cache", *more, gate=())]
+    """A build of the tiny checkpoint without a drop allowance unless a test gives one, and without the cache; the
+    search alone (`--int8-fallback search`, unless a test gives another): `auto` would go on to the fine-tune
+    (tests/pipeline/test_build_qat.py)."""
+    return ["build", *base_args(ckpt, out, "--no-cache", "--int8-fallback", "search", *more, gate=())]
 
 
 def manifest(bundle: Path) -> dict[str, Any]:

@@ -1,7 +1,8 @@
-"""Fixtures for the runtime tests: tiny BiT bundles (ONNX Runtime, OpenVINO) and images of every kind.
+"""Fixtures for the runtime tests: tiny BiT bundles (ONNX Runtime, OpenVINO, LiteRT) and images of every kind.
 
 The bundles are built here from the `tiny` variant at 32 px (torch.onnx.export of the folded model, OpenVINO
-`convert_model` of that ONNX), so these tests do not depend on `bitdeploy build`.
+`convert_model` of that ONNX, the LiteRT converter on that ONNX), once per session, so these tests do not depend
+on `bitdeploy build`.
 """
 
 from __future__ import annotations
@@ -90,6 +91,28 @@ def ov_bundle(tiny_model: dict[str, Any], tmp_path_factory: pytest.TempPathFacto
         ov.save_model(ov.convert_model(str(tiny_model["onnx"])), str(tmp / "model.xml"), compress_to_fp16=False)
         write_manifest(
             tmp, make_manifest("openvino", "model.xml", "CPU", "f32", tiny_model["params"]), ["model.xml", "model.bin"]
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def litert_bundle(tiny_model: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's LiteRT FP32 bundle (the LiteRT converter, ~15 s): converted once for the LiteRT runtime
+    tests (test_litert.py) and the backend contract (test_backend_contract.py)."""
+    pytest.importorskip(
+        "litert_torch", reason='building the test bundle needs litert-torch: pip install "bitdeploy[litert-convert]"'
+    )
+    from bitdeploy.converters.base import ConvertOptions, bind
+
+    work = tmp_path_factory.mktemp("litert-work")
+    artifact = bind("litert", "fp32", ConvertOptions()).convert(tiny_model["onnx"], work)
+    out = tmp_path_factory.mktemp("bundles") / "tiny-litert"
+    with bundle_writer(out) as tmp:
+        (tmp / artifact.model_file).write_bytes((work / artifact.model_file).read_bytes())
+        write_manifest(
+            tmp,
+            make_manifest("litert", artifact.model_file, "cpu", "fp32", tiny_model["params"]),
+            [artifact.model_file],
         )
     return out
 

@@ -69,18 +69,17 @@ class TestLiteRt(BackendConformance):
     covers = "litert"
 
     @pytest.fixture(scope="class")
-    def case(self, tiny_model: dict[str, Any], reference: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Case:
+    def case(self, tiny_model: dict[str, Any], reference: np.ndarray, request: pytest.FixtureRequest) -> Case:
         _needs("ai_edge_litert", 'the LiteRT runtime needs ai-edge-litert: pip install "bitdeploy[litert]"')
         _needs("litert_torch", 'building the test model needs litert-torch: pip install "bitdeploy[litert-convert]"')
-        from bitdeploy.converters.base import ConvertOptions, bind
         from bitdeploy.runtimes.engines.litert import LiteRtBackend
 
-        work = tmp_path_factory.mktemp("litert-contract")
-        artifact = bind("litert", "fp32", ConvertOptions()).convert(tiny_model["onnx"], work)
-        manifest = make_manifest("litert", artifact.model_file, "cpu", "fp32")
+        # the FP32 conversion of tiny_model["onnx"] the LiteRT runtime tests use (conftest): one conversion for both
+        bundle: Path = request.getfixturevalue("litert_bundle")
+        manifest = make_manifest("litert", "model.tflite", "cpu", "fp32")
         atol = 1e-4 * max(1.0, float(np.abs(reference).max()))
         return Case(
-            lambda: LiteRtBackend(work / artifact.model_file, manifest, threads=1),
+            lambda: LiteRtBackend(bundle / "model.tflite", manifest, threads=1),
             tiny_model["x"],
             reference,
             atol=atol,

@@ -52,6 +52,28 @@ def bitdeploy(
     )
 
 
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """`bitdeploy ARGS` started, not waited for: a guest is one single-threaded QEMU process, so a test with two
+    independent guests runs them side by side (`finish` collects each)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "bitdeploy", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def build_args(out: Path, target: str, precisions: str, verify_on: str) -> list[str]:
     return [
         "build", "--model", "tiny", "--weights", "none", "--dataset", "digits", "--resolution", "16",
@@ -125,11 +147,7 @@ def test_numerics_that_do_not_hold_on_a_cpu_fail_there_in_one_line(
     out, _ = built
     (tmp_path / "sitecustomize.py").write_text(WRONG_NUMERICS)
     wrong = {"PYTHONPATH": str(tmp_path)}
-    proc = bitdeploy(["verify", str(out / "onnx-fp32"), "--emulate", "sandybridge"], env=wrong)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "onnx-fp32 on sandybridge: max relative logit error" in errors[0]
-    assert "FAIL" in proc.stdout and "numerics, not speed" in proc.stdout
+    verify = start(["verify", str(out / "onnx-fp32"), "--emulate", "sandybridge"], env=wrong)  # beside the step below
 
     # the build's --verify-on step on a copy of that bundle: marked FAIL, recorded, one line for the build
     from bitdeploy.benchmarks.schema import Timing
@@ -147,17 +165,25 @@ def test_numerics_that_do_not_hold_on_a_cpu_fail_there_in_one_line(
     (entry,) = json.loads((copy / "manifest.json").read_text())["verified_on"]
     assert entry["cpu"] == "sandybridge" and not entry["passed"] and entry["error"].startswith("max relative")
 
+    proc = finish(verify)  # `bitdeploy verify --emulate` on the bundle itself
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "onnx-fp32 on sandybridge: max relative logit error" in errors[0]
+    assert "FAIL" in proc.stdout and "numerics, not speed" in proc.stdout
+
 
 def test_a_host_kernel_pin_does_not_reach_the_guest(built: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     out, _ = built  # OPENBLAS_CORETYPE=Haswell on an SSE4.2 guest would make numpy die of Illegal instruction
     pinned = {"OPENBLAS_CORETYPE": "Haswell"}
     bundles = [str(out / "onnx-int8"), str(out / "litert-int8")]
-    proc = bitdeploy(["verify", *bundles, "--emulate", "nehalem", "--json"], env=pinned)
+    as_json = start(["verify", *bundles, "--emulate", "nehalem", "--json"], env=pinned)
+    as_text = start(["verify", bundles[0], "--emulate", "nehalem"], env=pinned)  # the two guests side by side
+    proc = finish(as_json)
     assert proc.returncode == 0, proc.stderr[-2000:]
     checks = json.loads(proc.stdout)["checks"]
     assert len(checks) == 2 and all(c["passed"] for c in checks), checks
     assert all("OPENBLAS_CORETYPE" in c["emulated"]["dropped_env"] for c in checks)  # the host may pin more
-    text = bitdeploy(["verify", bundles[0], "--emulate", "nehalem"], env=pinned)
+    text = finish(as_text)
     assert text.returncode == 0, text.stderr[-2000:]
     assert "guest started without" in text.stdout and "OPENBLAS_CORETYPE" in text.stdout, text.stdout
 

@@ -17,30 +17,10 @@ pytest.importorskip("ai_edge_litert", reason='the LiteRT runtime needs ai-edge-l
 
 from bitdeploy.core.errors import BitdeployError, BundleError
 from bitdeploy.runtimes import load
-from bitdeploy.runtimes.bundle import bundle_writer, read_manifest, write_manifest
+from bitdeploy.runtimes.bundle import read_manifest
 from bitdeploy.runtimes.bundle.manifest import Manifest
 from bitdeploy.runtimes.engines.litert import LiteRtBackend
-from tests.runtimes.conftest import RES, make_manifest
-
-
-@pytest.fixture(scope="module")
-def litert_bundle(tiny_model: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip(
-        "litert_torch", reason='building the test bundle needs litert-torch: pip install "bitdeploy[litert-convert]"'
-    )
-    from bitdeploy.converters.base import ConvertOptions, bind
-
-    work = tmp_path_factory.mktemp("litert-work")
-    artifact = bind("litert", "fp32", ConvertOptions()).convert(tiny_model["onnx"], work)
-    out = tmp_path_factory.mktemp("bundles") / "tiny-litert"
-    with bundle_writer(out) as tmp:
-        (tmp / artifact.model_file).write_bytes((work / artifact.model_file).read_bytes())
-        write_manifest(
-            tmp,
-            make_manifest("litert", artifact.model_file, "cpu", "fp32", tiny_model["params"]),
-            [artifact.model_file],
-        )
-    return out
+from tests.runtimes.conftest import RES
 
 
 def _backend(bundle: Path, **kw: Any) -> LiteRtBackend:
