@@ -46,6 +46,8 @@ def test_each_training_option_is_declared_once() -> None:
         "seed",
         "cache_mb",
         "log_every",
+        "qat",  # `bitdeploy train --qat`; a build fine-tunes with quantization through --int8-fallback
+        "qat_task_weight",
     }
     assert issubclass(TrainingArgs, TrainingOptions) and issubclass(TrainConfig, TrainingOptions)
     with pytest.raises(TypeError, match="dataset"):
