@@ -78,15 +78,8 @@ TOP = 10
 GN_OPS = ("Reshape", "InstanceNormalization", "MVN", "GroupNormalization", "Mul", "Add", "Transpose")
 QUANT_OPS = ("FakeQuantize", "QuantizeLinear", "DequantizeLinear")
 # OpenVINO IR and LiteRT op names -> the ONNX names the tables use
-OP_NAMES = {
-    "Multiply": "Mul",
-    "MUL": "Mul",
-    "ADD": "Add",
-    "RESHAPE": "Reshape",
-    "TRANSPOSE": "Transpose",
-    "QUANTIZE": "QuantizeLinear",
-    "DEQUANTIZE": "DequantizeLinear",
-}
+OP_NAMES = dict(Multiply="Mul", MUL="Mul", ADD="Add", RESHAPE="Reshape", TRANSPOSE="Transpose")
+OP_NAMES.update(QUANTIZE="QuantizeLinear", DEQUANTIZE="DequantizeLinear")
 
 
 def log(msg: str) -> None:

@@ -472,6 +472,16 @@ def _cells(r: dict[str, Any]) -> list[str]:
     return [r["engine"], r["variant"], top1, _pct(acc.get("agreement")), p50, ratio, floats, gate, _search(r)]
 
 
+def parse_targets(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The parsed arguments, --targets as a list of known engines (else the parser's one-line error)."""
+    args = p.parse_args(argv)
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    bad = [t for t in args.targets if t not in ENGINES]
+    if bad or not args.targets:
+        p.error(f"--targets: choose from {', '.join(ENGINES)} (got {', '.join(bad) or 'none'})")
+    return args
+
+
 def speed_cells(r: dict[str, Any]) -> tuple[str, str]:
     """A row's "p50 ms [min-max]" and "p50 / FP32 [min-max]" cells."""
     p50 = "—" if r.get("p50_ms") is None else f"{r['p50_ms']:.2f}"
@@ -531,11 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: each engine's own)")
     p.add_argument("--out", type=Path, default=Path("runs/mixed-int8"))
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = p.parse_args(argv)
-    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    bad = [t for t in args.targets if t not in ENGINES]
-    if bad or not args.targets:
-        p.error(f"--targets: choose from {', '.join(ENGINES)} (got {', '.join(bad) or 'none'})")
+    args = parse_targets(p, argv)
     if args.max_accuracy_drop is None and args.min_agreement is None:
         args.max_accuracy_drop = 0.0
 

@@ -370,11 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-nncf", action="store_true", help="skip NNCF's QAT anchor")
     p.add_argument("--out", type=Path, default=Path("runs/qat-vs-ptq"))
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    args = p.parse_args(argv)
-    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    bad = [t for t in args.targets if t not in ENGINES]
-    if bad or not args.targets:
-        p.error(f"--targets: choose from {', '.join(ENGINES)} (got {', '.join(bad) or 'none'})")
+    args = mi8.parse_targets(p, argv)
 
     from bitdeploy.converters import layers
     from bitdeploy.core.options import GateSpec

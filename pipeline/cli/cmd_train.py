@@ -10,6 +10,8 @@ import click
 from bitdeploy.cli import groups, groups_run
 from bitdeploy.core.options import TrainingOptions
 
+QAT_TASK_WEIGHT = "With --qat: weight of the labels' cross-entropy beside the distillation loss [default: 0]."
+
 
 @click.command("train")
 @groups.option(groups.MODEL)
@@ -35,13 +37,7 @@ from bitdeploy.core.options import TrainingOptions
     help="Quantization-aware fine-tune of --weights (a trained FP32 checkpoint), distilled from it, in the INT8 scheme "
     "every engine runs; writes DIR/qat_params.json beside the checkpoint [steps: a tenth of the FP32 run's; lr: a tenth].",
 )
-@click.option(
-    "--qat-task-weight",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="With --qat: weight of the labels' cross-entropy beside the distillation loss.",
-)
+@click.option("--qat-task-weight", type=click.FloatRange(min=0), default=0.0, help=QAT_TASK_WEIGHT)
 @click.option(
     "--plan", "plan_only", is_flag=True, help="Print the resolved plan as one JSON object and exit without training."
 )

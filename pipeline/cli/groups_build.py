@@ -218,7 +218,7 @@ GATE = Group(
         ),
         flag(
             "--int8-fallback",
-            type=click.Choice(["auto", "search", "qat", "none"]),
+            type=click.Choice(records.INT8_FALLBACKS),
             default="auto",
             show_default=True,
             help="When uniform INT8 fails the gate: auto keeps the most sensitive layers in float until it passes "
